@@ -1,0 +1,12 @@
+use thiserror::Error;
+
+/// What a kernel launcher refuses, before anything reaches the device.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum KernelError {
+    #[error("dtype {dtype} is not computable on this device ({runtime})")]
+    UnsupportedDType { dtype: &'static str, runtime: &'static str },
+    #[error("invalid problem: {0}")]
+    InvalidProblem(String),
+    #[error("device limit: {0}")]
+    DeviceLimit(String),
+}

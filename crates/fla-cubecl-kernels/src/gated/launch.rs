@@ -1,0 +1,323 @@
+//! Host-side launchers: validate, choose tile sizes from the device's limits, launch.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::recurrent_bwd::{
+    gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel, row_sum_kernel, value_term_kernel,
+    GateAxis,
+};
+use super::recurrent_fwd::{recurrent_fwd_kernel, RecurrentLayout};
+use super::{GateKind, GatedProblem};
+use crate::KernelError;
+
+/// Device buffers of a forward call, in the layouts of the crate docs. Inputs are in the problem's
+/// dtype; `h0` and `ht` are `f32`. Absent optional buffers must agree with the problem.
+pub struct ForwardBuffers<'a> {
+    pub q: &'a Handle,
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub g: Option<&'a Handle>,
+    pub gv: Option<&'a Handle>,
+    pub h0: Option<&'a Handle>,
+    /// Output `[B*T, H, V]`.
+    pub o: &'a Handle,
+    /// Output `[N, H, K, V]`, when the problem asks for the final state.
+    pub ht: Option<&'a Handle>,
+}
+
+/// Device buffers of a backward call. `o` is needed with a value gate and `ht` with `d_ht` (both
+/// enter the gate gradients); outputs are written in full.
+pub struct BackwardBuffers<'a> {
+    pub q: &'a Handle,
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub g: Option<&'a Handle>,
+    pub gv: Option<&'a Handle>,
+    pub h0: Option<&'a Handle>,
+    pub o: Option<&'a Handle>,
+    pub ht: Option<&'a Handle>,
+    pub d_o: &'a Handle,
+    pub d_ht: Option<&'a Handle>,
+    pub dq: &'a Handle,
+    pub dk: &'a Handle,
+    pub dv: &'a Handle,
+    /// Same shape as `g`, when the problem has a key gate.
+    pub dg: Option<&'a Handle>,
+    pub dgv: Option<&'a Handle>,
+    pub dh0: Option<&'a Handle>,
+}
+
+/// Threads per cube for the recurrent kernels: enough to hide latency, few enough that a
+/// 256-wide state keeps 32 rows per thread in registers.
+const CUBE_THREADS: usize = 256;
+const ELEMWISE_THREADS: u32 = 256;
+
+fn array<'a, R: Runtime>(h: &'a Handle, len: usize) -> ArrayArg<R> {
+    unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
+}
+
+fn need<'a>(h: Option<&'a Handle>, what: &str) -> Result<&'a Handle, KernelError> {
+    h.ok_or_else(|| KernelError::InvalidProblem(format!("missing buffer: {what}")))
+}
+
+/// Chooses `(block_v, k_split)` for a launch; `smem_rows` adds a `K × block_v` reduction buffer.
+fn tiles<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    smem_rows: bool,
+) -> Result<(usize, usize), KernelError> {
+    let props = client.properties();
+    let max_smem = props.hardware.max_shared_memory_size;
+    let max_units = (props.hardware.max_units_per_cube as usize).min(CUBE_THREADS);
+    let mut block_v = 32usize.min(p.v_dim.next_power_of_two()).max(1);
+    loop {
+        let k_split = (max_units / block_v).min(p.k_dim.next_power_of_two()).max(1);
+        let rows = p.k_dim.div_ceil(k_split);
+        let smem = 4 * block_v * k_split * (2 + if smem_rows { rows } else { 0 });
+        if smem <= max_smem {
+            return Ok((block_v, k_split));
+        }
+        if block_v <= 4 {
+            return Err(KernelError::DeviceLimit(format!(
+                "K = {} needs more than the device's {max_smem} bytes of shared memory",
+                p.k_dim
+            )));
+        }
+        block_v /= 2;
+    }
+}
+
+fn layout(p: &GatedProblem, block_v: usize, k_split: usize) -> RecurrentLayout {
+    RecurrentLayout {
+        heads: p.heads,
+        k: p.k_dim,
+        v: p.v_dim,
+        block_v,
+        k_split,
+        rows: p.k_dim.div_ceil(k_split),
+        scalar_gate: p.gate == GateKind::Scalar,
+        vector_gate: p.gate == GateKind::Vector,
+        value_gate: p.value_gate,
+        reverse: p.reverse,
+        has_h0: p.has_initial_state,
+        has_ht: p.output_final_state,
+        varlen: p.cu_seqlens.is_some(),
+    }
+}
+
+fn cu_seqlens_handle<R: Runtime>(client: &ComputeClient<R>, p: &GatedProblem) -> (Handle, usize) {
+    let cu: Vec<u32> = match &p.cu_seqlens {
+        Some(cu) => cu.iter().map(|&x| x as u32).collect(),
+        None => vec![0],
+    };
+    (client.create_from_slice(u32::as_bytes(&cu)), cu.len())
+}
+
+/// Grid for `units` independent threads: 1-D cubes over a 2-D count (each axis ≤ 65535).
+fn elementwise_grid(units: usize) -> CubeCount {
+    let cubes = units.div_ceil(ELEMWISE_THREADS as usize).max(1) as u32;
+    let x = cubes.min(65535);
+    CubeCount::Static(x, cubes.div_ceil(x), 1)
+}
+
+fn grid(p: &GatedProblem, block_v: usize, k_split: usize) -> (CubeCount, CubeDim) {
+    let nv = p.v_dim.div_ceil(block_v) as u32;
+    let nh = (p.num_seqs() * p.heads) as u32;
+    (
+        CubeCount::Static(nv, nh, 1),
+        CubeDim::new_2d(block_v as u32, k_split as u32),
+    )
+}
+
+fn check_common<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    g: Option<&Handle>,
+    gv: Option<&Handle>,
+    h0: Option<&Handle>,
+) -> Result<(), KernelError> {
+    p.validate()?;
+    p.dtype.check_supported(client)?;
+    if (p.gate != GateKind::None) != g.is_some() {
+        return Err(KernelError::InvalidProblem(format!(
+            "gate kind {:?} does not match the gate buffer given ({})",
+            p.gate,
+            g.is_some()
+        )));
+    }
+    if p.value_gate != gv.is_some() {
+        return Err(KernelError::InvalidProblem("value gate flag and buffer disagree".into()));
+    }
+    if p.has_initial_state != h0.is_some() {
+        return Err(KernelError::InvalidProblem("initial-state flag and buffer disagree".into()));
+    }
+    Ok(())
+}
+
+/// Launches the fused recurrent forward: writes `o` and, when asked, `ht`.
+pub fn recurrent_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: ForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_common(client, p, b.g, b.gv, b.h0)?;
+    if p.output_final_state != b.ht.is_some() {
+        return Err(KernelError::InvalidProblem("final-state flag and buffer disagree".into()));
+    }
+    let (block_v, k_split) = tiles(client, p, false)?;
+    let c = layout(p, block_v, k_split);
+    let (count, dim) = grid(p, block_v, k_split);
+    let (cu, cu_len) = cu_seqlens_handle(client, p);
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let qk = p.tokens() * p.heads * p.k_dim;
+    let vo = p.tokens() * p.heads * p.v_dim;
+    recurrent_fwd_kernel::launch::<R>(
+        client,
+        count,
+        dim,
+        array(b.q, qk),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.g.unwrap_or(&dummy), p.gate_len()),
+        array(b.gv.unwrap_or(&dummy), vo),
+        array(b.h0.unwrap_or(&dummy), p.state_len()),
+        array(&cu, cu_len),
+        array(b.o, vo),
+        array(b.ht.unwrap_or(&dummy), p.state_len()),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        p.dtype.storage(),
+    );
+    Ok(())
+}
+
+/// Launches the fused recurrent backward and the gate-gradient kernels.
+pub fn recurrent_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: BackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_common(client, p, b.g, b.gv, b.h0)?;
+    let (block_v, k_split) = tiles(client, p, true)?;
+    let c = layout(p, block_v, k_split);
+    let (count, dim) = grid(p, block_v, k_split);
+    let (cu, cu_len) = cu_seqlens_handle(client, p);
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let tokens = p.tokens();
+    let qk = tokens * p.heads * p.k_dim;
+    let vo = tokens * p.heads * p.v_dim;
+    let nv = p.v_dim.div_ceil(block_v);
+    let dq_part = client.empty(4 * nv * qk);
+    let dk_part = client.empty(4 * nv * qk);
+    let has_dht = b.d_ht.is_some();
+    let dh0 = if p.has_initial_state {
+        need(b.dh0, "dh0")?
+    } else {
+        &dummy
+    };
+    recurrent_bwd_kernel::launch::<R>(
+        client,
+        count,
+        dim,
+        array(b.q, qk),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.g.unwrap_or(&dummy), p.gate_len()),
+        array(b.gv.unwrap_or(&dummy), vo),
+        array(b.h0.unwrap_or(&dummy), p.state_len()),
+        array(&cu, cu_len),
+        array(b.d_o, vo),
+        array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+        array(&dq_part, nv * qk),
+        array(&dk_part, nv * qk),
+        array(b.dv, vo),
+        array(dh0, p.state_len()),
+        p.seq_len as u32,
+        tokens as u32,
+        p.scale,
+        c,
+        has_dht,
+        p.dtype.storage(),
+    );
+
+    let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
+    qk_grad_finalize_kernel::launch::<R>(
+        client,
+        elementwise_grid(qk),
+        CubeDim::new_1d(ELEMWISE_THREADS),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(&dq_part, nv * qk),
+        array(&dk_part, nv * qk),
+        array(b.dq, qk),
+        array(b.dk, qk),
+        array(key_term.as_ref().unwrap_or(&dummy), qk),
+        qk as u32,
+        nv,
+        key_term.is_some(),
+        p.dtype.storage(),
+    );
+
+    // The final-state term of the identity needs hT whenever a gradient arrives on it.
+    let ht = if has_dht { need(b.ht, "ht (with d_ht)")? } else { &dummy };
+    let cumsum = |term: &Handle, term_len: usize, dg: &Handle, dg_len: usize, axis, width| {
+        let units = p.num_seqs() * p.heads * width;
+        gate_cumsum_kernel::launch::<R>(
+            client,
+            elementwise_grid(units),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(term, term_len),
+            array(ht, p.state_len()),
+            array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+            array(&cu, cu_len),
+            array(dg, dg_len),
+            p.seq_len as u32,
+            units as u32,
+            p.k_dim as u32,
+            p.v_dim as u32,
+            c,
+            axis,
+            has_dht,
+            p.dtype.storage(),
+        );
+    };
+    if let Some(term) = &key_term {
+        let dg = need(b.dg, "dg")?;
+        match p.gate {
+            GateKind::Vector => cumsum(term, qk, dg, qk, GateAxis::Key, p.k_dim),
+            _ => {
+                let rows = tokens * p.heads;
+                let summed = client.empty(4 * rows);
+                row_sum_kernel::launch::<R>(
+                    client,
+                    elementwise_grid(rows),
+                    CubeDim::new_1d(ELEMWISE_THREADS),
+                    array(term, qk),
+                    array(&summed, rows),
+                    rows as u32,
+                    p.k_dim as u32,
+                );
+                cumsum(&summed, rows, dg, rows, GateAxis::Scalar, 1)
+            }
+        }
+    }
+    if p.value_gate {
+        let term = client.empty(4 * vo);
+        value_term_kernel::launch::<R>(
+            client,
+            elementwise_grid(vo),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(need(b.o, "o (with a value gate)")?, vo),
+            array(b.d_o, vo),
+            array(b.v, vo),
+            array(b.dv, vo),
+            array(&term, vo),
+            vo as u32,
+            p.dtype.storage(),
+        );
+        cumsum(&term, vo, need(b.dgv, "dgv")?, vo, GateAxis::Value, p.v_dim);
+    }
+    Ok(())
+}

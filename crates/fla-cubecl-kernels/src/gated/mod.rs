@@ -1,0 +1,146 @@
+//! The gated linear-attention family in its fused recurrent form.
+//!
+//! Per sequence and head, with row vectors `q_t, k_t ∈ R^K`, `v_t ∈ R^V` and state `S ∈ R^{K×V}`:
+//! `S_t = diag(exp(gk_t)) · S_{t-1} · diag(exp(gv_t)) + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
+//! The four variants of flash-linear-attention are one kernel, specialised at compile time by
+//! [`GateKind`] and the optional value gate:
+//! - `linear_attn`: [`GateKind::None`];
+//! - `retention`: [`GateKind::Scalar`] with a fixed per-head log decay broadcast over time;
+//! - `simple_gla` (Mamba2/SSD form): [`GateKind::Scalar`], `g: [B, T, H]`;
+//! - `gla`: [`GateKind::Vector`], `gk: [B, T, H, K]`, optionally a value gate `gv: [B, T, H, V]`.
+
+mod launch;
+pub mod naive;
+mod recurrent_bwd;
+mod recurrent_fwd;
+
+pub use launch::{recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers};
+
+use crate::{FloatDType, KernelError};
+
+/// Which gate acts on the key side of the state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GateKind {
+    /// No gate: plain linear attention.
+    None,
+    /// One log gate per (token, head): `g: [B, T, H]`.
+    Scalar,
+    /// One log gate per (token, head, key dim): `gk: [B, T, H, K]`.
+    Vector,
+}
+
+/// The shape and options of one call, shared by the kernels and the naive reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatedProblem {
+    /// Batch size `B` (1 when `cu_seqlens` is given).
+    pub batch: usize,
+    /// Tokens per batch row `T` (the total token count when `cu_seqlens` is given).
+    pub seq_len: usize,
+    pub heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    pub gate: GateKind,
+    pub value_gate: bool,
+    pub scale: f32,
+    /// Run each sequence from its last token to its first.
+    pub reverse: bool,
+    /// Sequence boundaries `[0, t1, ..., T]` for a variable-length batch (FLA's `cu_seqlens`).
+    pub cu_seqlens: Option<Vec<usize>>,
+    pub has_initial_state: bool,
+    pub output_final_state: bool,
+    pub dtype: FloatDType,
+}
+
+impl GatedProblem {
+    /// Number of independent sequences `N` (`B`, or `len(cu_seqlens) - 1`).
+    pub fn num_seqs(&self) -> usize {
+        match &self.cu_seqlens {
+            Some(cu) => cu.len().saturating_sub(1),
+            None => self.batch,
+        }
+    }
+
+    /// Total tokens over the batch, `B * T`.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq_len
+    }
+
+    /// `(start, end)` token indices of sequence `n` in the flattened `[B*T]` token axis.
+    pub fn bounds(&self, n: usize) -> (usize, usize) {
+        match &self.cu_seqlens {
+            Some(cu) => (cu[n], cu[n + 1]),
+            None => (n * self.seq_len, (n + 1) * self.seq_len),
+        }
+    }
+
+    /// Element count of a state `[N, H, K, V]`.
+    pub fn state_len(&self) -> usize {
+        self.num_seqs() * self.heads * self.k_dim * self.v_dim
+    }
+
+    /// Element count of the key-side gate tensor, 0 when there is none.
+    pub fn gate_len(&self) -> usize {
+        match self.gate {
+            GateKind::None => 0,
+            GateKind::Scalar => self.tokens() * self.heads,
+            GateKind::Vector => self.tokens() * self.heads * self.k_dim,
+        }
+    }
+
+    /// Checks what does not depend on the device: sizes and `cu_seqlens`.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        let bad = |m: String| Err(KernelError::InvalidProblem(m));
+        if self.batch == 0 || self.seq_len == 0 {
+            return bad(format!(
+                "zero-length input (B = {}, T = {})",
+                self.batch, self.seq_len
+            ));
+        }
+        if self.heads == 0 || self.k_dim == 0 || self.v_dim == 0 {
+            return bad(format!(
+                "zero-sized heads or head dims (H = {}, K = {}, V = {})",
+                self.heads, self.k_dim, self.v_dim
+            ));
+        }
+        if self.k_dim > MAX_HEAD_DIM || self.v_dim > MAX_HEAD_DIM {
+            return bad(format!(
+                "head dims K = {}, V = {} exceed the supported maximum {MAX_HEAD_DIM}",
+                self.k_dim, self.v_dim
+            ));
+        }
+        if !self.scale.is_finite() {
+            return bad(format!("scale {} is not finite", self.scale));
+        }
+        if let Some(cu) = &self.cu_seqlens {
+            if self.batch != 1 {
+                return bad(format!(
+                    "cu_seqlens needs batch size 1, got B = {}",
+                    self.batch
+                ));
+            }
+            if cu.len() < 2 {
+                return bad("cu_seqlens needs at least two entries [0, T]".into());
+            }
+            if cu[0] != 0 {
+                return bad(format!("cu_seqlens must start at 0, starts at {}", cu[0]));
+            }
+            if let Some(w) = cu.windows(2).find(|w| w[1] < w[0]) {
+                return bad(format!(
+                    "cu_seqlens must be non-decreasing, has {} then {}",
+                    w[0], w[1]
+                ));
+            }
+            if *cu.last().unwrap() != self.seq_len {
+                return bad(format!(
+                    "cu_seqlens must end at T = {}, ends at {}",
+                    self.seq_len,
+                    cu.last().unwrap()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
+pub const MAX_HEAD_DIM: usize = 256;

@@ -1,0 +1,354 @@
+//! Fused recurrent backward of the gated family (the math is in shared/MATH.md).
+//!
+//! Same grid as the forward. Pass 1 replays the forward to get `dq_t = scale · do_t S_tᵀ`; pass 2
+//! runs `G_t = ∂L/∂S_t` backwards in time from `dhT`, giving `dk_t = v_t G_tᵀ`, `dv_t = k_t G_t` and
+//! finally `dh0`. `dq` and `dk` sum over the value axis, which is split across cubes: each cube
+//! writes an `f32` partial per value block and [`qk_grad_finalize_kernel`] sums them. Gate gradients
+//! come from the cumulative-sum identity (no stored states): [`gate_cumsum_kernel`].
+
+use cubecl::prelude::*;
+
+use super::recurrent_fwd::{key_decay, seq_length, seq_start, token_at, RecurrentLayout};
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn recurrent_bwd_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    g: &Array<F>,
+    gv: &Array<F>,
+    h0: &Array<f32>,
+    cu_seqlens: &Array<u32>,
+    d_o: &Array<F>,
+    d_ht: &Array<f32>,
+    dq_part: &mut Array<f32>,
+    dk_part: &mut Array<f32>,
+    dv: &mut Array<F>,
+    dh0: &mut Array<f32>,
+    seq_len: u32,
+    tokens: u32,
+    scale: f32,
+    #[comptime] c: RecurrentLayout,
+    #[comptime] has_dht: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let tv = UNIT_POS_X as usize;
+    let tk = UNIT_POS_Y as usize;
+    let nh = CUBE_POS_Y as usize;
+    let vb = CUBE_POS_X as usize;
+    let n = nh / c.heads;
+    let h = nh % c.heads;
+    let col = vb * c.block_v + tv;
+    let col_ok = col < c.v;
+    let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
+    let state_base = nh * c.k * c.v;
+    let threads = c.block_v * c.k_split;
+    let unit = tk * c.block_v + tv;
+    // Rows of one value block's partial: [NV, tokens, H, K].
+    let part_base = vb * tokens as usize * c.heads * c.k;
+
+    let mut red_k = SharedMemory::<f32>::new(c.rows * c.k_split * c.block_v);
+    let mut red_v = SharedMemory::<f32>::new(c.k_split * c.block_v);
+    let mut state = Array::<f32>::new(c.rows);
+
+    // Pass 1: replay the forward; dq_t reduces do_t ∘ S_t over this block's value columns.
+    #[unroll]
+    for r in 0..c.rows {
+        let i = tk + r * c.k_split;
+        let mut s = 0.0f32;
+        if c.has_h0 {
+            if i < c.k && col_ok {
+                s = h0[state_base + i * c.v + col];
+            }
+        }
+        state[r] = s;
+    }
+    for step in 0..len {
+        let tok = token_at(bos, len, step, c.reverse);
+        let qk_base = (tok * c.heads + h) * c.k;
+        let v_idx = (tok * c.heads + h) * c.v + col;
+        let mut vj = 0.0f32;
+        let mut bj = 1.0f32;
+        let mut doj = 0.0f32;
+        if col_ok {
+            vj = f32::cast_from(v[v_idx]);
+            doj = f32::cast_from(d_o[v_idx]);
+            if c.value_gate {
+                bj = f32::cast_from(gv[v_idx]).exp();
+            }
+        }
+        let mut a_scalar = 1.0f32;
+        if c.scalar_gate {
+            a_scalar = f32::cast_from(g[tok * c.heads + h]).exp();
+        }
+        #[unroll]
+        for r in 0..c.rows {
+            let i = tk + r * c.k_split;
+            if i < c.k {
+                let a = key_decay::<F>(g, qk_base, i, a_scalar, c.vector_gate);
+                let s = a * state[r] * bj + f32::cast_from(k[qk_base + i]) * vj;
+                state[r] = s;
+                red_k[i * c.block_v + tv] = doj * s;
+            }
+        }
+        sync_cube();
+        let mut i = unit;
+        while i < c.k {
+            let mut acc = 0.0f32;
+            #[unroll]
+            for j in 0..c.block_v {
+                acc += red_k[i * c.block_v + j];
+            }
+            dq_part[part_base + qk_base + i] = acc * scale;
+            i += threads;
+        }
+        sync_cube();
+    }
+
+    // Pass 2: G backwards in time; G starts at dhT.
+    #[unroll]
+    for r in 0..c.rows {
+        let i = tk + r * c.k_split;
+        let mut s = 0.0f32;
+        if has_dht {
+            if i < c.k && col_ok {
+                s = d_ht[state_base + i * c.v + col];
+            }
+        }
+        state[r] = s;
+    }
+    for step in 0..len {
+        let tok = token_at(bos, len, step, !c.reverse);
+        let qk_base = (tok * c.heads + h) * c.k;
+        let v_idx = (tok * c.heads + h) * c.v + col;
+        let mut vj = 0.0f32;
+        let mut bj = 1.0f32;
+        let mut doj = 0.0f32;
+        if col_ok {
+            vj = f32::cast_from(v[v_idx]);
+            doj = f32::cast_from(d_o[v_idx]) * scale;
+            if c.value_gate {
+                bj = f32::cast_from(gv[v_idx]).exp();
+            }
+        }
+        let mut a_scalar = 1.0f32;
+        if c.scalar_gate {
+            a_scalar = f32::cast_from(g[tok * c.heads + h]).exp();
+        }
+        let mut partial_v = 0.0f32;
+        #[unroll]
+        for r in 0..c.rows {
+            let i = tk + r * c.k_split;
+            if i < c.k {
+                let gs = state[r] + f32::cast_from(q[qk_base + i]) * doj;
+                red_k[i * c.block_v + tv] = vj * gs;
+                partial_v += f32::cast_from(k[qk_base + i]) * gs;
+                let a = key_decay::<F>(g, qk_base, i, a_scalar, c.vector_gate);
+                // What reaches S_{t-1}: diag(a_t) G_t diag(b_t).
+                state[r] = gs * a * bj;
+            }
+        }
+        red_v[unit] = partial_v;
+        sync_cube();
+        let mut i = unit;
+        while i < c.k {
+            let mut acc = 0.0f32;
+            #[unroll]
+            for j in 0..c.block_v {
+                acc += red_k[i * c.block_v + j];
+            }
+            dk_part[part_base + qk_base + i] = acc;
+            i += threads;
+        }
+        if tk == 0 && col_ok {
+            let mut acc = 0.0f32;
+            #[unroll]
+            for s in 0..c.k_split {
+                acc += red_v[s * c.block_v + tv];
+            }
+            dv[v_idx] = F::cast_from(acc);
+        }
+        sync_cube();
+    }
+
+    if c.has_h0 {
+        #[unroll]
+        for r in 0..c.rows {
+            let i = tk + r * c.k_split;
+            if i < c.k && col_ok {
+                dh0[state_base + i * c.v + col] = state[r];
+            }
+        }
+    }
+}
+
+/// Linear index of this unit in a 2-D grid of 1-D cubes (grids over 65535 cubes need two axes).
+#[cube]
+pub fn linear_unit() -> usize {
+    (CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize) * CUBE_DIM_X as usize
+        + UNIT_POS_X as usize
+}
+
+/// Sums the per-value-block partials of `dq`, `dk` and, for a key gate, writes the per-step term
+/// of the gate identity `q ∘ dq − k ∘ dk` (MATH.md).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn qk_grad_finalize_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    dq_part: &Array<f32>,
+    dk_part: &Array<f32>,
+    dq: &mut Array<F>,
+    dk: &mut Array<F>,
+    term: &mut Array<f32>,
+    len: u32,
+    #[comptime] blocks: usize,
+    #[comptime] with_term: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = linear_unit();
+    let len = len as usize;
+    if e < len {
+        let mut a = 0.0f32;
+        let mut b = 0.0f32;
+        #[unroll]
+        for vb in 0..blocks {
+            a += dq_part[vb * len + e];
+            b += dk_part[vb * len + e];
+        }
+        dq[e] = F::cast_from(a);
+        dk[e] = F::cast_from(b);
+        if with_term {
+            term[e] = f32::cast_from(q[e]) * a - f32::cast_from(k[e]) * b;
+        }
+    }
+}
+
+/// Per-step term of the value-gate identity, `o ∘ do − v ∘ dv`.
+#[cube(launch)]
+pub fn value_term_kernel<F: Float>(
+    o: &Array<F>,
+    d_o: &Array<F>,
+    v: &Array<F>,
+    dv: &Array<F>,
+    term: &mut Array<f32>,
+    len: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = linear_unit();
+    if e < len as usize {
+        term[e] = f32::cast_from(o[e]) * f32::cast_from(d_o[e])
+            - f32::cast_from(v[e]) * f32::cast_from(dv[e]);
+    }
+}
+
+/// `out[r] = Σ_i x[r, i]`, one unit per row: the scalar gate's per-step term from the key term.
+#[cube(launch)]
+pub fn row_sum_kernel(x: &Array<f32>, out: &mut Array<f32>, rows: u32, width: u32) {
+    let r = linear_unit();
+    if r < rows as usize {
+        let w = width as usize;
+        let mut acc = 0.0f32;
+        for i in 0..w {
+            acc += x[r * w + i];
+        }
+        out[r] = acc;
+    }
+}
+
+/// Which gate a [`gate_cumsum_kernel`] launch differentiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GateAxis {
+    /// `gk[.., K]`: the final-state term sums `dhT ∘ hT` over values.
+    Key,
+    /// `gv[.., V]`: sums over keys.
+    Value,
+    /// `g[..]`: reads the key term already summed over K ([`row_sum_kernel`]); the final-state
+    /// term sums over everything.
+    Scalar,
+}
+
+/// `dg_r = Σ_{t at or after r in processing order} term_t + Σ(dhT ∘ hT)`: one unit per
+/// (sequence, head, gate column), walking its sequence backwards in processing order.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn gate_cumsum_kernel<F: Float>(
+    term: &Array<f32>,
+    ht: &Array<f32>,
+    d_ht: &Array<f32>,
+    cu_seqlens: &Array<u32>,
+    dg: &mut Array<F>,
+    seq_len: u32,
+    units: u32,
+    k_dim: u32,
+    v_dim: u32,
+    #[comptime] c: RecurrentLayout,
+    #[comptime] axis: GateAxis,
+    #[comptime] has_dht: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let u = linear_unit();
+    if u < units as usize {
+        let width = comptime!(match axis {
+            GateAxis::Key => c.k,
+            GateAxis::Value => c.v,
+            GateAxis::Scalar => 1usize,
+        });
+        let col = u % width;
+        let nh = u / width;
+        let n = nh / c.heads;
+        let h = nh % c.heads;
+        let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
+        let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
+        let state_base = nh * c.k * c.v;
+
+        // One unit walks the whole sequence: keep its loops short, since lavapipe stops a shader
+        // invocation after about 65536 loop iterations (seen here: outputs left unwritten).
+        let kd = k_dim as usize;
+        let vd = v_dim as usize;
+        let mut acc = 0.0f32;
+        if has_dht {
+            match comptime!(axis) {
+                GateAxis::Key => {
+                    for j in 0..vd {
+                        let s = state_base + col * c.v + j;
+                        acc += d_ht[s] * ht[s];
+                    }
+                }
+                GateAxis::Value => {
+                    for i in 0..kd {
+                        let s = state_base + i * c.v + col;
+                        acc += d_ht[s] * ht[s];
+                    }
+                }
+                GateAxis::Scalar => {
+                    for i in 0..kd {
+                        for j in 0..vd {
+                            let s = state_base + i * c.v + j;
+                            acc += d_ht[s] * ht[s];
+                        }
+                    }
+                }
+            }
+        }
+        for step in 0..len {
+            let tok = token_at(bos, len, step, !c.reverse);
+            match comptime!(axis) {
+                GateAxis::Key => {
+                    acc += term[(tok * c.heads + h) * c.k + col];
+                    dg[(tok * c.heads + h) * c.k + col] = F::cast_from(acc);
+                }
+                GateAxis::Value => {
+                    acc += term[(tok * c.heads + h) * c.v + col];
+                    dg[(tok * c.heads + h) * c.v + col] = F::cast_from(acc);
+                }
+                GateAxis::Scalar => {
+                    acc += term[tok * c.heads + h];
+                    dg[tok * c.heads + h] = F::cast_from(acc);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! CubeCL kernels for linear attention, written once and compiled for CUDA and wgpu (Vulkan).
+//!
+//! This crate knows nothing of Burn: kernels take CubeCL compute clients and buffer handles, and
+//! every kernel has a naive `f64` reference beside it that the tests compare against.
+//!
+//! Families:
+//! - [`gated`]: the gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`),
+//!   fused recurrent form, forward and backward.
+//!
+//! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
+//! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
+
+pub mod dtype;
+pub mod error;
+pub mod gated;
+pub mod testing;
+
+pub use dtype::FloatDType;
+pub use error::KernelError;

@@ -1,0 +1,463 @@
+//! Kernel-level tests of the fused recurrent gated family against the f64 naive recurrence.
+//!
+//! Runtime: wgpu by default (lavapipe in CI); CUDA when built with `--features cuda` and
+//! `FLA_TEST_RUNTIME=cuda` (or when it is the only one compiled in).
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use fla_cubecl_kernels::gated::naive::{self, NaiveInputs};
+use fla_cubecl_kernels::gated::{
+    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind, GatedProblem,
+};
+use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, round_to};
+use fla_cubecl_kernels::{FloatDType, KernelError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rstest::rstest;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    LinearAttn,
+    SimpleGla,
+    Gla,
+    GlaWithValueGate,
+}
+
+impl Variant {
+    fn gate(self) -> GateKind {
+        match self {
+            Variant::LinearAttn => GateKind::None,
+            Variant::SimpleGla => GateKind::Scalar,
+            Variant::Gla | Variant::GlaWithValueGate => GateKind::Vector,
+        }
+    }
+}
+
+struct Case {
+    p: GatedProblem,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    g: Option<Vec<f64>>,
+    gv: Option<Vec<f64>>,
+    h0: Option<Vec<f64>>,
+    d_o: Vec<f64>,
+    d_ht: Option<Vec<f64>>,
+}
+
+fn randn(rng: &mut StdRng, n: usize, dtype: FloatDType) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            // Box-Muller: normal samples without another dependency.
+            let u1: f64 = rng.random::<f64>().max(1e-12);
+            let u2: f64 = rng.random();
+            round_to(dtype, (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
+        })
+        .collect()
+}
+
+/// FLA's gate initialisation, `logsigmoid(randn)`, times `strength`.
+fn log_gates(rng: &mut StdRng, n: usize, strength: f64, dtype: FloatDType) -> Vec<f64> {
+    randn(rng, n, FloatDType::F32)
+        .into_iter()
+        .map(|x| round_to(dtype, strength * -((-x).exp().ln_1p())))
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_case(
+    variant: Variant,
+    batch: usize,
+    seq_len: usize,
+    heads: usize,
+    k_dim: usize,
+    v_dim: usize,
+    strength: f64,
+    reverse: bool,
+    cu_seqlens: Option<Vec<usize>>,
+    states: bool,
+    dtype: FloatDType,
+) -> Case {
+    let mut rng = StdRng::seed_from_u64(
+        (seq_len * 7919 + k_dim * 31 + v_dim * 17 + heads) as u64 + variant as u64,
+    );
+    let p = GatedProblem {
+        batch,
+        seq_len,
+        heads,
+        k_dim,
+        v_dim,
+        gate: variant.gate(),
+        value_gate: variant == Variant::GlaWithValueGate,
+        scale: (k_dim as f32).powf(-0.5),
+        reverse,
+        cu_seqlens,
+        has_initial_state: states,
+        output_final_state: states,
+        dtype,
+    };
+    let tokens = p.tokens();
+    let qk = tokens * heads * k_dim;
+    let vo = tokens * heads * v_dim;
+    let q = randn(&mut rng, qk, dtype);
+    let k = randn(&mut rng, qk, dtype);
+    let v = randn(&mut rng, vo, dtype);
+    let g = (p.gate != GateKind::None).then(|| log_gates(&mut rng, p.gate_len(), strength, dtype));
+    let gv = p.value_gate.then(|| log_gates(&mut rng, vo, strength, dtype));
+    let h0 = states.then(|| randn(&mut rng, p.state_len(), FloatDType::F32));
+    let d_o = randn(&mut rng, vo, dtype);
+    let d_ht = states.then(|| randn(&mut rng, p.state_len(), FloatDType::F32));
+    Case { p, q, k, v, g, gv, h0, d_o, d_ht }
+}
+
+struct Outputs {
+    o: Vec<f64>,
+    ht: Option<Vec<f64>>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+    dg: Option<Vec<f64>>,
+    dgv: Option<Vec<f64>>,
+    dh0: Option<Vec<f64>>,
+}
+
+fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Outputs, KernelError> {
+    let dt = c.p.dtype;
+    let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
+    let up32 = |xs: &[f64]| client.create_from_slice(&encode(FloatDType::F32, xs));
+    // Outputs start as NaN, so an element the kernel never writes fails the comparison.
+    let poison = |n: usize, d: FloatDType| client.create_from_slice(&encode(d, &vec![f64::NAN; n]));
+    let down = |h: &Handle, d: FloatDType| decode(d, &client.read_one_unchecked(h.clone()));
+
+    let (q, k, v) = (up(&c.q), up(&c.k), up(&c.v));
+    let g = c.g.as_deref().map(up);
+    let gv = c.gv.as_deref().map(up);
+    let h0 = c.h0.as_deref().map(up32);
+    let o = poison(c.v.len(), dt);
+    let ht = c.p.output_final_state.then(|| poison(c.p.state_len(), FloatDType::F32));
+    recurrent_forward(
+        client,
+        &c.p,
+        ForwardBuffers {
+            q: &q,
+            k: &k,
+            v: &v,
+            g: g.as_ref(),
+            gv: gv.as_ref(),
+            h0: h0.as_ref(),
+            o: &o,
+            ht: ht.as_ref(),
+        },
+    )?;
+    let d_o = up(&c.d_o);
+    let d_ht = c.d_ht.as_deref().map(up32);
+    let dq = poison(c.q.len(), dt);
+    let dk = poison(c.k.len(), dt);
+    let dv = poison(c.v.len(), dt);
+    let dg = g.as_ref().map(|_| poison(c.p.gate_len(), dt));
+    let dgv = gv.as_ref().map(|_| poison(c.v.len(), dt));
+    let dh0 = h0.as_ref().map(|_| poison(c.p.state_len(), FloatDType::F32));
+    recurrent_backward(
+        client,
+        &c.p,
+        BackwardBuffers {
+            q: &q,
+            k: &k,
+            v: &v,
+            g: g.as_ref(),
+            gv: gv.as_ref(),
+            h0: h0.as_ref(),
+            o: Some(&o),
+            ht: ht.as_ref(),
+            d_o: &d_o,
+            d_ht: d_ht.as_ref(),
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+            dg: dg.as_ref(),
+            dgv: dgv.as_ref(),
+            dh0: dh0.as_ref(),
+        },
+    )?;
+    Ok(Outputs {
+        o: down(&o, dt),
+        ht: ht.as_ref().map(|h| down(h, FloatDType::F32)),
+        dq: down(&dq, dt),
+        dk: down(&dk, dt),
+        dv: down(&dv, dt),
+        dg: dg.as_ref().map(|h| down(h, dt)),
+        dgv: dgv.as_ref().map(|h| down(h, dt)),
+        dh0: dh0.as_ref().map(|h| down(h, FloatDType::F32)),
+    })
+}
+
+/// Gate gradients come from the cumulative-sum identity of MATH.md (as FLA's kernels do), a
+/// difference of sums whose terms are much larger than the result when gates are strong or K is
+/// large: f32 rounding of those terms, not a defect, sets this bound (measured up to 1.3e-4 on
+/// lavapipe, log gates scaled by 10).
+fn gate_tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
+    match dtype {
+        FloatDType::F32 => 3e-4,
+        FloatDType::F16 | FloatDType::BF16 => 2e-2,
+    }
+}
+
+/// Relative-RMSE bound per dtype, against the f64 recurrence on the same (rounded) inputs.
+fn tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
+    match dtype {
+        // CUDA's fast exp and fused multiply-adds differ from the f64 path more than lavapipe's.
+        FloatDType::F32 if runtime_name() == "cuda" => 1e-4,
+        FloatDType::F32 => 1e-5,
+        FloatDType::F16 | FloatDType::BF16 => 1e-2,
+    }
+}
+
+fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
+    let err = rel_rmse(out, reference);
+    if err.is_nan() {
+        let bad: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_nan()).take(5).collect();
+        let bad_ref = reference.iter().filter(|x| x.is_nan()).count();
+        eprintln!("{name}: NaN in output at {bad:?} (of {}), {bad_ref} NaN in reference", out.len());
+    }
+    assert!(
+        err <= tol,
+        "{name}: relative RMSE {err:e} exceeds {tol:e} (len {})",
+        out.len()
+    );
+}
+
+fn compare<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    let out = run_kernels(client, c).expect("kernels launch");
+    let x = NaiveInputs {
+        q: &c.q,
+        k: &c.k,
+        v: &c.v,
+        g: c.g.as_deref(),
+        gv: c.gv.as_deref(),
+        h0: c.h0.as_deref(),
+    };
+    let fwd = naive::forward(&c.p, &x);
+    let grads = naive::backward(&c.p, &x, &c.d_o, c.d_ht.as_deref());
+    let tol = tolerance::<R>(c.p.dtype);
+    let gate_tol = gate_tolerance::<R>(c.p.dtype);
+    check("o", &out.o, &fwd.o, tol);
+    if let Some(ht) = &out.ht {
+        check("ht", ht, &fwd.ht, tol);
+    }
+    check("dq", &out.dq, &grads.dq, tol);
+    check("dk", &out.dk, &grads.dk, tol);
+    check("dv", &out.dv, &grads.dv, tol);
+    if let Some(dg) = &out.dg {
+        check("dg", dg, grads.dg.as_ref().unwrap(), gate_tol);
+    }
+    if let Some(dgv) = &out.dgv {
+        check("dgv", dgv, grads.dgv.as_ref().unwrap(), gate_tol);
+    }
+    if let Some(dh0) = &out.dh0 {
+        check("dh0", dh0, grads.dh0.as_ref().unwrap(), tol);
+    }
+}
+
+fn runtime_name() -> &'static str {
+    let wanted = std::env::var("FLA_TEST_RUNTIME").unwrap_or_default();
+    if cfg!(feature = "cuda") && (wanted == "cuda" || !cfg!(feature = "wgpu")) {
+        "cuda"
+    } else {
+        "wgpu"
+    }
+}
+
+/// Runs `$f::<Runtime>(&client, args...)` on the runtime the tests were asked for.
+macro_rules! on_runtime {
+    ($f:ident($($arg:expr),*)) => {{
+        match runtime_name() {
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                let client = cubecl::cuda::CudaRuntime::client(&Default::default());
+                $f::<cubecl::cuda::CudaRuntime>(&client, $($arg),*)
+            }
+            #[cfg(feature = "wgpu")]
+            _ => {
+                let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+                $f::<cubecl::wgpu::WgpuRuntime>(&client, $($arg),*)
+            }
+            #[cfg(not(feature = "wgpu"))]
+            other => panic!("runtime {other} not compiled in"),
+        }
+    }};
+}
+
+#[rstest]
+#[case::t1(1, 16, 16)]
+#[case::t63_odd_dims(63, 60, 100)]
+#[case::t64(64, 64, 64)]
+#[case::t65_k_gt_v(65, 100, 60)]
+#[case::t500_k128(500, 128, 128)]
+fn sizes(
+    #[case] t: usize,
+    #[case] k: usize,
+    #[case] v: usize,
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    variant: Variant,
+) {
+    let c = make_case(variant, 2, t, 2, k, v, 1.0, false, None, true, FloatDType::F32);
+    on_runtime!(compare(&c));
+}
+
+#[rstest]
+fn gate_strength_and_direction(
+    #[values(0.1, 1.0, 10.0)] strength: f64,
+    #[values(false, true)] reverse: bool,
+    #[values(Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)] variant: Variant,
+) {
+    let c = make_case(variant, 1, 65, 3, 60, 16, strength, reverse, None, true, FloatDType::F32);
+    on_runtime!(compare(&c));
+}
+
+#[rstest]
+fn without_states(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(variant, 2, 33, 2, 32, 48, 1.0, false, None, false, FloatDType::F32);
+    on_runtime!(compare(&c));
+}
+
+#[rstest]
+fn varlen_with_empty_sequence(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    variant: Variant,
+    #[values(false, true)] reverse: bool,
+) {
+    // Lengths 1, 15, 0 (empty), 300.
+    let cu = vec![0, 1, 16, 16, 316];
+    let c = make_case(variant, 1, 316, 2, 64, 60, 1.0, reverse, Some(cu), true, FloatDType::F32);
+    on_runtime!(compare(&c));
+}
+
+#[rstest]
+fn half_precision(
+    #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(variant, 2, 200, 2, 64, 64, 1.0, false, None, true, dtype);
+    on_runtime!(half_or_refused(&c));
+}
+
+/// Where the device computes the dtype the kernels must match the reference; where it cannot
+/// (bf16 on Vulkan) the launch must be refused with `UnsupportedDType`, not compiled and crashed.
+fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    match c.p.dtype.check_supported(client) {
+        Ok(()) => compare(client, c),
+        Err(_) => match run_kernels(client, c) {
+            Err(KernelError::UnsupportedDType { .. }) => {}
+            Err(other) => panic!("expected UnsupportedDType, got {other}"),
+            Ok(_) => panic!("an unsupported dtype was launched"),
+        },
+    }
+}
+
+fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
+    match run_kernels(client, c) {
+        Err(KernelError::InvalidProblem(msg)) => {
+            assert!(msg.contains(what), "error {msg:?} does not mention {what:?}")
+        }
+        Err(other) => panic!("expected InvalidProblem({what}), got {other}"),
+        Ok(_) => panic!("invalid problem accepted: {what}"),
+    }
+}
+
+#[rstest]
+#[case::not_increasing(vec![0, 10, 5, 20], "non-decreasing")]
+#[case::wrong_end(vec![0, 10, 19], "end at T")]
+#[case::not_from_zero(vec![1, 10, 20], "start at 0")]
+fn bad_cu_seqlens(#[case] cu: Vec<usize>, #[case] what: &str) {
+    let c = make_case(Variant::Gla, 1, 20, 1, 16, 16, 1.0, false, Some(cu), false, FloatDType::F32);
+    on_runtime!(expect_invalid(&c, what));
+}
+
+#[test]
+fn varlen_needs_batch_one() {
+    let mut c = make_case(Variant::Gla, 2, 20, 1, 16, 16, 1.0, false, None, false, FloatDType::F32);
+    c.p.cu_seqlens = Some(vec![0, 20]);
+    on_runtime!(expect_invalid(&c, "batch size 1"));
+}
+
+#[test]
+fn zero_length_refused() {
+    let mut c = make_case(Variant::Gla, 1, 4, 1, 16, 16, 1.0, false, None, false, FloatDType::F32);
+    c.p.seq_len = 0;
+    on_runtime!(expect_invalid(&c, "zero-length"));
+}
+
+/// The reference itself: its hand-derived gradients against central finite differences in f64.
+#[rstest]
+fn naive_backward_matches_finite_differences(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    variant: Variant,
+    #[values(false, true)] reverse: bool,
+) {
+    let mut c = make_case(variant, 1, 5, 1, 3, 4, 1.0, reverse, None, true, FloatDType::F32);
+    c.p.dtype = FloatDType::F32;
+    let loss = |c: &Case| -> f64 {
+        let x = NaiveInputs {
+            q: &c.q,
+            k: &c.k,
+            v: &c.v,
+            g: c.g.as_deref(),
+            gv: c.gv.as_deref(),
+            h0: c.h0.as_deref(),
+        };
+        let f = naive::forward(&c.p, &x);
+        let lo: f64 = f.o.iter().zip(&c.d_o).map(|(a, b)| a * b).sum();
+        let lh: f64 = f.ht.iter().zip(c.d_ht.as_ref().unwrap()).map(|(a, b)| a * b).sum();
+        lo + lh
+    };
+    let x = NaiveInputs {
+        q: &c.q,
+        k: &c.k,
+        v: &c.v,
+        g: c.g.as_deref(),
+        gv: c.gv.as_deref(),
+        h0: c.h0.as_deref(),
+    };
+    let grads = naive::backward(&c.p, &x, &c.d_o, c.d_ht.as_deref());
+    let eps = 1e-6;
+    let fd = |c: &Case, pick: &dyn Fn(&mut Case) -> &mut Vec<f64>| -> Vec<f64> {
+        let n = pick(&mut c.clone_case()).len();
+        (0..n)
+            .map(|i| {
+                let mut a = c.clone_case();
+                pick(&mut a)[i] += eps;
+                let mut b = c.clone_case();
+                pick(&mut b)[i] -= eps;
+                (loss(&a) - loss(&b)) / (2.0 * eps)
+            })
+            .collect()
+    };
+    check("fd dq", &grads.dq, &fd(&c, &|c| &mut c.q), 1e-6);
+    check("fd dk", &grads.dk, &fd(&c, &|c| &mut c.k), 1e-6);
+    check("fd dv", &grads.dv, &fd(&c, &|c| &mut c.v), 1e-6);
+    check("fd dh0", grads.dh0.as_ref().unwrap(), &fd(&c, &|c| c.h0.as_mut().unwrap()), 1e-6);
+    if c.g.is_some() {
+        check("fd dg", grads.dg.as_ref().unwrap(), &fd(&c, &|c| c.g.as_mut().unwrap()), 1e-6);
+    }
+    if c.gv.is_some() {
+        check("fd dgv", grads.dgv.as_ref().unwrap(), &fd(&c, &|c| c.gv.as_mut().unwrap()), 1e-6);
+    }
+}
+
+impl Case {
+    fn clone_case(&self) -> Case {
+        Case {
+            p: self.p.clone(),
+            q: self.q.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            g: self.g.clone(),
+            gv: self.gv.clone(),
+            h0: self.h0.clone(),
+            d_o: self.d_o.clone(),
+            d_ht: self.d_ht.clone(),
+        }
+    }
+}
