@@ -1,1 +1,22 @@
-pub fn x(){}
+//! Burn backend ops for linear attention.
+//!
+//! Each op family is a backend extension trait with three implementations:
+//! - `CubeBackend` (CUDA, wgpu) and `Fusion<CubeBackend>` (what `burn::backend::Wgpu` and
+//!   `burn::backend::Cuda` are): the fused CubeCL kernels of `fla-cubecl-kernels`;
+//! - any other backend (NdArray here): the same math through plain tensor ops, via the trait's
+//!   default methods;
+//! - `Autodiff<B>`: a hand-derived backward registered as one node of Burn's graph.
+//!
+//! This crate knows nothing of models. Every op validates its inputs and returns [`FlaError`]
+//! rather than panicking.
+
+pub mod device;
+pub mod error;
+pub mod gated;
+
+pub use error::FlaError;
+pub use gated::{
+    fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
+    fused_recurrent_simple_gla, retention_decay, GateKind, GatedOptions, GatedRecurrentBackend,
+    RecurrentOptions, RecurrentOutput,
+};

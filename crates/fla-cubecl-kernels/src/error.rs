@@ -4,7 +4,10 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum KernelError {
     #[error("dtype {dtype} is not computable on this device ({runtime})")]
-    UnsupportedDType { dtype: &'static str, runtime: &'static str },
+    UnsupportedDType {
+        dtype: &'static str,
+        runtime: &'static str,
+    },
     #[error("invalid problem: {0}")]
     InvalidProblem(String),
     #[error("device limit: {0}")]

@@ -62,3 +62,143 @@ pub fn decode(dtype: FloatDType, bytes: &[u8]) -> Vec<f64> {
             .collect(),
     }
 }
+
+use crate::gated::naive::{self, NaiveForward, NaiveGrads, NaiveInputs};
+use crate::gated::{GateKind, GatedProblem};
+
+/// SplitMix64: a small seeded generator, so test data needs no dependency and is reproducible.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    pub fn normals(&mut self, n: usize, dtype: FloatDType) -> Vec<f64> {
+        (0..n).map(|_| round_to(dtype, self.normal())).collect()
+    }
+
+    /// FLA's gate initialisation, `logsigmoid(randn)`, scaled by `strength`.
+    pub fn log_gates(&mut self, n: usize, strength: f64, dtype: FloatDType) -> Vec<f64> {
+        (0..n)
+            .map(|_| round_to(dtype, -strength * (-self.normal()).exp().ln_1p()))
+            .collect()
+    }
+}
+
+/// Random inputs and output gradients for one gated problem, rounded to its dtype, with the
+/// f64 reference beside them. `h0` exists when the problem has an initial state, `d_ht` when it
+/// outputs a final state.
+#[derive(Debug, Clone)]
+pub struct GatedCase {
+    pub p: GatedProblem,
+    pub q: Vec<f64>,
+    pub k: Vec<f64>,
+    pub v: Vec<f64>,
+    pub g: Option<Vec<f64>>,
+    pub gv: Option<Vec<f64>>,
+    pub h0: Option<Vec<f64>>,
+    pub d_o: Vec<f64>,
+    pub d_ht: Option<Vec<f64>>,
+}
+
+impl GatedCase {
+    /// Draws a case; `strength` scales the log gates (0.1 weak, 1 FLA's default, 10 strong).
+    pub fn new(p: GatedProblem, strength: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let dt = p.dtype;
+        let qk = p.tokens() * p.heads * p.k_dim;
+        let vo = p.tokens() * p.heads * p.v_dim;
+        let q = rng.normals(qk, dt);
+        let k = rng.normals(qk, dt);
+        let v = rng.normals(vo, dt);
+        let g = (p.gate != GateKind::None).then(|| rng.log_gates(p.gate_len(), strength, dt));
+        let gv = p.value_gate.then(|| rng.log_gates(vo, strength, dt));
+        let h0 = p
+            .has_initial_state
+            .then(|| rng.normals(p.state_len(), FloatDType::F32));
+        let d_o = rng.normals(vo, dt);
+        let d_ht = p
+            .output_final_state
+            .then(|| rng.normals(p.state_len(), FloatDType::F32));
+        GatedCase {
+            p,
+            q,
+            k,
+            v,
+            g,
+            gv,
+            h0,
+            d_o,
+            d_ht,
+        }
+    }
+
+    pub fn inputs(&self) -> NaiveInputs<'_> {
+        NaiveInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            g: self.g.as_deref(),
+            gv: self.gv.as_deref(),
+            h0: self.h0.as_deref(),
+        }
+    }
+
+    /// The f64 reference: forward outputs, and gradients for `d_o` and `d_ht`.
+    pub fn reference(&self) -> (NaiveForward, NaiveGrads) {
+        let x = self.inputs();
+        (
+            naive::forward(&self.p, &x),
+            naive::backward(&self.p, &x, &self.d_o, self.d_ht.as_deref()),
+        )
+    }
+}
+
+/// A problem description with FLA's default scale `K^-0.5`.
+#[allow(clippy::too_many_arguments)]
+pub fn problem(
+    gate: GateKind,
+    value_gate: bool,
+    [batch, seq_len, heads, k_dim, v_dim]: [usize; 5],
+    reverse: bool,
+    cu_seqlens: Option<Vec<usize>>,
+    states: bool,
+    dtype: FloatDType,
+) -> GatedProblem {
+    GatedProblem {
+        batch,
+        seq_len,
+        heads,
+        k_dim,
+        v_dim,
+        gate,
+        value_gate,
+        scale: (k_dim as f32).powf(-0.5),
+        reverse,
+        cu_seqlens,
+        has_initial_state: states,
+        output_final_state: states,
+        dtype,
+    }
+}

@@ -5,14 +5,12 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use fla_cubecl_kernels::gated::naive::{self, NaiveInputs};
+use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
-    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind, GatedProblem,
+    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind,
 };
-use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, round_to};
+use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rstest::rstest;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,36 +31,7 @@ impl Variant {
     }
 }
 
-struct Case {
-    p: GatedProblem,
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    g: Option<Vec<f64>>,
-    gv: Option<Vec<f64>>,
-    h0: Option<Vec<f64>>,
-    d_o: Vec<f64>,
-    d_ht: Option<Vec<f64>>,
-}
-
-fn randn(rng: &mut StdRng, n: usize, dtype: FloatDType) -> Vec<f64> {
-    (0..n)
-        .map(|_| {
-            // Box-Muller: normal samples without another dependency.
-            let u1: f64 = rng.random::<f64>().max(1e-12);
-            let u2: f64 = rng.random();
-            round_to(dtype, (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
-        })
-        .collect()
-}
-
-/// FLA's gate initialisation, `logsigmoid(randn)`, times `strength`.
-fn log_gates(rng: &mut StdRng, n: usize, strength: f64, dtype: FloatDType) -> Vec<f64> {
-    randn(rng, n, FloatDType::F32)
-        .into_iter()
-        .map(|x| round_to(dtype, strength * -((-x).exp().ln_1p())))
-        .collect()
-}
+type Case = GatedCase;
 
 #[allow(clippy::too_many_arguments)]
 fn make_case(
@@ -78,36 +47,17 @@ fn make_case(
     states: bool,
     dtype: FloatDType,
 ) -> Case {
-    let mut rng = StdRng::seed_from_u64(
-        (seq_len * 7919 + k_dim * 31 + v_dim * 17 + heads) as u64 + variant as u64,
-    );
-    let p = GatedProblem {
-        batch,
-        seq_len,
-        heads,
-        k_dim,
-        v_dim,
-        gate: variant.gate(),
-        value_gate: variant == Variant::GlaWithValueGate,
-        scale: (k_dim as f32).powf(-0.5),
+    let p = problem(
+        variant.gate(),
+        variant == Variant::GlaWithValueGate,
+        [batch, seq_len, heads, k_dim, v_dim],
         reverse,
         cu_seqlens,
-        has_initial_state: states,
-        output_final_state: states,
+        states,
         dtype,
-    };
-    let tokens = p.tokens();
-    let qk = tokens * heads * k_dim;
-    let vo = tokens * heads * v_dim;
-    let q = randn(&mut rng, qk, dtype);
-    let k = randn(&mut rng, qk, dtype);
-    let v = randn(&mut rng, vo, dtype);
-    let g = (p.gate != GateKind::None).then(|| log_gates(&mut rng, p.gate_len(), strength, dtype));
-    let gv = p.value_gate.then(|| log_gates(&mut rng, vo, strength, dtype));
-    let h0 = states.then(|| randn(&mut rng, p.state_len(), FloatDType::F32));
-    let d_o = randn(&mut rng, vo, dtype);
-    let d_ht = states.then(|| randn(&mut rng, p.state_len(), FloatDType::F32));
-    Case { p, q, k, v, g, gv, h0, d_o, d_ht }
+    );
+    let seed = (seq_len * 7919 + k_dim * 31 + v_dim * 17 + heads) as u64 + variant as u64;
+    GatedCase::new(p, strength, seed)
 }
 
 struct Outputs {
@@ -134,7 +84,9 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
     let gv = c.gv.as_deref().map(up);
     let h0 = c.h0.as_deref().map(up32);
     let o = poison(c.v.len(), dt);
-    let ht = c.p.output_final_state.then(|| poison(c.p.state_len(), FloatDType::F32));
+    let ht =
+        c.p.output_final_state
+            .then(|| poison(c.p.state_len(), FloatDType::F32));
     recurrent_forward(
         client,
         &c.p,
@@ -156,7 +108,9 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
     let dv = poison(c.v.len(), dt);
     let dg = g.as_ref().map(|_| poison(c.p.gate_len(), dt));
     let dgv = gv.as_ref().map(|_| poison(c.v.len(), dt));
-    let dh0 = h0.as_ref().map(|_| poison(c.p.state_len(), FloatDType::F32));
+    let dh0 = h0
+        .as_ref()
+        .map(|_| poison(c.p.state_len(), FloatDType::F32));
     recurrent_backward(
         client,
         &c.p,
@@ -215,9 +169,15 @@ fn tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
 fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
     let err = rel_rmse(out, reference);
     if err.is_nan() {
-        let bad: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_nan()).take(5).collect();
+        let bad: Vec<usize> = (0..out.len())
+            .filter(|&i| out[i].is_nan())
+            .take(5)
+            .collect();
         let bad_ref = reference.iter().filter(|x| x.is_nan()).count();
-        eprintln!("{name}: NaN in output at {bad:?} (of {}), {bad_ref} NaN in reference", out.len());
+        eprintln!(
+            "{name}: NaN in output at {bad:?} (of {}), {bad_ref} NaN in reference",
+            out.len()
+        );
     }
     assert!(
         err <= tol,
@@ -228,16 +188,7 @@ fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
 
 fn compare<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
     let out = run_kernels(client, c).expect("kernels launch");
-    let x = NaiveInputs {
-        q: &c.q,
-        k: &c.k,
-        v: &c.v,
-        g: c.g.as_deref(),
-        gv: c.gv.as_deref(),
-        h0: c.h0.as_deref(),
-    };
-    let fwd = naive::forward(&c.p, &x);
-    let grads = naive::backward(&c.p, &x, &c.d_o, c.d_ht.as_deref());
+    let (fwd, grads) = c.reference();
     let tol = tolerance::<R>(c.p.dtype);
     let gate_tol = gate_tolerance::<R>(c.p.dtype);
     check("o", &out.o, &fwd.o, tol);
@@ -297,10 +248,27 @@ fn sizes(
     #[case] t: usize,
     #[case] k: usize,
     #[case] v: usize,
-    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    #[values(
+        Variant::LinearAttn,
+        Variant::SimpleGla,
+        Variant::Gla,
+        Variant::GlaWithValueGate
+    )]
     variant: Variant,
 ) {
-    let c = make_case(variant, 2, t, 2, k, v, 1.0, false, None, true, FloatDType::F32);
+    let c = make_case(
+        variant,
+        2,
+        t,
+        2,
+        k,
+        v,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
     on_runtime!(compare(&c));
 }
 
@@ -310,7 +278,19 @@ fn gate_strength_and_direction(
     #[values(false, true)] reverse: bool,
     #[values(Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)] variant: Variant,
 ) {
-    let c = make_case(variant, 1, 65, 3, 60, 16, strength, reverse, None, true, FloatDType::F32);
+    let c = make_case(
+        variant,
+        1,
+        65,
+        3,
+        60,
+        16,
+        strength,
+        reverse,
+        None,
+        true,
+        FloatDType::F32,
+    );
     on_runtime!(compare(&c));
 }
 
@@ -318,19 +298,48 @@ fn gate_strength_and_direction(
 fn without_states(
     #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
 ) {
-    let c = make_case(variant, 2, 33, 2, 32, 48, 1.0, false, None, false, FloatDType::F32);
+    let c = make_case(
+        variant,
+        2,
+        33,
+        2,
+        32,
+        48,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
     on_runtime!(compare(&c));
 }
 
 #[rstest]
 fn varlen_with_empty_sequence(
-    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    #[values(
+        Variant::LinearAttn,
+        Variant::SimpleGla,
+        Variant::Gla,
+        Variant::GlaWithValueGate
+    )]
     variant: Variant,
     #[values(false, true)] reverse: bool,
 ) {
     // Lengths 1, 15, 0 (empty), 300.
     let cu = vec![0, 1, 16, 16, 316];
-    let c = make_case(variant, 1, 316, 2, 64, 60, 1.0, reverse, Some(cu), true, FloatDType::F32);
+    let c = make_case(
+        variant,
+        1,
+        316,
+        2,
+        64,
+        60,
+        1.0,
+        reverse,
+        Some(cu),
+        true,
+        FloatDType::F32,
+    );
     on_runtime!(compare(&c));
 }
 
@@ -359,7 +368,10 @@ fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
 fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
     match run_kernels(client, c) {
         Err(KernelError::InvalidProblem(msg)) => {
-            assert!(msg.contains(what), "error {msg:?} does not mention {what:?}")
+            assert!(
+                msg.contains(what),
+                "error {msg:?} does not mention {what:?}"
+            )
         }
         Err(other) => panic!("expected InvalidProblem({what}), got {other}"),
         Ok(_) => panic!("invalid problem accepted: {what}"),
@@ -371,20 +383,56 @@ fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
 #[case::wrong_end(vec![0, 10, 19], "end at T")]
 #[case::not_from_zero(vec![1, 10, 20], "start at 0")]
 fn bad_cu_seqlens(#[case] cu: Vec<usize>, #[case] what: &str) {
-    let c = make_case(Variant::Gla, 1, 20, 1, 16, 16, 1.0, false, Some(cu), false, FloatDType::F32);
+    let c = make_case(
+        Variant::Gla,
+        1,
+        20,
+        1,
+        16,
+        16,
+        1.0,
+        false,
+        Some(cu),
+        false,
+        FloatDType::F32,
+    );
     on_runtime!(expect_invalid(&c, what));
 }
 
 #[test]
 fn varlen_needs_batch_one() {
-    let mut c = make_case(Variant::Gla, 2, 20, 1, 16, 16, 1.0, false, None, false, FloatDType::F32);
+    let mut c = make_case(
+        Variant::Gla,
+        2,
+        20,
+        1,
+        16,
+        16,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
     c.p.cu_seqlens = Some(vec![0, 20]);
     on_runtime!(expect_invalid(&c, "batch size 1"));
 }
 
 #[test]
 fn zero_length_refused() {
-    let mut c = make_case(Variant::Gla, 1, 4, 1, 16, 16, 1.0, false, None, false, FloatDType::F32);
+    let mut c = make_case(
+        Variant::Gla,
+        1,
+        4,
+        1,
+        16,
+        16,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
     c.p.seq_len = 0;
     on_runtime!(expect_invalid(&c, "zero-length"));
 }
@@ -392,43 +440,48 @@ fn zero_length_refused() {
 /// The reference itself: its hand-derived gradients against central finite differences in f64.
 #[rstest]
 fn naive_backward_matches_finite_differences(
-    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)]
+    #[values(
+        Variant::LinearAttn,
+        Variant::SimpleGla,
+        Variant::Gla,
+        Variant::GlaWithValueGate
+    )]
     variant: Variant,
     #[values(false, true)] reverse: bool,
 ) {
-    let mut c = make_case(variant, 1, 5, 1, 3, 4, 1.0, reverse, None, true, FloatDType::F32);
+    let mut c = make_case(
+        variant,
+        1,
+        5,
+        1,
+        3,
+        4,
+        1.0,
+        reverse,
+        None,
+        true,
+        FloatDType::F32,
+    );
     c.p.dtype = FloatDType::F32;
     let loss = |c: &Case| -> f64 {
-        let x = NaiveInputs {
-            q: &c.q,
-            k: &c.k,
-            v: &c.v,
-            g: c.g.as_deref(),
-            gv: c.gv.as_deref(),
-            h0: c.h0.as_deref(),
-        };
-        let f = naive::forward(&c.p, &x);
+        let f = naive::forward(&c.p, &c.inputs());
         let lo: f64 = f.o.iter().zip(&c.d_o).map(|(a, b)| a * b).sum();
-        let lh: f64 = f.ht.iter().zip(c.d_ht.as_ref().unwrap()).map(|(a, b)| a * b).sum();
+        let lh: f64 =
+            f.ht.iter()
+                .zip(c.d_ht.as_ref().unwrap())
+                .map(|(a, b)| a * b)
+                .sum();
         lo + lh
     };
-    let x = NaiveInputs {
-        q: &c.q,
-        k: &c.k,
-        v: &c.v,
-        g: c.g.as_deref(),
-        gv: c.gv.as_deref(),
-        h0: c.h0.as_deref(),
-    };
-    let grads = naive::backward(&c.p, &x, &c.d_o, c.d_ht.as_deref());
+    let grads = naive::backward(&c.p, &c.inputs(), &c.d_o, c.d_ht.as_deref());
     let eps = 1e-6;
     let fd = |c: &Case, pick: &dyn Fn(&mut Case) -> &mut Vec<f64>| -> Vec<f64> {
-        let n = pick(&mut c.clone_case()).len();
+        let n = pick(&mut c.clone()).len();
         (0..n)
             .map(|i| {
-                let mut a = c.clone_case();
+                let mut a = c.clone();
                 pick(&mut a)[i] += eps;
-                let mut b = c.clone_case();
+                let mut b = c.clone();
                 pick(&mut b)[i] -= eps;
                 (loss(&a) - loss(&b)) / (2.0 * eps)
             })
@@ -437,27 +490,26 @@ fn naive_backward_matches_finite_differences(
     check("fd dq", &grads.dq, &fd(&c, &|c| &mut c.q), 1e-6);
     check("fd dk", &grads.dk, &fd(&c, &|c| &mut c.k), 1e-6);
     check("fd dv", &grads.dv, &fd(&c, &|c| &mut c.v), 1e-6);
-    check("fd dh0", grads.dh0.as_ref().unwrap(), &fd(&c, &|c| c.h0.as_mut().unwrap()), 1e-6);
+    check(
+        "fd dh0",
+        grads.dh0.as_ref().unwrap(),
+        &fd(&c, &|c| c.h0.as_mut().unwrap()),
+        1e-6,
+    );
     if c.g.is_some() {
-        check("fd dg", grads.dg.as_ref().unwrap(), &fd(&c, &|c| c.g.as_mut().unwrap()), 1e-6);
+        check(
+            "fd dg",
+            grads.dg.as_ref().unwrap(),
+            &fd(&c, &|c| c.g.as_mut().unwrap()),
+            1e-6,
+        );
     }
     if c.gv.is_some() {
-        check("fd dgv", grads.dgv.as_ref().unwrap(), &fd(&c, &|c| c.gv.as_mut().unwrap()), 1e-6);
-    }
-}
-
-impl Case {
-    fn clone_case(&self) -> Case {
-        Case {
-            p: self.p.clone(),
-            q: self.q.clone(),
-            k: self.k.clone(),
-            v: self.v.clone(),
-            g: self.g.clone(),
-            gv: self.gv.clone(),
-            h0: self.h0.clone(),
-            d_o: self.d_o.clone(),
-            d_ht: self.d_ht.clone(),
-        }
+        check(
+            "fd dgv",
+            grads.dgv.as_ref().unwrap(),
+            &fd(&c, &|c| c.gv.as_mut().unwrap()),
+            1e-6,
+        );
     }
 }

@@ -4,8 +4,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::recurrent_bwd::{
-    gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel, row_sum_kernel, value_term_kernel,
-    GateAxis,
+    gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel, row_sum_kernel,
+    value_term_kernel, GateAxis,
 };
 use super::recurrent_fwd::{recurrent_fwd_kernel, RecurrentLayout};
 use super::{GateKind, GatedProblem};
@@ -72,7 +72,9 @@ fn tiles<R: Runtime>(
     let max_units = (props.hardware.max_units_per_cube as usize).min(CUBE_THREADS);
     let mut block_v = 32usize.min(p.v_dim.next_power_of_two()).max(1);
     loop {
-        let k_split = (max_units / block_v).min(p.k_dim.next_power_of_two()).max(1);
+        let k_split = (max_units / block_v)
+            .min(p.k_dim.next_power_of_two())
+            .max(1);
         let rows = p.k_dim.div_ceil(k_split);
         let smem = 4 * block_v * k_split * (2 + if smem_rows { rows } else { 0 });
         if smem <= max_smem {
@@ -147,10 +149,14 @@ fn check_common<R: Runtime>(
         )));
     }
     if p.value_gate != gv.is_some() {
-        return Err(KernelError::InvalidProblem("value gate flag and buffer disagree".into()));
+        return Err(KernelError::InvalidProblem(
+            "value gate flag and buffer disagree".into(),
+        ));
     }
     if p.has_initial_state != h0.is_some() {
-        return Err(KernelError::InvalidProblem("initial-state flag and buffer disagree".into()));
+        return Err(KernelError::InvalidProblem(
+            "initial-state flag and buffer disagree".into(),
+        ));
     }
     Ok(())
 }
@@ -163,7 +169,9 @@ pub fn recurrent_forward<R: Runtime>(
 ) -> Result<(), KernelError> {
     check_common(client, p, b.g, b.gv, b.h0)?;
     if p.output_final_state != b.ht.is_some() {
-        return Err(KernelError::InvalidProblem("final-state flag and buffer disagree".into()));
+        return Err(KernelError::InvalidProblem(
+            "final-state flag and buffer disagree".into(),
+        ));
     }
     let (block_v, k_split) = tiles(client, p, false)?;
     let c = layout(p, block_v, k_split);
@@ -261,7 +269,11 @@ pub fn recurrent_backward<R: Runtime>(
     );
 
     // The final-state term of the identity needs hT whenever a gradient arrives on it.
-    let ht = if has_dht { need(b.ht, "ht (with d_ht)")? } else { &dummy };
+    let ht = if has_dht {
+        need(b.ht, "ht (with d_ht)")?
+    } else {
+        &dummy
+    };
     let cumsum = |term: &Handle, term_len: usize, dg: &Handle, dg_len: usize, axis, width| {
         let units = p.num_seqs() * p.heads * width;
         gate_cumsum_kernel::launch::<R>(

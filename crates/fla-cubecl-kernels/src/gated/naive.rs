@@ -143,7 +143,10 @@ pub fn backward(
                     }
                 }
                 for i in 0..kd {
-                    dq[qk + i] = scale * (0..vd).map(|j| d_o[vo + j] * s_cur[i * vd + j]).sum::<f64>();
+                    dq[qk + i] = scale
+                        * (0..vd)
+                            .map(|j| d_o[vo + j] * s_cur[i * vd + j])
+                            .sum::<f64>();
                     dk[qk + i] = (0..vd).map(|j| x.v[vo + j] * g[i * vd + j]).sum::<f64>();
                 }
                 for j in 0..vd {

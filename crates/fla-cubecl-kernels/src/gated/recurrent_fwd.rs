@@ -30,7 +30,12 @@ pub struct RecurrentLayout {
 
 /// First token and length of sequence `n` in the flattened token axis.
 #[cube]
-pub fn seq_start(cu_seqlens: &Array<u32>, n: usize, seq_len: u32, #[comptime] varlen: bool) -> usize {
+pub fn seq_start(
+    cu_seqlens: &Array<u32>,
+    n: usize,
+    seq_len: u32,
+    #[comptime] varlen: bool,
+) -> usize {
     let mut bos = n * seq_len as usize;
     if varlen {
         bos = cu_seqlens[n] as usize;
@@ -39,7 +44,12 @@ pub fn seq_start(cu_seqlens: &Array<u32>, n: usize, seq_len: u32, #[comptime] va
 }
 
 #[cube]
-pub fn seq_length(cu_seqlens: &Array<u32>, n: usize, seq_len: u32, #[comptime] varlen: bool) -> usize {
+pub fn seq_length(
+    cu_seqlens: &Array<u32>,
+    n: usize,
+    seq_len: u32,
+    #[comptime] varlen: bool,
+) -> usize {
     let mut len = seq_len as usize;
     if varlen {
         len = (cu_seqlens[n + 1] - cu_seqlens[n]) as usize;

@@ -1,0 +1,169 @@
+//! `CubeBackend` (CUDA, wgpu): the fused kernels of `fla-cubecl-kernels`.
+
+use burn::tensor::{DType, Shape, TensorMetadata};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use fla_cubecl_kernels::gated::{
+    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GatedProblem,
+};
+
+use super::{
+    check_grad, describe, kernel_dtype, GatedForward, GatedGrads, GatedOptions,
+    GatedRecurrentBackend, GatedTensors,
+};
+use crate::FlaError;
+
+fn contiguous<R: CubeRuntime>(
+    x: GatedTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>,
+) -> [Option<CubeTensor<R>>; 6] {
+    [
+        Some(into_contiguous(x.q)),
+        Some(into_contiguous(x.k)),
+        Some(into_contiguous(x.v)),
+        x.g.map(into_contiguous),
+        x.gv.map(into_contiguous),
+        x.h0.map(into_contiguous),
+    ]
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype::<R>(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims),
+        dtype,
+    )
+}
+
+fn problem<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: &GatedTensors<CubeBackend<R, F, I, BT>>,
+    opts: &GatedOptions,
+) -> Result<GatedProblem, FlaError> {
+    let mut p = describe(x, opts)?;
+    p.dtype = kernel_dtype(x.q.dtype())?;
+    p.dtype.check_supported(&x.q.client)?;
+    Ok(p)
+}
+
+impl<R, F, I, BT> GatedRecurrentBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn gated_recurrent_forward(
+        x: GatedTensors<Self>,
+        opts: &GatedOptions,
+    ) -> Result<GatedForward<Self>, FlaError> {
+        let p = problem(&x, opts)?;
+        let dtype = x.q.dtype();
+        let [q, k, v, g, gv, h0] = contiguous(x);
+        let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
+        let o = empty(&q, vec![p.batch, p.seq_len, p.heads, p.v_dim], dtype);
+        let state = vec![p.num_seqs(), p.heads, p.k_dim, p.v_dim];
+        let ht = p.output_final_state.then(|| empty(&q, state, DType::F32));
+        recurrent_forward(
+            &q.client,
+            &p,
+            ForwardBuffers {
+                q: &q.handle,
+                k: &k.handle,
+                v: &v.handle,
+                g: g.as_ref().map(|t| &t.handle),
+                gv: gv.as_ref().map(|t| &t.handle),
+                h0: h0.as_ref().map(|t| &t.handle),
+                o: &o.handle,
+                ht: ht.as_ref().map(|t| &t.handle),
+            },
+        )?;
+        Ok(GatedForward { o, ht })
+    }
+
+    fn gated_recurrent_backward(
+        x: GatedTensors<Self>,
+        o: CubeTensor<R>,
+        ht: Option<CubeTensor<R>>,
+        d_o: CubeTensor<R>,
+        d_ht: Option<CubeTensor<R>>,
+        opts: &GatedOptions,
+    ) -> Result<GatedGrads<Self>, FlaError> {
+        let p = problem(&x, opts)?;
+        let dtype = x.q.dtype();
+        let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
+        let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
+        check_grad::<Self>("do", &d_o, &o_shape)?;
+        check_grad::<Self>("o", &o, &o_shape)?;
+        if d_o.dtype() != dtype {
+            return Err(FlaError::DType(format!(
+                "gradient do is {:?} but q is {dtype:?}",
+                d_o.dtype()
+            )));
+        }
+        if let Some(d) = &d_ht {
+            check_grad::<Self>("dhT", d, &s_shape)?;
+            if d.dtype() != DType::F32 {
+                return Err(FlaError::DType("gradient dhT must be f32".into()));
+            }
+            match &ht {
+                Some(h) => check_grad::<Self>("hT", h, &s_shape)?,
+                None => {
+                    return Err(FlaError::Shape(
+                        "a gradient on hT needs the forward's hT".into(),
+                    ))
+                }
+            }
+        }
+        let [q, k, v, g, gv, h0] = contiguous(x);
+        let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
+        let (o, d_o) = (into_contiguous(o), into_contiguous(d_o));
+        let ht = ht.map(into_contiguous);
+        let d_ht = d_ht.map(into_contiguous);
+        let dq = empty(&q, q.shape().to_vec(), dtype);
+        let dk = empty(&q, q.shape().to_vec(), dtype);
+        let dv = empty(&q, v.shape().to_vec(), dtype);
+        let dg = g.as_ref().map(|t| empty(&q, t.shape().to_vec(), dtype));
+        let dgv = gv.as_ref().map(|t| empty(&q, t.shape().to_vec(), dtype));
+        let dh0 = h0
+            .as_ref()
+            .map(|t| empty(&q, t.shape().to_vec(), DType::F32));
+        recurrent_backward(
+            &q.client,
+            &p,
+            BackwardBuffers {
+                q: &q.handle,
+                k: &k.handle,
+                v: &v.handle,
+                g: g.as_ref().map(|t| &t.handle),
+                gv: gv.as_ref().map(|t| &t.handle),
+                h0: h0.as_ref().map(|t| &t.handle),
+                o: Some(&o.handle),
+                ht: ht.as_ref().map(|t| &t.handle),
+                d_o: &d_o.handle,
+                d_ht: d_ht.as_ref().map(|t| &t.handle),
+                dq: &dq.handle,
+                dk: &dk.handle,
+                dv: &dv.handle,
+                dg: dg.as_ref().map(|t| &t.handle),
+                dgv: dgv.as_ref().map(|t| &t.handle),
+                dh0: dh0.as_ref().map(|t| &t.handle),
+            },
+        )?;
+        Ok(GatedGrads {
+            dq,
+            dk,
+            dv,
+            dg,
+            dgv,
+            dh0,
+        })
+    }
+
+    fn gated_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
+        let client = R::client(device);
+        kernel_dtype(dtype)?.check_supported(&client)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,285 @@
+//! The gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`), fused
+//! recurrent form, as a Burn backend extension.
+//!
+//! Recurrence per sequence and head (FLA's conventions, gates in log space):
+//! `S_t = diag(exp(gk_t)) · S_{t-1} · diag(exp(gv_t)) + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
+
+mod api;
+mod autodiff;
+mod cube;
+mod fallback;
+mod fusion;
+
+pub use api::{
+    fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
+    fused_recurrent_simple_gla, retention_decay, RecurrentOptions, RecurrentOutput,
+};
+pub use fla_cubecl_kernels::gated::GateKind;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata};
+use fla_cubecl_kernels::gated::GatedProblem;
+use fla_cubecl_kernels::FloatDType;
+
+use crate::FlaError;
+
+/// The primitive inputs of one call.
+///
+/// Shapes (`N` sequences: `B`, or `len(cu_seqlens) - 1` with `B = 1`):
+/// - `q, k: [B, T, H, K]`, `v: [B, T, H, V]`, all of one float dtype;
+/// - `g`: `[B, T, H]` for [`GateKind::Scalar`], `[B, T, H, K]` for [`GateKind::Vector`], absent
+///   for [`GateKind::None`]; `gv: [B, T, H, V]`; both in the dtype of `q`, log space;
+/// - `h0: [N, H, K, V]` in `f32`.
+#[derive(Debug)]
+pub struct GatedTensors<B: Backend> {
+    pub q: FloatTensor<B>,
+    pub k: FloatTensor<B>,
+    pub v: FloatTensor<B>,
+    pub g: Option<FloatTensor<B>>,
+    pub gv: Option<FloatTensor<B>>,
+    pub h0: Option<FloatTensor<B>>,
+}
+
+impl<B: Backend> Clone for GatedTensors<B> {
+    fn clone(&self) -> Self {
+        Self {
+            q: self.q.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            g: self.g.clone(),
+            gv: self.gv.clone(),
+            h0: self.h0.clone(),
+        }
+    }
+}
+
+/// Options of one call, as the ops see them (the user-facing [`RecurrentOptions`] resolves
+/// defaults such as the scale).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatedOptions {
+    pub gate: GateKind,
+    pub scale: f32,
+    pub reverse: bool,
+    pub cu_seqlens: Option<Vec<usize>>,
+    pub output_final_state: bool,
+}
+
+/// Forward results: `o: [B, T, H, V]` in the dtype of `q`; `ht: [N, H, K, V]` in `f32`.
+#[derive(Debug)]
+pub struct GatedForward<B: Backend> {
+    pub o: FloatTensor<B>,
+    pub ht: Option<FloatTensor<B>>,
+}
+
+/// Gradients, each in the shape and dtype of its input.
+#[derive(Debug)]
+pub struct GatedGrads<B: Backend> {
+    pub dq: FloatTensor<B>,
+    pub dk: FloatTensor<B>,
+    pub dv: FloatTensor<B>,
+    pub dg: Option<FloatTensor<B>>,
+    pub dgv: Option<FloatTensor<B>>,
+    pub dh0: Option<FloatTensor<B>>,
+}
+
+/// Backend extension for the gated family's fused recurrent form.
+///
+/// The default methods compute through plain tensor ops (any backend); `CubeBackend` and
+/// `Fusion<CubeBackend>` override them with the fused kernels, and `Autodiff<B>` records the
+/// forward with its hand-derived backward.
+pub trait GatedRecurrentBackend: Backend {
+    /// Forward recurrence. Errors: [`FlaError::Shape`] for mismatched shapes or heads,
+    /// [`FlaError::DType`] for mixed or non-float dtypes, [`FlaError::CuSeqlens`],
+    /// [`FlaError::Empty`] for zero-length input, [`FlaError::UnsupportedDType`] where the device
+    /// cannot compute the dtype.
+    fn gated_recurrent_forward(
+        x: GatedTensors<Self>,
+        opts: &GatedOptions,
+    ) -> Result<GatedForward<Self>, FlaError> {
+        fallback::forward::<Self>(x, opts)
+    }
+
+    /// Gradients of a loss given `d_o = ∂L/∂o` and `d_ht = ∂L/∂hT` (absent: zero). `o` and `ht`
+    /// are the forward's outputs (`o` enters the value-gate gradient, `ht` the gate gradients
+    /// when `d_ht` is given). Same errors as the forward. Not itself differentiable.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_recurrent_backward(
+        x: GatedTensors<Self>,
+        o: FloatTensor<Self>,
+        ht: Option<FloatTensor<Self>>,
+        d_o: FloatTensor<Self>,
+        d_ht: Option<FloatTensor<Self>>,
+        opts: &GatedOptions,
+    ) -> Result<GatedGrads<Self>, FlaError> {
+        fallback::backward::<Self>(x, o, ht, d_o, d_ht, opts)
+    }
+
+    /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
+    fn gated_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
+        Ok(())
+    }
+}
+
+/// The float dtype of a Burn dtype (callers have checked that it is a float).
+pub(crate) fn float_dtype(d: DType) -> burn::tensor::FloatDType {
+    match d {
+        DType::F64 => burn::tensor::FloatDType::F64,
+        DType::F16 => burn::tensor::FloatDType::F16,
+        DType::BF16 => burn::tensor::FloatDType::BF16,
+        DType::Flex32 => burn::tensor::FloatDType::Flex32,
+        _ => burn::tensor::FloatDType::F32,
+    }
+}
+
+/// NdArray (CPU): the tensor-op implementation of the trait's default methods.
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> GatedRecurrentBackend for burn_ndarray::NdArray<E, I, Q>
+where
+    E: burn_ndarray::FloatNdArrayElement,
+    I: burn_ndarray::IntNdArrayElement,
+    Q: burn_ndarray::QuantElement,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
+    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
+{
+}
+
+fn dtype_name(d: DType) -> String {
+    format!("{d:?}")
+}
+
+/// Maps a Burn dtype to the kernels' dtypes; `f64` and `flex32` have no fused kernel.
+pub(crate) fn kernel_dtype(d: DType) -> Result<FloatDType, FlaError> {
+    match d {
+        DType::F32 => Ok(FloatDType::F32),
+        DType::F16 => Ok(FloatDType::F16),
+        DType::BF16 => Ok(FloatDType::BF16),
+        other => Err(FlaError::UnsupportedDType {
+            dtype: dtype_name(other),
+            device: "the fused kernels (f32, f16, bf16)".into(),
+        }),
+    }
+}
+
+/// Validates shapes, dtypes and options against each other and describes the call.
+pub(crate) fn describe<B: Backend>(
+    x: &GatedTensors<B>,
+    opts: &GatedOptions,
+) -> Result<GatedProblem, FlaError> {
+    let shape = |t: &FloatTensor<B>| t.shape().to_vec();
+    let (qs, ks, vs) = (shape(&x.q), shape(&x.k), shape(&x.v));
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
+        return Err(FlaError::Shape(format!(
+            "q, k, v must be [B, T, H, D]; got q {qs:?}, k {ks:?}, v {vs:?}"
+        )));
+    }
+    if qs != ks {
+        return Err(FlaError::Shape(format!("q {qs:?} and k {ks:?} differ")));
+    }
+    let [b, t, h, kd] = [qs[0], qs[1], qs[2], qs[3]];
+    if vs[..3] != qs[..3] {
+        return Err(FlaError::Shape(format!(
+            "v {vs:?} must share [B, T, H] with q {qs:?} (mismatched batch, length or heads)"
+        )));
+    }
+    let vd = vs[3];
+    let dtype = x.q.dtype();
+    if !dtype.is_float() {
+        return Err(FlaError::DType(format!("q is {dtype:?}, not a float type")));
+    }
+    for (name, t) in [
+        ("k", Some(&x.k)),
+        ("v", Some(&x.v)),
+        ("g", x.g.as_ref()),
+        ("gv", x.gv.as_ref()),
+    ] {
+        if let Some(t) = t {
+            if t.dtype() != dtype {
+                return Err(FlaError::DType(format!(
+                    "{name} is {:?} but q is {dtype:?}; inputs and gates share one dtype",
+                    t.dtype()
+                )));
+            }
+        }
+    }
+    match (opts.gate, &x.g) {
+        (GateKind::None, None) => {}
+        (GateKind::None, Some(_)) => {
+            return Err(FlaError::Shape("a gate was given to an ungated op".into()))
+        }
+        (kind, None) => return Err(FlaError::Shape(format!("{kind:?} gate missing"))),
+        (GateKind::Scalar, Some(g)) => {
+            if shape(g) != [b, t, h] {
+                return Err(FlaError::Shape(format!(
+                    "scalar gate g must be [B, T, H] = {:?}, got {:?}",
+                    [b, t, h],
+                    shape(g)
+                )));
+            }
+        }
+        (GateKind::Vector, Some(g)) => {
+            if shape(g) != [b, t, h, kd] {
+                return Err(FlaError::Shape(format!(
+                    "key gate gk must be [B, T, H, K] = {:?}, got {:?}",
+                    [b, t, h, kd],
+                    shape(g)
+                )));
+            }
+        }
+    }
+    if let Some(gv) = &x.gv {
+        if shape(gv) != vs {
+            return Err(FlaError::Shape(format!(
+                "value gate gv must be [B, T, H, V] = {vs:?}, got {:?}",
+                shape(gv)
+            )));
+        }
+    }
+    let problem = GatedProblem {
+        batch: b,
+        seq_len: t,
+        heads: h,
+        k_dim: kd,
+        v_dim: vd,
+        gate: opts.gate,
+        value_gate: x.gv.is_some(),
+        scale: opts.scale,
+        reverse: opts.reverse,
+        cu_seqlens: opts.cu_seqlens.clone(),
+        has_initial_state: x.h0.is_some(),
+        output_final_state: opts.output_final_state,
+        dtype: FloatDType::F32,
+    };
+    problem.validate()?;
+    if let Some(h0) = &x.h0 {
+        let want = [problem.num_seqs(), h, kd, vd];
+        if shape(h0) != want {
+            return Err(FlaError::Shape(format!(
+                "initial state must be [N, H, K, V] = {want:?}, got {:?}",
+                shape(h0)
+            )));
+        }
+        if h0.dtype() != DType::F32 {
+            return Err(FlaError::DType(format!(
+                "initial state is {:?}; states are f32",
+                h0.dtype()
+            )));
+        }
+    }
+    Ok(problem)
+}
+
+/// Checks a gradient arriving on `o` or `hT` against the forward's shapes.
+pub(crate) fn check_grad<B: Backend>(
+    name: &str,
+    grad: &FloatTensor<B>,
+    want: &[usize],
+) -> Result<(), FlaError> {
+    if grad.shape().as_slice() != want {
+        return Err(FlaError::Shape(format!(
+            "gradient {name} must be {want:?}, got {:?}",
+            grad.shape().to_vec()
+        )));
+    }
+    Ok(())
+}
