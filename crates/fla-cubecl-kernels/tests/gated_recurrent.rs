@@ -148,10 +148,10 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
 /// Gate gradients come from the cumulative-sum identity of MATH.md (as FLA's kernels do), a
 /// difference of sums whose terms are much larger than the result when gates are strong or K is
 /// large: f32 rounding of those terms, not a defect, sets this bound (measured up to 1.3e-4 on
-/// lavapipe, log gates scaled by 10).
+/// lavapipe here and 6e-4 in the top-level tests, log gates scaled by 10).
 fn gate_tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
     match dtype {
-        FloatDType::F32 => 3e-4,
+        FloatDType::F32 => 1e-3,
         FloatDType::F16 | FloatDType::BF16 => 2e-2,
     }
 }

@@ -1,0 +1,76 @@
+//! Helpers shared by the top-level tests: backend selection, tensors from f64 vectors and back.
+#![allow(dead_code)]
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{FloatDType, Tensor, TensorData};
+
+/// `wgpu` unless the tests were built with CUDA and `FLA_TEST_RUNTIME=cuda` (or CUDA alone).
+pub fn runtime_name() -> &'static str {
+    let wanted = std::env::var("FLA_TEST_RUNTIME").unwrap_or_default();
+    if cfg!(feature = "cuda") && (wanted == "cuda" || !cfg!(feature = "wgpu")) {
+        "cuda"
+    } else {
+        "wgpu"
+    }
+}
+
+pub fn tensor<B: Backend, const D: usize>(
+    xs: &[f64],
+    shape: [usize; D],
+    dtype: FloatDType,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let data = TensorData::new(xs.iter().map(|&x| x as f32).collect::<Vec<f32>>(), shape);
+    Tensor::<B, D>::from_data(data, device).cast(dtype)
+}
+
+pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.cast(FloatDType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("f32 data")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
+/// Fused backends as Burn users write them (`Wgpu`/`Cuda` are `Fusion<CubeBackend<..>>`), the
+/// plain `CubeBackend` beneath them, and NdArray for the tensor-op implementation.
+pub mod backends {
+    pub type NdArray = burn::backend::NdArray<f32>;
+    #[cfg(feature = "wgpu")]
+    pub type WgpuFused = burn::backend::Wgpu;
+    #[cfg(feature = "wgpu")]
+    pub type WgpuCube = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+    #[cfg(feature = "cuda")]
+    pub type CudaFused = burn::backend::Cuda;
+    #[cfg(feature = "cuda")]
+    pub type CudaCube = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+}
+
+/// Runs `$f::<Backend>(args...)` with the fused backend of the selected runtime (`fusion`: the
+/// `Wgpu`/`Cuda` aliases; `cube`: the plain `CubeBackend`).
+#[macro_export]
+macro_rules! on_gpu {
+    (fusion, $f:ident($($arg:expr),*)) => {{
+        match common::runtime_name() {
+            #[cfg(feature = "cuda")]
+            "cuda" => $f::<common::backends::CudaFused>($($arg),*),
+            #[cfg(feature = "wgpu")]
+            _ => $f::<common::backends::WgpuFused>($($arg),*),
+            #[cfg(not(feature = "wgpu"))]
+            other => panic!("runtime {other} not compiled in"),
+        }
+    }};
+    (cube, $f:ident($($arg:expr),*)) => {{
+        match common::runtime_name() {
+            #[cfg(feature = "cuda")]
+            "cuda" => $f::<common::backends::CudaCube>($($arg),*),
+            #[cfg(feature = "wgpu")]
+            _ => $f::<common::backends::WgpuCube>($($arg),*),
+            #[cfg(not(feature = "wgpu"))]
+            other => panic!("runtime {other} not compiled in"),
+        }
+    }};
+}
