@@ -244,6 +244,8 @@ macro_rules! on_runtime {
 #[case::t64(64, 64, 64)]
 #[case::t65_k_gt_v(65, 100, 60)]
 #[case::t500_k128(500, 128, 128)]
+#[case::t20_k256(20, 256, 256)]
+#[case::t7_k256_v32(7, 256, 32)]
 fn sizes(
     #[case] t: usize,
     #[case] k: usize,
