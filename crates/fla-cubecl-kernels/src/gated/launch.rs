@@ -4,10 +4,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::recurrent_bwd::{
-    gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel, row_sum_kernel,
-    value_term_kernel, GateAxis,
+    final_state_sums_kernel, gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel,
+    row_sum_kernel, value_term_kernel, GateAxis,
 };
-use super::recurrent_fwd::{recurrent_fwd_kernel, RecurrentLayout};
+use super::recurrent_fwd::{recurrent_fwd_kernel, stage_len, RecurrentLayout};
 use super::{GateKind, GatedProblem};
 use crate::KernelError;
 
@@ -76,7 +76,9 @@ fn tiles<R: Runtime>(
             .min(p.k_dim.next_power_of_two())
             .max(1);
         let rows = p.k_dim.div_ceil(k_split);
-        let smem = 4 * block_v * k_split * (2 + if smem_rows { rows } else { 0 });
+        // Reduction buffers, plus two staging buffers of `stage_len(K)`.
+        let smem = 4
+            * (block_v * k_split * (2 + if smem_rows { rows } else { 0 }) + 2 * stage_len(p.k_dim));
         if smem <= max_smem {
             return Ok((block_v, k_split));
         }
@@ -269,11 +271,28 @@ pub fn recurrent_backward<R: Runtime>(
     );
 
     // The final-state term of the identity needs hT whenever a gradient arrives on it.
-    let ht = if has_dht {
-        need(b.ht, "ht (with d_ht)")?
-    } else {
-        &dummy
-    };
+    let nh = p.num_seqs() * p.heads;
+    let (rows, cols) = (
+        client.empty(4 * nh * p.k_dim),
+        client.empty(4 * nh * p.v_dim),
+    );
+    if has_dht && (p.gate != GateKind::None || p.value_gate) {
+        let ht = need(b.ht, "ht (with d_ht)")?;
+        let width = p.k_dim.max(p.v_dim);
+        final_state_sums_kernel::launch::<R>(
+            client,
+            elementwise_grid(nh * width),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(ht, p.state_len()),
+            array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+            array(&rows, nh * p.k_dim),
+            array(&cols, nh * p.v_dim),
+            (nh * width) as u32,
+            width as u32,
+            p.k_dim as u32,
+            p.v_dim as u32,
+        );
+    }
     let cumsum = |term: &Handle, term_len: usize, dg: &Handle, dg_len: usize, axis, width| {
         let units = p.num_seqs() * p.heads * width;
         gate_cumsum_kernel::launch::<R>(
@@ -281,14 +300,13 @@ pub fn recurrent_backward<R: Runtime>(
             elementwise_grid(units),
             CubeDim::new_1d(ELEMWISE_THREADS),
             array(term, term_len),
-            array(ht, p.state_len()),
-            array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+            array(&rows, nh * p.k_dim),
+            array(&cols, nh * p.v_dim),
             array(&cu, cu_len),
             array(dg, dg_len),
             p.seq_len as u32,
             units as u32,
             p.k_dim as u32,
-            p.v_dim as u32,
             c,
             axis,
             has_dht,

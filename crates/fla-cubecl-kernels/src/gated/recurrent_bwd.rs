@@ -8,7 +8,10 @@
 
 use cubecl::prelude::*;
 
-use super::recurrent_fwd::{key_decay, seq_length, seq_start, token_at, RecurrentLayout};
+use super::recurrent_fwd::{
+    column_load, seq_length, seq_start, stage_len, stage_load, stage_slots, stage_store,
+    staged_decay, token_at, RecurrentLayout,
+};
 
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -52,6 +55,12 @@ pub fn recurrent_bwd_kernel<F: Float>(
     let mut red_k = SharedMemory::<f32>::new(c.rows * c.k_split * c.block_v);
     let mut red_v = SharedMemory::<f32>::new(c.k_split * c.block_v);
     let mut state = Array::<f32>::new(c.rows);
+    // Staged key-side inputs, double-buffered and loaded a step ahead as in the forward.
+    let sl = comptime!(stage_len(c.k));
+    let mut stage = SharedMemory::<f32>::new(comptime!(2 * stage_len(c.k)));
+    let mut regs = Array::<f32>::new(comptime!(3 * stage_slots(&c) + 1));
+    let mut cur = Array::<f32>::new(3usize);
+    let mut next = Array::<f32>::new(3usize);
 
     // Pass 1: replay the forward; dq_t reduces do_t ∘ S_t over this block's value columns.
     #[unroll]
@@ -65,33 +74,41 @@ pub fn recurrent_bwd_kernel<F: Float>(
         }
         state[r] = s;
     }
+    if len > 0 {
+        let tok = token_at(bos, len, 0, c.reverse);
+        stage_load::<F>(q, k, g, &mut regs, tok, h, unit, c);
+        stage_store(&regs, &mut stage, 0, unit, c);
+        column_load::<F>(v, gv, d_o, &mut next, tok, h, col, c);
+    }
+    sync_cube();
     for step in 0..len {
         let tok = token_at(bos, len, step, c.reverse);
         let qk_base = (tok * c.heads + h) * c.k;
-        let v_idx = (tok * c.heads + h) * c.v + col;
-        let mut vj = 0.0f32;
-        let mut bj = 1.0f32;
-        let mut doj = 0.0f32;
-        if col_ok {
-            vj = f32::cast_from(v[v_idx]);
-            doj = f32::cast_from(d_o[v_idx]);
-            if c.value_gate {
-                bj = f32::cast_from(gv[v_idx]).exp();
-            }
+        cur[0] = next[0];
+        cur[1] = next[1];
+        cur[2] = next[2];
+        let more = step + 1 < len;
+        if more {
+            let nt = token_at(bos, len, step + 1, c.reverse);
+            stage_load::<F>(q, k, g, &mut regs, nt, h, unit, c);
+            column_load::<F>(v, gv, d_o, &mut next, nt, h, col, c);
         }
-        let mut a_scalar = 1.0f32;
-        if c.scalar_gate {
-            a_scalar = f32::cast_from(g[tok * c.heads + h]).exp();
-        }
+        let base = (step % 2) * sl;
+        let vj = cur[0];
+        let bj = cur[1];
+        let doj = cur[2];
         #[unroll]
         for r in 0..c.rows {
             let i = tk + r * c.k_split;
             if i < c.k {
-                let a = key_decay::<F>(g, qk_base, i, a_scalar, c.vector_gate);
-                let s = a * state[r] * bj + f32::cast_from(k[qk_base + i]) * vj;
+                let a = staged_decay(&stage, base, i, c);
+                let s = a * state[r] * bj + stage[base + c.k + i] * vj;
                 state[r] = s;
                 red_k[i * c.block_v + tv] = doj * s;
             }
+        }
+        if more {
+            stage_store(&regs, &mut stage, ((step + 1) % 2) * sl, unit, c);
         }
         sync_cube();
         let mut i = unit;
@@ -119,38 +136,46 @@ pub fn recurrent_bwd_kernel<F: Float>(
         }
         state[r] = s;
     }
+    if len > 0 {
+        let tok = token_at(bos, len, 0, !c.reverse);
+        stage_load::<F>(q, k, g, &mut regs, tok, h, unit, c);
+        stage_store(&regs, &mut stage, 0, unit, c);
+        column_load::<F>(v, gv, d_o, &mut next, tok, h, col, c);
+    }
+    sync_cube();
     for step in 0..len {
         let tok = token_at(bos, len, step, !c.reverse);
         let qk_base = (tok * c.heads + h) * c.k;
-        let v_idx = (tok * c.heads + h) * c.v + col;
-        let mut vj = 0.0f32;
-        let mut bj = 1.0f32;
-        let mut doj = 0.0f32;
-        if col_ok {
-            vj = f32::cast_from(v[v_idx]);
-            doj = f32::cast_from(d_o[v_idx]) * scale;
-            if c.value_gate {
-                bj = f32::cast_from(gv[v_idx]).exp();
-            }
+        cur[0] = next[0];
+        cur[1] = next[1];
+        cur[2] = next[2];
+        let more = step + 1 < len;
+        if more {
+            let nt = token_at(bos, len, step + 1, !c.reverse);
+            stage_load::<F>(q, k, g, &mut regs, nt, h, unit, c);
+            column_load::<F>(v, gv, d_o, &mut next, nt, h, col, c);
         }
-        let mut a_scalar = 1.0f32;
-        if c.scalar_gate {
-            a_scalar = f32::cast_from(g[tok * c.heads + h]).exp();
-        }
+        let base = (step % 2) * sl;
+        let vj = cur[0];
+        let bj = cur[1];
+        let doj = cur[2] * scale;
         let mut partial_v = 0.0f32;
         #[unroll]
         for r in 0..c.rows {
             let i = tk + r * c.k_split;
             if i < c.k {
-                let gs = state[r] + f32::cast_from(q[qk_base + i]) * doj;
+                let gs = state[r] + stage[base + i] * doj;
                 red_k[i * c.block_v + tv] = vj * gs;
-                partial_v += f32::cast_from(k[qk_base + i]) * gs;
-                let a = key_decay::<F>(g, qk_base, i, a_scalar, c.vector_gate);
+                partial_v += stage[base + c.k + i] * gs;
+                let a = staged_decay(&stage, base, i, c);
                 // What reaches S_{t-1}: diag(a_t) G_t diag(b_t).
                 state[r] = gs * a * bj;
             }
         }
         red_v[unit] = partial_v;
+        if more {
+            stage_store(&regs, &mut stage, ((step + 1) % 2) * sl, unit, c);
+        }
         sync_cube();
         let mut i = unit;
         while i < c.k {
@@ -168,7 +193,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
             for s in 0..c.k_split {
                 acc += red_v[s * c.block_v + tv];
             }
-            dv[v_idx] = F::cast_from(acc);
+            dv[(tok * c.heads + h) * c.v + col] = F::cast_from(acc);
         }
         sync_cube();
     }
@@ -258,6 +283,44 @@ pub fn row_sum_kernel(x: &Array<f32>, out: &mut Array<f32>, rows: u32, width: u3
     }
 }
 
+/// Row and column sums of `dhT ∘ hT`: one unit per (sequence·head, index), `rows: [N·H, K]`,
+/// `cols: [N·H, V]`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn final_state_sums_kernel(
+    ht: &Array<f32>,
+    d_ht: &Array<f32>,
+    rows: &mut Array<f32>,
+    cols: &mut Array<f32>,
+    units: u32,
+    width: u32,
+    k_dim: u32,
+    v_dim: u32,
+) {
+    let u = linear_unit();
+    if u < units as usize {
+        let w = width as usize;
+        let (kd, vd) = (k_dim as usize, v_dim as usize);
+        let x = u % w;
+        let nh = u / w;
+        let base = nh * kd * vd;
+        if x < kd {
+            let mut acc = 0.0f32;
+            for j in 0..vd {
+                acc += d_ht[base + x * vd + j] * ht[base + x * vd + j];
+            }
+            rows[nh * kd + x] = acc;
+        }
+        if x < vd {
+            let mut acc = 0.0f32;
+            for i in 0..kd {
+                acc += d_ht[base + i * vd + x] * ht[base + i * vd + x];
+            }
+            cols[nh * vd + x] = acc;
+        }
+    }
+}
+
 /// Which gate a [`gate_cumsum_kernel`] launch differentiates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GateAxis {
@@ -276,14 +339,13 @@ pub enum GateAxis {
 #[allow(clippy::too_many_arguments)]
 pub fn gate_cumsum_kernel<F: Float>(
     term: &Array<f32>,
-    ht: &Array<f32>,
-    d_ht: &Array<f32>,
+    rows: &Array<f32>,
+    cols: &Array<f32>,
     cu_seqlens: &Array<u32>,
     dg: &mut Array<F>,
     seq_len: u32,
     units: u32,
     k_dim: u32,
-    v_dim: u32,
     #[comptime] c: RecurrentLayout,
     #[comptime] axis: GateAxis,
     #[comptime] has_dht: bool,
@@ -302,33 +364,24 @@ pub fn gate_cumsum_kernel<F: Float>(
         let h = nh % c.heads;
         let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
         let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
-        let state_base = nh * c.k * c.v;
 
-        // One unit walks the whole sequence: keep its loops short, since lavapipe stops a shader
-        // invocation after about 65536 loop iterations (seen here: outputs left unwritten).
+        // The final-state term, `Σ dhT ∘ hT` over the other axis, comes precomputed per row and
+        // column ([`final_state_sums_kernel`]): one unit walks the whole sequence, and lavapipe
+        // stops a shader invocation after about 65536 loop iterations (seen here: outputs left
+        // unwritten), so its loops stay short.
         let kd = k_dim as usize;
-        let vd = v_dim as usize;
         let mut acc = 0.0f32;
         if has_dht {
             match comptime!(axis) {
                 GateAxis::Key => {
-                    for j in 0..vd {
-                        let s = state_base + col * c.v + j;
-                        acc += d_ht[s] * ht[s];
-                    }
+                    acc = rows[nh * c.k + col];
                 }
                 GateAxis::Value => {
-                    for i in 0..kd {
-                        let s = state_base + i * c.v + col;
-                        acc += d_ht[s] * ht[s];
-                    }
+                    acc = cols[nh * c.v + col];
                 }
                 GateAxis::Scalar => {
                     for i in 0..kd {
-                        for j in 0..vd {
-                            let s = state_base + i * c.v + j;
-                            acc += d_ht[s] * ht[s];
-                        }
+                        acc += rows[nh * c.k + i];
                     }
                 }
             }

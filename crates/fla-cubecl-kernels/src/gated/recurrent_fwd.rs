@@ -67,20 +67,127 @@ pub fn token_at(bos: usize, len: usize, step: usize, #[comptime] backwards: bool
     tok
 }
 
-/// Key-side decay `exp(g)` of row `i` at a token; `a_scalar` is the token's scalar-gate factor.
+/// Length of one staging buffer: `q_t`, `k_t` and the key decay `exp(gk_t)` (K each), then the
+/// scalar decay `exp(g_t)`.
+pub fn stage_len(k: usize) -> usize {
+    3 * k + 1
+}
+
+/// Per-thread registers that carry one step's staged values from global memory to shared memory.
+pub fn stage_slots(c: &RecurrentLayout) -> usize {
+    c.k.div_ceil(c.block_v * c.k_split)
+}
+
+/// Loads the key-side vectors of token `tok` into registers, spread over the cube's units.
+/// Loading a step ahead and storing after the step's arithmetic hides the load latency, and each
+/// value (and each `exp`) is computed once per cube instead of once per value column.
 #[cube]
-pub fn key_decay<F: Float>(
+#[allow(clippy::too_many_arguments)]
+pub fn stage_load<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
     g: &Array<F>,
-    qk_base: usize,
+    regs: &mut Array<f32>,
+    tok: usize,
+    h: usize,
+    unit: usize,
+    #[comptime] c: RecurrentLayout,
+) {
+    let threads = c.block_v * c.k_split;
+    let slots = comptime!(stage_slots(&c));
+    let qk_base = (tok * c.heads + h) * c.k;
+    #[unroll]
+    for s in 0..slots {
+        let e = unit + s * threads;
+        if e < c.k {
+            regs[3 * s] = f32::cast_from(q[qk_base + e]);
+            regs[3 * s + 1] = f32::cast_from(k[qk_base + e]);
+            let mut a = 1.0f32;
+            if c.vector_gate {
+                a = f32::cast_from(g[qk_base + e]).exp();
+            }
+            regs[3 * s + 2] = a;
+        }
+    }
+    if c.scalar_gate {
+        if unit == 0 {
+            regs[3 * slots] = f32::cast_from(g[tok * c.heads + h]).exp();
+        }
+    }
+}
+
+/// Stores what [`stage_load`] loaded into the staging buffer starting at `base`.
+#[cube]
+pub fn stage_store(
+    regs: &Array<f32>,
+    stage: &mut SharedMemory<f32>,
+    base: usize,
+    unit: usize,
+    #[comptime] c: RecurrentLayout,
+) {
+    let threads = c.block_v * c.k_split;
+    let slots = comptime!(stage_slots(&c));
+    #[unroll]
+    for s in 0..slots {
+        let e = unit + s * threads;
+        if e < c.k {
+            stage[base + e] = regs[3 * s];
+            stage[base + c.k + e] = regs[3 * s + 1];
+            stage[base + 2 * c.k + e] = regs[3 * s + 2];
+        }
+    }
+    if c.scalar_gate {
+        if unit == 0 {
+            stage[base + 3 * c.k] = regs[3 * slots];
+        }
+    }
+}
+
+/// Decay of key row `i` from a staging buffer.
+#[cube]
+pub fn staged_decay(
+    stage: &SharedMemory<f32>,
+    base: usize,
     i: usize,
-    a_scalar: f32,
-    #[comptime] vector_gate: bool,
+    #[comptime] c: RecurrentLayout,
 ) -> f32 {
-    let mut a = a_scalar;
-    if vector_gate {
-        a = f32::cast_from(g[qk_base + i]).exp();
+    let mut a = 1.0f32;
+    if c.vector_gate {
+        a = stage[base + 2 * c.k + i];
+    }
+    if c.scalar_gate {
+        a = stage[base + 3 * c.k];
     }
     a
+}
+
+/// Value-side inputs of one token for this unit's column: `(v, exp(gv))` packed in a 2-array.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn column_load<F: Float>(
+    v: &Array<F>,
+    gv: &Array<F>,
+    extra: &Array<F>,
+    out: &mut Array<f32>,
+    tok: usize,
+    h: usize,
+    col: usize,
+    #[comptime] c: RecurrentLayout,
+) {
+    let mut vj = 0.0f32;
+    let mut bj = 1.0f32;
+    let mut xj = 0.0f32;
+    if col < c.v {
+        let idx = (tok * c.heads + h) * c.v + col;
+        vj = f32::cast_from(v[idx]);
+        xj = f32::cast_from(extra[idx]);
+        if c.value_gate {
+            bj = f32::cast_from(gv[idx]).exp();
+        }
+    }
+    out[0] = vj;
+    out[1] = bj;
+    out[2] = xj;
 }
 
 #[cube(launch)]
@@ -124,37 +231,50 @@ pub fn recurrent_fwd_kernel<F: Float>(
         state[r] = s;
     }
 
+    let unit = tk * c.block_v + tv;
     let half = c.k_split * c.block_v;
+    let sl = comptime!(stage_len(c.k));
     let mut red = SharedMemory::<f32>::new(2 * c.k_split * c.block_v);
+    let mut stage = SharedMemory::<f32>::new(comptime!(2 * stage_len(c.k)));
+    let mut regs = Array::<f32>::new(comptime!(3 * stage_slots(&c) + 1));
+    let mut cur = Array::<f32>::new(3usize);
+    let mut next = Array::<f32>::new(3usize);
+    if len > 0 {
+        let tok = token_at(bos, len, 0, c.reverse);
+        stage_load::<F>(q, k, g, &mut regs, tok, h, unit, c);
+        stage_store(&regs, &mut stage, 0, unit, c);
+        column_load::<F>(v, gv, v, &mut next, tok, h, col, c);
+    }
+    sync_cube();
     for step in 0..len {
         let tok = token_at(bos, len, step, c.reverse);
-        let qk_base = (tok * c.heads + h) * c.k;
-        let v_idx = (tok * c.heads + h) * c.v + col;
-        let mut vj = 0.0f32;
-        let mut bj = 1.0f32;
-        if col_ok {
-            vj = f32::cast_from(v[v_idx]);
-            if c.value_gate {
-                bj = f32::cast_from(gv[v_idx]).exp();
-            }
+        cur[0] = next[0];
+        cur[1] = next[1];
+        let more = step + 1 < len;
+        if more {
+            let nt = token_at(bos, len, step + 1, c.reverse);
+            stage_load::<F>(q, k, g, &mut regs, nt, h, unit, c);
+            column_load::<F>(v, gv, v, &mut next, nt, h, col, c);
         }
-        let mut a_scalar = 1.0f32;
-        if c.scalar_gate {
-            a_scalar = f32::cast_from(g[tok * c.heads + h]).exp();
-        }
+        let base = (step % 2) * sl;
+        let vj = cur[0];
+        let bj = cur[1];
         let mut partial = 0.0f32;
         #[unroll]
         for r in 0..c.rows {
             let i = tk + r * c.k_split;
             if i < c.k {
-                let a = key_decay::<F>(g, qk_base, i, a_scalar, c.vector_gate);
-                let s = a * state[r] * bj + f32::cast_from(k[qk_base + i]) * vj;
+                let a = staged_decay(&stage, base, i, c);
+                let s = a * state[r] * bj + stage[base + c.k + i] * vj;
                 state[r] = s;
-                partial += f32::cast_from(q[qk_base + i]) * s;
+                partial += stage[base + i] * s;
             }
         }
         let buf = (step % 2) * half;
         red[buf + tk * c.block_v + tv] = partial;
+        if more {
+            stage_store(&regs, &mut stage, ((step + 1) % 2) * sl, unit, c);
+        }
         sync_cube();
         if tk == 0 && col_ok {
             let mut acc = 0.0f32;
@@ -162,7 +282,7 @@ pub fn recurrent_fwd_kernel<F: Float>(
             for s in 0..c.k_split {
                 acc += red[buf + s * c.block_v + tv];
             }
-            o[v_idx] = F::cast_from(acc * scale);
+            o[(tok * c.heads + h) * c.v + col] = F::cast_from(acc * scale);
         }
     }
 
