@@ -76,9 +76,13 @@ fn tiles<R: Runtime>(
             .min(p.k_dim.next_power_of_two())
             .max(1);
         let rows = p.k_dim.div_ceil(k_split);
-        // Reduction buffers, plus two staging buffers of `stage_len(K)`.
-        let smem = 4
-            * (block_v * k_split * (2 + if smem_rows { rows } else { 0 }) + 2 * stage_len(p.k_dim));
+        // Reduction buffers (the key-row one padded a column), two staging buffers.
+        let reduce_rows = if smem_rows {
+            rows * k_split * (block_v + 1)
+        } else {
+            0
+        };
+        let smem = 4 * (2 * block_v * k_split + reduce_rows + 2 * stage_len(p.k_dim));
         if smem <= max_smem {
             return Ok((block_v, k_split));
         }

@@ -52,7 +52,9 @@ pub fn recurrent_bwd_kernel<F: Float>(
     // Rows of one value block's partial: [NV, tokens, H, K].
     let part_base = vb * tokens as usize * c.heads * c.k;
 
-    let mut red_k = SharedMemory::<f32>::new(c.rows * c.k_split * c.block_v);
+    // Rows padded by one column: the reduction reads a row per unit, and an unpadded stride of
+    // 32 floats would put a warp's 32 reads in one shared-memory bank.
+    let mut red_k = SharedMemory::<f32>::new(c.rows * c.k_split * (c.block_v + 1));
     let mut red_v = SharedMemory::<f32>::new(c.k_split * c.block_v);
     let mut state = Array::<f32>::new(c.rows);
     // Staged key-side inputs, double-buffered and loaded a step ahead as in the forward.
@@ -104,7 +106,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
                 let a = staged_decay(&stage, base, i, c);
                 let s = a * state[r] * bj + stage[base + c.k + i] * vj;
                 state[r] = s;
-                red_k[i * c.block_v + tv] = doj * s;
+                red_k[i * (c.block_v + 1) + tv] = doj * s;
             }
         }
         if more {
@@ -116,7 +118,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
             let mut acc = 0.0f32;
             #[unroll]
             for j in 0..c.block_v {
-                acc += red_k[i * c.block_v + j];
+                acc += red_k[i * (c.block_v + 1) + j];
             }
             dq_part[part_base + qk_base + i] = acc * scale;
             i += threads;
@@ -165,7 +167,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
             let i = tk + r * c.k_split;
             if i < c.k {
                 let gs = state[r] + stage[base + i] * doj;
-                red_k[i * c.block_v + tv] = vj * gs;
+                red_k[i * (c.block_v + 1) + tv] = vj * gs;
                 partial_v += stage[base + c.k + i] * gs;
                 let a = staged_decay(&stage, base, i, c);
                 // What reaches S_{t-1}: diag(a_t) G_t diag(b_t).
@@ -182,7 +184,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
             let mut acc = 0.0f32;
             #[unroll]
             for j in 0..c.block_v {
-                acc += red_k[i * c.block_v + j];
+                acc += red_k[i * (c.block_v + 1) + j];
             }
             dk_part[part_base + qk_base + i] = acc;
             i += threads;
