@@ -149,7 +149,7 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
 /// difference of sums whose terms are much larger than the result when gates are strong or K is
 /// large: f32 rounding of those terms, not a defect, sets this bound (measured up to 1.3e-4 on
 /// lavapipe here and 6e-4 in the top-level tests, log gates scaled by 10).
-fn gate_tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
+fn gate_tolerance(dtype: FloatDType) -> f64 {
     match dtype {
         FloatDType::F32 => 1e-3,
         FloatDType::F16 | FloatDType::BF16 => 2e-2,
@@ -157,7 +157,7 @@ fn gate_tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
 }
 
 /// Relative-RMSE bound per dtype, against the f64 recurrence on the same (rounded) inputs.
-fn tolerance<R: Runtime>(dtype: FloatDType) -> f64 {
+fn tolerance(dtype: FloatDType) -> f64 {
     match dtype {
         // CUDA's fast exp and fused multiply-adds differ from the f64 path more than lavapipe's.
         FloatDType::F32 if runtime_name() == "cuda" => 1e-4,
@@ -189,8 +189,8 @@ fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
 fn compare<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
     let out = run_kernels(client, c).expect("kernels launch");
     let (fwd, grads) = c.reference();
-    let tol = tolerance::<R>(c.p.dtype);
-    let gate_tol = gate_tolerance::<R>(c.p.dtype);
+    let tol = tolerance(c.p.dtype);
+    let gate_tol = gate_tolerance(c.p.dtype);
     check("o", &out.o, &fwd.o, tol);
     if let Some(ht) = &out.ht {
         check("ht", ht, &fwd.ht, tol);

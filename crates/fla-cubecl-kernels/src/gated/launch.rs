@@ -53,7 +53,7 @@ pub struct BackwardBuffers<'a> {
 const CUBE_THREADS: usize = 256;
 const ELEMWISE_THREADS: u32 = 256;
 
-fn array<'a, R: Runtime>(h: &'a Handle, len: usize) -> ArrayArg<R> {
+fn array<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
     unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
 }
 
