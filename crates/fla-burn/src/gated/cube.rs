@@ -10,7 +10,7 @@ use fla_cubecl_kernels::gated::{
 };
 
 use super::{
-    check_grad, describe, kernel_dtype, GatedForward, GatedGrads, GatedOptions,
+    describe, describe_backward, kernel_dtype, GatedForward, GatedGrads, GatedOptions,
     GatedRecurrentBackend, GatedTensors,
 };
 use crate::FlaError;
@@ -37,13 +37,13 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: Vec<usize>, dtype: DType) -
     )
 }
 
-fn problem<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    x: &GatedTensors<CubeBackend<R, F, I, BT>>,
-    opts: &GatedOptions,
+/// Fills in the kernels' dtype of a validated problem and checks the device computes it.
+fn on_device<R: CubeRuntime>(
+    mut p: GatedProblem,
+    q: &CubeTensor<R>,
 ) -> Result<GatedProblem, FlaError> {
-    let mut p = describe(x, opts)?;
-    p.dtype = kernel_dtype(x.q.dtype())?;
-    p.dtype.check_supported(&x.q.client)?;
+    p.dtype = kernel_dtype(q.dtype())?;
+    p.dtype.check_supported(&q.client)?;
     Ok(p)
 }
 
@@ -58,7 +58,7 @@ where
         x: GatedTensors<Self>,
         opts: &GatedOptions,
     ) -> Result<GatedForward<Self>, FlaError> {
-        let p = problem(&x, opts)?;
+        let p = on_device(describe(&x, opts)?, &x.q)?;
         let dtype = x.q.dtype();
         let [q, k, v, g, gv, h0] = contiguous(x);
         let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
@@ -90,32 +90,9 @@ where
         d_ht: Option<CubeTensor<R>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
-        let p = problem(&x, opts)?;
+        let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
+        let p = on_device(p, &x.q)?;
         let dtype = x.q.dtype();
-        let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
-        let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
-        check_grad::<Self>("do", &d_o, &o_shape)?;
-        check_grad::<Self>("o", &o, &o_shape)?;
-        if d_o.dtype() != dtype {
-            return Err(FlaError::DType(format!(
-                "gradient do is {:?} but q is {dtype:?}",
-                d_o.dtype()
-            )));
-        }
-        if let Some(d) = &d_ht {
-            check_grad::<Self>("dhT", d, &s_shape)?;
-            if d.dtype() != DType::F32 {
-                return Err(FlaError::DType("gradient dhT must be f32".into()));
-            }
-            match &ht {
-                Some(h) => check_grad::<Self>("hT", h, &s_shape)?,
-                None => {
-                    return Err(FlaError::Shape(
-                        "a gradient on hT needs the forward's hT".into(),
-                    ))
-                }
-            }
-        }
         let [q, k, v, g, gv, h0] = contiguous(x);
         let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
         let (o, d_o) = (into_contiguous(o), into_contiguous(d_o));

@@ -8,7 +8,7 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 use fla_cubecl_kernels::gated::{GateKind, GatedProblem};
 
 use super::{
-    check_grad, describe, float_dtype, GatedForward, GatedGrads, GatedOptions, GatedTensors,
+    describe, describe_backward, float_dtype, GatedForward, GatedGrads, GatedOptions, GatedTensors,
 };
 use crate::FlaError;
 
@@ -195,18 +195,7 @@ pub fn backward<B: Backend>(
     d_ht: Option<FloatTensor<B>>,
     opts: &GatedOptions,
 ) -> Result<GatedGrads<B>, FlaError> {
-    let p = describe(&x, opts)?;
-    let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
-    let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
-    check_grad::<B>("do", &d_o, &o_shape)?;
-    if let Some(d) = &d_ht {
-        check_grad::<B>("dhT", d, &s_shape)?;
-        if ht.is_none() {
-            return Err(FlaError::Shape(
-                "a gradient on hT needs the forward's hT".into(),
-            ));
-        }
-    }
+    let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
     let dtype = x.q.dtype();
     let device = B::float_device(&x.q);
     let scalar_gate = p.gate == GateKind::Scalar;

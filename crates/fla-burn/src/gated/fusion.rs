@@ -9,7 +9,7 @@ use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use super::{
-    check_grad, describe, GatedForward, GatedGrads, GatedOptions, GatedRecurrentBackend,
+    describe, describe_backward, GatedForward, GatedGrads, GatedOptions, GatedRecurrentBackend,
     GatedTensors,
 };
 use crate::FlaError;
@@ -173,23 +173,12 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
         d_ht: Option<FusionTensor<B::FusionRuntime>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
-        let p = describe(&x, opts)?;
+        describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
         let dtype = x.q.dtype();
         B::gated_check_dtype(
             &<Self as burn::tensor::ops::FloatTensorOps<Self>>::float_device(&x.q),
             dtype,
         )?;
-        let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
-        let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
-        check_grad::<Self>("do", &d_o, &o_shape)?;
-        if let Some(d) = &d_ht {
-            check_grad::<Self>("dhT", d, &s_shape)?;
-            if ht.is_none() {
-                return Err(FlaError::Shape(
-                    "a gradient on hT needs the forward's hT".into(),
-                ));
-            }
-        }
         let client = x.q.client.clone();
         let (mut inputs, present) = listed(&x);
         let has_ht = ht.is_some();

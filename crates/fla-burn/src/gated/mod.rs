@@ -269,17 +269,47 @@ pub(crate) fn describe<B: Backend>(
     Ok(problem)
 }
 
-/// Checks a gradient arriving on `o` or `hT` against the forward's shapes.
-pub(crate) fn check_grad<B: Backend>(
-    name: &str,
-    grad: &FloatTensor<B>,
-    want: &[usize],
-) -> Result<(), FlaError> {
-    if grad.shape().as_slice() != want {
-        return Err(FlaError::Shape(format!(
-            "gradient {name} must be {want:?}, got {:?}",
-            grad.shape().to_vec()
-        )));
+/// Validates a backward call: the forward's inputs (as [`describe`]), then `o`, `do`, `hT` and
+/// `dhT` against them (`do` in the inputs' dtype, `dhT` in f32, `hT` present with `dhT`).
+pub(crate) fn describe_backward<B: Backend>(
+    x: &GatedTensors<B>,
+    o: &FloatTensor<B>,
+    ht: Option<&FloatTensor<B>>,
+    d_o: &FloatTensor<B>,
+    d_ht: Option<&FloatTensor<B>>,
+    opts: &GatedOptions,
+) -> Result<GatedProblem, FlaError> {
+    let p = describe(x, opts)?;
+    let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
+    let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
+    let check = |name: &str, t: &FloatTensor<B>, want: &[usize], dtype: DType| {
+        if t.shape().as_slice() != want {
+            return Err(FlaError::Shape(format!(
+                "{name} must be {want:?}, got {:?}",
+                t.shape().to_vec()
+            )));
+        }
+        if t.dtype() != dtype {
+            return Err(FlaError::DType(format!(
+                "{name} is {:?}, expected {dtype:?}",
+                t.dtype()
+            )));
+        }
+        Ok(())
+    };
+    let dtype = x.q.dtype();
+    check("o", o, &o_shape, dtype)?;
+    check("gradient do", d_o, &o_shape, dtype)?;
+    if let Some(d) = d_ht {
+        check("gradient dhT", d, &s_shape, DType::F32)?;
+        match ht {
+            Some(h) => check("hT", h, &s_shape, DType::F32)?,
+            None => {
+                return Err(FlaError::Shape(
+                    "a gradient on hT needs the forward's hT".into(),
+                ))
+            }
+        }
     }
-    Ok(())
+    Ok(p)
 }

@@ -13,8 +13,8 @@
 use cubecl::prelude::*;
 
 use super::recurrent_fwd::{
-    column_load, seq_length, seq_start, stage_len, stage_load, stage_slots, stage_store,
-    staged_decay, token_at, RecurrentLayout,
+    column_load, read_state, seq_length, seq_start, stage_len, stage_load, stage_slots,
+    stage_store, staged_decay, token_at, write_state, RecurrentLayout,
 };
 
 #[cube(launch)]
@@ -69,17 +69,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
     let mut next = Array::<f32>::new(3usize);
 
     // Pass 1: replay the forward; dq_t reduces do_t ∘ S_t over this block's value columns.
-    #[unroll]
-    for r in 0..c.rows {
-        let i = tk + r * c.k_split;
-        let mut s = 0.0f32;
-        if c.has_h0 {
-            if i < c.k && col_ok {
-                s = h0[state_base + i * c.v + col];
-            }
-        }
-        state[r] = s;
-    }
+    read_state(h0, &mut state, state_base, tk, col, c.has_h0, c);
     if len > 0 {
         let tok = token_at(bos, len, 0, c.reverse);
         stage_load::<F>(q, k, g, &mut regs, tok, h, unit, c);
@@ -131,17 +121,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
     }
 
     // Pass 2: G backwards in time; G starts at dhT.
-    #[unroll]
-    for r in 0..c.rows {
-        let i = tk + r * c.k_split;
-        let mut s = 0.0f32;
-        if has_dht {
-            if i < c.k && col_ok {
-                s = d_ht[state_base + i * c.v + col];
-            }
-        }
-        state[r] = s;
-    }
+    read_state(d_ht, &mut state, state_base, tk, col, has_dht, c);
     if len > 0 {
         let tok = token_at(bos, len, 0, !c.reverse);
         stage_load::<F>(q, k, g, &mut regs, tok, h, unit, c);
@@ -205,13 +185,7 @@ pub fn recurrent_bwd_kernel<F: Float>(
     }
 
     if c.has_h0 {
-        #[unroll]
-        for r in 0..c.rows {
-            let i = tk + r * c.k_split;
-            if i < c.k && col_ok {
-                dh0[state_base + i * c.v + col] = state[r];
-            }
-        }
+        write_state(dh0, &state, state_base, tk, col, c);
     }
 }
 

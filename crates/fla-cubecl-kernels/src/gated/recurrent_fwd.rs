@@ -194,6 +194,51 @@ pub fn column_load<F: Float>(
     out[2] = xj;
 }
 
+/// Loads this unit's rows of a state `[N, H, K, V]` starting at `base` into registers, or zeros
+/// when the state is absent.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn read_state(
+    src: &Array<f32>,
+    state: &mut Array<f32>,
+    base: usize,
+    tk: usize,
+    col: usize,
+    #[comptime] present: bool,
+    #[comptime] c: RecurrentLayout,
+) {
+    #[unroll]
+    for r in 0..c.rows {
+        let i = tk + r * c.k_split;
+        let mut s = 0.0f32;
+        if present {
+            if i < c.k && col < c.v {
+                s = src[base + i * c.v + col];
+            }
+        }
+        state[r] = s;
+    }
+}
+
+/// Stores this unit's rows of a state, the inverse of [`read_state`].
+#[cube]
+pub fn write_state(
+    dst: &mut Array<f32>,
+    state: &Array<f32>,
+    base: usize,
+    tk: usize,
+    col: usize,
+    #[comptime] c: RecurrentLayout,
+) {
+    #[unroll]
+    for r in 0..c.rows {
+        let i = tk + r * c.k_split;
+        if i < c.k && col < c.v {
+            dst[base + i * c.v + col] = state[r];
+        }
+    }
+}
+
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn recurrent_fwd_kernel<F: Float>(
@@ -223,17 +268,7 @@ pub fn recurrent_fwd_kernel<F: Float>(
     let state_base = nh * c.k * c.v;
 
     let mut state = Array::<f32>::new(c.rows);
-    #[unroll]
-    for r in 0..c.rows {
-        let i = tk + r * c.k_split;
-        let mut s = 0.0f32;
-        if c.has_h0 {
-            if i < c.k && col_ok {
-                s = h0[state_base + i * c.v + col];
-            }
-        }
-        state[r] = s;
-    }
+    read_state(h0, &mut state, state_base, tk, col, c.has_h0, c);
 
     let unit = tk * c.block_v + tv;
     let half = c.k_split * c.block_v;
@@ -291,12 +326,6 @@ pub fn recurrent_fwd_kernel<F: Float>(
     }
 
     if c.has_ht {
-        #[unroll]
-        for r in 0..c.rows {
-            let i = tk + r * c.k_split;
-            if i < c.k && col_ok {
-                ht[state_base + i * c.v + col] = state[r];
-            }
-        }
+        write_state(ht, &state, state_base, tk, col, c);
     }
 }
