@@ -1,0 +1,179 @@
+//! FLA's `GatedLinearAttention` token mixer (GLA, arXiv 2312.06635), with FLA's parameter names.
+//!
+//! Runs on `fused_recurrent_gla`, a whole sequence or one step at a time from a cached state; the
+//! chunk mode FLA uses for long training sequences comes with the chunk op (issue 3). Grouped
+//! key/value heads, feature maps and `clamp_min` are not supported yet and are refused.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::log_sigmoid;
+use burn::tensor::Tensor;
+use fla_burn::{fused_recurrent_gla, FlaError, GatedRecurrentBackend, RecurrentOptions};
+
+use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, ShortConvolution, ShortConvolutionConfig};
+
+/// FLA's layer arguments and defaults.
+#[derive(Config, Debug)]
+pub struct GatedLinearAttentionConfig {
+    #[config(default = 1024)]
+    pub hidden_size: usize,
+    #[config(default = 0.5)]
+    pub expand_k: f64,
+    #[config(default = 1.0)]
+    pub expand_v: f64,
+    #[config(default = 4)]
+    pub num_heads: usize,
+    #[config(default = false)]
+    pub use_short_conv: bool,
+    #[config(default = 4)]
+    pub conv_size: usize,
+    #[config(default = false)]
+    pub conv_bias: bool,
+    #[config(default = true)]
+    pub use_output_gate: bool,
+    #[config(default = 1e-5)]
+    pub norm_eps: f64,
+    #[config(default = 16.0)]
+    pub gate_logit_normalizer: f64,
+    #[config(default = 16)]
+    pub gate_low_rank_dim: usize,
+}
+
+/// Recurrent state carried between calls: the GLA state `[B, H, K, V]` (f32) and, with short
+/// convolutions, the last `conv_size - 1` inputs of each convolution.
+#[derive(Debug, Clone)]
+pub struct GlaCache<B: GatedRecurrentBackend> {
+    pub state: Tensor<B, 4>,
+    pub conv: Option<[Tensor<B, 3>; 3]>,
+}
+
+#[derive(Module, Debug)]
+pub struct GatedLinearAttention<B: GatedRecurrentBackend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub g_proj: Option<Linear<B>>,
+    /// FLA's `gk_proj`, a low-rank `Sequential(Linear(hidden, r), Linear(r, key_dim, bias))`.
+    pub gk_proj_0: Linear<B>,
+    pub gk_proj_1: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub g_norm_swish_gate: GatedRmsNorm<B>,
+    pub q_conv1d: Option<ShortConvolution<B>>,
+    pub k_conv1d: Option<ShortConvolution<B>>,
+    pub v_conv1d: Option<ShortConvolution<B>>,
+    pub num_heads: usize,
+    pub gate_logit_normalizer: f64,
+}
+
+impl GatedLinearAttentionConfig {
+    pub fn key_dim(&self) -> usize {
+        (self.hidden_size as f64 * self.expand_k).round() as usize
+    }
+
+    pub fn value_dim(&self) -> usize {
+        (self.hidden_size as f64 * self.expand_v).round() as usize
+    }
+
+    /// Errors when the dims do not split into heads (FLA asserts the same).
+    pub fn init<B: GatedRecurrentBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<GatedLinearAttention<B>, FlaError> {
+        let (h, kd, vd) = (self.hidden_size, self.key_dim(), self.value_dim());
+        if self.num_heads == 0 || kd % self.num_heads != 0 || vd % self.num_heads != 0 {
+            return Err(FlaError::Shape(format!(
+                "key dim {kd} and value dim {vd} must divide into {} heads",
+                self.num_heads
+            )));
+        }
+        let linear = |a, b, bias| LinearConfig::new(a, b).with_bias(bias).init(device);
+        let conv = |d| {
+            self.use_short_conv.then(|| {
+                ShortConvolutionConfig::new(d)
+                    .with_kernel_size(self.conv_size)
+                    .with_bias(self.conv_bias)
+                    .init(device)
+            })
+        };
+        Ok(GatedLinearAttention {
+            q_proj: linear(h, kd, false),
+            k_proj: linear(h, kd, false),
+            v_proj: linear(h, vd, false),
+            g_proj: self.use_output_gate.then(|| linear(h, vd, false)),
+            gk_proj_0: linear(h, self.gate_low_rank_dim, false),
+            gk_proj_1: linear(self.gate_low_rank_dim, kd, true),
+            o_proj: linear(vd, h, false),
+            g_norm_swish_gate: GatedRmsNormConfig::new(vd / self.num_heads)
+                .with_eps(self.norm_eps)
+                .init(device),
+            q_conv1d: conv(kd),
+            k_conv1d: conv(kd),
+            v_conv1d: conv(vd),
+            num_heads: self.num_heads,
+            gate_logit_normalizer: self.gate_logit_normalizer,
+        })
+    }
+}
+
+impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`. With `cache`, continues the sequences it holds;
+    /// with `use_cache`, also returns the cache for the next call (prompt, then decoding steps).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<GlaCache<B>>,
+        use_cache: bool,
+    ) -> Result<(Tensor<B, 3>, Option<GlaCache<B>>), FlaError> {
+        let [b, t, _] = x.dims();
+        let nh = self.num_heads;
+        let (state, conv_cache) = match cache {
+            Some(c) => (Some(c.state), c.conv),
+            None => (None, None),
+        };
+        let [cq, ck, cv] = match conv_cache {
+            Some([a, b, c]) => [Some(a), Some(b), Some(c)],
+            None => [None, None, None],
+        };
+        let conv = |layer: &Option<ShortConvolution<B>>,
+                    y: Tensor<B, 3>,
+                    c: Option<Tensor<B, 3>>| match layer {
+            Some(l) => {
+                let (y, c) = l.forward(y, c);
+                (y, Some(c))
+            }
+            None => (y, None),
+        };
+        let (q, cq) = conv(&self.q_conv1d, self.q_proj.forward(x.clone()), cq);
+        let (k, ck) = conv(&self.k_conv1d, self.k_proj.forward(x.clone()), ck);
+        let (v, cv) = conv(&self.v_conv1d, self.v_proj.forward(x.clone()), cv);
+        let gk = self.gk_proj_1.forward(self.gk_proj_0.forward(x.clone()));
+        let heads = |y: Tensor<B, 3>| {
+            let d = y.dims()[2] / nh;
+            y.reshape([b, t, nh, d])
+        };
+        let gk = log_sigmoid(heads(gk)) / self.gate_logit_normalizer;
+        let mut opts = RecurrentOptions::default();
+        if let Some(s) = state {
+            opts = opts.with_initial_state(s);
+        }
+        if use_cache {
+            opts = opts.with_final_state();
+        }
+        let out = fused_recurrent_gla(heads(q), heads(k), heads(v), gk, None, opts)?;
+        let o = match &self.g_proj {
+            Some(g) => self.g_norm_swish_gate.forward(out.o, heads(g.forward(x))),
+            None => self.g_norm_swish_gate.norm.forward(out.o),
+        };
+        let vd = o.dims()[2] * o.dims()[3];
+        let y = self.o_proj.forward(o.reshape([b, t, vd]));
+        let cache = out.final_state.map(|state| GlaCache {
+            state,
+            conv: match (cq, ck, cv) {
+                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                _ => None,
+            },
+        });
+        Ok((y, cache))
+    }
+}

@@ -1,0 +1,148 @@
+//! Building blocks shared by the layers, after FLA's `fla.modules`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// RMSNorm over the last axis, then a swish gate: `rmsnorm(x) · w · swish(g)` (FLA's
+/// `FusedRMSNormGated` with `activation="swish"`).
+#[derive(Module, Debug)]
+pub struct GatedRmsNorm<B: Backend> {
+    pub norm: RmsNorm<B>,
+}
+
+#[derive(Config, Debug)]
+pub struct GatedRmsNormConfig {
+    pub hidden_size: usize,
+    #[config(default = 1e-5)]
+    pub eps: f64,
+}
+
+impl GatedRmsNormConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> GatedRmsNorm<B> {
+        GatedRmsNorm {
+            norm: RmsNormConfig::new(self.hidden_size)
+                .with_epsilon(self.eps)
+                .init(device),
+        }
+    }
+}
+
+impl<B: Backend> GatedRmsNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gate: Tensor<B, D>) -> Tensor<B, D> {
+        self.norm.forward(x) * silu(gate)
+    }
+}
+
+/// SwiGLU feed-forward: `down(swish(gate(x)) · up(x))` (FLA's `GatedMLP`).
+#[derive(Module, Debug)]
+pub struct GatedMlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+#[derive(Config, Debug)]
+pub struct GatedMlpConfig {
+    pub hidden_size: usize,
+    /// Defaults to FLA's choice: `2/3 · hidden_ratio · hidden_size` rounded up to a multiple of 256.
+    pub intermediate_size: Option<usize>,
+    #[config(default = 4)]
+    pub hidden_ratio: usize,
+}
+
+impl GatedMlpConfig {
+    pub fn intermediate(&self) -> usize {
+        self.intermediate_size.unwrap_or_else(|| {
+            let size = self.hidden_size * self.hidden_ratio * 2 / 3;
+            size.div_ceil(256) * 256
+        })
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> GatedMlp<B> {
+        let (h, i) = (self.hidden_size, self.intermediate());
+        let linear = |a, b| LinearConfig::new(a, b).with_bias(false).init(device);
+        GatedMlp {
+            gate_proj: linear(h, i),
+            up_proj: linear(h, i),
+            down_proj: linear(i, h),
+        }
+    }
+}
+
+impl<B: Backend> GatedMlp<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// Depthwise causal convolution over time with a SiLU, FLA's `ShortConvolution`:
+/// `y_t[d] = silu(Σ_j w[d, j] · x_{t-W+1+j}[d] + b[d])`.
+#[derive(Module, Debug)]
+pub struct ShortConvolution<B: Backend> {
+    /// `[D, W]` (FLA stores it as the conv1d weight `[D, 1, W]`).
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+#[derive(Config, Debug)]
+pub struct ShortConvolutionConfig {
+    pub hidden_size: usize,
+    #[config(default = 4)]
+    pub kernel_size: usize,
+    #[config(default = false)]
+    pub bias: bool,
+}
+
+impl ShortConvolutionConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ShortConvolution<B> {
+        // conv1d's default: uniform in ±1/sqrt(fan_in), fan_in = W for a depthwise kernel.
+        let bound = 1.0 / (self.kernel_size as f64).sqrt();
+        let dist = burn::tensor::Distribution::Uniform(-bound, bound);
+        ShortConvolution {
+            weight: Param::from_tensor(Tensor::random(
+                [self.hidden_size, self.kernel_size],
+                dist,
+                device,
+            )),
+            bias: self
+                .bias
+                .then(|| Param::from_tensor(Tensor::random([self.hidden_size], dist, device))),
+        }
+    }
+}
+
+impl<B: Backend> ShortConvolution<B> {
+    pub fn kernel_size(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    /// `x: [B, T, D]`; `cache: [B, W-1, D]`, the inputs before `x` (zeros when absent). Returns
+    /// the output and the cache to pass with the next chunk of the same sequences.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [b, t, d] = x.dims();
+        let w = self.kernel_size();
+        let past = cache.unwrap_or_else(|| Tensor::zeros([b, w - 1, d], &x.device()));
+        let padded = Tensor::cat(vec![past, x], 1);
+        let weight = self.weight.val();
+        let mut y = Tensor::zeros([b, t, d], &padded.device());
+        for j in 0..w {
+            let tap = weight.clone().narrow(1, j, 1).reshape([1, 1, d]);
+            y = y + padded.clone().narrow(1, j, t) * tap;
+        }
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().reshape([1, 1, d]);
+        }
+        let total = t + w - 1;
+        let next_cache = padded.narrow(1, total - (w - 1), w - 1);
+        (silu(y), next_cache)
+    }
+}
