@@ -2,8 +2,11 @@
 //! directly). This crate knows nothing of training.
 //!
 //! Built so far (issue 6 is open): the building blocks [`modules`] (gated RMSNorm, SwiGLU MLP,
-//! short causal convolution with its decoding cache) and the [`gla::GatedLinearAttention`] token
-//! mixer in recurrent mode. Models, checkpoints and generation are not built yet.
+//! short causal convolution with its decoding cache), the [`gla::GatedLinearAttention`] token
+//! mixer and the [`gla_model::GlaForCausalLM`] model with FLA's `config.json`, both on the
+//! recurrent op (whole sequences, or decoding from per-layer caches). Other families, chunk mode,
+//! checkpoints in FLA's safetensors layout, sampling and the `generate` CLI are not built yet.
 
 pub mod gla;
+pub mod gla_model;
 pub mod modules;
