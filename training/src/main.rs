@@ -1,0 +1,179 @@
+//! `fla-train`: trains a small GLA language model on the bundled corpus (Milton's *Paradise
+//! Lost*, byte-level tokens) and reports training and validation loss.
+//!
+//!   cargo run -p training --bin fla-train                 # wgpu (lavapipe without a GPU)
+//!   cargo run -p training --bin fla-train -- --backend ndarray
+//!
+//! A first version of the training issue: a plain AdamW loop with warmup; burn-train's learner,
+//! checkpoints and resume, evaluation tasks and plots are not built yet.
+
+use std::io::Write;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use clap::Parser;
+use fla_burn::GatedRecurrentBackend;
+use fla_models::gla_model::{GlaConfig, GlaForCausalLM};
+
+const CORPUS: &str = include_str!("../data/paradise_lost.txt");
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
+    #[arg(long, default_value = "wgpu")]
+    backend: String,
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 2)]
+    heads: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Evaluate the validation loss every this many steps.
+    #[arg(long, default_value_t = 25)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Metrics CSV (step, train loss, validation loss).
+    #[arg(long, default_value = "runs/gla-tiny/metrics.csv")]
+    metrics: String,
+}
+
+/// SplitMix64: seeded batch sampling without another dependency.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
+/// Random windows of `len + 1` bytes from `data`, as `[batch, len + 1]` token ids.
+fn batch<B: AutodiffBackend>(
+    data: &[u8],
+    rng: &mut Rng,
+    rows: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = (0..rows)
+        .flat_map(|_| {
+            let start = rng.below(data.len() - len - 1);
+            data[start..start + len + 1].iter().map(|&b| b as i64)
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [rows, len + 1]), device)
+}
+
+fn train<B: AutodiffBackend + GatedRecurrentBackend>(
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    B::InnerBackend: GatedRecurrentBackend,
+{
+    let device = B::Device::default();
+    let bytes = CORPUS.as_bytes();
+    let split = bytes.len() * 95 / 100;
+    let (train_data, valid_data) = (&bytes[..split], &bytes[split..]);
+    let config = GlaConfig {
+        hidden_size: args.hidden,
+        num_heads: args.heads,
+        num_hidden_layers: args.layers,
+        vocab_size: 256,
+        use_short_conv: true,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    };
+    let mut model: GlaForCausalLM<B> = config.init(&device)?;
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    // A fixed validation set: the same windows at every evaluation.
+    let valid: Vec<_> = {
+        let mut rng = Rng(args.seed ^ 0xDEAD_BEEF);
+        (0..4)
+            .map(|_| batch::<B>(valid_data, &mut rng, args.batch, args.seq_len, &device))
+            .collect()
+    };
+    let evaluate = |m: &GlaForCausalLM<B>| -> Result<f64, fla_burn::FlaError> {
+        let m = m.valid();
+        let mut total = 0.0;
+        for b in &valid {
+            total += m.loss(b.clone().inner())?.into_scalar().elem::<f64>();
+        }
+        Ok(total / valid.len() as f64)
+    };
+    if let Some(dir) = std::path::Path::new(&args.metrics).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut csv = std::fs::File::create(&args.metrics)?;
+    writeln!(csv, "step,train_loss,valid_loss,learning_rate")?;
+    let start_valid = evaluate(&model)?;
+    println!(
+        "GLA {} layers, hidden {}, {} parameters; byte-level corpus {} KB",
+        args.layers,
+        args.hidden,
+        burn::module::Module::num_params(&model),
+        bytes.len() / 1024
+    );
+    println!("step {:>5}  valid loss {start_valid:.4}", 0);
+    writeln!(csv, "0,,{start_valid},0")?;
+    let mut rng = Rng(args.seed);
+    let t0 = Instant::now();
+    let mut last_valid = start_valid;
+    for step in 1..=args.steps {
+        let lr = args.lr * (step as f64 / args.warmup.max(1) as f64).min(1.0);
+        let loss = model.loss(batch::<B>(
+            train_data,
+            &mut rng,
+            args.batch,
+            args.seq_len,
+            &device,
+        ))?;
+        let train_loss: f64 = loss.clone().into_scalar().elem();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(lr, model, grads);
+        let mut valid_loss = String::new();
+        if step % args.eval_every == 0 || step == args.steps {
+            last_valid = evaluate(&model)?;
+            valid_loss = format!("{last_valid}");
+            let tok_s = (step * args.batch * args.seq_len) as f64 / t0.elapsed().as_secs_f64();
+            println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4}  {tok_s:.0} tokens/s");
+        }
+        writeln!(csv, "{step},{train_loss},{valid_loss},{lr}")?;
+    }
+    println!(
+        "validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {}",
+        args.metrics
+    );
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    match args.backend.as_str() {
+        "ndarray" => train::<Autodiff<burn::backend::NdArray>>(&args),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => {
+            fla_burn::device::check_wgpu(&Default::default())?;
+            train::<Autodiff<burn::backend::Wgpu>>(&args)
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => train::<Autodiff<burn::backend::Cuda>>(&args),
+        other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
+    }
+}
