@@ -15,17 +15,18 @@ use super::{
 };
 use crate::FlaError;
 
-fn contiguous<R: CubeRuntime>(
-    x: GatedTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>,
-) -> [Option<CubeTensor<R>>; 6] {
-    [
-        Some(into_contiguous(x.q)),
-        Some(into_contiguous(x.k)),
-        Some(into_contiguous(x.v)),
-        x.g.map(into_contiguous),
-        x.gv.map(into_contiguous),
-        x.h0.map(into_contiguous),
-    ]
+/// The kernels index flat buffers: every input in row-major order.
+fn contiguous<B: GatedRecurrentBackend<FloatTensorPrimitive = CubeTensor<R>>, R: CubeRuntime>(
+    x: GatedTensors<B>,
+) -> GatedTensors<B> {
+    GatedTensors {
+        q: into_contiguous(x.q),
+        k: into_contiguous(x.k),
+        v: into_contiguous(x.v),
+        g: x.g.map(into_contiguous),
+        gv: x.gv.map(into_contiguous),
+        h0: x.h0.map(into_contiguous),
+    }
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: Vec<usize>, dtype: DType) -> CubeTensor<R> {
@@ -60,8 +61,7 @@ where
     ) -> Result<GatedForward<Self>, FlaError> {
         let p = on_device(describe(&x, opts)?, &x.q)?;
         let dtype = x.q.dtype();
-        let [q, k, v, g, gv, h0] = contiguous(x);
-        let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
+        let GatedTensors { q, k, v, g, gv, h0 } = contiguous(x);
         let o = empty(&q, vec![p.batch, p.seq_len, p.heads, p.v_dim], dtype);
         let state = vec![p.num_seqs(), p.heads, p.k_dim, p.v_dim];
         let ht = p.output_final_state.then(|| empty(&q, state, DType::F32));
@@ -93,8 +93,7 @@ where
         let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
         let p = on_device(p, &x.q)?;
         let dtype = x.q.dtype();
-        let [q, k, v, g, gv, h0] = contiguous(x);
-        let (q, k, v) = (q.unwrap(), k.unwrap(), v.unwrap());
+        let GatedTensors { q, k, v, g, gv, h0 } = contiguous(x);
         let (o, d_o) = (into_contiguous(o), into_contiguous(d_o));
         let ht = ht.map(into_contiguous);
         let d_ht = d_ht.map(into_contiguous);
