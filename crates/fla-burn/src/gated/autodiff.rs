@@ -87,14 +87,7 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
                 .map(|t| t.node.clone())
                 .unwrap_or_else(|| absent().node),
         ];
-        let inner = GatedTensors::<B> {
-            q: x.q.primitive.clone(),
-            k: x.k.primitive.clone(),
-            v: x.v.primitive.clone(),
-            g: x.g.as_ref().map(|t| t.primitive.clone()),
-            gv: x.gv.as_ref().map(|t| t.primitive.clone()),
-            h0: x.h0.as_ref().map(|t| t.primitive.clone()),
-        };
+        let inner = inner(&x);
         let out = B::gated_recurrent_forward(inner.clone(), opts)?;
         let o_shape = out.o.shape();
         let dtype = out.o.dtype();
@@ -155,14 +148,7 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
         d_ht: Option<FloatTensor<Self>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
-        let inner = GatedTensors::<B> {
-            q: x.q.primitive,
-            k: x.k.primitive,
-            v: x.v.primitive,
-            g: x.g.map(|t| t.primitive),
-            gv: x.gv.map(|t| t.primitive),
-            h0: x.h0.map(|t| t.primitive),
-        };
+        let inner = inner(&x);
         let g = B::gated_recurrent_backward(
             inner,
             o.primitive,
@@ -184,5 +170,19 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
 
     fn gated_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::gated_check_dtype(device, dtype)
+    }
+}
+
+/// The inner backend's view of tracked inputs (primitives are reference-counted: cheap clones).
+fn inner<B: GatedRecurrentBackend, C: CheckpointStrategy>(
+    x: &GatedTensors<Autodiff<B, C>>,
+) -> GatedTensors<B> {
+    GatedTensors {
+        q: x.q.primitive.clone(),
+        k: x.k.primitive.clone(),
+        v: x.v.primitive.clone(),
+        g: x.g.as_ref().map(|t| t.primitive.clone()),
+        gv: x.gv.as_ref().map(|t| t.primitive.clone()),
+        h0: x.h0.as_ref().map(|t| t.primitive.clone()),
     }
 }
