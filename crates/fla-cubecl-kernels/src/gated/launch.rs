@@ -3,6 +3,10 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use super::chunk::{
+    chunk_cumsum_kernel, chunk_dqk_kernel, chunk_dv_kernel, chunk_output_kernel,
+    chunk_pairs_kernel, chunk_state_kernel, ChunkLayout,
+};
 use super::recurrent_bwd::{
     final_state_sums_kernel, gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel,
     row_sum_kernel, value_term_kernel, GateAxis,
@@ -274,6 +278,25 @@ pub fn recurrent_backward<R: Runtime>(
         p.dtype.storage(),
     );
 
+    gate_gradients(client, p, &b, key_term.as_ref(), &c)
+}
+
+/// The gate gradients from the identity of MATH.md: `key_term` holds `q ∘ dq − k ∘ dk` per token
+/// (`f32`, `[B·T, H, K]`); a value gate's term is formed here from `o`, `dO`, `v` and `dv`.
+fn gate_gradients<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: &BackwardBuffers<'_>,
+    key_term: Option<&Handle>,
+    c: &RecurrentLayout,
+) -> Result<(), KernelError> {
+    let c = *c;
+    let (cu, cu_len) = cu_seqlens_handle(client, p);
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let tokens = p.tokens();
+    let qk = tokens * p.heads * p.k_dim;
+    let vo = tokens * p.heads * p.v_dim;
+    let has_dht = b.d_ht.is_some();
     // The final-state term of the identity needs hT whenever a gradient arrives on it.
     let nh = p.num_seqs() * p.heads;
     let (rows, cols) = (
@@ -317,7 +340,7 @@ pub fn recurrent_backward<R: Runtime>(
             p.dtype.storage(),
         );
     };
-    if let Some(term) = &key_term {
+    if let Some(term) = key_term {
         let dg = need(b.dg, "dg")?;
         match p.gate {
             GateKind::Vector => cumsum(term, qk, dg, qk, GateAxis::Key, p.k_dim),
@@ -354,4 +377,340 @@ pub fn recurrent_backward<R: Runtime>(
         cumsum(&term, vo, need(b.dgv, "dgv")?, vo, GateAxis::Value, p.v_dim);
     }
     Ok(())
+}
+
+/// Default positions per chunk (FLA's).
+pub const DEFAULT_CHUNK: usize = 64;
+const CHUNK_THREADS: u32 = 256;
+
+/// Host-side chunk tables: `(sequence, chunk index)` per chunk and each sequence's first chunk.
+struct ChunkTables {
+    chunks: Handle,
+    first: Handle,
+    count: usize,
+}
+
+fn chunk_tables<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+) -> ChunkTables {
+    let mut chunks = Vec::new();
+    let mut first = Vec::with_capacity(p.num_seqs());
+    for n in 0..p.num_seqs() {
+        let (bos, eos) = p.bounds(n);
+        first.push((chunks.len() / 2) as u32);
+        for ci in 0..(eos - bos).div_ceil(chunk) {
+            chunks.extend([n as u32, ci as u32]);
+        }
+    }
+    let count = chunks.len() / 2;
+    if chunks.is_empty() {
+        chunks.push(0);
+    }
+    ChunkTables {
+        chunks: client.create_from_slice(u32::as_bytes(&chunks)),
+        first: client.create_from_slice(u32::as_bytes(&first)),
+        count,
+    }
+}
+
+fn chunk_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+) -> Result<(ChunkLayout, RecurrentLayout), KernelError> {
+    if p.value_gate {
+        return Err(KernelError::InvalidProblem(
+            "the chunk form has no value gate (gv); use the fused recurrent form".into(),
+        ));
+    }
+    if chunk == 0 {
+        return Err(KernelError::InvalidProblem("chunk size 0".into()));
+    }
+    let (block_v, k_split) = tiles(client, p, false)?;
+    let c = ChunkLayout {
+        heads: p.heads,
+        k: p.k_dim,
+        v: p.v_dim,
+        chunk,
+        scalar_gate: p.gate == GateKind::Scalar,
+        vector_gate: p.gate == GateKind::Vector,
+        reverse: p.reverse,
+        varlen: p.cu_seqlens.is_some(),
+        block_v,
+        k_split,
+        rows: p.k_dim.div_ceil(k_split),
+    };
+    Ok((c, layout(p, block_v, k_split)))
+}
+
+/// Cubes over `(entries of one chunk, chunk, head)`, one unit per entry.
+fn per_chunk_grid(p: &GatedProblem, entries: usize, count: usize) -> CubeCount {
+    CubeCount::Static(
+        entries.div_ceil(CHUNK_THREADS as usize) as u32,
+        count as u32,
+        p.heads as u32,
+    )
+}
+
+/// What the forward and the backward both compute first: `Λ` and the states entering each chunk.
+struct ChunkPrelude {
+    gc: Handle,
+    states: Handle,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn chunk_prelude<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    c: ChunkLayout,
+    t: &ChunkTables,
+    cu: &Handle,
+    cu_len: usize,
+    q_k_v_g_h0: (&Handle, &Handle, &Handle, Option<&Handle>, Option<&Handle>),
+    ht: Option<&Handle>,
+) -> ChunkPrelude {
+    let (_q, k, v, g, h0) = q_k_v_g_h0;
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let qk = p.tokens() * p.heads * p.k_dim;
+    let vo = p.tokens() * p.heads * p.v_dim;
+    let gc = match g {
+        Some(g) => {
+            let width = if c.vector_gate { p.k_dim } else { 1 };
+            let len = p.tokens() * p.heads * width;
+            let gc = client.empty(4 * len);
+            let units = t.count * p.heads * width;
+            chunk_cumsum_kernel::launch::<R>(
+                client,
+                elementwise_grid(units),
+                CubeDim::new_1d(ELEMWISE_THREADS),
+                array(g, len),
+                array(&t.chunks, 2 * t.count),
+                array(cu, cu_len),
+                array(&gc, len),
+                p.seq_len as u32,
+                units as u32,
+                c,
+                p.dtype.storage(),
+            );
+            gc
+        }
+        None => dummy.clone(),
+    };
+    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
+    let states = client.empty(4 * states_len.max(1));
+    let nv = p.v_dim.div_ceil(c.block_v) as u32;
+    chunk_state_kernel::launch::<R>(
+        client,
+        CubeCount::Static(nv, (p.num_seqs() * p.heads) as u32, 1),
+        CubeDim::new_2d(c.block_v as u32, c.k_split as u32),
+        array(k, qk),
+        array(v, vo),
+        array(&gc, p.gate_len()),
+        array(h0.unwrap_or(&dummy), p.state_len()),
+        array(cu, cu_len),
+        array(&t.first, p.num_seqs()),
+        array(&states, states_len),
+        array(ht.unwrap_or(&dummy), p.state_len()),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        false,
+        h0.is_some(),
+        ht.is_some(),
+        p.dtype.storage(),
+    );
+    ChunkPrelude { gc, states }
+}
+
+/// Launches the chunkwise-parallel forward (chunk size `chunk`): writes `o` and, when asked, `ht`.
+pub fn chunk_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+    b: ForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_common(client, p, b.g, b.gv, b.h0)?;
+    if p.output_final_state != b.ht.is_some() {
+        return Err(KernelError::InvalidProblem(
+            "final-state flag and buffer disagree".into(),
+        ));
+    }
+    let (c, _) = chunk_layout(client, p, chunk)?;
+    let t = chunk_tables(client, p, chunk);
+    let (cu, cu_len) = cu_seqlens_handle(client, p);
+    let pre = chunk_prelude(
+        client,
+        p,
+        c,
+        &t,
+        &cu,
+        cu_len,
+        (b.q, b.k, b.v, b.g, b.h0),
+        b.ht,
+    );
+    let qk = p.tokens() * p.heads * p.k_dim;
+    let vo = p.tokens() * p.heads * p.v_dim;
+    let pairs_len = p.tokens() * p.heads * chunk;
+    let pairs = client.empty(4 * pairs_len);
+    chunk_pairs_kernel::launch::<R>(
+        client,
+        per_chunk_grid(p, chunk * chunk, t.count),
+        CubeDim::new_1d(CHUNK_THREADS),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(&pre.gc, p.gate_len()),
+        array(&t.chunks, 2 * t.count),
+        array(&cu, cu_len),
+        array(&pairs, pairs_len),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        true,
+        p.dtype.storage(),
+    );
+    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
+    chunk_output_kernel::launch::<R>(
+        client,
+        per_chunk_grid(p, chunk * p.v_dim, t.count),
+        CubeDim::new_1d(CHUNK_THREADS),
+        array(b.q, qk),
+        array(b.v, vo),
+        array(&pre.gc, p.gate_len()),
+        array(&pre.states, states_len),
+        array(&pairs, pairs_len),
+        array(&t.chunks, 2 * t.count),
+        array(&cu, cu_len),
+        array(b.o, vo),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        p.dtype.storage(),
+    );
+    Ok(())
+}
+
+/// Launches the chunkwise-parallel backward. The per-chunk states are recomputed, not stored by
+/// the forward (as FLA does): one state pass costs less than keeping `[chunks, H, K, V]` in `f32`
+/// alive between forward and backward.
+pub fn chunk_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+    b: BackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_common(client, p, b.g, b.gv, b.h0)?;
+    let (c, rc) = chunk_layout(client, p, chunk)?;
+    let t = chunk_tables(client, p, chunk);
+    let (cu, cu_len) = cu_seqlens_handle(client, p);
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let pre = chunk_prelude(
+        client,
+        p,
+        c,
+        &t,
+        &cu,
+        cu_len,
+        (b.q, b.k, b.v, b.g, b.h0),
+        None,
+    );
+    let qk = p.tokens() * p.heads * p.k_dim;
+    let vo = p.tokens() * p.heads * p.v_dim;
+    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
+    let pairs_len = p.tokens() * p.heads * chunk;
+    let dh0 = if p.has_initial_state {
+        Some(need(b.dh0, "dh0")?)
+    } else {
+        None
+    };
+
+    // dS leaving each chunk, walking the chunks backwards from dhT.
+    let d_states = client.empty(4 * states_len.max(1));
+    let nv = p.v_dim.div_ceil(c.block_v) as u32;
+    chunk_state_kernel::launch::<R>(
+        client,
+        CubeCount::Static(nv, (p.num_seqs() * p.heads) as u32, 1),
+        CubeDim::new_2d(c.block_v as u32, c.k_split as u32),
+        array(b.q, qk),
+        array(b.d_o, vo),
+        array(&pre.gc, p.gate_len()),
+        array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+        array(&cu, cu_len),
+        array(&t.first, p.num_seqs()),
+        array(&d_states, states_len),
+        array(dh0.unwrap_or(&dummy), p.state_len()),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        true,
+        b.d_ht.is_some(),
+        dh0.is_some(),
+        p.dtype.storage(),
+    );
+
+    let pair_launch = |a: &Handle, bb: &Handle, width: usize, out: &Handle, gated: bool| {
+        chunk_pairs_kernel::launch::<R>(
+            client,
+            per_chunk_grid(p, chunk * chunk, t.count),
+            CubeDim::new_1d(CHUNK_THREADS),
+            array(a, p.tokens() * p.heads * width),
+            array(bb, p.tokens() * p.heads * width),
+            array(&pre.gc, p.gate_len()),
+            array(&t.chunks, 2 * t.count),
+            array(&cu, cu_len),
+            array(out, pairs_len),
+            p.seq_len as u32,
+            p.scale,
+            c,
+            gated,
+            p.dtype.storage(),
+        )
+    };
+    let pairs = client.empty(4 * pairs_len);
+    pair_launch(b.q, b.k, p.k_dim, &pairs, true);
+    let d_pairs = client.empty(4 * pairs_len);
+    pair_launch(b.d_o, b.v, p.v_dim, &d_pairs, false);
+
+    chunk_dv_kernel::launch::<R>(
+        client,
+        per_chunk_grid(p, chunk * p.v_dim, t.count),
+        CubeDim::new_1d(CHUNK_THREADS),
+        array(b.k, qk),
+        array(b.d_o, vo),
+        array(&pre.gc, p.gate_len()),
+        array(&d_states, states_len),
+        array(&pairs, pairs_len),
+        array(&t.chunks, 2 * t.count),
+        array(&cu, cu_len),
+        array(b.dv, vo),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        p.dtype.storage(),
+    );
+    let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
+    chunk_dqk_kernel::launch::<R>(
+        client,
+        per_chunk_grid(p, chunk * p.k_dim, t.count),
+        CubeDim::new_1d(CHUNK_THREADS),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.d_o, vo),
+        array(&pre.gc, p.gate_len()),
+        array(&pre.states, states_len),
+        array(&d_states, states_len),
+        array(&d_pairs, pairs_len),
+        array(&t.chunks, 2 * t.count),
+        array(&cu, cu_len),
+        array(b.dq, qk),
+        array(b.dk, qk),
+        array(key_term.as_ref().unwrap_or(&dummy), qk),
+        p.seq_len as u32,
+        p.scale,
+        c,
+        p.dtype.storage(),
+    );
+    gate_gradients(client, p, &b, key_term.as_ref(), &rc)
 }

@@ -9,12 +9,16 @@
 //! - `simple_gla` (Mamba2/SSD form): [`GateKind::Scalar`], `g: [B, T, H]`;
 //! - `gla`: [`GateKind::Vector`], `gk: [B, T, H, K]`, optionally a value gate `gv: [B, T, H, V]`.
 
+mod chunk;
 mod launch;
 pub mod naive;
 mod recurrent_bwd;
 mod recurrent_fwd;
 
-pub use launch::{recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers};
+pub use launch::{
+    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
+    ForwardBuffers, DEFAULT_CHUNK,
+};
 
 use crate::{FloatDType, KernelError};
 

@@ -1,4 +1,5 @@
-//! Kernel-level tests of the fused recurrent gated family against the f64 naive recurrence.
+//! Kernel-level tests of the gated family, fused recurrent and chunk forms, against the f64 naive
+//! recurrence.
 //!
 //! Runtime: wgpu by default (lavapipe in CI); CUDA when built with `--features cuda` and
 //! `FLA_TEST_RUNTIME=cuda` (or when it is the only one compiled in).
@@ -7,7 +8,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
-    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind,
+    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
+    ForwardBuffers, GateKind, DEFAULT_CHUNK,
 };
 use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -32,6 +34,16 @@ impl Variant {
 }
 
 type Case = GatedCase;
+
+/// Which form of the kernels a test runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Recurrent,
+    /// Chunkwise-parallel with this many positions per chunk.
+    Chunk(usize),
+}
+
+const CHUNK: Mode = Mode::Chunk(DEFAULT_CHUNK);
 
 #[allow(clippy::too_many_arguments)]
 fn make_case(
@@ -71,7 +83,11 @@ struct Outputs {
     dh0: Option<Vec<f64>>,
 }
 
-fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Outputs, KernelError> {
+fn run_kernels<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &Case,
+    mode: Mode,
+) -> Result<Outputs, KernelError> {
     let dt = c.p.dtype;
     let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
     let up32 = |xs: &[f64]| client.create_from_slice(&encode(FloatDType::F32, xs));
@@ -87,20 +103,20 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
     let ht =
         c.p.output_final_state
             .then(|| poison(c.p.state_len(), FloatDType::F32));
-    recurrent_forward(
-        client,
-        &c.p,
-        ForwardBuffers {
-            q: &q,
-            k: &k,
-            v: &v,
-            g: g.as_ref(),
-            gv: gv.as_ref(),
-            h0: h0.as_ref(),
-            o: &o,
-            ht: ht.as_ref(),
-        },
-    )?;
+    let fwd = ForwardBuffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: g.as_ref(),
+        gv: gv.as_ref(),
+        h0: h0.as_ref(),
+        o: &o,
+        ht: ht.as_ref(),
+    };
+    match mode {
+        Mode::Recurrent => recurrent_forward(client, &c.p, fwd)?,
+        Mode::Chunk(size) => chunk_forward(client, &c.p, size, fwd)?,
+    }
     let d_o = up(&c.d_o);
     let d_ht = c.d_ht.as_deref().map(up32);
     let dq = poison(c.q.len(), dt);
@@ -111,28 +127,28 @@ fn run_kernels<R: Runtime>(client: &ComputeClient<R>, c: &Case) -> Result<Output
     let dh0 = h0
         .as_ref()
         .map(|_| poison(c.p.state_len(), FloatDType::F32));
-    recurrent_backward(
-        client,
-        &c.p,
-        BackwardBuffers {
-            q: &q,
-            k: &k,
-            v: &v,
-            g: g.as_ref(),
-            gv: gv.as_ref(),
-            h0: h0.as_ref(),
-            o: Some(&o),
-            ht: ht.as_ref(),
-            d_o: &d_o,
-            d_ht: d_ht.as_ref(),
-            dq: &dq,
-            dk: &dk,
-            dv: &dv,
-            dg: dg.as_ref(),
-            dgv: dgv.as_ref(),
-            dh0: dh0.as_ref(),
-        },
-    )?;
+    let bwd = BackwardBuffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: g.as_ref(),
+        gv: gv.as_ref(),
+        h0: h0.as_ref(),
+        o: Some(&o),
+        ht: ht.as_ref(),
+        d_o: &d_o,
+        d_ht: d_ht.as_ref(),
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dg: dg.as_ref(),
+        dgv: dgv.as_ref(),
+        dh0: dh0.as_ref(),
+    };
+    match mode {
+        Mode::Recurrent => recurrent_backward(client, &c.p, bwd)?,
+        Mode::Chunk(size) => chunk_backward(client, &c.p, size, bwd)?,
+    }
     Ok(Outputs {
         o: down(&o, dt),
         ht: ht.as_ref().map(|h| down(h, FloatDType::F32)),
@@ -187,7 +203,11 @@ fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
 }
 
 fn compare<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
-    let out = run_kernels(client, c).expect("kernels launch");
+    compare_mode(client, c, Mode::Recurrent)
+}
+
+fn compare_mode<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
+    let out = run_kernels(client, c, mode).expect("kernels launch");
     let (fwd, grads) = c.reference();
     let tol = tolerance(c.p.dtype);
     let gate_tol = gate_tolerance(c.p.dtype);
@@ -351,15 +371,15 @@ fn half_precision(
     #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
 ) {
     let c = make_case(variant, 2, 200, 2, 64, 64, 1.0, false, None, true, dtype);
-    on_runtime!(half_or_refused(&c));
+    on_runtime!(half_or_refused(&c, Mode::Recurrent));
 }
 
 /// Where the device computes the dtype the kernels must match the reference; where it cannot
 /// (bf16 on Vulkan) the launch must be refused with `UnsupportedDType`, not compiled and crashed.
-fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
     match c.p.dtype.check_supported(client) {
-        Ok(()) => compare(client, c),
-        Err(_) => match run_kernels(client, c) {
+        Ok(()) => compare_mode(client, c, mode),
+        Err(_) => match run_kernels(client, c, mode) {
             Err(KernelError::UnsupportedDType { .. }) => {}
             Err(other) => panic!("expected UnsupportedDType, got {other}"),
             Ok(_) => panic!("an unsupported dtype was launched"),
@@ -368,7 +388,11 @@ fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
 }
 
 fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
-    match run_kernels(client, c) {
+    expect_invalid_mode(client, c, what, Mode::Recurrent)
+}
+
+fn expect_invalid_mode<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str, mode: Mode) {
+    match run_kernels(client, c, mode) {
         Err(KernelError::InvalidProblem(msg)) => {
             assert!(
                 msg.contains(what),
@@ -514,4 +538,152 @@ fn naive_backward_matches_finite_differences(
             1e-6,
         );
     }
+}
+
+// ---- Chunkwise-parallel form ----
+
+/// Chunk boundaries (63/64/65, 127/128/129), odd head dims, long sequences.
+#[rstest]
+#[case::t1(1, 16, 16)]
+#[case::t63(63, 60, 100)]
+#[case::t64(64, 64, 64)]
+#[case::t65(65, 100, 60)]
+#[case::t127(127, 32, 32)]
+#[case::t128(128, 32, 48)]
+#[case::t129(129, 48, 32)]
+#[case::t1500(1500, 64, 64)]
+#[case::t2048(2048, 32, 32)]
+#[case::t20_k256(20, 256, 256)]
+fn chunk_sizes(
+    #[case] t: usize,
+    #[case] k: usize,
+    #[case] v: usize,
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(
+        variant,
+        2,
+        t,
+        2,
+        k,
+        v,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
+#[rstest]
+fn chunk_gate_strength_and_direction(
+    #[values(0.1, 1.0, 10.0)] strength: f64,
+    #[values(false, true)] reverse: bool,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(
+        variant,
+        1,
+        150,
+        3,
+        60,
+        16,
+        strength,
+        reverse,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
+/// Sequences that start and end mid-chunk, and an empty one.
+#[rstest]
+fn chunk_varlen_with_empty_sequence(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+    #[values(false, true)] reverse: bool,
+) {
+    // Lengths 1, 69, 0 (empty), 130, 64.
+    let cu = vec![0, 1, 70, 70, 200, 264];
+    let c = make_case(
+        variant,
+        1,
+        264,
+        2,
+        64,
+        60,
+        1.0,
+        reverse,
+        Some(cu),
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
+#[rstest]
+fn chunk_without_states(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(
+        variant,
+        2,
+        100,
+        2,
+        32,
+        48,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
+/// Chunk sizes other than the default (16, 32, and one that is not a power of two).
+#[rstest]
+fn chunk_other_sizes(#[values(16, 32, 50)] size: usize) {
+    let c = make_case(
+        Variant::Gla,
+        1,
+        130,
+        2,
+        40,
+        24,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, Mode::Chunk(size)));
+}
+
+#[rstest]
+fn chunk_half_precision(
+    #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(variant, 2, 200, 2, 64, 64, 1.0, false, None, true, dtype);
+    on_runtime!(half_or_refused(&c, CHUNK));
+}
+
+#[test]
+fn chunk_refuses_value_gate() {
+    let c = make_case(
+        Variant::GlaWithValueGate,
+        1,
+        20,
+        1,
+        16,
+        16,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
+    on_runtime!(expect_invalid_mode(&c, "value gate", CHUNK));
 }
