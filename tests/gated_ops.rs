@@ -13,7 +13,8 @@ use fla::kernels::testing::{problem, rel_rmse, GatedCase};
 use fla::kernels::FloatDType as KernelDType;
 use fla::ops::{
     fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
-    fused_recurrent_simple_gla, retention_decay, GatedRecurrentBackend, RecurrentOptions,
+    fused_recurrent_simple_gla, gla, linear_attn, retention, retention_decay, simple_gla,
+    GatedMode, GatedRecurrentBackend, RecurrentOptions,
 };
 use fla::FlaError;
 use rstest::rstest;
@@ -96,8 +97,13 @@ fn dtype_of(d: KernelDType) -> FloatDType {
     }
 }
 
-/// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do + Σ hT ∘ dhT`.
-fn run<B: GatedRecurrentBackend>(c: &GatedCase, variant: Variant) -> Result<Run, FlaError> {
+/// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do + Σ hT ∘ dhT`, in the
+/// given form.
+fn run<B: GatedRecurrentBackend>(
+    c: &GatedCase,
+    variant: Variant,
+    mode: GatedMode,
+) -> Result<Run, FlaError> {
     let device = B::Device::default();
     let p = &c.p;
     let dt = dtype_of(p.dtype);
@@ -115,26 +121,25 @@ fn run<B: GatedRecurrentBackend>(c: &GatedCase, variant: Variant) -> Result<Run,
         output_final_state: true,
         reverse: p.reverse,
         cu_seqlens: p.cu_seqlens.clone(),
+        mode,
     };
     let mut g3 = None;
     let mut g4 = None;
     let mut gv = None;
     let out = match variant {
-        Variant::LinearAttn => fused_recurrent_linear_attn(q.clone(), k.clone(), v.clone(), opts)?,
-        Variant::Retention => {
-            fused_recurrent_retention(q.clone(), k.clone(), v.clone(), None, opts)?
-        }
+        Variant::LinearAttn => linear_attn(q.clone(), k.clone(), v.clone(), opts)?,
+        Variant::Retention => retention(q.clone(), k.clone(), v.clone(), None, opts)?,
         Variant::SimpleGla => {
             let g = tensor::<Autodiff<B>, 3>(c.g.as_ref().unwrap(), [b, t, h], dt, &device)
                 .require_grad();
             g3 = Some(g.clone());
-            fused_recurrent_simple_gla(q.clone(), k.clone(), v.clone(), g, opts)?
+            simple_gla(q.clone(), k.clone(), v.clone(), g, opts)?
         }
         Variant::Gla | Variant::GlaWithValueGate => {
             let g = t4(c.g.as_ref().unwrap(), [b, t, h, kd], dt);
             g4 = Some(g.clone());
             gv = c.gv.as_ref().map(|x| t4(x, [b, t, h, vd], dt));
-            fused_recurrent_gla(q.clone(), k.clone(), v.clone(), g, gv.clone(), opts)?
+            gla(q.clone(), k.clone(), v.clone(), g, gv.clone(), opts)?
         }
     };
     let d_o = tensor::<Autodiff<B>, 4>(&c.d_o, [b, t, h, vd], dt, &device);
@@ -165,10 +170,14 @@ fn run<B: GatedRecurrentBackend>(c: &GatedCase, variant: Variant) -> Result<Run,
 }
 
 fn run_on(imp: Impl, c: &GatedCase, variant: Variant) -> Result<Run, FlaError> {
+    run_mode(imp, c, variant, GatedMode::FusedRecurrent)
+}
+
+fn run_mode(imp: Impl, c: &GatedCase, variant: Variant, mode: GatedMode) -> Result<Run, FlaError> {
     match imp {
-        Impl::Fusion => on_gpu!(fusion, run(c, variant)),
-        Impl::Cube => on_gpu!(cube, run(c, variant)),
-        Impl::TensorOps => run::<common::backends::NdArray>(c, variant),
+        Impl::Fusion => on_gpu!(fusion, run(c, variant, mode)),
+        Impl::Cube => on_gpu!(cube, run(c, variant, mode)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, variant, mode),
     }
 }
 
@@ -209,7 +218,11 @@ fn compare(r: &Run, c: &GatedCase, variant: Variant, (tol, gate_tol): (f64, f64)
 }
 
 fn against_reference(imp: Impl, c: &GatedCase, variant: Variant) {
-    let r = run_on(imp, c, variant).expect("valid inputs");
+    chunk_or_not_against_reference(imp, c, variant, GatedMode::FusedRecurrent)
+}
+
+fn chunk_or_not_against_reference(imp: Impl, c: &GatedCase, variant: Variant, mode: GatedMode) {
+    let r = run_mode(imp, c, variant, mode).expect("valid inputs");
     compare(&r, c, variant, tolerances(imp, c.p.dtype));
 }
 
@@ -355,6 +368,130 @@ fn half_precision(#[values(Variant::SimpleGla, Variant::Gla)] variant: Variant) 
         KernelDType::F16,
     );
     against_reference(Impl::Fusion, &c, variant);
+}
+
+// ---- chunk form through the Burn op ----
+
+#[rstest]
+#[case::t1([2, 1, 2, 16, 16])]
+#[case::t63_odd_dims([2, 63, 2, 60, 100])]
+#[case::t64([1, 64, 2, 64, 64])]
+#[case::t65_k_gt_v([2, 65, 1, 100, 60])]
+#[case::t129([1, 129, 2, 32, 32])]
+#[case::t1500([1, 1500, 1, 64, 64])]
+fn chunk_autodiff_matches_reference(
+    #[case] dims: [usize; 5],
+    #[values(
+        Variant::LinearAttn,
+        Variant::Retention,
+        Variant::SimpleGla,
+        Variant::Gla
+    )]
+    variant: Variant,
+) {
+    let c = case(variant, dims, 1.0, false, None, KernelDType::F32);
+    chunk_or_not_against_reference(Impl::Fusion, &c, variant, GatedMode::Chunk);
+}
+
+#[rstest]
+fn chunk_strong_gates_reverse_and_varlen(
+    #[values(0.1, 10.0)] strength: f64,
+    #[values(false, true)] reverse: bool,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+    #[values(Impl::Fusion, Impl::Cube)] imp: Impl,
+) {
+    // Lengths 1, 69, 0 (empty), 130 and 64: sequences start and end mid-chunk.
+    let cu = vec![0, 1, 70, 70, 200, 264];
+    let c = case(
+        variant,
+        [1, 264, 2, 60, 16],
+        strength,
+        reverse,
+        Some(cu),
+        KernelDType::F32,
+    );
+    chunk_or_not_against_reference(imp, &c, variant, GatedMode::Chunk);
+}
+
+#[rstest]
+fn chunk_loss_on_final_state_only(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    // Weak gates: over 130 steps unit-strength decays multiply to ~1e-40, below f32's normal
+    // range, and dh0 would be compared in denormals.
+    let mut c = case(
+        variant,
+        [2, 130, 2, 16, 24],
+        0.1,
+        false,
+        None,
+        KernelDType::F32,
+    );
+    c.d_o = vec![0.0; c.d_o.len()];
+    chunk_or_not_against_reference(Impl::Fusion, &c, variant, GatedMode::Chunk);
+}
+
+#[rstest]
+fn chunk_half_precision(#[values(Variant::SimpleGla, Variant::Gla)] variant: Variant) {
+    let c = case(
+        variant,
+        [2, 200, 2, 32, 32],
+        1.0,
+        false,
+        None,
+        KernelDType::F16,
+    );
+    chunk_or_not_against_reference(Impl::Fusion, &c, variant, GatedMode::Chunk);
+}
+
+/// The automatic choice runs the chunk form on long inputs and agrees with the recurrent form.
+#[test]
+fn auto_mode_agrees_with_recurrent() {
+    let c = case(
+        Variant::Gla,
+        [2, 200, 2, 32, 32],
+        1.0,
+        false,
+        None,
+        KernelDType::F32,
+    );
+    let a = run_mode(Impl::Fusion, &c, Variant::Gla, GatedMode::Auto).unwrap();
+    let b = run_mode(Impl::Fusion, &c, Variant::Gla, GatedMode::FusedRecurrent).unwrap();
+    let (tol, gate_tol) = tolerances(Impl::Fusion, KernelDType::F32);
+    for (name, x, y, t) in [
+        ("o", &a.o, &b.o, tol),
+        ("ht", &a.ht, &b.ht, tol),
+        ("dq", &a.dq, &b.dq, tol),
+        ("dk", &a.dk, &b.dk, tol),
+        ("dv", &a.dv, &b.dv, tol),
+        ("dh0", &a.dh0, &b.dh0, tol),
+        (
+            "dg",
+            a.dg.as_ref().unwrap(),
+            b.dg.as_ref().unwrap(),
+            gate_tol,
+        ),
+    ] {
+        check(name, x, y, t);
+    }
+}
+
+/// The chunk form has no value gate: every implementation says so rather than ignoring `gv`.
+#[rstest]
+fn chunk_refuses_value_gate(#[values(Impl::Fusion, Impl::TensorOps)] imp: Impl) {
+    let c = case(
+        Variant::GlaWithValueGate,
+        [1, 100, 1, 16, 16],
+        1.0,
+        false,
+        None,
+        KernelDType::F32,
+    );
+    match run_mode(imp, &c, Variant::GlaWithValueGate, GatedMode::Chunk) {
+        Err(FlaError::Unsupported(msg)) => assert!(msg.contains("value gate"), "{msg}"),
+        Err(other) => panic!("expected Unsupported, got {other}"),
+        Ok(_) => panic!("chunk form accepted a value gate"),
+    }
 }
 
 // ---- bad input ----

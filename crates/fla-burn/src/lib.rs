@@ -16,7 +16,8 @@ pub mod gated;
 
 pub use error::FlaError;
 pub use gated::{
-    fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
-    fused_recurrent_simple_gla, retention_decay, GateKind, GatedOptions, GatedRecurrentBackend,
-    RecurrentOptions, RecurrentOutput,
+    chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,
+    fused_recurrent_linear_attn, fused_recurrent_retention, fused_recurrent_simple_gla, gla,
+    linear_attn, retention, retention_decay, simple_gla, GateKind, GatedMode, GatedOptions,
+    GatedRecurrentBackend, RecurrentOptions, RecurrentOutput,
 };

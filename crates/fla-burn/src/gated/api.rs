@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::{GateKind, GatedOptions, GatedRecurrentBackend, GatedTensors};
+use super::{GateKind, GatedMode, GatedOptions, GatedRecurrentBackend, GatedTensors};
 use crate::FlaError;
 
 /// Options shared by the variants (FLA's keyword arguments).
@@ -20,6 +20,9 @@ pub struct RecurrentOptions<B: Backend> {
     /// Boundaries `[0, t1, ..., T]` of a variable-length batch packed as `B = 1` (FLA's
     /// `cu_seqlens`), given on the host so that no device read is needed to validate them.
     pub cu_seqlens: Option<Vec<usize>>,
+    /// Which form computes the call: [`GatedMode::Auto`] by default. The `fused_recurrent_*` and
+    /// `chunk_*` functions set it.
+    pub mode: GatedMode,
 }
 
 impl<B: Backend> Default for RecurrentOptions<B> {
@@ -30,6 +33,7 @@ impl<B: Backend> Default for RecurrentOptions<B> {
             output_final_state: false,
             reverse: false,
             cu_seqlens: None,
+            mode: GatedMode::Auto,
         }
     }
 }
@@ -53,6 +57,10 @@ impl<B: Backend> RecurrentOptions<B> {
     }
     pub fn with_cu_seqlens(mut self, cu_seqlens: Vec<usize>) -> Self {
         self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+    pub fn with_mode(mut self, mode: GatedMode) -> Self {
+        self.mode = mode;
         self
     }
 }
@@ -88,6 +96,7 @@ fn run<B: GatedRecurrentBackend>(
         reverse: opts.reverse,
         cu_seqlens: opts.cu_seqlens,
         output_final_state: opts.output_final_state,
+        mode: opts.mode,
     };
     let x = GatedTensors {
         q: prim(q),
@@ -104,12 +113,12 @@ fn run<B: GatedRecurrentBackend>(
     })
 }
 
-/// Linear attention without a gate (FLA's `fused_recurrent_linear_attn`, no normalisation):
-/// `S_t = S_{t-1} + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
+/// Linear attention without a gate (FLA's `linear_attn` ops, no normalisation):
+/// `S_t = S_{t-1} + k_tᵀ v_t`, `o_t = scale · q_t S_t`, in the form `opts.mode` chooses.
 ///
 /// Shapes: `q, k: [B, T, H, K]`, `v: [B, T, H, V]`, one float dtype. Errors: see
 /// [`GatedRecurrentBackend::gated_recurrent_forward`].
-pub fn fused_recurrent_linear_attn<B: GatedRecurrentBackend>(
+pub fn linear_attn<B: GatedRecurrentBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -120,7 +129,7 @@ pub fn fused_recurrent_linear_attn<B: GatedRecurrentBackend>(
 
 /// Simple GLA (and the Mamba2/SSD form): a data-dependent scalar log gate per token and head,
 /// `g: [B, T, H]` in the dtype of `q`: `S_t = exp(g_t) S_{t-1} + k_tᵀ v_t`.
-pub fn fused_recurrent_simple_gla<B: GatedRecurrentBackend>(
+pub fn simple_gla<B: GatedRecurrentBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -131,9 +140,9 @@ pub fn fused_recurrent_simple_gla<B: GatedRecurrentBackend>(
 }
 
 /// GLA: a per-key-dimension log gate `gk: [B, T, H, K]` and an optional per-value log gate
-/// `gv: [B, T, H, V]`, both in the dtype of `q`:
+/// `gv: [B, T, H, V]` (fused recurrent form only), both in the dtype of `q`:
 /// `S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_tᵀ v_t`.
-pub fn fused_recurrent_gla<B: GatedRecurrentBackend>(
+pub fn gla<B: GatedRecurrentBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -153,7 +162,7 @@ pub fn retention_decay(heads: usize) -> Vec<f64> {
 
 /// Retention (RetNet): a fixed log decay per head, [`retention_decay`] unless `decay` (one
 /// value per head, log space) is given. The decay is a constant: it receives no gradient.
-pub fn fused_recurrent_retention<B: GatedRecurrentBackend>(
+pub fn retention<B: GatedRecurrentBackend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -178,3 +187,71 @@ pub fn fused_recurrent_retention<B: GatedRecurrentBackend>(
         .expand([b, t, h]);
     run(q, k, v, Some(prim(g)), None, GateKind::Scalar, opts)
 }
+
+/// Defines FLA's mode-named entry points (`fused_recurrent_*`, `chunk_*`) over the generic ones.
+macro_rules! with_mode {
+    ($(#[$doc:meta])* $name:ident = $generic:ident($($arg:ident: $ty:ty),*), $mode:expr) => {
+        $(#[$doc])*
+        pub fn $name<B: GatedRecurrentBackend>(
+            $($arg: $ty,)*
+            opts: RecurrentOptions<B>,
+        ) -> Result<RecurrentOutput<B>, FlaError> {
+            $generic($($arg,)* opts.with_mode($mode))
+        }
+    };
+}
+
+with_mode!(
+    /// [`linear_attn`] in the fused recurrent form.
+    fused_recurrent_linear_attn = linear_attn(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>),
+    GatedMode::FusedRecurrent
+);
+with_mode!(
+    /// [`simple_gla`] in the fused recurrent form.
+    fused_recurrent_simple_gla = simple_gla(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>
+    ),
+    GatedMode::FusedRecurrent
+);
+with_mode!(
+    /// [`gla`] in the fused recurrent form.
+    fused_recurrent_gla = gla(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, gk: Tensor<B, 4>,
+        gv: Option<Tensor<B, 4>>
+    ),
+    GatedMode::FusedRecurrent
+);
+with_mode!(
+    /// [`retention`] in the fused recurrent form.
+    fused_recurrent_retention = retention(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, decay: Option<&[f64]>
+    ),
+    GatedMode::FusedRecurrent
+);
+with_mode!(
+    /// [`linear_attn`] in the chunkwise-parallel form.
+    chunk_linear_attn = linear_attn(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>),
+    GatedMode::Chunk
+);
+with_mode!(
+    /// [`simple_gla`] in the chunkwise-parallel form.
+    chunk_simple_gla = simple_gla(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>
+    ),
+    GatedMode::Chunk
+);
+with_mode!(
+    /// [`gla`] in the chunkwise-parallel form (no value gate: `gv` must be `None`).
+    chunk_gla = gla(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, gk: Tensor<B, 4>,
+        gv: Option<Tensor<B, 4>>
+    ),
+    GatedMode::Chunk
+);
+with_mode!(
+    /// [`retention`] in the chunkwise-parallel form.
+    chunk_retention = retention(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, decay: Option<&[f64]>
+    ),
+    GatedMode::Chunk
+);

@@ -6,12 +6,13 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use fla_cubecl_kernels::gated::{
-    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, GatedProblem,
+    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
+    ForwardBuffers, GatedProblem,
 };
 
 use super::{
-    describe, describe_backward, kernel_dtype, GatedForward, GatedGrads, GatedOptions,
-    GatedRecurrentBackend, GatedTensors,
+    describe, describe_backward, kernel_dtype, GatedForward, GatedGrads, GatedMode, GatedOptions,
+    GatedRecurrentBackend, GatedTensors, CHUNK_SIZE,
 };
 use crate::FlaError;
 
@@ -65,20 +66,20 @@ where
         let o = empty(&q, vec![p.batch, p.seq_len, p.heads, p.v_dim], dtype);
         let state = vec![p.num_seqs(), p.heads, p.k_dim, p.v_dim];
         let ht = p.output_final_state.then(|| empty(&q, state, DType::F32));
-        recurrent_forward(
-            &q.client,
-            &p,
-            ForwardBuffers {
-                q: &q.handle,
-                k: &k.handle,
-                v: &v.handle,
-                g: g.as_ref().map(|t| &t.handle),
-                gv: gv.as_ref().map(|t| &t.handle),
-                h0: h0.as_ref().map(|t| &t.handle),
-                o: &o.handle,
-                ht: ht.as_ref().map(|t| &t.handle),
-            },
-        )?;
+        let buffers = ForwardBuffers {
+            q: &q.handle,
+            k: &k.handle,
+            v: &v.handle,
+            g: g.as_ref().map(|t| &t.handle),
+            gv: gv.as_ref().map(|t| &t.handle),
+            h0: h0.as_ref().map(|t| &t.handle),
+            o: &o.handle,
+            ht: ht.as_ref().map(|t| &t.handle),
+        };
+        match opts.mode.resolve(&p) {
+            GatedMode::Chunk => chunk_forward(&q.client, &p, CHUNK_SIZE, buffers)?,
+            _ => recurrent_forward(&q.client, &p, buffers)?,
+        }
         Ok(GatedForward { o, ht })
     }
 
@@ -105,28 +106,28 @@ where
         let dh0 = h0
             .as_ref()
             .map(|t| empty(&q, t.shape().to_vec(), DType::F32));
-        recurrent_backward(
-            &q.client,
-            &p,
-            BackwardBuffers {
-                q: &q.handle,
-                k: &k.handle,
-                v: &v.handle,
-                g: g.as_ref().map(|t| &t.handle),
-                gv: gv.as_ref().map(|t| &t.handle),
-                h0: h0.as_ref().map(|t| &t.handle),
-                o: Some(&o.handle),
-                ht: ht.as_ref().map(|t| &t.handle),
-                d_o: &d_o.handle,
-                d_ht: d_ht.as_ref().map(|t| &t.handle),
-                dq: &dq.handle,
-                dk: &dk.handle,
-                dv: &dv.handle,
-                dg: dg.as_ref().map(|t| &t.handle),
-                dgv: dgv.as_ref().map(|t| &t.handle),
-                dh0: dh0.as_ref().map(|t| &t.handle),
-            },
-        )?;
+        let buffers = BackwardBuffers {
+            q: &q.handle,
+            k: &k.handle,
+            v: &v.handle,
+            g: g.as_ref().map(|t| &t.handle),
+            gv: gv.as_ref().map(|t| &t.handle),
+            h0: h0.as_ref().map(|t| &t.handle),
+            o: Some(&o.handle),
+            ht: ht.as_ref().map(|t| &t.handle),
+            d_o: &d_o.handle,
+            d_ht: d_ht.as_ref().map(|t| &t.handle),
+            dq: &dq.handle,
+            dk: &dk.handle,
+            dv: &dv.handle,
+            dg: dg.as_ref().map(|t| &t.handle),
+            dgv: dgv.as_ref().map(|t| &t.handle),
+            dh0: dh0.as_ref().map(|t| &t.handle),
+        };
+        match opts.mode.resolve(&p) {
+            GatedMode::Chunk => chunk_backward(&q.client, &p, CHUNK_SIZE, buffers)?,
+            _ => recurrent_backward(&q.client, &p, buffers)?,
+        }
         Ok(GatedGrads {
             dq,
             dk,

@@ -1,5 +1,5 @@
-//! The gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`), fused
-//! recurrent form, as a Burn backend extension.
+//! The gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`), in its
+//! fused recurrent and chunkwise-parallel forms, as a Burn backend extension.
 //!
 //! Recurrence per sequence and head (FLA's conventions, gates in log space):
 //! `S_t = diag(exp(gk_t)) · S_{t-1} · diag(exp(gv_t)) + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
@@ -11,8 +11,9 @@ mod fallback;
 mod fusion;
 
 pub use api::{
-    fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
-    fused_recurrent_simple_gla, retention_decay, RecurrentOptions, RecurrentOutput,
+    chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,
+    fused_recurrent_linear_attn, fused_recurrent_retention, fused_recurrent_simple_gla, gla,
+    linear_attn, retention, retention_decay, simple_gla, RecurrentOptions, RecurrentOutput,
 };
 pub use fla_cubecl_kernels::gated::GateKind;
 
@@ -54,6 +55,47 @@ impl<B: Backend> Clone for GatedTensors<B> {
     }
 }
 
+/// Which form computes a call. Both give the same result up to rounding and share one backward
+/// contract; they differ in speed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum GatedMode {
+    /// Chunkwise-parallel for sequences longer than one chunk, fused recurrent otherwise and
+    /// whenever a value gate is given (as FLA's layers choose).
+    #[default]
+    Auto,
+    /// One step at a time, the state on chip (best for decoding and short sequences).
+    FusedRecurrent,
+    /// Chunks of [`CHUNK_SIZE`] positions in parallel, states passed chunk to chunk (training).
+    /// Has no value gate.
+    Chunk,
+}
+
+/// Positions per chunk of the chunk form.
+pub const CHUNK_SIZE: usize = fla_cubecl_kernels::gated::DEFAULT_CHUNK;
+
+impl GatedMode {
+    /// The form [`GatedMode::Auto`] stands for on this problem; explicit modes stay as they are.
+    pub fn resolve(self, p: &GatedProblem) -> GatedMode {
+        match self {
+            GatedMode::Auto => {
+                let longest = (0..p.num_seqs())
+                    .map(|n| {
+                        let (a, b) = p.bounds(n);
+                        b - a
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if p.value_gate || longest <= CHUNK_SIZE {
+                    GatedMode::FusedRecurrent
+                } else {
+                    GatedMode::Chunk
+                }
+            }
+            explicit => explicit,
+        }
+    }
+}
+
 /// Options of one call, as the ops see them (the user-facing [`RecurrentOptions`] resolves
 /// defaults such as the scale).
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +105,7 @@ pub struct GatedOptions {
     pub reverse: bool,
     pub cu_seqlens: Option<Vec<usize>>,
     pub output_final_state: bool,
+    pub mode: GatedMode,
 }
 
 /// Forward results: `o: [B, T, H, V]` in the dtype of `q`; `ht: [N, H, K, V]` in `f32`.
@@ -83,7 +126,7 @@ pub struct GatedGrads<B: Backend> {
     pub dh0: Option<FloatTensor<B>>,
 }
 
-/// Backend extension for the gated family's fused recurrent form.
+/// Backend extension for the gated family (both forms; [`GatedOptions::mode`] chooses).
 ///
 /// The default methods compute through plain tensor ops (any backend); `CubeBackend` and
 /// `Fusion<CubeBackend>` override them with the fused kernels, and `Autodiff<B>` records the
@@ -228,6 +271,12 @@ pub(crate) fn describe<B: Backend>(
         }
     }
     if let Some(gv) = &x.gv {
+        if opts.mode == GatedMode::Chunk {
+            return Err(FlaError::Unsupported(
+                "the chunk form has no value gate (gv); use GatedMode::FusedRecurrent or Auto"
+                    .into(),
+            ));
+        }
         if shape(gv) != vs {
             return Err(FlaError::Shape(format!(
                 "value gate gv must be [B, T, H, V] = {vs:?}, got {:?}",
@@ -312,4 +361,62 @@ pub(crate) fn describe_backward<B: Backend>(
         }
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(seq_len: usize, cu_seqlens: Option<Vec<usize>>, value_gate: bool) -> GatedProblem {
+        GatedProblem {
+            batch: 1,
+            seq_len,
+            heads: 1,
+            k_dim: 8,
+            v_dim: 8,
+            gate: GateKind::Vector,
+            value_gate,
+            scale: 1.0,
+            reverse: false,
+            cu_seqlens,
+            has_initial_state: false,
+            output_final_state: false,
+            dtype: FloatDType::F32,
+        }
+    }
+
+    #[test]
+    fn auto_mode_follows_length_and_value_gate() {
+        let auto = |p: &GatedProblem| GatedMode::Auto.resolve(p);
+        assert_eq!(auto(&problem(1, None, false)), GatedMode::FusedRecurrent);
+        assert_eq!(
+            auto(&problem(CHUNK_SIZE, None, false)),
+            GatedMode::FusedRecurrent
+        );
+        assert_eq!(
+            auto(&problem(CHUNK_SIZE + 1, None, false)),
+            GatedMode::Chunk
+        );
+        assert_eq!(auto(&problem(4096, None, true)), GatedMode::FusedRecurrent);
+        // Many short sequences packed together decode step by step; one long one goes by chunks.
+        let short = (0..=40).map(|i| i * 10).collect::<Vec<_>>();
+        assert_eq!(
+            auto(&problem(400, Some(short), false)),
+            GatedMode::FusedRecurrent
+        );
+        assert_eq!(
+            auto(&problem(400, Some(vec![0, 10, 400]), false)),
+            GatedMode::Chunk
+        );
+        // Explicit modes are kept.
+        let p = problem(4096, None, false);
+        assert_eq!(
+            GatedMode::FusedRecurrent.resolve(&p),
+            GatedMode::FusedRecurrent
+        );
+        assert_eq!(
+            GatedMode::Chunk.resolve(&problem(1, None, false)),
+            GatedMode::Chunk
+        );
+    }
 }
