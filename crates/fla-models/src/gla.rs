@@ -1,15 +1,16 @@
 //! FLA's `GatedLinearAttention` token mixer (GLA, arXiv 2312.06635), with FLA's parameter names.
 //!
-//! Runs on `fused_recurrent_gla`, a whole sequence or one step at a time from a cached state; the
-//! chunk mode FLA uses for long training sequences comes with the chunk op (issue 3). Grouped
-//! key/value heads, feature maps and `clamp_min` are not supported yet and are refused.
+//! Runs on the `gla` op: FLA's `chunk` mode maps to [`GatedMode::Auto`] (the form measured fastest
+//! for the call; FLA's layers also step for 64 tokens and below), `fused_recurrent` to the fused
+//! recurrent form. Grouped key/value heads,
+//! feature maps and `clamp_min` are not supported yet and are refused.
 
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
 use burn::tensor::Tensor;
-use fla_burn::{fused_recurrent_gla, FlaError, GatedRecurrentBackend, RecurrentOptions};
+use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, ShortConvolution, ShortConvolutionConfig};
 
@@ -38,6 +39,10 @@ pub struct GatedLinearAttentionConfig {
     pub gate_logit_normalizer: f64,
     #[config(default = 16)]
     pub gate_low_rank_dim: usize,
+    /// FLA's `mode`: `false` is `chunk` ([`GatedMode::Auto`]), `true` is `fused_recurrent`
+    /// (always step by step).
+    #[config(default = false)]
+    pub fused_recurrent: bool,
 }
 
 /// Recurrent state carried between calls: the GLA state `[B, H, K, V]` (f32) and, with short
@@ -64,6 +69,7 @@ pub struct GatedLinearAttention<B: GatedRecurrentBackend> {
     pub v_conv1d: Option<ShortConvolution<B>>,
     pub num_heads: usize,
     pub gate_logit_normalizer: f64,
+    pub fused_recurrent: bool,
 }
 
 impl GatedLinearAttentionConfig {
@@ -112,6 +118,7 @@ impl GatedLinearAttentionConfig {
             v_conv1d: conv(vd),
             num_heads: self.num_heads,
             gate_logit_normalizer: self.gate_logit_normalizer,
+            fused_recurrent: self.fused_recurrent,
         })
     }
 }
@@ -153,14 +160,19 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
             y.reshape([b, t, nh, d])
         };
         let gk = log_sigmoid(heads(gk)) / self.gate_logit_normalizer;
-        let mut opts = RecurrentOptions::default();
+        let mode = if self.fused_recurrent {
+            GatedMode::FusedRecurrent
+        } else {
+            GatedMode::Auto
+        };
+        let mut opts = RecurrentOptions::default().with_mode(mode);
         if let Some(s) = state {
             opts = opts.with_initial_state(s);
         }
         if use_cache {
             opts = opts.with_final_state();
         }
-        let out = fused_recurrent_gla(heads(q), heads(k), heads(v), gk, None, opts)?;
+        let out = gla(heads(q), heads(k), heads(v), gk, None, opts)?;
         let o = match &self.g_proj {
             Some(g) => self.g_norm_swish_gate.forward(out.o, heads(g.forward(x))),
             None => self.g_norm_swish_gate.norm.forward(out.o),

@@ -140,6 +140,15 @@ impl GlaConfig {
                 "GLA layers without gk or with gv".into(),
             ));
         }
+        let fused_recurrent = match self.attn_mode.as_str() {
+            "chunk" | "fused_chunk" => false,
+            "fused_recurrent" => true,
+            other => {
+                return Err(FlaError::Unsupported(format!(
+                    "attn_mode {other:?} (expected chunk, fused_chunk or fused_recurrent)"
+                )))
+            }
+        };
         let h = self.hidden_size;
         let norm = || {
             RmsNormConfig::new(h)
@@ -154,7 +163,8 @@ impl GlaConfig {
             .with_use_short_conv(self.use_short_conv)
             .with_conv_size(self.conv_size)
             .with_use_output_gate(self.use_output_gate)
-            .with_norm_eps(self.norm_eps);
+            .with_norm_eps(self.norm_eps)
+            .with_fused_recurrent(fused_recurrent);
         let mlp = GatedMlpConfig::new(h)
             .with_intermediate_size(self.intermediate_size)
             .with_hidden_ratio(self.hidden_ratio.unwrap_or(4));

@@ -110,3 +110,25 @@ fn overfits_a_tiny_batch() {
     }
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
+
+/// FLA's `attn_mode` values are accepted, anything else is refused by name.
+#[test]
+fn attn_mode_is_checked() {
+    let device = Default::default();
+    for mode in ["chunk", "fused_chunk", "fused_recurrent"] {
+        let config = GlaConfig {
+            attn_mode: mode.into(),
+            ..tiny()
+        };
+        assert!(config.init::<B>(&device).is_ok(), "{mode} refused");
+    }
+    let bad = GlaConfig {
+        attn_mode: "parallel".into(),
+        ..tiny()
+    };
+    match bad.init::<B>(&device) {
+        Err(fla_burn::FlaError::Unsupported(msg)) => assert!(msg.contains("parallel"), "{msg}"),
+        Err(other) => panic!("expected Unsupported, got {other}"),
+        Ok(_) => panic!("unknown attn_mode accepted"),
+    }
+}

@@ -59,8 +59,11 @@ impl<B: Backend> Clone for GatedTensors<B> {
 /// contract; they differ in speed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum GatedMode {
-    /// Chunkwise-parallel for sequences longer than one chunk, fused recurrent otherwise and
-    /// whenever a value gate is given (as FLA's layers choose).
+    /// The form measured fastest for the call. Today that is the fused recurrent form everywhere:
+    /// the chunk kernels are plain-arithmetic (no tensor cores yet) and measured 4-8x slower
+    /// than the recurrent ones on an H100 (benches/results/h100-bf16-table.md). When a chunk
+    /// path beats it, `Auto` takes the chunk form for sequences longer than one chunk, as FLA's
+    /// layers do.
     #[default]
     Auto,
     /// One step at a time, the state on chip (best for decoding and short sequences).
@@ -75,22 +78,9 @@ pub const CHUNK_SIZE: usize = fla_cubecl_kernels::gated::DEFAULT_CHUNK;
 
 impl GatedMode {
     /// The form [`GatedMode::Auto`] stands for on this problem; explicit modes stay as they are.
-    pub fn resolve(self, p: &GatedProblem) -> GatedMode {
+    pub fn resolve(self, _p: &GatedProblem) -> GatedMode {
         match self {
-            GatedMode::Auto => {
-                let longest = (0..p.num_seqs())
-                    .map(|n| {
-                        let (a, b) = p.bounds(n);
-                        b - a
-                    })
-                    .max()
-                    .unwrap_or(0);
-                if p.value_gate || longest <= CHUNK_SIZE {
-                    GatedMode::FusedRecurrent
-                } else {
-                    GatedMode::Chunk
-                }
-            }
+            GatedMode::Auto => GatedMode::FusedRecurrent,
             explicit => explicit,
         }
     }
@@ -386,27 +376,13 @@ mod tests {
     }
 
     #[test]
-    fn auto_mode_follows_length_and_value_gate() {
+    fn auto_mode_takes_the_measured_fastest_form() {
         let auto = |p: &GatedProblem| GatedMode::Auto.resolve(p);
         assert_eq!(auto(&problem(1, None, false)), GatedMode::FusedRecurrent);
+        assert_eq!(auto(&problem(4096, None, false)), GatedMode::FusedRecurrent);
         assert_eq!(
-            auto(&problem(CHUNK_SIZE, None, false)),
+            auto(&problem(400, Some(vec![0, 10, 400]), true)),
             GatedMode::FusedRecurrent
-        );
-        assert_eq!(
-            auto(&problem(CHUNK_SIZE + 1, None, false)),
-            GatedMode::Chunk
-        );
-        assert_eq!(auto(&problem(4096, None, true)), GatedMode::FusedRecurrent);
-        // Many short sequences packed together decode step by step; one long one goes by chunks.
-        let short = (0..=40).map(|i| i * 10).collect::<Vec<_>>();
-        assert_eq!(
-            auto(&problem(400, Some(short), false)),
-            GatedMode::FusedRecurrent
-        );
-        assert_eq!(
-            auto(&problem(400, Some(vec![0, 10, 400]), false)),
-            GatedMode::Chunk
         );
         // Explicit modes are kept.
         let p = problem(4096, None, false);

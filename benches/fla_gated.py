@@ -1,0 +1,120 @@
+"""Times FLA 0.6.0's Triton kernels (chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
+fused_recurrent_gla) and torch SDPA (flash backend, causal) on the shapes of benches/table.rs,
+median of triton's do_bench, and joins them with our CSV into the ratio table (FLA-time /
+our-time: above 1 we are faster, benches/join.py). On the GPU machine, fla-core carried as a wheel:
+  python3 benches/fla_gated.py --seq 4096 --ours $OUT/ours.csv --out $OUT
+First calls compile and autotune (20 s to 2 min per op): `--warm` runs each op once per shape in
+parallel processes before the timed pass, so compiles do not overlap the timing.
+"""
+import argparse
+import csv
+import os
+import subprocess
+import sys
+
+p = argparse.ArgumentParser()
+p.add_argument("--batch", type=int, default=8)
+p.add_argument("--heads", type=int, default=16)
+p.add_argument("--dim", type=int, default=128)
+p.add_argument("--seq", default="4096")
+p.add_argument("--dtype", default="bf16")
+p.add_argument(
+    "--ops",
+    default="chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,sdpa",
+)
+p.add_argument("--ours", help="CSV written by benches/table.rs")
+p.add_argument("--out", default=".")
+p.add_argument("--warm", action="store_true", help="compile every op first, in parallel")
+p.add_argument("--only-warm", action="store_true", help=argparse.SUPPRESS)
+a = p.parse_args()
+
+if a.warm:
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--only-warm", "--ops", op, "--seq", a.seq,
+                          "--batch", str(a.batch), "--heads", str(a.heads), "--dim", str(a.dim),
+                          "--dtype", a.dtype])
+        for op in a.ops.split(",")
+    ]
+    for pr in procs:
+        pr.wait()
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import fla.ops.common.chunk_o as chunk_o
+from fla.ops.gla import chunk_gla, fused_recurrent_gla
+from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+
+# FLA 0.6.0 refuses the gated chunk backward on Triton < 3.7.1 on Hopper (their issue #640);
+# bypassed for timing only.
+chunk_o.TRITON_ABOVE_3_7_1 = True
+
+dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[a.dtype]
+FNS = {
+    "chunk_simple_gla": chunk_simple_gla,
+    "chunk_gla": chunk_gla,
+    "fused_recurrent_simple_gla": fused_recurrent_simple_gla,
+    "fused_recurrent_gla": fused_recurrent_gla,
+}
+
+
+def make(op, t):
+    B, H, D = a.batch, a.heads, a.dim
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
+    if op == "sdpa":
+        q, k, v, do = (mk(B, H, t, D) for _ in range(4))
+
+        def fn(q, k, v):
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return fn, [q, k, v], do
+    q, k, v, do = (mk(B, t, H, D) for _ in range(4))
+    gate = F.logsigmoid(mk(B, t, H, D)) if op.endswith("_gla") and "simple" not in op \
+        else F.logsigmoid(mk(B, t, H))
+    f = FNS[op]
+    return (lambda q, k, v, g: f(q, k, v, g)[0]), [q, k, v, gate], do
+
+
+rows = []
+for t in [int(s) for s in a.seq.split(",")]:
+    for op in a.ops.split(","):
+        fn, xs, do = make(op, t)
+        leaves = [x.detach().requires_grad_() for x in xs]
+
+        def fwd():
+            return fn(*xs)
+
+        def fwd_bwd():
+            fn(*leaves).backward(do)
+
+        if a.only_warm:
+            fwd()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            continue
+        f = do_bench(fwd, warmup=50, rep=300, return_mode="median")
+        fb = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
+        rows.append((op, t, f, fb))
+        print(f"| {op} | {a.batch} | {t} | {a.heads} | {a.dim} | {a.dtype} | {f:.3f} | {fb:.3f} |",
+              flush=True)
+        del xs, leaves, do
+        torch.cuda.empty_cache()
+if a.only_warm:
+    sys.exit(0)
+
+os.makedirs(a.out, exist_ok=True)
+with open(os.path.join(a.out, "fla.csv"), "w") as fh:
+    fh.write("impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms\n")
+    for op, t, f, fb in rows:
+        fh.write(f"fla-0.6.0,{op},{a.batch},{t},{a.heads},{a.dim},{a.dtype},{f:.4f},{fb:.4f}\n")
+
+if a.ours:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import join
+
+    out = join.table(join.load(a.ours), join.load(os.path.join(a.out, "fla.csv")))
+    print(out)
+    with open(os.path.join(a.out, "table.md"), "w") as fh:
+        fh.write(out)

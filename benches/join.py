@@ -1,0 +1,41 @@
+"""Joins our timings (benches/table.rs, ours.csv) and FLA's (benches/fla_gated.py, fla.csv) into
+the ratio table: theirs / ours, above 1 where we are faster. SDPA is set against Burn's own
+`attention`. Plain Python, no torch:  python3 benches/join.py OURS.csv FLA.csv > table.md
+"""
+import csv
+import sys
+
+
+def load(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def table(ours_rows, fla_rows):
+    ours = {(r["op"], int(r["T"])): r for r in ours_rows}
+    num = lambda s: float(s) if s else None
+    ratio = lambda x, y: f"{x / y:.2f}" if x and y else "—"
+    show = lambda x: f"{x:.3f}" if x else "—"
+    first = fla_rows[0]
+    lines = [
+        f"B={first['B']}, H={first['H']}, K=V={first['D']}, {first['dtype']}; median ms; "
+        "ratio = theirs / ours (above 1: we are faster); ours in the form the op names. "
+        "sdpa (torch, flash backend, causal) is set against Burn's own `attention` (causal); "
+        "— where Burn's attention ran out of memory or was skipped.",
+        "",
+        "| op | T | ours fwd | FLA fwd | ratio fwd | ours fwd+bwd | FLA fwd+bwd | ratio fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in fla_rows:
+        op, t = r["op"], int(r["T"])
+        mine = ours.get(("attention" if op == "sdpa" else op, t), {})
+        of, ofb = num(mine.get("fwd_ms")), num(mine.get("fwd_bwd_ms"))
+        f, fb = num(r["fwd_ms"]), num(r["fwd_bwd_ms"])
+        name = "sdpa vs Burn attention" if op == "sdpa" else op
+        lines.append(f"| {name} | {t} | {show(of)} | {show(f)} | {ratio(f, of)} | {show(ofb)} | "
+                     f"{show(fb)} | {ratio(fb, ofb)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table(load(sys.argv[1]), load(sys.argv[2])))

@@ -1,0 +1,215 @@
+//! The benchmark table of the gated family (FLA's README layout): per op and form, forward and
+//! forward+backward milliseconds, median of repeated runs after warm-up, a device sync closing each
+//! run. Burn's own softmax `attention` (causal) runs beside it as the baseline. Speed is measured
+//! here, never asserted in tests. On the GPU machine (see benches/README.md):
+//!   BIN=table bash .gpu/run.sh -- --backend cuda --dtype bf16 --seq 512,1024,2048,4096,8192,16384 --out $OUT
+//! writes `ours.csv` and `ours.md` to `--out`; `benches/fla_gated.py` times FLA's Triton kernels
+//! and torch SDPA on the same shapes and joins both into the ratio table.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{activation::log_sigmoid, Distribution, FloatDType, Tensor};
+use clap::Parser;
+use fla::ops::{gla, simple_gla, GatedMode, GatedRecurrentBackend, RecurrentOptions};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// cuda or wgpu
+    #[arg(long, default_value = "wgpu")]
+    backend: String,
+    /// f32, f16 or bf16
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    /// Head dimension K = V.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Comma-separated sequence lengths.
+    #[arg(long, default_value = "4096")]
+    seq: String,
+    /// Comma-separated ops: chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
+    /// fused_recurrent_gla, attention (Burn's causal softmax attention).
+    #[arg(
+        long,
+        default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
+    )]
+    ops: String,
+    /// Burn's attention materialises the T×T scores: skip its forward above this length and its
+    /// backward above half of it (it runs out of memory beyond).
+    #[arg(long, default_value_t = 8192)]
+    attention_max: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Folder for ours.csv and ours.md.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Ignored: cargo bench passes it.
+    #[arg(long)]
+    bench: bool,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// Median milliseconds of `f`, each run closed by a device sync.
+fn time<B: Backend>(device: &B::Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+        B::sync(device).expect("device sync");
+    }
+    let runs = (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            B::sync(device).expect("device sync");
+            t0.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(runs)
+}
+
+struct Inputs<B: Backend> {
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    gk: Tensor<B, 4>,
+    g: Tensor<B, 3>,
+    d_o: Tensor<B, 4>,
+}
+
+fn inputs<B: Backend>(dims: [usize; 4], dtype: FloatDType, device: &B::Device) -> Inputs<B> {
+    let n = Distribution::Normal(0.0, 1.0);
+    let r4 = || Tensor::<B, 4>::random(dims, n, device).cast(dtype);
+    let [b, t, h, _] = dims;
+    Inputs {
+        q: r4(),
+        k: r4(),
+        v: r4(),
+        gk: log_sigmoid(Tensor::<B, 4>::random(dims, n, device)).cast(dtype),
+        g: log_sigmoid(Tensor::<B, 3>::random([b, t, h], n, device)).cast(dtype),
+        d_o: r4(),
+    }
+}
+
+/// One call of `op` on `x`; `grad` marks the inputs as requiring gradients first.
+fn call<B: GatedRecurrentBackend>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
+    let g = |t: &Tensor<B, 4>| {
+        if grad {
+            t.clone().require_grad()
+        } else {
+            t.clone()
+        }
+    };
+    let (q, k, v) = (g(&x.q), g(&x.k), g(&x.v));
+    let (form, name) = op.split_once("_").map_or(("", op), |(a, b)| match a {
+        "chunk" => ("chunk", b),
+        "fused" => ("fused", b.trim_start_matches("recurrent_")),
+        _ => ("", op),
+    });
+    let mode = match form {
+        "chunk" => GatedMode::Chunk,
+        "fused" => GatedMode::FusedRecurrent,
+        _ => GatedMode::Auto,
+    };
+    let opts = RecurrentOptions::default().with_mode(mode);
+    match name {
+        "gla" => gla(q, k, v, g(&x.gk), None, opts).expect("valid inputs").o,
+        "simple_gla" => {
+            let gs = if grad {
+                x.g.clone().require_grad()
+            } else {
+                x.g.clone()
+            };
+            simple_gla(q, k, v, gs, opts).expect("valid inputs").o
+        }
+        "attention" => {
+            // Burn's attention takes [B, H, T, D].
+            let t = |x: Tensor<B, 4>| x.swap_dims(1, 2);
+            let options = AttentionModuleOptions {
+                is_causal: true,
+                ..Default::default()
+            };
+            t(attention(t(q), t(k), t(v), None, None, options))
+        }
+        other => panic!("unknown op {other}"),
+    }
+}
+
+fn run<B: GatedRecurrentBackend>(args: &Args, dtype: FloatDType) {
+    let device = B::Device::default();
+    let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
+    let mut csv = String::from("impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms\n");
+    let mut md = String::from(
+        "| op | B | T | H | K=V | dtype | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    print!("{md}");
+    for t in args
+        .seq
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().expect("sequence length"))
+    {
+        let dims = [args.batch, t, args.heads, args.dim];
+        let x = inputs::<B>(dims, dtype, &device);
+        let xa = inputs::<Autodiff<B>>(dims, dtype, &device);
+        for &op in &ops {
+            let is_attention = op == "attention";
+            let fwd = (!is_attention || t <= args.attention_max).then(|| {
+                time::<B>(&device, args.warmup, args.iters, || {
+                    drop(call(op, &x, false))
+                })
+            });
+            let fwd_bwd = (!is_attention || 2 * t <= args.attention_max).then(|| {
+                time::<B>(&device, args.warmup, args.iters, || {
+                    let o = call(op, &xa, true);
+                    drop((o * xa.d_o.clone()).sum().backward());
+                })
+            });
+            let fmt = |x: Option<f64>| x.map_or("".into(), |ms| format!("{ms:.3}"));
+            let (f, fb) = (fmt(fwd), fmt(fwd_bwd));
+            let (b, h, d, dt) = (args.batch, args.heads, args.dim, &args.dtype);
+            let row = format!("| {op} | {b} | {t} | {h} | {d} | {dt} | {f} | {fb} |\n");
+            print!("{row}");
+            md.push_str(&row);
+            writeln!(
+                csv,
+                "fla-burn-{},{op},{b},{t},{h},{d},{dt},{f},{fb}",
+                args.backend
+            )
+            .unwrap();
+        }
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).expect("output folder");
+        std::fs::write(dir.join("ours.csv"), csv).expect("write ours.csv");
+        std::fs::write(dir.join("ours.md"), md).expect("write ours.md");
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let dtype = match args.dtype.as_str() {
+        "f32" => FloatDType::F32,
+        "f16" => FloatDType::F16,
+        "bf16" => FloatDType::BF16,
+        other => panic!("unknown dtype {other}"),
+    };
+    match args.backend.as_str() {
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<burn::backend::Cuda>(&args, dtype),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<burn::backend::Wgpu>(&args, dtype),
+        other => panic!("backend {other} not compiled in"),
+    }
+}
