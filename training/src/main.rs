@@ -50,6 +50,12 @@ struct Args {
     /// Metrics CSV (step, train loss, validation loss).
     #[arg(long, default_value = "runs/gla-tiny/metrics.csv")]
     metrics: String,
+    /// CubeCL's autotune effort (minimal, balanced, extensive, full) unless CUBECL_AUTOTUNE_LEVEL
+    /// is set. On a fresh CUDA machine `balanced` compiles hundreds of matmul candidates before
+    /// the first step (measured on an H100: no step within 150 s for this tiny model; with
+    /// `minimal`, 30 steps in 146 s including compilation). Results are cached on disk.
+    #[arg(long, default_value = "minimal")]
+    autotune: String,
 }
 
 /// SplitMix64: seeded batch sampling without another dependency.
@@ -133,7 +139,8 @@ where
     println!("step {:>5}  valid loss {start_valid:.4}", 0);
     writeln!(csv, "0,,{start_valid},0")?;
     let mut rng = Rng(args.seed);
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
+    let mut window_start = 0;
     let mut last_valid = start_valid;
     for step in 1..=args.steps {
         let lr = args.lr * (step as f64 / args.warmup.max(1) as f64).min(1.0);
@@ -151,7 +158,10 @@ where
         if step % args.eval_every == 0 || step == args.steps {
             last_valid = evaluate(&model)?;
             valid_loss = format!("{last_valid}");
-            let tok_s = (step * args.batch * args.seq_len) as f64 / t0.elapsed().as_secs_f64();
+            // Over the steps since the last report: the first window includes kernel compilation.
+            let tokens = (step - window_start) * args.batch * args.seq_len;
+            let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
+            (t0, window_start) = (Instant::now(), step);
             println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4}  {tok_s:.0} tokens/s");
         }
         writeln!(csv, "{step},{train_loss},{valid_loss},{lr}")?;
@@ -165,6 +175,14 @@ where
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if !["minimal", "balanced", "extensive", "full"].contains(&args.autotune.as_str()) {
+        return Err(format!("unknown --autotune level {:?}", args.autotune).into());
+    }
+    if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+        // CubeCL reads its configuration once, at the first device use, which comes after this.
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CUBECL_AUTOTUNE_LEVEL", &args.autotune) };
+    }
     match args.backend.as_str() {
         "ndarray" => train::<Autodiff<burn::backend::NdArray>>(&args),
         #[cfg(feature = "wgpu")]
