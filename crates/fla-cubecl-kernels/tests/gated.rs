@@ -687,3 +687,35 @@ fn chunk_refuses_value_gate() {
     );
     on_runtime!(expect_invalid_mode(&c, "value gate", CHUNK));
 }
+
+/// Half-precision error at T = 4096 against the f64 recurrence on the same rounded inputs, bounded
+/// by what FLA 0.6.0 measures for its own chunk kernels (relative RMSE 2.4e-3 for chunk_simple_gla,
+/// 2.5e-3 for chunk_gla, bf16, against an f32 recurrence; the bf16 rounding floor is 1.7e-3).
+/// Where bf16 cannot run (Vulkan, lavapipe) it must be refused; f16 runs everywhere.
+#[rstest]
+fn chunk_half_precision_error_at_4096(
+    #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(variant, 1, 4096, 2, 64, 64, 1.0, false, None, true, dtype);
+    on_runtime!(half_error_bounded(&c));
+}
+
+fn half_error_bounded<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    if c.p.dtype.check_supported(client).is_err() {
+        return half_or_refused(client, c, CHUNK);
+    }
+    let out = run_kernels(client, c, CHUNK).expect("kernels launch");
+    let (fwd, _) = c.reference();
+    let fla = if c.p.gate == GateKind::Scalar {
+        2.4e-3
+    } else {
+        2.5e-3
+    };
+    let err = rel_rmse(&out.o, &fwd.o);
+    eprintln!(
+        "{:?} {:?} T=4096: o relative RMSE {err:.2e} (FLA: {fla:.1e})",
+        c.p.dtype, c.p.gate
+    );
+    assert!(err <= fla, "o: relative RMSE {err:e} above FLA's {fla:e}");
+}
