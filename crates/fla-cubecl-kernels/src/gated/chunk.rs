@@ -129,6 +129,14 @@ pub fn chunk_cumsum_kernel<F: Float>(
     }
 }
 
+/// Positions of a chunk staged in shared memory at once by [`chunk_state_kernel`].
+pub const STATE_SUB: usize = 16;
+
+/// Shared-memory floats of one [`chunk_state_kernel`] cube.
+pub fn state_stage_len(c: &ChunkLayout) -> usize {
+    STATE_SUB * c.k + STATE_SUB * c.block_v + c.k
+}
+
 /// The state pass, walking each sequence's chunks in order (`backward = false`) or in reverse.
 ///
 /// Forward: stores the state entering each chunk into `states: [chunks, H, K, V]`, then
@@ -136,6 +144,9 @@ pub fn chunk_cumsum_kernel<F: Float>(
 /// Backward: stores the gradient leaving each chunk, then `dS ← diag(exp Λ_C) dS + scale · q̃ᵀ dO`
 /// (`key = q`, `val = dO`); starts from `init` (dhT) and leaves `dS` in `last` (dh0).
 /// Thread `(x, y)` of a cube owns value column `x` and key rows `y, y + KS, ...` in registers.
+/// The cube stages [`STATE_SUB`] positions at a time in shared memory (the key-side vectors with
+/// their gate factors, the value block) with coalesced loads, so the arithmetic reads on-chip
+/// memory instead of waiting on one global load per position.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_state_kernel<F: Float>(
@@ -160,12 +171,21 @@ pub fn chunk_state_kernel<F: Float>(
     let nh = CUBE_POS_Y as usize;
     let n = nh / c.heads;
     let h = nh % c.heads;
-    let col = CUBE_POS_X as usize * c.block_v + tv;
+    let col0 = CUBE_POS_X as usize * c.block_v;
+    let col = col0 + tv;
+    let col_ok = col < c.v;
     let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
     let nc = len.div_ceil(c.chunk);
     let first = first_chunk[n] as usize;
     let state_base = nh * c.k * c.v;
+    let units = comptime!(c.block_v * c.k_split);
+    let unit = tk * c.block_v + tv;
+    // Shared memory: keys [SUB, K], values [SUB, block_v], decays [K].
+    let key_len = comptime!(STATE_SUB * c.k);
+    let val_off = key_len;
+    let dec_off = comptime!(STATE_SUB * c.k + STATE_SUB * c.block_v);
+    let mut stage = SharedMemory::<f32>::new(comptime!(state_stage_len(&c)));
 
     let mut state = Array::<f32>::new(c.rows);
     #[unroll]
@@ -173,66 +193,108 @@ pub fn chunk_state_kernel<F: Float>(
         let i = tk + r * c.k_split;
         let mut s = 0.0f32;
         if has_init {
-            if i < c.k && col < c.v {
+            if i < c.k && col_ok {
                 s = init[state_base + i * c.v + col];
             }
         }
         state[r] = s;
     }
 
-    if col < c.v {
-        for step in 0..nc {
-            let mut ci = step;
-            if backward {
-                ci = nc - 1 - step;
-            }
-            let p0 = ci * c.chunk;
-            let cl = chunk_len(len, p0, c);
-            let out_base = ((first + ci) * c.heads + h) * c.k * c.v;
-            let last_tok = token_at(bos, len, p0 + cl - 1, c.reverse);
+    for step in 0..nc {
+        let mut ci = step;
+        if backward {
+            ci = nc - 1 - step;
+        }
+        let p0 = ci * c.chunk;
+        let cl = chunk_len(len, p0, c);
+        let out_base = ((first + ci) * c.heads + h) * c.k * c.v;
+        let last_tok = token_at(bos, len, p0 + cl - 1, c.reverse);
+        if comptime!(c.gated()) {
+            sync_cube();
             #[unroll]
-            for r in 0..c.rows {
-                let i = tk + r * c.k_split;
-                if i < c.k {
-                    states[out_base + i * c.v + col] = state[r];
-                    let mut a = 1.0f32;
-                    if comptime!(c.gated()) {
-                        a = lambda(gc, last_tok, h, i, c).exp();
-                    }
-                    state[r] *= a;
+            for m in 0..comptime!(c.k.div_ceil(units)) {
+                let e = unit + m * units;
+                if e < c.k {
+                    stage[dec_off + e] = lambda(gc, last_tok, h, e, c).exp();
                 }
             }
-            for s in 0..cl {
-                let tok = token_at(bos, len, p0 + s, c.reverse);
-                let vj = f32::cast_from(val[(tok * c.heads + h) * c.v + col]);
+            sync_cube();
+        }
+        #[unroll]
+        for r in 0..c.rows {
+            let i = tk + r * c.k_split;
+            if i < c.k {
+                if col_ok {
+                    states[out_base + i * c.v + col] = state[r];
+                }
+                if comptime!(c.gated()) {
+                    state[r] *= stage[dec_off + i];
+                }
+            }
+        }
+        let subs = cl.div_ceil(STATE_SUB);
+        for sub in 0..subs {
+            let s0 = sub * STATE_SUB;
+            let rest = cl - s0;
+            let mut sl = rest;
+            if rest > STATE_SUB {
+                sl = STATE_SUB;
+            }
+            sync_cube();
+            #[unroll]
+            for m in 0..comptime!(key_len.div_ceil(units)) {
+                let e = unit + m * units;
+                let s = e / c.k;
+                let i = e % c.k;
+                if e < key_len && s < sl {
+                    let tok = token_at(bos, len, p0 + s0 + s, c.reverse);
+                    let mut x = f32::cast_from(key[(tok * c.heads + h) * c.k + i]);
+                    if backward {
+                        x *= scale;
+                        if comptime!(c.gated()) {
+                            x *= lambda(gc, tok, h, i, c).exp();
+                        }
+                    } else {
+                        if comptime!(c.gated()) {
+                            x *= (lambda(gc, last_tok, h, i, c) - lambda(gc, tok, h, i, c)).exp();
+                        }
+                    }
+                    stage[e] = x;
+                }
+            }
+            #[unroll]
+            for m in 0..comptime!((STATE_SUB * c.block_v).div_ceil(units)) {
+                let e = unit + m * units;
+                let s = e / c.block_v;
+                let x = e % c.block_v;
+                if e < comptime!(STATE_SUB * c.block_v) && s < sl {
+                    let tok = token_at(bos, len, p0 + s0 + s, c.reverse);
+                    let mut y = 0.0f32;
+                    if col0 + x < c.v {
+                        y = f32::cast_from(val[(tok * c.heads + h) * c.v + col0 + x]);
+                    }
+                    stage[val_off + e] = y;
+                }
+            }
+            sync_cube();
+            for s in 0..sl {
+                let vj = stage[val_off + s * c.block_v + tv];
                 #[unroll]
                 for r in 0..c.rows {
                     let i = tk + r * c.k_split;
                     if i < c.k {
-                        let mut x = f32::cast_from(key[(tok * c.heads + h) * c.k + i]);
-                        if backward {
-                            x *= scale;
-                            if comptime!(c.gated()) {
-                                x *= lambda(gc, tok, h, i, c).exp();
-                            }
-                        } else {
-                            if comptime!(c.gated()) {
-                                x *= (lambda(gc, last_tok, h, i, c) - lambda(gc, tok, h, i, c))
-                                    .exp();
-                            }
-                        }
-                        state[r] += x * vj;
+                        state[r] += stage[s * c.k + i] * vj;
                     }
                 }
             }
         }
-        if has_last {
-            #[unroll]
-            for r in 0..c.rows {
-                let i = tk + r * c.k_split;
-                if i < c.k {
-                    last[state_base + i * c.v + col] = state[r];
-                }
+    }
+    if has_last {
+        #[unroll]
+        for r in 0..c.rows {
+            let i = tk + r * c.k_split;
+            if i < c.k && col_ok {
+                last[state_base + i * c.v + col] = state[r];
             }
         }
     }

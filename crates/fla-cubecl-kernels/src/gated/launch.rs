@@ -5,7 +5,7 @@ use cubecl::server::Handle;
 
 use super::chunk::{
     chunk_cumsum_kernel, chunk_dqk_kernel, chunk_dv_kernel, chunk_output_kernel,
-    chunk_pairs_kernel, chunk_state_kernel, ChunkLayout,
+    chunk_pairs_kernel, chunk_state_kernel, state_stage_len, ChunkLayout,
 };
 use super::recurrent_bwd::{
     final_state_sums_kernel, gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel,
@@ -429,6 +429,7 @@ fn chunk_layout<R: Runtime>(
         return Err(KernelError::InvalidProblem("chunk size 0".into()));
     }
     let (block_v, k_split) = tiles(client, p, false)?;
+    let max_smem = client.properties().hardware.max_shared_memory_size;
     let c = ChunkLayout {
         heads: p.heads,
         k: p.k_dim,
@@ -442,6 +443,12 @@ fn chunk_layout<R: Runtime>(
         k_split,
         rows: p.k_dim.div_ceil(k_split),
     };
+    if 4 * state_stage_len(&c) > max_smem {
+        return Err(KernelError::DeviceLimit(format!(
+            "the chunk state pass needs {} bytes of shared memory, the device has {max_smem}",
+            4 * state_stage_len(&c)
+        )));
+    }
     Ok((c, layout(p, block_v, k_split)))
 }
 
