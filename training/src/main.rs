@@ -4,8 +4,11 @@
 //!   cargo run -p training --bin fla-train                 # wgpu (lavapipe without a GPU)
 //!   cargo run -p training --bin fla-train -- --backend ndarray
 //!
-//! A first version of the training issue: a plain AdamW loop with warmup; burn-train's learner,
-//! checkpoints and resume, evaluation tasks and plots are not built yet.
+//! A plain AdamW loop with warmup, checkpoints every `--checkpoint-every` steps and `--resume` from
+//! the newest one (bit-exact on the same backend); burn-train's learner, evaluation tasks and plots
+//! are not built yet.
+
+mod checkpoint;
 
 use std::io::Write;
 use std::time::Instant;
@@ -56,6 +59,15 @@ struct Args {
     /// `minimal`, 30 steps in 146 s including compilation). Results are cached on disk.
     #[arg(long, default_value = "minimal")]
     autotune: String,
+    /// Checkpoint folder (model, optimizer, loop state per checkpoint).
+    #[arg(long, default_value = "runs/gla-tiny/checkpoints")]
+    checkpoints: std::path::PathBuf,
+    /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from the newest checkpoint in `--checkpoints` up to `--steps`.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// SplitMix64: seeded batch sampling without another dependency.
@@ -94,6 +106,9 @@ where
     B::InnerBackend: GatedRecurrentBackend,
 {
     let device = B::Device::default();
+    // Parameter initialisation draws from the backend's generator: seeded, a run is repeatable
+    // (and a resumed one can match an uninterrupted one).
+    B::seed(&device, args.seed);
     let bytes = CORPUS.as_bytes();
     let split = bytes.len() * 95 / 100;
     let (train_data, valid_data) = (&bytes[..split], &bytes[split..]);
@@ -108,6 +123,16 @@ where
     };
     let mut model: GlaForCausalLM<B> = config.init(&device)?;
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    let resumed = if args.resume {
+        let path = checkpoint::latest(&args.checkpoints)?
+            .ok_or_else(|| format!("--resume: no checkpoint in {}", args.checkpoints.display()))?;
+        let (m, o, state) = checkpoint::load(&path, model, optim, &device)?;
+        (model, optim) = (m, o);
+        println!("resumed from {} (step {})", path.display(), state.step);
+        Some(state)
+    } else {
+        None
+    };
     // A fixed validation set: the same windows at every evaluation.
     let valid: Vec<_> = {
         let mut rng = Rng(args.seed ^ 0xDEAD_BEEF);
@@ -126,9 +151,29 @@ where
     if let Some(dir) = std::path::Path::new(&args.metrics).parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // A resumed run keeps the metrics up to its checkpoint and appends from there.
+    let kept = match &resumed {
+        Some(state) => std::fs::read_to_string(&args.metrics)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                l.split(',')
+                    .next()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .is_some_and(|step| step <= state.step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        None => String::new(),
+    };
     let mut csv = std::fs::File::create(&args.metrics)?;
     writeln!(csv, "step,train_loss,valid_loss,learning_rate")?;
-    let start_valid = evaluate(&model)?;
+    csv.write_all(kept.as_bytes())?;
+    let start_valid = match &resumed {
+        Some(state) => state.start_valid,
+        None => evaluate(&model)?,
+    };
     println!(
         "GLA {} layers, hidden {}, {} parameters; byte-level corpus {} KB",
         args.layers,
@@ -136,13 +181,17 @@ where
         burn::module::Module::num_params(&model),
         bytes.len() / 1024
     );
-    println!("step {:>5}  valid loss {start_valid:.4}", 0);
-    writeln!(csv, "0,,{start_valid},0")?;
-    let mut rng = Rng(args.seed);
+    let (first_step, mut rng, mut last_valid) = match &resumed {
+        Some(state) => (state.step + 1, Rng(state.rng), state.last_valid),
+        None => {
+            println!("step {:>5}  valid loss {start_valid:.4}", 0);
+            writeln!(csv, "0,,{start_valid},0")?;
+            (1, Rng(args.seed), start_valid)
+        }
+    };
     let mut t0 = Instant::now();
-    let mut window_start = 0;
-    let mut last_valid = start_valid;
-    for step in 1..=args.steps {
+    let mut window_start = first_step - 1;
+    for step in first_step..=args.steps {
         let lr = args.lr * (step as f64 / args.warmup.max(1) as f64).min(1.0);
         let loss = model.loss(batch::<B>(
             train_data,
@@ -165,6 +214,16 @@ where
             println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4}  {tok_s:.0} tokens/s");
         }
         writeln!(csv, "{step},{train_loss},{valid_loss},{lr}")?;
+        let every = args.checkpoint_every;
+        if (every > 0 && step % every == 0) || step == args.steps {
+            let state = checkpoint::LoopState {
+                step,
+                rng: rng.0,
+                start_valid,
+                last_valid,
+            };
+            checkpoint::save(&args.checkpoints, &model, &optim, &state)?;
+        }
     }
     println!(
         "validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {}",
@@ -173,8 +232,17 @@ where
     Ok(())
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fla-train: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if !["minimal", "balanced", "extensive", "full"].contains(&args.autotune.as_str()) {
         return Err(format!("unknown --autotune level {:?}", args.autotune).into());
     }
