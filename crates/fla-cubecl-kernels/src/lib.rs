@@ -5,7 +5,7 @@
 //!
 //! Families:
 //! - [`gated`]: the gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`),
-//!   fused recurrent form, forward and backward.
+//!   fused recurrent and chunkwise-parallel forms, forward and backward.
 //!
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.

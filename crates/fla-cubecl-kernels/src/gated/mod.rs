@@ -1,9 +1,9 @@
-//! The gated linear-attention family in its fused recurrent form.
+//! The gated linear-attention family in its fused recurrent and chunkwise-parallel forms.
 //!
 //! Per sequence and head, with row vectors `q_t, k_t ∈ R^K`, `v_t ∈ R^V` and state `S ∈ R^{K×V}`:
 //! `S_t = diag(exp(gk_t)) · S_{t-1} · diag(exp(gv_t)) + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
-//! The four variants of flash-linear-attention are one kernel, specialised at compile time by
-//! [`GateKind`] and the optional value gate:
+//! The four variants of flash-linear-attention share each form's kernels, specialised at compile
+//! time by [`GateKind`] and the optional value gate (fused recurrent form only):
 //! - `linear_attn`: [`GateKind::None`];
 //! - `retention`: [`GateKind::Scalar`] with a fixed per-head log decay broadcast over time;
 //! - `simple_gla` (Mamba2/SSD form): [`GateKind::Scalar`], `g: [B, T, H]`;
