@@ -9,7 +9,7 @@ use cubecl::server::Handle;
 use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
     chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
-    ForwardBuffers, GateKind, DEFAULT_CHUNK,
+    ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -718,4 +718,55 @@ fn half_error_bounded<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
         c.p.dtype, c.p.gate
     );
     assert!(err <= fla, "o: relative RMSE {err:e} above FLA's {fla:e}");
+}
+
+/// Sequences at the CPU Vulkan driver's limit run correctly in both forms; longer ones are refused
+/// there (lavapipe would stop the shader and leave outputs unwritten) and computed elsewhere.
+#[rstest]
+fn long_sequences(#[values(Mode::Recurrent, CHUNK)] mode: Mode) {
+    let at = make_case(
+        Variant::Gla,
+        1,
+        CPU_VULKAN_MAX_SEQ,
+        1,
+        16,
+        16,
+        0.1,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&at, mode));
+    let over = make_case(
+        Variant::Gla,
+        1,
+        CPU_VULKAN_MAX_SEQ + 1,
+        1,
+        16,
+        16,
+        0.1,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(refused_on_cpu_vulkan(&over, mode));
+}
+
+fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
+    let cpu_vulkan = R::name(client).starts_with("wgpu")
+        && !client
+            .properties()
+            .features
+            .plane
+            .contains(cubecl::ir::features::Plane::Ops);
+    match (cpu_vulkan, run_kernels(client, c, mode)) {
+        (true, Err(KernelError::DeviceLimit(msg))) => assert!(msg.contains("lavapipe"), "{msg}"),
+        (true, other) => panic!(
+            "expected DeviceLimit on a CPU Vulkan driver, got {:?}",
+            other.err()
+        ),
+        (false, _) => compare_mode(client, c, mode),
+    }
 }

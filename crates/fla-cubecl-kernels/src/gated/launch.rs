@@ -142,6 +142,42 @@ fn grid(p: &GatedProblem, block_v: usize, k_split: usize) -> (CubeCount, CubeDim
     )
 }
 
+/// Longest sequence a kernel invocation may walk on a CPU Vulkan driver (lavapipe).
+pub const CPU_VULKAN_MAX_SEQ: usize = 8192;
+
+/// lavapipe stops a shader invocation after about 65536 loop iterations and leaves its outputs
+/// unwritten: measured here, a 70000-token recurrent forward returns NaN from token 65535 on, the
+/// chunk form is wrong at 60000 tokens (right at 40000), and the recurrent backward, whose steps
+/// hold inner loops, is wrong at 16000 (right at 8000). A silent wrong answer is worse than a
+/// refusal, so sequences longer than [`CPU_VULKAN_MAX_SEQ`] are refused there. cubecl-wgpu turns plane operations off on CPU adapters (and only GPUs without
+/// subgroups share that), which is how the adapter is recognised.
+fn check_loop_limit<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+) -> Result<(), KernelError> {
+    let cpu_vulkan = R::name(client).starts_with("wgpu")
+        && !client
+            .properties()
+            .features
+            .plane
+            .contains(cubecl::ir::features::Plane::Ops);
+    let longest = (0..p.num_seqs())
+        .map(|n| {
+            let (a, b) = p.bounds(n);
+            b - a
+        })
+        .max()
+        .unwrap_or(0);
+    if cpu_vulkan && longest > CPU_VULKAN_MAX_SEQ {
+        return Err(KernelError::DeviceLimit(format!(
+            "a sequence of {longest} tokens exceeds the {CPU_VULKAN_MAX_SEQ} that a CPU Vulkan \
+             driver (lavapipe) runs in one shader invocation; split it, carrying the state \
+             (initial_state / final state), or use a GPU"
+        )));
+    }
+    Ok(())
+}
+
 fn check_common<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -151,6 +187,7 @@ fn check_common<R: Runtime>(
 ) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
+    check_loop_limit(client, p)?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",

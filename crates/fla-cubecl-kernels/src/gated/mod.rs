@@ -17,7 +17,7 @@ mod recurrent_fwd;
 
 pub use launch::{
     chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
-    ForwardBuffers, DEFAULT_CHUNK,
+    ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 
 use crate::{FloatDType, KernelError};
