@@ -28,35 +28,29 @@
 use cubecl::prelude::*;
 
 use super::recurrent_bwd::linear_unit;
-use super::recurrent_fwd::{seq_length, seq_start, token_at};
+use super::recurrent_fwd::{
+    read_state, seq_length, seq_start, token_at, write_state, RecurrentLayout,
+};
 
-/// Compile-time shape of a chunk launch.
+/// Compile-time shape of a chunk launch: the recurrent kernels' layout (heads, dims, gates,
+/// direction, varlen, and the state pass's tiling: value columns per cube, threads splitting the
+/// key axis, key rows per thread) and the chunk size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkLayout {
-    pub heads: usize,
-    pub k: usize,
-    pub v: usize,
+    pub rec: RecurrentLayout,
     /// Positions per chunk, `C`.
     pub chunk: usize,
-    pub scalar_gate: bool,
-    pub vector_gate: bool,
-    pub reverse: bool,
-    pub varlen: bool,
-    /// State pass: value columns per cube and threads splitting the key axis (as in the
-    /// recurrent kernels), and key rows per thread.
-    pub block_v: usize,
-    pub k_split: usize,
-    pub rows: usize,
 }
 
 impl ChunkLayout {
     pub fn gated(&self) -> bool {
-        self.scalar_gate || self.vector_gate
+        self.rec.scalar_gate || self.rec.vector_gate
     }
 }
 
-/// Where chunk `j` of the flattened chunk list lies: `(first token, length, sequence, position of
-/// its first step in the sequence)`. `chunks` holds `(sequence, chunk index in the sequence)`.
+/// Where chunk `j` of the flattened chunk list lies: `(first token of its sequence, sequence
+/// length, position of the chunk's first step in the sequence, positions in the chunk)`. `chunks`
+/// holds `(sequence, chunk index in the sequence)`.
 #[cube]
 pub fn chunk_place(
     chunks: &Array<u32>,
@@ -67,9 +61,9 @@ pub fn chunk_place(
 ) -> (usize, usize, usize, usize) {
     let n = chunks[2 * j] as usize;
     let p0 = chunks[2 * j + 1] as usize * c.chunk;
-    let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
-    (bos, len, n, p0)
+    let bos = seq_start(cu_seqlens, n, seq_len, c.rec.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, c.rec.varlen);
+    (bos, len, p0, chunk_len(len, p0, c))
 }
 
 /// Positions of chunk starting at `p0` in a sequence of `len`.
@@ -87,11 +81,11 @@ pub fn chunk_len(len: usize, p0: usize, #[comptime] c: ChunkLayout) -> usize {
 #[cube]
 pub fn lambda(gc: &Array<f32>, tok: usize, h: usize, i: usize, #[comptime] c: ChunkLayout) -> f32 {
     let mut x = 0.0f32;
-    if c.vector_gate {
-        x = gc[(tok * c.heads + h) * c.k + i];
+    if c.rec.vector_gate {
+        x = gc[(tok * c.rec.heads + h) * c.rec.k + i];
     }
-    if c.scalar_gate {
-        x = gc[tok * c.heads + h];
+    if c.rec.scalar_gate {
+        x = gc[tok * c.rec.heads + h];
     }
     x
 }
@@ -112,17 +106,16 @@ pub fn chunk_cumsum_kernel<F: Float>(
 ) {
     let u = linear_unit();
     if u < units as usize {
-        let width = comptime!(if c.vector_gate { c.k } else { 1usize });
+        let width = comptime!(if c.rec.vector_gate { c.rec.k } else { 1usize });
         let col = u % width;
         let jh = u / width;
-        let h = jh % c.heads;
-        let j = jh / c.heads;
-        let (bos, len, _n, p0) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
-        let cl = chunk_len(len, p0, c);
+        let h = jh % c.rec.heads;
+        let j = jh / c.rec.heads;
+        let (bos, len, p0, cl) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
         let mut acc = 0.0f32;
         for s in 0..cl {
-            let tok = token_at(bos, len, p0 + s, c.reverse);
-            let idx = (tok * c.heads + h) * width + col;
+            let tok = token_at(bos, len, p0 + s, c.rec.reverse);
+            let idx = (tok * c.rec.heads + h) * width + col;
             acc += f32::cast_from(g[idx]);
             gc[idx] = acc;
         }
@@ -134,7 +127,7 @@ pub const STATE_SUB: usize = 16;
 
 /// Shared-memory floats of one [`chunk_state_kernel`] cube.
 pub fn state_stage_len(c: &ChunkLayout) -> usize {
-    STATE_SUB * c.k + STATE_SUB * c.block_v + c.k
+    STATE_SUB * c.rec.k + STATE_SUB * c.rec.block_v + c.rec.k
 }
 
 /// The state pass, walking each sequence's chunks in order (`backward = false`) or in reverse.
@@ -169,36 +162,26 @@ pub fn chunk_state_kernel<F: Float>(
     let tv = UNIT_POS_X as usize;
     let tk = UNIT_POS_Y as usize;
     let nh = CUBE_POS_Y as usize;
-    let n = nh / c.heads;
-    let h = nh % c.heads;
-    let col0 = CUBE_POS_X as usize * c.block_v;
+    let n = nh / c.rec.heads;
+    let h = nh % c.rec.heads;
+    let col0 = CUBE_POS_X as usize * c.rec.block_v;
     let col = col0 + tv;
-    let col_ok = col < c.v;
-    let bos = seq_start(cu_seqlens, n, seq_len, c.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, c.varlen);
+    let col_ok = col < c.rec.v;
+    let bos = seq_start(cu_seqlens, n, seq_len, c.rec.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, c.rec.varlen);
     let nc = len.div_ceil(c.chunk);
     let first = first_chunk[n] as usize;
-    let state_base = nh * c.k * c.v;
-    let units = comptime!(c.block_v * c.k_split);
-    let unit = tk * c.block_v + tv;
+    let state_base = nh * c.rec.k * c.rec.v;
+    let units = comptime!(c.rec.block_v * c.rec.k_split);
+    let unit = tk * c.rec.block_v + tv;
     // Shared memory: keys [SUB, K], values [SUB, block_v], decays [K].
-    let key_len = comptime!(STATE_SUB * c.k);
+    let key_len = comptime!(STATE_SUB * c.rec.k);
     let val_off = key_len;
-    let dec_off = comptime!(STATE_SUB * c.k + STATE_SUB * c.block_v);
+    let dec_off = comptime!(STATE_SUB * c.rec.k + STATE_SUB * c.rec.block_v);
     let mut stage = SharedMemory::<f32>::new(comptime!(state_stage_len(&c)));
 
-    let mut state = Array::<f32>::new(c.rows);
-    #[unroll]
-    for r in 0..c.rows {
-        let i = tk + r * c.k_split;
-        let mut s = 0.0f32;
-        if has_init {
-            if i < c.k && col_ok {
-                s = init[state_base + i * c.v + col];
-            }
-        }
-        state[r] = s;
-    }
+    let mut state = Array::<f32>::new(c.rec.rows);
+    read_state(init, &mut state, state_base, tk, col, has_init, c.rec);
 
     for step in 0..nc {
         let mut ci = step;
@@ -207,25 +190,25 @@ pub fn chunk_state_kernel<F: Float>(
         }
         let p0 = ci * c.chunk;
         let cl = chunk_len(len, p0, c);
-        let out_base = ((first + ci) * c.heads + h) * c.k * c.v;
-        let last_tok = token_at(bos, len, p0 + cl - 1, c.reverse);
+        let out_base = ((first + ci) * c.rec.heads + h) * c.rec.k * c.rec.v;
+        let last_tok = token_at(bos, len, p0 + cl - 1, c.rec.reverse);
         if comptime!(c.gated()) {
             sync_cube();
             #[unroll]
-            for m in 0..comptime!(c.k.div_ceil(units)) {
+            for m in 0..comptime!(c.rec.k.div_ceil(units)) {
                 let e = unit + m * units;
-                if e < c.k {
+                if e < c.rec.k {
                     stage[dec_off + e] = lambda(gc, last_tok, h, e, c).exp();
                 }
             }
             sync_cube();
         }
         #[unroll]
-        for r in 0..c.rows {
-            let i = tk + r * c.k_split;
-            if i < c.k {
+        for r in 0..c.rec.rows {
+            let i = tk + r * c.rec.k_split;
+            if i < c.rec.k {
                 if col_ok {
-                    states[out_base + i * c.v + col] = state[r];
+                    states[out_base + i * c.rec.v + col] = state[r];
                 }
                 if comptime!(c.gated()) {
                     state[r] *= stage[dec_off + i];
@@ -244,11 +227,11 @@ pub fn chunk_state_kernel<F: Float>(
             #[unroll]
             for m in 0..comptime!(key_len.div_ceil(units)) {
                 let e = unit + m * units;
-                let s = e / c.k;
-                let i = e % c.k;
+                let s = e / c.rec.k;
+                let i = e % c.rec.k;
                 if e < key_len && s < sl {
-                    let tok = token_at(bos, len, p0 + s0 + s, c.reverse);
-                    let mut x = f32::cast_from(key[(tok * c.heads + h) * c.k + i]);
+                    let tok = token_at(bos, len, p0 + s0 + s, c.rec.reverse);
+                    let mut x = f32::cast_from(key[(tok * c.rec.heads + h) * c.rec.k + i]);
                     if backward {
                         x *= scale;
                         if comptime!(c.gated()) {
@@ -263,40 +246,34 @@ pub fn chunk_state_kernel<F: Float>(
                 }
             }
             #[unroll]
-            for m in 0..comptime!((STATE_SUB * c.block_v).div_ceil(units)) {
+            for m in 0..comptime!((STATE_SUB * c.rec.block_v).div_ceil(units)) {
                 let e = unit + m * units;
-                let s = e / c.block_v;
-                let x = e % c.block_v;
-                if e < comptime!(STATE_SUB * c.block_v) && s < sl {
-                    let tok = token_at(bos, len, p0 + s0 + s, c.reverse);
+                let s = e / c.rec.block_v;
+                let x = e % c.rec.block_v;
+                if e < comptime!(STATE_SUB * c.rec.block_v) && s < sl {
+                    let tok = token_at(bos, len, p0 + s0 + s, c.rec.reverse);
                     let mut y = 0.0f32;
-                    if col0 + x < c.v {
-                        y = f32::cast_from(val[(tok * c.heads + h) * c.v + col0 + x]);
+                    if col0 + x < c.rec.v {
+                        y = f32::cast_from(val[(tok * c.rec.heads + h) * c.rec.v + col0 + x]);
                     }
                     stage[val_off + e] = y;
                 }
             }
             sync_cube();
             for s in 0..sl {
-                let vj = stage[val_off + s * c.block_v + tv];
+                let vj = stage[val_off + s * c.rec.block_v + tv];
                 #[unroll]
-                for r in 0..c.rows {
-                    let i = tk + r * c.k_split;
-                    if i < c.k {
-                        state[r] += stage[s * c.k + i] * vj;
+                for r in 0..c.rec.rows {
+                    let i = tk + r * c.rec.k_split;
+                    if i < c.rec.k {
+                        state[r] += stage[s * c.rec.k + i] * vj;
                     }
                 }
             }
         }
     }
     if has_last {
-        #[unroll]
-        for r in 0..c.rows {
-            let i = tk + r * c.k_split;
-            if i < c.k && col_ok {
-                last[state_base + i * c.v + col] = state[r];
-            }
-        }
+        write_state(last, &state, state_base, tk, col, c.rec);
     }
 }
 
@@ -325,16 +302,18 @@ pub fn chunk_pairs_kernel<F: Float>(
     let h = CUBE_POS_Z as usize;
     let r = e / c.chunk;
     let s = e % c.chunk;
-    let (bos, len, _n, p0) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
-    let cl = chunk_len(len, p0, c);
+    let (bos, len, p0, cl) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
     if r < cl {
-        let tr = token_at(bos, len, p0 + r, c.reverse);
+        let tr = token_at(bos, len, p0 + r, c.rec.reverse);
         let mut acc = 0.0f32;
         if s <= r {
-            let ts = token_at(bos, len, p0 + s, c.reverse);
-            let width = comptime!(if gated { c.k } else { c.v });
-            let (ar, bs) = ((tr * c.heads + h) * width, (ts * c.heads + h) * width);
-            if gated && comptime!(c.vector_gate) {
+            let ts = token_at(bos, len, p0 + s, c.rec.reverse);
+            let width = comptime!(if gated { c.rec.k } else { c.rec.v });
+            let (ar, bs) = (
+                (tr * c.rec.heads + h) * width,
+                (ts * c.rec.heads + h) * width,
+            );
+            if gated && comptime!(c.rec.vector_gate) {
                 for i in 0..width {
                     let d = lambda(gc, tr, h, i, c) - lambda(gc, ts, h, i, c);
                     acc += f32::cast_from(a[ar + i]) * f32::cast_from(b[bs + i]) * d.exp();
@@ -343,7 +322,7 @@ pub fn chunk_pairs_kernel<F: Float>(
                 for i in 0..width {
                     acc += f32::cast_from(a[ar + i]) * f32::cast_from(b[bs + i]);
                 }
-                if gated && comptime!(c.scalar_gate) {
+                if gated && comptime!(c.rec.scalar_gate) {
                     acc *= (lambda(gc, tr, h, 0, c) - lambda(gc, ts, h, 0, c)).exp();
                 }
                 if !gated {
@@ -351,7 +330,7 @@ pub fn chunk_pairs_kernel<F: Float>(
                 }
             }
         }
-        out[(tr * c.heads + h) * c.chunk + s] = acc;
+        out[(tr * c.rec.heads + h) * c.chunk + s] = acc;
     }
 }
 
@@ -376,28 +355,27 @@ pub fn chunk_output_kernel<F: Float>(
     let e = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
     let j = CUBE_POS_Y as usize;
     let h = CUBE_POS_Z as usize;
-    let r = e / c.v;
-    let x = e % c.v;
-    let (bos, len, _n, p0) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
-    let cl = chunk_len(len, p0, c);
+    let r = e / c.rec.v;
+    let x = e % c.rec.v;
+    let (bos, len, p0, cl) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
     if r < cl {
-        let tr = token_at(bos, len, p0 + r, c.reverse);
-        let sb = (j * c.heads + h) * c.k * c.v;
-        let qb = (tr * c.heads + h) * c.k;
+        let tr = token_at(bos, len, p0 + r, c.rec.reverse);
+        let sb = (j * c.rec.heads + h) * c.rec.k * c.rec.v;
+        let qb = (tr * c.rec.heads + h) * c.rec.k;
         let mut acc = 0.0f32;
-        for i in 0..c.k {
+        for i in 0..c.rec.k {
             let mut qi = f32::cast_from(q[qb + i]);
             if comptime!(c.gated()) {
                 qi *= lambda(gc, tr, h, i, c).exp();
             }
-            acc += qi * states[sb + i * c.v + x];
+            acc += qi * states[sb + i * c.rec.v + x];
         }
-        let ab = (tr * c.heads + h) * c.chunk;
+        let ab = (tr * c.rec.heads + h) * c.chunk;
         for s in 0..r + 1 {
-            let ts = token_at(bos, len, p0 + s, c.reverse);
-            acc += pairs[ab + s] * f32::cast_from(v[(ts * c.heads + h) * c.v + x]);
+            let ts = token_at(bos, len, p0 + s, c.rec.reverse);
+            acc += pairs[ab + s] * f32::cast_from(v[(ts * c.rec.heads + h) * c.rec.v + x]);
         }
-        o[(tr * c.heads + h) * c.v + x] = F::cast_from(acc * scale);
+        o[(tr * c.rec.heads + h) * c.rec.v + x] = F::cast_from(acc * scale);
     }
 }
 
@@ -421,30 +399,29 @@ pub fn chunk_dv_kernel<F: Float>(
     let e = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
     let j = CUBE_POS_Y as usize;
     let h = CUBE_POS_Z as usize;
-    let s = e / c.v;
-    let x = e % c.v;
-    let (bos, len, _n, p0) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
-    let cl = chunk_len(len, p0, c);
+    let s = e / c.rec.v;
+    let x = e % c.rec.v;
+    let (bos, len, p0, cl) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
     if s < cl {
-        let ts = token_at(bos, len, p0 + s, c.reverse);
-        let last_tok = token_at(bos, len, p0 + cl - 1, c.reverse);
+        let ts = token_at(bos, len, p0 + s, c.rec.reverse);
+        let last_tok = token_at(bos, len, p0 + cl - 1, c.rec.reverse);
         let mut intra = 0.0f32;
         for r in s..cl {
-            let tr = token_at(bos, len, p0 + r, c.reverse);
-            intra += pairs[(tr * c.heads + h) * c.chunk + s]
-                * f32::cast_from(d_o[(tr * c.heads + h) * c.v + x]);
+            let tr = token_at(bos, len, p0 + r, c.rec.reverse);
+            intra += pairs[(tr * c.rec.heads + h) * c.chunk + s]
+                * f32::cast_from(d_o[(tr * c.rec.heads + h) * c.rec.v + x]);
         }
-        let sb = (j * c.heads + h) * c.k * c.v;
-        let kb = (ts * c.heads + h) * c.k;
+        let sb = (j * c.rec.heads + h) * c.rec.k * c.rec.v;
+        let kb = (ts * c.rec.heads + h) * c.rec.k;
         let mut inter = 0.0f32;
-        for i in 0..c.k {
+        for i in 0..c.rec.k {
             let mut ki = f32::cast_from(k[kb + i]);
             if comptime!(c.gated()) {
                 ki *= (lambda(gc, last_tok, h, i, c) - lambda(gc, ts, h, i, c)).exp();
             }
-            inter += ki * d_states[sb + i * c.v + x];
+            inter += ki * d_states[sb + i * c.rec.v + x];
         }
-        dv[(ts * c.heads + h) * c.v + x] = F::cast_from(intra * scale + inter);
+        dv[(ts * c.rec.heads + h) * c.rec.v + x] = F::cast_from(intra * scale + inter);
     }
 }
 
@@ -474,20 +451,19 @@ pub fn chunk_dqk_kernel<F: Float>(
     let e = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
     let j = CUBE_POS_Y as usize;
     let h = CUBE_POS_Z as usize;
-    let p = e / c.k;
-    let i = e % c.k;
-    let (bos, len, _n, p0) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
-    let cl = chunk_len(len, p0, c);
+    let p = e / c.rec.k;
+    let i = e % c.rec.k;
+    let (bos, len, p0, cl) = chunk_place(chunks, cu_seqlens, j, seq_len, c);
     if p < cl {
-        let tp = token_at(bos, len, p0 + p, c.reverse);
-        let last_tok = token_at(bos, len, p0 + cl - 1, c.reverse);
+        let tp = token_at(bos, len, p0 + p, c.rec.reverse);
+        let last_tok = token_at(bos, len, p0 + cl - 1, c.rec.reverse);
         let lp = lambda(gc, tp, h, i, c);
-        let sb = (j * c.heads + h) * c.k * c.v + i * c.v;
-        let vb = (tp * c.heads + h) * c.v;
+        let sb = (j * c.rec.heads + h) * c.rec.k * c.rec.v + i * c.rec.v;
+        let vb = (tp * c.rec.heads + h) * c.rec.v;
         // Inter-chunk terms through the stored states.
         let mut dq_acc = 0.0f32;
         let mut dk_acc = 0.0f32;
-        for x in 0..c.v {
+        for x in 0..c.rec.v {
             dq_acc += f32::cast_from(d_o[vb + x]) * states[sb + x];
             dk_acc += f32::cast_from(v[vb + x]) * d_states[sb + x];
         }
@@ -497,25 +473,25 @@ pub fn chunk_dqk_kernel<F: Float>(
             dk_acc *= (lambda(gc, last_tok, h, i, c) - lp).exp();
         }
         // Intra-chunk terms through dA (row p for dq, column p for dk).
-        let pb = (tp * c.heads + h) * c.chunk;
+        let pb = (tp * c.rec.heads + h) * c.chunk;
         for s in 0..p + 1 {
-            let ts = token_at(bos, len, p0 + s, c.reverse);
-            let mut w = d_pairs[pb + s] * f32::cast_from(k[(ts * c.heads + h) * c.k + i]);
+            let ts = token_at(bos, len, p0 + s, c.rec.reverse);
+            let mut w = d_pairs[pb + s] * f32::cast_from(k[(ts * c.rec.heads + h) * c.rec.k + i]);
             if comptime!(c.gated()) {
                 w *= (lp - lambda(gc, ts, h, i, c)).exp();
             }
             dq_acc += w;
         }
         for r in p..cl {
-            let tr = token_at(bos, len, p0 + r, c.reverse);
-            let mut w = d_pairs[(tr * c.heads + h) * c.chunk + p]
-                * f32::cast_from(q[(tr * c.heads + h) * c.k + i]);
+            let tr = token_at(bos, len, p0 + r, c.rec.reverse);
+            let mut w = d_pairs[(tr * c.rec.heads + h) * c.chunk + p]
+                * f32::cast_from(q[(tr * c.rec.heads + h) * c.rec.k + i]);
             if comptime!(c.gated()) {
                 w *= (lambda(gc, tr, h, i, c) - lp).exp();
             }
             dk_acc += w;
         }
-        let idx = (tp * c.heads + h) * c.k + i;
+        let idx = (tp * c.rec.heads + h) * c.rec.k + i;
         dq[idx] = F::cast_from(dq_acc);
         dk[idx] = F::cast_from(dk_acc);
         if comptime!(c.gated()) {

@@ -208,11 +208,11 @@ fn check_common<R: Runtime>(
     Ok(())
 }
 
-/// Launches the fused recurrent forward: writes `o` and, when asked, `ht`.
-pub fn recurrent_forward<R: Runtime>(
+/// [`check_common`] and the final-state buffer of a forward call.
+fn check_forward<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
-    b: ForwardBuffers<'_>,
+    b: &ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_common(client, p, b.g, b.gv, b.h0)?;
     if p.output_final_state != b.ht.is_some() {
@@ -220,6 +220,16 @@ pub fn recurrent_forward<R: Runtime>(
             "final-state flag and buffer disagree".into(),
         ));
     }
+    Ok(())
+}
+
+/// Launches the fused recurrent forward: writes `o` and, when asked, `ht`.
+pub fn recurrent_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: ForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_forward(client, p, &b)?;
     let (block_v, k_split) = tiles(client, p, false)?;
     let c = layout(p, block_v, k_split);
     let (count, dim) = grid(p, block_v, k_split);
@@ -315,7 +325,7 @@ pub fn recurrent_backward<R: Runtime>(
         p.dtype.storage(),
     );
 
-    gate_gradients(client, p, &b, key_term.as_ref(), &c)
+    gate_gradients(client, p, &b, key_term.as_ref(), c, (&cu, cu_len))
 }
 
 /// The gate gradients from the identity of MATH.md: `key_term` holds `q ∘ dq − k ∘ dk` per token
@@ -325,10 +335,9 @@ fn gate_gradients<R: Runtime>(
     p: &GatedProblem,
     b: &BackwardBuffers<'_>,
     key_term: Option<&Handle>,
-    c: &RecurrentLayout,
+    c: RecurrentLayout,
+    (cu, cu_len): (&Handle, usize),
 ) -> Result<(), KernelError> {
-    let c = *c;
-    let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let tokens = p.tokens();
     let qk = tokens * p.heads * p.k_dim;
@@ -366,7 +375,7 @@ fn gate_gradients<R: Runtime>(
             array(term, term_len),
             array(&rows, nh * p.k_dim),
             array(&cols, nh * p.v_dim),
-            array(&cu, cu_len),
+            array(cu, cu_len),
             array(dg, dg_len),
             p.seq_len as u32,
             units as u32,
@@ -420,43 +429,11 @@ fn gate_gradients<R: Runtime>(
 pub const DEFAULT_CHUNK: usize = 64;
 const CHUNK_THREADS: u32 = 256;
 
-/// Host-side chunk tables: `(sequence, chunk index)` per chunk and each sequence's first chunk.
-struct ChunkTables {
-    chunks: Handle,
-    first: Handle,
-    count: usize,
-}
-
-fn chunk_tables<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &GatedProblem,
-    chunk: usize,
-) -> ChunkTables {
-    let mut chunks = Vec::new();
-    let mut first = Vec::with_capacity(p.num_seqs());
-    for n in 0..p.num_seqs() {
-        let (bos, eos) = p.bounds(n);
-        first.push((chunks.len() / 2) as u32);
-        for ci in 0..(eos - bos).div_ceil(chunk) {
-            chunks.extend([n as u32, ci as u32]);
-        }
-    }
-    let count = chunks.len() / 2;
-    if chunks.is_empty() {
-        chunks.push(0);
-    }
-    ChunkTables {
-        chunks: client.create_from_slice(u32::as_bytes(&chunks)),
-        first: client.create_from_slice(u32::as_bytes(&first)),
-        count,
-    }
-}
-
 fn chunk_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     chunk: usize,
-) -> Result<(ChunkLayout, RecurrentLayout), KernelError> {
+) -> Result<ChunkLayout, KernelError> {
     if p.value_gate {
         return Err(KernelError::InvalidProblem(
             "the chunk form has no value gate (gv); use the fused recurrent form".into(),
@@ -468,17 +445,8 @@ fn chunk_layout<R: Runtime>(
     let (block_v, k_split) = tiles(client, p, false)?;
     let max_smem = client.properties().hardware.max_shared_memory_size;
     let c = ChunkLayout {
-        heads: p.heads,
-        k: p.k_dim,
-        v: p.v_dim,
+        rec: layout(p, block_v, k_split),
         chunk,
-        scalar_gate: p.gate == GateKind::Scalar,
-        vector_gate: p.gate == GateKind::Vector,
-        reverse: p.reverse,
-        varlen: p.cu_seqlens.is_some(),
-        block_v,
-        k_split,
-        rows: p.k_dim.div_ceil(k_split),
     };
     if 4 * state_stage_len(&c) > max_smem {
         return Err(KernelError::DeviceLimit(format!(
@@ -486,86 +454,171 @@ fn chunk_layout<R: Runtime>(
             4 * state_stage_len(&c)
         )));
     }
-    Ok((c, layout(p, block_v, k_split)))
+    Ok(c)
 }
 
-/// Cubes over `(entries of one chunk, chunk, head)`, one unit per entry.
-fn per_chunk_grid(p: &GatedProblem, entries: usize, count: usize) -> CubeCount {
-    CubeCount::Static(
-        entries.div_ceil(CHUNK_THREADS as usize) as u32,
-        count as u32,
-        p.heads as u32,
-    )
-}
-
-/// What the forward and the backward both compute first: `Λ` and the states entering each chunk.
-struct ChunkPrelude {
-    gc: Handle,
-    states: Handle,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn chunk_prelude<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &GatedProblem,
+/// What every chunk kernel of one call shares: the layout, the chunk tables (`(sequence, chunk
+/// index)` per chunk and each sequence's first chunk, built on the host), `cu_seqlens` and `Λ`
+/// (the log gates cumulated within each chunk; a placeholder without a gate).
+struct ChunkCall<'a, R: Runtime> {
+    client: &'a ComputeClient<R>,
+    p: &'a GatedProblem,
     c: ChunkLayout,
-    t: &ChunkTables,
-    cu: &Handle,
+    chunks: Handle,
+    first: Handle,
+    count: usize,
+    cu: Handle,
     cu_len: usize,
-    q_k_v_g_h0: (&Handle, &Handle, &Handle, Option<&Handle>, Option<&Handle>),
-    ht: Option<&Handle>,
-) -> ChunkPrelude {
-    let (_q, k, v, g, h0) = q_k_v_g_h0;
-    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let qk = p.tokens() * p.heads * p.k_dim;
-    let vo = p.tokens() * p.heads * p.v_dim;
-    let gc = match g {
-        Some(g) => {
-            let width = if c.vector_gate { p.k_dim } else { 1 };
+    gc: Handle,
+    dummy: Handle,
+}
+
+impl<'a, R: Runtime> ChunkCall<'a, R> {
+    fn new(
+        client: &'a ComputeClient<R>,
+        p: &'a GatedProblem,
+        chunk: usize,
+        g: Option<&Handle>,
+    ) -> Result<Self, KernelError> {
+        let c = chunk_layout(client, p, chunk)?;
+        let mut chunks = Vec::new();
+        let mut first = Vec::with_capacity(p.num_seqs());
+        for n in 0..p.num_seqs() {
+            let (bos, eos) = p.bounds(n);
+            first.push((chunks.len() / 2) as u32);
+            for ci in 0..(eos - bos).div_ceil(chunk) {
+                chunks.extend([n as u32, ci as u32]);
+            }
+        }
+        let count = chunks.len() / 2;
+        if chunks.is_empty() {
+            chunks.push(0);
+        }
+        let (cu, cu_len) = cu_seqlens_handle(client, p);
+        let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+        let mut call = Self {
+            client,
+            p,
+            c,
+            chunks: client.create_from_slice(u32::as_bytes(&chunks)),
+            first: client.create_from_slice(u32::as_bytes(&first)),
+            count,
+            cu,
+            cu_len,
+            gc: dummy.clone(),
+            dummy,
+        };
+        if let Some(g) = g {
+            let width = if c.rec.vector_gate { p.k_dim } else { 1 };
             let len = p.tokens() * p.heads * width;
             let gc = client.empty(4 * len);
-            let units = t.count * p.heads * width;
+            let units = count * p.heads * width;
             chunk_cumsum_kernel::launch::<R>(
                 client,
                 elementwise_grid(units),
                 CubeDim::new_1d(ELEMWISE_THREADS),
                 array(g, len),
-                array(&t.chunks, 2 * t.count),
-                array(cu, cu_len),
+                array(&call.chunks, 2 * count),
+                array(&call.cu, cu_len),
                 array(&gc, len),
                 p.seq_len as u32,
                 units as u32,
                 c,
                 p.dtype.storage(),
             );
-            gc
+            call.gc = gc;
         }
-        None => dummy.clone(),
-    };
-    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
-    let states = client.empty(4 * states_len.max(1));
-    let nv = p.v_dim.div_ceil(c.block_v) as u32;
-    chunk_state_kernel::launch::<R>(
-        client,
-        CubeCount::Static(nv, (p.num_seqs() * p.heads) as u32, 1),
-        CubeDim::new_2d(c.block_v as u32, c.k_split as u32),
-        array(k, qk),
-        array(v, vo),
-        array(&gc, p.gate_len()),
-        array(h0.unwrap_or(&dummy), p.state_len()),
-        array(cu, cu_len),
-        array(&t.first, p.num_seqs()),
-        array(&states, states_len),
-        array(ht.unwrap_or(&dummy), p.state_len()),
-        p.seq_len as u32,
-        p.scale,
-        c,
-        false,
-        h0.is_some(),
-        ht.is_some(),
-        p.dtype.storage(),
-    );
-    ChunkPrelude { gc, states }
+        Ok(call)
+    }
+
+    fn qk(&self) -> usize {
+        self.p.tokens() * self.p.heads * self.p.k_dim
+    }
+
+    fn vo(&self) -> usize {
+        self.p.tokens() * self.p.heads * self.p.v_dim
+    }
+
+    fn states_len(&self) -> usize {
+        self.count * self.p.heads * self.p.k_dim * self.p.v_dim
+    }
+
+    fn pairs_len(&self) -> usize {
+        self.p.tokens() * self.p.heads * self.c.chunk
+    }
+
+    /// Cubes over `(entries of one chunk, chunk, head)`, one unit per entry.
+    fn grid(&self, entries: usize) -> CubeCount {
+        CubeCount::Static(
+            entries.div_ceil(CHUNK_THREADS as usize) as u32,
+            self.count as u32,
+            self.p.heads as u32,
+        )
+    }
+
+    /// The state pass ([`chunk_state_kernel`]): per-chunk states (`[chunks, H, K, V]`, `f32`),
+    /// from `init` and into `last` when given. Forward: `key = k`, `val = v`; backward: `key = q`,
+    /// `val = dO`, walking the chunks in reverse.
+    fn state_pass(
+        &self,
+        key: &Handle,
+        val: &Handle,
+        init: Option<&Handle>,
+        last: Option<&Handle>,
+        backward: bool,
+    ) -> Handle {
+        let (p, c) = (self.p, self.c);
+        let states = self.client.empty(4 * self.states_len().max(1));
+        chunk_state_kernel::launch::<R>(
+            self.client,
+            CubeCount::Static(
+                p.v_dim.div_ceil(c.rec.block_v) as u32,
+                (p.num_seqs() * p.heads) as u32,
+                1,
+            ),
+            CubeDim::new_2d(c.rec.block_v as u32, c.rec.k_split as u32),
+            array(key, self.qk()),
+            array(val, self.vo()),
+            array(&self.gc, p.gate_len()),
+            array(init.unwrap_or(&self.dummy), p.state_len()),
+            array(&self.cu, self.cu_len),
+            array(&self.first, p.num_seqs()),
+            array(&states, self.states_len()),
+            array(last.unwrap_or(&self.dummy), p.state_len()),
+            p.seq_len as u32,
+            p.scale,
+            c,
+            backward,
+            init.is_some(),
+            last.is_some(),
+            p.dtype.storage(),
+        );
+        states
+    }
+
+    /// Lower-triangular products inside each chunk ([`chunk_pairs_kernel`]): `A` from `(q, k)`
+    /// with the gates (`gated`), or `dA` from `(dO, v)`; `a` and `b` have `width` columns.
+    fn pairs(&self, a: &Handle, b: &Handle, width: usize, gated: bool) -> Handle {
+        let p = self.p;
+        let out = self.client.empty(4 * self.pairs_len());
+        chunk_pairs_kernel::launch::<R>(
+            self.client,
+            self.grid(self.c.chunk * self.c.chunk),
+            CubeDim::new_1d(CHUNK_THREADS),
+            array(a, p.tokens() * p.heads * width),
+            array(b, p.tokens() * p.heads * width),
+            array(&self.gc, p.gate_len()),
+            array(&self.chunks, 2 * self.count),
+            array(&self.cu, self.cu_len),
+            array(&out, self.pairs_len()),
+            p.seq_len as u32,
+            p.scale,
+            self.c,
+            gated,
+            p.dtype.storage(),
+        );
+        out
+    }
 }
 
 /// Launches the chunkwise-parallel forward (chunk size `chunk`): writes `o` and, when asked, `ht`.
@@ -575,61 +628,25 @@ pub fn chunk_forward<R: Runtime>(
     chunk: usize,
     b: ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    check_common(client, p, b.g, b.gv, b.h0)?;
-    if p.output_final_state != b.ht.is_some() {
-        return Err(KernelError::InvalidProblem(
-            "final-state flag and buffer disagree".into(),
-        ));
-    }
-    let (c, _) = chunk_layout(client, p, chunk)?;
-    let t = chunk_tables(client, p, chunk);
-    let (cu, cu_len) = cu_seqlens_handle(client, p);
-    let pre = chunk_prelude(
-        client,
-        p,
-        c,
-        &t,
-        &cu,
-        cu_len,
-        (b.q, b.k, b.v, b.g, b.h0),
-        b.ht,
-    );
-    let qk = p.tokens() * p.heads * p.k_dim;
-    let vo = p.tokens() * p.heads * p.v_dim;
-    let pairs_len = p.tokens() * p.heads * chunk;
-    let pairs = client.empty(4 * pairs_len);
-    chunk_pairs_kernel::launch::<R>(
-        client,
-        per_chunk_grid(p, chunk * chunk, t.count),
-        CubeDim::new_1d(CHUNK_THREADS),
-        array(b.q, qk),
-        array(b.k, qk),
-        array(&pre.gc, p.gate_len()),
-        array(&t.chunks, 2 * t.count),
-        array(&cu, cu_len),
-        array(&pairs, pairs_len),
-        p.seq_len as u32,
-        p.scale,
-        c,
-        true,
-        p.dtype.storage(),
-    );
-    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
+    check_forward(client, p, &b)?;
+    let call = ChunkCall::new(client, p, chunk, b.g)?;
+    let states = call.state_pass(b.k, b.v, b.h0, b.ht, false);
+    let pairs = call.pairs(b.q, b.k, p.k_dim, true);
     chunk_output_kernel::launch::<R>(
         client,
-        per_chunk_grid(p, chunk * p.v_dim, t.count),
+        call.grid(chunk * p.v_dim),
         CubeDim::new_1d(CHUNK_THREADS),
-        array(b.q, qk),
-        array(b.v, vo),
-        array(&pre.gc, p.gate_len()),
-        array(&pre.states, states_len),
-        array(&pairs, pairs_len),
-        array(&t.chunks, 2 * t.count),
-        array(&cu, cu_len),
-        array(b.o, vo),
+        array(b.q, call.qk()),
+        array(b.v, call.vo()),
+        array(&call.gc, p.gate_len()),
+        array(&states, call.states_len()),
+        array(&pairs, call.pairs_len()),
+        array(&call.chunks, 2 * call.count),
+        array(&call.cu, call.cu_len),
+        array(b.o, call.vo()),
         p.seq_len as u32,
         p.scale,
-        c,
+        call.c,
         p.dtype.storage(),
     );
     Ok(())
@@ -645,116 +662,66 @@ pub fn chunk_backward<R: Runtime>(
     b: BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_common(client, p, b.g, b.gv, b.h0)?;
-    let (c, rc) = chunk_layout(client, p, chunk)?;
-    let t = chunk_tables(client, p, chunk);
-    let (cu, cu_len) = cu_seqlens_handle(client, p);
-    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let pre = chunk_prelude(
-        client,
-        p,
-        c,
-        &t,
-        &cu,
-        cu_len,
-        (b.q, b.k, b.v, b.g, b.h0),
-        None,
-    );
-    let qk = p.tokens() * p.heads * p.k_dim;
-    let vo = p.tokens() * p.heads * p.v_dim;
-    let states_len = t.count * p.heads * p.k_dim * p.v_dim;
-    let pairs_len = p.tokens() * p.heads * chunk;
     let dh0 = if p.has_initial_state {
         Some(need(b.dh0, "dh0")?)
     } else {
         None
     };
-
+    let call = ChunkCall::new(client, p, chunk, b.g)?;
+    let (qk, vo, states_len, pairs_len) =
+        (call.qk(), call.vo(), call.states_len(), call.pairs_len());
+    let states = call.state_pass(b.k, b.v, b.h0, None, false);
     // dS leaving each chunk, walking the chunks backwards from dhT.
-    let d_states = client.empty(4 * states_len.max(1));
-    let nv = p.v_dim.div_ceil(c.block_v) as u32;
-    chunk_state_kernel::launch::<R>(
-        client,
-        CubeCount::Static(nv, (p.num_seqs() * p.heads) as u32, 1),
-        CubeDim::new_2d(c.block_v as u32, c.k_split as u32),
-        array(b.q, qk),
-        array(b.d_o, vo),
-        array(&pre.gc, p.gate_len()),
-        array(b.d_ht.unwrap_or(&dummy), p.state_len()),
-        array(&cu, cu_len),
-        array(&t.first, p.num_seqs()),
-        array(&d_states, states_len),
-        array(dh0.unwrap_or(&dummy), p.state_len()),
-        p.seq_len as u32,
-        p.scale,
-        c,
-        true,
-        b.d_ht.is_some(),
-        dh0.is_some(),
-        p.dtype.storage(),
-    );
-
-    let pair_launch = |a: &Handle, bb: &Handle, width: usize, out: &Handle, gated: bool| {
-        chunk_pairs_kernel::launch::<R>(
-            client,
-            per_chunk_grid(p, chunk * chunk, t.count),
-            CubeDim::new_1d(CHUNK_THREADS),
-            array(a, p.tokens() * p.heads * width),
-            array(bb, p.tokens() * p.heads * width),
-            array(&pre.gc, p.gate_len()),
-            array(&t.chunks, 2 * t.count),
-            array(&cu, cu_len),
-            array(out, pairs_len),
-            p.seq_len as u32,
-            p.scale,
-            c,
-            gated,
-            p.dtype.storage(),
-        )
-    };
-    let pairs = client.empty(4 * pairs_len);
-    pair_launch(b.q, b.k, p.k_dim, &pairs, true);
-    let d_pairs = client.empty(4 * pairs_len);
-    pair_launch(b.d_o, b.v, p.v_dim, &d_pairs, false);
+    let d_states = call.state_pass(b.q, b.d_o, b.d_ht, dh0, true);
+    let pairs = call.pairs(b.q, b.k, p.k_dim, true);
+    let d_pairs = call.pairs(b.d_o, b.v, p.v_dim, false);
 
     chunk_dv_kernel::launch::<R>(
         client,
-        per_chunk_grid(p, chunk * p.v_dim, t.count),
+        call.grid(chunk * p.v_dim),
         CubeDim::new_1d(CHUNK_THREADS),
         array(b.k, qk),
         array(b.d_o, vo),
-        array(&pre.gc, p.gate_len()),
+        array(&call.gc, p.gate_len()),
         array(&d_states, states_len),
         array(&pairs, pairs_len),
-        array(&t.chunks, 2 * t.count),
-        array(&cu, cu_len),
+        array(&call.chunks, 2 * call.count),
+        array(&call.cu, call.cu_len),
         array(b.dv, vo),
         p.seq_len as u32,
         p.scale,
-        c,
+        call.c,
         p.dtype.storage(),
     );
     let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
     chunk_dqk_kernel::launch::<R>(
         client,
-        per_chunk_grid(p, chunk * p.k_dim, t.count),
+        call.grid(chunk * p.k_dim),
         CubeDim::new_1d(CHUNK_THREADS),
         array(b.q, qk),
         array(b.k, qk),
         array(b.v, vo),
         array(b.d_o, vo),
-        array(&pre.gc, p.gate_len()),
-        array(&pre.states, states_len),
+        array(&call.gc, p.gate_len()),
+        array(&states, states_len),
         array(&d_states, states_len),
         array(&d_pairs, pairs_len),
-        array(&t.chunks, 2 * t.count),
-        array(&cu, cu_len),
+        array(&call.chunks, 2 * call.count),
+        array(&call.cu, call.cu_len),
         array(b.dq, qk),
         array(b.dk, qk),
-        array(key_term.as_ref().unwrap_or(&dummy), qk),
+        array(key_term.as_ref().unwrap_or(&call.dummy), qk),
         p.seq_len as u32,
         p.scale,
-        c,
+        call.c,
         p.dtype.storage(),
     );
-    gate_gradients(client, p, &b, key_term.as_ref(), &rc)
+    gate_gradients(
+        client,
+        p,
+        &b,
+        key_term.as_ref(),
+        call.c.rec,
+        (&call.cu, call.cu_len),
+    )
 }
