@@ -305,21 +305,9 @@ fn varlen_with_empty_sequence(
     against_reference(imp, &c, variant);
 }
 
-/// The fused op and the tensor-op fallback agree with each other, not only with the reference.
-#[rstest]
-fn fused_matches_tensor_ops(
-    #[values(Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)] variant: Variant,
-) {
-    let c = case(
-        variant,
-        [2, 40, 2, 24, 40],
-        1.0,
-        true,
-        None,
-        KernelDType::F32,
-    );
-    let a = run_on(Impl::Fusion, &c, variant).unwrap();
-    let b = run_on(Impl::TensorOps, &c, variant).unwrap();
+/// Two runs of one gated case agree on the output, the final state and every gradient, within
+/// the fused kernels' f32 tolerances.
+fn agree(a: &Run, b: &Run) {
     let (tol, gate_tol) = tolerances(Impl::Fusion, KernelDType::F32);
     for (name, x, y, t) in [
         ("o", &a.o, &b.o, tol),
@@ -337,6 +325,24 @@ fn fused_matches_tensor_ops(
     ] {
         check(name, x, y, t);
     }
+}
+
+/// The fused op and the tensor-op fallback agree with each other, not only with the reference.
+#[rstest]
+fn fused_matches_tensor_ops(
+    #[values(Variant::SimpleGla, Variant::Gla, Variant::GlaWithValueGate)] variant: Variant,
+) {
+    let c = case(
+        variant,
+        [2, 40, 2, 24, 40],
+        1.0,
+        true,
+        None,
+        KernelDType::F32,
+    );
+    let a = run_on(Impl::Fusion, &c, variant).unwrap();
+    let b = run_on(Impl::TensorOps, &c, variant).unwrap();
+    agree(&a, &b);
 }
 
 /// A loss on the final state alone: every gradient flows through hT.
@@ -457,23 +463,7 @@ fn chunk_agrees_with_recurrent() {
     );
     let a = run_mode(Impl::Fusion, &c, Variant::Gla, GatedMode::Chunk).unwrap();
     let b = run_mode(Impl::Fusion, &c, Variant::Gla, GatedMode::FusedRecurrent).unwrap();
-    let (tol, gate_tol) = tolerances(Impl::Fusion, KernelDType::F32);
-    for (name, x, y, t) in [
-        ("o", &a.o, &b.o, tol),
-        ("ht", &a.ht, &b.ht, tol),
-        ("dq", &a.dq, &b.dq, tol),
-        ("dk", &a.dk, &b.dk, tol),
-        ("dv", &a.dv, &b.dv, tol),
-        ("dh0", &a.dh0, &b.dh0, tol),
-        (
-            "dg",
-            a.dg.as_ref().unwrap(),
-            b.dg.as_ref().unwrap(),
-            gate_tol,
-        ),
-    ] {
-        check(name, x, y, t);
-    }
+    agree(&a, &b);
 }
 
 /// The chunk form has no value gate: every implementation says so rather than ignoring `gv`.
