@@ -8,8 +8,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
-    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
-    ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
+    chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
+    BackwardBuffers, ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -755,13 +755,7 @@ fn long_sequences(#[values(Mode::Recurrent, CHUNK)] mode: Mode) {
 }
 
 fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
-    let cpu_vulkan = R::name(client).starts_with("wgpu")
-        && !client
-            .properties()
-            .features
-            .plane
-            .contains(cubecl::ir::features::Plane::Ops);
-    match (cpu_vulkan, run_kernels(client, c, mode)) {
+    match (is_cpu_vulkan(client), run_kernels(client, c, mode)) {
         (true, Err(KernelError::DeviceLimit(msg))) => assert!(msg.contains("lavapipe"), "{msg}"),
         (true, other) => panic!(
             "expected DeviceLimit on a CPU Vulkan driver, got {:?}",

@@ -145,22 +145,27 @@ fn grid(p: &GatedProblem, block_v: usize, k_split: usize) -> (CubeCount, CubeDim
 /// Longest sequence a kernel invocation may walk on a CPU Vulkan driver (lavapipe).
 pub const CPU_VULKAN_MAX_SEQ: usize = 8192;
 
-/// lavapipe stops a shader invocation after about 65536 loop iterations and leaves its outputs
-/// unwritten: measured here, a 70000-token recurrent forward returns NaN from token 65535 on, the
-/// chunk form is wrong at 60000 tokens (right at 40000), and the recurrent backward, whose steps
-/// hold inner loops, is wrong at 16000 (right at 8000). A silent wrong answer is worse than a
-/// refusal, so sequences longer than [`CPU_VULKAN_MAX_SEQ`] are refused there. cubecl-wgpu turns plane operations off on CPU adapters (and only GPUs without
-/// subgroups share that), which is how the adapter is recognised.
-fn check_loop_limit<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &GatedProblem,
-) -> Result<(), KernelError> {
-    let cpu_vulkan = R::name(client).starts_with("wgpu")
+/// Whether `client` runs on a CPU Vulkan driver (lavapipe). cubecl-wgpu turns plane operations off
+/// on CPU adapters (and only GPUs without subgroups share that), which is how it is recognised.
+pub fn is_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    R::name(client).starts_with("wgpu")
         && !client
             .properties()
             .features
             .plane
-            .contains(cubecl::ir::features::Plane::Ops);
+            .contains(cubecl::ir::features::Plane::Ops)
+}
+
+/// lavapipe stops a shader invocation after about 65536 loop iterations and leaves its outputs
+/// unwritten: measured here, a 70000-token recurrent forward returns NaN from token 65535 on, the
+/// chunk form is wrong at 60000 tokens (right at 40000), and the recurrent backward, whose steps
+/// hold inner loops, is wrong at 16000 (right at 8000). A silent wrong answer is worse than a
+/// refusal, so sequences longer than [`CPU_VULKAN_MAX_SEQ`] are refused there.
+fn check_loop_limit<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+) -> Result<(), KernelError> {
+    let cpu_vulkan = is_cpu_vulkan(client);
     let longest = (0..p.num_seqs())
         .map(|n| {
             let (a, b) = p.bounds(n);

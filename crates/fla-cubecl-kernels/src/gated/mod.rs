@@ -16,8 +16,8 @@ mod recurrent_bwd;
 mod recurrent_fwd;
 
 pub use launch::{
-    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
-    ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
+    chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
+    BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 
 use crate::{FloatDType, KernelError};
