@@ -7,7 +7,6 @@ First calls compile and autotune (20 s to 2 min per op): `--warm` runs each op o
 parallel processes before the timed pass, so compiles do not overlap the timing.
 """
 import argparse
-import csv
 import os
 import subprocess
 import sys
