@@ -6,13 +6,17 @@
 //! Families:
 //! - [`gated`]: the gated linear-attention family (`linear_attn`, `retention`, `simple_gla`, `gla`),
 //!   fused recurrent and chunkwise-parallel forms, forward and backward.
+//! - [`delta`]: the delta-rule family (`delta_rule`, `gated_delta_rule`, grouped value heads),
+//!   fused recurrent form, forward and backward.
 //!
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
 
+pub mod delta;
 pub mod dtype;
 pub mod error;
 pub mod gated;
+mod problem;
 pub mod testing;
 
 pub use dtype::FloatDType;

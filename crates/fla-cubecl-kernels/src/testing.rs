@@ -202,3 +202,86 @@ pub fn problem(
         dtype,
     }
 }
+
+use crate::delta::naive::{self as delta_naive, DeltaForward, DeltaGrads, DeltaInputs};
+use crate::delta::DeltaProblem;
+
+/// Random inputs and output gradients for one delta-rule problem, rounded to its dtype. Keys are
+/// L2-normalised per token (as DeltaNet layers do, and FLA's tests): with `β ∈ (0, 1)` the
+/// transition `I − β kᵀk` then never grows the state.
+#[derive(Debug, Clone)]
+pub struct DeltaCase {
+    pub p: DeltaProblem,
+    pub q: Vec<f64>,
+    pub k: Vec<f64>,
+    pub v: Vec<f64>,
+    pub beta: Vec<f64>,
+    pub g: Option<Vec<f64>>,
+    pub h0: Option<Vec<f64>>,
+    pub d_o: Vec<f64>,
+    pub d_ht: Option<Vec<f64>>,
+}
+
+/// Each `width`-long row of `xs` divided by its L2 norm, then rounded to `dtype`.
+pub fn l2_rows(xs: &[f64], width: usize, dtype: FloatDType) -> Vec<f64> {
+    xs.chunks(width)
+        .flat_map(|row| {
+            let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-6);
+            row.iter().map(move |x| round_to(dtype, x / norm))
+        })
+        .collect()
+}
+
+impl DeltaCase {
+    /// Draws a case; `strength` scales the log decays of a gated problem (as [`GatedCase::new`]).
+    pub fn new(p: DeltaProblem, strength: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let dt = p.dtype;
+        let (qk, vo, sc) = p.lens();
+        let q = rng.normals(qk, dt);
+        let k = l2_rows(&rng.normals(qk, FloatDType::F32), p.k_dim, dt);
+        let v = rng.normals(vo, dt);
+        let beta = (0..sc)
+            .map(|_| round_to(dt, 1.0 / (1.0 + (-rng.normal()).exp())))
+            .collect();
+        let g = p.gated.then(|| rng.log_gates(sc, strength, dt));
+        let h0 = p
+            .has_initial_state
+            .then(|| rng.normals(p.state_len(), FloatDType::F32));
+        let d_o = rng.normals(vo, dt);
+        let d_ht = p
+            .output_final_state
+            .then(|| rng.normals(p.state_len(), FloatDType::F32));
+        DeltaCase {
+            p,
+            q,
+            k,
+            v,
+            beta,
+            g,
+            h0,
+            d_o,
+            d_ht,
+        }
+    }
+
+    pub fn inputs(&self) -> DeltaInputs<'_> {
+        DeltaInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            beta: &self.beta,
+            g: self.g.as_deref(),
+            h0: self.h0.as_deref(),
+        }
+    }
+
+    /// The f64 reference: forward outputs, and gradients for `d_o` and `d_ht`.
+    pub fn reference(&self) -> (DeltaForward, DeltaGrads) {
+        let x = self.inputs();
+        (
+            delta_naive::forward(&self.p, &x),
+            delta_naive::backward(&self.p, &x, &self.d_o, self.d_ht.as_deref()),
+        )
+    }
+}

@@ -15,6 +15,10 @@ use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
+#[macro_use]
+mod common;
+use common::{check, runtime_name, tolerance};
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
     LinearAttn,
@@ -172,36 +176,6 @@ fn gate_tolerance(dtype: FloatDType) -> f64 {
     }
 }
 
-/// Relative-RMSE bound per dtype, against the f64 recurrence on the same (rounded) inputs.
-fn tolerance(dtype: FloatDType) -> f64 {
-    match dtype {
-        // CUDA's fast exp and fused multiply-adds differ from the f64 path more than lavapipe's.
-        FloatDType::F32 if runtime_name() == "cuda" => 1e-4,
-        FloatDType::F32 => 1e-5,
-        FloatDType::F16 | FloatDType::BF16 => 1e-2,
-    }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    if err.is_nan() {
-        let bad: Vec<usize> = (0..out.len())
-            .filter(|&i| out[i].is_nan())
-            .take(5)
-            .collect();
-        let bad_ref = reference.iter().filter(|x| x.is_nan()).count();
-        eprintln!(
-            "{name}: NaN in output at {bad:?} (of {}), {bad_ref} NaN in reference",
-            out.len()
-        );
-    }
-    assert!(
-        err <= tol,
-        "{name}: relative RMSE {err:e} exceeds {tol:e} (len {})",
-        out.len()
-    );
-}
-
 fn compare<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
     compare_mode(client, c, Mode::Recurrent)
 }
@@ -227,35 +201,6 @@ fn compare_mode<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
     if let Some(dh0) = &out.dh0 {
         check("dh0", dh0, grads.dh0.as_ref().unwrap(), tol);
     }
-}
-
-fn runtime_name() -> &'static str {
-    let wanted = std::env::var("FLA_TEST_RUNTIME").unwrap_or_default();
-    if cfg!(feature = "cuda") && (wanted == "cuda" || !cfg!(feature = "wgpu")) {
-        "cuda"
-    } else {
-        "wgpu"
-    }
-}
-
-/// Runs `$f::<Runtime>(&client, args...)` on the runtime the tests were asked for.
-macro_rules! on_runtime {
-    ($f:ident($($arg:expr),*)) => {{
-        match runtime_name() {
-            #[cfg(feature = "cuda")]
-            "cuda" => {
-                let client = cubecl::cuda::CudaRuntime::client(&Default::default());
-                $f::<cubecl::cuda::CudaRuntime>(&client, $($arg),*)
-            }
-            #[cfg(feature = "wgpu")]
-            _ => {
-                let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-                $f::<cubecl::wgpu::WgpuRuntime>(&client, $($arg),*)
-            }
-            #[cfg(not(feature = "wgpu"))]
-            other => panic!("runtime {other} not compiled in"),
-        }
-    }};
 }
 
 #[rstest]

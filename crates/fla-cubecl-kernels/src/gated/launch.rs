@@ -55,13 +55,13 @@ pub struct BackwardBuffers<'a> {
 /// Threads per cube for the recurrent kernels: enough to hide latency, few enough that a
 /// 256-wide state keeps 32 rows per thread in registers.
 const CUBE_THREADS: usize = 256;
-const ELEMWISE_THREADS: u32 = 256;
+pub(crate) const ELEMWISE_THREADS: u32 = 256;
 
-fn array<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
+pub(crate) fn array<R: Runtime>(h: &Handle, len: usize) -> ArrayArg<R> {
     unsafe { ArrayArg::from_raw_parts(h.clone(), len.max(1)) }
 }
 
-fn need<'a>(h: Option<&'a Handle>, what: &str) -> Result<&'a Handle, KernelError> {
+pub(crate) fn need<'a>(h: Option<&'a Handle>, what: &str) -> Result<&'a Handle, KernelError> {
     h.ok_or_else(|| KernelError::InvalidProblem(format!("missing buffer: {what}")))
 }
 
@@ -71,29 +71,39 @@ fn tiles<R: Runtime>(
     p: &GatedProblem,
     smem_rows: bool,
 ) -> Result<(usize, usize), KernelError> {
-    let props = client.properties();
-    let max_smem = props.hardware.max_shared_memory_size;
-    let max_units = (props.hardware.max_units_per_cube as usize).min(CUBE_THREADS);
-    let mut block_v = 32usize.min(p.v_dim.next_power_of_two()).max(1);
-    loop {
-        let k_split = (max_units / block_v)
-            .min(p.k_dim.next_power_of_two())
-            .max(1);
-        let rows = p.k_dim.div_ceil(k_split);
-        // Reduction buffers (the key-row one padded a column), two staging buffers.
+    // Reduction buffers (the key-row one padded a column), two staging buffers.
+    tiles_for(client, p.k_dim, p.v_dim, |block_v, k_split, rows| {
         let reduce_rows = if smem_rows {
             rows * k_split * (block_v + 1)
         } else {
             0
         };
-        let smem = 4 * (2 * block_v * k_split + reduce_rows + 2 * stage_len(p.k_dim));
+        2 * block_v * k_split + reduce_rows + 2 * stage_len(p.k_dim)
+    })
+}
+
+/// Chooses `(block_v, k_split)` for a cube holding a `K × block_v` state slice: the widest value
+/// block whose shared memory, `smem_floats(block_v, k_split, rows)` f32 values, fits the device.
+pub(crate) fn tiles_for<R: Runtime>(
+    client: &ComputeClient<R>,
+    k_dim: usize,
+    v_dim: usize,
+    smem_floats: impl Fn(usize, usize, usize) -> usize,
+) -> Result<(usize, usize), KernelError> {
+    let props = client.properties();
+    let max_smem = props.hardware.max_shared_memory_size;
+    let max_units = (props.hardware.max_units_per_cube as usize).min(CUBE_THREADS);
+    let mut block_v = 32usize.min(v_dim.next_power_of_two()).max(1);
+    loop {
+        let k_split = (max_units / block_v).min(k_dim.next_power_of_two()).max(1);
+        let rows = k_dim.div_ceil(k_split);
+        let smem = 4 * smem_floats(block_v, k_split, rows);
         if smem <= max_smem {
             return Ok((block_v, k_split));
         }
         if block_v <= 4 {
             return Err(KernelError::DeviceLimit(format!(
-                "K = {} needs more than the device's {max_smem} bytes of shared memory",
-                p.k_dim
+                "K = {k_dim} needs more than the device's {max_smem} bytes of shared memory"
             )));
         }
         block_v /= 2;
@@ -119,7 +129,15 @@ fn layout(p: &GatedProblem, block_v: usize, k_split: usize) -> RecurrentLayout {
 }
 
 fn cu_seqlens_handle<R: Runtime>(client: &ComputeClient<R>, p: &GatedProblem) -> (Handle, usize) {
-    let cu: Vec<u32> = match &p.cu_seqlens {
+    upload_cu_seqlens(client, p.cu_seqlens.as_deref())
+}
+
+/// `cu_seqlens` as a `u32` device buffer (a one-element placeholder without it) and its length.
+pub(crate) fn upload_cu_seqlens<R: Runtime>(
+    client: &ComputeClient<R>,
+    cu_seqlens: Option<&[usize]>,
+) -> (Handle, usize) {
+    let cu: Vec<u32> = match cu_seqlens {
         Some(cu) => cu.iter().map(|&x| x as u32).collect(),
         None => vec![0],
     };
@@ -127,7 +145,7 @@ fn cu_seqlens_handle<R: Runtime>(client: &ComputeClient<R>, p: &GatedProblem) ->
 }
 
 /// Grid for `units` independent threads: 1-D cubes over a 2-D count (each axis ≤ 65535).
-fn elementwise_grid(units: usize) -> CubeCount {
+pub(crate) fn elementwise_grid(units: usize) -> CubeCount {
     let cubes = units.div_ceil(ELEMWISE_THREADS as usize).max(1) as u32;
     let x = cubes.min(65535);
     CubeCount::Static(x, cubes.div_ceil(x), 1)
@@ -161,19 +179,11 @@ pub fn is_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>) -> bool {
 /// chunk form is wrong at 60000 tokens (right at 40000), and the recurrent backward, whose steps
 /// hold inner loops, is wrong at 16000 (right at 8000). A silent wrong answer is worse than a
 /// refusal, so sequences longer than [`CPU_VULKAN_MAX_SEQ`] are refused there.
-fn check_loop_limit<R: Runtime>(
+pub(crate) fn check_loop_limit<R: Runtime>(
     client: &ComputeClient<R>,
-    p: &GatedProblem,
+    longest: usize,
 ) -> Result<(), KernelError> {
-    let cpu_vulkan = is_cpu_vulkan(client);
-    let longest = (0..p.num_seqs())
-        .map(|n| {
-            let (a, b) = p.bounds(n);
-            b - a
-        })
-        .max()
-        .unwrap_or(0);
-    if cpu_vulkan && longest > CPU_VULKAN_MAX_SEQ {
+    if is_cpu_vulkan(client) && longest > CPU_VULKAN_MAX_SEQ {
         return Err(KernelError::DeviceLimit(format!(
             "a sequence of {longest} tokens exceeds the {CPU_VULKAN_MAX_SEQ} that a CPU Vulkan \
              driver (lavapipe) runs in one shader invocation; split it, carrying the state \
@@ -192,7 +202,7 @@ fn check_common<R: Runtime>(
 ) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
-    check_loop_limit(client, p)?;
+    check_loop_limit(client, p.longest())?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",

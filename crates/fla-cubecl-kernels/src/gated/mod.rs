@@ -12,9 +12,12 @@
 mod chunk;
 mod launch;
 pub mod naive;
-mod recurrent_bwd;
-mod recurrent_fwd;
+pub(crate) mod recurrent_bwd;
+pub(crate) mod recurrent_fwd;
 
+pub(crate) use launch::{
+    array, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens, ELEMWISE_THREADS,
+};
 pub use launch::{
     chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
     BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
@@ -91,60 +94,19 @@ impl GatedProblem {
         }
     }
 
+    /// Tokens in the longest sequence.
+    pub fn longest(&self) -> usize {
+        crate::problem::longest(self.batch, self.seq_len, self.cu_seqlens.as_deref())
+    }
+
     /// Checks what does not depend on the device: sizes and `cu_seqlens`.
     pub fn validate(&self) -> Result<(), KernelError> {
-        let bad = |m: String| Err(KernelError::InvalidProblem(m));
-        if self.batch == 0 || self.seq_len == 0 {
-            return bad(format!(
-                "zero-length input (B = {}, T = {})",
-                self.batch, self.seq_len
-            ));
-        }
-        if self.heads == 0 || self.k_dim == 0 || self.v_dim == 0 {
-            return bad(format!(
-                "zero-sized heads or head dims (H = {}, K = {}, V = {})",
-                self.heads, self.k_dim, self.v_dim
-            ));
-        }
-        if self.k_dim > MAX_HEAD_DIM || self.v_dim > MAX_HEAD_DIM {
-            return bad(format!(
-                "head dims K = {}, V = {} exceed the supported maximum {MAX_HEAD_DIM}",
-                self.k_dim, self.v_dim
-            ));
-        }
-        if !self.scale.is_finite() {
-            return bad(format!("scale {} is not finite", self.scale));
-        }
-        if let Some(cu) = &self.cu_seqlens {
-            if self.batch != 1 {
-                return bad(format!(
-                    "cu_seqlens needs batch size 1, got B = {}",
-                    self.batch
-                ));
-            }
-            if cu.len() < 2 {
-                return bad("cu_seqlens needs at least two entries [0, T]".into());
-            }
-            if cu[0] != 0 {
-                return bad(format!("cu_seqlens must start at 0, starts at {}", cu[0]));
-            }
-            if let Some(w) = cu.windows(2).find(|w| w[1] < w[0]) {
-                return bad(format!(
-                    "cu_seqlens must be non-decreasing, has {} then {}",
-                    w[0], w[1]
-                ));
-            }
-            if *cu.last().unwrap() != self.seq_len {
-                return bad(format!(
-                    "cu_seqlens must end at T = {}, ends at {}",
-                    self.seq_len,
-                    cu.last().unwrap()
-                ));
-            }
-        }
-        Ok(())
+        crate::problem::validate(
+            [self.batch, self.seq_len, self.heads, self.k_dim, self.v_dim],
+            self.scale,
+            self.cu_seqlens.as_deref(),
+        )
     }
 }
 
-/// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
-pub const MAX_HEAD_DIM: usize = 256;
+pub use crate::problem::MAX_HEAD_DIM;

@@ -1,0 +1,107 @@
+//! The delta-rule family: DeltaNet (`delta_rule`) and Gated DeltaNet (`gated_delta_rule`), in the
+//! fused recurrent form.
+//!
+//! Per sequence and value head, with `α_t = exp(g_t)` (1 for the plain delta rule), `β_t` a
+//! scalar per token and head, rows `q_t, k_t ∈ R^K`, `v_t ∈ R^V` and state `S ∈ R^{K×V}`:
+//! `u_t = β_t (v_t − α_t k_t S_{t-1})`, `S_t = α_t S_{t-1} + k_tᵀ u_t`, `o_t = scale · q_t S_t`.
+//!
+//! Grouped value heads (FLA's Gated DeltaNet): `q, k` have `H` heads, `v, β, g` and the state have
+//! `HV` heads, `HV` a multiple of `H`; value head `hv` reads query/key head `hv / (HV / H)`.
+//! Layouts: `q, k: [B·T, H, K]`, `v, o: [B·T, HV, V]`, `β, g: [B·T, HV]`, states
+//! `[N, HV, K, V]` in `f32`.
+
+mod launch;
+pub mod naive;
+mod recurrent;
+
+pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};
+pub use recurrent::CHECKPOINT_EVERY;
+
+use crate::{FloatDType, KernelError};
+
+/// The shape and options of one delta-rule call, shared by the kernels and the naive reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaProblem {
+    /// Batch size `B` (1 when `cu_seqlens` is given).
+    pub batch: usize,
+    /// Tokens per batch row `T` (the total token count when `cu_seqlens` is given).
+    pub seq_len: usize,
+    /// Query/key heads `H`.
+    pub heads: usize,
+    /// Value heads `HV` (the state's heads), a multiple of `H`.
+    pub v_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// Gated delta rule: a log decay `g: [B·T, HV]`.
+    pub gated: bool,
+    pub scale: f32,
+    /// Sequence boundaries `[0, t1, ..., T]` for a variable-length batch (FLA's `cu_seqlens`).
+    pub cu_seqlens: Option<Vec<usize>>,
+    pub has_initial_state: bool,
+    pub output_final_state: bool,
+    pub dtype: FloatDType,
+}
+
+impl DeltaProblem {
+    /// Number of independent sequences `N` (`B`, or `len(cu_seqlens) - 1`).
+    pub fn num_seqs(&self) -> usize {
+        match &self.cu_seqlens {
+            Some(cu) => cu.len().saturating_sub(1),
+            None => self.batch,
+        }
+    }
+
+    /// Total tokens over the batch, `B * T`.
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq_len
+    }
+
+    /// `(start, end)` token indices of sequence `n` in the flattened token axis.
+    pub fn bounds(&self, n: usize) -> (usize, usize) {
+        match &self.cu_seqlens {
+            Some(cu) => (cu[n], cu[n + 1]),
+            None => (n * self.seq_len, (n + 1) * self.seq_len),
+        }
+    }
+
+    /// Value heads per query/key head.
+    pub fn group(&self) -> usize {
+        self.v_heads / self.heads.max(1)
+    }
+
+    /// Element count of a state `[N, HV, K, V]`.
+    pub fn state_len(&self) -> usize {
+        self.num_seqs() * self.v_heads * self.k_dim * self.v_dim
+    }
+
+    /// Element counts of `q`/`k`, of `v`/`o`, and of `β`/`g`.
+    pub fn lens(&self) -> (usize, usize, usize) {
+        let t = self.tokens();
+        (
+            t * self.heads * self.k_dim,
+            t * self.v_heads * self.v_dim,
+            t * self.v_heads,
+        )
+    }
+
+    /// Tokens in the longest sequence.
+    pub fn longest(&self) -> usize {
+        crate::problem::longest(self.batch, self.seq_len, self.cu_seqlens.as_deref())
+    }
+
+    /// Checks what does not depend on the device: sizes, head grouping and `cu_seqlens`.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        crate::problem::validate(
+            [self.batch, self.seq_len, self.heads, self.k_dim, self.v_dim],
+            self.scale,
+            self.cu_seqlens.as_deref(),
+        )?;
+        if self.v_heads == 0 || self.v_heads % self.heads != 0 {
+            return Err(KernelError::InvalidProblem(format!(
+                "value heads HV = {} must be a positive multiple of the query/key heads H = {}",
+                self.v_heads, self.heads
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,69 @@
+//! Checks shared by every family's problem description: batch layout, head sizes, `cu_seqlens`.
+
+use crate::KernelError;
+
+/// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Tokens in the longest sequence of a batch (`T`, or the widest `cu_seqlens` interval).
+pub fn longest(batch: usize, seq_len: usize, cu_seqlens: Option<&[usize]>) -> usize {
+    match cu_seqlens {
+        Some(cu) => cu
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .max()
+            .unwrap_or(0),
+        None if batch == 0 => 0,
+        None => seq_len,
+    }
+}
+
+/// Validates `[B, T, H, K, V]`, the scale and `cu_seqlens` (which needs `B = 1`, starts at 0,
+/// never decreases and ends at `T`).
+pub fn validate(
+    [batch, seq_len, heads, k_dim, v_dim]: [usize; 5],
+    scale: f32,
+    cu_seqlens: Option<&[usize]>,
+) -> Result<(), KernelError> {
+    let bad = |m: String| Err(KernelError::InvalidProblem(m));
+    if batch == 0 || seq_len == 0 {
+        return bad(format!("zero-length input (B = {batch}, T = {seq_len})"));
+    }
+    if heads == 0 || k_dim == 0 || v_dim == 0 {
+        return bad(format!(
+            "zero-sized heads or head dims (H = {heads}, K = {k_dim}, V = {v_dim})"
+        ));
+    }
+    if k_dim > MAX_HEAD_DIM || v_dim > MAX_HEAD_DIM {
+        return bad(format!(
+            "head dims K = {k_dim}, V = {v_dim} exceed the supported maximum {MAX_HEAD_DIM}"
+        ));
+    }
+    if !scale.is_finite() {
+        return bad(format!("scale {scale} is not finite"));
+    }
+    if let Some(cu) = cu_seqlens {
+        if batch != 1 {
+            return bad(format!("cu_seqlens needs batch size 1, got B = {batch}"));
+        }
+        if cu.len() < 2 {
+            return bad("cu_seqlens needs at least two entries [0, T]".into());
+        }
+        if cu[0] != 0 {
+            return bad(format!("cu_seqlens must start at 0, starts at {}", cu[0]));
+        }
+        if let Some(w) = cu.windows(2).find(|w| w[1] < w[0]) {
+            return bad(format!(
+                "cu_seqlens must be non-decreasing, has {} then {}",
+                w[0], w[1]
+            ));
+        }
+        let last = *cu.last().expect("two entries checked");
+        if last != seq_len {
+            return bad(format!(
+                "cu_seqlens must end at T = {seq_len}, ends at {last}"
+            ));
+        }
+    }
+    Ok(())
+}
