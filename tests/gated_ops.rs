@@ -7,7 +7,7 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
-use common::{tensor, values};
+use common::{tensor, values, Impl};
 use fla::kernels::gated::GateKind;
 use fla::kernels::testing::{problem, rel_rmse, GatedCase};
 use fla::kernels::FloatDType as KernelDType;
@@ -36,16 +36,6 @@ impl Variant {
             Variant::Gla | Variant::GlaWithValueGate => GateKind::Vector,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Impl {
-    /// `burn::backend::Wgpu` / `Cuda`: fusion on, as users write it.
-    Fusion,
-    /// `CubeBackend` without fusion.
-    Cube,
-    /// NdArray: the tensor-op implementation.
-    TensorOps,
 }
 
 fn case(

@@ -35,6 +35,17 @@ pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
         .collect()
 }
 
+/// Which implementation of an op a test runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Impl {
+    /// `burn::backend::Wgpu` / `Cuda`: fusion on, as users write it.
+    Fusion,
+    /// `CubeBackend` without fusion.
+    Cube,
+    /// NdArray: the tensor-op implementation.
+    TensorOps,
+}
+
 /// Fused backends as Burn users write them (`Wgpu`/`Cuda` are `Fusion<CubeBackend<..>>`), the
 /// plain `CubeBackend` beneath them, and NdArray for the tensor-op implementation.
 pub mod backends {

@@ -10,10 +10,16 @@
 //! This crate knows nothing of models. Every op validates its inputs and returns [`FlaError`]
 //! rather than panicking.
 
+pub mod delta;
 pub mod device;
 pub mod error;
 pub mod gated;
+mod recorded;
 
+pub use delta::{
+    delta_rule, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule,
+    DeltaRuleBackend, DeltaRuleOptions,
+};
 pub use error::FlaError;
 pub use gated::{
     chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,

@@ -30,7 +30,11 @@ fn contiguous<B: GatedRecurrentBackend<FloatTensorPrimitive = CubeTensor<R>>, R:
     }
 }
 
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    dims: Vec<usize>,
+    dtype: DType,
+) -> CubeTensor<R> {
     empty_device_contiguous_dtype::<R>(
         like.client.clone(),
         like.device.clone(),

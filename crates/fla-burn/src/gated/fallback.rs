@@ -2,6 +2,8 @@
 //! time, state and arithmetic in f32. Same algorithm as the fused kernels (gate gradients through
 //! the cumulative-sum identity of MATH.md), so it doubles as their reference inside Burn.
 
+use std::ops::Range;
+
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
@@ -12,11 +14,11 @@ use super::{
 };
 use crate::FlaError;
 
-fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+pub(crate) fn wrap<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t)).cast(FloatDType::F32)
 }
 
-fn unwrap<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> FloatTensor<B> {
+pub(crate) fn unwrap<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> FloatTensor<B> {
     t.cast(float_dtype(dtype)).into_primitive().tensor()
 }
 
@@ -55,19 +57,24 @@ fn inputs<B: Backend>(x: GatedTensors<B>, p: &GatedProblem) -> Inputs<B> {
     }
 }
 
-/// `(batch rows, token range, state rows)` of each group.
-fn groups(p: &GatedProblem) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)> {
-    match &p.cu_seqlens {
-        None => vec![(0..p.batch, 0..p.seq_len)],
+fn groups(p: &GatedProblem) -> Vec<(Range<usize>, Range<usize>)> {
+    seq_groups(p.batch, p.seq_len, p.cu_seqlens.as_deref())
+}
+
+/// `(batch rows, token range)` of each group of sequences run side by side: all of `B` without
+/// `cu_seqlens`, one sequence at a time with it.
+pub(crate) fn seq_groups(
+    batch: usize,
+    seq_len: usize,
+    cu_seqlens: Option<&[usize]>,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    match cu_seqlens {
+        None => vec![(0..batch, 0..seq_len)],
         Some(cu) => cu.windows(2).map(|w| (0..1, w[0]..w[1])).collect(),
     }
 }
 
-fn slice_group<B: Backend>(
-    x: &Inputs<B>,
-    rows: &std::ops::Range<usize>,
-    toks: &std::ops::Range<usize>,
-) -> Group<B> {
+fn slice_group<B: Backend>(x: &Inputs<B>, rows: &Range<usize>, toks: &Range<usize>) -> Group<B> {
     let s = |t: &Tensor<B, 4>| t.clone().slice([rows.clone(), toks.clone()]);
     Group {
         q: s(&x.q),
@@ -79,7 +86,7 @@ fn slice_group<B: Backend>(
 }
 
 /// Row `t` of a `[b, L, H, D]` tensor as `[b, H, D]`.
-fn step<B: Backend>(t: &Tensor<B, 4>, i: usize) -> Tensor<B, 3> {
+pub(crate) fn step<B: Backend>(t: &Tensor<B, 4>, i: usize) -> Tensor<B, 3> {
     t.clone().narrow(1, i, 1).squeeze_dim::<3>(1)
 }
 
@@ -112,7 +119,7 @@ fn apply_decay<B: Backend>(
 }
 
 /// Outer product of `[b, H, K]` and `[b, H, V]` rows: `[b, H, K, V]`.
-fn outer<B: Backend>(x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 4> {
+pub(crate) fn outer<B: Backend>(x: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 4> {
     x.unsqueeze_dim::<4>(3) * y.unsqueeze_dim::<4>(2)
 }
 
@@ -126,7 +133,7 @@ fn order(len: usize, reverse: bool) -> Vec<usize> {
 }
 
 /// Stacks per-step `[b, H, D]` rows (indexed by token) into `[b, L, H, D]`.
-fn stack_steps<B: Backend>(rows: Vec<Option<Tensor<B, 3>>>) -> Tensor<B, 4> {
+pub(crate) fn stack_steps<B: Backend>(rows: Vec<Option<Tensor<B, 3>>>) -> Tensor<B, 4> {
     Tensor::stack::<4>(
         rows.into_iter()
             .map(|r| r.expect("every step written"))

@@ -6,8 +6,8 @@
 
 mod api;
 mod autodiff;
-mod cube;
-mod fallback;
+pub(crate) mod cube;
+pub(crate) mod fallback;
 mod fusion;
 
 pub use api::{
@@ -23,6 +23,7 @@ use burn::tensor::{DType, TensorMetadata};
 use fla_cubecl_kernels::gated::GatedProblem;
 use fla_cubecl_kernels::FloatDType;
 
+use crate::recorded::{Inputs, Outputs, StateOp};
 use crate::FlaError;
 
 /// The primitive inputs of one call.
@@ -52,6 +53,88 @@ impl<B: Backend> Clone for GatedTensors<B> {
             gv: self.gv.clone(),
             h0: self.h0.clone(),
         }
+    }
+}
+
+impl<B: Backend> GatedTensors<B> {
+    /// The inputs in the order the recorded wrappers keep them: `q, k, v, g, gv, h0`.
+    pub(crate) fn into_inputs(self) -> Inputs<B> {
+        [
+            Some(self.q),
+            Some(self.k),
+            Some(self.v),
+            self.g,
+            self.gv,
+            self.h0,
+        ]
+    }
+
+    /// The inverse of [`GatedTensors::into_inputs`].
+    pub(crate) fn from_inputs([q, k, v, g, gv, h0]: Inputs<B>) -> Self {
+        let req = |t: Option<FloatTensor<B>>| t.expect("q, k and v are always present");
+        Self {
+            q: req(q),
+            k: req(k),
+            v: req(v),
+            g,
+            gv,
+            h0,
+        }
+    }
+}
+
+impl<B: Backend> GatedGrads<B> {
+    /// Gradients in input order (as [`GatedTensors::into_inputs`]).
+    pub(crate) fn into_inputs(self) -> Inputs<B> {
+        [
+            Some(self.dq),
+            Some(self.dk),
+            Some(self.dv),
+            self.dg,
+            self.dgv,
+            self.dh0,
+        ]
+    }
+
+    pub(crate) fn from_inputs(g: Inputs<B>) -> Self {
+        let GatedTensors { q, k, v, g, gv, h0 } = GatedTensors::<B>::from_inputs(g);
+        Self {
+            dq: q,
+            dk: k,
+            dv: v,
+            dg: g,
+            dgv: gv,
+            dh0: h0,
+        }
+    }
+}
+
+/// How the `Autodiff` and `Fusion` wrappers run this family on an inner backend.
+impl<B: GatedRecurrentBackend> StateOp<B> for GatedOptions {
+    const FORWARD: &'static str = "fla_gated_recurrent_forward";
+    const BACKWARD: &'static str = "fla_gated_recurrent_backward";
+    const READS_OUTPUTS: bool = true;
+
+    fn forward(&self, x: Inputs<B>) -> Result<Outputs<B>, FlaError> {
+        let out = B::gated_recurrent_forward(GatedTensors::from_inputs(x), self)?;
+        Ok(Outputs {
+            o: out.o,
+            ht: out.ht,
+        })
+    }
+
+    fn backward(
+        &self,
+        x: Inputs<B>,
+        out: Option<Outputs<B>>,
+        d_o: FloatTensor<B>,
+        d_ht: Option<FloatTensor<B>>,
+    ) -> Result<Inputs<B>, FlaError> {
+        let out = out.ok_or_else(|| {
+            FlaError::Shape("the gated backward needs the forward's outputs".into())
+        })?;
+        let x = GatedTensors::from_inputs(x);
+        Ok(B::gated_recurrent_backward(x, out.o, out.ht, d_o, d_ht, self)?.into_inputs())
     }
 }
 
