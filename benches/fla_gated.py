@@ -1,5 +1,6 @@
 """Times FLA 0.6.0's Triton kernels (chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
-fused_recurrent_gla) and torch SDPA (flash backend, causal) on the shapes of benches/table.rs,
+fused_recurrent_gla, and with --ops the delta rule's chunk_delta_rule, chunk_gated_delta_rule,
+fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule) and torch SDPA (flash backend, causal) on the shapes of benches/table.rs,
 median of triton's do_bench, and joins them with our CSV into the ratio table (FLA-time /
 our-time: above 1 we are faster, benches/join.py). On the GPU machine, fla-core carried as a wheel:
   python3 benches/fla_gated.py --seq 4096 --ours $OUT/ours.csv --out $OUT
@@ -44,6 +45,8 @@ from triton.testing import do_bench
 import fla.ops.common.chunk_o as chunk_o
 from fla.ops.gla import chunk_gla, fused_recurrent_gla
 from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 # FLA 0.6.0 refuses the gated chunk backward on Triton < 3.7.1 on Hopper (their issue #640);
 # bypassed for timing only.
@@ -55,6 +58,12 @@ FNS = {
     "chunk_gla": chunk_gla,
     "fused_recurrent_simple_gla": fused_recurrent_simple_gla,
     "fused_recurrent_gla": fused_recurrent_gla,
+}
+DELTA = {
+    "chunk_delta_rule": chunk_delta_rule,
+    "fused_recurrent_delta_rule": fused_recurrent_delta_rule,
+    "chunk_gated_delta_rule": chunk_gated_delta_rule,
+    "fused_recurrent_gated_delta_rule": fused_recurrent_gated_delta_rule,
 }
 
 
@@ -70,6 +79,15 @@ def make(op, t):
 
         return fn, [q, k, v], do
     q, k, v, do = (mk(B, t, H, D) for _ in range(4))
+    if op in DELTA:
+        # Keys L2-normalised per token (as DeltaNet layers feed the rule), beta = sigmoid(randn).
+        k = F.normalize(k.float(), dim=-1).to(dtype)
+        beta = torch.sigmoid(mk(B, t, H))
+        f = DELTA[op]
+        if "gated" in op:
+            g = F.logsigmoid(mk(B, t, H))
+            return (lambda q, k, v, g, beta: f(q, k, v, g, beta)[0]), [q, k, v, g, beta], do
+        return (lambda q, k, v, beta: f(q, k, v, beta)[0]), [q, k, v, beta], do
     gate = F.logsigmoid(mk(B, t, H, D)) if op.endswith("_gla") and "simple" not in op \
         else F.logsigmoid(mk(B, t, H))
     f = FNS[op]
@@ -90,11 +108,18 @@ for t in [int(s) for s in a.seq.split(",")]:
 
         if a.only_warm:
             fwd()
-            fwd_bwd()
+            try:
+                fwd_bwd()
+            except Exception:
+                pass
             torch.cuda.synchronize()
             continue
         f = do_bench(fwd, warmup=50, rep=300, return_mode="median")
-        fb = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
+        try:
+            fb = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
+        except Exception as e:  # FLA's fused recurrent gated delta rule has no backward
+            print(f"{op}: no backward ({type(e).__name__}: {str(e)[:80]})", flush=True)
+            fb = float("nan")
         rows.append((op, t, f, fb))
         print(f"| {op} | {a.batch} | {t} | {a.heads} | {a.dim} | {a.dtype} | {f:.3f} | {fb:.3f} |",
               flush=True)
@@ -107,7 +132,8 @@ os.makedirs(a.out, exist_ok=True)
 with open(os.path.join(a.out, "fla.csv"), "w") as fh:
     fh.write("impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms\n")
     for op, t, f, fb in rows:
-        fh.write(f"fla-0.6.0,{op},{a.batch},{t},{a.heads},{a.dim},{a.dtype},{f:.4f},{fb:.4f}\n")
+        fbs = "" if fb != fb else f"{fb:.4f}"
+        fh.write(f"fla-0.6.0,{op},{a.batch},{t},{a.heads},{a.dim},{a.dtype},{f:.4f},{fbs}\n")
 
 if a.ours:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

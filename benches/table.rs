@@ -1,4 +1,4 @@
-//! The benchmark table of the gated family (FLA's README layout): per op and form, forward and
+//! The benchmark table of the gated and delta-rule families (FLA's README layout): per op and form, forward and
 //! forward+backward milliseconds, median of repeated runs after warm-up, a device sync closing each
 //! run. Burn's own softmax `attention` (causal) runs beside it as the baseline. Speed is measured
 //! here, never asserted in tests. On the GPU machine (see benches/README.md):
@@ -10,12 +10,20 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::tensor::activation::{log_sigmoid, sigmoid};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{activation::log_sigmoid, Distribution, FloatDType, Tensor};
+use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
-use fla::ops::{gla, simple_gla, GatedMode, GatedRecurrentBackend, RecurrentOptions};
+use fla::ops::{
+    delta_rule, gated_delta_rule, gla, simple_gla, DeltaRuleBackend, DeltaRuleOptions, GatedMode,
+    GatedRecurrentBackend, RecurrentOptions,
+};
+
+/// What every timed op needs of its backend.
+trait Ops: GatedRecurrentBackend + DeltaRuleBackend {}
+impl<B: GatedRecurrentBackend + DeltaRuleBackend> Ops for B {}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -36,7 +44,8 @@ struct Args {
     #[arg(long, default_value = "4096")]
     seq: String,
     /// Comma-separated ops: chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
-    /// fused_recurrent_gla, attention (Burn's causal softmax attention).
+    /// fused_recurrent_gla, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule,
+    /// attention (Burn's causal softmax attention).
     #[arg(
         long,
         default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
@@ -86,6 +95,10 @@ struct Inputs<B: Backend> {
     v: Tensor<B, 4>,
     gk: Tensor<B, 4>,
     g: Tensor<B, 3>,
+    /// `sigmoid(randn)`, the delta rule's write strength.
+    beta: Tensor<B, 3>,
+    /// `k` L2-normalised per token, as DeltaNet layers feed the delta rule.
+    k_unit: Tensor<B, 4>,
     d_o: Tensor<B, 4>,
 }
 
@@ -93,9 +106,14 @@ fn inputs<B: Backend>(dims: [usize; 4], dtype: FloatDType, device: &B::Device) -
     let n = Distribution::Normal(0.0, 1.0);
     let r4 = || Tensor::<B, 4>::random(dims, n, device).cast(dtype);
     let [b, t, h, _] = dims;
+    let k = r4();
+    let k32 = k.clone().cast(FloatDType::F32);
+    let k_unit = (k32.clone() / k32.square().sum_dim(3).sqrt()).cast(dtype);
     Inputs {
         q: r4(),
-        k: r4(),
+        k,
+        k_unit,
+        beta: sigmoid(Tensor::<B, 3>::random([b, t, h], n, device)).cast(dtype),
         v: r4(),
         gk: log_sigmoid(Tensor::<B, 4>::random(dims, n, device)).cast(dtype),
         g: log_sigmoid(Tensor::<B, 3>::random([b, t, h], n, device)).cast(dtype),
@@ -104,8 +122,15 @@ fn inputs<B: Backend>(dims: [usize; 4], dtype: FloatDType, device: &B::Device) -
 }
 
 /// One call of `op` on `x`; `grad` marks the inputs as requiring gradients first.
-fn call<B: GatedRecurrentBackend>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
+fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
     let g = |t: &Tensor<B, 4>| {
+        if grad {
+            t.clone().require_grad()
+        } else {
+            t.clone()
+        }
+    };
+    let g3 = |t: &Tensor<B, 3>| {
         if grad {
             t.clone().require_grad()
         } else {
@@ -126,13 +151,18 @@ fn call<B: GatedRecurrentBackend>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor
     let opts = RecurrentOptions::default().with_mode(mode);
     match name {
         "gla" => gla(q, k, v, g(&x.gk), None, opts).expect("valid inputs").o,
-        "simple_gla" => {
-            let gs = if grad {
-                x.g.clone().require_grad()
-            } else {
-                x.g.clone()
-            };
-            simple_gla(q, k, v, gs, opts).expect("valid inputs").o
+        "simple_gla" => simple_gla(q, k, v, g3(&x.g), opts).expect("valid inputs").o,
+        "delta_rule" => {
+            let opts = DeltaRuleOptions::default();
+            delta_rule(q, g(&x.k_unit), v, g3(&x.beta), opts)
+                .expect("valid inputs")
+                .o
+        }
+        "gated_delta_rule" => {
+            let opts = DeltaRuleOptions::default();
+            gated_delta_rule(q, g(&x.k_unit), v, g3(&x.g), g3(&x.beta), opts)
+                .expect("valid inputs")
+                .o
         }
         "attention" => {
             // Burn's attention takes [B, H, T, D].
@@ -147,7 +177,7 @@ fn call<B: GatedRecurrentBackend>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor
     }
 }
 
-fn run<B: GatedRecurrentBackend>(args: &Args, dtype: FloatDType) {
+fn run<B: Ops>(args: &Args, dtype: FloatDType) {
     let device = B::Device::default();
     let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
     let mut csv = String::from("impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms\n");
