@@ -123,6 +123,19 @@ impl GatedLinearAttentionConfig {
     }
 }
 
+impl<B: GatedRecurrentBackend> crate::lm::TokenMixer<B> for GatedLinearAttention<B> {
+    type Cache = GlaCache<B>;
+
+    fn mix(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<GlaCache<B>>,
+        use_cache: bool,
+    ) -> Result<(Tensor<B, 3>, Option<GlaCache<B>>), FlaError> {
+        self.forward(x, cache, use_cache)
+    }
+}
+
 impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
     /// `x: [B, T, hidden]` → `[B, T, hidden]`. With `cache`, continues the sequences it holds;
     /// with `use_cache`, also returns the cache for the next call (prompt, then decoding steps).

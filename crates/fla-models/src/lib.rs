@@ -7,6 +7,9 @@
 //! recurrent op (whole sequences, or decoding from per-layer caches). Other families, chunk mode,
 //! checkpoints in FLA's safetensors layout, sampling and the `generate` CLI are not built yet.
 
+pub mod gated_deltanet;
+pub mod gated_deltanet_model;
 pub mod gla;
 pub mod gla_model;
+pub mod lm;
 pub mod modules;

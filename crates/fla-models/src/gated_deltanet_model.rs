@@ -1,0 +1,145 @@
+//! Gated DeltaNet language model with FLA's `GatedDeltaNetConfig` (`model_type: gated_deltanet`)
+//! and module layout: [`crate::lm::ForCausalLM`] with [`GatedDeltaNet`] mixers.
+//!
+//! Hybrid models (FLA's `attn` field, softmax attention in some layers) need the flash-attention
+//! issue and are refused.
+
+use fla_burn::{DeltaRuleBackend, FlaError};
+use serde::{Deserialize, Serialize};
+
+use crate::gated_deltanet::{DeltaCache, GatedDeltaNet, GatedDeltaNetLayerConfig};
+use crate::lm::{ConfigError, ForCausalLM, LmShape};
+
+/// FLA's `GatedDeltaNetConfig` fields (same names and defaults; fields this port does not use,
+/// such as the fused-kernel switches, are read and kept but change nothing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GatedDeltaNetConfig {
+    pub attn_mode: String,
+    pub hidden_size: usize,
+    pub expand_v: f64,
+    pub use_gate: bool,
+    pub use_short_conv: bool,
+    pub allow_neg_eigval: bool,
+    pub conv_size: usize,
+    pub head_dim: usize,
+    pub num_heads: usize,
+    pub num_v_heads: Option<usize>,
+    pub max_position_embeddings: usize,
+    pub hidden_ratio: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub hidden_act: String,
+    pub num_hidden_layers: usize,
+    pub norm_eps: f64,
+    pub attn: Option<serde_json::Value>,
+    pub use_cache: bool,
+    pub pad_token_id: Option<usize>,
+    pub bos_token_id: usize,
+    pub eos_token_id: usize,
+    pub tie_word_embeddings: bool,
+    pub initializer_range: f64,
+    pub fuse_norm: bool,
+    pub fuse_swiglu: bool,
+    pub fuse_cross_entropy: bool,
+    pub vocab_size: usize,
+    pub model_type: String,
+}
+
+impl Default for GatedDeltaNetConfig {
+    fn default() -> Self {
+        Self {
+            attn_mode: "chunk".into(),
+            hidden_size: 2048,
+            expand_v: 2.0,
+            use_gate: true,
+            use_short_conv: true,
+            allow_neg_eigval: false,
+            conv_size: 4,
+            head_dim: 256,
+            num_heads: 6,
+            num_v_heads: None,
+            max_position_embeddings: 2048,
+            hidden_ratio: Some(4),
+            intermediate_size: None,
+            hidden_act: "swish".into(),
+            num_hidden_layers: 21,
+            norm_eps: 1e-6,
+            attn: None,
+            use_cache: true,
+            pad_token_id: None,
+            bos_token_id: 1,
+            eos_token_id: 2,
+            tie_word_embeddings: false,
+            initializer_range: 0.02,
+            fuse_norm: true,
+            fuse_swiglu: true,
+            fuse_cross_entropy: true,
+            vocab_size: 32000,
+            model_type: "gated_deltanet".into(),
+        }
+    }
+}
+
+/// Gated DeltaNet's causal LM.
+pub type GatedDeltaNetForCausalLM<B> = ForCausalLM<B, GatedDeltaNet<B>>;
+
+/// Per-layer recurrent caches of a batch of sequences, for decoding.
+pub type GatedDeltaNetModelCache<B> = Vec<DeltaCache<B>>;
+
+impl GatedDeltaNetConfig {
+    /// Reads FLA's `config.json`.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
+        crate::lm::load_config(path.as_ref(), "Gated DeltaNet")
+    }
+
+    /// Writes `config.json` with FLA's field names.
+    pub fn save(&self, path: impl AsRef<std::path::Path>) -> Result<(), ConfigError> {
+        crate::lm::save_config(self, path.as_ref())
+    }
+
+    /// Builds the model; errors for what this port does not support (hybrid attention layers,
+    /// an unknown `attn_mode` or activation) rather than building a different model.
+    pub fn init<B: DeltaRuleBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<GatedDeltaNetForCausalLM<B>, FlaError> {
+        if self.attn.is_some() {
+            return Err(FlaError::Unsupported(
+                "hybrid attention layers (`attn`) need softmax attention, not built yet".into(),
+            ));
+        }
+        if !matches!(self.attn_mode.as_str(), "chunk" | "fused_recurrent") {
+            return Err(FlaError::Unsupported(format!(
+                "attn_mode {:?} (expected chunk or fused_recurrent)",
+                self.attn_mode
+            )));
+        }
+        if !matches!(self.hidden_act.as_str(), "swish" | "silu") {
+            return Err(FlaError::Unsupported(format!(
+                "hidden_act {:?} (the MLP is SwiGLU)",
+                self.hidden_act
+            )));
+        }
+        let layer = GatedDeltaNetLayerConfig::new()
+            .with_hidden_size(self.hidden_size)
+            .with_expand_v(self.expand_v)
+            .with_head_dim(self.head_dim)
+            .with_num_heads(self.num_heads)
+            .with_num_v_heads(self.num_v_heads)
+            .with_use_gate(self.use_gate)
+            .with_use_short_conv(self.use_short_conv)
+            .with_allow_neg_eigval(self.allow_neg_eigval)
+            .with_conv_size(self.conv_size)
+            .with_norm_eps(self.norm_eps);
+        let shape = LmShape {
+            hidden_size: self.hidden_size,
+            vocab_size: self.vocab_size,
+            num_hidden_layers: self.num_hidden_layers,
+            hidden_ratio: self.hidden_ratio,
+            intermediate_size: self.intermediate_size,
+            norm_eps: self.norm_eps,
+            tie_word_embeddings: self.tie_word_embeddings,
+        };
+        shape.init(device, |_| layer.init(device))
+    }
+}

@@ -1,0 +1,196 @@
+//! The causal language model shared by every family: FLA's module layout (`model.embeddings`,
+//! `model.layers.N.{attn_norm, attn, mlp_norm, mlp}`, `model.norm`, `lm_head`) around any token
+//! mixer.
+//!
+//! Pre-norm blocks, `h += attn(norm(h)); h += mlp(norm(h))`, as FLA's blocks. A family's model
+//! (`GlaForCausalLM`, `GatedDeltaNetForCausalLM`) is this type with its mixer.
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use fla_burn::FlaError;
+
+use crate::modules::{GatedMlp, GatedMlpConfig};
+
+/// A token-mixing layer: a whole sequence, or a continuation from the cache of an earlier call.
+pub trait TokenMixer<B: Backend>: Module<B> {
+    /// What carries a batch of sequences from one call to the next (recurrent state, conv inputs).
+    type Cache: Clone + std::fmt::Debug;
+
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`; with `use_cache`, also the cache that continues it.
+    fn mix(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<Self::Cache>,
+        use_cache: bool,
+    ) -> Result<(Tensor<B, 3>, Option<Self::Cache>), FlaError>;
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend, M> {
+    pub attn_norm: RmsNorm<B>,
+    pub attn: M,
+    pub mlp_norm: RmsNorm<B>,
+    pub mlp: GatedMlp<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct Model<B: Backend, M> {
+    pub embeddings: Embedding<B>,
+    pub layers: Vec<Block<B, M>>,
+    pub norm: RmsNorm<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct ForCausalLM<B: Backend, M> {
+    pub model: Model<B, M>,
+    /// Absent with `tie_word_embeddings`: the embedding matrix projects back.
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// The sizes of the parts around the mixers (FLA's config fields of the same names).
+#[derive(Debug, Clone)]
+pub struct LmShape {
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub hidden_ratio: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub norm_eps: f64,
+    pub tie_word_embeddings: bool,
+}
+
+impl LmShape {
+    /// Builds the model with `mixer(i)` as layer `i`'s token mixer.
+    pub fn init<B: Backend, M>(
+        &self,
+        device: &B::Device,
+        mut mixer: impl FnMut(usize) -> Result<M, FlaError>,
+    ) -> Result<ForCausalLM<B, M>, FlaError> {
+        let h = self.hidden_size;
+        let norm = || {
+            RmsNormConfig::new(h)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
+        let mlp = GatedMlpConfig::new(h)
+            .with_intermediate_size(self.intermediate_size)
+            .with_hidden_ratio(self.hidden_ratio.unwrap_or(4));
+        let layers = (0..self.num_hidden_layers)
+            .map(|i| {
+                Ok(Block {
+                    attn_norm: norm(),
+                    attn: mixer(i)?,
+                    mlp_norm: norm(),
+                    mlp: mlp.init(device),
+                })
+            })
+            .collect::<Result<Vec<_>, FlaError>>()?;
+        Ok(ForCausalLM {
+            model: Model {
+                embeddings: EmbeddingConfig::new(self.vocab_size, h).init(device),
+                layers,
+                norm: norm(),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| {
+                LinearConfig::new(h, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+        })
+    }
+}
+
+impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
+    /// `input_ids: [B, T]` → logits `[B, T, vocab]`; with `use_cache`, also the per-layer caches
+    /// that continue these sequences (pass them back with the next tokens).
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<Vec<M::Cache>>,
+        use_cache: bool,
+    ) -> Result<(Tensor<B, 3>, Option<Vec<M::Cache>>), FlaError> {
+        let mut h = self.model.embeddings.forward(input_ids);
+        let mut caches = cache.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
+        let mut next = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let c = caches
+                .as_mut()
+                .and_then(|c| c.get_mut(i).and_then(Option::take));
+            let (a, c) = layer
+                .attn
+                .mix(layer.attn_norm.forward(h.clone()), c, use_cache)?;
+            h = h + a;
+            h = h.clone() + layer.mlp.forward(layer.mlp_norm.forward(h));
+            next.extend(c);
+        }
+        let h = self.model.norm.forward(h);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => {
+                let w = self.model.embeddings.weight.val();
+                h.matmul(w.transpose().unsqueeze::<3>())
+            }
+        };
+        Ok((logits, use_cache.then_some(next)))
+    }
+
+    /// Mean next-token cross-entropy of `input_ids: [B, T]` (T >= 2).
+    pub fn loss(&self, input_ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 1>, FlaError> {
+        let [b, t] = input_ids.dims();
+        if t < 2 {
+            return Err(FlaError::Empty(
+                "a loss needs at least two tokens per row".into(),
+            ));
+        }
+        let (logits, _) = self.forward(input_ids.clone().narrow(1, 0, t - 1), None, false)?;
+        let vocab = logits.dims()[2];
+        let targets = input_ids.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits.reshape([b * (t - 1), vocab]), targets);
+        Ok(loss)
+    }
+}
+
+/// Why a `config.json` could not be read or written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigError {
+    Io(String, String),
+    /// The file, the family expected and why it does not parse.
+    Parse(String, &'static str, String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Io(p, e) => write!(f, "cannot access {p}: {e}"),
+            ConfigError::Parse(p, family, e) => write!(f, "{p} is not a {family} config: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads one of FLA's `config.json` files into `T` (absent fields take `T`'s defaults).
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    family: &'static str,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Io(path.display().to_string(), e.to_string()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ConfigError::Parse(path.display().to_string(), family, e.to_string()))
+}
+
+/// Writes a config with FLA's field names.
+pub fn save_config<T: serde::Serialize>(
+    config: &T,
+    path: &std::path::Path,
+) -> Result<(), ConfigError> {
+    let text = serde_json::to_string_pretty(config).expect("a config serialises");
+    std::fs::write(path, text)
+        .map_err(|e| ConfigError::Io(path.display().to_string(), e.to_string()))
+}
