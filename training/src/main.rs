@@ -1,8 +1,10 @@
-//! `fla-train`: trains a small GLA language model on the bundled corpus (Milton's *Paradise
-//! Lost*, byte-level tokens) and reports training and validation loss.
+//! `fla-train`: trains a small linear-attention language model (GLA by default, or Gated
+//! DeltaNet) on the bundled corpus (Milton's *Paradise Lost*, byte-level tokens) and reports
+//! training and validation loss.
 //!
 //!   cargo run -p training --bin fla-train                 # wgpu (lavapipe without a GPU)
 //!   cargo run -p training --bin fla-train -- --backend ndarray
+//!   cargo run -p training --bin fla-train -- --model gated-deltanet
 //!
 //! A plain AdamW loop with warmup, checkpoints every `--checkpoint-every` steps and `--resume` from
 //! the newest one (bit-exact on the same backend); burn-train's learner, evaluation tasks and plots
@@ -14,13 +16,17 @@ use std::io::Write;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Parser;
-use fla_burn::GatedRecurrentBackend;
-use fla_models::gla_model::{GlaConfig, GlaForCausalLM};
+use fla_burn::{DeltaRuleBackend, FlaError, GatedRecurrentBackend};
+use fla_models::gated_deltanet::GatedDeltaNet;
+use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
+use fla_models::gla::GatedLinearAttention;
+use fla_models::gla_model::GlaConfig;
+use fla_models::lm::{ForCausalLM, TokenMixer};
 
 const CORPUS: &str = include_str!("../data/paradise_lost.txt");
 
@@ -29,6 +35,9 @@ struct Args {
     /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
     #[arg(long, default_value = "wgpu")]
     backend: String,
+    /// gla (GLA, FLA's GLAConfig) or gated-deltanet (Gated DeltaNet, FLA's GatedDeltaNetConfig)
+    #[arg(long, default_value = "gla")]
+    model: String,
     #[arg(long, default_value_t = 100)]
     steps: usize,
     #[arg(long, default_value_t = 16)]
@@ -50,18 +59,19 @@ struct Args {
     eval_every: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Metrics CSV (step, train loss, validation loss).
-    #[arg(long, default_value = "runs/gla-tiny/metrics.csv")]
-    metrics: String,
+    /// Metrics CSV (step, train loss, validation loss); default runs/<model>-tiny/metrics.csv.
+    #[arg(long)]
+    metrics: Option<String>,
     /// CubeCL's autotune effort (minimal, balanced, extensive, full) unless CUBECL_AUTOTUNE_LEVEL
     /// is set. On a fresh CUDA machine `balanced` compiles hundreds of matmul candidates before
     /// the first step (measured on an H100: no step within 150 s for this tiny model; with
     /// `minimal`, 30 steps in 146 s including compilation). Results are cached on disk.
     #[arg(long, default_value = "minimal")]
     autotune: String,
-    /// Checkpoint folder (model, optimizer, loop state per checkpoint).
-    #[arg(long, default_value = "runs/gla-tiny/checkpoints")]
-    checkpoints: std::path::PathBuf,
+    /// Checkpoint folder (model, optimizer, loop state per checkpoint); default
+    /// runs/<model>-tiny/checkpoints.
+    #[arg(long)]
+    checkpoints: Option<std::path::PathBuf>,
     /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
@@ -99,11 +109,63 @@ fn batch<B: AutodiffBackend>(
     Tensor::from_data(TensorData::new(ids, [rows, len + 1]), device)
 }
 
-fn train<B: AutodiffBackend + GatedRecurrentBackend>(
+/// What the loop needs of a backend: both op families, with and without autodiff.
+trait TrainBackend:
+    AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend>
+    + GatedRecurrentBackend
+    + DeltaRuleBackend
+{
+}
+impl<B> TrainBackend for B where
+    B: AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend>
+        + GatedRecurrentBackend
+        + DeltaRuleBackend
+{
+}
+
+/// Builds the `--model` family's tiny preset and trains it.
+fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    match args.model.as_str() {
+        "gla" => train::<B, GatedLinearAttention<B>>(args, "GLA", |device| {
+            GlaConfig {
+                hidden_size: args.hidden,
+                num_heads: args.heads,
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                use_short_conv: true,
+                attn_mode: "fused_recurrent".into(),
+                ..Default::default()
+            }
+            .init(device)
+        }),
+        "gated-deltanet" => train::<B, GatedDeltaNet<B>>(args, "Gated DeltaNet", |device| {
+            // FLA's layout (6·hidden² per layer with the output gate) scaled down: key heads of
+            // hidden / heads / 2 dims, values twice as wide.
+            GatedDeltaNetConfig {
+                hidden_size: args.hidden,
+                num_heads: args.heads,
+                head_dim: (args.hidden / args.heads / 2).max(1),
+                expand_v: 2.0,
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                attn_mode: "fused_recurrent".into(),
+                ..Default::default()
+            }
+            .init(device)
+        }),
+        other => Err(format!("unknown --model {other:?} (gla, gated-deltanet)").into()),
+    }
+}
+
+fn train<B, M>(
     args: &Args,
+    family: &str,
+    build: impl FnOnce(&B::Device) -> Result<ForCausalLM<B, M>, FlaError>,
 ) -> Result<(), Box<dyn std::error::Error>>
 where
-    B::InnerBackend: GatedRecurrentBackend,
+    B: AutodiffBackend,
+    M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
+    M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
     let device = B::Device::default();
     // Parameter initialisation draws from the backend's generator: seeded, a run is repeatable
@@ -112,20 +174,20 @@ where
     let bytes = CORPUS.as_bytes();
     let split = bytes.len() * 95 / 100;
     let (train_data, valid_data) = (&bytes[..split], &bytes[split..]);
-    let config = GlaConfig {
-        hidden_size: args.hidden,
-        num_heads: args.heads,
-        num_hidden_layers: args.layers,
-        vocab_size: 256,
-        use_short_conv: true,
-        attn_mode: "fused_recurrent".into(),
-        ..Default::default()
-    };
-    let mut model: GlaForCausalLM<B> = config.init(&device)?;
+    let run_dir = std::path::PathBuf::from(format!("runs/{}-tiny", args.model));
+    let metrics = args
+        .metrics
+        .clone()
+        .unwrap_or_else(|| run_dir.join("metrics.csv").display().to_string());
+    let checkpoints = args
+        .checkpoints
+        .clone()
+        .unwrap_or_else(|| run_dir.join("checkpoints"));
+    let mut model = build(&device)?;
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let resumed = if args.resume {
-        let path = checkpoint::latest(&args.checkpoints)?
-            .ok_or_else(|| format!("--resume: no checkpoint in {}", args.checkpoints.display()))?;
+        let path = checkpoint::latest(&checkpoints)?
+            .ok_or_else(|| format!("--resume: no checkpoint in {}", checkpoints.display()))?;
         let (m, o, state) = checkpoint::load(&path, model, optim, &device)?;
         (model, optim) = (m, o);
         println!("resumed from {} (step {})", path.display(), state.step);
@@ -140,7 +202,7 @@ where
             .map(|_| batch::<B>(valid_data, &mut rng, args.batch, args.seq_len, &device))
             .collect()
     };
-    let evaluate = |m: &GlaForCausalLM<B>| -> Result<f64, fla_burn::FlaError> {
+    let evaluate = |m: &ForCausalLM<B, M>| -> Result<f64, FlaError> {
         let m = m.valid();
         let mut total = 0.0;
         for b in &valid {
@@ -148,12 +210,12 @@ where
         }
         Ok(total / valid.len() as f64)
     };
-    if let Some(dir) = std::path::Path::new(&args.metrics).parent() {
+    if let Some(dir) = std::path::Path::new(&metrics).parent() {
         std::fs::create_dir_all(dir)?;
     }
     // A resumed run keeps the metrics up to its checkpoint and appends from there.
     let kept = match &resumed {
-        Some(state) => std::fs::read_to_string(&args.metrics)
+        Some(state) => std::fs::read_to_string(&metrics)
             .unwrap_or_default()
             .lines()
             .skip(1)
@@ -167,7 +229,7 @@ where
             .collect::<String>(),
         None => String::new(),
     };
-    let mut csv = std::fs::File::create(&args.metrics)?;
+    let mut csv = std::fs::File::create(&metrics)?;
     writeln!(csv, "step,train_loss,valid_loss,learning_rate")?;
     csv.write_all(kept.as_bytes())?;
     let start_valid = match &resumed {
@@ -175,10 +237,10 @@ where
         None => evaluate(&model)?,
     };
     println!(
-        "GLA {} layers, hidden {}, {} parameters; byte-level corpus {} KB",
+        "{family} {} layers, hidden {}, {} parameters; byte-level corpus {} KB",
         args.layers,
         args.hidden,
-        burn::module::Module::num_params(&model),
+        model.num_params(),
         bytes.len() / 1024
     );
     let (first_step, mut rng, mut last_valid) = match &resumed {
@@ -222,13 +284,10 @@ where
                 start_valid,
                 last_valid,
             };
-            checkpoint::save(&args.checkpoints, &model, &optim, &state)?;
+            checkpoint::save(&checkpoints, &model, &optim, &state)?;
         }
     }
-    println!(
-        "validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {}",
-        args.metrics
-    );
+    println!("validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {metrics}");
     Ok(())
 }
 
@@ -252,14 +311,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("CUBECL_AUTOTUNE_LEVEL", &args.autotune) };
     }
     match args.backend.as_str() {
-        "ndarray" => train::<Autodiff<burn::backend::NdArray>>(&args),
+        "ndarray" => train_family::<Autodiff<burn::backend::NdArray>>(&args),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             fla_burn::device::check_wgpu(&Default::default())?;
-            train::<Autodiff<burn::backend::Wgpu>>(&args)
+            train_family::<Autodiff<burn::backend::Wgpu>>(&args)
         }
         #[cfg(feature = "cuda")]
-        "cuda" => train::<Autodiff<burn::backend::Cuda>>(&args),
+        "cuda" => train_family::<Autodiff<burn::backend::Cuda>>(&args),
         other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
     }
 }

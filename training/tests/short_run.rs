@@ -50,6 +50,64 @@ fn short_run_lowers_validation_loss() {
     );
 }
 
+/// The Gated DeltaNet preset learns too (the delta-rule op's tensor-op backward in a real model).
+#[test]
+fn gated_deltanet_run_lowers_validation_loss() {
+    let dir = std::env::temp_dir().join(format!("fla-train-gdn-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+        .args([
+            "--backend",
+            "ndarray",
+            "--model",
+            "gated-deltanet",
+            "--steps",
+            "15",
+        ])
+        .args([
+            "--batch",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "15",
+            "--warmup",
+            "3",
+        ])
+        .arg("--metrics")
+        .arg(dir.join("metrics.csv"))
+        .arg("--checkpoints")
+        .arg(dir.join("checkpoints"))
+        .output()
+        .expect("fla-train runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fla-train failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Gated DeltaNet"), "{stdout}");
+    let last = stdout.lines().last().expect("a summary line");
+    let nums: Vec<f64> = last
+        .trim_start_matches("validation loss ")
+        .split([' ', ';'])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[1] < nums[0] - 0.5,
+        "validation loss did not fall clearly: {last}"
+    );
+}
+
+#[test]
+fn unknown_model_is_an_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+        .args(["--backend", "ndarray", "--model", "mamba", "--steps", "1"])
+        .output()
+        .expect("fla-train runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown --model"));
+}
+
 #[test]
 fn unknown_backend_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
