@@ -80,7 +80,7 @@ fn layout<R: Runtime>(
 ) -> Result<DeltaLayout, KernelError> {
     let (block_v, k_split) = tiles_for(client, p.k_dim, p.v_dim, |bv, ks, rows| {
         if backward {
-            3 * stage_len(p.k_dim) + 4 * bv * ks + rows * ks * (bv + 1)
+            stage_len(p.k_dim) + 3 * bv * ks + rows * ks * (bv + 1)
         } else {
             3 * stage_len(p.k_dim) + 6 * bv * ks
         }

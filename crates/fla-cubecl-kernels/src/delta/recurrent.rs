@@ -248,6 +248,25 @@ pub fn delta_fwd_kernel<F: Float>(
     }
 }
 
+/// Loads token `tok`'s staged values straight into `stage` (callers synchronise around it).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_now<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    beta: &Array<F>,
+    g: &Array<F>,
+    regs: &mut Array<f32>,
+    stage: &mut SharedMemory<f32>,
+    tok: usize,
+    hv: usize,
+    unit: usize,
+    #[comptime] c: DeltaLayout,
+) {
+    stage_load::<F>(q, k, beta, g, regs, tok, hv, unit, c);
+    stage_store(regs, stage, 0, unit, c);
+}
+
 /// Backward: pass 1 replays the forward for `dq_t = scale · S_t do_tᵀ` and stores a checkpoint
 /// every [`CHECKPOINT_EVERY`] steps; pass 2 walks the spans from last to first, replaying each
 /// from its checkpoint and then running `G` backwards through it:
@@ -256,11 +275,6 @@ pub fn delta_fwd_kernel<F: Float>(
 /// `kG = k_t G_t`, `w = v_t − α k_t S_{t-1}`, `u = β w`. Sums over the value axis are left as
 /// `f32` partials (per value block for `dq`, `dk`; per value column for `dβ`, `dg`) and summed
 /// by [`group_sum_kernel`], which also sums a query/key head's group of value heads.
-///
-/// Every walk loads a step's inputs one step ahead (as the forward). Steps with two barriers
-/// (a column reduction, then a reduction over the value block) double-buffer the staging; the
-/// span replay, with one barrier, triple-buffers it and double-buffers its reduction (the
-/// forward's scheme).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn delta_bwd_kernel<F: Float>(
@@ -309,11 +323,10 @@ pub fn delta_bwd_kernel<F: Float>(
     let tokens = tokens as usize;
     let qk_part = vb * tokens * c.rec.heads * kd;
     let row_stride = comptime!(c.rec.block_v + 1);
-    let sl = comptime!(stage_len(c.rec.k));
 
-    let mut stage = SharedMemory::<f32>::new(comptime!(3 * stage_len(c.rec.k)));
+    let mut stage = SharedMemory::<f32>::new(comptime!(stage_len(c.rec.k)));
     let mut regs = Array::<f32>::new(comptime!(2 * stage_slots(&c) + 2));
-    let mut red_c = SharedMemory::<f32>::new(comptime!(2 * c.rec.block_v * c.rec.k_split));
+    let mut red_c = SharedMemory::<f32>::new(comptime!(c.rec.block_v * c.rec.k_split));
     // Rows padded by one column against shared-memory bank conflicts (as in the gated backward).
     let mut red_k =
         SharedMemory::<f32>::new(comptime!(c.rec.rows * c.rec.k_split * (c.rec.block_v + 1)));
@@ -325,26 +338,8 @@ pub fn delta_bwd_kernel<F: Float>(
 
     // Pass 1: the forward again; dq_t reduces S_t do_t over this block's columns.
     read_state(h0, &mut state, state_base, tk, col, c.rec.has_h0, c.rec);
-    let mut next_v = 0.0f32;
-    let mut next_do = 0.0f32;
-    if len > 0 {
-        stage_load::<F>(q, k, beta, g, &mut regs, bos, hv, unit, c);
-        stage_store(&regs, &mut stage, 0, unit, c);
-        next_v = column_value::<F>(v, bos, hv, col, c);
-        next_do = column_value::<F>(d_o, bos, hv, col, c);
-    }
-    sync_cube();
     for step in 0..len {
         let tok = bos + step;
-        let base = (step % 2) * sl;
-        let vj = next_v;
-        let doj = next_do;
-        let more = step + 1 < len;
-        if more {
-            stage_load::<F>(q, k, beta, g, &mut regs, tok + 1, hv, unit, c);
-            next_v = column_value::<F>(v, tok + 1, hv, col, c);
-            next_do = column_value::<F>(d_o, tok + 1, hv, col, c);
-        }
         if step % span == 0 {
             write_state(
                 checkpoints,
@@ -355,27 +350,28 @@ pub fn delta_bwd_kernel<F: Float>(
                 c.rec,
             );
         }
+        stage_now::<F>(q, k, beta, g, &mut regs, &mut stage, tok, hv, unit, c);
+        let vj = column_value::<F>(v, tok, hv, col, c);
+        let doj = column_value::<F>(d_o, tok, hv, col, c);
+        sync_cube();
         let mut pk = 0.0f32;
         #[unroll]
         for r in 0..c.rec.rows {
             let i = tk + r * c.rec.k_split;
             if i < kd {
-                pk += stage[base + kd + i] * state[r];
+                pk += stage[kd + i] * state[r];
             }
         }
         red_c[unit] = pk;
-        if more {
-            stage_store(&regs, &mut stage, ((step + 1) % 2) * sl, unit, c);
-        }
         sync_cube();
         let ks = column_sum(&red_c, 0, tv, c);
-        let alpha = stage[base + 2 * kd];
-        let u = stage[base + 2 * kd + 1] * (vj - alpha * ks);
+        let alpha = stage[2 * kd];
+        let u = stage[2 * kd + 1] * (vj - alpha * ks);
         #[unroll]
         for r in 0..c.rec.rows {
             let i = tk + r * c.rec.k_split;
             if i < kd {
-                let s = alpha * state[r] + stage[base + kd + i] * u;
+                let s = alpha * state[r] + stage[kd + i] * u;
                 state[r] = s;
                 red_k[i * row_stride + tv] = doj * s;
             }
@@ -391,16 +387,16 @@ pub fn delta_bwd_kernel<F: Float>(
             dq_part[qk_part + (tok * c.rec.heads + hv) * kd + i] = acc * scale;
             i += threads;
         }
+        sync_cube();
     }
-    sync_cube();
 
     // Pass 2: G backwards, span by span.
     read_state(d_ht, &mut gm, state_base, tk, col, has_dht, c.rec);
     let spans = (len + span - 1) / span;
     for back in 0..spans {
         let sp = spans - 1 - back;
-        let first = bos + sp * span;
-        let mut count = len - sp * span;
+        let first = sp * span;
+        let mut count = len - first;
         if count > span {
             count = span;
         }
@@ -413,86 +409,60 @@ pub fn delta_bwd_kernel<F: Float>(
             true,
             c.rec,
         );
-        // Replay the span, keeping S_{t-1} and k_t S_{t-1} of each step (one barrier a step).
-        stage_load::<F>(q, k, beta, g, &mut regs, first, hv, unit, c);
-        stage_store(&regs, &mut stage, 0, unit, c);
-        next_v = column_value::<F>(v, first, hv, col, c);
-        sync_cube();
+        // Replay the span, keeping S_{t-1} and k_t S_{t-1} of each step.
         for s in 0..count {
-            let tok = first + s;
-            let base = (s % 3) * sl;
-            let vj = next_v;
-            let more = s + 1 < count;
-            if more {
-                stage_load::<F>(q, k, beta, g, &mut regs, tok + 1, hv, unit, c);
-                next_v = column_value::<F>(v, tok + 1, hv, col, c);
-            }
+            let tok = bos + first + s;
+            stage_now::<F>(q, k, beta, g, &mut regs, &mut stage, tok, hv, unit, c);
+            let vj = column_value::<F>(v, tok, hv, col, c);
+            sync_cube();
             let mut pk = 0.0f32;
             #[unroll]
             for r in 0..c.rec.rows {
                 let i = tk + r * c.rec.k_split;
                 if i < kd {
-                    pk += stage[base + kd + i] * state[r];
+                    pk += stage[kd + i] * state[r];
                 }
                 hist[s * c.rec.rows + r] = state[r];
             }
-            let buf = (s % 2) * threads;
-            red_c[buf + unit] = pk;
-            if more {
-                stage_store(&regs, &mut stage, ((s + 1) % 3) * sl, unit, c);
-            }
+            red_c[unit] = pk;
             sync_cube();
-            let ks = column_sum(&red_c, buf, tv, c);
+            let ks = column_sum(&red_c, 0, tv, c);
             ks_hist[s] = ks;
-            let alpha = stage[base + 2 * kd];
-            let u = stage[base + 2 * kd + 1] * (vj - alpha * ks);
+            let alpha = stage[2 * kd];
+            let u = stage[2 * kd + 1] * (vj - alpha * ks);
             #[unroll]
             for r in 0..c.rec.rows {
                 let i = tk + r * c.rec.k_split;
                 if i < kd {
-                    state[r] = alpha * state[r] + stage[base + kd + i] * u;
+                    state[r] = alpha * state[r] + stage[kd + i] * u;
                 }
             }
+            sync_cube();
         }
-        sync_cube();
-        // Walk it backwards (two barriers a step).
-        let last = first + count - 1;
-        stage_load::<F>(q, k, beta, g, &mut regs, last, hv, unit, c);
-        stage_store(&regs, &mut stage, 0, unit, c);
-        next_v = column_value::<F>(v, last, hv, col, c);
-        next_do = column_value::<F>(d_o, last, hv, col, c);
-        sync_cube();
+        // Walk it backwards.
         for back_s in 0..count {
             let s = count - 1 - back_s;
-            let tok = first + s;
-            let base = (back_s % 2) * sl;
-            let vj = next_v;
-            let doj = next_do * scale;
-            let more = back_s + 1 < count;
-            if more {
-                stage_load::<F>(q, k, beta, g, &mut regs, tok - 1, hv, unit, c);
-                next_v = column_value::<F>(v, tok - 1, hv, col, c);
-                next_do = column_value::<F>(d_o, tok - 1, hv, col, c);
-            }
+            let tok = bos + first + s;
+            stage_now::<F>(q, k, beta, g, &mut regs, &mut stage, tok, hv, unit, c);
+            let vj = column_value::<F>(v, tok, hv, col, c);
+            let doj = column_value::<F>(d_o, tok, hv, col, c) * scale;
+            sync_cube();
             let mut pkg = 0.0f32;
             #[unroll]
             for r in 0..c.rec.rows {
                 let i = tk + r * c.rec.k_split;
                 if i < kd {
-                    let gi = gm[r] + stage[base + i] * doj;
+                    let gi = gm[r] + stage[i] * doj;
                     gm[r] = gi;
-                    pkg += stage[base + kd + i] * gi;
+                    pkg += stage[kd + i] * gi;
                 }
             }
             red_c[unit] = pkg;
-            if more {
-                stage_store(&regs, &mut stage, ((back_s + 1) % 2) * sl, unit, c);
-            }
             sync_cube();
             let kg = column_sum(&red_c, 0, tv, c);
             let ks = ks_hist[s];
-            let alpha = stage[base + 2 * kd];
-            let b = stage[base + 2 * kd + 1];
+            let alpha = stage[2 * kd];
+            let b = stage[2 * kd + 1];
             let w = vj - alpha * ks;
             let u = b * w;
             if tk == 0 && col_ok {
@@ -507,7 +477,7 @@ pub fn delta_bwd_kernel<F: Float>(
                     let gi = gm[r];
                     red_k[i * row_stride + tv] = u * gi - alpha * b * kg * prev;
                     pdg += gi * prev;
-                    gm[r] = alpha * (gi - b * stage[base + kd + i] * kg);
+                    gm[r] = alpha * (gi - b * stage[kd + i] * kg);
                 }
             }
             let mut pdb = 0.0f32;
@@ -538,8 +508,8 @@ pub fn delta_bwd_kernel<F: Float>(
                     dg_part[at] = alpha * column_sum(&red_s, 0, tv, c);
                 }
             }
+            sync_cube();
         }
-        sync_cube();
     }
 
     if c.rec.has_h0 {
