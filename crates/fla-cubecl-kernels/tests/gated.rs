@@ -699,6 +699,46 @@ fn long_sequences(#[values(Mode::Recurrent, CHUNK)] mode: Mode) {
     on_runtime!(refused_on_cpu_vulkan(&over, mode));
 }
 
+/// T = 65536 with strong gates (log gates scaled by 10), both forms: on a GPU no NaN or
+/// infinity in any output or gradient; on lavapipe, past its loop limit, a `DeviceLimit` refusal.
+#[rstest]
+fn t65536_strong_gates_finite_or_refused(
+    #[values(Mode::Recurrent, CHUNK)] mode: Mode,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
+    let c = make_case(
+        variant,
+        1,
+        65536,
+        2,
+        64,
+        64,
+        10.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(finite_or_refused(&c, mode));
+}
+
+fn finite_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
+    let result = run_kernels(client, c, mode);
+    if is_cpu_vulkan(client) {
+        assert!(matches!(result, Err(KernelError::DeviceLimit(_))));
+        return;
+    }
+    let out = result.expect("a GPU runs long sequences");
+    let vectors = [Some(&out.o), out.ht.as_ref(), Some(&out.dq), Some(&out.dk)];
+    let more = [Some(&out.dv), out.dg.as_ref(), out.dh0.as_ref()];
+    for (i, xs) in vectors.into_iter().chain(more).flatten().enumerate() {
+        assert!(
+            xs.iter().all(|x| x.is_finite()),
+            "output {i} has NaN or inf"
+        );
+    }
+}
+
 fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
     match (is_cpu_vulkan(client), run_kernels(client, c, mode)) {
         (true, Err(KernelError::DeviceLimit(msg))) => assert!(msg.contains("lavapipe"), "{msg}"),
