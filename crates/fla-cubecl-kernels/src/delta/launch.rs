@@ -104,7 +104,22 @@ fn layout<R: Runtime>(
         qk_heads: p.heads,
         group: p.group(),
         gated: p.gated,
+        span: checkpoint_span()?,
     })
+}
+
+/// Steps between the backward's stored states: [`CHECKPOINT_EVERY`], or `FLA_DELTA_SPAN` (1 to
+/// 256) when set, a knob for measuring the trade between checkpoint memory and replay cost.
+fn checkpoint_span() -> Result<usize, KernelError> {
+    match std::env::var("FLA_DELTA_SPAN") {
+        Err(_) => Ok(CHECKPOINT_EVERY),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=256).contains(&n) => Ok(n),
+            _ => Err(KernelError::InvalidProblem(format!(
+                "FLA_DELTA_SPAN={v:?} is not a step count from 1 to 256"
+            ))),
+        },
+    }
 }
 
 fn grid(p: &DeltaProblem, c: &DeltaLayout) -> (CubeCount, CubeDim) {
@@ -175,7 +190,7 @@ pub fn delta_backward<R: Runtime>(
     let dk_part = client.empty(4 * nv * qk_part);
     let dbeta_part = client.empty(4 * vo);
     let dg_part = p.gated.then(|| client.empty(4 * vo));
-    let max_spans = p.longest().div_ceil(CHECKPOINT_EVERY).max(1);
+    let max_spans = p.longest().div_ceil(c.span).max(1);
     let ckpt_len = p.num_seqs() * p.v_heads * max_spans * p.k_dim * p.v_dim;
     let checkpoints = client.empty(4 * ckpt_len.max(1));
     let dh0 = if p.has_initial_state {

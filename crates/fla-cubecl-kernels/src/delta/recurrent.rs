@@ -23,9 +23,9 @@ use crate::gated::recurrent_fwd::{
     read_state, seq_length, seq_start, write_state, RecurrentLayout,
 };
 
-/// Steps between stored states in the backward: the replayed span lives in local memory
-/// (`CHECKPOINT_EVERY × rows` floats per thread), the checkpoints in global memory
-/// (`N·HV·⌈T / CHECKPOINT_EVERY⌉` states).
+/// Default steps between stored states in the backward ([`DeltaLayout::span`]): the replayed
+/// span lives in local memory (`span × rows` floats per thread), the checkpoints in global memory
+/// (`N·HV·⌈T / span⌉` states).
 pub const CHECKPOINT_EVERY: usize = 32;
 
 /// Compile-time shape of a delta-rule launch. `rec.heads` is the value-head count `HV`; the
@@ -38,6 +38,8 @@ pub struct DeltaLayout {
     /// Value heads per query/key head, `HV / H`.
     pub group: usize,
     pub gated: bool,
+    /// Steps between the backward's stored states.
+    pub span: usize,
 }
 
 /// Length of one staging buffer: `q_t`, `k_t` (K each), then `α_t` and `β_t`.
@@ -268,7 +270,7 @@ fn stage_now<F: Float>(
 }
 
 /// Backward: pass 1 replays the forward for `dq_t = scale · S_t do_tᵀ` and stores a checkpoint
-/// every [`CHECKPOINT_EVERY`] steps; pass 2 walks the spans from last to first, replaying each
+/// every `span` steps; pass 2 walks the spans from last to first, replaying each
 /// from its checkpoint and then running `G` backwards through it:
 /// `dv_t = β kG`, `dβ_t = kG · w`, `dk_t = G uᵀ − αβ S_{t-1} kGᵀ`,
 /// `dg_t = α (Σ G ∘ S_{t-1} − β kG · (k S_{t-1}))`, `G_{t-1} = α (G − β kᵀ kG)`, with
@@ -317,7 +319,7 @@ pub fn delta_bwd_kernel<F: Float>(
     let state_base = nh * kv;
     let threads = comptime!(c.rec.block_v * c.rec.k_split);
     let unit = tk * c.rec.block_v + tv;
-    let span = CHECKPOINT_EVERY;
+    let span = c.span;
     let ckpt_base = nh * max_spans as usize * kv;
     // Partials: [NV, tokens, HV, K] for dq/dk; per value column, [tokens, HV, V], for dβ/dg.
     let tokens = tokens as usize;
@@ -333,8 +335,8 @@ pub fn delta_bwd_kernel<F: Float>(
     let mut red_s = SharedMemory::<f32>::new(comptime!(2 * c.rec.block_v * c.rec.k_split));
     let mut state = Array::<f32>::new(c.rec.rows);
     let mut gm = Array::<f32>::new(c.rec.rows);
-    let mut hist = Array::<f32>::new(comptime!(CHECKPOINT_EVERY * c.rec.rows));
-    let mut ks_hist = Array::<f32>::new(CHECKPOINT_EVERY);
+    let mut hist = Array::<f32>::new(comptime!(c.span * c.rec.rows));
+    let mut ks_hist = Array::<f32>::new(c.span);
 
     // Pass 1: the forward again; dq_t reduces S_t do_t over this block's columns.
     read_state(h0, &mut state, state_base, tk, col, c.rec.has_h0, c.rec);
