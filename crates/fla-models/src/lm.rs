@@ -103,6 +103,9 @@ impl LmShape {
     }
 }
 
+/// Logits `[B, T, vocab]` and, when asked, the per-layer caches that continue the sequences.
+pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
+
 impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
     /// `input_ids: [B, T]` → logits `[B, T, vocab]`; with `use_cache`, also the per-layer caches
     /// that continue these sequences (pass them back with the next tokens).
@@ -111,7 +114,7 @@ impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
         input_ids: Tensor<B, 2, Int>,
         cache: Option<Vec<M::Cache>>,
         use_cache: bool,
-    ) -> Result<(Tensor<B, 3>, Option<Vec<M::Cache>>), FlaError> {
+    ) -> LmOutput<B, M::Cache> {
         let mut h = self.model.embeddings.forward(input_ids);
         let mut caches = cache.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
         let mut next = Vec::new();

@@ -96,7 +96,7 @@ impl DeltaProblem {
             self.scale,
             self.cu_seqlens.as_deref(),
         )?;
-        if self.v_heads == 0 || self.v_heads % self.heads != 0 {
+        if self.v_heads == 0 || !self.v_heads.is_multiple_of(self.heads) {
             return Err(KernelError::InvalidProblem(format!(
                 "value heads HV = {} must be a positive multiple of the query/key heads H = {}",
                 self.v_heads, self.heads

@@ -394,6 +394,8 @@ pub fn delta_bwd_kernel<F: Float>(
 
     // Pass 2: G backwards, span by span.
     read_state(d_ht, &mut gm, state_base, tk, col, has_dht, c.rec);
+    // Written out: the cube macro translates arithmetic, not `usize::div_ceil`.
+    #[allow(clippy::manual_div_ceil)]
     let spans = (len + span - 1) / span;
     for back in 0..spans {
         let sp = spans - 1 - back;
