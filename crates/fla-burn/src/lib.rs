@@ -10,6 +10,7 @@
 //! This crate knows nothing of models. Every op validates its inputs and returns [`FlaError`]
 //! rather than panicking.
 
+mod checks;
 pub mod delta;
 pub mod device;
 pub mod error;

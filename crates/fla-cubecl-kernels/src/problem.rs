@@ -5,6 +5,22 @@ use crate::KernelError;
 /// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Number of independent sequences: `B`, or `len(cu_seqlens) - 1`.
+pub fn num_seqs(batch: usize, cu_seqlens: Option<&[usize]>) -> usize {
+    match cu_seqlens {
+        Some(cu) => cu.len().saturating_sub(1),
+        None => batch,
+    }
+}
+
+/// `(start, end)` token indices of sequence `n` in the flattened `[B·T]` token axis.
+pub fn bounds(seq_len: usize, cu_seqlens: Option<&[usize]>, n: usize) -> (usize, usize) {
+    match cu_seqlens {
+        Some(cu) => (cu[n], cu[n + 1]),
+        None => (n * seq_len, (n + 1) * seq_len),
+    }
+}
+
 /// Tokens in the longest sequence of a batch (`T`, or the widest `cu_seqlens` interval).
 pub fn longest(batch: usize, seq_len: usize, cu_seqlens: Option<&[usize]>) -> usize {
     match cu_seqlens {

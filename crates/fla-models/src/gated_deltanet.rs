@@ -15,7 +15,10 @@ use burn::tensor::activation::{sigmoid, silu, softplus};
 use burn::tensor::{Distribution, Tensor};
 use fla_burn::{gated_delta_rule, DeltaRuleBackend, DeltaRuleOptions, FlaError};
 
-use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, ShortConvolution, ShortConvolutionConfig};
+use crate::modules::{
+    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    ShortConvolutionConfig,
+};
 
 /// FLA's layer arguments and defaults.
 #[derive(Config, Debug)]
@@ -45,13 +48,9 @@ pub struct GatedDeltaNetLayerConfig {
     pub norm_eps: f64,
 }
 
-/// Recurrent state carried between calls: the delta-rule state `[B, HV, K, V]` (f32) and, with
-/// short convolutions, the last `conv_size - 1` inputs of each convolution.
-#[derive(Debug, Clone)]
-pub struct DeltaCache<B: DeltaRuleBackend> {
-    pub state: Tensor<B, 4>,
-    pub conv: Option<[Tensor<B, 3>; 3]>,
-}
+/// Gated DeltaNet's cache between calls: its state `[B, HV, K, V]` and the convolutions' last
+/// inputs.
+pub type DeltaCache<B> = LayerCache<B>;
 
 #[derive(Module, Debug)]
 pub struct GatedDeltaNet<B: DeltaRuleBackend> {
@@ -172,26 +171,21 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         use_cache: bool,
     ) -> Result<(Tensor<B, 3>, Option<DeltaCache<B>>), FlaError> {
         let [b, t, _] = x.dims();
-        let (state, conv_cache) = match cache {
-            Some(c) => (Some(c.state), c.conv),
-            None => (None, None),
+        let (state, conv_cache) = LayerCache::split(cache);
+        let ([q, k, v], conv) = short_convs(
+            [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
+            [
+                self.q_proj.forward(x.clone()),
+                self.k_proj.forward(x.clone()),
+                self.v_proj.forward(x.clone()),
+            ],
+            conv_cache,
+        );
+        // The convolutions end in a SiLU; without them FLA applies it to the projections.
+        let [q, k, v] = match conv {
+            Some(_) => [q, k, v],
+            None => [silu(q), silu(k), silu(v)],
         };
-        let [cq, ck, cv] = match conv_cache {
-            Some([a, b, c]) => [Some(a), Some(b), Some(c)],
-            None => [None, None, None],
-        };
-        let conv = |layer: &Option<ShortConvolution<B>>,
-                    y: Tensor<B, 3>,
-                    c: Option<Tensor<B, 3>>| match layer {
-            Some(l) => {
-                let (y, c) = l.forward(y, c);
-                (y, Some(c))
-            }
-            None => (silu(y), None),
-        };
-        let (q, cq) = conv(&self.q_conv1d, self.q_proj.forward(x.clone()), cq);
-        let (k, ck) = conv(&self.k_conv1d, self.k_proj.forward(x.clone()), ck);
-        let (v, cv) = conv(&self.v_conv1d, self.v_proj.forward(x.clone()), cv);
         let (nh, nv) = (self.num_heads, self.num_v_heads);
         let q = q.reshape([b, t, nh, self.head_k_dim]);
         let k = k.reshape([b, t, nh, self.head_k_dim]);
@@ -222,13 +216,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
             None => self.o_norm.norm.forward(out.o),
         };
         let y = self.o_proj.forward(o.reshape([b, t, nv * self.head_v_dim]));
-        let cache = out.final_state.map(|state| DeltaCache {
-            state,
-            conv: match (cq, ck, cv) {
-                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
-                _ => None,
-            },
-        });
+        let cache = out.final_state.map(|state| LayerCache { state, conv });
         Ok((y, cache))
     }
 }

@@ -12,7 +12,10 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::Tensor;
 use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
-use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, ShortConvolution, ShortConvolutionConfig};
+use crate::modules::{
+    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    ShortConvolutionConfig,
+};
 
 /// FLA's layer arguments and defaults.
 #[derive(Config, Debug)]
@@ -45,13 +48,8 @@ pub struct GatedLinearAttentionConfig {
     pub fused_recurrent: bool,
 }
 
-/// Recurrent state carried between calls: the GLA state `[B, H, K, V]` (f32) and, with short
-/// convolutions, the last `conv_size - 1` inputs of each convolution.
-#[derive(Debug, Clone)]
-pub struct GlaCache<B: GatedRecurrentBackend> {
-    pub state: Tensor<B, 4>,
-    pub conv: Option<[Tensor<B, 3>; 3]>,
-}
+/// GLA's cache between calls: its state `[B, H, K, V]` and the convolutions' last inputs.
+pub type GlaCache<B> = LayerCache<B>;
 
 #[derive(Module, Debug)]
 pub struct GatedLinearAttention<B: GatedRecurrentBackend> {
@@ -147,26 +145,16 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
     ) -> Result<(Tensor<B, 3>, Option<GlaCache<B>>), FlaError> {
         let [b, t, _] = x.dims();
         let nh = self.num_heads;
-        let (state, conv_cache) = match cache {
-            Some(c) => (Some(c.state), c.conv),
-            None => (None, None),
-        };
-        let [cq, ck, cv] = match conv_cache {
-            Some([a, b, c]) => [Some(a), Some(b), Some(c)],
-            None => [None, None, None],
-        };
-        let conv = |layer: &Option<ShortConvolution<B>>,
-                    y: Tensor<B, 3>,
-                    c: Option<Tensor<B, 3>>| match layer {
-            Some(l) => {
-                let (y, c) = l.forward(y, c);
-                (y, Some(c))
-            }
-            None => (y, None),
-        };
-        let (q, cq) = conv(&self.q_conv1d, self.q_proj.forward(x.clone()), cq);
-        let (k, ck) = conv(&self.k_conv1d, self.k_proj.forward(x.clone()), ck);
-        let (v, cv) = conv(&self.v_conv1d, self.v_proj.forward(x.clone()), cv);
+        let (state, conv_cache) = LayerCache::split(cache);
+        let ([q, k, v], conv) = short_convs(
+            [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
+            [
+                self.q_proj.forward(x.clone()),
+                self.k_proj.forward(x.clone()),
+                self.v_proj.forward(x.clone()),
+            ],
+            conv_cache,
+        );
         let gk = self.gk_proj_1.forward(self.gk_proj_0.forward(x.clone()));
         let heads = |y: Tensor<B, 3>| {
             let d = y.dims()[2] / nh;
@@ -192,13 +180,7 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
         };
         let vd = o.dims()[2] * o.dims()[3];
         let y = self.o_proj.forward(o.reshape([b, t, vd]));
-        let cache = out.final_state.map(|state| GlaCache {
-            state,
-            conv: match (cq, ck, cv) {
-                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
-                _ => None,
-            },
-        });
+        let cache = out.final_state.map(|state| LayerCache { state, conv });
         Ok((y, cache))
     }
 }

@@ -146,3 +146,52 @@ impl<B: Backend> ShortConvolution<B> {
         (silu(y), next_cache)
     }
 }
+
+/// What a recurrent token mixer carries from one call to the next: its state `[B, H, K, V]`
+/// (f32) and, with short convolutions, the last `conv_size - 1` inputs of its q, k and v
+/// convolutions.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    pub state: Tensor<B, 4>,
+    pub conv: Option<[Tensor<B, 3>; 3]>,
+}
+
+impl<B: Backend> LayerCache<B> {
+    /// The state and the convolutions' cache of an optional cache.
+    pub fn split(cache: Option<Self>) -> (Option<Tensor<B, 4>>, Option<[Tensor<B, 3>; 3]>) {
+        match cache {
+            Some(c) => (Some(c.state), c.conv),
+            None => (None, None),
+        }
+    }
+}
+
+/// Runs a layer's q, k and v short convolutions on `xs`, continuing from `cache` (their inputs
+/// of an earlier call). Absent convolutions pass their input through. Returns the outputs and
+/// the convolutions' next cache (`None` unless all three convolutions exist).
+pub fn short_convs<B: Backend>(
+    convs: [&Option<ShortConvolution<B>>; 3],
+    xs: [Tensor<B, 3>; 3],
+    cache: Option<[Tensor<B, 3>; 3]>,
+) -> ([Tensor<B, 3>; 3], Option<[Tensor<B, 3>; 3]>) {
+    let [c0, c1, c2] = match cache {
+        Some([a, b, c]) => [Some(a), Some(b), Some(c)],
+        None => [None, None, None],
+    };
+    let run = |layer: &Option<ShortConvolution<B>>, y: Tensor<B, 3>, c| match layer {
+        Some(l) => {
+            let (y, c) = l.forward(y, c);
+            (y, Some(c))
+        }
+        None => (y, None),
+    };
+    let [x0, x1, x2] = xs;
+    let (y0, n0) = run(convs[0], x0, c0);
+    let (y1, n1) = run(convs[1], x1, c1);
+    let (y2, n2) = run(convs[2], x2, c2);
+    let next = match (n0, n1, n2) {
+        (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+        _ => None,
+    };
+    ([y0, y1, y2], next)
+}

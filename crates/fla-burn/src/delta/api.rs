@@ -1,9 +1,10 @@
 //! The user-facing functions on Burn's `Tensor` API, with FLA's names and keyword options.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::Tensor;
 
 use super::{DeltaOptions, DeltaRuleBackend, DeltaTensors};
+use crate::gated::api::{prim, wrap};
 use crate::gated::RecurrentOutput;
 use crate::FlaError;
 
@@ -57,14 +58,6 @@ impl<B: Backend> DeltaRuleOptions<B> {
         self.use_qk_l2norm = true;
         self
     }
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
-    t.into_primitive().tensor()
-}
-
-fn wrap<B: Backend>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, 4> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// `x / max(‖x‖₂, 1e-6)` over the last dimension, in f32 and back (FLA's `l2norm`).

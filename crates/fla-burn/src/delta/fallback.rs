@@ -8,7 +8,7 @@ use burn::tensor::{DType, Tensor, TensorMetadata};
 use fla_cubecl_kernels::delta::DeltaProblem;
 
 use super::{describe, describe_backward, DeltaForward, DeltaGrads, DeltaOptions, DeltaTensors};
-use crate::gated::fallback::{outer, seq_groups, stack_steps, step, unwrap, wrap};
+use crate::gated::fallback::{group_state, outer, seq_groups, stack_steps, step, unwrap, wrap};
 use crate::FlaError;
 
 /// Inputs in f32, `q` and `k` repeated over each query/key head's group of value heads, and the
@@ -94,11 +94,8 @@ fn initial_state<B: Backend>(
     rows: usize,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    match (&x.h0, &p.cu_seqlens) {
-        (Some(h0), None) => h0.clone(),
-        (Some(h0), Some(_)) => h0.clone().narrow(0, gi, 1),
-        (None, _) => Tensor::zeros([rows, p.v_heads, p.k_dim, p.v_dim], device),
-    }
+    let dims = [rows, p.v_heads, p.k_dim, p.v_dim];
+    group_state(x.h0.as_ref(), p.cu_seqlens.is_some(), gi, dims, device)
 }
 
 pub fn forward<B: Backend>(

@@ -21,6 +21,7 @@ use burn::tensor::{DType, TensorMetadata};
 use fla_cubecl_kernels::delta::DeltaProblem;
 use fla_cubecl_kernels::FloatDType;
 
+use crate::checks::{expect_tensor, qkv_shapes, shared_float_dtype};
 use crate::recorded::{Inputs, Outputs, StateOp};
 use crate::FlaError;
 
@@ -200,16 +201,8 @@ pub(crate) fn describe<B: Backend>(
     opts: &DeltaOptions,
 ) -> Result<DeltaProblem, FlaError> {
     let shape = |t: &FloatTensor<B>| t.shape().to_vec();
-    let (qs, ks, vs) = (shape(&x.q), shape(&x.k), shape(&x.v));
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
-        return Err(FlaError::Shape(format!(
-            "q, k, v must be [B, T, H, D]; got q {qs:?}, k {ks:?}, v {vs:?}"
-        )));
-    }
-    if qs != ks {
-        return Err(FlaError::Shape(format!("q {qs:?} and k {ks:?} differ")));
-    }
-    let [b, t, h, kd] = [qs[0], qs[1], qs[2], qs[3]];
+    let (qs, vs) = qkv_shapes(&x.q, &x.k, &x.v)?;
+    let [b, t, h, kd] = qs;
     if vs[..2] != qs[..2] {
         return Err(FlaError::Shape(format!(
             "v {vs:?} must share [B, T] with q {qs:?} (mismatched batch or length)"
@@ -221,25 +214,15 @@ pub(crate) fn describe<B: Backend>(
             "value heads HV = {hv} (v {vs:?}) must be a multiple of the query/key heads H = {h}"
         )));
     }
-    let dtype = x.q.dtype();
-    if !dtype.is_float() {
-        return Err(FlaError::DType(format!("q is {dtype:?}, not a float type")));
-    }
-    for (name, tensor) in [
-        ("k", Some(&x.k)),
-        ("v", Some(&x.v)),
-        ("beta", Some(&x.beta)),
-        ("g", x.g.as_ref()),
-    ] {
-        if let Some(tensor) = tensor {
-            if tensor.dtype() != dtype {
-                return Err(FlaError::DType(format!(
-                    "{name} is {:?} but q is {dtype:?}; inputs and gates share one dtype",
-                    tensor.dtype()
-                )));
-            }
-        }
-    }
+    shared_float_dtype(
+        &x.q,
+        &[
+            ("k", Some(&x.k)),
+            ("v", Some(&x.v)),
+            ("beta", Some(&x.beta)),
+            ("g", x.g.as_ref()),
+        ],
+    )?;
     for (name, tensor) in [("beta", Some(&x.beta)), ("g", x.g.as_ref())] {
         if let Some(tensor) = tensor {
             if shape(tensor) != [b, t, hv] {
@@ -268,18 +251,7 @@ pub(crate) fn describe<B: Backend>(
     problem.validate()?;
     if let Some(h0) = &x.h0 {
         let want = [problem.num_seqs(), hv, kd, vd];
-        if shape(h0) != want {
-            return Err(FlaError::Shape(format!(
-                "initial state must be [N, HV, K, V] = {want:?}, got {:?}",
-                shape(h0)
-            )));
-        }
-        if h0.dtype() != DType::F32 {
-            return Err(FlaError::DType(format!(
-                "initial state is {:?}; states are f32",
-                h0.dtype()
-            )));
-        }
+        expect_tensor("initial state [N, HV, K, V]", h0, &want, DType::F32)?;
     }
     Ok(problem)
 }
@@ -293,28 +265,10 @@ pub(crate) fn describe_backward<B: Backend>(
 ) -> Result<DeltaProblem, FlaError> {
     let p = describe(x, opts)?;
     let o_shape = [p.batch, p.seq_len, p.v_heads, p.v_dim];
-    if d_o.shape().as_slice() != o_shape {
-        return Err(FlaError::Shape(format!(
-            "gradient do must be {o_shape:?}, got {:?}",
-            d_o.shape().to_vec()
-        )));
-    }
-    if d_o.dtype() != x.q.dtype() {
-        return Err(FlaError::DType(format!(
-            "gradient do is {:?}, expected {:?}",
-            d_o.dtype(),
-            x.q.dtype()
-        )));
-    }
+    expect_tensor("gradient do", d_o, &o_shape, x.q.dtype())?;
     if let Some(d) = d_ht {
         let s_shape = [p.num_seqs(), p.v_heads, p.k_dim, p.v_dim];
-        if d.shape().as_slice() != s_shape || d.dtype() != DType::F32 {
-            return Err(FlaError::Shape(format!(
-                "gradient dhT must be f32 {s_shape:?}, got {:?} {:?}",
-                d.dtype(),
-                d.shape().to_vec()
-            )));
-        }
+        expect_tensor("gradient dhT", d, &s_shape, DType::F32)?;
     }
     Ok(p)
 }

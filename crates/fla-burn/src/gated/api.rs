@@ -72,11 +72,13 @@ pub struct RecurrentOutput<B: Backend> {
     pub final_state: Option<Tensor<B, 4>>,
 }
 
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> burn::tensor::ops::FloatTensor<B> {
+pub(crate) fn prim<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> burn::tensor::ops::FloatTensor<B> {
     t.into_primitive().tensor()
 }
 
-fn wrap<B: Backend>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, 4> {
+pub(crate) fn wrap<B: Backend>(t: burn::tensor::ops::FloatTensor<B>) -> Tensor<B, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 

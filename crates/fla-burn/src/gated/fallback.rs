@@ -149,10 +149,23 @@ fn initial_state<B: Backend>(
     rows: usize,
     device: &B::Device,
 ) -> Tensor<B, 4> {
-    match (&x.h0, &p.cu_seqlens) {
-        (Some(h0), None) => h0.clone(),
-        (Some(h0), Some(_)) => h0.clone().narrow(0, gi, 1),
-        (None, _) => Tensor::zeros([rows, p.heads, p.k_dim, p.v_dim], device),
+    let dims = [rows, p.heads, p.k_dim, p.v_dim];
+    group_state(x.h0.as_ref(), p.cu_seqlens.is_some(), gi, dims, device)
+}
+
+/// The initial state of group `gi` (see [`seq_groups`]): all of `h0` without `cu_seqlens`, its
+/// row `gi` with them, zeros of `dims` without `h0`.
+pub(crate) fn group_state<B: Backend>(
+    h0: Option<&Tensor<B, 4>>,
+    varlen: bool,
+    gi: usize,
+    dims: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    match (h0, varlen) {
+        (Some(h0), false) => h0.clone(),
+        (Some(h0), true) => h0.clone().narrow(0, gi, 1),
+        (None, _) => Tensor::zeros(dims, device),
     }
 }
 

@@ -4,7 +4,7 @@
 //! Recurrence per sequence and head (FLA's conventions, gates in log space):
 //! `S_t = diag(exp(gk_t)) · S_{t-1} · diag(exp(gv_t)) + k_tᵀ v_t`, `o_t = scale · q_t S_t`.
 
-mod api;
+pub(crate) mod api;
 mod autodiff;
 pub(crate) mod cube;
 pub(crate) mod fallback;
@@ -23,6 +23,7 @@ use burn::tensor::{DType, TensorMetadata};
 use fla_cubecl_kernels::gated::GatedProblem;
 use fla_cubecl_kernels::FloatDType;
 
+use crate::checks::{expect_tensor, qkv_shapes, shared_float_dtype};
 use crate::recorded::{Inputs, Outputs, StateOp};
 use crate::FlaError;
 
@@ -283,41 +284,23 @@ pub(crate) fn describe<B: Backend>(
     opts: &GatedOptions,
 ) -> Result<GatedProblem, FlaError> {
     let shape = |t: &FloatTensor<B>| t.shape().to_vec();
-    let (qs, ks, vs) = (shape(&x.q), shape(&x.k), shape(&x.v));
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
-        return Err(FlaError::Shape(format!(
-            "q, k, v must be [B, T, H, D]; got q {qs:?}, k {ks:?}, v {vs:?}"
-        )));
-    }
-    if qs != ks {
-        return Err(FlaError::Shape(format!("q {qs:?} and k {ks:?} differ")));
-    }
-    let [b, t, h, kd] = [qs[0], qs[1], qs[2], qs[3]];
+    let (qs, vs) = qkv_shapes(&x.q, &x.k, &x.v)?;
+    let [b, t, h, kd] = qs;
     if vs[..3] != qs[..3] {
         return Err(FlaError::Shape(format!(
             "v {vs:?} must share [B, T, H] with q {qs:?} (mismatched batch, length or heads)"
         )));
     }
     let vd = vs[3];
-    let dtype = x.q.dtype();
-    if !dtype.is_float() {
-        return Err(FlaError::DType(format!("q is {dtype:?}, not a float type")));
-    }
-    for (name, t) in [
-        ("k", Some(&x.k)),
-        ("v", Some(&x.v)),
-        ("g", x.g.as_ref()),
-        ("gv", x.gv.as_ref()),
-    ] {
-        if let Some(t) = t {
-            if t.dtype() != dtype {
-                return Err(FlaError::DType(format!(
-                    "{name} is {:?} but q is {dtype:?}; inputs and gates share one dtype",
-                    t.dtype()
-                )));
-            }
-        }
-    }
+    shared_float_dtype(
+        &x.q,
+        &[
+            ("k", Some(&x.k)),
+            ("v", Some(&x.v)),
+            ("g", x.g.as_ref()),
+            ("gv", x.gv.as_ref()),
+        ],
+    )?;
     match (opts.gate, &x.g) {
         (GateKind::None, None) => {}
         (GateKind::None, Some(_)) => {
@@ -375,18 +358,7 @@ pub(crate) fn describe<B: Backend>(
     problem.validate()?;
     if let Some(h0) = &x.h0 {
         let want = [problem.num_seqs(), h, kd, vd];
-        if shape(h0) != want {
-            return Err(FlaError::Shape(format!(
-                "initial state must be [N, H, K, V] = {want:?}, got {:?}",
-                shape(h0)
-            )));
-        }
-        if h0.dtype() != DType::F32 {
-            return Err(FlaError::DType(format!(
-                "initial state is {:?}; states are f32",
-                h0.dtype()
-            )));
-        }
+        expect_tensor("initial state [N, H, K, V]", h0, &want, DType::F32)?;
     }
     Ok(problem)
 }
@@ -404,28 +376,13 @@ pub(crate) fn describe_backward<B: Backend>(
     let p = describe(x, opts)?;
     let o_shape = [p.batch, p.seq_len, p.heads, p.v_dim];
     let s_shape = [p.num_seqs(), p.heads, p.k_dim, p.v_dim];
-    let check = |name: &str, t: &FloatTensor<B>, want: &[usize], dtype: DType| {
-        if t.shape().as_slice() != want {
-            return Err(FlaError::Shape(format!(
-                "{name} must be {want:?}, got {:?}",
-                t.shape().to_vec()
-            )));
-        }
-        if t.dtype() != dtype {
-            return Err(FlaError::DType(format!(
-                "{name} is {:?}, expected {dtype:?}",
-                t.dtype()
-            )));
-        }
-        Ok(())
-    };
     let dtype = x.q.dtype();
-    check("o", o, &o_shape, dtype)?;
-    check("gradient do", d_o, &o_shape, dtype)?;
+    expect_tensor("o", o, &o_shape, dtype)?;
+    expect_tensor("gradient do", d_o, &o_shape, dtype)?;
     if let Some(d) = d_ht {
-        check("gradient dhT", d, &s_shape, DType::F32)?;
+        expect_tensor("gradient dhT", d, &s_shape, DType::F32)?;
         match ht {
-            Some(h) => check("hT", h, &s_shape, DType::F32)?,
+            Some(h) => expect_tensor("hT", h, &s_shape, DType::F32)?,
             None => {
                 return Err(FlaError::Shape(
                     "a gradient on hT needs the forward's hT".into(),

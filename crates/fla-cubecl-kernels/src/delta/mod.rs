@@ -45,10 +45,7 @@ pub struct DeltaProblem {
 impl DeltaProblem {
     /// Number of independent sequences `N` (`B`, or `len(cu_seqlens) - 1`).
     pub fn num_seqs(&self) -> usize {
-        match &self.cu_seqlens {
-            Some(cu) => cu.len().saturating_sub(1),
-            None => self.batch,
-        }
+        crate::problem::num_seqs(self.batch, self.cu_seqlens.as_deref())
     }
 
     /// Total tokens over the batch, `B * T`.
@@ -58,10 +55,7 @@ impl DeltaProblem {
 
     /// `(start, end)` token indices of sequence `n` in the flattened token axis.
     pub fn bounds(&self, n: usize) -> (usize, usize) {
-        match &self.cu_seqlens {
-            Some(cu) => (cu[n], cu[n + 1]),
-            None => (n * self.seq_len, (n + 1) * self.seq_len),
-        }
+        crate::problem::bounds(self.seq_len, self.cu_seqlens.as_deref(), n)
     }
 
     /// Value heads per query/key head.

@@ -61,10 +61,7 @@ pub struct GatedProblem {
 impl GatedProblem {
     /// Number of independent sequences `N` (`B`, or `len(cu_seqlens) - 1`).
     pub fn num_seqs(&self) -> usize {
-        match &self.cu_seqlens {
-            Some(cu) => cu.len().saturating_sub(1),
-            None => self.batch,
-        }
+        crate::problem::num_seqs(self.batch, self.cu_seqlens.as_deref())
     }
 
     /// Total tokens over the batch, `B * T`.
@@ -74,10 +71,7 @@ impl GatedProblem {
 
     /// `(start, end)` token indices of sequence `n` in the flattened `[B*T]` token axis.
     pub fn bounds(&self, n: usize) -> (usize, usize) {
-        match &self.cu_seqlens {
-            Some(cu) => (cu[n], cu[n + 1]),
-            None => (n * self.seq_len, (n + 1) * self.seq_len),
-        }
+        crate::problem::bounds(self.seq_len, self.cu_seqlens.as_deref(), n)
     }
 
     /// Element count of a state `[N, H, K, V]`.
