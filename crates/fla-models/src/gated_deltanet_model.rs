@@ -43,6 +43,7 @@ pub struct GatedDeltaNetConfig {
     pub fuse_cross_entropy: bool,
     pub vocab_size: usize,
     pub model_type: String,
+    pub output_gate_activation: String,
 }
 
 impl Default for GatedDeltaNetConfig {
@@ -76,6 +77,7 @@ impl Default for GatedDeltaNetConfig {
             fuse_cross_entropy: true,
             vocab_size: 32000,
             model_type: "gated_deltanet".into(),
+            output_gate_activation: "swish".into(),
         }
     }
 }
@@ -120,6 +122,12 @@ impl GatedDeltaNetConfig {
                 self.hidden_act
             )));
         }
+        if !matches!(self.output_gate_activation.as_str(), "swish" | "silu") {
+            return Err(FlaError::Unsupported(format!(
+                "output_gate_activation {:?} (the output gate is swish)",
+                self.output_gate_activation
+            )));
+        }
         let layer = GatedDeltaNetLayerConfig::new()
             .with_hidden_size(self.hidden_size)
             .with_expand_v(self.expand_v)
@@ -141,5 +149,14 @@ impl GatedDeltaNetConfig {
             tie_word_embeddings: self.tie_word_embeddings,
         };
         shape.init(device, |_| layer.init(device))
+    }
+}
+
+impl<B: DeltaRuleBackend> crate::checkpoint::Pretrained<B> for GatedDeltaNetForCausalLM<B> {
+    type Config = GatedDeltaNetConfig;
+    const FAMILY: &'static str = "Gated DeltaNet";
+
+    fn build(config: &GatedDeltaNetConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init(device)
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Runs on the `gla` op: FLA's `chunk` mode maps to [`GatedMode::Auto`] (the form measured fastest
 //! for the call; FLA's layers also step for 64 tokens and below), `fused_recurrent` to the fused
-//! recurrent form. Grouped key/value heads,
-//! feature maps and `clamp_min` are not supported yet and are refused.
+//! recurrent form. Grouped key/value heads
+//! and feature maps are not supported yet and are refused.
 
 use burn::config::Config;
 use burn::module::Module;
@@ -42,6 +42,9 @@ pub struct GatedLinearAttentionConfig {
     pub gate_logit_normalizer: f64,
     #[config(default = 16)]
     pub gate_low_rank_dim: usize,
+    /// A floor on the log gates (FLA's `clamp_min`), none by default.
+    #[config(default = "None")]
+    pub clamp_min: Option<f64>,
     /// FLA's `mode`: `false` is `chunk` ([`GatedMode::Auto`]), `true` is `fused_recurrent`
     /// (always step by step).
     #[config(default = false)]
@@ -67,6 +70,7 @@ pub struct GatedLinearAttention<B: GatedRecurrentBackend> {
     pub v_conv1d: Option<ShortConvolution<B>>,
     pub num_heads: usize,
     pub gate_logit_normalizer: f64,
+    pub clamp_min: Option<f64>,
     pub fused_recurrent: bool,
 }
 
@@ -116,6 +120,7 @@ impl GatedLinearAttentionConfig {
             v_conv1d: conv(vd),
             num_heads: self.num_heads,
             gate_logit_normalizer: self.gate_logit_normalizer,
+            clamp_min: self.clamp_min,
             fused_recurrent: self.fused_recurrent,
         })
     }
@@ -160,7 +165,10 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
             let d = y.dims()[2] / nh;
             y.reshape([b, t, nh, d])
         };
-        let gk = log_sigmoid(heads(gk)) / self.gate_logit_normalizer;
+        let mut gk = log_sigmoid(heads(gk)) / self.gate_logit_normalizer;
+        if let Some(floor) = self.clamp_min {
+            gk = gk.clamp_min(floor);
+        }
         let mode = if self.fused_recurrent {
             GatedMode::FusedRecurrent
         } else {

@@ -1,12 +1,13 @@
 //! GLA language model with FLA's `GLAConfig` and module layout (`model.embeddings`,
 //! `model.layers.N.{attn_norm, attn, mlp_norm, mlp}`, `model.norm`, `lm_head`).
 //!
-//! The model is [`crate::lm::ForCausalLM`] with GLA mixers. Checkpoints in FLA's safetensors
-//! layout and generation are open work.
+//! The model is [`crate::lm::ForCausalLM`] with GLA mixers; [`Pretrained`] loads and saves
+//! FLA's `config.json` + `model.safetensors` directories.
 
 use fla_burn::{FlaError, GatedRecurrentBackend};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::Pretrained;
 use crate::gla::{GatedLinearAttention, GatedLinearAttentionConfig, GlaCache};
 pub use crate::lm::ConfigError;
 use crate::lm::{ForCausalLM, LmShape};
@@ -35,6 +36,11 @@ pub struct GlaConfig {
     pub vocab_size: usize,
     pub bos_token_id: usize,
     pub eos_token_id: usize,
+    pub clamp_min: Option<f64>,
+    pub feature_map: Option<String>,
+    pub hidden_act: String,
+    pub elementwise_affine: Option<bool>,
+    pub model_type: String,
 }
 
 impl Default for GlaConfig {
@@ -59,6 +65,11 @@ impl Default for GlaConfig {
             vocab_size: 32000,
             bos_token_id: 1,
             eos_token_id: 2,
+            clamp_min: None,
+            feature_map: None,
+            hidden_act: "swish".into(),
+            elementwise_affine: Some(true),
+            model_type: "gla".into(),
         }
     }
 }
@@ -96,6 +107,20 @@ impl GlaConfig {
                 "GLA layers without gk or with gv".into(),
             ));
         }
+        if let Some(f) = &self.feature_map {
+            return Err(FlaError::Unsupported(format!("GLA feature_map {f:?}")));
+        }
+        if !matches!(self.hidden_act.as_str(), "swish" | "silu") {
+            return Err(FlaError::Unsupported(format!(
+                "hidden_act {:?} (the MLP is SwiGLU and the output gate swish)",
+                self.hidden_act
+            )));
+        }
+        if self.elementwise_affine == Some(false) {
+            return Err(FlaError::Unsupported(
+                "GLA output norm without weights (elementwise_affine = false)".into(),
+            ));
+        }
         let fused_recurrent = match self.attn_mode.as_str() {
             "chunk" | "fused_chunk" => false,
             "fused_recurrent" => true,
@@ -114,6 +139,7 @@ impl GlaConfig {
             .with_conv_size(self.conv_size)
             .with_use_output_gate(self.use_output_gate)
             .with_norm_eps(self.norm_eps)
+            .with_clamp_min(self.clamp_min)
             .with_fused_recurrent(fused_recurrent);
         let shape = LmShape {
             hidden_size: self.hidden_size,
@@ -125,5 +151,14 @@ impl GlaConfig {
             tie_word_embeddings: self.tie_word_embeddings,
         };
         shape.init(device, |_| attn.init(device))
+    }
+}
+
+impl<B: GatedRecurrentBackend> Pretrained<B> for GlaForCausalLM<B> {
+    type Config = GlaConfig;
+    const FAMILY: &'static str = "GLA";
+
+    fn build(config: &GlaConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init(device)
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! Built so far (issue 6 is open): the building blocks [`modules`] (gated RMSNorm, SwiGLU MLP,
 //! short causal convolution with its decoding cache), the [`gla::GatedLinearAttention`] and
-//! [`gated_deltanet::GatedDeltaNet`] token mixers, one causal LM around any mixer ([`lm`]), and
-//! the [`gla_model::GlaForCausalLM`] and [`gated_deltanet_model::GatedDeltaNetForCausalLM`]
-//! models with FLA's `config.json` (whole sequences, or decoding from per-layer caches). Other
-//! families, checkpoints in FLA's safetensors layout, sampling and the `generate` CLI are not
-//! built yet.
+//! [`gated_deltanet::GatedDeltaNet`] token mixers, one causal LM around any mixer ([`lm`]), the
+//! [`gla_model::GlaForCausalLM`] and [`gated_deltanet_model::GatedDeltaNetForCausalLM`] models
+//! with FLA's `config.json`, FLA's `model.safetensors` checkpoints ([`checkpoint`]: load and
+//! save, FLA's names) and generation with sampling ([`generate`]). Other families (RetNet,
+//! DeltaNet, HGRN2, Transformer++) and a tokenizer-driven `generate` CLI are not built yet.
 
+pub mod checkpoint;
 pub mod gated_deltanet;
 pub mod gated_deltanet_model;
+pub mod generate;
 pub mod gla;
 pub mod gla_model;
 pub mod lm;

@@ -103,6 +103,20 @@ impl LmShape {
     }
 }
 
+/// Applies a per-token map to `[B, T, D]` as one `[B·T, D]` matrix. One plain matmul rather
+/// than a broadcast batched one; and on Burn 0.21's fused wgpu backend the batched form gave
+/// wrong rows for `B > 1, T = 1` (decoding a batch) when fused with the residual add, which
+/// the 2-d form avoids (`tests/parity.rs`, token by token on wgpu, checks it).
+fn tokens_2d<B: Backend>(
+    x: Tensor<B, 3>,
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = f(x.reshape([b * t, d]));
+    let e = y.dims()[1];
+    y.reshape([b, t, e])
+}
+
 /// Logits `[B, T, vocab]` and, when asked, the per-layer caches that continue the sequences.
 pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
 
@@ -126,12 +140,12 @@ impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
                 .attn
                 .mix(layer.attn_norm.forward(h.clone()), c, use_cache)?;
             h = h + a;
-            h = h.clone() + layer.mlp.forward(layer.mlp_norm.forward(h));
+            h = h.clone() + tokens_2d(h, |x| layer.mlp.forward(layer.mlp_norm.forward(x)));
             next.extend(c);
         }
         let h = self.model.norm.forward(h);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(h),
+            Some(head) => tokens_2d(h, |x| head.forward(x)),
             None => {
                 let w = self.model.embeddings.weight.val();
                 h.matmul(w.transpose().unsqueeze::<3>())

@@ -84,8 +84,9 @@ impl<B: Backend> GatedMlp<B> {
 /// `y_t[d] = silu(Σ_j w[d, j] · x_{t-W+1+j}[d] + b[d])`.
 #[derive(Module, Debug)]
 pub struct ShortConvolution<B: Backend> {
-    /// `[D, W]` (FLA stores it as the conv1d weight `[D, 1, W]`).
-    pub weight: Param<Tensor<B, 2>>,
+    /// `[D, 1, W]`: the depthwise conv1d weight as FLA (and PyTorch) store it, so checkpoints
+    /// load without reshaping.
+    pub weight: Param<Tensor<B, 3>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
@@ -105,7 +106,7 @@ impl ShortConvolutionConfig {
         let dist = burn::tensor::Distribution::Uniform(-bound, bound);
         ShortConvolution {
             weight: Param::from_tensor(Tensor::random(
-                [self.hidden_size, self.kernel_size],
+                [self.hidden_size, 1, self.kernel_size],
                 dist,
                 device,
             )),
@@ -118,7 +119,7 @@ impl ShortConvolutionConfig {
 
 impl<B: Backend> ShortConvolution<B> {
     pub fn kernel_size(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims()[2]
     }
 
     /// `x: [B, T, D]`; `cache: [B, W-1, D]`, the inputs before `x` (zeros when absent). Returns
@@ -132,7 +133,7 @@ impl<B: Backend> ShortConvolution<B> {
         let w = self.kernel_size();
         let past = cache.unwrap_or_else(|| Tensor::zeros([b, w - 1, d], &x.device()));
         let padded = Tensor::cat(vec![past, x], 1);
-        let weight = self.weight.val();
+        let weight = self.weight.val().reshape([d, w]);
         let mut y = Tensor::zeros([b, t, d], &padded.device());
         for j in 0..w {
             let tap = weight.clone().narrow(1, j, 1).reshape([1, 1, d]);

@@ -98,7 +98,13 @@ fn gradients_reach_every_parameter() {
         nonzero(w.weight.grad(&grads), name);
     }
     nonzero(
-        layer.q_conv1d.as_ref().unwrap().weight.grad(&grads),
+        layer
+            .q_conv1d
+            .as_ref()
+            .unwrap()
+            .weight
+            .grad(&grads)
+            .map(|g| g.flatten::<2>(1, 2)),
         "q_conv1d",
     );
     for (name, p) in [("a_log", &layer.a_log), ("dt_bias", &layer.dt_bias)] {

@@ -1,0 +1,341 @@
+//! Parity with FLA itself: tiny models built, saved and run by FLA 0.6.0 + transformers on a GPU
+//! (`tests/fixtures/make_fixtures.py` says how), loaded here unchanged.
+//!
+//! FLA's logits come from its `fused_recurrent` mode in f32 (elementwise arithmetic, no TF32
+//! products). Tolerance: relative RMSE 1e-3 (issue 6's bar); what we measure is ~1e-6, and the
+//! failure message prints it.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{NdArray, Wgpu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_store::{ModuleStore, SafetensorsStore};
+use fla_models::checkpoint::{CheckpointError, Pretrained, PretrainedError};
+use fla_models::gated_deltanet::GatedDeltaNet;
+use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
+use fla_models::generate::{generate, GenerationConfig};
+use fla_models::gla::GatedLinearAttention;
+use fla_models::gla_model::{GlaConfig, GlaForCausalLM};
+use fla_models::lm::{ForCausalLM, TokenMixer};
+use fla_models::modules::LayerCache;
+use rstest::rstest;
+
+const TOLERANCE: f64 = 1e-3;
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(family)
+}
+
+fn expected(family: &str, name: &str) -> TensorData {
+    let mut store = SafetensorsStore::from_file(fixture(family).join("expected.safetensors"));
+    store
+        .get_snapshot(name)
+        .expect("the fixture reads")
+        .unwrap_or_else(|| panic!("the fixture has {name}"))
+        .to_data()
+        .expect("the fixture's data")
+}
+
+fn floats(d: TensorData) -> Vec<f64> {
+    d.convert::<f64>().to_vec().expect("f64 data")
+}
+
+fn ids(d: TensorData) -> Vec<usize> {
+    d.convert::<i64>()
+        .to_vec::<i64>()
+        .expect("i64 data")
+        .into_iter()
+        .map(|t| t as usize)
+        .collect()
+}
+
+fn rel_rmse(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "sizes differ");
+    let err: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let norm: f64 = want.iter().map(|b| b * b).sum();
+    (err / norm).sqrt()
+}
+
+fn close(what: &str, got: TensorData, want: TensorData) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let e = rel_rmse(&floats(got), &floats(want));
+    assert!(
+        e <= TOLERANCE,
+        "{what}: relative RMSE {e:.3e} > {TOLERANCE:e}"
+    );
+    eprintln!("{what}: relative RMSE {e:.3e}");
+}
+
+fn input_ids<B: Backend>(family: &str, device: &B::Device) -> Tensor<B, 2, Int> {
+    let data = expected(family, "input_ids");
+    Tensor::from_data(data, device)
+}
+
+fn load<B: Backend, M>(family: &str, device: &B::Device) -> ForCausalLM<B, M>
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
+    ForCausalLM::<B, M>::from_pretrained(fixture(family), device)
+        .unwrap_or_else(|e| panic!("{family} loads: {e}"))
+        .0
+}
+
+/// The prompt as one call: logits, and each layer's recurrent state after it.
+fn whole<B: Backend, M: TokenMixer<B, Cache = LayerCache<B>>>(family: &str, device: &B::Device)
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
+    let model = load::<B, M>(family, device);
+    let (logits, caches) = model
+        .forward(input_ids(family, device), None, true)
+        .expect("forward");
+    close("logits", logits.into_data(), expected(family, "logits"));
+    for (i, c) in caches.expect("caches").into_iter().enumerate() {
+        close(
+            &format!("state of layer {i}"),
+            c.state.into_data(),
+            expected(family, &format!("state.{i}")),
+        );
+    }
+}
+
+/// The same tokens one call each, every call continuing from the caches of the one before.
+fn stepwise<B: Backend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
+    let model = load::<B, M>(family, device);
+    let ids = input_ids::<B>(family, device);
+    let t = ids.dims()[1];
+    let mut cache = None;
+    let mut out = Vec::with_capacity(t);
+    for s in 0..t {
+        let (logits, c) = model
+            .forward(ids.clone().narrow(1, s, 1), cache, true)
+            .expect("step");
+        cache = c;
+        out.push(logits);
+    }
+    close(
+        "step-by-step logits",
+        Tensor::cat(out, 1).into_data(),
+        expected(family, "logits"),
+    );
+}
+
+/// Greedy decoding from a 10-token prompt gives FLA's `generate(do_sample=False)` token ids.
+fn greedy<B: Backend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
+    let model = load::<B, M>(family, device);
+    let prompt = ids(expected(family, "prompt_ids"));
+    let want = ids(expected(family, "greedy_ids"));
+    let cfg = GenerationConfig {
+        max_new_tokens: want.len() - prompt.len(),
+        ..Default::default()
+    };
+    let got = generate(&model, &prompt, &cfg, device).expect("generate");
+    assert_eq!(got.tokens, want[prompt.len()..], "greedy tokens");
+}
+
+macro_rules! dispatch {
+    ($f:ident, $family:expr, $backend:expr) => {
+        match ($family, $backend) {
+            ("gla", "ndarray") => {
+                $f::<NdArray, GatedLinearAttention<NdArray>>($family, &Default::default())
+            }
+            ("gla", "wgpu") => $f::<Wgpu, GatedLinearAttention<Wgpu>>($family, &Default::default()),
+            ("gated_deltanet", "ndarray") => {
+                $f::<NdArray, GatedDeltaNet<NdArray>>($family, &Default::default())
+            }
+            ("gated_deltanet", "wgpu") => {
+                $f::<Wgpu, GatedDeltaNet<Wgpu>>($family, &Default::default())
+            }
+            other => panic!("no case {other:?}"),
+        }
+    };
+}
+
+#[rstest]
+fn whole_sequence_matches_fla(
+    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("ndarray", "wgpu")] backend: &str,
+) {
+    dispatch!(whole, family, backend);
+}
+
+#[rstest]
+fn token_by_token_matches_fla(
+    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("ndarray", "wgpu")] backend: &str,
+) {
+    dispatch!(stepwise, family, backend);
+}
+
+#[rstest]
+fn greedy_generation_matches_fla(
+    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("ndarray", "wgpu")] backend: &str,
+) {
+    dispatch!(greedy, family, backend);
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fla-models-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn names_and_shapes(path: &Path) -> Vec<(String, Vec<usize>)> {
+    let mut store = SafetensorsStore::from_file(path);
+    let mut all: Vec<_> = store
+        .get_all_snapshots()
+        .expect("the file reads")
+        .iter()
+        .map(|(k, s)| (k.clone(), s.shape.to_vec()))
+        .collect();
+    all.sort();
+    all
+}
+
+/// Saving writes FLA's file back: the same tensor names and shapes (FLA's layout), and loading
+/// what we saved gives the same logits.
+#[rstest]
+fn save_pretrained_round_trip(#[values("gla", "gated_deltanet")] family: &str) {
+    type B = NdArray;
+    let device = Default::default();
+    let dir = scratch(family);
+    let ids = input_ids::<B>(family, &device);
+    let logits = |dir: &Path| match family {
+        "gla" => {
+            let (m, c) = GlaForCausalLM::<B>::from_pretrained(dir, &device).expect("loads");
+            (
+                m.forward(ids.clone(), None, false).unwrap().0,
+                Some((m, c)),
+                None,
+            )
+        }
+        _ => {
+            let (m, c) =
+                ForCausalLM::<B, GatedDeltaNet<B>>::from_pretrained(dir, &device).expect("loads");
+            (
+                m.forward(ids.clone(), None, false).unwrap().0,
+                None,
+                Some((m, c)),
+            )
+        }
+    };
+    let (before, gla, gdn) = logits(&fixture(family));
+    if let Some((m, c)) = gla {
+        m.save_pretrained(&c, &dir).expect("saves");
+    }
+    if let Some((m, c)) = gdn {
+        m.save_pretrained(&c, &dir).expect("saves");
+    }
+    assert_eq!(
+        names_and_shapes(&dir.join("model.safetensors")),
+        names_and_shapes(&fixture(family).join("model.safetensors")),
+        "the saved file has FLA's names and shapes"
+    );
+    let (after, _, _) = logits(&dir);
+    assert_eq!(
+        before.into_data(),
+        after.into_data(),
+        "same logits after the round trip"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn load_gla(config: &GlaConfig, file: &Path) -> Result<(), CheckpointError> {
+    let mut model = config.init::<NdArray>(&Default::default()).expect("builds");
+    fla_models::checkpoint::load_safetensors(&mut model, file)
+}
+
+#[test]
+fn mis_shaped_tensor_is_named() {
+    let dir = fixture("gla");
+    let mut config = GlaConfig::load(dir.join("config.json")).unwrap();
+    config.intermediate_size = Some(128);
+    let err = load_gla(&config, &dir.join("model.safetensors")).unwrap_err();
+    match err {
+        CheckpointError::Shape {
+            name,
+            expected,
+            found,
+            ..
+        } => {
+            assert!(
+                name.starts_with("model.layers.") && name.contains(".mlp."),
+                "{name}"
+            );
+            assert_ne!(expected, found);
+            assert!(
+                found.contains(&256) && expected.contains(&128),
+                "{expected:?} {found:?}"
+            );
+        }
+        other => panic!("expected a shape error, got {other}"),
+    }
+}
+
+#[test]
+fn unexpected_and_missing_tensors_are_named() {
+    let dir = fixture("gla");
+    let mut config = GlaConfig::load(dir.join("config.json")).unwrap();
+    config.use_short_conv = false;
+    match load_gla(&config, &dir.join("model.safetensors")).unwrap_err() {
+        CheckpointError::Unexpected(_, names) => {
+            assert!(
+                names.contains(&"model.layers.0.attn.q_conv1d.weight".to_string()),
+                "{names:?}"
+            )
+        }
+        other => panic!("expected unexpected tensors, got {other}"),
+    }
+    // The Gated DeltaNet fixture ties its head to the embeddings: untied, lm_head is missing.
+    let dir = fixture("gated_deltanet");
+    let mut config = GatedDeltaNetConfig::load(dir.join("config.json")).unwrap();
+    config.tie_word_embeddings = false;
+    let mut model = config.init::<NdArray>(&Default::default()).unwrap();
+    match fla_models::checkpoint::load_safetensors(&mut model, &dir.join("model.safetensors"))
+        .unwrap_err()
+    {
+        CheckpointError::Missing(_, names) => assert_eq!(names, ["lm_head.weight"]),
+        other => panic!("expected a missing tensor, got {other}"),
+    }
+}
+
+#[test]
+fn missing_files_and_bad_configs_are_errors() {
+    let dir = scratch("missing");
+    std::fs::create_dir_all(&dir).unwrap();
+    match GlaForCausalLM::<NdArray>::from_pretrained(&dir, &Default::default()) {
+        Err(PretrainedError::Config(_)) => {}
+        other => panic!("expected a config error, got {:?}", other.map(|_| ())),
+    }
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": \"wide\"}").unwrap();
+    match GlaForCausalLM::<NdArray>::from_pretrained(&dir, &Default::default()) {
+        Err(PretrainedError::Config(e)) => assert!(e.to_string().contains("GLA"), "{e}"),
+        other => panic!("expected a parse error, got {:?}", other.map(|_| ())),
+    }
+    std::fs::copy(fixture("gla").join("config.json"), dir.join("config.json")).unwrap();
+    match GlaForCausalLM::<NdArray>::from_pretrained(&dir, &Default::default()) {
+        Err(PretrainedError::Checkpoint(CheckpointError::Io(p, _))) => {
+            assert!(p.ends_with("model.safetensors"))
+        }
+        other => panic!("expected a missing checkpoint, got {:?}", other.map(|_| ())),
+    }
+    std::fs::write(dir.join("model.safetensors"), b"not a safetensors file").unwrap();
+    match GlaForCausalLM::<NdArray>::from_pretrained(&dir, &Default::default()) {
+        Err(PretrainedError::Checkpoint(CheckpointError::Io(..))) => {}
+        other => panic!(
+            "expected a corrupt checkpoint error, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
