@@ -7,8 +7,9 @@
 //!   cargo run -p training --bin fla-train -- --model gated-deltanet
 //!
 //! A plain AdamW loop with warmup, checkpoints every `--checkpoint-every` steps and `--resume` from
-//! the newest one (bit-exact on the same backend); burn-train's learner, evaluation tasks and plots
-//! are not built yet.
+//! the newest one (bit-exact on the same backend); at the end the model is written in FLA's format
+//! (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and FLA.
+//! burn-train's learner, evaluation tasks and plots are not built yet.
 
 mod checkpoint;
 
@@ -22,11 +23,15 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Parser;
 use fla_burn::{DeltaRuleBackend, FlaError, GatedRecurrentBackend};
+use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
 use fla_models::gla::GatedLinearAttention;
 use fla_models::gla_model::GlaConfig;
 use fla_models::lm::{ForCausalLM, TokenMixer};
+
+/// The config type a model family saves with.
+type PretrainedConfig<B, M> = <ForCausalLM<B, M> as Pretrained<B>>::Config;
 
 const CORPUS: &str = include_str!("../data/paradise_lost.txt");
 
@@ -75,6 +80,10 @@ struct Args {
     /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
+    /// Where the trained model is written in FLA's format (config.json + model.safetensors);
+    /// default runs/<model>-tiny/model.
+    #[arg(long)]
+    export: Option<std::path::PathBuf>,
     /// Continue from the newest checkpoint in `--checkpoints` up to `--steps`.
     #[arg(long)]
     resume: bool,
@@ -127,7 +136,7 @@ impl<B> TrainBackend for B where
 fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     match args.model.as_str() {
         "gla" => train::<B, GatedLinearAttention<B>>(args, "GLA", |device| {
-            GlaConfig {
+            let config = GlaConfig {
                 hidden_size: args.hidden,
                 num_heads: args.heads,
                 num_hidden_layers: args.layers,
@@ -135,13 +144,13 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
                 use_short_conv: true,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
-            }
-            .init(device)
+            };
+            Ok((config.init(device)?, config))
         }),
         "gated-deltanet" => train::<B, GatedDeltaNet<B>>(args, "Gated DeltaNet", |device| {
             // FLA's layout (6·hidden² per layer with the output gate) scaled down: key heads of
             // hidden / heads / 2 dims, values twice as wide.
-            GatedDeltaNetConfig {
+            let config = GatedDeltaNetConfig {
                 hidden_size: args.hidden,
                 num_heads: args.heads,
                 head_dim: (args.hidden / args.heads / 2).max(1),
@@ -150,8 +159,8 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
                 vocab_size: 256,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
-            }
-            .init(device)
+            };
+            Ok((config.init(device)?, config))
         }),
         other => Err(format!("unknown --model {other:?} (gla, gated-deltanet)").into()),
     }
@@ -160,10 +169,11 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
 fn train<B, M>(
     args: &Args,
     family: &str,
-    build: impl FnOnce(&B::Device) -> Result<ForCausalLM<B, M>, FlaError>,
+    build: impl FnOnce(&B::Device) -> Result<(ForCausalLM<B, M>, PretrainedConfig<B, M>), FlaError>,
 ) -> Result<(), Box<dyn std::error::Error>>
 where
     B: AutodiffBackend,
+    ForCausalLM<B, M>: Pretrained<B>,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -183,7 +193,7 @@ where
         .checkpoints
         .clone()
         .unwrap_or_else(|| run_dir.join("checkpoints"));
-    let mut model = build(&device)?;
+    let (mut model, config) = build(&device)?;
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let resumed = if args.resume {
         let path = checkpoint::latest(&checkpoints)?
@@ -287,6 +297,14 @@ where
             checkpoint::save(&checkpoints, &model, &optim, &state)?;
         }
     }
+    // The trained model as FLA saves one: `fla-generate --model DIR` and FLA's
+    // `AutoModelForCausalLM.from_pretrained(DIR)` read it.
+    let export = args.export.clone().unwrap_or_else(|| run_dir.join("model"));
+    model.save_pretrained(&config, &export)?;
+    println!(
+        "model (FLA's config.json + model.safetensors) in {}",
+        export.display()
+    );
     println!("validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {metrics}");
     Ok(())
 }

@@ -22,6 +22,8 @@ fn short_run_lowers_validation_loss() {
         .arg(&metrics)
         .arg("--checkpoints")
         .arg(dir.join("checkpoints"))
+        .arg("--export")
+        .arg(dir.join("model"))
         .output()
         .expect("fla-train runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -48,6 +50,39 @@ fn short_run_lowers_validation_loss() {
         1 + 1 + 15,
         "header, step 0 and 15 steps"
     );
+    // The exported model (FLA's format) loads in fla-generate and continues a prompt.
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-generate"))
+        .args([
+            "--backend",
+            "ndarray",
+            "--prompt",
+            "Of Man",
+            "--max-new-tokens",
+            "8",
+        ])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .output()
+        .expect("fla-generate runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "fla-generate failed: {text}\n{stderr}"
+    );
+    assert!(
+        text.starts_with("Of Man") && text.trim_end().len() > 6,
+        "{text}"
+    );
+    assert!(stderr.contains("decoding: 8 tokens"), "{stderr}");
+    // A directory without a model is a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-generate"))
+        .args(["--backend", "ndarray", "--prompt", "x", "--model"])
+        .arg(dir.join("checkpoints"))
+        .output()
+        .expect("fla-generate runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
 }
 
 /// The Gated DeltaNet preset learns too (the delta-rule op's tensor-op backward in a real model).
@@ -77,6 +112,8 @@ fn gated_deltanet_run_lowers_validation_loss() {
         .arg(dir.join("metrics.csv"))
         .arg("--checkpoints")
         .arg(dir.join("checkpoints"))
+        .arg("--export")
+        .arg(dir.join("model"))
         .output()
         .expect("fla-train runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -144,6 +181,8 @@ fn train(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
         .arg(dir.join("metrics.csv"))
         .arg("--checkpoints")
         .arg(dir.join("checkpoints"))
+        .arg("--export")
+        .arg(dir.join("model"))
         .args(extra)
         .output()
         .expect("fla-train runs");

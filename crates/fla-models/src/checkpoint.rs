@@ -186,8 +186,8 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     Ok(())
 }
 
-/// Writes `module` as FLA's `model.safetensors`: FLA's names, PyTorch's layouts, and the
-/// `format: pt` metadata that transformers expects.
+/// Writes `module` as FLA's `model.safetensors` (replacing the file if there is one): FLA's
+/// names, PyTorch's layouts, and the `format: pt` metadata that transformers expects.
 pub fn save_safetensors<B: Backend, M: Module<B>>(
     module: &M,
     path: &Path,
@@ -195,7 +195,9 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(
     let mut store = SafetensorsStore::from_file(path)
         .with_to_adapter(BurnToPyTorchAdapter)
         .remap(remapper(&TO_FLA))
-        .metadata("format", "pt");
+        .metadata("format", "pt")
+        // As transformers' save_pretrained: a second save into a directory replaces the first.
+        .overwrite(true);
     module
         .save_into(&mut store)
         .map_err(|e| CheckpointError::Io(path.into(), e.to_string()))
