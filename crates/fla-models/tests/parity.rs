@@ -22,6 +22,10 @@ use fla_models::modules::LayerCache;
 use rstest::rstest;
 
 const TOLERANCE: f64 = 1e-3;
+/// On CUDA, Burn's f32 matmuls (the model's linear layers, not our kernels) measured 7e-4 to
+/// 1.1e-3 against FLA, where NdArray and wgpu give ~1e-6: consistent with TF32 products in
+/// CubeCL's CUDA matmul. The 1e-3 bar holds on the other backends; CUDA gets 2e-3.
+const CUDA_TOLERANCE: f64 = 2e-3;
 
 fn fixture(family: &str) -> PathBuf {
     // The source tree's path when it exists; from the repository root otherwise (executables
@@ -426,7 +430,7 @@ fn export_for_fla(#[values("gla", "gated_deltanet")] family: &str) {
     let json = serde_json::json!({
         "input_ids": ids.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
         "input_shape": [2, 80],
-        "logits_shape": data.shape,
+        "logits_shape": data.shape.as_ref(),
         "logits": data.convert::<f32>().to_vec::<f32>().unwrap(),
     });
     std::fs::write(dir.join("ours.json"), json.to_string()).unwrap();
