@@ -18,6 +18,7 @@ pub mod error;
 pub mod gated;
 mod problem;
 pub mod testing;
+pub mod tile;
 
 pub use dtype::FloatDType;
 pub use error::KernelError;

@@ -587,11 +587,15 @@ fn chunk_without_states(
     on_runtime!(compare_mode(&c, CHUNK));
 }
 
-/// Chunk sizes other than the default (16, 32, and one that is not a power of two).
+/// Chunk sizes other than the default: 16, 32 and 48 take the tiled kernels for scalar gates,
+/// 50 (not a multiple of 16) the plain chunk kernels, as vector gates always do.
 #[rstest]
-fn chunk_other_sizes(#[values(16, 32, 50)] size: usize) {
+fn chunk_other_sizes(
+    #[values(16, 32, 48, 50)] size: usize,
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+) {
     let c = make_case(
-        Variant::Gla,
+        variant,
         1,
         130,
         2,
@@ -747,5 +751,46 @@ fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: 
             other.err()
         ),
         (false, _) => compare_mode(client, c, mode),
+    }
+}
+
+/// Which chunk kernels a call takes: the tiled ones for scalar gates (or none) at chunk sizes that
+/// are multiples of 16, the plain ones for vector gates and other sizes; on lavapipe the tiled
+/// kernels shrink the chunk to fit its 32 KB of shared memory.
+#[rstest]
+fn chunk_kernel_choice(
+    #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
+    #[values(16, 50, 64)] size: usize,
+) {
+    let c = make_case(
+        variant,
+        1,
+        10,
+        2,
+        64,
+        64,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(expect_kernel_choice(&c, variant, size));
+}
+
+fn expect_kernel_choice<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &Case,
+    variant: Variant,
+    size: usize,
+) {
+    let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, size);
+    let tiled = variant != Variant::Gla && size % 16 == 0;
+    assert_eq!(l.is_some(), tiled, "{variant:?} at chunk {size}: {l:?}");
+    if let Some(l) = l {
+        assert!(l.chunk <= size && l.chunk % 16 == 0);
+        if !is_cpu_vulkan(client) {
+            assert_eq!(l.chunk, size, "a GPU holds a full chunk: {l:?}");
+        }
     }
 }

@@ -12,6 +12,7 @@ use super::recurrent_bwd::{
     row_sum_kernel, value_term_kernel, GateAxis,
 };
 use super::recurrent_fwd::{recurrent_fwd_kernel, stage_len, RecurrentLayout};
+use super::tiled_launch::{tiled_backward, tiled_forward, tiled_layout};
 use super::{GateKind, GatedProblem};
 use crate::KernelError;
 
@@ -336,6 +337,7 @@ pub fn recurrent_backward<R: Runtime>(
         array(key_term.as_ref().unwrap_or(&dummy), qk),
         qk as u32,
         nv,
+        nv,
         key_term.is_some(),
         p.dtype.storage(),
     );
@@ -644,6 +646,14 @@ pub fn chunk_forward<R: Runtime>(
     b: ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_forward(client, p, &b)?;
+    if chunk == 0 {
+        return Err(KernelError::InvalidProblem("chunk size 0".into()));
+    }
+    if let Some(l) = tiled_layout(client, p, chunk) {
+        let (cu, cu_len) = cu_seqlens_handle(client, p);
+        tiled_forward(client, p, l, &b, (&cu, cu_len));
+        return Ok(());
+    }
     let call = ChunkCall::new(client, p, chunk, b.g)?;
     let states = call.state_pass(b.k, b.v, b.h0, b.ht, false);
     let pairs = call.pairs(b.q, b.k, p.k_dim, true);
@@ -682,6 +692,22 @@ pub fn chunk_backward<R: Runtime>(
     } else {
         None
     };
+    if chunk == 0 {
+        return Err(KernelError::InvalidProblem("chunk size 0".into()));
+    }
+    if let Some(l) = tiled_layout(client, p, chunk) {
+        let (cu, cu_len) = cu_seqlens_handle(client, p);
+        let key_term = tiled_backward(client, p, l, &b, (&cu, cu_len))?;
+        // The gate cumsum reads heads, dims and the direction only: no tiling.
+        return gate_gradients(
+            client,
+            p,
+            &b,
+            key_term.as_ref(),
+            layout(p, 1, 1),
+            (&cu, cu_len),
+        );
+    }
     let call = ChunkCall::new(client, p, chunk, b.g)?;
     let (qk, vo, states_len, pairs_len) =
         (call.qk(), call.vo(), call.states_len(), call.pairs_len());

@@ -14,6 +14,8 @@ mod launch;
 pub mod naive;
 pub(crate) mod recurrent_bwd;
 pub(crate) mod recurrent_fwd;
+mod tiled;
+mod tiled_launch;
 
 pub(crate) use launch::{
     array, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens, ELEMWISE_THREADS,
@@ -22,6 +24,8 @@ pub use launch::{
     chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
     BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
+pub use tiled::TiledLayout;
+pub use tiled_launch::{has_cmma, tiled_layout};
 
 use crate::{FloatDType, KernelError};
 

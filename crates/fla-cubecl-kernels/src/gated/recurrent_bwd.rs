@@ -209,7 +209,8 @@ pub fn qk_grad_finalize_kernel<F: Float>(
     dk: &mut Array<F>,
     term: &mut Array<f32>,
     len: u32,
-    #[comptime] blocks: usize,
+    #[comptime] q_blocks: usize,
+    #[comptime] k_blocks: usize,
     #[comptime] with_term: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -219,8 +220,11 @@ pub fn qk_grad_finalize_kernel<F: Float>(
         let mut a = 0.0f32;
         let mut b = 0.0f32;
         #[unroll]
-        for vb in 0..blocks {
+        for vb in 0..q_blocks {
             a += dq_part[vb * len + e];
+        }
+        #[unroll]
+        for vb in 0..k_blocks {
             b += dk_part[vb * len + e];
         }
         dq[e] = F::cast_from(a);

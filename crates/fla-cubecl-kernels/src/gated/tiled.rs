@@ -1,0 +1,842 @@
+//! Chunkwise-parallel form of the gated family with scalar gates (or none), fused: one cube walks
+//! a sequence's chunks keeping its slice of the state on chip, and every product inside a chunk is
+//! a tile product ([`crate::tile::mma`]: tensor cores where the device has them).
+//!
+//! The math is the chunk form of [`super::chunk`] with a scalar gate, where the decay between two
+//! positions factors: `A = (Q Kᵀ) ∘ D`, `D_rs = exp(λ_r − λ_s)` for `s ≤ r` (at most 1, so no
+//! overflow whatever the gate), `λ` the log gate cumulated from the chunk start.
+//!
+//! Three kernels, as FLA's `fused_chunk` kernels split the work:
+//! - forward, cubes `(value block, head, sequence)`, state slice `S[K, BV]` in shared memory:
+//!   `O = scale · (q̃ S + (A ∘ D ∘ M) V)`, then `S ← exp(λ_C) S + k̃ᵀ V`;
+//! - backward `dq`, cubes `(key block, head, sequence)`, walking forwards with `S[BK, V]`:
+//!   `dQ = (scale · dA ∘ D ∘ M) K + (scale · exp(λ_r) dO) Sᵀ`, `dA = dO Vᵀ`;
+//! - backward `dk, dv, dh0`, cubes `(value block, head, sequence)`, walking backwards with
+//!   `G = ∂L/∂S` (from `dhT`): `dV = (scale · A ∘ D ∘ M)ᵀ dO + k̃ G`,
+//!   `dK = (scale · dA ∘ D ∘ M)ᵀ Q + ṽ Gᵀ` (a partial over the value block),
+//!   `G ← exp(λ_C) G + q̃ᵀ dO`;
+//!
+//! with `q̃_r = scale · exp(λ_r) q_r`, `k̃_s = exp(λ_C − λ_s) k_s`, `ṽ_s = exp(λ_C − λ_s) v_s`.
+//! Rows past a sequence's end are loaded as zeros and their gates as 0, so a last, short chunk
+//! needs no other care. States and products accumulate in `f32`; the operands of a product are
+//! in the input dtype (the state is rounded to it for `q̃ S`, as FLA does).
+
+#![allow(clippy::collapsible_if)]
+
+use cubecl::prelude::*;
+
+use super::recurrent_fwd::{seq_length, seq_start, token_at};
+use crate::tile::{mma, MmaShape, TileConfig};
+
+/// Compile-time shape of a tiled chunk launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TiledLayout {
+    pub heads: usize,
+    pub k: usize,
+    pub v: usize,
+    /// `K` and `V` rounded up to a fragment (16).
+    pub kp: usize,
+    pub vp: usize,
+    /// Positions per chunk (a multiple of 16).
+    pub chunk: usize,
+    /// Value columns per cube (forward, `dk`/`dv` pass) and key rows per cube (`dq` pass).
+    pub bv: usize,
+    pub bk: usize,
+    /// Key columns of `dK` computed at once (divides `kp`).
+    pub nb: usize,
+    pub scalar_gate: bool,
+    pub reverse: bool,
+    pub varlen: bool,
+    pub has_h0: bool,
+    pub has_ht: bool,
+    pub tile: TileConfig,
+}
+
+fn shape(m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldo: usize) -> MmaShape {
+    MmaShape {
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldo,
+        a_col: false,
+        b_col: false,
+        accumulate: false,
+    }
+}
+
+/// `A · B`, all row-major.
+pub fn nn(m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldo: usize) -> MmaShape {
+    shape(m, n, k, lda, ldb, ldo)
+}
+
+/// `A · Bᵀ` with `B` stored row-major (`n × k`).
+pub fn nt(m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldo: usize) -> MmaShape {
+    MmaShape {
+        b_col: true,
+        ..shape(m, n, k, lda, ldb, ldo)
+    }
+}
+
+/// `Aᵀ · B` with `A` stored row-major (`k × m`).
+pub fn tn(m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldo: usize) -> MmaShape {
+    MmaShape {
+        a_col: true,
+        ..shape(m, n, k, lda, ldb, ldo)
+    }
+}
+
+pub fn accum(s: MmaShape) -> MmaShape {
+    MmaShape {
+        accumulate: true,
+        ..s
+    }
+}
+
+/// Shared-memory bytes of the forward kernel.
+pub fn fwd_smem(l: &TiledLayout, elem: usize) -> usize {
+    let (c, kp, bv) = (l.chunk, l.kp, l.bv);
+    let half_state = if l.tile.cmma { kp * bv * elem } else { 0 };
+    2 * c * kp * elem
+        + c * bv * elem
+        + c * c * (4 + elem)
+        + c * bv * 4
+        + kp * bv * 4
+        + half_state
+        + 8 * c
+}
+
+/// Shared-memory bytes of the `dq` kernel.
+pub fn dq_smem(l: &TiledLayout, elem: usize) -> usize {
+    let (c, vp, bk) = (l.chunk, l.vp, l.bk);
+    let half_state = if l.tile.cmma { bk * vp * elem } else { 0 };
+    c * bk * elem
+        + 2 * c * vp * elem
+        + c * c * (4 + elem)
+        + c * bk * 4
+        + bk * vp * 4
+        + half_state
+        + 8 * c
+}
+
+/// Shared-memory bytes of the `dk`/`dv` kernel.
+pub fn dkv_smem(l: &TiledLayout, elem: usize) -> usize {
+    let (c, kp, bv) = (l.chunk, l.kp, l.bv);
+    let half_state = if l.tile.cmma { kp * bv * elem } else { 0 };
+    2 * c * kp * elem
+        + 2 * c * bv * elem
+        + c * c * (4 + elem)
+        + c * bv * 4
+        + c * l.nb * 4
+        + kp * bv * 4
+        + half_state
+        + 8 * c
+}
+
+/// Loads rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
+/// `[B·T, H, width]` tensor into a row-major `C × cols` tile; zeros outside the sequence or the
+/// tensor's columns.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile<F: Float>(
+    src: &Array<F>,
+    dst: &mut SharedMemory<F>,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] width: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(l.chunk * cols);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let row = e / cols;
+            let col = col0 + e % cols;
+            let mut x = F::cast_from(0.0f32);
+            if row < cl && col < width {
+                let tok = token_at(bos, len, p0 + row, l.reverse);
+                x = src[(tok * l.heads + h) * width + col];
+            }
+            dst[e] = x;
+        }
+    }
+}
+
+/// Stores rows `< cl` of a row-major `C × cols` `f32` tile into columns `col0 ..` of a
+/// `[B·T, H, width]` tensor, converting to `O`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile<O: Float>(
+    src: &SharedMemory<f32>,
+    dst: &mut Array<O>,
+    offset: usize,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] width: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(l.chunk * cols);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let row = e / cols;
+            let col = col0 + e % cols;
+            if row < cl && col < width {
+                let tok = token_at(bos, len, p0 + row, l.reverse);
+                dst[offset + (tok * l.heads + h) * width + col] = O::cast_from(src[e]);
+            }
+        }
+    }
+}
+
+/// Stages the chunk's raw log gates (0 past its end, and without a gate).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_gates<F: Float>(
+    g: &Array<F>,
+    gl: &mut SharedMemory<f32>,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let unit = UNIT_POS as usize;
+    if unit < l.chunk {
+        let mut x = 0.0f32;
+        if comptime!(l.scalar_gate) {
+            if unit < cl {
+                let tok = token_at(bos, len, p0 + unit, l.reverse);
+                x = f32::cast_from(g[tok * l.heads + h]);
+            }
+        }
+        gl[unit] = x;
+    }
+}
+
+/// `λ_r`, the gates cumulated from the chunk start (after [`load_gates`] and a barrier). Rows past
+/// the end repeat the last, so `λ[C − 1]` is the chunk's total.
+#[cube]
+fn cumulate_gates(gl: &SharedMemory<f32>, lam: &mut SharedMemory<f32>, #[comptime] l: TiledLayout) {
+    let unit = UNIT_POS as usize;
+    if unit < l.chunk {
+        let mut acc = 0.0f32;
+        #[unroll(l.tile.unroll)]
+        for u in 0..l.chunk {
+            if u <= unit {
+                acc += gl[u];
+            }
+        }
+        lam[unit] = acc;
+    }
+}
+
+/// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal; when
+/// `transpose`, the entry is written at `[s, r]`.
+#[cube]
+fn masked_decay<F: Float>(
+    src: &SharedMemory<f32>,
+    dst: &mut SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    factor: f32,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let c = comptime!(l.chunk);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!((c * c).div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < c * c {
+            let row = e / c;
+            let col = e % c;
+            let mut x = 0.0f32;
+            if col <= row {
+                x = src[e] * factor;
+                if comptime!(l.scalar_gate) {
+                    x *= (lam[row] - lam[col]).exp();
+                }
+            }
+            dst[e] = F::cast_from(x);
+        }
+    }
+}
+
+/// Scales row `r` of a row-major `C × cols` tile by `factor · exp(λ_r)` (`from_end = false`) or by
+/// `exp(λ_C − λ_r)` (`from_end`).
+#[cube]
+fn scale_rows<F: Float>(
+    t: &mut SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    factor: f32,
+    #[comptime] cols: usize,
+    #[comptime] from_end: bool,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(l.chunk * cols);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let row = e / cols;
+            let mut f = factor;
+            if comptime!(l.scalar_gate) {
+                if comptime!(from_end) {
+                    f *= (lam[comptime!(l.chunk - 1)] - lam[row]).exp();
+                } else {
+                    f *= lam[row].exp();
+                }
+            }
+            t[e] = F::cast_from(f32::cast_from(t[e]) * f);
+        }
+    }
+}
+
+/// Multiplies an `f32` state tile by the chunk's decay `exp(λ_C)` and, with tensor cores, writes
+/// its copy in the input dtype (the operand of the next products).
+#[cube]
+fn decay_state<F: Float>(
+    s: &mut SharedMemory<f32>,
+    lam: &SharedMemory<f32>,
+    #[comptime] entries: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.scalar_gate) {
+        let threads = comptime!(l.tile.threads());
+        let unit = UNIT_POS as usize;
+        let f = lam[comptime!(l.chunk - 1)].exp();
+        #[unroll]
+        for r in 0..comptime!(entries.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < entries {
+                s[e] *= f;
+            }
+        }
+    }
+}
+
+/// The state's copy in the input dtype (tensor cores only).
+#[cube]
+fn round_state<F: Float>(
+    s: &SharedMemory<f32>,
+    sh: &mut SharedMemory<F>,
+    #[comptime] entries: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.tile.cmma) {
+        let threads = comptime!(l.tile.threads());
+        let unit = UNIT_POS as usize;
+        #[unroll]
+        for r in 0..comptime!(entries.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < entries {
+                sh[e] = F::cast_from(s[e]);
+            }
+        }
+    }
+}
+
+/// Reads (`load`) or writes a state slice `[rows, cols]` at `(row0, col0)` of `[N, H, K, V]`;
+/// entries outside `K × V` read as 0.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn state_io(
+    s: &mut SharedMemory<f32>,
+    global: &mut Array<f32>,
+    base: usize,
+    row0: usize,
+    col0: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] load: bool,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(rows * cols);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let i = row0 + e / cols;
+            let j = col0 + e % cols;
+            let inside = i < l.k && j < l.v;
+            if comptime!(load) {
+                let mut x = 0.0f32;
+                if inside {
+                    x = global[base + i * l.v + j];
+                }
+                s[e] = x;
+            } else if inside {
+                global[base + i * l.v + j] = s[e];
+            }
+        }
+    }
+}
+
+/// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn tiled_fwd_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    g: &Array<F>,
+    h0: &mut Array<f32>,
+    cu_seqlens: &Array<u32>,
+    o: &mut Array<F>,
+    ht: &mut Array<f32>,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let v0 = CUBE_POS_X as usize * bv;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+
+    let mut sq = SharedMemory::<F>::new_aligned(c * kp, 64usize);
+    let mut sk = SharedMemory::<F>::new_aligned(c * kp, 64usize);
+    let mut sv = SharedMemory::<F>::new_aligned(c * bv, 64usize);
+    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
+    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
+    let mut so = SharedMemory::<f32>::new_aligned(c * bv, 64usize);
+    let mut ss = SharedMemory::<f32>::new_aligned(kp * bv, 64usize);
+    let mut ssh =
+        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { kp * bv } else { 1 }), 64usize);
+    let mut gl = SharedMemory::<f32>::new(c);
+    let mut lam = SharedMemory::<f32>::new(c);
+
+    // Without h0 the slice is read from row K on: all outside, all zeros.
+    let first_row = comptime!(if l.has_h0 { 0 } else { l.k });
+    state_io(&mut ss, h0, base, first_row, v0, kp, bv, true, l);
+
+    let chunks = len.div_ceil(c);
+    for ci in 0..chunks {
+        let p0 = ci * c;
+        let mut cl = len - p0;
+        if cl > c {
+            cl = c;
+        }
+        load_tile::<F>(q, &mut sq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
+        load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        round_state::<F>(&ss, &mut ssh, comptime!(kp * bv), l);
+        sync_cube();
+        cumulate_gates(&gl, &mut lam, l);
+        // A = Q Kᵀ
+        mma::<F, F>(
+            &sq,
+            0,
+            &sk,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, kp, kp, kp, c)),
+            l.tile,
+        );
+        sync_cube();
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+        sync_cube();
+        // O = (A ∘ D ∘ M) V + q̃ S
+        mma::<F, F>(
+            &sah,
+            0,
+            &sv,
+            0,
+            &mut so,
+            0,
+            comptime!(nn(c, bv, c, c, bv, bv)),
+            l.tile,
+        );
+        sync_cube();
+        if comptime!(l.tile.cmma) {
+            mma::<F, F>(
+                &sq,
+                0,
+                &ssh,
+                0,
+                &mut so,
+                0,
+                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
+                l.tile,
+            );
+        } else {
+            mma::<F, f32>(
+                &sq,
+                0,
+                &ss,
+                0,
+                &mut so,
+                0,
+                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
+                l.tile,
+            );
+        }
+        sync_cube();
+        store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
+        scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
+        decay_state::<F>(&mut ss, &lam, comptime!(kp * bv), l);
+        sync_cube();
+        // S ← exp(λ_C) S + k̃ᵀ V
+        mma::<F, F>(
+            &sk,
+            0,
+            &sv,
+            0,
+            &mut ss,
+            0,
+            comptime!(accum(tn(kp, bv, c, kp, bv, bv))),
+            l.tile,
+        );
+        sync_cube();
+    }
+
+    if comptime!(l.has_ht) {
+        state_io(&mut ss, ht, base, 0, v0, kp, bv, false, l);
+    }
+}
+
+/// Backward, `dq` (as an `f32` buffer `[B·T, H, K]`). Cubes `(key block, head, sequence)`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn tiled_dq_kernel<F: Float>(
+    k: &Array<F>,
+    v: &Array<F>,
+    g: &Array<F>,
+    h0: &mut Array<f32>,
+    cu_seqlens: &Array<u32>,
+    d_o: &Array<F>,
+    dq: &mut Array<f32>,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
+    let k0 = CUBE_POS_X as usize * bk;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+
+    let mut sk = SharedMemory::<F>::new_aligned(c * bk, 64usize);
+    let mut sv = SharedMemory::<F>::new_aligned(c * vp, 64usize);
+    let mut sdo = SharedMemory::<F>::new_aligned(c * vp, 64usize);
+    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
+    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
+    let mut sdq = SharedMemory::<f32>::new_aligned(c * bk, 64usize);
+    let mut ss = SharedMemory::<f32>::new_aligned(bk * vp, 64usize);
+    let mut ssh =
+        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { bk * vp } else { 1 }), 64usize);
+    let mut gl = SharedMemory::<f32>::new(c);
+    let mut lam = SharedMemory::<f32>::new(c);
+
+    let mut first_row = k0;
+    if comptime!(!l.has_h0) {
+        first_row = l.k;
+    }
+    state_io(&mut ss, h0, base, first_row, 0, bk, vp, true, l);
+
+    let chunks = len.div_ceil(c);
+    for ci in 0..chunks {
+        let p0 = ci * c;
+        let mut cl = len - p0;
+        if cl > c {
+            cl = c;
+        }
+        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, k0, l.k, bk, l);
+        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, 0, l.v, vp, l);
+        load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, 0, l.v, vp, l);
+        load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        round_state::<F>(&ss, &mut ssh, comptime!(bk * vp), l);
+        sync_cube();
+        cumulate_gates(&gl, &mut lam, l);
+        // dA = dO Vᵀ
+        mma::<F, F>(
+            &sdo,
+            0,
+            &sv,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, vp, vp, vp, c)),
+            l.tile,
+        );
+        sync_cube();
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        scale_rows::<F>(&mut sdo, &lam, scale, vp, false, l);
+        sync_cube();
+        // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ
+        mma::<F, F>(
+            &sah,
+            0,
+            &sk,
+            0,
+            &mut sdq,
+            0,
+            comptime!(nn(c, bk, c, c, bk, bk)),
+            l.tile,
+        );
+        sync_cube();
+        if comptime!(l.tile.cmma) {
+            mma::<F, F>(
+                &sdo,
+                0,
+                &ssh,
+                0,
+                &mut sdq,
+                0,
+                comptime!(accum(nt(c, bk, vp, vp, vp, bk))),
+                l.tile,
+            );
+        } else {
+            mma::<F, f32>(
+                &sdo,
+                0,
+                &ss,
+                0,
+                &mut sdq,
+                0,
+                comptime!(accum(nt(c, bk, vp, vp, vp, bk))),
+                l.tile,
+            );
+        }
+        sync_cube();
+        store_tile::<f32>(&sdq, dq, 0, bos, len, p0, cl, h, k0, l.k, bk, l);
+        scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
+        decay_state::<F>(&mut ss, &lam, comptime!(bk * vp), l);
+        sync_cube();
+        // S ← exp(λ_C) S + k̃ᵀ V
+        mma::<F, F>(
+            &sk,
+            0,
+            &sv,
+            0,
+            &mut ss,
+            0,
+            comptime!(accum(tn(bk, vp, c, bk, vp, vp))),
+            l.tile,
+        );
+        sync_cube();
+    }
+}
+
+/// Backward, `dv`, the value block's partial of `dk` (`f32`, `[blocks, B·T, H, K]`) and `dh0`.
+/// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn tiled_dkv_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    g: &Array<F>,
+    cu_seqlens: &Array<u32>,
+    d_o: &Array<F>,
+    d_ht: &mut Array<f32>,
+    dk_part: &mut Array<f32>,
+    dv: &mut Array<F>,
+    dh0: &mut Array<f32>,
+    seq_len: u32,
+    dk_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[comptime] has_dht: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, kp, bv, nb) = comptime!((l.chunk, l.kp, l.bv, l.nb));
+    let v0 = CUBE_POS_X as usize * bv;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+    // This cube's partial of dk: block `CUBE_POS_X` of `[blocks, B·T·H·K]`.
+    let part = CUBE_POS_X as usize * dk_len as usize;
+
+    let mut sq = SharedMemory::<F>::new_aligned(c * kp, 64usize);
+    let mut sk = SharedMemory::<F>::new_aligned(c * kp, 64usize);
+    let mut sv = SharedMemory::<F>::new_aligned(c * bv, 64usize);
+    let mut sdo = SharedMemory::<F>::new_aligned(c * bv, 64usize);
+    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
+    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
+    let mut sdv = SharedMemory::<f32>::new_aligned(c * bv, 64usize);
+    let mut sdk = SharedMemory::<f32>::new_aligned(c * nb, 64usize);
+    let mut sg = SharedMemory::<f32>::new_aligned(kp * bv, 64usize);
+    let mut sgh =
+        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { kp * bv } else { 1 }), 64usize);
+    let mut gl = SharedMemory::<f32>::new(c);
+    let mut lam = SharedMemory::<f32>::new(c);
+
+    let first_row = comptime!(if has_dht { 0 } else { l.k });
+    state_io(&mut sg, d_ht, base, first_row, v0, kp, bv, true, l);
+
+    let chunks = len.div_ceil(c);
+    for cr in 0..chunks {
+        let p0 = (chunks - 1 - cr) * c;
+        let mut cl = len - p0;
+        if cl > c {
+            cl = c;
+        }
+        load_tile::<F>(q, &mut sq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
+        load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, v0, l.v, bv, l);
+        load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        round_state::<F>(&sg, &mut sgh, comptime!(kp * bv), l);
+        sync_cube();
+        cumulate_gates(&gl, &mut lam, l);
+        // A = Q Kᵀ
+        mma::<F, F>(
+            &sq,
+            0,
+            &sk,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, kp, kp, kp, c)),
+            l.tile,
+        );
+        sync_cube();
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
+        sync_cube();
+        // dV = (A ∘ D ∘ M)ᵀ dO (+ k̃ G below); dA = dO Vᵀ
+        mma::<F, F>(
+            &sah,
+            0,
+            &sdo,
+            0,
+            &mut sdv,
+            0,
+            comptime!(tn(c, bv, c, c, bv, bv)),
+            l.tile,
+        );
+        mma::<F, F>(
+            &sdo,
+            0,
+            &sv,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, bv, bv, bv, c)),
+            l.tile,
+        );
+        sync_cube();
+        if comptime!(l.tile.cmma) {
+            mma::<F, F>(
+                &sk,
+                0,
+                &sgh,
+                0,
+                &mut sdv,
+                0,
+                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
+                l.tile,
+            );
+        } else {
+            mma::<F, f32>(
+                &sk,
+                0,
+                &sg,
+                0,
+                &mut sdv,
+                0,
+                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
+                l.tile,
+            );
+        }
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        scale_rows::<F>(&mut sv, &lam, 1.0f32, bv, true, l);
+        sync_cube();
+        store_tile::<F>(&sdv, dv, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
+        // dK = (dA ∘ D ∘ M)ᵀ Q + ṽ Gᵀ, `nb` key columns at a time.
+        #[unroll]
+        for kb in 0..comptime!(kp / nb) {
+            let col0 = kb * nb;
+            mma::<F, F>(
+                &sah,
+                0,
+                &sq,
+                col0,
+                &mut sdk,
+                0,
+                comptime!(tn(c, nb, c, c, kp, nb)),
+                l.tile,
+            );
+            sync_cube();
+            if comptime!(l.tile.cmma) {
+                mma::<F, F>(
+                    &sv,
+                    0,
+                    &sgh,
+                    col0 * bv,
+                    &mut sdk,
+                    0,
+                    comptime!(accum(nt(c, nb, bv, bv, bv, nb))),
+                    l.tile,
+                );
+            } else {
+                mma::<F, f32>(
+                    &sv,
+                    0,
+                    &sg,
+                    col0 * bv,
+                    &mut sdk,
+                    0,
+                    comptime!(accum(nt(c, nb, bv, bv, bv, nb))),
+                    l.tile,
+                );
+            }
+            sync_cube();
+            store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
+            sync_cube();
+        }
+        scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+        decay_state::<F>(&mut sg, &lam, comptime!(kp * bv), l);
+        sync_cube();
+        // G ← exp(λ_C) G + q̃ᵀ dO
+        mma::<F, F>(
+            &sq,
+            0,
+            &sdo,
+            0,
+            &mut sg,
+            0,
+            comptime!(accum(tn(kp, bv, c, kp, bv, bv))),
+            l.tile,
+        );
+        sync_cube();
+    }
+
+    if comptime!(l.has_h0) {
+        state_io(&mut sg, dh0, base, 0, v0, kp, bv, false, l);
+    }
+}

@@ -1,0 +1,234 @@
+//! Host side of the tiled chunk kernels ([`super::tiled`]): which calls they take, their tile
+//! sizes from the device's limits, and the launches.
+
+use cubecl::ir::features::MmaConfig;
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::launch::{
+    array, elementwise_grid, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers, ELEMWISE_THREADS,
+};
+use super::recurrent_bwd::qk_grad_finalize_kernel;
+use super::tiled::{
+    dkv_smem, dq_smem, fwd_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, TiledLayout,
+};
+use super::{GateKind, GatedProblem};
+use crate::tile::{TileConfig, FRAG, PLANE};
+use crate::FloatDType;
+
+/// Largest chunk the tiled kernels take (shared memory grows with its square).
+const MAX_TILED_CHUNK: usize = 64;
+
+/// Whether the device runs 16×16×16 tensor-core products of `dtype` into `f32`.
+pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
+    if dtype == FloatDType::F32 {
+        return false;
+    }
+    let f32_type = FloatDType::F32.storage();
+    client
+        .properties()
+        .features
+        .matmul
+        .cmma
+        .contains(&MmaConfig {
+            a_type: dtype.storage(),
+            b_type: dtype.storage(),
+            cd_type: f32_type,
+            m: FRAG as u32,
+            n: FRAG as u32,
+            k: FRAG as u32,
+        })
+}
+
+/// The tiled kernels' layout for this call, or `None` where they do not apply: vector or value
+/// gates (the plain chunk path takes them), a chunk size that is not a multiple of 16, or a device
+/// whose shared memory holds no tiling. The chunk is the requested one, or the largest multiple of
+/// 16 below it that fits (the result differs only by rounding).
+pub fn tiled_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+) -> Option<TiledLayout> {
+    if p.gate == GateKind::Vector || p.value_gate || chunk % FRAG != 0 || chunk == 0 {
+        return None;
+    }
+    let props = client.properties();
+    let max_smem = props.hardware.max_shared_memory_size;
+    let max_units = props.hardware.max_units_per_cube as usize;
+    let cpu = is_cpu_vulkan(client);
+    // On lavapipe every inner loop is unrolled (it counts loop iterations), so the code of a
+    // kernel grows with the entries per unit: the most units per cube keep it small enough to
+    // compile in seconds. A GPU does well with 8 planes.
+    let planes = if cpu { 32 } else { 8 }.min(max_units / PLANE).max(1);
+    let tile = TileConfig {
+        cmma: has_cmma(client, p.dtype),
+        planes,
+        unroll: cpu,
+    };
+    let (kp, vp) = (
+        p.k_dim.next_multiple_of(FRAG),
+        p.v_dim.next_multiple_of(FRAG),
+    );
+    let elem = p.dtype.size();
+    let mut c = chunk.min(MAX_TILED_CHUNK);
+    while c >= FRAG {
+        let base = TiledLayout {
+            heads: p.heads,
+            k: p.k_dim,
+            v: p.v_dim,
+            kp,
+            vp,
+            chunk: c,
+            bv: FRAG,
+            bk: FRAG,
+            nb: FRAG,
+            scalar_gate: p.gate == GateKind::Scalar,
+            reverse: p.reverse,
+            varlen: p.cu_seqlens.is_some(),
+            has_h0: p.has_initial_state,
+            has_ht: p.output_final_state,
+            tile,
+        };
+        let widths = |limit: usize| {
+            [64, 32, 16]
+                .into_iter()
+                .filter(move |&w| w <= limit.max(FRAG))
+        };
+        let bv = widths(vp).find(|&bv| {
+            let l = TiledLayout { bv, ..base };
+            fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
+        });
+        let bk = widths(kp).find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
+        if let (Some(bv), Some(bk)) = (bv, bk) {
+            // Widest dK column block that still fits beside the rest.
+            let nb = [kp, 64, 32, 16]
+                .into_iter()
+                .filter(|nb| kp % nb == 0)
+                .find(|&nb| dkv_smem(&TiledLayout { bv, nb, ..base }, elem) <= max_smem)
+                .unwrap_or(FRAG);
+            return Some(TiledLayout { bv, bk, nb, ..base });
+        }
+        c -= FRAG;
+    }
+    None
+}
+
+fn cube_dim(l: &TiledLayout) -> CubeDim {
+    CubeDim::new_2d(PLANE as u32, l.tile.planes as u32)
+}
+
+fn cube_count(p: &GatedProblem, blocks: usize) -> CubeCount {
+    CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32)
+}
+
+/// The forward through the tiled kernel (checks done by the caller).
+pub(crate) fn tiled_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: TiledLayout,
+    b: &ForwardBuffers<'_>,
+    (cu, cu_len): (&Handle, usize),
+) {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    tiled_fwd_kernel::launch::<R>(
+        client,
+        cube_count(p, p.v_dim.div_ceil(l.bv)),
+        cube_dim(&l),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.g.unwrap_or(&dummy), p.gate_len()),
+        array(b.h0.unwrap_or(&dummy), p.state_len()),
+        array(cu, cu_len),
+        array(b.o, vo),
+        array(b.ht.unwrap_or(&dummy), p.state_len()),
+        p.seq_len as u32,
+        p.scale,
+        l,
+        p.dtype.storage(),
+    );
+}
+
+/// The backward through the tiled kernels: `dv`, `dh0`, and `dq`, `dk` with the key gate's term
+/// of the identity (returned, `f32` `[B·T, H, K]`) for the gate gradient.
+pub(crate) fn tiled_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: TiledLayout,
+    b: &BackwardBuffers<'_>,
+    (cu, cu_len): (&Handle, usize),
+) -> Result<Option<Handle>, crate::KernelError> {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    let nv = p.v_dim.div_ceil(l.bv);
+    let dq_part = client.empty(4 * qk);
+    let dk_part = client.empty(4 * nv * qk);
+    let dh0 = if p.has_initial_state {
+        need(b.dh0, "dh0")?
+    } else {
+        &dummy
+    };
+    tiled_dq_kernel::launch::<R>(
+        client,
+        cube_count(p, p.k_dim.div_ceil(l.bk)),
+        cube_dim(&l),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.g.unwrap_or(&dummy), p.gate_len()),
+        array(b.h0.unwrap_or(&dummy), p.state_len()),
+        array(cu, cu_len),
+        array(b.d_o, vo),
+        array(&dq_part, qk),
+        p.seq_len as u32,
+        p.scale,
+        l,
+        p.dtype.storage(),
+    );
+    tiled_dkv_kernel::launch::<R>(
+        client,
+        cube_count(p, nv),
+        cube_dim(&l),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(b.v, vo),
+        array(b.g.unwrap_or(&dummy), p.gate_len()),
+        array(cu, cu_len),
+        array(b.d_o, vo),
+        array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+        array(&dk_part, nv * qk),
+        array(b.dv, vo),
+        array(dh0, p.state_len()),
+        p.seq_len as u32,
+        qk as u32,
+        p.scale,
+        l,
+        b.d_ht.is_some(),
+        p.dtype.storage(),
+    );
+    let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
+    qk_grad_finalize_kernel::launch::<R>(
+        client,
+        elementwise_grid(qk),
+        CubeDim::new_1d(ELEMWISE_THREADS),
+        array(b.q, qk),
+        array(b.k, qk),
+        array(&dq_part, qk),
+        array(&dk_part, nv * qk),
+        array(b.dq, qk),
+        array(b.dk, qk),
+        array(key_term.as_ref().unwrap_or(&dummy), qk),
+        qk as u32,
+        1,
+        nv,
+        key_term.is_some(),
+        p.dtype.storage(),
+    );
+    Ok(key_term)
+}
