@@ -793,4 +793,13 @@ fn expect_kernel_choice<R: Runtime>(
             assert_eq!(l.chunk, size, "a GPU holds a full chunk: {l:?}");
         }
     }
+    if runtime_name() == "cuda" {
+        // Every GPU the CUDA runtime runs on since Volta has f16/bf16 tensor cores.
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            assert!(
+                fla_cubecl_kernels::gated::has_cmma(client, dtype),
+                "{dtype:?}"
+            );
+        }
+    }
 }

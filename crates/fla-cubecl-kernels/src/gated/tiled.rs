@@ -44,6 +44,8 @@ pub struct TiledLayout {
     pub bk: usize,
     /// Key columns of `dK` computed at once (divides `kp`).
     pub nb: usize,
+    /// Row padding of input-dtype tiles, in elements (16 bytes: 8 half-precision values, 4 f32).
+    pub ph: usize,
     pub scalar_gate: bool,
     pub reverse: bool,
     pub varlen: bool,
@@ -94,49 +96,91 @@ pub fn accum(s: MmaShape) -> MmaShape {
     }
 }
 
+/// Padding of each shared-memory row, in elements: 16 bytes (8 half-precision values, 4 `f32`;
+/// the layout's `ph` for input-dtype tiles, [`PAD_F`] for `f32` ones). Without it, the rows of a 16×16 fragment 128 or 256 bytes apart all fall into
+/// the same banks and its loads serialise. Fragment starts stay 32-byte aligned, as `wmma` needs.
+pub const PAD_H: usize = 8;
+pub const PAD_F: usize = 4;
+
+/// Bytes of a `rows × cols` tile of `elem`-byte values with padded rows.
+fn tile_bytes(rows: usize, cols: usize, elem: usize) -> usize {
+    let pad = if elem == 4 { PAD_F } else { PAD_H };
+    rows * (cols + pad) * elem
+}
+
 /// Shared-memory bytes of the forward kernel.
-pub fn fwd_smem(l: &TiledLayout, elem: usize) -> usize {
+pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, bv) = (l.chunk, l.kp, l.bv);
-    let half_state = if l.tile.cmma { kp * bv * elem } else { 0 };
-    2 * c * kp * elem
-        + c * bv * elem
-        + c * c * (4 + elem)
-        + c * bv * 4
-        + kp * bv * 4
+    let half_state = if l.tile.cmma {
+        tile_bytes(kp, bv, e)
+    } else {
+        0
+    };
+    2 * tile_bytes(c, kp, e)
+        + tile_bytes(c, bv, e)
+        + tile_bytes(c, c, 4)
+        + tile_bytes(c, c, e)
+        + tile_bytes(c, bv, 4)
+        + tile_bytes(kp, bv, 4)
         + half_state
         + 8 * c
 }
 
 /// Shared-memory bytes of the `dq` kernel.
-pub fn dq_smem(l: &TiledLayout, elem: usize) -> usize {
+pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, vp, bk) = (l.chunk, l.vp, l.bk);
-    let half_state = if l.tile.cmma { bk * vp * elem } else { 0 };
-    c * bk * elem
-        + 2 * c * vp * elem
-        + c * c * (4 + elem)
-        + c * bk * 4
-        + bk * vp * 4
+    let half_state = if l.tile.cmma {
+        tile_bytes(bk, vp, e)
+    } else {
+        0
+    };
+    tile_bytes(c, bk, e)
+        + 2 * tile_bytes(c, vp, e)
+        + tile_bytes(c, c, 4)
+        + tile_bytes(c, c, e)
+        + tile_bytes(c, bk, 4)
+        + tile_bytes(bk, vp, 4)
         + half_state
         + 8 * c
 }
 
 /// Shared-memory bytes of the `dk`/`dv` kernel.
-pub fn dkv_smem(l: &TiledLayout, elem: usize) -> usize {
+pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, bv) = (l.chunk, l.kp, l.bv);
-    let half_state = if l.tile.cmma { kp * bv * elem } else { 0 };
-    2 * c * kp * elem
-        + 2 * c * bv * elem
-        + c * c * (4 + elem)
-        + c * bv * 4
-        + c * l.nb * 4
-        + kp * bv * 4
+    let half_state = if l.tile.cmma {
+        tile_bytes(kp, bv, e)
+    } else {
+        0
+    };
+    2 * tile_bytes(c, kp, e)
+        + 2 * tile_bytes(c, bv, e)
+        + tile_bytes(c, c, 4)
+        + tile_bytes(c, c, e)
+        + tile_bytes(c, bv, 4)
+        + tile_bytes(c, l.nb, 4)
+        + tile_bytes(kp, bv, 4)
         + half_state
         + 8 * c
 }
 
+/// A shared-memory tile of `rows × (cols + pad)` values.
+#[cube]
+fn tile_h<F: Float>(
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) -> SharedMemory<F> {
+    SharedMemory::<F>::new_aligned(comptime!(rows * (cols + l.ph)), 64usize)
+}
+
+#[cube]
+fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32> {
+    SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
+}
+
 /// Loads rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
-/// `[B·T, H, width]` tensor into a row-major `C × cols` tile; zeros outside the sequence or the
-/// tensor's columns.
+/// `[B·T, H, width]` tensor into a row-major `C × cols` tile (rows `ld` apart); zeros outside the
+/// sequence or the tensor's columns.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_tile<F: Float>(
@@ -154,25 +198,27 @@ fn load_tile<F: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
+    let ld = comptime!(cols + l.ph);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
         let e = unit + r * threads;
         if e < entries {
             let row = e / cols;
-            let col = col0 + e % cols;
+            let c = e % cols;
+            let col = col0 + c;
             let mut x = F::cast_from(0.0f32);
             if row < cl && col < width {
                 let tok = token_at(bos, len, p0 + row, l.reverse);
                 x = src[(tok * l.heads + h) * width + col];
             }
-            dst[e] = x;
+            dst[row * ld + c] = x;
         }
     }
 }
 
-/// Stores rows `< cl` of a row-major `C × cols` `f32` tile into columns `col0 ..` of a
-/// `[B·T, H, width]` tensor, converting to `O`.
+/// Stores rows `< cl` of a padded row-major `C × cols` `f32` tile into columns `col0 ..` of a
+/// `[B·T, H, width]` tensor starting at `offset`, converting to `O`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_tile<O: Float>(
@@ -191,16 +237,18 @@ fn store_tile<O: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
+    let ld = comptime!(cols + PAD_F);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
         let e = unit + r * threads;
         if e < entries {
             let row = e / cols;
-            let col = col0 + e % cols;
+            let c = e % cols;
+            let col = col0 + c;
             if row < cl && col < width {
                 let tok = token_at(bos, len, p0 + row, l.reverse);
-                dst[offset + (tok * l.heads + h) * width + col] = O::cast_from(src[e]);
+                dst[offset + (tok * l.heads + h) * width + col] = O::cast_from(src[row * ld + c]);
             }
         }
     }
@@ -249,8 +297,8 @@ fn cumulate_gates(gl: &SharedMemory<f32>, lam: &mut SharedMemory<f32>, #[comptim
     }
 }
 
-/// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal; when
-/// `transpose`, the entry is written at `[s, r]`.
+/// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal (both
+/// `C × C`, padded rows).
 #[cube]
 fn masked_decay<F: Float>(
     src: &SharedMemory<f32>,
@@ -261,6 +309,7 @@ fn masked_decay<F: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let c = comptime!(l.chunk);
+    let (lds, ldd) = comptime!((l.chunk + PAD_F, l.chunk + l.ph));
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!((c * c).div_ceil(threads)) {
@@ -270,18 +319,18 @@ fn masked_decay<F: Float>(
             let col = e % c;
             let mut x = 0.0f32;
             if col <= row {
-                x = src[e] * factor;
+                x = src[row * lds + col] * factor;
                 if comptime!(l.scalar_gate) {
                     x *= (lam[row] - lam[col]).exp();
                 }
             }
-            dst[e] = F::cast_from(x);
+            dst[row * ldd + col] = F::cast_from(x);
         }
     }
 }
 
-/// Scales row `r` of a row-major `C × cols` tile by `factor · exp(λ_r)` (`from_end = false`) or by
-/// `exp(λ_C − λ_r)` (`from_end`).
+/// Scales row `r` of a padded row-major `C × cols` tile by `factor · exp(λ_r)`
+/// (`from_end = false`) or by `factor · exp(λ_C − λ_r)` (`from_end`).
 #[cube]
 fn scale_rows<F: Float>(
     t: &mut SharedMemory<F>,
@@ -293,12 +342,14 @@ fn scale_rows<F: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
+    let ld = comptime!(cols + l.ph);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
         let e = unit + r * threads;
         if e < entries {
             let row = e / cols;
+            let i = row * ld + e % cols;
             let mut f = factor;
             if comptime!(l.scalar_gate) {
                 if comptime!(from_end) {
@@ -307,57 +358,64 @@ fn scale_rows<F: Float>(
                     f *= lam[row].exp();
                 }
             }
-            t[e] = F::cast_from(f32::cast_from(t[e]) * f);
+            t[i] = F::cast_from(f32::cast_from(t[i]) * f);
         }
     }
 }
 
-/// Multiplies an `f32` state tile by the chunk's decay `exp(λ_C)` and, with tensor cores, writes
-/// its copy in the input dtype (the operand of the next products).
+/// Multiplies a padded `rows × cols` `f32` state tile by the chunk's decay `exp(λ_C)`.
 #[cube]
-fn decay_state<F: Float>(
+fn decay_state(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
-    #[comptime] entries: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
 ) {
     if comptime!(l.scalar_gate) {
         let threads = comptime!(l.tile.threads());
+        let entries = comptime!(rows * cols);
+        let ld = comptime!(cols + PAD_F);
         let unit = UNIT_POS as usize;
         let f = lam[comptime!(l.chunk - 1)].exp();
         #[unroll]
         for r in 0..comptime!(entries.div_ceil(threads)) {
             let e = unit + r * threads;
             if e < entries {
-                s[e] *= f;
+                let i = (e / cols) * ld + e % cols;
+                s[i] *= f;
             }
         }
     }
 }
 
-/// The state's copy in the input dtype (tensor cores only).
+/// The state's copy in the input dtype, the operand of tensor-core products (none without them).
 #[cube]
 fn round_state<F: Float>(
     s: &SharedMemory<f32>,
     sh: &mut SharedMemory<F>,
-    #[comptime] entries: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
 ) {
     if comptime!(l.tile.cmma) {
         let threads = comptime!(l.tile.threads());
+        let entries = comptime!(rows * cols);
+        let (lds, ldh) = comptime!((cols + PAD_F, cols + l.ph));
         let unit = UNIT_POS as usize;
         #[unroll]
         for r in 0..comptime!(entries.div_ceil(threads)) {
             let e = unit + r * threads;
             if e < entries {
-                sh[e] = F::cast_from(s[e]);
+                let (row, col) = (e / cols, e % cols);
+                sh[row * ldh + col] = F::cast_from(s[row * lds + col]);
             }
         }
     }
 }
 
-/// Reads (`load`) or writes a state slice `[rows, cols]` at `(row0, col0)` of `[N, H, K, V]`;
-/// entries outside `K × V` read as 0.
+/// Reads (`load`) or writes a padded state slice `[rows, cols]` at `(row0, col0)` of
+/// `[N, H, K, V]`; entries outside `K × V` read as 0.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn state_io(
@@ -373,22 +431,24 @@ fn state_io(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(rows * cols);
+    let ld = comptime!(cols + PAD_F);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
         let e = unit + r * threads;
         if e < entries {
-            let i = row0 + e / cols;
-            let j = col0 + e % cols;
+            let (row, col) = (e / cols, e % cols);
+            let i = row0 + row;
+            let j = col0 + col;
             let inside = i < l.k && j < l.v;
             if comptime!(load) {
                 let mut x = 0.0f32;
                 if inside {
                     x = global[base + i * l.v + j];
                 }
-                s[e] = x;
+                s[row * ld + col] = x;
             } else if inside {
-                global[base + i * l.v + j] = s[e];
+                global[base + i * l.v + j] = s[row * ld + col];
             }
         }
     }
@@ -412,6 +472,9 @@ pub fn tiled_fwd_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    // Leading dimensions: input-dtype tiles (`h`) and f32 tiles (`f`).
+    let (kh, vh, ch) = comptime!((kp + l.ph, bv + l.ph, c + l.ph));
+    let (vf, cf) = comptime!((bv + PAD_F, c + PAD_F));
     let v0 = CUBE_POS_X as usize * bv;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -419,15 +482,14 @@ pub fn tiled_fwd_kernel<F: Float>(
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
 
-    let mut sq = SharedMemory::<F>::new_aligned(c * kp, 64usize);
-    let mut sk = SharedMemory::<F>::new_aligned(c * kp, 64usize);
-    let mut sv = SharedMemory::<F>::new_aligned(c * bv, 64usize);
-    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
-    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
-    let mut so = SharedMemory::<f32>::new_aligned(c * bv, 64usize);
-    let mut ss = SharedMemory::<f32>::new_aligned(kp * bv, 64usize);
-    let mut ssh =
-        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { kp * bv } else { 1 }), 64usize);
+    let mut sq = tile_h::<F>(c, kp, l);
+    let mut sk = tile_h::<F>(c, kp, l);
+    let mut sv = tile_h::<F>(c, bv, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
+    let mut so = tile_f(c, bv);
+    let mut ss = tile_f(kp, bv);
+    let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
 
@@ -446,7 +508,7 @@ pub fn tiled_fwd_kernel<F: Float>(
         load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, 0, l.k, kp, l);
         load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
-        round_state::<F>(&ss, &mut ssh, comptime!(kp * bv), l);
+        round_state::<F>(&ss, &mut ssh, kp, bv, l);
         sync_cube();
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ
@@ -457,7 +519,7 @@ pub fn tiled_fwd_kernel<F: Float>(
             0,
             &mut sa,
             0,
-            comptime!(nt(c, c, kp, kp, kp, c)),
+            comptime!(nt(c, c, kp, kh, kh, cf)),
             l.tile,
         );
         sync_cube();
@@ -472,49 +534,25 @@ pub fn tiled_fwd_kernel<F: Float>(
             0,
             &mut so,
             0,
-            comptime!(nn(c, bv, c, c, bv, bv)),
+            comptime!(nn(c, bv, c, ch, vh, vf)),
             l.tile,
         );
         sync_cube();
         if comptime!(l.tile.cmma) {
-            mma::<F, F>(
-                &sq,
-                0,
-                &ssh,
-                0,
-                &mut so,
-                0,
-                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
-                l.tile,
-            );
+            let s = comptime!(accum(nn(c, bv, kp, kh, vh, vf)));
+            mma::<F, F>(&sq, 0, &ssh, 0, &mut so, 0, s, l.tile);
         } else {
-            mma::<F, f32>(
-                &sq,
-                0,
-                &ss,
-                0,
-                &mut so,
-                0,
-                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
-                l.tile,
-            );
+            let s = comptime!(accum(nn(c, bv, kp, kh, vf, vf)));
+            mma::<F, f32>(&sq, 0, &ss, 0, &mut so, 0, s, l.tile);
         }
         sync_cube();
         store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
         scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
-        decay_state::<F>(&mut ss, &lam, comptime!(kp * bv), l);
+        decay_state(&mut ss, &lam, kp, bv, l);
         sync_cube();
         // S ← exp(λ_C) S + k̃ᵀ V
-        mma::<F, F>(
-            &sk,
-            0,
-            &sv,
-            0,
-            &mut ss,
-            0,
-            comptime!(accum(tn(kp, bv, c, kp, bv, bv))),
-            l.tile,
-        );
+        let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
+        mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
         sync_cube();
     }
 
@@ -540,6 +578,8 @@ pub fn tiled_dq_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
+    let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
+    let (bkf, vf, cf) = comptime!((bk + PAD_F, vp + PAD_F, c + PAD_F));
     let k0 = CUBE_POS_X as usize * bk;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -547,15 +587,14 @@ pub fn tiled_dq_kernel<F: Float>(
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
 
-    let mut sk = SharedMemory::<F>::new_aligned(c * bk, 64usize);
-    let mut sv = SharedMemory::<F>::new_aligned(c * vp, 64usize);
-    let mut sdo = SharedMemory::<F>::new_aligned(c * vp, 64usize);
-    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
-    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
-    let mut sdq = SharedMemory::<f32>::new_aligned(c * bk, 64usize);
-    let mut ss = SharedMemory::<f32>::new_aligned(bk * vp, 64usize);
-    let mut ssh =
-        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { bk * vp } else { 1 }), 64usize);
+    let mut sk = tile_h::<F>(c, bk, l);
+    let mut sv = tile_h::<F>(c, vp, l);
+    let mut sdo = tile_h::<F>(c, vp, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
+    let mut sdq = tile_f(c, bk);
+    let mut ss = tile_f(bk, vp);
+    let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { bk } else { 1 }), vp, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
 
@@ -576,7 +615,7 @@ pub fn tiled_dq_kernel<F: Float>(
         load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, 0, l.v, vp, l);
         load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, 0, l.v, vp, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
-        round_state::<F>(&ss, &mut ssh, comptime!(bk * vp), l);
+        round_state::<F>(&ss, &mut ssh, bk, vp, l);
         sync_cube();
         cumulate_gates(&gl, &mut lam, l);
         // dA = dO Vᵀ
@@ -587,7 +626,7 @@ pub fn tiled_dq_kernel<F: Float>(
             0,
             &mut sa,
             0,
-            comptime!(nt(c, c, vp, vp, vp, c)),
+            comptime!(nt(c, c, vp, vh, vh, cf)),
             l.tile,
         );
         sync_cube();
@@ -602,49 +641,25 @@ pub fn tiled_dq_kernel<F: Float>(
             0,
             &mut sdq,
             0,
-            comptime!(nn(c, bk, c, c, bk, bk)),
+            comptime!(nn(c, bk, c, ch, bkh, bkf)),
             l.tile,
         );
         sync_cube();
         if comptime!(l.tile.cmma) {
-            mma::<F, F>(
-                &sdo,
-                0,
-                &ssh,
-                0,
-                &mut sdq,
-                0,
-                comptime!(accum(nt(c, bk, vp, vp, vp, bk))),
-                l.tile,
-            );
+            let s = comptime!(accum(nt(c, bk, vp, vh, vh, bkf)));
+            mma::<F, F>(&sdo, 0, &ssh, 0, &mut sdq, 0, s, l.tile);
         } else {
-            mma::<F, f32>(
-                &sdo,
-                0,
-                &ss,
-                0,
-                &mut sdq,
-                0,
-                comptime!(accum(nt(c, bk, vp, vp, vp, bk))),
-                l.tile,
-            );
+            let s = comptime!(accum(nt(c, bk, vp, vh, vf, bkf)));
+            mma::<F, f32>(&sdo, 0, &ss, 0, &mut sdq, 0, s, l.tile);
         }
         sync_cube();
         store_tile::<f32>(&sdq, dq, 0, bos, len, p0, cl, h, k0, l.k, bk, l);
         scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
-        decay_state::<F>(&mut ss, &lam, comptime!(bk * vp), l);
+        decay_state(&mut ss, &lam, bk, vp, l);
         sync_cube();
         // S ← exp(λ_C) S + k̃ᵀ V
-        mma::<F, F>(
-            &sk,
-            0,
-            &sv,
-            0,
-            &mut ss,
-            0,
-            comptime!(accum(tn(bk, vp, c, bk, vp, vp))),
-            l.tile,
-        );
+        let s = comptime!(accum(tn(bk, vp, c, bkh, vh, vf)));
+        mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
         sync_cube();
     }
 }
@@ -672,6 +687,8 @@ pub fn tiled_dkv_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp, bv, nb) = comptime!((l.chunk, l.kp, l.bv, l.nb));
+    let (kh, vh, ch) = comptime!((kp + l.ph, bv + l.ph, c + l.ph));
+    let (vf, cf, nf) = comptime!((bv + PAD_F, c + PAD_F, nb + PAD_F));
     let v0 = CUBE_POS_X as usize * bv;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -681,17 +698,16 @@ pub fn tiled_dkv_kernel<F: Float>(
     // This cube's partial of dk: block `CUBE_POS_X` of `[blocks, B·T·H·K]`.
     let part = CUBE_POS_X as usize * dk_len as usize;
 
-    let mut sq = SharedMemory::<F>::new_aligned(c * kp, 64usize);
-    let mut sk = SharedMemory::<F>::new_aligned(c * kp, 64usize);
-    let mut sv = SharedMemory::<F>::new_aligned(c * bv, 64usize);
-    let mut sdo = SharedMemory::<F>::new_aligned(c * bv, 64usize);
-    let mut sa = SharedMemory::<f32>::new_aligned(c * c, 64usize);
-    let mut sah = SharedMemory::<F>::new_aligned(c * c, 64usize);
-    let mut sdv = SharedMemory::<f32>::new_aligned(c * bv, 64usize);
-    let mut sdk = SharedMemory::<f32>::new_aligned(c * nb, 64usize);
-    let mut sg = SharedMemory::<f32>::new_aligned(kp * bv, 64usize);
-    let mut sgh =
-        SharedMemory::<F>::new_aligned(comptime!(if l.tile.cmma { kp * bv } else { 1 }), 64usize);
+    let mut sq = tile_h::<F>(c, kp, l);
+    let mut sk = tile_h::<F>(c, kp, l);
+    let mut sv = tile_h::<F>(c, bv, l);
+    let mut sdo = tile_h::<F>(c, bv, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
+    let mut sdv = tile_f(c, bv);
+    let mut sdk = tile_f(c, nb);
+    let mut sg = tile_f(kp, bv);
+    let mut sgh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
 
@@ -710,7 +726,7 @@ pub fn tiled_dkv_kernel<F: Float>(
         load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
         load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, v0, l.v, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
-        round_state::<F>(&sg, &mut sgh, comptime!(kp * bv), l);
+        round_state::<F>(&sg, &mut sgh, kp, bv, l);
         sync_cube();
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ
@@ -721,7 +737,7 @@ pub fn tiled_dkv_kernel<F: Float>(
             0,
             &mut sa,
             0,
-            comptime!(nt(c, c, kp, kp, kp, c)),
+            comptime!(nt(c, c, kp, kh, kh, cf)),
             l.tile,
         );
         sync_cube();
@@ -736,7 +752,7 @@ pub fn tiled_dkv_kernel<F: Float>(
             0,
             &mut sdv,
             0,
-            comptime!(tn(c, bv, c, c, bv, bv)),
+            comptime!(tn(c, bv, c, ch, vh, vf)),
             l.tile,
         );
         mma::<F, F>(
@@ -746,32 +762,16 @@ pub fn tiled_dkv_kernel<F: Float>(
             0,
             &mut sa,
             0,
-            comptime!(nt(c, c, bv, bv, bv, c)),
+            comptime!(nt(c, c, bv, vh, vh, cf)),
             l.tile,
         );
         sync_cube();
         if comptime!(l.tile.cmma) {
-            mma::<F, F>(
-                &sk,
-                0,
-                &sgh,
-                0,
-                &mut sdv,
-                0,
-                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
-                l.tile,
-            );
+            let s = comptime!(accum(nn(c, bv, kp, kh, vh, vf)));
+            mma::<F, F>(&sk, 0, &sgh, 0, &mut sdv, 0, s, l.tile);
         } else {
-            mma::<F, f32>(
-                &sk,
-                0,
-                &sg,
-                0,
-                &mut sdv,
-                0,
-                comptime!(accum(nn(c, bv, kp, kp, bv, bv))),
-                l.tile,
-            );
+            let s = comptime!(accum(nn(c, bv, kp, kh, vf, vf)));
+            mma::<F, f32>(&sk, 0, &sg, 0, &mut sdv, 0, s, l.tile);
         }
         masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
         scale_rows::<F>(&mut sv, &lam, 1.0f32, bv, true, l);
@@ -781,58 +781,26 @@ pub fn tiled_dkv_kernel<F: Float>(
         #[unroll]
         for kb in 0..comptime!(kp / nb) {
             let col0 = kb * nb;
-            mma::<F, F>(
-                &sah,
-                0,
-                &sq,
-                col0,
-                &mut sdk,
-                0,
-                comptime!(tn(c, nb, c, c, kp, nb)),
-                l.tile,
-            );
+            let s = comptime!(tn(c, nb, c, ch, kh, nf));
+            mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
             sync_cube();
             if comptime!(l.tile.cmma) {
-                mma::<F, F>(
-                    &sv,
-                    0,
-                    &sgh,
-                    col0 * bv,
-                    &mut sdk,
-                    0,
-                    comptime!(accum(nt(c, nb, bv, bv, bv, nb))),
-                    l.tile,
-                );
+                let s = comptime!(accum(nt(c, nb, bv, vh, vh, nf)));
+                mma::<F, F>(&sv, 0, &sgh, col0 * vh, &mut sdk, 0, s, l.tile);
             } else {
-                mma::<F, f32>(
-                    &sv,
-                    0,
-                    &sg,
-                    col0 * bv,
-                    &mut sdk,
-                    0,
-                    comptime!(accum(nt(c, nb, bv, bv, bv, nb))),
-                    l.tile,
-                );
+                let s = comptime!(accum(nt(c, nb, bv, vh, vf, nf)));
+                mma::<F, f32>(&sv, 0, &sg, col0 * vf, &mut sdk, 0, s, l.tile);
             }
             sync_cube();
             store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
             sync_cube();
         }
         scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
-        decay_state::<F>(&mut sg, &lam, comptime!(kp * bv), l);
+        decay_state(&mut sg, &lam, kp, bv, l);
         sync_cube();
         // G ← exp(λ_C) G + q̃ᵀ dO
-        mma::<F, F>(
-            &sq,
-            0,
-            &sdo,
-            0,
-            &mut sg,
-            0,
-            comptime!(accum(tn(kp, bv, c, kp, bv, bv))),
-            l.tile,
-        );
+        let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
+        mma::<F, F>(&sq, 0, &sdo, 0, &mut sg, 0, s, l.tile);
         sync_cube();
     }
 

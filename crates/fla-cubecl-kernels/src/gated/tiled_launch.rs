@@ -60,8 +60,9 @@ pub fn tiled_layout<R: Runtime>(
     // kernel grows with the entries per unit: the most units per cube keep it small enough to
     // compile in seconds. A GPU does well with 8 planes.
     let planes = if cpu { 32 } else { 8 }.min(max_units / PLANE).max(1);
+    let planes = tuning("FLA_TILED_PLANES").unwrap_or(planes);
     let tile = TileConfig {
-        cmma: has_cmma(client, p.dtype),
+        cmma: has_cmma(client, p.dtype) && tuning("FLA_TILED_CMMA") != Some(0),
         planes,
         unroll: cpu,
     };
@@ -82,6 +83,7 @@ pub fn tiled_layout<R: Runtime>(
             bv: FRAG,
             bk: FRAG,
             nb: FRAG,
+            ph: 16 / elem,
             scalar_gate: p.gate == GateKind::Scalar,
             reverse: p.reverse,
             varlen: p.cu_seqlens.is_some(),
@@ -94,7 +96,8 @@ pub fn tiled_layout<R: Runtime>(
                 .into_iter()
                 .filter(move |&w| w <= limit.max(FRAG))
         };
-        let bv = widths(vp).find(|&bv| {
+        let bv_max = tuning("FLA_TILED_BV").unwrap_or(64);
+        let bv = widths(vp.min(bv_max)).find(|&bv| {
             let l = TiledLayout { bv, ..base };
             fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
         });
@@ -111,6 +114,12 @@ pub fn tiled_layout<R: Runtime>(
         c -= FRAG;
     }
     None
+}
+
+/// Tile-size overrides for benchmarking (`FLA_TILED_PLANES`, `FLA_TILED_BV`, `FLA_TILED_CMMA=0`):
+/// measurement aids, not a user setting; the defaults are what the measurements chose.
+fn tuning(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 fn cube_dim(l: &TiledLayout) -> CubeDim {
