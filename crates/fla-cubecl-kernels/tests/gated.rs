@@ -172,7 +172,10 @@ fn run_kernels<R: Runtime>(
 fn gate_tolerance(dtype: FloatDType) -> f64 {
     match dtype {
         FloatDType::F32 => 1e-3,
-        FloatDType::F16 | FloatDType::BF16 => 2e-2,
+        // The tiled chunk kernels take bf16 operands on tensor cores (the decayed `A`, the state,
+        // `q`, `k` scaled by their gates), as FLA's do: 3.2e-2 measured on CUDA at T = 200.
+        FloatDType::BF16 => 4e-2,
+        FloatDType::F16 => 2e-2,
     }
 }
 

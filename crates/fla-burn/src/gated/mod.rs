@@ -143,11 +143,12 @@ impl<B: GatedRecurrentBackend> StateOp<B> for GatedOptions {
 /// contract; they differ in speed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum GatedMode {
-    /// The form measured fastest for the call. Today that is the fused recurrent form everywhere:
-    /// the chunk kernels are plain-arithmetic (no tensor cores yet) and measured 4-8x slower
-    /// than the recurrent ones on an H100 (benches/results/h100-bf16-table.md). When a chunk
-    /// path beats it, `Auto` takes the chunk form for sequences longer than one chunk, as FLA's
-    /// layers do.
+    /// The form measured fastest for the call: the chunk form for scalar gates or none
+    /// (linear attention, retention, simple GLA) on sequences longer than one chunk, as FLA's
+    /// layers choose (its tiled tensor-core kernels measured 2.6-2.8x faster than the fused
+    /// recurrent ones on an H100, benches/results/README.md); the fused recurrent form for
+    /// decoding and short sequences, and for vector gates (GLA), whose chunk kernels are still
+    /// plain arithmetic and slower than the recurrent ones.
     #[default]
     Auto,
     /// One step at a time, the state on chip (best for decoding and short sequences).
@@ -162,8 +163,13 @@ pub const CHUNK_SIZE: usize = fla_cubecl_kernels::gated::DEFAULT_CHUNK;
 
 impl GatedMode {
     /// The form [`GatedMode::Auto`] stands for on this problem; explicit modes stay as they are.
-    pub fn resolve(self, _p: &GatedProblem) -> GatedMode {
+    pub fn resolve(self, p: &GatedProblem) -> GatedMode {
         match self {
+            GatedMode::Auto
+                if p.gate != GateKind::Vector && !p.value_gate && p.longest() > CHUNK_SIZE =>
+            {
+                GatedMode::Chunk
+            }
             GatedMode::Auto => GatedMode::FusedRecurrent,
             explicit => explicit,
         }
@@ -418,12 +424,31 @@ mod tests {
     #[test]
     fn auto_mode_takes_the_measured_fastest_form() {
         let auto = |p: &GatedProblem| GatedMode::Auto.resolve(p);
+        let scalar = |t: usize, cu: Option<Vec<usize>>| GatedProblem {
+            gate: GateKind::Scalar,
+            ..problem(t, cu, false)
+        };
+        // Vector gates: the recurrent form everywhere (their chunk kernels are slower).
         assert_eq!(auto(&problem(1, None, false)), GatedMode::FusedRecurrent);
         assert_eq!(auto(&problem(4096, None, false)), GatedMode::FusedRecurrent);
         assert_eq!(
             auto(&problem(400, Some(vec![0, 10, 400]), true)),
             GatedMode::FusedRecurrent
         );
+        // Scalar gates or none: chunks beyond one chunk (decided by the longest sequence).
+        assert_eq!(auto(&scalar(1, None)), GatedMode::FusedRecurrent);
+        assert_eq!(auto(&scalar(CHUNK_SIZE, None)), GatedMode::FusedRecurrent);
+        assert_eq!(auto(&scalar(CHUNK_SIZE + 1, None)), GatedMode::Chunk);
+        assert_eq!(auto(&scalar(4096, None)), GatedMode::Chunk);
+        assert_eq!(
+            auto(&scalar(100, Some(vec![0, 50, 100]))),
+            GatedMode::FusedRecurrent
+        );
+        let none = GatedProblem {
+            gate: GateKind::None,
+            ..problem(4096, None, false)
+        };
+        assert_eq!(auto(&none), GatedMode::Chunk);
         // Explicit modes are kept.
         let p = problem(4096, None, false);
         assert_eq!(

@@ -200,12 +200,19 @@ fn load_tile<F: Float>(
     let entries = comptime!(l.chunk * cols);
     let ld = comptime!(cols + l.ph);
     let unit = UNIT_POS as usize;
+    // Most tiles are as wide as a divisor of the cube: then each unit keeps one column and walks
+    // rows, and the index arithmetic per element is a few instructions (it dominated the kernel).
+    let fixed = comptime!(threads % cols == 0);
+    let row_step = comptime!(if fixed { threads / cols } else { 0 });
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < entries {
-            let row = e / cols;
-            let c = e % cols;
+        let mut row = (unit + r * threads) / cols;
+        let mut c = (unit + r * threads) % cols;
+        if comptime!(fixed) {
+            row = unit / cols + r * row_step;
+            c = unit % cols;
+        }
+        if row < l.chunk {
             let col = col0 + c;
             let mut x = F::cast_from(0.0f32);
             if row < cl && col < width {
@@ -239,17 +246,20 @@ fn store_tile<O: Float>(
     let entries = comptime!(l.chunk * cols);
     let ld = comptime!(cols + PAD_F);
     let unit = UNIT_POS as usize;
+    let fixed = comptime!(threads % cols == 0);
+    let row_step = comptime!(if fixed { threads / cols } else { 0 });
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < entries {
-            let row = e / cols;
-            let c = e % cols;
-            let col = col0 + c;
-            if row < cl && col < width {
-                let tok = token_at(bos, len, p0 + row, l.reverse);
-                dst[offset + (tok * l.heads + h) * width + col] = O::cast_from(src[row * ld + c]);
-            }
+        let mut row = (unit + r * threads) / cols;
+        let mut c = (unit + r * threads) % cols;
+        if comptime!(fixed) {
+            row = unit / cols + r * row_step;
+            c = unit % cols;
+        }
+        let col = col0 + c;
+        if row < cl && col < width {
+            let tok = token_at(bos, len, p0 + row, l.reverse);
+            dst[offset + (tok * l.heads + h) * width + col] = O::cast_from(src[row * ld + c]);
         }
     }
 }
@@ -455,7 +465,7 @@ fn state_io(
 }
 
 /// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_fwd_kernel<F: Float>(
     q: &Array<F>,
@@ -562,7 +572,7 @@ pub fn tiled_fwd_kernel<F: Float>(
 }
 
 /// Backward, `dq` (as an `f32` buffer `[B·T, H, K]`). Cubes `(key block, head, sequence)`.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dq_kernel<F: Float>(
     k: &Array<F>,
@@ -666,7 +676,7 @@ pub fn tiled_dq_kernel<F: Float>(
 
 /// Backward, `dv`, the value block's partial of `dk` (`f32`, `[blocks, B·T, H, K]`) and `dh0`.
 /// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dkv_kernel<F: Float>(
     q: &Array<F>,
