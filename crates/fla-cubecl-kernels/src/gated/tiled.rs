@@ -178,14 +178,16 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
-/// Loads rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
-/// `[B·T, H, width]` tensor into a row-major `C × cols` tile (rows `ld` apart); zeros outside the
-/// sequence or the tensor's columns.
+/// Fetches rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
+/// `[B·T, H, width]` tensor into this unit's registers (zeros outside the sequence or the
+/// tensor's columns); [`stage_tile`] then writes them to a padded row-major `C × cols` tile.
+/// Fetching the next chunk before computing the current one keeps the loads in flight during
+/// the products instead of stalling on them after each barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_tile<F: Float>(
+fn fetch_tile<F: Float>(
     src: &Array<F>,
-    dst: &mut SharedMemory<F>,
+    regs: &mut Array<F>,
     bos: usize,
     len: usize,
     p0: usize,
@@ -198,7 +200,6 @@ fn load_tile<F: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
-    let ld = comptime!(cols + l.ph);
     let unit = UNIT_POS as usize;
     // Most tiles are as wide as a divisor of the cube: then each unit keeps one column and walks
     // rows, and the index arithmetic per element is a few instructions (it dominated the kernel).
@@ -212,16 +213,47 @@ fn load_tile<F: Float>(
             row = unit / cols + r * row_step;
             c = unit % cols;
         }
+        let col = col0 + c;
+        let mut x = F::cast_from(0.0f32);
+        if row < cl && col < width {
+            let tok = token_at(bos, len, p0 + row, l.reverse);
+            x = src[(tok * l.heads + h) * width + col];
+        }
+        regs[r] = x;
+    }
+}
+
+/// Writes what [`fetch_tile`] fetched into the tile.
+#[cube]
+fn stage_tile<F: Float>(
+    regs: &Array<F>,
+    dst: &mut SharedMemory<F>,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(l.chunk * cols);
+    let ld = comptime!(cols + l.ph);
+    let unit = UNIT_POS as usize;
+    let fixed = comptime!(threads % cols == 0);
+    let row_step = comptime!(if fixed { threads / cols } else { 0 });
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let mut row = (unit + r * threads) / cols;
+        let mut c = (unit + r * threads) % cols;
+        if comptime!(fixed) {
+            row = unit / cols + r * row_step;
+            c = unit % cols;
+        }
         if row < l.chunk {
-            let col = col0 + c;
-            let mut x = F::cast_from(0.0f32);
-            if row < cl && col < width {
-                let tok = token_at(bos, len, p0 + row, l.reverse);
-                x = src[(tok * l.heads + h) * width + col];
-            }
-            dst[row * ld + c] = x;
+            dst[row * ld + c] = regs[r];
         }
     }
+}
+
+/// Registers one unit needs for a `C × cols` tile.
+pub fn tile_regs(l: &TiledLayout, cols: usize) -> usize {
+    (l.chunk * cols).div_ceil(l.tile.threads())
 }
 
 /// Stores rows `< cl` of a padded row-major `C × cols` `f32` tile into columns `col0 ..` of a
@@ -507,19 +539,39 @@ pub fn tiled_fwd_kernel<F: Float>(
     let first_row = comptime!(if l.has_h0 { 0 } else { l.k });
     state_io(&mut ss, h0, base, first_row, v0, kp, bv, true, l);
 
+    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let chunks = len.div_ceil(c);
+    let mut cl = len;
+    if cl > c {
+        cl = c;
+    }
+    fetch_tile::<F>(q, &mut rq, bos, len, 0, cl, h, 0, l.k, kp, l);
+    fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, 0, l.k, kp, l);
+    fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, v0, l.v, bv, l);
     for ci in 0..chunks {
         let p0 = ci * c;
         let mut cl = len - p0;
         if cl > c {
             cl = c;
         }
-        load_tile::<F>(q, &mut sq, bos, len, p0, cl, h, 0, l.k, kp, l);
-        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, 0, l.k, kp, l);
-        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
+        stage_tile::<F>(&rq, &mut sq, kp, l);
+        stage_tile::<F>(&rk, &mut sk, kp, l);
+        stage_tile::<F>(&rv, &mut sv, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         round_state::<F>(&ss, &mut ssh, kp, bv, l);
         sync_cube();
+        if ci + 1 < chunks {
+            let p1 = p0 + c;
+            let mut cl1 = len - p1;
+            if cl1 > c {
+                cl1 = c;
+            }
+            fetch_tile::<F>(q, &mut rq, bos, len, p1, cl1, h, 0, l.k, kp, l);
+            fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, 0, l.k, kp, l);
+            fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
+        }
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ
         mma::<F, F>(
@@ -614,19 +666,39 @@ pub fn tiled_dq_kernel<F: Float>(
     }
     state_io(&mut ss, h0, base, first_row, 0, bk, vp, true, l);
 
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, bk)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
+    let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let chunks = len.div_ceil(c);
+    let mut cl = len;
+    if cl > c {
+        cl = c;
+    }
+    fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
+    fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
+    fetch_tile::<F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
     for ci in 0..chunks {
         let p0 = ci * c;
         let mut cl = len - p0;
         if cl > c {
             cl = c;
         }
-        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, k0, l.k, bk, l);
-        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, 0, l.v, vp, l);
-        load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, 0, l.v, vp, l);
+        stage_tile::<F>(&rk, &mut sk, bk, l);
+        stage_tile::<F>(&rv, &mut sv, vp, l);
+        stage_tile::<F>(&rdo, &mut sdo, vp, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         round_state::<F>(&ss, &mut ssh, bk, vp, l);
         sync_cube();
+        if ci + 1 < chunks {
+            let p1 = p0 + c;
+            let mut cl1 = len - p1;
+            if cl1 > c {
+                cl1 = c;
+            }
+            fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
+            fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
+            fetch_tile::<F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
+        }
         cumulate_gates(&gl, &mut lam, l);
         // dA = dO Vᵀ
         mma::<F, F>(
@@ -724,20 +796,42 @@ pub fn tiled_dkv_kernel<F: Float>(
     let first_row = comptime!(if has_dht { 0 } else { l.k });
     state_io(&mut sg, d_ht, base, first_row, v0, kp, bv, true, l);
 
+    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+    let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let chunks = len.div_ceil(c);
+    // The last chunk first: it starts at (chunks − 1)·C and holds the rest.
+    let mut plast = 0;
+    if chunks > 0 {
+        plast = (chunks - 1) * c;
+    }
+    let cl_last = len - plast;
+    fetch_tile::<F>(q, &mut rq, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+    fetch_tile::<F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+    fetch_tile::<F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+    fetch_tile::<F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
     for cr in 0..chunks {
         let p0 = (chunks - 1 - cr) * c;
         let mut cl = len - p0;
         if cl > c {
             cl = c;
         }
-        load_tile::<F>(q, &mut sq, bos, len, p0, cl, h, 0, l.k, kp, l);
-        load_tile::<F>(k, &mut sk, bos, len, p0, cl, h, 0, l.k, kp, l);
-        load_tile::<F>(v, &mut sv, bos, len, p0, cl, h, v0, l.v, bv, l);
-        load_tile::<F>(d_o, &mut sdo, bos, len, p0, cl, h, v0, l.v, bv, l);
+        stage_tile::<F>(&rq, &mut sq, kp, l);
+        stage_tile::<F>(&rk, &mut sk, kp, l);
+        stage_tile::<F>(&rv, &mut sv, bv, l);
+        stage_tile::<F>(&rdo, &mut sdo, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         round_state::<F>(&sg, &mut sgh, kp, bv, l);
         sync_cube();
+        if cr + 1 < chunks {
+            // Every chunk before the last is full.
+            let p1 = p0 - c;
+            fetch_tile::<F>(q, &mut rq, bos, len, p1, c, h, 0, l.k, kp, l);
+            fetch_tile::<F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
+            fetch_tile::<F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
+            fetch_tile::<F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
+        }
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ
         mma::<F, F>(
