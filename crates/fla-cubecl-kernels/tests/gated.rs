@@ -788,7 +788,7 @@ fn expect_kernel_choice<R: Runtime>(
     size: usize,
 ) {
     let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, size);
-    let tiled = variant != Variant::Gla && size % 16 == 0;
+    let tiled = variant != Variant::Gla && size.is_multiple_of(16);
     assert_eq!(l.is_some(), tiled, "{variant:?} at chunk {size}: {l:?}");
     if let Some(l) = l {
         assert!(l.chunk <= size && l.chunk % 16 == 0);

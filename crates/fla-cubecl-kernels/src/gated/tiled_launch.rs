@@ -49,7 +49,7 @@ pub fn tiled_layout<R: Runtime>(
     p: &GatedProblem,
     chunk: usize,
 ) -> Option<TiledLayout> {
-    if p.gate == GateKind::Vector || p.value_gate || chunk % FRAG != 0 || chunk == 0 {
+    if p.gate == GateKind::Vector || p.value_gate || !chunk.is_multiple_of(FRAG) || chunk == 0 {
         return None;
     }
     let props = client.properties();
