@@ -19,9 +19,12 @@ use crate::FloatDType;
 /// Largest chunk the tiled kernels take (shared memory grows with its square).
 const MAX_TILED_CHUNK: usize = 64;
 
-/// Whether the device runs 16×16×16 tensor-core products of `dtype` into `f32`.
+/// Whether the tiled kernels run 16×16×16 tensor-core products of `dtype` into `f32` on this
+/// device. CUDA only for now: Vulkan reports cooperative matrices too, but the tiled kernels'
+/// `cmma` path has been tested on CUDA alone (an H100), so wgpu takes the plain path, which CI
+/// tests on lavapipe, until it is tested there as well.
 pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
-    if dtype == FloatDType::F32 {
+    if dtype == FloatDType::F32 || !R::name(client).contains("cuda") {
         return false;
     }
     let f32_type = FloatDType::F32.storage();
