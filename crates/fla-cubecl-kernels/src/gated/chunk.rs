@@ -63,16 +63,16 @@ pub fn chunk_place(
     let p0 = chunks[2 * j + 1] as usize * c.chunk;
     let bos = seq_start(cu_seqlens, n, seq_len, c.rec.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, c.rec.varlen);
-    (bos, len, p0, chunk_len(len, p0, c))
+    (bos, len, p0, chunk_len(len, p0, c.chunk))
 }
 
 /// Positions of chunk starting at `p0` in a sequence of `len`.
 #[cube]
-pub fn chunk_len(len: usize, p0: usize, #[comptime] c: ChunkLayout) -> usize {
+pub fn chunk_len(len: usize, p0: usize, #[comptime] chunk: usize) -> usize {
     let rest = len - p0;
     let mut cl = rest;
-    if rest > c.chunk {
-        cl = c.chunk;
+    if rest > chunk {
+        cl = chunk;
     }
     cl
 }
@@ -189,7 +189,7 @@ pub fn chunk_state_kernel<F: Float>(
             ci = nc - 1 - step;
         }
         let p0 = ci * c.chunk;
-        let cl = chunk_len(len, p0, c);
+        let cl = chunk_len(len, p0, c.chunk);
         let out_base = ((first + ci) * c.rec.heads + h) * c.rec.k * c.rec.v;
         let last_tok = token_at(bos, len, p0 + cl - 1, c.rec.reverse);
         if comptime!(c.gated()) {

@@ -323,6 +323,21 @@ pub fn recurrent_backward<R: Runtime>(
         p.dtype.storage(),
     );
 
+    let key_term = finalize_qk_grads(client, p, &b, (&dq_part, nv), (&dk_part, nv));
+    gate_gradients(client, p, &b, key_term.as_ref(), c, (&cu, cu_len))
+}
+
+/// Sums the `f32` partials of `dq` and `dk` (`q_blocks` and `k_blocks` of `[B·T, H, K]` each)
+/// into `b.dq`, `b.dk`; for a key gate also returns the identity's term `q ∘ dq − k ∘ dk`.
+pub(crate) fn finalize_qk_grads<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: &BackwardBuffers<'_>,
+    (dq_part, q_blocks): (&Handle, usize),
+    (dk_part, k_blocks): (&Handle, usize),
+) -> Option<Handle> {
+    let qk = p.tokens() * p.heads * p.k_dim;
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
     qk_grad_finalize_kernel::launch::<R>(
         client,
@@ -330,19 +345,18 @@ pub fn recurrent_backward<R: Runtime>(
         CubeDim::new_1d(ELEMWISE_THREADS),
         array(b.q, qk),
         array(b.k, qk),
-        array(&dq_part, nv * qk),
-        array(&dk_part, nv * qk),
+        array(dq_part, q_blocks * qk),
+        array(dk_part, k_blocks * qk),
         array(b.dq, qk),
         array(b.dk, qk),
         array(key_term.as_ref().unwrap_or(&dummy), qk),
         qk as u32,
-        nv,
-        nv,
+        q_blocks,
+        k_blocks,
         key_term.is_some(),
         p.dtype.storage(),
     );
-
-    gate_gradients(client, p, &b, key_term.as_ref(), c, (&cu, cu_len))
+    key_term
 }
 
 /// The gate gradients from the identity of MATH.md: `key_term` holds `q ∘ dq − k ∘ dk` per token
@@ -646,9 +660,6 @@ pub fn chunk_forward<R: Runtime>(
     b: ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_forward(client, p, &b)?;
-    if chunk == 0 {
-        return Err(KernelError::InvalidProblem("chunk size 0".into()));
-    }
     if let Some(l) = tiled_layout(client, p, chunk) {
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         tiled_forward(client, p, l, &b, (&cu, cu_len));
@@ -692,9 +703,6 @@ pub fn chunk_backward<R: Runtime>(
     } else {
         None
     };
-    if chunk == 0 {
-        return Err(KernelError::InvalidProblem("chunk size 0".into()));
-    }
     if let Some(l) = tiled_layout(client, p, chunk) {
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         let key_term = tiled_backward(client, p, l, &b, (&cu, cu_len))?;

@@ -25,6 +25,7 @@
 
 use cubecl::prelude::*;
 
+use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
 use crate::tile::{mma, MmaShape, TileConfig};
 
@@ -178,6 +179,23 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
+/// Row and column of the `r`-th entry of a `C × cols` tile that this unit handles (entries
+/// `unit + r · threads` in row-major order). Most tiles are as wide as a divisor of the cube:
+/// then each unit keeps one column and walks rows, and the index arithmetic per element is a few
+/// instructions (it dominated the kernel). Rows past `C` mean "no entry".
+#[cube]
+fn tile_entry(r: usize, #[comptime] cols: usize, #[comptime] l: TiledLayout) -> (usize, usize) {
+    let threads = comptime!(l.tile.threads());
+    let unit = UNIT_POS as usize;
+    let mut row = (unit + r * threads) / cols;
+    let mut col = (unit + r * threads) % cols;
+    if comptime!(threads % cols == 0) {
+        row = unit / cols + r * comptime!(threads / cols);
+        col = unit % cols;
+    }
+    (row, col)
+}
+
 /// Fetches rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
 /// `[B·T, H, width]` tensor into this unit's registers (zeros outside the sequence or the
 /// tensor's columns); [`stage_tile`] then writes them to a padded row-major `C × cols` tile.
@@ -200,19 +218,9 @@ fn fetch_tile<F: Float>(
 ) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
-    let unit = UNIT_POS as usize;
-    // Most tiles are as wide as a divisor of the cube: then each unit keeps one column and walks
-    // rows, and the index arithmetic per element is a few instructions (it dominated the kernel).
-    let fixed = comptime!(threads % cols == 0);
-    let row_step = comptime!(if fixed { threads / cols } else { 0 });
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let mut row = (unit + r * threads) / cols;
-        let mut c = (unit + r * threads) % cols;
-        if comptime!(fixed) {
-            row = unit / cols + r * row_step;
-            c = unit % cols;
-        }
+        let (row, c) = tile_entry(r, cols, l);
         let col = col0 + c;
         let mut x = F::cast_from(0.0f32);
         if row < cl && col < width {
@@ -234,17 +242,9 @@ fn stage_tile<F: Float>(
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
     let ld = comptime!(cols + l.ph);
-    let unit = UNIT_POS as usize;
-    let fixed = comptime!(threads % cols == 0);
-    let row_step = comptime!(if fixed { threads / cols } else { 0 });
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let mut row = (unit + r * threads) / cols;
-        let mut c = (unit + r * threads) % cols;
-        if comptime!(fixed) {
-            row = unit / cols + r * row_step;
-            c = unit % cols;
-        }
+        let (row, c) = tile_entry(r, cols, l);
         if row < l.chunk {
             dst[row * ld + c] = regs[r];
         }
@@ -277,17 +277,9 @@ fn store_tile<O: Float>(
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
     let ld = comptime!(cols + PAD_F);
-    let unit = UNIT_POS as usize;
-    let fixed = comptime!(threads % cols == 0);
-    let row_step = comptime!(if fixed { threads / cols } else { 0 });
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let mut row = (unit + r * threads) / cols;
-        let mut c = (unit + r * threads) % cols;
-        if comptime!(fixed) {
-            row = unit / cols + r * row_step;
-            c = unit % cols;
-        }
+        let (row, c) = tile_entry(r, cols, l);
         let col = col0 + c;
         if row < cl && col < width {
             let tok = token_at(bos, len, p0 + row, l.reverse);
@@ -496,6 +488,33 @@ fn state_io(
     }
 }
 
+/// `out (+)= A · S` (or `A · Sᵀ` with `s.b_col`) for a padded `rows × cols` state tile from row
+/// `row0` on: on tensor cores its copy in the input dtype `sh` (they take no `f32` operand), in
+/// plain arithmetic the `f32` tile `sf` itself. `s.ldb` is set here from `cols`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_state<F: Float>(
+    a: &SharedMemory<F>,
+    sf: &SharedMemory<f32>,
+    sh: &SharedMemory<F>,
+    row0: usize,
+    out: &mut SharedMemory<f32>,
+    out_off: usize,
+    #[comptime] s: MmaShape,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.tile.cmma) {
+        let ld = comptime!(cols + l.ph);
+        let s = comptime!(MmaShape { ldb: ld, ..s });
+        mma::<F, F>(a, 0, sh, row0 * ld, out, out_off, s, l.tile);
+    } else {
+        let ld = comptime!(cols + PAD_F);
+        let s = comptime!(MmaShape { ldb: ld, ..s });
+        mma::<F, f32>(a, 0, sf, row0 * ld, out, out_off, s, l.tile);
+    }
+}
+
 /// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -543,19 +562,13 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let chunks = len.div_ceil(c);
-    let mut cl = len;
-    if cl > c {
-        cl = c;
-    }
+    let cl = chunk_len(len, 0, c);
     fetch_tile::<F>(q, &mut rq, bos, len, 0, cl, h, 0, l.k, kp, l);
     fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, 0, l.k, kp, l);
     fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, v0, l.v, bv, l);
     for ci in 0..chunks {
         let p0 = ci * c;
-        let mut cl = len - p0;
-        if cl > c {
-            cl = c;
-        }
+        let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rq, &mut sq, kp, l);
         stage_tile::<F>(&rk, &mut sk, kp, l);
         stage_tile::<F>(&rv, &mut sv, bv, l);
@@ -564,10 +577,7 @@ pub fn tiled_fwd_kernel<F: Float>(
         sync_cube();
         if ci + 1 < chunks {
             let p1 = p0 + c;
-            let mut cl1 = len - p1;
-            if cl1 > c {
-                cl1 = c;
-            }
+            let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F>(q, &mut rq, bos, len, p1, cl1, h, 0, l.k, kp, l);
             fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, 0, l.k, kp, l);
             fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
@@ -600,13 +610,8 @@ pub fn tiled_fwd_kernel<F: Float>(
             l.tile,
         );
         sync_cube();
-        if comptime!(l.tile.cmma) {
-            let s = comptime!(accum(nn(c, bv, kp, kh, vh, vf)));
-            mma::<F, F>(&sq, 0, &ssh, 0, &mut so, 0, s, l.tile);
-        } else {
-            let s = comptime!(accum(nn(c, bv, kp, kh, vf, vf)));
-            mma::<F, f32>(&sq, 0, &ss, 0, &mut so, 0, s, l.tile);
-        }
+        let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
+        mma_state::<F>(&sq, &ss, &ssh, 0, &mut so, 0, s, bv, l);
         sync_cube();
         store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
         scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
@@ -670,19 +675,13 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let chunks = len.div_ceil(c);
-    let mut cl = len;
-    if cl > c {
-        cl = c;
-    }
+    let cl = chunk_len(len, 0, c);
     fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
     fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
     fetch_tile::<F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
     for ci in 0..chunks {
         let p0 = ci * c;
-        let mut cl = len - p0;
-        if cl > c {
-            cl = c;
-        }
+        let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rk, &mut sk, bk, l);
         stage_tile::<F>(&rv, &mut sv, vp, l);
         stage_tile::<F>(&rdo, &mut sdo, vp, l);
@@ -691,10 +690,7 @@ pub fn tiled_dq_kernel<F: Float>(
         sync_cube();
         if ci + 1 < chunks {
             let p1 = p0 + c;
-            let mut cl1 = len - p1;
-            if cl1 > c {
-                cl1 = c;
-            }
+            let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
             fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
             fetch_tile::<F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
@@ -727,13 +723,8 @@ pub fn tiled_dq_kernel<F: Float>(
             l.tile,
         );
         sync_cube();
-        if comptime!(l.tile.cmma) {
-            let s = comptime!(accum(nt(c, bk, vp, vh, vh, bkf)));
-            mma::<F, F>(&sdo, 0, &ssh, 0, &mut sdq, 0, s, l.tile);
-        } else {
-            let s = comptime!(accum(nt(c, bk, vp, vh, vf, bkf)));
-            mma::<F, f32>(&sdo, 0, &ss, 0, &mut sdq, 0, s, l.tile);
-        }
+        let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
+        mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
         sync_cube();
         store_tile::<f32>(&sdq, dq, 0, bos, len, p0, cl, h, k0, l.k, bk, l);
         scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
@@ -813,10 +804,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     fetch_tile::<F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
     for cr in 0..chunks {
         let p0 = (chunks - 1 - cr) * c;
-        let mut cl = len - p0;
-        if cl > c {
-            cl = c;
-        }
+        let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rq, &mut sq, kp, l);
         stage_tile::<F>(&rk, &mut sk, kp, l);
         stage_tile::<F>(&rv, &mut sv, bv, l);
@@ -870,13 +858,8 @@ pub fn tiled_dkv_kernel<F: Float>(
             l.tile,
         );
         sync_cube();
-        if comptime!(l.tile.cmma) {
-            let s = comptime!(accum(nn(c, bv, kp, kh, vh, vf)));
-            mma::<F, F>(&sk, 0, &sgh, 0, &mut sdv, 0, s, l.tile);
-        } else {
-            let s = comptime!(accum(nn(c, bv, kp, kh, vf, vf)));
-            mma::<F, f32>(&sk, 0, &sg, 0, &mut sdv, 0, s, l.tile);
-        }
+        let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
+        mma_state::<F>(&sk, &sg, &sgh, 0, &mut sdv, 0, s, bv, l);
         masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
         scale_rows::<F>(&mut sv, &lam, 1.0f32, bv, true, l);
         sync_cube();
@@ -888,13 +871,8 @@ pub fn tiled_dkv_kernel<F: Float>(
             let s = comptime!(tn(c, nb, c, ch, kh, nf));
             mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
             sync_cube();
-            if comptime!(l.tile.cmma) {
-                let s = comptime!(accum(nt(c, nb, bv, vh, vh, nf)));
-                mma::<F, F>(&sv, 0, &sgh, col0 * vh, &mut sdk, 0, s, l.tile);
-            } else {
-                let s = comptime!(accum(nt(c, nb, bv, vh, vf, nf)));
-                mma::<F, f32>(&sv, 0, &sg, col0 * vf, &mut sdk, 0, s, l.tile);
-            }
+            let s = comptime!(accum(nt(c, nb, bv, vh, 0, nf)));
+            mma_state::<F>(&sv, &sg, &sgh, col0, &mut sdk, 0, s, bv, l);
             sync_cube();
             store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
             sync_cube();

@@ -6,9 +6,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::launch::{
-    array, elementwise_grid, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers, ELEMWISE_THREADS,
+    array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
-use super::recurrent_bwd::qk_grad_finalize_kernel;
 use super::tiled::{
     dkv_smem, dq_smem, fwd_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, TiledLayout,
 };
@@ -237,23 +236,6 @@ pub(crate) fn tiled_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
-    qk_grad_finalize_kernel::launch::<R>(
-        client,
-        elementwise_grid(qk),
-        CubeDim::new_1d(ELEMWISE_THREADS),
-        array(b.q, qk),
-        array(b.k, qk),
-        array(&dq_part, qk),
-        array(&dk_part, nv * qk),
-        array(b.dq, qk),
-        array(b.dk, qk),
-        array(key_term.as_ref().unwrap_or(&dummy), qk),
-        qk as u32,
-        1,
-        nv,
-        key_term.is_some(),
-        p.dtype.storage(),
-    );
+    let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, nv));
     Ok(key_term)
 }
