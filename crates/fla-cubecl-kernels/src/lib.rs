@@ -12,6 +12,7 @@
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
 
+pub mod attn;
 pub mod delta;
 pub mod dtype;
 pub mod error;

@@ -285,3 +285,43 @@ impl DeltaCase {
         )
     }
 }
+
+use crate::attn::naive::{self as attn_naive, AttnForward, AttnGrads};
+use crate::attn::AttnProblem;
+
+/// Random `q, k, v` and `d_o` for one attention problem, rounded to its dtype.
+#[derive(Debug, Clone)]
+pub struct AttnCase {
+    pub p: AttnProblem,
+    pub q: Vec<f64>,
+    pub k: Vec<f64>,
+    pub v: Vec<f64>,
+    pub d_o: Vec<f64>,
+}
+
+impl AttnCase {
+    /// Draws a case; `spread` scales `q` and `k` (1: scores of unit variance; larger values make
+    /// peaked softmax rows, where the running maximum matters).
+    pub fn new(p: AttnProblem, spread: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let dt = p.dtype;
+        let (nq, nk, nv, no, _) = p.lens();
+        let mut scaled = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| round_to(dt, spread * rng.normal()))
+                .collect()
+        };
+        let q = scaled(nq);
+        let k = scaled(nk);
+        let v = rng.normals(nv, dt);
+        let d_o = rng.normals(no, dt);
+        AttnCase { p, q, k, v, d_o }
+    }
+
+    pub fn reference(&self) -> (AttnForward, AttnGrads) {
+        (
+            attn_naive::forward(&self.p, &self.q, &self.k, &self.v),
+            attn_naive::backward(&self.p, &self.q, &self.k, &self.v, &self.d_o),
+        )
+    }
+}

@@ -9,7 +9,7 @@
 //! - `simple_gla` (Mamba2/SSD form): [`GateKind::Scalar`], `g: [B, T, H]`;
 //! - `gla`: [`GateKind::Vector`], `gk: [B, T, H, K]`, optionally a value gate `gv: [B, T, H, V]`.
 
-mod chunk;
+pub(crate) mod chunk;
 mod launch;
 pub mod naive;
 pub(crate) mod recurrent_bwd;

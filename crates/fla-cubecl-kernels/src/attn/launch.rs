@@ -1,0 +1,263 @@
+//! Host side of the attention kernels: tile sizes from the device's limits, the launches.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::kernels::{
+    attn_delta_kernel, attn_dkv_kernel, attn_dq_kernel, attn_fwd_kernel, dkv_smem, dq_smem,
+    fwd_smem, AttnLayout,
+};
+use super::AttnProblem;
+use crate::gated::{
+    array, elementwise_grid, has_cmma, is_cpu_vulkan, upload_cu_seqlens, ELEMWISE_THREADS,
+};
+use crate::tile::{TileConfig, FRAG, PLANE};
+use crate::KernelError;
+
+/// Device buffers of a forward call: `q: [B·T_q, H, K]`, `k: [B·T_k, HK, K]`,
+/// `v: [B·T_k, HK, V]` in the problem's dtype; outputs `o: [B·T_q, H, V]` (same dtype) and
+/// `lse: [B·T_q, H]` (`f32`, what the backward reads).
+pub struct AttnForwardBuffers<'a> {
+    pub q: &'a Handle,
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub o: &'a Handle,
+    pub lse: &'a Handle,
+}
+
+/// Device buffers of a backward call: the forward's inputs and outputs, `d_o`, and the gradients
+/// (each shaped like its input), written in full.
+pub struct AttnBackwardBuffers<'a> {
+    pub q: &'a Handle,
+    pub k: &'a Handle,
+    pub v: &'a Handle,
+    pub o: &'a Handle,
+    pub lse: &'a Handle,
+    pub d_o: &'a Handle,
+    pub dq: &'a Handle,
+    pub dk: &'a Handle,
+    pub dv: &'a Handle,
+}
+
+/// The three tiled kernels, each with its own tile sizes (their shared memory differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    Forward,
+    Dq,
+    Dkv,
+}
+
+/// Tile sizes for `kernel` on this device: the largest blocks, then the widest head-dimension
+/// chunks, that fit its shared memory. [`KernelError::DeviceLimit`] when nothing fits.
+pub fn attn_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+    kernel: AttnKernel,
+) -> Result<AttnLayout, KernelError> {
+    let props = client.properties();
+    let max_smem = props.hardware.max_shared_memory_size;
+    let max_units = props.hardware.max_units_per_cube as usize;
+    let cpu = is_cpu_vulkan(client);
+    // 8 planes: each of a 64×64 score block's 16 fragments goes to a plane twice. On lavapipe,
+    // where inner loops are unrolled, the same 256 units keep the code small.
+    let planes = tuning("FLA_ATTN_PLANES")
+        .unwrap_or(8)
+        .min(max_units / PLANE)
+        .max(1);
+    let tile = TileConfig {
+        cmma: has_cmma(client, p.dtype) && tuning("FLA_ATTN_CMMA") != Some(0),
+        planes,
+        unroll: cpu,
+    };
+    let elem = p.dtype.size();
+    let (dp, dvp) = (
+        p.k_dim.next_multiple_of(FRAG),
+        p.v_dim.next_multiple_of(FRAG),
+    );
+    // lavapipe runs 16-row blocks: the unrolled code of larger ones takes minutes to compile.
+    let blocks: &[(usize, usize)] = if cpu {
+        &[(16, 16)]
+    } else {
+        &[(64, 64), (32, 64), (32, 32), (16, 16)]
+    };
+    let smem = |l: &AttnLayout| match kernel {
+        AttnKernel::Forward => fwd_smem(l, elem),
+        AttnKernel::Dq => dq_smem(l, elem),
+        AttnKernel::Dkv => dkv_smem(l, elem),
+    };
+    for &(bq, bk) in blocks {
+        for width in [256, 128, 64, 32, 16] {
+            let l = AttnLayout {
+                heads: p.heads,
+                kv_heads: p.kv_heads,
+                d: p.k_dim,
+                dv: p.v_dim,
+                bq,
+                bk,
+                bd: dp.min(width),
+                bdv: dvp.min(width),
+                ph: 16 / elem,
+                causal: p.causal,
+                window: p.window.is_some(),
+                softcap: p.softcap.is_some(),
+                varlen: p.cu_seqlens.is_some(),
+                tile,
+            };
+            if smem(&l) <= max_smem {
+                return Ok(l);
+            }
+        }
+    }
+    Err(KernelError::DeviceLimit(format!(
+        "no attention tiling of head dims K = {}, V = {} fits {max_smem} bytes of shared memory",
+        p.k_dim, p.v_dim
+    )))
+}
+
+/// Tile-size overrides for benchmarking (`FLA_ATTN_PLANES`, `FLA_ATTN_CMMA=0`).
+fn tuning(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(), KernelError> {
+    p.validate()?;
+    p.dtype.check_supported(client)?;
+    if p.longest().max(p.kv_len) > u32::MAX as usize / 2 {
+        return Err(KernelError::InvalidProblem(format!(
+            "sequence of {} tokens is too long",
+            p.longest()
+        )));
+    }
+    Ok(())
+}
+
+fn cube_dim(l: &AttnLayout) -> CubeDim {
+    CubeDim::new_2d(PLANE as u32, l.tile.planes as u32)
+}
+
+/// `(window, cap)` as the kernels take them (unused values when absent).
+fn options(p: &AttnProblem) -> (u32, f32) {
+    (
+        p.window.map_or(0, |w| w.min(u32::MAX as usize / 2) as u32),
+        p.softcap.unwrap_or(1.0),
+    )
+}
+
+/// The forward: `o` and the log-sum-exp of each query row.
+pub fn attn_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+    b: AttnForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    checked(client, p)?;
+    let l = attn_layout(client, p, AttnKernel::Forward)?;
+    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
+    let (nq, nk, nv, no, nl) = p.lens();
+    let (window, cap) = options(p);
+    let blocks = p.longest().div_ceil(l.bq) * l.ndv();
+    // Every access is guarded by the kernel's own conditions (rows inside the sequence, columns
+    // inside the head).
+    unsafe {
+        attn_fwd_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&l),
+            array(b.q, nq),
+            array(b.k, nk),
+            array(b.v, nv),
+            array(&cu, cu_len),
+            array(b.o, no),
+            array(b.lse, nl),
+            p.q_len as u32,
+            p.kv_len as u32,
+            p.scale,
+            window,
+            cap,
+            l,
+            p.dtype.storage(),
+        )
+    };
+    Ok(())
+}
+
+/// The backward: `dq`, `dk`, `dv` (summed over each key/value head's group of query heads).
+pub fn attn_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+    b: AttnBackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    checked(client, p)?;
+    let lq = attn_layout(client, p, AttnKernel::Dq)?;
+    let lkv = attn_layout(client, p, AttnKernel::Dkv)?;
+    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
+    let (nq, nk, nv, no, nl) = p.lens();
+    let (window, cap) = options(p);
+    let delta = client.empty(4 * nl);
+    unsafe {
+        attn_delta_kernel::launch_unchecked::<R>(
+            client,
+            elementwise_grid(nl),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(b.o, no),
+            array(b.d_o, no),
+            array(&delta, nl),
+            nl as u32,
+            p.v_dim,
+            p.dtype.storage(),
+        )
+    };
+    let dq_blocks = p.longest().div_ceil(lq.bq) * lq.nd();
+    // Every access is guarded by the kernels' own conditions.
+    unsafe {
+        attn_dq_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(dq_blocks as u32, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&lq),
+            array(b.q, nq),
+            array(b.k, nk),
+            array(b.v, nv),
+            array(b.d_o, no),
+            array(b.lse, nl),
+            array(&delta, nl),
+            array(&cu, cu_len),
+            array(b.dq, nq),
+            p.q_len as u32,
+            p.kv_len as u32,
+            p.scale,
+            window,
+            cap,
+            lq,
+            p.dtype.storage(),
+        )
+    };
+    let longest_k = if p.cu_seqlens.is_some() {
+        p.longest()
+    } else {
+        p.kv_len
+    };
+    let dkv_blocks = longest_k.div_ceil(lkv.bk) * lkv.nd().max(lkv.ndv());
+    unsafe {
+        attn_dkv_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(dkv_blocks as u32, p.kv_heads as u32, p.num_seqs() as u32),
+            cube_dim(&lkv),
+            array(b.q, nq),
+            array(b.k, nk),
+            array(b.v, nv),
+            array(b.d_o, no),
+            array(b.lse, nl),
+            array(&delta, nl),
+            array(&cu, cu_len),
+            array(b.dk, nk),
+            array(b.dv, nv),
+            p.q_len as u32,
+            p.kv_len as u32,
+            p.scale,
+            window,
+            cap,
+            lkv,
+            p.dtype.storage(),
+        )
+    };
+    Ok(())
+}
