@@ -1,6 +1,8 @@
 """Times FLA 0.6.0's Triton kernels (chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
 fused_recurrent_gla, and with --ops the delta rule's chunk_delta_rule, chunk_gated_delta_rule,
-fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule) and torch SDPA (flash backend, causal) on the shapes of benches/table.rs,
+fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, and softmax attention's
+parallel_attn) and torch SDPA (sdpa: flash backend, sdpa_cudnn: cuDNN; causal) on the shapes of
+benches/table.rs,
 median of triton's do_bench, and joins them with our CSV into the ratio table (FLA-time /
 our-time: above 1 we are faster, benches/join.py). On the GPU machine, fla-core carried as a wheel:
   python3 benches/fla_gated.py --seq 4096 --ours $OUT/ours.csv --out $OUT
@@ -70,12 +72,24 @@ DELTA = {
 def make(op, t):
     B, H, D = a.batch, a.heads, a.dim
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
-    if op == "sdpa":
+    if op in ("sdpa", "sdpa_cudnn"):
         q, k, v, do = (mk(B, H, t, D) for _ in range(4))
+        backend = torch.nn.attention.SDPBackend
+        which = backend.FLASH_ATTENTION if op == "sdpa" else backend.CUDNN_ATTENTION
 
         def fn(q, k, v):
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            with torch.nn.attention.sdpa_kernel(which):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return fn, [q, k, v], do
+    if op == "parallel_attn":
+        from fla.ops.attn import parallel_attn
+
+        q, k, v, do = (mk(B, t, H, D) for _ in range(4))
+
+        def fn(q, k, v):
+            o = parallel_attn(q, k, v)
+            return o[0] if isinstance(o, tuple) else o
 
         return fn, [q, k, v], do
     q, k, v, do = (mk(B, t, H, D) for _ in range(4))

@@ -17,13 +17,13 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
 use fla::ops::{
-    delta_rule, gated_delta_rule, gla, simple_gla, DeltaRuleBackend, DeltaRuleOptions, GatedMode,
-    GatedRecurrentBackend, RecurrentOptions,
+    delta_rule, gated_delta_rule, gla, parallel_attn, simple_gla, AttentionBackend, AttnOptions,
+    DeltaRuleBackend, DeltaRuleOptions, GatedMode, GatedRecurrentBackend, RecurrentOptions,
 };
 
 /// What every timed op needs of its backend.
-trait Ops: GatedRecurrentBackend + DeltaRuleBackend {}
-impl<B: GatedRecurrentBackend + DeltaRuleBackend> Ops for B {}
+trait Ops: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend {}
+impl<B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend> Ops for B {}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -45,7 +45,7 @@ struct Args {
     seq: String,
     /// Comma-separated ops: chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
     /// fused_recurrent_gla, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule,
-    /// attention (Burn's causal softmax attention).
+    /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal).
     #[arg(
         long,
         default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
@@ -163,6 +163,9 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
             gated_delta_rule(q, g(&x.k_unit), v, g3(&x.g), g3(&x.beta), opts)
                 .expect("valid inputs")
                 .o
+        }
+        "parallel_attn" => {
+            parallel_attn(q, k, v, AttnOptions::causal()).expect("valid inputs")
         }
         "attention" => {
             // Burn's attention takes [B, H, T, D].

@@ -1,4 +1,4 @@
-//! Burn backend ops for linear attention.
+//! Burn backend ops for linear attention, and fused softmax attention for hybrid models.
 //!
 //! Each op family is a backend extension trait with three implementations:
 //! - `CubeBackend` (CUDA, wgpu) and `Fusion<CubeBackend>` (what `burn::backend::Wgpu` and
@@ -10,6 +10,7 @@
 //! This crate knows nothing of models. Every op validates its inputs and returns [`FlaError`]
 //! rather than panicking.
 
+pub mod attn;
 mod checks;
 pub mod delta;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod gated;
 mod recorded;
 
+pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
 pub use delta::{
     delta_rule, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule,
     DeltaRuleBackend, DeltaRuleOptions,

@@ -23,7 +23,7 @@ struct Inputs<B: Backend> {
 }
 
 /// `[B, T, H, K]` → `[B, T, H·G, K]`, head `h` repeated for value heads `h·G .. h·G + G`.
-fn repeat_heads<B: Backend>(t: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
+pub(crate) fn repeat_heads<B: Backend>(t: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
     let [b, l, h, d] = t.dims();
     t.unsqueeze_dim::<5>(3)
         .expand([b, l, h, group, d])
@@ -31,7 +31,7 @@ fn repeat_heads<B: Backend>(t: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
 }
 
 /// The inverse sum of [`repeat_heads`]: `[B, T, H·G, K]` → `[B, T, H, K]`.
-fn sum_groups<B: Backend>(t: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
+pub(crate) fn sum_groups<B: Backend>(t: Tensor<B, 4>, group: usize) -> Tensor<B, 4> {
     let [b, l, hv, d] = t.dims();
     t.reshape([b, l, hv / group, group, d])
         .sum_dim(3)

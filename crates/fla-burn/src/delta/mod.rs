@@ -7,7 +7,7 @@
 mod api;
 mod autodiff;
 mod cube;
-mod fallback;
+pub(crate) mod fallback;
 mod fusion;
 
 pub use api::{

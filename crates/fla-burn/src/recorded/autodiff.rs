@@ -4,7 +4,8 @@
 //! A Burn backward node has one output tensor. When the final state is requested, `o` and `hT`
 //! are packed into one flat `f32` output of the node, and the tensors handed back are
 //! differentiable slices of it: a gradient reaching either lands in the packed gradient, which
-//! the backward splits again. Without `hT`, `o` is the node's output as it is.
+//! the backward splits again. Without `hT`, or when `hT` is only saved for the backward
+//! ([`StateOp::SAVED_HT`]), `o` is the node's output as it is.
 
 use std::marker::PhantomData;
 
@@ -41,6 +42,7 @@ impl<B: Backend, O: StateOp<B>> Backward<B, 6> for Node<O> {
         let packed = grads.consume::<B>(&ops.node);
         let (d_o, d_ht) = match &s.ht {
             None => (packed, None),
+            Some(_) if O::SAVED_HT => (packed, None),
             Some(ht) => {
                 let o_shape = s.o.shape();
                 let n_o = o_shape.num_elements();
@@ -85,6 +87,7 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
     // The node's single output: o alone, or o and hT packed flat in f32.
     let output = match &out.ht {
         None => out.o.clone(),
+        Some(_) if O::SAVED_HT => out.o.clone(),
         Some(ht) => {
             let o_flat = B::float_reshape(
                 B::float_cast(out.o.clone(), FloatDType::F32),
@@ -113,6 +116,11 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
     type A<B, C> = Autodiff<B, C>;
     match out.ht {
         None => Ok(Outputs { o: node, ht: None }),
+        // A saved intermediate comes back as a constant: no gradient flows through it.
+        Some(ht) if O::SAVED_HT => Ok(Outputs {
+            o: node,
+            ht: Some(<A<B, C> as burn::tensor::backend::AutodiffBackend>::from_inner(ht)),
+        }),
         Some(ht) => {
             let n_o = o_shape.num_elements();
             let h_shape: Shape = ht.shape();

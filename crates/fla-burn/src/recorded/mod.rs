@@ -34,6 +34,9 @@ pub(crate) trait StateOp<B: Backend>: Clone + Debug + Send + Sync + 'static {
     const BACKWARD: &'static str;
     /// Whether the backward reads the forward's outputs.
     const READS_OUTPUTS: bool;
+    /// Whether `hT` is an intermediate the backward keeps rather than an output (attention's
+    /// log-sum-exp): recorded, `o` alone is the node's output and `hT` is saved, not returned.
+    const SAVED_HT: bool = false;
 
     fn forward(&self, x: Inputs<B>) -> Result<Outputs<B>, FlaError>;
 

@@ -1,0 +1,195 @@
+//! Fused softmax attention as a Burn op end to end: fused (`Wgpu`/`Cuda`, with and without
+//! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
+//! and each other, and the typed errors of bad input.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::{FloatDType, Tensor};
+use common::{tensor, values, Impl};
+use fla::kernels::attn::AttnProblem;
+use fla::kernels::testing::{rel_rmse, AttnCase};
+use fla::kernels::FloatDType as KernelDType;
+use fla::ops::{parallel_attn, AttentionBackend, AttnOptions};
+use fla::FlaError;
+use rstest::rstest;
+
+#[derive(Debug)]
+struct Run {
+    o: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+}
+
+/// `[B, T_q, T_k, H, HK, K, V]`.
+type Dims = [usize; 7];
+
+fn case(dims: Dims, opts: &AttnOptions) -> AttnCase {
+    let [batch, q_len, kv_len, heads, kv_heads, k_dim, v_dim] = dims;
+    let p = AttnProblem {
+        batch,
+        q_len,
+        kv_len,
+        heads,
+        kv_heads,
+        k_dim,
+        v_dim,
+        scale: (k_dim as f32).powf(-0.5),
+        causal: opts.causal,
+        window: opts.window,
+        softcap: opts.softcap.map(|c| c as f32),
+        cu_seqlens: opts.cu_seqlens.clone(),
+        dtype: KernelDType::F32,
+    };
+    let seed = dims.iter().fold(opts.causal as u64 + 9, |a, &d| a * 41 + d as u64);
+    AttnCase::new(p, 1.5, seed)
+}
+
+/// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do`.
+fn run<B: AttentionBackend>(c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> {
+    let device = B::Device::default();
+    let p = &c.p;
+    let dt = FloatDType::F32;
+    let t4 = |x: &[f64], s: [usize; 4]| {
+        tensor::<Autodiff<B>, 4>(x, s, dt, &device).require_grad()
+    };
+    let q = t4(&c.q, [p.batch, p.q_len, p.heads, p.k_dim]);
+    let k = t4(&c.k, [p.batch, p.kv_len, p.kv_heads, p.k_dim]);
+    let v = t4(&c.v, [p.batch, p.kv_len, p.kv_heads, p.v_dim]);
+    let o = parallel_attn(q.clone(), k.clone(), v.clone(), opts.clone())?;
+    let d_o = tensor::<Autodiff<B>, 4>(&c.d_o, [p.batch, p.q_len, p.heads, p.v_dim], dt, &device);
+    let grads = (o.clone() * d_o).sum().backward();
+    let grad = |x: &Tensor<Autodiff<B>, 4>| values(x.grad(&grads).expect("gradient reached input"));
+    Ok(Run {
+        o: values(o.inner()),
+        dq: grad(&q),
+        dk: grad(&k),
+        dv: grad(&v),
+    })
+}
+
+fn run_on(imp: Impl, c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> {
+    match imp {
+        Impl::Fusion => on_gpu!(fusion, run(c, opts)),
+        Impl::Cube => on_gpu!(cube, run(c, opts)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, opts),
+    }
+}
+
+fn tolerance(imp: Impl) -> f64 {
+    if imp != Impl::TensorOps && common::runtime_name() == "cuda" {
+        1e-4
+    } else {
+        1e-5
+    }
+}
+
+fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
+    let err = rel_rmse(out, reference);
+    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
+}
+
+fn against_reference(imp: Impl, dims: Dims, opts: AttnOptions) {
+    let c = case(dims, &opts);
+    let r = run_on(imp, &c, &opts).expect("valid inputs");
+    let (fwd, grads) = c.reference();
+    let tol = tolerance(imp);
+    check("o", &r.o, &fwd.o, tol);
+    check("dq", &r.dq, &grads.dq, tol);
+    check("dk", &r.dk, &grads.dk, tol);
+    check("dv", &r.dv, &grads.dv, tol);
+}
+
+#[rstest]
+#[case::t1_causal([2, 1, 1, 2, 2, 16, 16], AttnOptions::causal())]
+#[case::t63_causal([2, 63, 63, 2, 2, 64, 64], AttnOptions::causal())]
+#[case::t65_full_d100([1, 65, 65, 2, 2, 100, 100], AttnOptions::default())]
+#[case::grouped_window([1, 70, 70, 4, 1, 32, 48], AttnOptions::causal().with_window(20))]
+#[case::softcap([1, 40, 40, 2, 2, 32, 32], AttnOptions::causal().with_softcap(3.0))]
+#[case::decoding([2, 3, 50, 2, 2, 32, 32], AttnOptions::causal())]
+#[case::varlen_empty([1, 81, 81, 2, 1, 32, 32], AttnOptions::causal().with_cu_seqlens(vec![0, 15, 15, 80, 81]))]
+fn autodiff_matches_reference(
+    #[case] dims: Dims,
+    #[case] opts: AttnOptions,
+    #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
+) {
+    against_reference(imp, dims, opts);
+}
+
+/// The fused op and the tensor-op fallback agree with each other, not only with the reference.
+#[test]
+fn fused_matches_tensor_ops() {
+    let opts = AttnOptions::causal().with_window(33);
+    let c = case([2, 90, 90, 4, 2, 48, 40], &opts);
+    let a = run_on(Impl::Fusion, &c, &opts).unwrap();
+    let b = run_on(Impl::TensorOps, &c, &opts).unwrap();
+    let tol = tolerance(Impl::Fusion);
+    for (name, x, y) in [
+        ("o", &a.o, &b.o),
+        ("dq", &a.dq, &b.dq),
+        ("dk", &a.dk, &b.dk),
+        ("dv", &a.dv, &b.dv),
+    ] {
+        check(name, x, y, tol);
+    }
+}
+
+/// Half precision through the fused backend (f16; bf16 too where the device computes it).
+#[rstest]
+fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
+    fn go<B: AttentionBackend>(dtype: FloatDType) {
+        let device = B::Device::default();
+        if B::attn_check_dtype(&device, dtype.into()).is_err() {
+            eprintln!("{dtype:?} not computed here: skipped");
+            return;
+        }
+        let opts = AttnOptions::causal();
+        let c = case([2, 70, 70, 2, 2, 64, 64], &opts);
+        let p = &c.p;
+        let t4 = |x: &[f64], s: [usize; 4]| tensor::<B, 4>(x, s, dtype, &device);
+        let o = parallel_attn(
+            t4(&c.q, [p.batch, p.q_len, p.heads, p.k_dim]),
+            t4(&c.k, [p.batch, p.kv_len, p.kv_heads, p.k_dim]),
+            t4(&c.v, [p.batch, p.kv_len, p.kv_heads, p.v_dim]),
+            opts,
+        )
+        .expect("valid inputs");
+        assert_eq!(o.dtype(), dtype.into());
+        // The reference sees f32 inputs; the kernel rounds them to half precision.
+        check("o", &values(o), &c.reference().0.o, 1e-2);
+    }
+    on_gpu!(fusion, go(dtype));
+}
+
+/// Typed errors, before anything reaches the device.
+#[rstest]
+#[case::heads([1, 8, 8, 3, 2, 16, 16], AttnOptions::causal(), "multiple")]
+#[case::key_dim([1, 8, 8, 2, 2, 16, 16], AttnOptions::default(), "must be [B, T_k, HK, K]")]
+#[case::queries_after_keys([1, 9, 8, 2, 2, 16, 16], AttnOptions::causal(), "must not exceed")]
+#[case::zero_window([1, 8, 8, 2, 2, 16, 16], AttnOptions::causal().with_window(0), "window")]
+#[case::bad_cap([1, 8, 8, 2, 2, 16, 16], AttnOptions::causal().with_softcap(f64::NAN), "soft cap")]
+#[case::cu_seqlens([1, 8, 8, 2, 2, 16, 16], AttnOptions::causal().with_cu_seqlens(vec![0, 5]), "cu_seqlens")]
+fn bad_input(#[case] dims: Dims, #[case] opts: AttnOptions, #[case] needle: &str) {
+    fn go<B: AttentionBackend>(dims: Dims, opts: AttnOptions) -> Result<(), FlaError> {
+        let device = B::Device::default();
+        let [b, tq, tk, h, hk, kd, vd] = dims;
+        let z = |s: [usize; 4]| Tensor::<B, 4>::zeros(s, &device);
+        // The key-dim case hands k a head dim that differs from q's.
+        let kd_k = if opts.causal || opts.window.is_some() || opts.softcap.is_some() {
+            kd
+        } else {
+            kd + 1
+        };
+        parallel_attn(z([b, tq, h, kd]), z([b, tk, hk, kd_k]), z([b, tk, hk, vd]), opts)?;
+        Ok(())
+    }
+    for imp in [Impl::Fusion, Impl::TensorOps] {
+        let err = match imp {
+            Impl::Fusion => on_gpu!(fusion, go(dims, opts.clone())),
+            _ => go::<common::backends::NdArray>(dims, opts.clone()),
+        }
+        .expect_err("refused");
+        assert!(err.to_string().contains(needle), "{imp:?}: {err}");
+    }
+}
