@@ -6,9 +6,12 @@
 //! [`gated_deltanet::GatedDeltaNet`] token mixers, one causal LM around any mixer ([`lm`]), the
 //! [`gla_model::GlaForCausalLM`] and [`gated_deltanet_model::GatedDeltaNetForCausalLM`] models
 //! with FLA's `config.json`, FLA's `model.safetensors` checkpoints ([`checkpoint`]: load and
-//! save, FLA's names) and generation with sampling ([`generate`]). Other families (RetNet,
-//! DeltaNet, HGRN2, Transformer++) and a tokenizer-driven `generate` CLI are not built yet.
+//! save, FLA's names) and generation with sampling ([`generate`]); softmax [`attn::Attention`]
+//! (rotary, grouped heads, sliding window, key/value cache) on the fused attention op and the
+//! Transformer++ baseline [`transformer_model::TransformerForCausalLM`]. Other families (RetNet,
+//! DeltaNet, HGRN2), hybrid layer stacks and a tokenizer-driven `generate` CLI are not built yet.
 
+pub mod attn;
 pub mod checkpoint;
 pub mod gated_deltanet;
 pub mod gated_deltanet_model;
@@ -17,3 +20,4 @@ pub mod gla;
 pub mod gla_model;
 pub mod lm;
 pub mod modules;
+pub mod transformer_model;
