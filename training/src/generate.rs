@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use fla_burn::{DeltaRuleBackend, GatedRecurrentBackend};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::generate::{generate, GenerationConfig};
@@ -102,14 +102,17 @@ fn model_type(dir: &Path) -> Result<String, Error> {
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
-fn run_backend<B: GatedRecurrentBackend + DeltaRuleBackend>(args: &Args) -> Result<(), Error> {
+fn run_backend<B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>(args: &Args) -> Result<(), Error> {
     if args.model.join("tokenizer.json").exists() {
         return Err("tokenizer.json found: only byte-level models are supported so far".into());
     }
     match model_type(&args.model)?.as_str() {
         "gla" => run_model::<B, GatedLinearAttention<B>>(args),
         "gated_deltanet" => run_model::<B, GatedDeltaNet<B>>(args),
-        other => Err(format!("model_type {other:?} is not built (gla, gated_deltanet)").into()),
+        "transformer" => run_model::<B, fla_models::attn::Attention<B>>(args),
+        other => Err(
+            format!("model_type {other:?} is not built (gla, gated_deltanet, transformer)").into(),
+        ),
     }
 }
 

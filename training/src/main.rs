@@ -4,7 +4,7 @@
 //!
 //!   cargo run -p training --bin fla-train                 # wgpu (lavapipe without a GPU)
 //!   cargo run -p training --bin fla-train -- --backend ndarray
-//!   cargo run -p training --bin fla-train -- --model gated-deltanet
+//!   cargo run -p training --bin fla-train -- --model gated-deltanet   # or transformer
 //!
 //! A plain AdamW loop with warmup, checkpoints every `--checkpoint-every` steps and `--resume` from
 //! the newest one (bit-exact on the same backend); at the end the model is written in FLA's format
@@ -22,13 +22,14 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Parser;
-use fla_burn::{DeltaRuleBackend, FlaError, GatedRecurrentBackend};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
 use fla_models::gla::GatedLinearAttention;
 use fla_models::gla_model::GlaConfig;
 use fla_models::lm::{ForCausalLM, TokenMixer};
+use fla_models::transformer_model::TransformerConfig;
 
 /// The config type a model family saves with.
 type PretrainedConfig<B, M> = <ForCausalLM<B, M> as Pretrained<B>>::Config;
@@ -118,17 +119,19 @@ fn batch<B: AutodiffBackend>(
     Tensor::from_data(TensorData::new(ids, [rows, len + 1]), device)
 }
 
-/// What the loop needs of a backend: both op families, with and without autodiff.
+/// What the loop needs of a backend: every op family, with and without autodiff.
 trait TrainBackend:
-    AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend>
+    AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>
     + GatedRecurrentBackend
     + DeltaRuleBackend
+    + AttentionBackend
 {
 }
 impl<B> TrainBackend for B where
-    B: AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend>
+    B: AutodiffBackend<InnerBackend: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>
         + GatedRecurrentBackend
         + DeltaRuleBackend
+        + AttentionBackend
 {
 }
 
@@ -162,7 +165,18 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
             };
             Ok((config.init(device)?, config))
         }),
-        other => Err(format!("unknown --model {other:?} (gla, gated-deltanet)").into()),
+        "transformer" => train::<B, fla_models::attn::Attention<B>>(args, "Transformer", |device| {
+            // The softmax-attention baseline (FLA's TransformerConfig) at the same size.
+            let config = TransformerConfig {
+                hidden_size: args.hidden,
+                num_heads: args.heads,
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                ..Default::default()
+            };
+            Ok((config.init(device)?, config))
+        }),
+        other => Err(format!("unknown --model {other:?} (gla, gated-deltanet, transformer)").into()),
     }
 }
 

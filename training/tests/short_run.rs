@@ -88,16 +88,20 @@ fn short_run_lowers_validation_loss() {
 /// The Gated DeltaNet preset learns too (the delta-rule op's tensor-op backward in a real model).
 #[test]
 fn gated_deltanet_run_lowers_validation_loss() {
-    let dir = std::env::temp_dir().join(format!("fla-train-gdn-{}", std::process::id()));
+    family_run_lowers_validation_loss("gated-deltanet", "ndarray", "Gated DeltaNet");
+}
+
+/// The Transformer++ baseline learns on the fused attention kernels (wgpu: lavapipe in CI) through
+/// their hand-derived backward.
+#[test]
+fn transformer_run_lowers_validation_loss() {
+    family_run_lowers_validation_loss("transformer", "wgpu", "Transformer");
+}
+
+fn family_run_lowers_validation_loss(model: &str, backend: &str, family: &str) {
+    let dir = std::env::temp_dir().join(format!("fla-train-{model}-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
-        .args([
-            "--backend",
-            "ndarray",
-            "--model",
-            "gated-deltanet",
-            "--steps",
-            "15",
-        ])
+        .args(["--backend", backend, "--model", model, "--steps", "15"])
         .args([
             "--batch",
             "4",
@@ -114,6 +118,7 @@ fn gated_deltanet_run_lowers_validation_loss() {
         .arg(dir.join("checkpoints"))
         .arg("--export")
         .arg(dir.join("model"))
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
         .output()
         .expect("fla-train runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -122,7 +127,7 @@ fn gated_deltanet_run_lowers_validation_loss() {
         "fla-train failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("Gated DeltaNet"), "{stdout}");
+    assert!(stdout.contains(family), "{stdout}");
     let last = stdout.lines().last().expect("a summary line");
     let nums: Vec<f64> = last
         .trim_start_matches("validation loss ")
