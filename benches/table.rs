@@ -164,9 +164,7 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
                 .expect("valid inputs")
                 .o
         }
-        "parallel_attn" => {
-            parallel_attn(q, k, v, AttnOptions::causal()).expect("valid inputs")
-        }
+        "parallel_attn" => parallel_attn(q, k, v, AttnOptions::causal()).expect("valid inputs"),
         "attention" => {
             // Burn's attention takes [B, H, T, D].
             let t = |x: Tensor<B, 4>| x.swap_dims(1, 2);

@@ -42,7 +42,9 @@ fn case(dims: Dims, opts: &AttnOptions) -> AttnCase {
         cu_seqlens: opts.cu_seqlens.clone(),
         dtype: KernelDType::F32,
     };
-    let seed = dims.iter().fold(opts.causal as u64 + 9, |a, &d| a * 41 + d as u64);
+    let seed = dims
+        .iter()
+        .fold(opts.causal as u64 + 9, |a, &d| a * 41 + d as u64);
     AttnCase::new(p, 1.5, seed)
 }
 
@@ -51,9 +53,7 @@ fn run<B: AttentionBackend>(c: &AttnCase, opts: &AttnOptions) -> Result<Run, Fla
     let device = B::Device::default();
     let p = &c.p;
     let dt = FloatDType::F32;
-    let t4 = |x: &[f64], s: [usize; 4]| {
-        tensor::<Autodiff<B>, 4>(x, s, dt, &device).require_grad()
-    };
+    let t4 = |x: &[f64], s: [usize; 4]| tensor::<Autodiff<B>, 4>(x, s, dt, &device).require_grad();
     let q = t4(&c.q, [p.batch, p.q_len, p.heads, p.k_dim]);
     let k = t4(&c.k, [p.batch, p.kv_len, p.kv_heads, p.k_dim]);
     let v = t4(&c.v, [p.batch, p.kv_len, p.kv_heads, p.v_dim]);
@@ -181,7 +181,12 @@ fn bad_input(#[case] dims: Dims, #[case] opts: AttnOptions, #[case] needle: &str
         } else {
             kd + 1
         };
-        parallel_attn(z([b, tq, h, kd]), z([b, tk, hk, kd_k]), z([b, tk, hk, vd]), opts)?;
+        parallel_attn(
+            z([b, tq, h, kd]),
+            z([b, tk, hk, kd_k]),
+            z([b, tk, hk, vd]),
+            opts,
+        )?;
         Ok(())
     }
     for imp in [Impl::Fusion, Impl::TensorOps] {

@@ -102,7 +102,9 @@ fn model_type(dir: &Path) -> Result<String, Error> {
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
-fn run_backend<B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>(args: &Args) -> Result<(), Error> {
+fn run_backend<B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>(
+    args: &Args,
+) -> Result<(), Error> {
     if args.model.join("tokenizer.json").exists() {
         return Err("tokenizer.json found: only byte-level models are supported so far".into());
     }
@@ -110,9 +112,10 @@ fn run_backend<B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend>(a
         "gla" => run_model::<B, GatedLinearAttention<B>>(args),
         "gated_deltanet" => run_model::<B, GatedDeltaNet<B>>(args),
         "transformer" => run_model::<B, fla_models::attn::Attention<B>>(args),
-        other => Err(
-            format!("model_type {other:?} is not built (gla, gated_deltanet, transformer)").into(),
-        ),
+        other => Err(format!(
+            "model_type {other:?} is not built (gla, gated_deltanet, transformer)"
+        )
+        .into()),
     }
 }
 

@@ -6,7 +6,8 @@
 //!   cargo run -p training --bin fla-train -- --backend ndarray
 //!   cargo run -p training --bin fla-train -- --model gated-deltanet   # or transformer
 //!
-//! A plain AdamW loop with warmup, checkpoints every `--checkpoint-every` steps and `--resume` from
+//! An AdamW loop with linear warmup then cosine decay, per-tensor gradient clipping and gradient
+//! accumulation; checkpoints every `--checkpoint-every` steps and `--resume` from
 //! the newest one (bit-exact on the same backend); at the end the model is written in FLA's format
 //! (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and FLA.
 //! burn-train's learner, evaluation tasks and plots are not built yet.
@@ -17,8 +18,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Parser;
@@ -60,6 +62,17 @@ struct Args {
     lr: f64,
     #[arg(long, default_value_t = 20)]
     warmup: usize,
+    /// After warmup the learning rate follows a cosine down to this fraction of `--lr` at the
+    /// last step (FLA's recipes: warmup then cosine); 1 keeps it constant.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    /// Clip each parameter's gradient to this L2 norm (Burn's `GradientClipping::Norm`, per
+    /// tensor, not PyTorch's global norm); 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    clip_grad_norm: f32,
+    /// Micro-batches of `--batch` sequences whose gradients add up to one optimiser step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
     /// Evaluate the validation loss every this many steps.
     #[arg(long, default_value_t = 25)]
     eval_every: usize,
@@ -88,6 +101,23 @@ struct Args {
     /// Continue from the newest checkpoint in `--checkpoints` up to `--steps`.
     #[arg(long)]
     resume: bool,
+    /// Stop after this step (a checkpoint is saved there), as a time-limited session would; the
+    /// learning-rate schedule still spans `--steps`, and `--resume` continues the run.
+    #[arg(long)]
+    stop_at: Option<usize>,
+}
+
+/// Linear warmup to `--lr`, then a cosine to `--min-lr-ratio · lr` at the last step. A function
+/// of the step alone, so a resumed run takes the same rates as an uninterrupted one.
+fn learning_rate(args: &Args, step: usize) -> f64 {
+    let warmup = args.warmup.max(1);
+    if step <= warmup {
+        return args.lr * step as f64 / warmup as f64;
+    }
+    let span = args.steps.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
 }
 
 /// SplitMix64: seeded batch sampling without another dependency.
@@ -165,18 +195,22 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
             };
             Ok((config.init(device)?, config))
         }),
-        "transformer" => train::<B, fla_models::attn::Attention<B>>(args, "Transformer", |device| {
-            // The softmax-attention baseline (FLA's TransformerConfig) at the same size.
-            let config = TransformerConfig {
-                hidden_size: args.hidden,
-                num_heads: args.heads,
-                num_hidden_layers: args.layers,
-                vocab_size: 256,
-                ..Default::default()
-            };
-            Ok((config.init(device)?, config))
-        }),
-        other => Err(format!("unknown --model {other:?} (gla, gated-deltanet, transformer)").into()),
+        "transformer" => {
+            train::<B, fla_models::attn::Attention<B>>(args, "Transformer", |device| {
+                // The softmax-attention baseline (FLA's TransformerConfig) at the same size.
+                let config = TransformerConfig {
+                    hidden_size: args.hidden,
+                    num_heads: args.heads,
+                    num_hidden_layers: args.layers,
+                    vocab_size: 256,
+                    ..Default::default()
+                };
+                Ok((config.init(device)?, config))
+            })
+        }
+        other => {
+            Err(format!("unknown --model {other:?} (gla, gated-deltanet, transformer)").into())
+        }
     }
 }
 
@@ -208,7 +242,15 @@ where
         .clone()
         .unwrap_or_else(|| run_dir.join("checkpoints"));
     let (mut model, config) = build(&device)?;
-    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    if args.grad_accum == 0 {
+        return Err("--grad-accum must be at least 1".into());
+    }
+    let clipping =
+        (args.clip_grad_norm > 0.0).then_some(GradientClippingConfig::Norm(args.clip_grad_norm));
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_grad_clipping(clipping)
+        .init();
     let resumed = if args.resume {
         let path = checkpoint::latest(&checkpoints)?
             .ok_or_else(|| format!("--resume: no checkpoint in {}", checkpoints.display()))?;
@@ -277,31 +319,43 @@ where
     };
     let mut t0 = Instant::now();
     let mut window_start = first_step - 1;
-    for step in first_step..=args.steps {
-        let lr = args.lr * (step as f64 / args.warmup.max(1) as f64).min(1.0);
-        let loss = model.loss(batch::<B>(
-            train_data,
-            &mut rng,
-            args.batch,
-            args.seq_len,
-            &device,
-        ))?;
-        let train_loss: f64 = loss.clone().into_scalar().elem();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(lr, model, grads);
+    // `--stop-at` ends the session early; the schedule still spans `--steps`, so a later
+    // `--resume` continues exactly where an uninterrupted run would be.
+    let last = args.stop_at.unwrap_or(args.steps).min(args.steps);
+    for step in first_step..=last {
+        let lr = learning_rate(args, step);
+        let mut accumulated = GradientsAccumulator::new();
+        let mut train_loss = 0.0;
+        for _ in 0..args.grad_accum {
+            let mut loss = model.loss(batch::<B>(
+                train_data,
+                &mut rng,
+                args.batch,
+                args.seq_len,
+                &device,
+            ))?;
+            if args.grad_accum > 1 {
+                loss = loss.div_scalar(args.grad_accum as f64);
+            }
+            train_loss += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulated.accumulate(&model, grads);
+        }
+        model = optim.step(lr, model, accumulated.grads());
         let mut valid_loss = String::new();
-        if step % args.eval_every == 0 || step == args.steps {
+        if step % args.eval_every == 0 || step == last {
             last_valid = evaluate(&model)?;
             valid_loss = format!("{last_valid}");
             // Over the steps since the last report: the first window includes kernel compilation.
-            let tokens = (step - window_start) * args.batch * args.seq_len;
+            let tokens = (step - window_start) * args.grad_accum * args.batch * args.seq_len;
             let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
             (t0, window_start) = (Instant::now(), step);
-            println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4}  {tok_s:.0} tokens/s");
+            let ppl = last_valid.exp();
+            println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s");
         }
         writeln!(csv, "{step},{train_loss},{valid_loss},{lr}")?;
         let every = args.checkpoint_every;
-        if (every > 0 && step % every == 0) || step == args.steps {
+        if (every > 0 && step % every == 0) || step == last {
             let state = checkpoint::LoopState {
                 step,
                 rng: rng.0,
@@ -352,5 +406,32 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         #[cfg(feature = "cuda")]
         "cuda" => train_family::<Autodiff<burn::backend::Cuda>>(&args),
         other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_to_the_floor() {
+        let a = Args::parse_from([
+            "fla-train",
+            "--steps",
+            "110",
+            "--warmup",
+            "10",
+            "--lr",
+            "1e-3",
+            "--min-lr-ratio",
+            "0.1",
+        ]);
+        let lr = |s| learning_rate(&a, s);
+        assert!((lr(5) - 5e-4).abs() < 1e-15);
+        assert!((lr(10) - 1e-3).abs() < 1e-15);
+        // Halfway through the decay: 0.1 + 0.9 · 0.5.
+        assert!((lr(60) - 0.55e-3).abs() < 1e-12);
+        assert!((lr(110) - 1e-4).abs() < 1e-15);
+        assert!((11..110).all(|s| lr(s + 1) < lr(s)));
     }
 }

@@ -163,17 +163,15 @@ fn unknown_backend_is_an_error() {
 /// Runs fla-train on the tensor-op backend with a small model in `dir`; returns (success, stdout,
 /// stderr).
 fn train(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    // Two sequences per batch unless `extra` says otherwise.
+    let batch: &[&str] = if extra.contains(&"--batch") {
+        &[]
+    } else {
+        &["--batch", "2"]
+    };
     let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
-        .args([
-            "--backend",
-            "ndarray",
-            "--batch",
-            "2",
-            "--seq-len",
-            "16",
-            "--hidden",
-            "32",
-        ])
+        .args(batch)
+        .args(["--backend", "ndarray", "--seq-len", "16", "--hidden", "32"])
         .args([
             "--eval-every",
             "4",
@@ -217,7 +215,8 @@ fn fresh(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// Stopped after 6 steps (a checkpoint at 4, the killed run's last save at 6 left half-written),
+/// Stopped after 6 of 12 steps (a checkpoint at 4, the killed run's last save at 6 left
+/// half-written; the cosine schedule spans all 12 steps in both runs),
 /// then resumed to 12: the losses equal an uninterrupted 12-step run's. Not bit for bit: NdArray
 /// itself is not bit-repeatable (measured: two identical uninterrupted runs differ from the 7th
 /// significant digit, before any checkpoint, with one rayon thread too), so equality is to 1e-5
@@ -229,7 +228,7 @@ fn resume_reproduces_an_uninterrupted_run() {
     assert!(ok, "{out}{err}");
 
     let parts = fresh("parts");
-    let (ok, out, err) = train(&parts, &["--steps", "6"]);
+    let (ok, out, err) = train(&parts, &["--steps", "12", "--stop-at", "6"]);
     assert!(ok, "{out}{err}");
     // A kill during the save at step 6 leaves a `.tmp` folder and no step-6 checkpoint.
     let ckpt = parts.join("checkpoints");
@@ -275,4 +274,24 @@ fn resume_errors_are_typed() {
     std::fs::write(latest.join("model.mpk"), b"garbage").unwrap();
     let (ok, _, err) = train(&dir, &["--steps", "8", "--resume"]);
     assert!(!ok && err.contains("corrupt"), "{err}");
+}
+
+/// Two micro-batches of 2 sequences accumulate to the step one batch of 4 takes (the same windows
+/// are drawn in the same order, and the halves' mean losses average to the whole's): the
+/// training losses of the two runs agree step for step.
+#[test]
+fn gradient_accumulation_matches_a_larger_batch() {
+    let one = fresh("accum-one");
+    let (ok, out, err) = train(&one, &["--steps", "8", "--batch", "4"]);
+    assert!(ok, "{out}{err}");
+    let two = fresh("accum-two");
+    let (ok, out, err) = train(&two, &["--steps", "8", "--batch", "2", "--grad-accum", "2"]);
+    assert!(ok, "{out}{err}");
+    let (a, b) = (rows(&one), rows(&two));
+    assert_eq!(a.len(), b.len());
+    // Training losses only: the validation set is drawn in batches of `--batch`, so it differs.
+    for (x, y) in a.iter().zip(&b).skip(1) {
+        let (p, q): (f64, f64) = (x.1.parse().unwrap(), y.1.parse().unwrap());
+        assert!((p - q).abs() <= 1e-4 * p.abs(), "step {}: {p} vs {q}", x.0);
+    }
 }

@@ -123,7 +123,11 @@ fn run_kernels<R: Runtime>(
 
 fn compare<R: Runtime>(client: &ComputeClient<R>, c: &AttnCase) {
     if c.p.dtype.check_supported(client).is_err() {
-        eprintln!("{:?} not supported on {}: skipped", c.p.dtype, runtime_name());
+        eprintln!(
+            "{:?} not supported on {}: skipped",
+            c.p.dtype,
+            runtime_name()
+        );
         return;
     }
     let out = run_kernels(client, c).expect("kernels launch");
@@ -177,7 +181,11 @@ fn sliding_window(#[values(1, 5, 16, 70, 300)] w: usize, #[values(true, false)] 
         window: Some(w),
         softcap: None,
     };
-    on_runtime!(compare(&case([1, 70, 70, 2, 1, 32, 32], o, FloatDType::F32)));
+    on_runtime!(compare(&case(
+        [1, 70, 70, 2, 1, 32, 32],
+        o,
+        FloatDType::F32
+    )));
 }
 
 /// Scores soft-capped (Gemma 2 style); a large spread so the cap acts.
@@ -201,7 +209,11 @@ fn peaked_scores(#[values(CAUSAL, FULL)] o: Opts) {
 /// Decoding: a few queries at the end of a longer key/value cache.
 #[rstest]
 fn decoding(#[values(1, 3, 20)] tq: usize, #[values(CAUSAL, FULL)] o: Opts) {
-    on_runtime!(compare(&case([2, tq, 70, 2, 1, 64, 64], o, FloatDType::F32)));
+    on_runtime!(compare(&case(
+        [2, tq, 70, 2, 1, 64, 64],
+        o,
+        FloatDType::F32
+    )));
 }
 
 /// Variable-length batch with an empty sequence and sequences that end mid-block.

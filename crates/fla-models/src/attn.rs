@@ -71,7 +71,11 @@ impl AttentionConfig {
                 "rotary embeddings need an even head dim, got {d}"
             )));
         }
-        let linear = |a, b| LinearConfig::new(a, b).with_bias(self.qkv_bias).init(device);
+        let linear = |a, b| {
+            LinearConfig::new(a, b)
+                .with_bias(self.qkv_bias)
+                .init(device)
+        };
         Ok(Attention {
             q_proj: linear(h, nh * d),
             k_proj: linear(h, nkv * d),
@@ -152,8 +156,16 @@ impl<B: AttentionBackend> Attention<B> {
             y.reshape([b, t, n, d])
         };
         let seen = cache.as_ref().map_or(0, |c| c.seen);
-        let q = rotary(heads(self.q_proj.forward(x.clone()), nh), seen, self.rope_theta);
-        let k = rotary(heads(self.k_proj.forward(x.clone()), nkv), seen, self.rope_theta);
+        let q = rotary(
+            heads(self.q_proj.forward(x.clone()), nh),
+            seen,
+            self.rope_theta,
+        );
+        let k = rotary(
+            heads(self.k_proj.forward(x.clone()), nkv),
+            seen,
+            self.rope_theta,
+        );
         let v = heads(self.v_proj.forward(x), nkv);
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),

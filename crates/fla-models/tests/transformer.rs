@@ -43,7 +43,10 @@ fn reads_fla_config_json() {
     let path = dir.join("config.json");
     std::fs::write(&path, json).unwrap();
     let c = TransformerConfig::load(&path).expect("FLA config parses");
-    assert_eq!((c.hidden_size, c.num_heads, c.num_kv_heads), (64, 4, Some(2)));
+    assert_eq!(
+        (c.hidden_size, c.num_heads, c.num_kv_heads),
+        (64, 4, Some(2))
+    );
     assert_eq!((c.window_size, c.rope_theta), (Some(512), 500000.0));
     let model = c.init::<B>(&Default::default()).unwrap();
     assert!(model.lm_head.is_none());

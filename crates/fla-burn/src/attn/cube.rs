@@ -27,7 +27,9 @@ fn on_device<R: CubeRuntime>(
 }
 
 /// The kernels index flat row-major buffers.
-fn contiguous<R: CubeRuntime>(x: AttnTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>) -> [CubeTensor<R>; 3] {
+fn contiguous<R: CubeRuntime>(
+    x: AttnTensors<CubeBackend<R, impl FloatElement, impl IntElement, impl BoolElement>>,
+) -> [CubeTensor<R>; 3] {
     [x.q, x.k, x.v].map(into_contiguous)
 }
 

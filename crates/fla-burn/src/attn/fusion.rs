@@ -2,8 +2,8 @@
 //! (`crate::recorded::fusion`), validated before registration.
 
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::TensorMetadata;
 use burn::tensor::DType;
+use burn::tensor::TensorMetadata;
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
 use super::{

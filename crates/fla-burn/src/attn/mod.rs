@@ -135,7 +135,12 @@ impl<B: AttentionBackend> StateOp<B> for AttnOpOptions {
                 "the attention backward needs the forward's o and lse".into(),
             ));
         };
-        let g = B::attn_backward(AttnTensors::from_inputs(x), AttnForward { o, lse }, d_o, self)?;
+        let g = B::attn_backward(
+            AttnTensors::from_inputs(x),
+            AttnForward { o, lse },
+            d_o,
+            self,
+        )?;
         Ok(AttnTensors::<B> {
             q: g.dq,
             k: g.dk,

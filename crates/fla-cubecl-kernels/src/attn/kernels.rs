@@ -331,10 +331,34 @@ fn scores<F: Float>(
     #[unroll]
     for dc in 0..nd {
         if comptime!(nd > 1 || fixed_k) {
-            stage::<F>(q, sq, qrow, qvalid, h, dc * l.bd, l.heads, l.d, l.bq, l.bd, l);
+            stage::<F>(
+                q,
+                sq,
+                qrow,
+                qvalid,
+                h,
+                dc * l.bd,
+                l.heads,
+                l.d,
+                l.bq,
+                l.bd,
+                l,
+            );
         }
         if comptime!(nd > 1 || !fixed_k) {
-            stage::<F>(k, sk, krow, kvalid, hk, dc * l.bd, l.kv_heads, l.d, l.bk, l.bd, l);
+            stage::<F>(
+                k,
+                sk,
+                krow,
+                kvalid,
+                hk,
+                dc * l.bd,
+                l.kv_heads,
+                l.d,
+                l.bk,
+                l.bd,
+                l,
+            );
         }
         sync_cube();
         let s = comptime!(MmaShape {
@@ -370,10 +394,34 @@ fn dscores<F: Float>(
     #[unroll]
     for dc in 0..ndv {
         if comptime!(ndv > 1 || fixed_v) {
-            stage::<F>(d_o, sdo, qrow, qvalid, h, dc * l.bdv, l.heads, l.dv, l.bq, l.bdv, l);
+            stage::<F>(
+                d_o,
+                sdo,
+                qrow,
+                qvalid,
+                h,
+                dc * l.bdv,
+                l.heads,
+                l.dv,
+                l.bq,
+                l.bdv,
+                l,
+            );
         }
         if comptime!(ndv > 1 || !fixed_v) {
-            stage::<F>(v, sv, krow, kvalid, hk, dc * l.bdv, l.kv_heads, l.dv, l.bk, l.bdv, l);
+            stage::<F>(
+                v,
+                sv,
+                krow,
+                kvalid,
+                hk,
+                dc * l.bdv,
+                l.kv_heads,
+                l.dv,
+                l.bk,
+                l.bdv,
+                l,
+            );
         }
         sync_cube();
         let s = comptime!(MmaShape {
@@ -463,7 +511,19 @@ pub fn attn_fwd_kernel<F: Float>(
         for kb in j_lo / bk..j_hi.div_ceil(bk) {
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
-            stage::<F>(v, &mut sv, k0 + j0, kr, hk, vc * bdv, l.kv_heads, l.dv, bk, bdv, l);
+            stage::<F>(
+                v,
+                &mut sv,
+                k0 + j0,
+                kr,
+                hk,
+                vc * bdv,
+                l.kv_heads,
+                l.dv,
+                bk,
+                bdv,
+                l,
+            );
             scores::<F>(
                 q,
                 k,
@@ -763,7 +823,19 @@ pub fn attn_dq_kernel<F: Float>(
             stage::<F>(q, &mut sq, q0 + i0, rows, h, 0, l.heads, l.d, bq, bd, l);
         }
         if comptime!(l.ndv() == 1) {
-            stage::<F>(d_o, &mut sdo, q0 + i0, rows, h, 0, l.heads, l.dv, bq, l.bdv, l);
+            stage::<F>(
+                d_o,
+                &mut sdo,
+                q0 + i0,
+                rows,
+                h,
+                0,
+                l.heads,
+                l.dv,
+                bq,
+                l.bdv,
+                l,
+            );
         }
         for kb in j_lo / bk..j_hi.div_ceil(bk) {
             let j0 = kb * bk;
@@ -804,7 +876,19 @@ pub fn attn_dq_kernel<F: Float>(
             );
             // With several chunks, `sk` holds the last one: stage this cube's.
             if comptime!(nd > 1) {
-                stage::<F>(k, &mut sk, k0 + j0, kr, hk, dc * bd, l.kv_heads, l.d, bk, bd, l);
+                stage::<F>(
+                    k,
+                    &mut sk,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    dc * bd,
+                    l.kv_heads,
+                    l.d,
+                    bk,
+                    bd,
+                    l,
+                );
             }
             sync_cube();
             let s = comptime!(MmaShape {
@@ -815,7 +899,19 @@ pub fn attn_dq_kernel<F: Float>(
             sync_cube();
         }
         store::<F>(
-            &sdq, &slse, dq, q0 + i0, rows, h, dc * bd, false, l.heads, l.d, bq, bd, threads,
+            &sdq,
+            &slse,
+            dq,
+            q0 + i0,
+            rows,
+            h,
+            dc * bd,
+            false,
+            l.heads,
+            l.d,
+            bq,
+            bd,
+            threads,
         );
     }
 }
@@ -942,7 +1038,19 @@ pub fn attn_dkv_kernel<F: Float>(
                 // With several chunks, `sq`/`sdo` hold the last ones: stage this cube's.
                 if comptime!(nd > 1) {
                     if cc < nd {
-                        stage::<F>(q, &mut sq, q0 + i0, rows, h, cc * bd, l.heads, l.d, bq, bd, l);
+                        stage::<F>(
+                            q,
+                            &mut sq,
+                            q0 + i0,
+                            rows,
+                            h,
+                            cc * bd,
+                            l.heads,
+                            l.d,
+                            bq,
+                            bd,
+                            l,
+                        );
                     }
                 }
                 if comptime!(ndv > 1) {

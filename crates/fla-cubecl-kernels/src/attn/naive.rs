@@ -20,7 +20,12 @@ pub struct AttnGrads {
 
 /// Visits every (sequence, head, query) row with its visible keys' scores after the cap, their
 /// raw scaled products, and the row's normaliser.
-fn rows(p: &AttnProblem, q: &[f64], k: &[f64], mut f: impl FnMut(usize, usize, usize, &[(usize, f64, f64)], f64)) {
+fn rows(
+    p: &AttnProblem,
+    q: &[f64],
+    k: &[f64],
+    mut f: impl FnMut(usize, usize, usize, &[(usize, f64, f64)], f64),
+) {
     let (hq, hk, d) = (p.heads, p.kv_heads, p.k_dim);
     for n in 0..p.num_seqs() {
         let (q0, lq, k0, lk) = p.seq(n);
