@@ -113,8 +113,8 @@ pub fn backward(p: &AttnProblem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -
                 g.dk[krow + c] += ds * q[row * d + c];
             }
             let vrow = ((k0 + j) * hk + kh) * dv;
-            for c in 0..dv {
-                g.dv[vrow + c] += pij * doi[c];
+            for (dvc, doc) in g.dv[vrow..vrow + dv].iter_mut().zip(doi) {
+                *dvc += pij * doc;
             }
         }
     });
