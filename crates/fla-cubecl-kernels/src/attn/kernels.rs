@@ -307,16 +307,18 @@ fn bounds(
     (q0, lq, k0, lk)
 }
 
-/// `S = Q Kᵀ` for query rows `i0 ..` and key rows `j0 ..` (local to the sequence), over the
-/// head's column chunks. With one chunk, `sq` already holds `Q` (or `sk` holds `K`: `fixed_k`).
+/// `S = Q Kᵀ` (or, with `values`, `dP = dO Vᵀ`) for query rows `qrow ..` and key rows
+/// `krow ..` (global token rows), over the head's column chunks (`bd` of `K`, or `bdv` of `V`).
+/// With one chunk, the operand that stays fixed over the caller's loop is staged already: the
+/// key side with `fixed_k`, else the query side.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn scores<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    sq: &mut SharedMemory<F>,
-    sk: &mut SharedMemory<F>,
-    ss: &mut SharedMemory<f32>,
+    a: &Array<F>,
+    b: &Array<F>,
+    sa: &mut SharedMemory<F>,
+    sb: &mut SharedMemory<F>,
+    out: &mut SharedMemory<f32>,
     qrow: usize,
     qvalid: usize,
     h: usize,
@@ -324,39 +326,29 @@ fn scores<F: Float>(
     kvalid: usize,
     hk: usize,
     #[comptime] fixed_k: bool,
+    #[comptime] values: bool,
     #[comptime] l: AttnLayout,
 ) {
-    let nd = comptime!(l.nd());
-    let ld = comptime!(l.bd + l.ph);
+    let (w, width) = comptime!(if values { (l.bdv, l.dv) } else { (l.bd, l.d) });
+    let chunks = comptime!(width.div_ceil(w));
+    let ld = comptime!(w + l.ph);
     #[unroll]
-    for dc in 0..nd {
-        if comptime!(nd > 1 || fixed_k) {
-            stage::<F>(
-                q,
-                sq,
-                qrow,
-                qvalid,
-                h,
-                dc * l.bd,
-                l.heads,
-                l.d,
-                l.bq,
-                l.bd,
-                l,
-            );
+    for dc in 0..chunks {
+        if comptime!(chunks > 1 || fixed_k) {
+            stage::<F>(a, sa, qrow, qvalid, h, dc * w, l.heads, width, l.bq, w, l);
         }
-        if comptime!(nd > 1 || !fixed_k) {
+        if comptime!(chunks > 1 || !fixed_k) {
             stage::<F>(
-                k,
-                sk,
+                b,
+                sb,
                 krow,
                 kvalid,
                 hk,
-                dc * l.bd,
+                dc * w,
                 l.kv_heads,
-                l.d,
+                width,
                 l.bk,
-                l.bd,
+                w,
                 l,
             );
         }
@@ -364,72 +356,9 @@ fn scores<F: Float>(
         let s = comptime!(MmaShape {
             b_col: true,
             accumulate: dc > 0,
-            ..shape(l.bq, l.bk, l.bd, ld, ld, l.bk + PAD_F)
+            ..shape(l.bq, l.bk, w, ld, ld, l.bk + PAD_F)
         });
-        mma::<F, F>(sq, 0, sk, 0, ss, 0, s, l.tile);
-        sync_cube();
-    }
-}
-
-/// `dP = dO Vᵀ`, as [`scores`] for the value side.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn dscores<F: Float>(
-    d_o: &Array<F>,
-    v: &Array<F>,
-    sdo: &mut SharedMemory<F>,
-    sv: &mut SharedMemory<F>,
-    sdp: &mut SharedMemory<f32>,
-    qrow: usize,
-    qvalid: usize,
-    h: usize,
-    krow: usize,
-    kvalid: usize,
-    hk: usize,
-    #[comptime] fixed_v: bool,
-    #[comptime] l: AttnLayout,
-) {
-    let ndv = comptime!(l.ndv());
-    let ld = comptime!(l.bdv + l.ph);
-    #[unroll]
-    for dc in 0..ndv {
-        if comptime!(ndv > 1 || fixed_v) {
-            stage::<F>(
-                d_o,
-                sdo,
-                qrow,
-                qvalid,
-                h,
-                dc * l.bdv,
-                l.heads,
-                l.dv,
-                l.bq,
-                l.bdv,
-                l,
-            );
-        }
-        if comptime!(ndv > 1 || !fixed_v) {
-            stage::<F>(
-                v,
-                sv,
-                krow,
-                kvalid,
-                hk,
-                dc * l.bdv,
-                l.kv_heads,
-                l.dv,
-                l.bk,
-                l.bdv,
-                l,
-            );
-        }
-        sync_cube();
-        let s = comptime!(MmaShape {
-            b_col: true,
-            accumulate: dc > 0,
-            ..shape(l.bq, l.bk, l.bdv, ld, ld, l.bk + PAD_F)
-        });
-        mma::<F, F>(sdo, 0, sv, 0, sdp, 0, s, l.tile);
+        mma::<F, F>(sa, 0, sb, 0, out, 0, s, l.tile);
         sync_cube();
     }
 }
@@ -536,6 +465,7 @@ pub fn attn_fwd_kernel<F: Float>(
                 k0 + j0,
                 kr,
                 hk,
+                false,
                 false,
                 l,
             );
@@ -853,9 +783,10 @@ pub fn attn_dq_kernel<F: Float>(
                 kr,
                 hk,
                 false,
+                false,
                 l,
             );
-            dscores::<F>(
+            scores::<F>(
                 d_o,
                 v,
                 &mut sdo,
@@ -868,6 +799,7 @@ pub fn attn_dq_kernel<F: Float>(
                 kr,
                 hk,
                 false,
+                true,
                 l,
             );
             probs_and_grads::<F>(
@@ -1014,9 +946,10 @@ pub fn attn_dkv_kernel<F: Float>(
                     kr,
                     hk,
                     true,
+                    false,
                     l,
                 );
-                dscores::<F>(
+                scores::<F>(
                     d_o,
                     v,
                     &mut sdo,
@@ -1028,6 +961,7 @@ pub fn attn_dkv_kernel<F: Float>(
                     k0 + j0,
                     kr,
                     hk,
+                    true,
                     true,
                     l,
                 );
