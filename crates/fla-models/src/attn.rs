@@ -114,16 +114,7 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, offset: usize, base: f64) -> Tensor<B
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    (x * table(cos) + rotated * table(sin)).cast(fla_dtype(dtype))
-}
-
-fn fla_dtype(d: burn::tensor::DType) -> burn::tensor::FloatDType {
-    match d {
-        burn::tensor::DType::F16 => burn::tensor::FloatDType::F16,
-        burn::tensor::DType::BF16 => burn::tensor::FloatDType::BF16,
-        burn::tensor::DType::F64 => burn::tensor::FloatDType::F64,
-        _ => burn::tensor::FloatDType::F32,
-    }
+    (x * table(cos) + rotated * table(sin)).cast(burn::tensor::FloatDType::from(dtype))
 }
 
 impl<B: AttentionBackend> crate::lm::TokenMixer<B> for Attention<B> {
