@@ -253,6 +253,29 @@ fn smaller(a: usize, b: usize) -> usize {
     m
 }
 
+/// Keys `[lo, hi)` that any of the `rows` queries from key position `pos0` on can see: up to the
+/// last query's position (causal), from the first query's window start (window).
+#[cube]
+fn key_range(
+    pos0: usize,
+    rows: usize,
+    lk: usize,
+    window: u32,
+    #[comptime] l: AttnLayout,
+) -> (usize, usize) {
+    let mut lo = 0usize;
+    if comptime!(l.window) {
+        if pos0 + 1 > window as usize {
+            lo = pos0 + 1 - window as usize;
+        }
+    }
+    let mut hi = lk;
+    if comptime!(l.causal) {
+        hi = smaller(lk, pos0 + rows);
+    }
+    (lo, hi)
+}
+
 /// Key position of a sequence's first query: its queries are the last `lq` of `lk` positions
 /// (0 when there are more queries than keys, which only non-causal, unwindowed calls allow).
 #[cube]
@@ -412,19 +435,7 @@ pub fn attn_fwd_kernel<F: Float>(
         let unit = UNIT_POS as usize;
 
         // Keys any row of the block sees.
-        let pos_lo = i0 + off;
-        let pos_hi = i0 + rows - 1 + off;
-        let mut j_lo = 0usize;
-        if comptime!(l.window) {
-            if pos_lo + 1 > window as usize {
-                j_lo = pos_lo + 1 - window as usize;
-            }
-        }
-        let mut j_hi = lk;
-        if comptime!(l.causal) {
-            j_hi = smaller(lk, pos_hi + 1);
-        }
-
+        let (j_lo, j_hi) = key_range(i0 + off, rows, lk, window, l);
         fill_f(&mut so, 0.0f32, bq, bdv, threads);
         #[unroll]
         for r in 0..comptime!(bq.div_ceil(threads)) {
@@ -735,18 +746,7 @@ pub fn attn_dq_kernel<F: Float>(
         let mut slse = SharedMemory::<f32>::new(bq);
         let mut sdel = SharedMemory::<f32>::new(bq);
 
-        let pos_lo = i0 + off;
-        let pos_hi = i0 + rows - 1 + off;
-        let mut j_lo = 0usize;
-        if comptime!(l.window) {
-            if pos_lo + 1 > window as usize {
-                j_lo = pos_lo + 1 - window as usize;
-            }
-        }
-        let mut j_hi = lk;
-        if comptime!(l.causal) {
-            j_hi = smaller(lk, pos_hi + 1);
-        }
+        let (j_lo, j_hi) = key_range(i0 + off, rows, lk, window, l);
         fill_f(&mut sdq, 0.0f32, bq, bd, threads);
         stage_rows(lse, delta, &mut slse, &mut sdel, q0 + i0, rows, h, l);
         if comptime!(nd == 1) {
