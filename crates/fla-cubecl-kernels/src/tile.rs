@@ -34,6 +34,23 @@ impl TileConfig {
     }
 }
 
+/// Row and column of the `r`-th entry of a `rows × cols` tile that this unit moves (entries
+/// `unit + r · threads` in row-major order; rows past the tile mean "no entry"). Most tiles are
+/// as wide as a divisor of the cube: then each unit keeps one column and walks rows, and the
+/// index arithmetic per element is a few instructions (it dominated the tiled kernels).
+#[cube]
+pub fn tile_entry(r: usize, #[comptime] cols: usize, #[comptime] t: TileConfig) -> (usize, usize) {
+    let threads = comptime!(t.threads());
+    let unit = UNIT_POS as usize;
+    let mut row = (unit + r * threads) / cols;
+    let mut col = (unit + r * threads) % cols;
+    if comptime!(threads % cols == 0) {
+        row = unit / cols + r * comptime!(threads / cols);
+        col = unit % cols;
+    }
+    (row, col)
+}
+
 /// One product `out[m×n] (+)= A[m×k] · B[k×n]`. `A` is read row-major (`a[i·lda + l]`) or, with
 /// `a_col`, column-major (`a[i + l·lda]`: the transpose of a row-major `k×m` tile); `B` likewise
 /// (`b[l·ldb + j]`, or `b[l + j·ldb]` with `b_col`). `out` is row-major `f32`. With tensor cores,

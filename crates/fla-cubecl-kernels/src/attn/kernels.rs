@@ -17,7 +17,7 @@ use cubecl::prelude::*;
 
 use crate::gated::chunk::chunk_len;
 use crate::gated::recurrent_bwd::linear_unit;
-use crate::tile::{mma, MmaShape, TileConfig};
+use crate::tile::{mma, tile_entry, MmaShape, TileConfig};
 
 /// Compile-time shape of an attention launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +48,11 @@ impl AttnLayout {
     }
     pub fn ndv(&self) -> usize {
         self.dv.div_ceil(self.bdv)
+    }
+    /// Whether a head fits one column chunk: then each kernel's loop fetches its next block's
+    /// moving operands into registers while the current block's products run.
+    pub fn prefetch(&self) -> bool {
+        self.nd() == 1 && self.ndv() == 1
     }
     /// Units sharing one score row in the row passes.
     fn per_row(&self) -> usize {
@@ -132,9 +137,62 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
-/// Stages rows `row0 .. row0 + rows` (those below `valid`) and columns `col0 .. col0 + cols`
-/// (those below `width`) of head `h` of a `[tokens, heads, width]` tensor into a padded tile;
-/// everything else reads as 0, so partial blocks and padded head dims need no other care.
+/// Registers one unit needs to hold a `rows × cols` tile ([`fetch`]).
+fn regs(rows: usize, cols: usize, l: &AttnLayout) -> usize {
+    (rows * cols).div_ceil(l.tile.threads())
+}
+
+/// Fetches rows `row0 .. row0 + rows` (those below `valid`) and columns `col0 .. col0 + cols`
+/// (those below `width`) of head `h` of a `[tokens, heads, width]` tensor into this unit's
+/// registers, zeros elsewhere, so partial blocks and padded head dims need no other care;
+/// [`put`] then writes them to a padded tile. Fetching a loop's next block before the current
+/// block's products keeps the loads in flight during them instead of stalling after a barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch<F: Float>(
+    src: &Array<F>,
+    dst: &mut Array<F>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] heads: usize,
+    #[comptime] width: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) {
+    #[unroll]
+    for r in 0..comptime!(regs(rows, cols, &l)) {
+        let (row, c) = tile_entry(r, cols, l.tile);
+        let col = col0 + c;
+        let mut x = F::cast_from(0.0f32);
+        if row < valid && col < width {
+            x = src[((row0 + row) * heads + h) * width + col];
+        }
+        dst[r] = x;
+    }
+}
+
+/// Writes what [`fetch`] fetched into a padded `rows × cols` tile.
+#[cube]
+fn put<F: Float>(
+    src: &Array<F>,
+    dst: &mut SharedMemory<F>,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) {
+    #[unroll]
+    for r in 0..comptime!(regs(rows, cols, &l)) {
+        let (row, c) = tile_entry(r, cols, l.tile);
+        if row < rows {
+            dst[row * comptime!(cols + l.ph) + c] = src[r];
+        }
+    }
+}
+
+/// [`fetch`] then [`put`]: a tile staged at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage<F: Float>(
@@ -150,24 +208,40 @@ fn stage<F: Float>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let threads = comptime!(l.tile.threads());
-    let entries = comptime!(rows * cols);
-    let ld = comptime!(cols + l.ph);
-    let unit = UNIT_POS as usize;
-    #[unroll]
-    for r in 0..comptime!(entries.div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < entries {
-            let row = e / cols;
-            let c = e % cols;
-            let col = col0 + c;
-            let mut x = F::cast_from(0.0f32);
-            if row < valid && col < width {
-                x = src[((row0 + row) * heads + h) * width + col];
-            }
-            dst[row * ld + c] = x;
-        }
+    let mut held = Array::<F>::new(comptime!(regs(rows, cols, &l)));
+    fetch::<F>(
+        src, &mut held, row0, valid, h, col0, heads, width, rows, cols, l,
+    );
+    put::<F>(&held, dst, rows, cols, l);
+}
+
+/// [`fetch`] of block rows `row0 ..` (`valid` of them) of head `h` of a pair of tensors with `K`
+/// and `V` columns (`k` and `v`, or `q` and `d_o`), whole heads: the prefetching loops' moving
+/// operands.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_pair<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    ra: &mut Array<F>,
+    rb: &mut Array<F>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    #[comptime] heads: usize,
+    #[comptime] rows: usize,
+    #[comptime] l: AttnLayout,
+) {
+    fetch::<F>(a, ra, row0, valid, h, 0, heads, l.d, rows, l.bd, l);
+    fetch::<F>(b, rb, row0, valid, h, 0, heads, l.dv, rows, l.bdv, l);
+}
+
+/// Registers of one operand of [`fetch_pair`] (one placeholder when the kernel does not prefetch).
+fn pair_regs(rows: usize, values: bool, l: &AttnLayout) -> usize {
+    if !l.prefetch() {
+        return 1;
     }
+    regs(rows, if values { l.bdv } else { l.bd }, l)
 }
 
 /// Sets every entry of a padded `rows × cols` `f32` tile to `x`.
@@ -354,7 +428,6 @@ fn scores<F: Float>(
 ) {
     let (w, width) = comptime!(if values { (l.bdv, l.dv) } else { (l.bd, l.d) });
     let chunks = comptime!(width.div_ceil(w));
-    let ld = comptime!(w + l.ph);
     #[unroll]
     for dc in 0..chunks {
         if comptime!(chunks > 1 || fixed_k) {
@@ -375,15 +448,29 @@ fn scores<F: Float>(
                 l,
             );
         }
-        sync_cube();
-        let s = comptime!(MmaShape {
-            b_col: true,
-            accumulate: dc > 0,
-            ..shape(l.bq, l.bk, w, ld, ld, l.bk + PAD_F)
-        });
-        mma::<F, F>(sa, 0, sb, 0, out, 0, s, l.tile);
-        sync_cube();
+        scores_chunk::<F>(sa, sb, out, dc > 0, values, l);
     }
+}
+
+/// One column chunk's `out (+)= A Bᵀ` (`bq × bk`) from staged tiles, between barriers.
+#[cube]
+fn scores_chunk<F: Float>(
+    sa: &SharedMemory<F>,
+    sb: &SharedMemory<F>,
+    out: &mut SharedMemory<f32>,
+    #[comptime] accumulate: bool,
+    #[comptime] values: bool,
+    #[comptime] l: AttnLayout,
+) {
+    let w = comptime!(if values { l.bdv } else { l.bd });
+    sync_cube();
+    let s = comptime!(MmaShape {
+        b_col: true,
+        accumulate,
+        ..shape(l.bq, l.bk, w, w + l.ph, w + l.ph, l.bk + PAD_F)
+    });
+    mma::<F, F>(sa, 0, sb, 0, out, 0, s, l.tile);
+    sync_cube();
 }
 
 /// Forward: `o` and the rows' log-sum-exp. Cubes `(query block · value chunk, head, sequence)`.
@@ -448,38 +535,62 @@ pub fn attn_fwd_kernel<F: Float>(
         if comptime!(l.nd() == 1) {
             stage::<F>(q, &mut sq, q0 + i0, rows, h, 0, l.heads, l.d, bq, l.bd, l);
         }
-        for kb in j_lo / bk..j_hi.div_ceil(bk) {
+        let pre = comptime!(l.prefetch());
+        let kb_lo = j_lo / bk;
+        let kb_hi = j_hi.div_ceil(bk);
+        let mut rk = Array::<F>::new(comptime!(pair_regs(bk, false, &l)));
+        let mut rv = Array::<F>::new(comptime!(pair_regs(bk, true, &l)));
+        if comptime!(pre) {
+            if kb_lo < kb_hi {
+                let j0 = kb_lo * bk;
+                let kr = chunk_len(lk, j0, bk);
+                fetch_pair::<F>(k, v, &mut rk, &mut rv, k0 + j0, kr, hk, l.kv_heads, bk, l);
+            }
+        }
+        for kb in kb_lo..kb_hi {
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
-            stage::<F>(
-                v,
-                &mut sv,
-                k0 + j0,
-                kr,
-                hk,
-                vc * bdv,
-                l.kv_heads,
-                l.dv,
-                bk,
-                bdv,
-                l,
-            );
-            scores::<F>(
-                q,
-                k,
-                &mut sq,
-                &mut sk,
-                &mut ss,
-                q0 + i0,
-                rows,
-                h,
-                k0 + j0,
-                kr,
-                hk,
-                false,
-                false,
-                l,
-            );
+            if comptime!(pre) {
+                // The previous block ended with a barrier: its tiles are free.
+                put::<F>(&rk, &mut sk, bk, l.bd, l);
+                put::<F>(&rv, &mut sv, bk, bdv, l);
+                if kb + 1 < kb_hi {
+                    let j1 = j0 + bk;
+                    let kr1 = chunk_len(lk, j1, bk);
+                    fetch_pair::<F>(k, v, &mut rk, &mut rv, k0 + j1, kr1, hk, l.kv_heads, bk, l);
+                }
+                scores_chunk::<F>(&sq, &sk, &mut ss, false, false, l);
+            } else {
+                stage::<F>(
+                    v,
+                    &mut sv,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    vc * bdv,
+                    l.kv_heads,
+                    l.dv,
+                    bk,
+                    bdv,
+                    l,
+                );
+                scores::<F>(
+                    q,
+                    k,
+                    &mut sq,
+                    &mut sk,
+                    &mut ss,
+                    q0 + i0,
+                    rows,
+                    h,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    false,
+                    false,
+                    l,
+                );
+            }
             // Row pass 1: scale, cap and mask the scores; each unit's maximum over its columns.
             #[unroll]
             for r in 0..comptime!((bq * tpr).div_ceil(threads)) {
@@ -767,41 +878,65 @@ pub fn attn_dq_kernel<F: Float>(
                 l,
             );
         }
-        for kb in j_lo / bk..j_hi.div_ceil(bk) {
+        let pre = comptime!(l.prefetch());
+        let kb_lo = j_lo / bk;
+        let kb_hi = j_hi.div_ceil(bk);
+        let mut rk = Array::<F>::new(comptime!(pair_regs(bk, false, &l)));
+        let mut rv = Array::<F>::new(comptime!(pair_regs(bk, true, &l)));
+        if comptime!(pre) {
+            if kb_lo < kb_hi {
+                let j0 = kb_lo * bk;
+                let kr = chunk_len(lk, j0, bk);
+                fetch_pair::<F>(k, v, &mut rk, &mut rv, k0 + j0, kr, hk, l.kv_heads, bk, l);
+            }
+        }
+        for kb in kb_lo..kb_hi {
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
-            scores::<F>(
-                q,
-                k,
-                &mut sq,
-                &mut sk,
-                &mut ss,
-                q0 + i0,
-                rows,
-                h,
-                k0 + j0,
-                kr,
-                hk,
-                false,
-                false,
-                l,
-            );
-            scores::<F>(
-                d_o,
-                v,
-                &mut sdo,
-                &mut sv,
-                &mut sdp,
-                q0 + i0,
-                rows,
-                h,
-                k0 + j0,
-                kr,
-                hk,
-                false,
-                true,
-                l,
-            );
+            if comptime!(pre) {
+                put::<F>(&rk, &mut sk, bk, bd, l);
+                put::<F>(&rv, &mut sv, bk, l.bdv, l);
+                if kb + 1 < kb_hi {
+                    let j1 = j0 + bk;
+                    let kr1 = chunk_len(lk, j1, bk);
+                    fetch_pair::<F>(k, v, &mut rk, &mut rv, k0 + j1, kr1, hk, l.kv_heads, bk, l);
+                }
+                scores_chunk::<F>(&sq, &sk, &mut ss, false, false, l);
+                scores_chunk::<F>(&sdo, &sv, &mut sdp, false, true, l);
+            } else {
+                scores::<F>(
+                    q,
+                    k,
+                    &mut sq,
+                    &mut sk,
+                    &mut ss,
+                    q0 + i0,
+                    rows,
+                    h,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    false,
+                    false,
+                    l,
+                );
+                scores::<F>(
+                    d_o,
+                    v,
+                    &mut sdo,
+                    &mut sv,
+                    &mut sdp,
+                    q0 + i0,
+                    rows,
+                    h,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    false,
+                    true,
+                    l,
+                );
+            }
             probs_and_grads::<F>(
                 &ss, &sdp, &slse, &sdel, &mut sp, &mut sds, i0, rows, off, j0, kr, scale, window,
                 cap, false, l,
@@ -927,44 +1062,87 @@ pub fn attn_dkv_kernel<F: Float>(
         if i_lo >= i_hi {
             qb_lo = qb_hi;
         }
+        let pre = comptime!(l.prefetch());
+        let mut rq = Array::<F>::new(comptime!(pair_regs(bq, false, &l)));
+        let mut rdo = Array::<F>::new(comptime!(pair_regs(bq, true, &l)));
+        if comptime!(pre) {
+            if qb_lo < qb_hi {
+                let i0 = qb_lo * bq;
+                let rows = chunk_len(lq, i0, bq);
+                let h = hk * group;
+                fetch_pair::<F>(q, d_o, &mut rq, &mut rdo, q0 + i0, rows, h, l.heads, bq, l);
+            }
+        }
         for g in 0..group {
             let h = hk * group + g;
             for qb in qb_lo..qb_hi {
                 let i0 = qb * bq;
                 let rows = chunk_len(lq, i0, bq);
                 stage_rows(lse, delta, &mut slse, &mut sdel, q0 + i0, rows, h, l);
-                scores::<F>(
-                    q,
-                    k,
-                    &mut sq,
-                    &mut sk,
-                    &mut ss,
-                    q0 + i0,
-                    rows,
-                    h,
-                    k0 + j0,
-                    kr,
-                    hk,
-                    true,
-                    false,
-                    l,
-                );
-                scores::<F>(
-                    d_o,
-                    v,
-                    &mut sdo,
-                    &mut sv,
-                    &mut sdp,
-                    q0 + i0,
-                    rows,
-                    h,
-                    k0 + j0,
-                    kr,
-                    hk,
-                    true,
-                    true,
-                    l,
-                );
+                if comptime!(pre) {
+                    put::<F>(&rq, &mut sq, bq, bd, l);
+                    put::<F>(&rdo, &mut sdo, bq, bdv, l);
+                    // The next block: this head's next, or the group's next head's first.
+                    let mut nh = h;
+                    let mut nqb = qb + 1;
+                    let mut more = true;
+                    if nqb >= qb_hi {
+                        nh = h + 1;
+                        nqb = qb_lo;
+                        more = g + 1 < group;
+                    }
+                    if more {
+                        let i1 = nqb * bq;
+                        let rows1 = chunk_len(lq, i1, bq);
+                        fetch_pair::<F>(
+                            q,
+                            d_o,
+                            &mut rq,
+                            &mut rdo,
+                            q0 + i1,
+                            rows1,
+                            nh,
+                            l.heads,
+                            bq,
+                            l,
+                        );
+                    }
+                    scores_chunk::<F>(&sq, &sk, &mut ss, false, false, l);
+                    scores_chunk::<F>(&sdo, &sv, &mut sdp, false, true, l);
+                } else {
+                    scores::<F>(
+                        q,
+                        k,
+                        &mut sq,
+                        &mut sk,
+                        &mut ss,
+                        q0 + i0,
+                        rows,
+                        h,
+                        k0 + j0,
+                        kr,
+                        hk,
+                        true,
+                        false,
+                        l,
+                    );
+                    scores::<F>(
+                        d_o,
+                        v,
+                        &mut sdo,
+                        &mut sv,
+                        &mut sdp,
+                        q0 + i0,
+                        rows,
+                        h,
+                        k0 + j0,
+                        kr,
+                        hk,
+                        true,
+                        true,
+                        l,
+                    );
+                }
                 probs_and_grads::<F>(
                     &ss, &sdp, &slse, &sdel, &mut sp, &mut sds, i0, rows, off, j0, kr, scale,
                     window, cap, true, l,

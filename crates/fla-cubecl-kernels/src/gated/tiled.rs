@@ -27,7 +27,7 @@ use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
-use crate::tile::{mma, MmaShape, TileConfig};
+use crate::tile::{mma, tile_entry, MmaShape, TileConfig};
 
 /// Compile-time shape of a tiled chunk launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,23 +179,6 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
-/// Row and column of the `r`-th entry of a `C × cols` tile that this unit handles (entries
-/// `unit + r · threads` in row-major order). Most tiles are as wide as a divisor of the cube:
-/// then each unit keeps one column and walks rows, and the index arithmetic per element is a few
-/// instructions (it dominated the kernel). Rows past `C` mean "no entry".
-#[cube]
-fn tile_entry(r: usize, #[comptime] cols: usize, #[comptime] l: TiledLayout) -> (usize, usize) {
-    let threads = comptime!(l.tile.threads());
-    let unit = UNIT_POS as usize;
-    let mut row = (unit + r * threads) / cols;
-    let mut col = (unit + r * threads) % cols;
-    if comptime!(threads % cols == 0) {
-        row = unit / cols + r * comptime!(threads / cols);
-        col = unit % cols;
-    }
-    (row, col)
-}
-
 /// Fetches rows `p0 .. p0 + C` (processing order) of columns `col0 .. col0 + cols` of a
 /// `[B·T, H, width]` tensor into this unit's registers (zeros outside the sequence or the
 /// tensor's columns); [`stage_tile`] then writes them to a padded row-major `C × cols` tile.
@@ -220,7 +203,7 @@ fn fetch_tile<F: Float>(
     let entries = comptime!(l.chunk * cols);
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let (row, c) = tile_entry(r, cols, l);
+        let (row, c) = tile_entry(r, cols, l.tile);
         let col = col0 + c;
         let mut x = F::cast_from(0.0f32);
         if row < cl && col < width {
@@ -244,7 +227,7 @@ fn stage_tile<F: Float>(
     let ld = comptime!(cols + l.ph);
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let (row, c) = tile_entry(r, cols, l);
+        let (row, c) = tile_entry(r, cols, l.tile);
         if row < l.chunk {
             dst[row * ld + c] = regs[r];
         }
@@ -279,7 +262,7 @@ fn store_tile<O: Float>(
     let ld = comptime!(cols + PAD_F);
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
-        let (row, c) = tile_entry(r, cols, l);
+        let (row, c) = tile_entry(r, cols, l.tile);
         let col = col0 + c;
         if row < cl && col < width {
             let tok = token_at(bos, len, p0 + row, l.reverse);
