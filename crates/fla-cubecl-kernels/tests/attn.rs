@@ -17,7 +17,7 @@ use rstest::rstest;
 
 #[macro_use]
 mod common;
-use common::{check, runtime_name, tolerance};
+use common::{base_dtype, check, runtime_name, tolerance};
 
 /// `[B, T_q, T_k, H, HK, K, V]`.
 type Dims = [usize; 7];
@@ -154,7 +154,7 @@ fn case(dims: Dims, o: Opts, dtype: FloatDType) -> AttnCase {
 #[case::t17_d128([1, 17, 17, 2, 2, 128, 128])]
 #[case::t33_d16([2, 33, 33, 3, 3, 16, 16])]
 fn sizes(#[case] dims: Dims, #[values(CAUSAL, FULL)] o: Opts) {
-    on_runtime!(compare(&case(dims, o, FloatDType::F32)));
+    on_runtime!(compare(&case(dims, o, base_dtype())));
 }
 
 #[rstest]
@@ -162,7 +162,7 @@ fn t1500() {
     on_runtime!(compare(&case(
         [1, 1500, 1500, 1, 1, 64, 64],
         CAUSAL,
-        FloatDType::F32
+        base_dtype()
     )));
 }
 
@@ -170,7 +170,7 @@ fn t1500() {
 #[rstest]
 fn grouped_heads(#[values(1, 2, 4)] ratio: usize, #[values(CAUSAL, FULL)] o: Opts) {
     let dims = [2, 40, 40, 4, 4 / ratio, 32, 48];
-    on_runtime!(compare(&case(dims, o, FloatDType::F32)));
+    on_runtime!(compare(&case(dims, o, base_dtype())));
 }
 
 /// Windows smaller than the sequence (several key blocks dropped), equal, and larger.
@@ -184,7 +184,7 @@ fn sliding_window(#[values(1, 5, 16, 70, 300)] w: usize, #[values(true, false)] 
     on_runtime!(compare(&case(
         [1, 70, 70, 2, 1, 32, 32],
         o,
-        FloatDType::F32
+        base_dtype()
     )));
 }
 
@@ -195,14 +195,14 @@ fn softcap(#[values(CAUSAL, FULL)] o: Opts) {
         softcap: Some(5.0),
         ..o
     };
-    let p = problem([1, 50, 50, 2, 2, 32, 32], o, None, FloatDType::F32);
+    let p = problem([1, 50, 50, 2, 2, 32, 32], o, None, base_dtype());
     on_runtime!(compare(&AttnCase::new(p, 3.0, 7)));
 }
 
 /// Peaked softmax rows (large scores): the running maximum moves between key blocks.
 #[rstest]
 fn peaked_scores(#[values(CAUSAL, FULL)] o: Opts) {
-    let p = problem([1, 90, 90, 1, 1, 64, 64], o, None, FloatDType::F32);
+    let p = problem([1, 90, 90, 1, 1, 64, 64], o, None, base_dtype());
     on_runtime!(compare(&AttnCase::new(p, 4.0, 11)));
 }
 
@@ -212,7 +212,7 @@ fn decoding(#[values(1, 3, 20)] tq: usize, #[values(CAUSAL, FULL)] o: Opts) {
     on_runtime!(compare(&case(
         [2, tq, 70, 2, 1, 64, 64],
         o,
-        FloatDType::F32
+        base_dtype()
     )));
 }
 
@@ -220,7 +220,7 @@ fn decoding(#[values(1, 3, 20)] tq: usize, #[values(CAUSAL, FULL)] o: Opts) {
 #[rstest]
 fn varlen(#[values(CAUSAL, FULL)] o: Opts) {
     let cu = vec![0, 15, 15, 80, 81, 100];
-    let p = problem([1, 100, 100, 2, 2, 32, 40], o, Some(cu), FloatDType::F32);
+    let p = problem([1, 100, 100, 2, 2, 32, 40], o, Some(cu), base_dtype());
     on_runtime!(compare(&AttnCase::new(p, 1.0, 3)));
 }
 
@@ -232,7 +232,7 @@ fn varlen_window() {
         softcap: None,
     };
     let cu = vec![0, 30, 30, 77];
-    let p = problem([1, 77, 77, 4, 2, 16, 16], o, Some(cu), FloatDType::F32);
+    let p = problem([1, 77, 77, 4, 2, 16, 16], o, Some(cu), base_dtype());
     on_runtime!(compare(&AttnCase::new(p, 1.0, 5)));
 }
 
@@ -260,7 +260,7 @@ fn bad_problems(
     #[case] cu: Option<Vec<usize>>,
     #[case] needle: &str,
 ) {
-    let err = problem(dims, o, cu, FloatDType::F32)
+    let err = problem(dims, o, cu, base_dtype())
         .validate()
         .expect_err("refused");
     assert!(err.to_string().contains(needle), "{err}");

@@ -35,6 +35,16 @@ pub fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
     );
 }
 
+/// The dtype of cases that do not name one: `f32`, or what `FLA_TEST_DTYPE` asks for (`bf16`,
+/// `f16`), so a GPU run can send every case through the tensor-core path, which `f32` skips.
+pub fn base_dtype() -> FloatDType {
+    match std::env::var("FLA_TEST_DTYPE").as_deref() {
+        Ok("bf16") => FloatDType::BF16,
+        Ok("f16") => FloatDType::F16,
+        _ => FloatDType::F32,
+    }
+}
+
 pub fn runtime_name() -> &'static str {
     let wanted = std::env::var("FLA_TEST_RUNTIME").unwrap_or_default();
     if cfg!(feature = "cuda") && (wanted == "cuda" || !cfg!(feature = "wgpu")) {
