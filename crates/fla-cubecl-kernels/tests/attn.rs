@@ -181,11 +181,7 @@ fn sliding_window(#[values(1, 5, 16, 70, 300)] w: usize, #[values(true, false)] 
         window: Some(w),
         softcap: None,
     };
-    on_runtime!(compare(&case(
-        [1, 70, 70, 2, 1, 32, 32],
-        o,
-        base_dtype()
-    )));
+    on_runtime!(compare(&case([1, 70, 70, 2, 1, 32, 32], o, base_dtype())));
 }
 
 /// Scores soft-capped (Gemma 2 style); a large spread so the cap acts.
@@ -209,11 +205,7 @@ fn peaked_scores(#[values(CAUSAL, FULL)] o: Opts) {
 /// Decoding: a few queries at the end of a longer key/value cache.
 #[rstest]
 fn decoding(#[values(1, 3, 20)] tq: usize, #[values(CAUSAL, FULL)] o: Opts) {
-    on_runtime!(compare(&case(
-        [2, tq, 70, 2, 1, 64, 64],
-        o,
-        base_dtype()
-    )));
+    on_runtime!(compare(&case([2, tq, 70, 2, 1, 64, 64], o, base_dtype())));
 }
 
 /// Variable-length batch with an empty sequence and sequences that end mid-block.

@@ -38,6 +38,9 @@ pub struct AttnLayout {
     pub window: bool,
     pub softcap: bool,
     pub varlen: bool,
+    /// Fetch each loop's next block into registers during the current block's products (where
+    /// a head fits one column chunk, see [`AttnLayout::prefetch`]).
+    pub fetch_ahead: bool,
     pub tile: TileConfig,
 }
 
@@ -49,10 +52,10 @@ impl AttnLayout {
     pub fn ndv(&self) -> usize {
         self.dv.div_ceil(self.bdv)
     }
-    /// Whether a head fits one column chunk: then each kernel's loop fetches its next block's
-    /// moving operands into registers while the current block's products run.
+    /// Whether the loop fetches its next block's moving operands into registers while the
+    /// current block's products run: asked for, and a head fits one column chunk.
     pub fn prefetch(&self) -> bool {
-        self.nd() == 1 && self.ndv() == 1
+        self.fetch_ahead && self.nd() == 1 && self.ndv() == 1
     }
     /// Units sharing one score row in the row passes.
     fn per_row(&self) -> usize {

@@ -72,6 +72,11 @@ pub fn attn_layout<R: Runtime>(
         planes,
         unroll: cpu,
     };
+    // Fetching ahead (H200, T = 4096, B = 8, H = 16, D = 128, bf16): the forward 19.3 -> 10.9 ms
+    // at 32 planes (with 128-row blocks); the backward 99 -> 76 ms at 8 planes but 61 -> 82 at
+    // 16 and 44 -> 62 at 32, where the units' registers are fewest: so the backward kernels run
+    // without it (`FLA_ATTN_PREFETCH_BWD=1` turns it on, for measuring).
+    let fetch_ahead = kernel == AttnKernel::Forward || tuning("FLA_ATTN_PREFETCH_BWD") == Some(1);
     let elem = p.dtype.size();
     let (dp, dvp) = (
         p.k_dim.next_multiple_of(FRAG),
@@ -106,6 +111,7 @@ pub fn attn_layout<R: Runtime>(
                 window: p.window.is_some(),
                 softcap: p.softcap.is_some(),
                 varlen: p.cu_seqlens.is_some(),
+                fetch_ahead,
                 tile,
             };
             if smem(&l) <= max_smem {
