@@ -10,9 +10,10 @@
 //! accumulation; checkpoints every `--checkpoint-every` steps and `--resume` from
 //! the newest one (bit-exact on the same backend); at the end the model is written in FLA's format
 //! (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and FLA.
-//! burn-train's learner, evaluation tasks and plots are not built yet.
+//! burn-train's learner and plots are not built yet; `fla-eval` evaluates the saved model.
 
 mod checkpoint;
+mod plot;
 
 use std::io::Write;
 use std::time::Instant;
@@ -373,6 +374,10 @@ where
         "model (FLA's config.json + model.safetensors) in {}",
         export.display()
     );
+    drop(csv);
+    let svg = std::path::Path::new(&metrics).with_extension("svg");
+    plot::loss_svg(&std::fs::read_to_string(&metrics)?, &svg)?;
+    println!("loss curves in {}", svg.display());
     println!("validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {metrics}");
     Ok(())
 }

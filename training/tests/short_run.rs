@@ -45,6 +45,8 @@ fn short_run_lowers_validation_loss() {
         "validation loss did not fall clearly: {last}"
     );
     let csv = std::fs::read_to_string(&metrics).expect("metrics written");
+    let svg = std::fs::read_to_string(metrics.with_extension("svg")).expect("loss curves drawn");
+    assert!(svg.contains("validation"), "loss.svg without its curves");
     assert_eq!(
         csv.lines().count(),
         1 + 1 + 15,
@@ -75,6 +77,46 @@ fn short_run_lowers_validation_loss() {
         "{text}"
     );
     assert!(stderr.contains("decoding: 8 tokens"), "{stderr}");
+    // fla-eval reads it too: perplexity on the held-out split, below the 256 of a uniform guess
+    // after the loss fell, and a multiple-choice file.
+    let questions = dir.join("questions.jsonl");
+    std::fs::write(
+        &questions,
+        "{\"context\": \"Of Man's first\", \"choices\": [\" disobedience\", \"zqx\"], \"label\": 0}\n",
+    )
+    .expect("write questions");
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-eval"))
+        .args([
+            "--backend",
+            "ndarray",
+            "--max-tokens",
+            "300",
+            "--seq-len",
+            "64",
+        ])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .arg("--choices")
+        .arg(&questions)
+        .output()
+        .expect("fla-eval runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fla-eval failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ppl: f64 = text
+        .split("perplexity ")
+        .nth(2)
+        .and_then(|w| w.split(',').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no perplexity in {text}"));
+    assert!(ppl > 1.0 && ppl < 256.0, "{text}");
+    assert!(
+        text.contains("299 tokens") && text.contains("1 questions, acc"),
+        "{text}"
+    );
     // A directory without a model is a clear error.
     let out = Command::new(env!("CARGO_BIN_EXE_fla-generate"))
         .args(["--backend", "ndarray", "--prompt", "x", "--model"])

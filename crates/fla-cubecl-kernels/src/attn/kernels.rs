@@ -476,6 +476,44 @@ fn scores_chunk<F: Float>(
     sync_cube();
 }
 
+/// The backward's two score products for a block pair: `S = Q Kᵀ` into `ss` and `dP = dO Vᵀ`
+/// into `sdp`. Prefetching loops have staged every operand already; otherwise [`scores`]
+/// stages what moves (the key side is fixed with `fixed_k`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scores_and_grads<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    d_o: &Array<F>,
+    v: &Array<F>,
+    sq: &mut SharedMemory<F>,
+    sk: &mut SharedMemory<F>,
+    sdo: &mut SharedMemory<F>,
+    sv: &mut SharedMemory<F>,
+    ss: &mut SharedMemory<f32>,
+    sdp: &mut SharedMemory<f32>,
+    qrow: usize,
+    qvalid: usize,
+    h: usize,
+    krow: usize,
+    kvalid: usize,
+    hk: usize,
+    #[comptime] fixed_k: bool,
+    #[comptime] l: AttnLayout,
+) {
+    if comptime!(l.prefetch()) {
+        scores_chunk::<F>(sq, sk, ss, false, false, l);
+        scores_chunk::<F>(sdo, sv, sdp, false, true, l);
+    } else {
+        scores::<F>(
+            q, k, sq, sk, ss, qrow, qvalid, h, krow, kvalid, hk, fixed_k, false, l,
+        );
+        scores::<F>(
+            d_o, v, sdo, sv, sdp, qrow, qvalid, h, krow, kvalid, hk, fixed_k, true, l,
+        );
+    }
+}
+
 /// Forward: `o` and the rows' log-sum-exp. Cubes `(query block · value chunk, head, sequence)`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -904,42 +942,27 @@ pub fn attn_dq_kernel<F: Float>(
                     let kr1 = chunk_len(lk, j1, bk);
                     fetch_pair::<F>(k, v, &mut rk, &mut rv, k0 + j1, kr1, hk, l.kv_heads, bk, l);
                 }
-                scores_chunk::<F>(&sq, &sk, &mut ss, false, false, l);
-                scores_chunk::<F>(&sdo, &sv, &mut sdp, false, true, l);
-            } else {
-                scores::<F>(
-                    q,
-                    k,
-                    &mut sq,
-                    &mut sk,
-                    &mut ss,
-                    q0 + i0,
-                    rows,
-                    h,
-                    k0 + j0,
-                    kr,
-                    hk,
-                    false,
-                    false,
-                    l,
-                );
-                scores::<F>(
-                    d_o,
-                    v,
-                    &mut sdo,
-                    &mut sv,
-                    &mut sdp,
-                    q0 + i0,
-                    rows,
-                    h,
-                    k0 + j0,
-                    kr,
-                    hk,
-                    false,
-                    true,
-                    l,
-                );
             }
+            scores_and_grads::<F>(
+                q,
+                k,
+                d_o,
+                v,
+                &mut sq,
+                &mut sk,
+                &mut sdo,
+                &mut sv,
+                &mut ss,
+                &mut sdp,
+                q0 + i0,
+                rows,
+                h,
+                k0 + j0,
+                kr,
+                hk,
+                false,
+                l,
+            );
             probs_and_grads::<F>(
                 &ss, &sdp, &slse, &sdel, &mut sp, &mut sds, i0, rows, off, j0, kr, scale, window,
                 cap, false, l,
@@ -1110,42 +1133,27 @@ pub fn attn_dkv_kernel<F: Float>(
                             l,
                         );
                     }
-                    scores_chunk::<F>(&sq, &sk, &mut ss, false, false, l);
-                    scores_chunk::<F>(&sdo, &sv, &mut sdp, false, true, l);
-                } else {
-                    scores::<F>(
-                        q,
-                        k,
-                        &mut sq,
-                        &mut sk,
-                        &mut ss,
-                        q0 + i0,
-                        rows,
-                        h,
-                        k0 + j0,
-                        kr,
-                        hk,
-                        true,
-                        false,
-                        l,
-                    );
-                    scores::<F>(
-                        d_o,
-                        v,
-                        &mut sdo,
-                        &mut sv,
-                        &mut sdp,
-                        q0 + i0,
-                        rows,
-                        h,
-                        k0 + j0,
-                        kr,
-                        hk,
-                        true,
-                        true,
-                        l,
-                    );
                 }
+                scores_and_grads::<F>(
+                    q,
+                    k,
+                    d_o,
+                    v,
+                    &mut sq,
+                    &mut sk,
+                    &mut sdo,
+                    &mut sv,
+                    &mut ss,
+                    &mut sdp,
+                    q0 + i0,
+                    rows,
+                    h,
+                    k0 + j0,
+                    kr,
+                    hk,
+                    true,
+                    l,
+                );
                 probs_and_grads::<F>(
                     &ss, &sdp, &slse, &sdel, &mut sp, &mut sds, i0, rows, off, j0, kr, scale,
                     window, cap, true, l,

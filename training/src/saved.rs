@@ -1,0 +1,95 @@
+//! Models saved in FLA's format (a directory with config.json and model.safetensors), whatever
+//! their family: the binaries that read one (`fla-generate`, `fla-eval`) share the dispatch on
+//! `model_type` here.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use fla_burn::{AttentionBackend, DeltaRuleBackend, GatedRecurrentBackend};
+use fla_models::checkpoint::Pretrained;
+use fla_models::gated_deltanet::GatedDeltaNet;
+use fla_models::gla::GatedLinearAttention;
+use fla_models::lm::{ForCausalLM, TokenMixer};
+
+pub type Error = Box<dyn std::error::Error>;
+
+/// What a binary does with a loaded model; generic over the family, which is known only once
+/// config.json is read.
+pub trait WithModel<B: Backend> {
+    fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
+    where
+        ForCausalLM<B, M>: Pretrained<B>;
+}
+
+/// The `model_type` field of `dir/config.json`.
+pub fn model_type(dir: &Path) -> Result<String, Error> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    json.get("model_type")
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| format!("{} has no model_type", path.display()).into())
+}
+
+/// Loads the model in `dir` on `B`'s default device and hands it to `task`. Byte-level models
+/// only: a directory with a tokenizer.json is refused, as is a vocabulary below 256.
+pub fn with_model<B, W>(dir: &Path, task: W) -> Result<(), Error>
+where
+    B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend,
+    W: WithModel<B>,
+{
+    fn load<B: Backend, M: TokenMixer<B>, W: WithModel<B>>(dir: &Path, task: W) -> Result<(), Error>
+    where
+        ForCausalLM<B, M>: Pretrained<B>,
+    {
+        let (model, _) = ForCausalLM::<B, M>::from_pretrained(dir, &B::Device::default())?;
+        let vocab = model.model.embeddings.weight.dims()[0];
+        if vocab < 256 {
+            return Err(format!(
+                "byte-level text needs a vocabulary of 256, the model has {vocab}"
+            )
+            .into());
+        }
+        task.run(model)
+    }
+    if dir.join("tokenizer.json").exists() {
+        return Err("tokenizer.json found: only byte-level models are supported so far".into());
+    }
+    match model_type(dir)?.as_str() {
+        "gla" => load::<B, GatedLinearAttention<B>, W>(dir, task),
+        "gated_deltanet" => load::<B, GatedDeltaNet<B>, W>(dir, task),
+        "transformer" => load::<B, fla_models::attn::Attention<B>, W>(dir, task),
+        other => Err(format!(
+            "model_type {other:?} is not built (gla, gated_deltanet, transformer)"
+        )
+        .into()),
+    }
+}
+
+/// Runs `$body` with the type `$B` set to the backend named `$name` (ndarray, wgpu, cuda), or
+/// returns an error naming a backend that is not built in; wgpu is checked for an adapter first.
+macro_rules! on_backend {
+    ($name:expr, $B:ident => $body:expr) => {
+        match $name {
+            "ndarray" => {
+                type $B = burn::backend::NdArray;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu" => {
+                fla_burn::device::check_wgpu(&Default::default())?;
+                type $B = burn::backend::Wgpu;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                type $B = burn::backend::Cuda;
+                $body
+            }
+            other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
+        }
+    };
+}
+pub(crate) use on_backend;
