@@ -5,9 +5,12 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+/// `(step, loss)` points of one curve.
+type Curve = Vec<(f64, f64)>;
+
 /// `(step, train loss)` and `(step, validation loss)` points of a `step,train_loss,valid_loss,...`
 /// CSV (empty fields are steps without that measurement).
-fn points(csv: &str) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+fn points(csv: &str) -> (Curve, Curve) {
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for line in csv.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
