@@ -80,10 +80,12 @@ mod tests {
         loss_svg(csv, &path).expect("drawn");
         let svg = std::fs::read_to_string(&path).expect("written");
         assert!(svg.starts_with("<svg") && svg.contains("validation") && svg.contains("<polyline"));
+        // Each colour twice: its curve and its legend mark.
+        assert_eq!(svg.matches("stroke=\"#0000FF\"").count(), 2, "train curve");
         assert_eq!(
-            svg.matches("<polyline").count(),
-            2 + 2,
-            "two curves and two legend marks"
+            svg.matches("stroke=\"#FF0000\"").count(),
+            2,
+            "validation curve"
         );
         let err = loss_svg("step,train_loss,valid_loss\n", &path).unwrap_err();
         assert!(err.to_string().contains("no losses"));
