@@ -51,6 +51,31 @@ pub fn tile_entry(r: usize, #[comptime] cols: usize, #[comptime] t: TileConfig) 
     (row, col)
 }
 
+/// Registers one unit needs to hold its entries of a `rows × cols` tile ([`tile_entry`]).
+pub fn regs_for(rows: usize, cols: usize, t: &TileConfig) -> usize {
+    (rows * cols).div_ceil(t.threads())
+}
+
+/// Writes this unit's entries of a `rows × cols` tile, held in registers (entry `r` as
+/// [`tile_entry`] places it), into a padded row-major tile of leading dimension `cols + pad`.
+#[cube]
+pub fn put_tile<F: Float>(
+    src: &Array<F>,
+    dst: &mut SharedMemory<F>,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] pad: usize,
+    #[comptime] t: TileConfig,
+) {
+    #[unroll]
+    for r in 0..comptime!(regs_for(rows, cols, &t)) {
+        let (row, c) = tile_entry(r, cols, t);
+        if row < rows {
+            dst[row * comptime!(cols + pad) + c] = src[r];
+        }
+    }
+}
+
 /// One product `out[m×n] (+)= A[m×k] · B[k×n]`. `A` is read row-major (`a[i·lda + l]`) or, with
 /// `a_col`, column-major (`a[i + l·lda]`: the transpose of a row-major `k×m` tile); `B` likewise
 /// (`b[l·ldb + j]`, or `b[l + j·ldb]` with `b_col`). `out` is row-major `f32`. With tensor cores,

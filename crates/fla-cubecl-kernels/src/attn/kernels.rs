@@ -17,7 +17,7 @@ use cubecl::prelude::*;
 
 use crate::gated::chunk::chunk_len;
 use crate::gated::recurrent_bwd::linear_unit;
-use crate::tile::{mma, tile_entry, MmaShape, TileConfig};
+use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig};
 
 /// Compile-time shape of an attention launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,15 +140,10 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
-/// Registers one unit needs to hold a `rows × cols` tile ([`fetch`]).
-fn regs(rows: usize, cols: usize, l: &AttnLayout) -> usize {
-    (rows * cols).div_ceil(l.tile.threads())
-}
-
 /// Fetches rows `row0 .. row0 + rows` (those below `valid`) and columns `col0 .. col0 + cols`
 /// (those below `width`) of head `h` of a `[tokens, heads, width]` tensor into this unit's
 /// registers, zeros elsewhere, so partial blocks and padded head dims need no other care;
-/// [`put`] then writes them to a padded tile. Fetching a loop's next block before the current
+/// [`put_tile`] then writes them to a padded tile. Fetching a loop's next block before the current
 /// block's products keeps the loads in flight during them instead of stalling after a barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -166,7 +161,7 @@ fn fetch<F: Float>(
     #[comptime] l: AttnLayout,
 ) {
     #[unroll]
-    for r in 0..comptime!(regs(rows, cols, &l)) {
+    for r in 0..comptime!(regs_for(rows, cols, &l.tile)) {
         let (row, c) = tile_entry(r, cols, l.tile);
         let col = col0 + c;
         let mut x = F::cast_from(0.0f32);
@@ -177,25 +172,7 @@ fn fetch<F: Float>(
     }
 }
 
-/// Writes what [`fetch`] fetched into a padded `rows × cols` tile.
-#[cube]
-fn put<F: Float>(
-    src: &Array<F>,
-    dst: &mut SharedMemory<F>,
-    #[comptime] rows: usize,
-    #[comptime] cols: usize,
-    #[comptime] l: AttnLayout,
-) {
-    #[unroll]
-    for r in 0..comptime!(regs(rows, cols, &l)) {
-        let (row, c) = tile_entry(r, cols, l.tile);
-        if row < rows {
-            dst[row * comptime!(cols + l.ph) + c] = src[r];
-        }
-    }
-}
-
-/// [`fetch`] then [`put`]: a tile staged at once.
+/// [`fetch`] then [`put_tile`]: a tile staged at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage<F: Float>(
@@ -211,11 +188,11 @@ fn stage<F: Float>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let mut held = Array::<F>::new(comptime!(regs(rows, cols, &l)));
+    let mut held = Array::<F>::new(comptime!(regs_for(rows, cols, &l.tile)));
     fetch::<F>(
         src, &mut held, row0, valid, h, col0, heads, width, rows, cols, l,
     );
-    put::<F>(&held, dst, rows, cols, l);
+    put_tile::<F>(&held, dst, rows, cols, l.ph, l.tile);
 }
 
 /// [`fetch`] of block rows `row0 ..` (`valid` of them) of head `h` of a pair of tensors with `K`
@@ -244,7 +221,7 @@ fn pair_regs(rows: usize, values: bool, l: &AttnLayout) -> usize {
     if !l.prefetch() {
         return 1;
     }
-    regs(rows, if values { l.bdv } else { l.bd }, l)
+    regs_for(rows, if values { l.bdv } else { l.bd }, &l.tile)
 }
 
 /// Sets every entry of a padded `rows × cols` `f32` tile to `x`.
@@ -593,8 +570,8 @@ pub fn attn_fwd_kernel<F: Float>(
             let kr = chunk_len(lk, j0, bk);
             if comptime!(pre) {
                 // The previous block ended with a barrier: its tiles are free.
-                put::<F>(&rk, &mut sk, bk, l.bd, l);
-                put::<F>(&rv, &mut sv, bk, bdv, l);
+                put_tile::<F>(&rk, &mut sk, bk, l.bd, l.ph, l.tile);
+                put_tile::<F>(&rv, &mut sv, bk, bdv, l.ph, l.tile);
                 if kb + 1 < kb_hi {
                     let j1 = j0 + bk;
                     let kr1 = chunk_len(lk, j1, bk);
@@ -935,8 +912,8 @@ pub fn attn_dq_kernel<F: Float>(
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
             if comptime!(pre) {
-                put::<F>(&rk, &mut sk, bk, bd, l);
-                put::<F>(&rv, &mut sv, bk, l.bdv, l);
+                put_tile::<F>(&rk, &mut sk, bk, bd, l.ph, l.tile);
+                put_tile::<F>(&rv, &mut sv, bk, l.bdv, l.ph, l.tile);
                 if kb + 1 < kb_hi {
                     let j1 = j0 + bk;
                     let kr1 = chunk_len(lk, j1, bk);
@@ -1106,8 +1083,8 @@ pub fn attn_dkv_kernel<F: Float>(
                 let rows = chunk_len(lq, i0, bq);
                 stage_rows(lse, delta, &mut slse, &mut sdel, q0 + i0, rows, h, l);
                 if comptime!(pre) {
-                    put::<F>(&rq, &mut sq, bq, bd, l);
-                    put::<F>(&rdo, &mut sdo, bq, bdv, l);
+                    put_tile::<F>(&rq, &mut sq, bq, bd, l.ph, l.tile);
+                    put_tile::<F>(&rdo, &mut sdo, bq, bdv, l.ph, l.tile);
                     // The next block: this head's next, or the group's next head's first.
                     let mut nh = h;
                     let mut nqb = qb + 1;

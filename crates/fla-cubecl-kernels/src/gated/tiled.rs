@@ -27,7 +27,7 @@ use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
-use crate::tile::{mma, tile_entry, MmaShape, TileConfig};
+use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig};
 
 /// Compile-time shape of a tiled chunk launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,21 +222,12 @@ fn stage_tile<F: Float>(
     #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
 ) {
-    let threads = comptime!(l.tile.threads());
-    let entries = comptime!(l.chunk * cols);
-    let ld = comptime!(cols + l.ph);
-    #[unroll]
-    for r in 0..comptime!(entries.div_ceil(threads)) {
-        let (row, c) = tile_entry(r, cols, l.tile);
-        if row < l.chunk {
-            dst[row * ld + c] = regs[r];
-        }
-    }
+    put_tile::<F>(regs, dst, l.chunk, cols, l.ph, l.tile);
 }
 
 /// Registers one unit needs for a `C × cols` tile.
 pub fn tile_regs(l: &TiledLayout, cols: usize) -> usize {
-    (l.chunk * cols).div_ceil(l.tile.threads())
+    regs_for(l.chunk, cols, &l.tile)
 }
 
 /// Stores rows `< cl` of a padded row-major `C × cols` `f32` tile into columns `col0 ..` of a
