@@ -44,7 +44,8 @@ struct Args {
     #[arg(long, default_value = "4096")]
     seq: String,
     /// Comma-separated ops: chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
-    /// fused_recurrent_gla, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule,
+    /// fused_recurrent_gla, chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_delta_rule,
+    /// fused_recurrent_gated_delta_rule,
     /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal).
     #[arg(
         long,
@@ -153,13 +154,13 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
         "gla" => gla(q, k, v, g(&x.gk), None, opts).expect("valid inputs").o,
         "simple_gla" => simple_gla(q, k, v, g3(&x.g), opts).expect("valid inputs").o,
         "delta_rule" => {
-            let opts = DeltaRuleOptions::default();
+            let opts = DeltaRuleOptions::default().with_mode(mode);
             delta_rule(q, g(&x.k_unit), v, g3(&x.beta), opts)
                 .expect("valid inputs")
                 .o
         }
         "gated_delta_rule" => {
-            let opts = DeltaRuleOptions::default();
+            let opts = DeltaRuleOptions::default().with_mode(mode);
             gated_delta_rule(q, g(&x.k_unit), v, g3(&x.g), g3(&x.beta), opts)
                 .expect("valid inputs")
                 .o

@@ -11,7 +11,7 @@ use common::{tensor, values, Impl};
 use fla::kernels::delta::DeltaProblem;
 use fla::kernels::testing::{rel_rmse, round_to, DeltaCase};
 use fla::kernels::FloatDType as KernelDType;
-use fla::ops::{delta_rule, gated_delta_rule, DeltaRuleBackend, DeltaRuleOptions};
+use fla::ops::{delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions};
 use fla::FlaError;
 use rstest::rstest;
 
@@ -60,7 +60,7 @@ fn case(gated: bool, dims: [usize; 6], cu_seqlens: Option<Vec<usize>>, strength:
 }
 
 /// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do + Σ hT ∘ dhT`.
-fn run<B: DeltaRuleBackend>(c: &DeltaCase) -> Result<Run, FlaError> {
+fn run<B: DeltaRuleBackend>(c: &DeltaCase, mode: DeltaMode) -> Result<Run, FlaError> {
     let device = B::Device::default();
     let p = &c.p;
     let dt = dtype_of(p.dtype);
@@ -77,7 +77,8 @@ fn run<B: DeltaRuleBackend>(c: &DeltaCase) -> Result<Run, FlaError> {
     let mut opts = DeltaRuleOptions::default()
         .with_scale(p.scale as f64)
         .with_initial_state(h0.clone())
-        .with_final_state();
+        .with_final_state()
+        .with_mode(mode);
     opts.cu_seqlens = p.cu_seqlens.clone();
     let g = c.g.as_deref().map(t3);
     let out = match &g {
@@ -119,10 +120,14 @@ fn run<B: DeltaRuleBackend>(c: &DeltaCase) -> Result<Run, FlaError> {
 }
 
 fn run_on(imp: Impl, c: &DeltaCase) -> Result<Run, FlaError> {
+    run_in(imp, c, DeltaMode::Auto)
+}
+
+fn run_in(imp: Impl, c: &DeltaCase, mode: DeltaMode) -> Result<Run, FlaError> {
     match imp {
-        Impl::Fusion => on_gpu!(fusion, run(c)),
-        Impl::Cube => on_gpu!(cube, run(c)),
-        Impl::TensorOps => run::<common::backends::NdArray>(c),
+        Impl::Fusion => on_gpu!(fusion, run(c, mode)),
+        Impl::Cube => on_gpu!(cube, run(c, mode)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, mode),
     }
 }
 
@@ -144,7 +149,11 @@ fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
 }
 
 fn against_reference(imp: Impl, c: &DeltaCase) {
-    let r = run_on(imp, c).expect("valid inputs");
+    against_reference_in(imp, c, DeltaMode::Auto)
+}
+
+fn against_reference_in(imp: Impl, c: &DeltaCase, mode: DeltaMode) {
+    let r = run_in(imp, c, mode).expect("valid inputs");
     let (tol, stol) = tolerances(imp, c.p.dtype);
     let (fwd, grads) = c.reference();
     check("o", &r.o, &fwd.o, tol);
@@ -185,6 +194,21 @@ fn grouped_heads_strong_gates_and_varlen(
         imp,
         &case(true, [1, 71, 2, 2 * ratio, 32, 24], Some(cu), 10.0),
     );
+}
+
+/// Each form forced on both sides of the automatic choice (`Auto` takes the recurrent form up to
+/// one chunk, the chunk form beyond): a short batch in the chunk form, a varlen batch with an
+/// empty sequence and strong decays in both.
+#[rstest]
+#[case::short([2, 40, 2, 2, 32, 48], None)]
+#[case::varlen([1, 171, 2, 4, 32, 24], Some(vec![0, 1, 101, 101, 171]))]
+fn forced_modes(
+    #[case] dims: [usize; 6],
+    #[case] cu: Option<Vec<usize>>,
+    #[values(DeltaMode::FusedRecurrent, DeltaMode::Chunk)] mode: DeltaMode,
+    #[values(false, true)] gated: bool,
+) {
+    against_reference_in(Impl::Fusion, &case(gated, dims, cu, 10.0), mode);
 }
 
 /// The fused op and the tensor-op fallback agree with each other, not only with the reference.

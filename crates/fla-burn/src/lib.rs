@@ -20,8 +20,9 @@ mod recorded;
 
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
 pub use delta::{
-    delta_rule, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule,
-    DeltaRuleBackend, DeltaRuleOptions,
+    chunk_delta_rule, chunk_gated_delta_rule, delta_rule, fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend,
+    DeltaRuleOptions,
 };
 pub use error::FlaError;
 pub use gated::{

@@ -1,6 +1,6 @@
-//! Kernel-level tests of the delta-rule family (fused recurrent form) against the f64 naive
-//! recurrence: output, final state and every gradient (q, k, v, β, g, h0) for random gradients on
-//! `o` and `hT`.
+//! Kernel-level tests of the delta-rule family (fused recurrent and chunkwise-parallel forms)
+//! against the f64 naive recurrence: output, final state and every gradient (q, k, v, β, g, h0)
+//! for random gradients on `o` and `hT`.
 //!
 //! Runtime: wgpu by default (lavapipe in CI); CUDA when built with `--features cuda` and
 //! `FLA_TEST_RUNTIME=cuda`.
@@ -8,10 +8,10 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::delta::{
-    delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem,
-    CHECKPOINT_EVERY,
+    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, DeltaBackwardBuffers,
+    DeltaForwardBuffers, DeltaProblem, CHECKPOINT_EVERY,
 };
-use fla_cubecl_kernels::gated::{is_cpu_vulkan, CPU_VULKAN_MAX_SEQ};
+use fla_cubecl_kernels::gated::{is_cpu_vulkan, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK};
 use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, DeltaCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
@@ -22,6 +22,16 @@ use common::{check, runtime_name, tolerance};
 
 /// `[B, T, H, HV, K, V]`.
 type Dims = [usize; 6];
+
+/// Which form computes the call.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    Recurrent,
+    /// The chunkwise-parallel form with this chunk size.
+    Chunk(usize),
+}
+
+const CHUNK: Form = Form::Chunk(DEFAULT_CHUNK);
 
 fn problem(
     gated: bool,
@@ -65,6 +75,7 @@ struct Outputs {
 fn run_kernels<R: Runtime>(
     client: &ComputeClient<R>,
     c: &DeltaCase,
+    form: Form,
 ) -> Result<Outputs, KernelError> {
     let dt = c.p.dtype;
     let f32t = FloatDType::F32;
@@ -81,20 +92,20 @@ fn run_kernels<R: Runtime>(
     let ht =
         c.p.output_final_state
             .then(|| poison(c.p.state_len(), f32t));
-    delta_forward(
-        client,
-        &c.p,
-        DeltaForwardBuffers {
-            q: &q,
-            k: &k,
-            v: &v,
-            beta: &beta,
-            g: g.as_ref(),
-            h0: h0.as_ref(),
-            o: &o,
-            ht: ht.as_ref(),
-        },
-    )?;
+    let fwd = DeltaForwardBuffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        beta: &beta,
+        g: g.as_ref(),
+        h0: h0.as_ref(),
+        o: &o,
+        ht: ht.as_ref(),
+    };
+    match form {
+        Form::Recurrent => delta_forward(client, &c.p, fwd)?,
+        Form::Chunk(size) => delta_chunk_forward(client, &c.p, size, fwd)?,
+    }
     let d_o = up(&c.d_o);
     let d_ht = c.d_ht.as_deref().map(up32);
     let (dq, dk, dv, dbeta) = (
@@ -105,26 +116,26 @@ fn run_kernels<R: Runtime>(
     );
     let dg = g.as_ref().map(|_| poison(sc, dt));
     let dh0 = h0.as_ref().map(|_| poison(c.p.state_len(), f32t));
-    delta_backward(
-        client,
-        &c.p,
-        DeltaBackwardBuffers {
-            q: &q,
-            k: &k,
-            v: &v,
-            beta: &beta,
-            g: g.as_ref(),
-            h0: h0.as_ref(),
-            d_o: &d_o,
-            d_ht: d_ht.as_ref(),
-            dq: &dq,
-            dk: &dk,
-            dv: &dv,
-            dbeta: &dbeta,
-            dg: dg.as_ref(),
-            dh0: dh0.as_ref(),
-        },
-    )?;
+    let bwd = DeltaBackwardBuffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        beta: &beta,
+        g: g.as_ref(),
+        h0: h0.as_ref(),
+        d_o: &d_o,
+        d_ht: d_ht.as_ref(),
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dbeta: &dbeta,
+        dg: dg.as_ref(),
+        dh0: dh0.as_ref(),
+    };
+    match form {
+        Form::Recurrent => delta_backward(client, &c.p, bwd)?,
+        Form::Chunk(size) => delta_chunk_backward(client, &c.p, size, bwd)?,
+    }
     Ok(Outputs {
         o: down(&o, dt),
         ht: ht.as_ref().map(|h| down(h, f32t)),
@@ -146,8 +157,8 @@ fn scalar_tolerance(dtype: FloatDType) -> f64 {
     }
 }
 
-fn compare<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
-    let out = run_kernels(client, c).expect("kernels launch");
+fn compare<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {
+    let out = run_kernels(client, c, form).expect("kernels launch");
     let (fwd, grads) = c.reference();
     let tol = tolerance(c.p.dtype);
     let stol = scalar_tolerance(c.p.dtype);
@@ -176,9 +187,13 @@ fn compare<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
 #[case::t100_k128([1, 100, 1, 1, 128, 128])]
 #[case::t7_k256_v32([1, 7, 1, 1, 256, 32])]
 #[case::t40_k256([1, 40, 1, 1, 256, 256])]
-fn sizes(#[case] dims: Dims, #[values(false, true)] gated: bool) {
+fn sizes(
+    #[case] dims: Dims,
+    #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     let c = case(gated, dims, 1.0, true, FloatDType::F32);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 /// Spans of exactly one checkpoint interval, one step over, one under.
@@ -188,17 +203,29 @@ fn checkpoint_boundaries(
     t: usize,
 ) {
     let c = case(true, [1, t, 1, 2, 32, 48], 1.0, true, FloatDType::F32);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, Form::Recurrent));
+}
+
+/// Sequences of one chunk less one position, exactly one, one more, and several, with a small
+/// chunk so that the solve, the state pass and the decay sums cross many chunk boundaries.
+#[rstest]
+fn chunk_boundaries(#[values(15, 16, 17, 53)] t: usize, #[values(false, true)] gated: bool) {
+    let c = case(gated, [2, t, 1, 2, 32, 48], 1.0, true, FloatDType::F32);
+    on_runtime!(compare(&c, Form::Chunk(16)));
 }
 
 #[rstest]
-fn t1500(#[values(false, true)] gated: bool) {
+fn t1500(#[values(false, true)] gated: bool, #[values(Form::Recurrent, CHUNK)] form: Form) {
     let c = case(gated, [1, 1500, 1, 1, 64, 64], 1.0, true, FloatDType::F32);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 #[rstest]
-fn grouped_value_heads(#[values(1, 2, 4)] ratio: usize, #[values(false, true)] gated: bool) {
+fn grouped_value_heads(
+    #[values(1, 2, 4)] ratio: usize,
+    #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     let c = case(
         gated,
         [2, 37, 2, 2 * ratio, 32, 24],
@@ -206,23 +233,32 @@ fn grouped_value_heads(#[values(1, 2, 4)] ratio: usize, #[values(false, true)] g
         true,
         FloatDType::F32,
     );
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 #[rstest]
-fn gate_strength(#[values(0.1, 1.0, 10.0)] strength: f64) {
+fn gate_strength(
+    #[values(0.1, 1.0, 10.0)] strength: f64,
+    #[values(Form::Recurrent, Form::Chunk(32))] form: Form,
+) {
     let c = case(true, [1, 80, 2, 2, 60, 16], strength, true, FloatDType::F32);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 #[rstest]
-fn without_states(#[values(false, true)] gated: bool) {
+fn without_states(
+    #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     let c = case(gated, [2, 33, 2, 4, 32, 48], 1.0, false, FloatDType::F32);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 #[rstest]
-fn varlen_with_empty_sequence(#[values(false, true)] gated: bool) {
+fn varlen_with_empty_sequence(
+    #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     // Lengths 1, 33, 0 (empty), 100.
     let cu = vec![0, 1, 34, 34, 134];
     let p = problem(
@@ -233,24 +269,25 @@ fn varlen_with_empty_sequence(#[values(false, true)] gated: bool) {
         FloatDType::F32,
     );
     let c = DeltaCase::new(p, 1.0, 11);
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 #[rstest]
 fn half_precision(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
 ) {
     let c = case(gated, [2, 200, 2, 2, 64, 64], 1.0, true, dtype);
-    on_runtime!(half_or_refused(&c));
+    on_runtime!(half_or_refused(&c, form));
 }
 
 /// Where the device computes the dtype the kernels must match the reference; where it cannot
 /// (bf16 on Vulkan) the launch must be refused with `UnsupportedDType`.
-fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
+fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {
     match c.p.dtype.check_supported(client) {
-        Ok(()) => compare(client, c),
-        Err(_) => match run_kernels(client, c) {
+        Ok(()) => compare(client, c, form),
+        Err(_) => match run_kernels(client, c, form) {
             Err(KernelError::UnsupportedDType { .. }) => {}
             Err(other) => panic!("expected UnsupportedDType, got {other}"),
             Ok(_) => panic!("an unsupported dtype was launched"),
@@ -265,29 +302,30 @@ fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
 fn half_precision_error_at_4096(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
 ) {
     let c = case(gated, [1, 4096, 1, 1, 128, 128], 1.0, false, dtype);
-    on_runtime!(half_error_bounded(&c));
+    on_runtime!(half_error_bounded(&c, form));
 }
 
-fn half_error_bounded<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
+fn half_error_bounded<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {
     if c.p.dtype.check_supported(client).is_err() {
-        return half_or_refused(client, c);
+        return half_or_refused(client, c, form);
     }
-    let out = run_kernels(client, c).expect("kernels launch");
+    let out = run_kernels(client, c, form).expect("kernels launch");
     let (fwd, _) = c.reference();
     let err = rel_rmse(&out.o, &fwd.o);
     let fla = if c.p.gated { 3.8e-3 } else { 4.4e-3 };
     eprintln!(
-        "{} gated={} o relative RMSE at T=4096: {err:.3e} (FLA {fla:e})",
+        "{} gated={} {form:?} o relative RMSE at T=4096: {err:.3e} (FLA {fla:e})",
         c.p.dtype.name(),
         c.p.gated
     );
     assert!(err <= fla, "relative RMSE {err:e} exceeds FLA's {fla:e}");
 }
 
-fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, what: &str) {
-    match run_kernels(client, c) {
+fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, what: &str, form: Form) {
+    match run_kernels(client, c, form) {
         Err(KernelError::InvalidProblem(msg)) => {
             assert!(
                 msg.contains(what),
@@ -299,40 +337,45 @@ fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, what: &s
     }
 }
 
-#[test]
-fn value_heads_must_be_a_multiple() {
+#[rstest]
+fn value_heads_must_be_a_multiple(#[values(Form::Recurrent, CHUNK)] form: Form) {
     let mut c = case(true, [1, 8, 2, 4, 16, 16], 1.0, true, FloatDType::F32);
     c.p.v_heads = 3;
-    on_runtime!(expect_invalid(&c, "multiple"));
+    on_runtime!(expect_invalid(&c, "multiple", form));
 }
 
-#[test]
-fn zero_length_refused() {
+#[rstest]
+fn zero_length_refused(#[values(Form::Recurrent, CHUNK)] form: Form) {
     let mut c = case(false, [1, 4, 1, 1, 16, 16], 1.0, true, FloatDType::F32);
     c.p.seq_len = 0;
-    on_runtime!(expect_invalid(&c, "zero-length"));
+    on_runtime!(expect_invalid(&c, "zero-length", form));
 }
 
-#[test]
-fn gate_flag_must_match_buffer() {
+#[rstest]
+fn gate_flag_must_match_buffer(#[values(Form::Recurrent, CHUNK)] form: Form) {
     let mut c = case(true, [1, 4, 1, 1, 16, 16], 1.0, true, FloatDType::F32);
     c.p.gated = false;
-    on_runtime!(expect_invalid(&c, "gated"));
+    on_runtime!(expect_invalid(&c, "gated", form));
 }
 
 #[rstest]
 #[case::not_increasing(vec![0, 10, 5, 20], "non-decreasing")]
 #[case::wrong_end(vec![0, 10, 19], "end at T")]
-fn bad_cu_seqlens(#[case] cu: Vec<usize>, #[case] what: &str) {
+fn bad_cu_seqlens(
+    #[case] cu: Vec<usize>,
+    #[case] what: &str,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     let p = problem(true, [1, 20, 1, 1, 16, 16], Some(cu), true, FloatDType::F32);
     let c = DeltaCase::new(p, 1.0, 3);
-    on_runtime!(expect_invalid(&c, what));
+    on_runtime!(expect_invalid(&c, what, form));
 }
 
-/// The longest sequence lavapipe runs: the backward walks each step three times (the forward
-/// replay, the span replay, the backward walk), so check it right at the limit.
-#[test]
-fn at_the_cpu_vulkan_limit() {
+/// The longest sequence lavapipe runs: the recurrent backward walks each step three times (the
+/// forward replay, the span replay, the backward walk), and lavapipe counts every loop iteration
+/// of an invocation, so check both forms right at the limit.
+#[rstest]
+fn at_the_cpu_vulkan_limit(#[values(Form::Recurrent, CHUNK)] form: Form) {
     let c = case(
         true,
         [1, CPU_VULKAN_MAX_SEQ, 1, 1, 16, 16],
@@ -340,19 +383,22 @@ fn at_the_cpu_vulkan_limit() {
         true,
         FloatDType::F32,
     );
-    on_runtime!(compare(&c));
+    on_runtime!(compare(&c, form));
 }
 
 /// T = 65536 with strong decays (log gates scaled by 10): on a GPU no NaN or infinity anywhere
 /// in the outputs or gradients; on lavapipe, past its loop limit, a `DeviceLimit` refusal.
 #[rstest]
-fn t65536_stable_or_refused(#[values(false, true)] gated: bool) {
+fn t65536_stable_or_refused(
+    #[values(false, true)] gated: bool,
+    #[values(Form::Recurrent, CHUNK)] form: Form,
+) {
     let c = case(gated, [1, 65536, 1, 2, 64, 64], 10.0, true, FloatDType::F32);
-    on_runtime!(refused_on_cpu_vulkan(&c));
+    on_runtime!(refused_on_cpu_vulkan(&c, form));
 }
 
-fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
-    let result = run_kernels(client, c);
+fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {
+    let result = run_kernels(client, c, form);
     if is_cpu_vulkan(client) {
         assert!(
             matches!(result, Err(KernelError::DeviceLimit(_))),

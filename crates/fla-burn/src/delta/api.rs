@@ -3,7 +3,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::{DeltaOptions, DeltaRuleBackend, DeltaTensors};
+use super::{DeltaMode, DeltaOptions, DeltaRuleBackend, DeltaTensors};
 use crate::gated::api::{prim, wrap};
 use crate::gated::RecurrentOutput;
 use crate::FlaError;
@@ -23,6 +23,9 @@ pub struct DeltaRuleOptions<B: Backend> {
     /// `use_qk_l2norm_in_kernel`). Done here with differentiable tensor ops before the fused
     /// kernel, not inside it.
     pub use_qk_l2norm: bool,
+    /// Which form computes the call: [`DeltaMode::Auto`] by default. The `fused_recurrent_*` and
+    /// `chunk_*` functions set it.
+    pub mode: DeltaMode,
 }
 
 impl<B: Backend> Default for DeltaRuleOptions<B> {
@@ -33,6 +36,7 @@ impl<B: Backend> Default for DeltaRuleOptions<B> {
             output_final_state: false,
             cu_seqlens: None,
             use_qk_l2norm: false,
+            mode: DeltaMode::Auto,
         }
     }
 }
@@ -56,6 +60,10 @@ impl<B: Backend> DeltaRuleOptions<B> {
     }
     pub fn with_qk_l2norm(mut self) -> Self {
         self.use_qk_l2norm = true;
+        self
+    }
+    pub fn with_mode(mut self, mode: DeltaMode) -> Self {
+        self.mode = mode;
         self
     }
 }
@@ -86,6 +94,7 @@ fn run<B: DeltaRuleBackend>(
         scale: opts.scale.unwrap_or((k_dim.max(1) as f64).powf(-0.5)) as f32,
         cu_seqlens: opts.cu_seqlens,
         output_final_state: opts.output_final_state,
+        mode: opts.mode,
     };
     let x = DeltaTensors {
         q: prim(q),
@@ -132,25 +141,44 @@ pub fn gated_delta_rule<B: DeltaRuleBackend>(
     run(q, k, v, beta, Some(g), opts)
 }
 
-/// [`delta_rule`] under FLA's name for the fused recurrent form (the only form so far).
-pub fn fused_recurrent_delta_rule<B: DeltaRuleBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    beta: Tensor<B, 3>,
-    opts: DeltaRuleOptions<B>,
-) -> Result<RecurrentOutput<B>, FlaError> {
-    delta_rule(q, k, v, beta, opts)
+/// Defines FLA's mode-named entry points (`fused_recurrent_*`, `chunk_*`) over the generic ones.
+macro_rules! with_mode {
+    ($(#[$doc:meta])* $name:ident = $generic:ident($($arg:ident: $ty:ty),*), $mode:expr) => {
+        $(#[$doc])*
+        pub fn $name<B: DeltaRuleBackend>(
+            $($arg: $ty,)*
+            opts: DeltaRuleOptions<B>,
+        ) -> Result<RecurrentOutput<B>, FlaError> {
+            $generic($($arg,)* opts.with_mode($mode))
+        }
+    };
 }
 
-/// [`gated_delta_rule`] under FLA's name for the fused recurrent form.
-pub fn fused_recurrent_gated_delta_rule<B: DeltaRuleBackend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    g: Tensor<B, 3>,
-    beta: Tensor<B, 3>,
-    opts: DeltaRuleOptions<B>,
-) -> Result<RecurrentOutput<B>, FlaError> {
-    gated_delta_rule(q, k, v, g, beta, opts)
-}
+with_mode!(
+    /// [`delta_rule`] in the fused recurrent form (decoding, short sequences).
+    fused_recurrent_delta_rule = delta_rule(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, beta: Tensor<B, 3>
+    ),
+    DeltaMode::FusedRecurrent
+);
+with_mode!(
+    /// [`gated_delta_rule`] in the fused recurrent form.
+    fused_recurrent_gated_delta_rule = gated_delta_rule(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>
+    ),
+    DeltaMode::FusedRecurrent
+);
+with_mode!(
+    /// [`delta_rule`] in the chunkwise-parallel (WY) form (training).
+    chunk_delta_rule = delta_rule(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, beta: Tensor<B, 3>
+    ),
+    DeltaMode::Chunk
+);
+with_mode!(
+    /// [`gated_delta_rule`] in the chunkwise-parallel (WY) form.
+    chunk_gated_delta_rule = gated_delta_rule(
+        q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, g: Tensor<B, 3>, beta: Tensor<B, 3>
+    ),
+    DeltaMode::Chunk
+);

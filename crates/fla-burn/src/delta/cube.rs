@@ -5,15 +5,16 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use fla_cubecl_kernels::delta::{
-    delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem,
+    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, DeltaBackwardBuffers,
+    DeltaForwardBuffers, DeltaProblem,
 };
 
 use super::{
-    describe, describe_backward, DeltaForward, DeltaGrads, DeltaOptions, DeltaRuleBackend,
-    DeltaTensors,
+    describe, describe_backward, resolve_delta_mode, DeltaForward, DeltaGrads, DeltaMode,
+    DeltaOptions, DeltaRuleBackend, DeltaTensors,
 };
 use crate::gated::cube::empty;
-use crate::gated::kernel_dtype;
+use crate::gated::{kernel_dtype, CHUNK_SIZE};
 use crate::FlaError;
 
 /// The kernels index flat buffers: every input in row-major order.
@@ -48,20 +49,20 @@ where
         let o = empty(&x.q, vec![p.batch, p.seq_len, p.v_heads, p.v_dim], dtype);
         let state = vec![p.num_seqs(), p.v_heads, p.k_dim, p.v_dim];
         let ht = p.output_final_state.then(|| empty(&x.q, state, DType::F32));
-        delta_forward(
-            &x.q.client,
-            &p,
-            DeltaForwardBuffers {
-                q: &x.q.handle,
-                k: &x.k.handle,
-                v: &x.v.handle,
-                beta: &x.beta.handle,
-                g: x.g.as_ref().map(|t| &t.handle),
-                h0: x.h0.as_ref().map(|t| &t.handle),
-                o: &o.handle,
-                ht: ht.as_ref().map(|t| &t.handle),
-            },
-        )?;
+        let buffers = DeltaForwardBuffers {
+            q: &x.q.handle,
+            k: &x.k.handle,
+            v: &x.v.handle,
+            beta: &x.beta.handle,
+            g: x.g.as_ref().map(|t| &t.handle),
+            h0: x.h0.as_ref().map(|t| &t.handle),
+            o: &o.handle,
+            ht: ht.as_ref().map(|t| &t.handle),
+        };
+        match resolve_delta_mode(opts.mode, &p) {
+            DeltaMode::Chunk => delta_chunk_forward(&x.q.client, &p, CHUNK_SIZE, buffers)?,
+            _ => delta_forward(&x.q.client, &p, buffers)?,
+        }
         Ok(DeltaForward { o, ht })
     }
 
@@ -85,26 +86,26 @@ where
             dg: x.g.as_ref().map(like),
             dh0: x.h0.as_ref().map(like),
         };
-        delta_backward(
-            &x.q.client,
-            &p,
-            DeltaBackwardBuffers {
-                q: &x.q.handle,
-                k: &x.k.handle,
-                v: &x.v.handle,
-                beta: &x.beta.handle,
-                g: x.g.as_ref().map(|t| &t.handle),
-                h0: x.h0.as_ref().map(|t| &t.handle),
-                d_o: &d_o.handle,
-                d_ht: d_ht.as_ref().map(|t| &t.handle),
-                dq: &grads.dq.handle,
-                dk: &grads.dk.handle,
-                dv: &grads.dv.handle,
-                dbeta: &grads.dbeta.handle,
-                dg: grads.dg.as_ref().map(|t| &t.handle),
-                dh0: grads.dh0.as_ref().map(|t| &t.handle),
-            },
-        )?;
+        let buffers = DeltaBackwardBuffers {
+            q: &x.q.handle,
+            k: &x.k.handle,
+            v: &x.v.handle,
+            beta: &x.beta.handle,
+            g: x.g.as_ref().map(|t| &t.handle),
+            h0: x.h0.as_ref().map(|t| &t.handle),
+            d_o: &d_o.handle,
+            d_ht: d_ht.as_ref().map(|t| &t.handle),
+            dq: &grads.dq.handle,
+            dk: &grads.dk.handle,
+            dv: &grads.dv.handle,
+            dbeta: &grads.dbeta.handle,
+            dg: grads.dg.as_ref().map(|t| &t.handle),
+            dh0: grads.dh0.as_ref().map(|t| &t.handle),
+        };
+        match resolve_delta_mode(opts.mode, &p) {
+            DeltaMode::Chunk => delta_chunk_backward(&x.q.client, &p, CHUNK_SIZE, buffers)?,
+            _ => delta_backward(&x.q.client, &p, buffers)?,
+        }
         Ok(grads)
     }
 

@@ -1,5 +1,5 @@
-//! The delta-rule family (`delta_rule`, `gated_delta_rule`) in its fused recurrent form, as a
-//! Burn backend extension.
+//! The delta-rule family (`delta_rule`, `gated_delta_rule`) in its fused recurrent and
+//! chunkwise-parallel forms, as a Burn backend extension.
 //!
 //! Recurrence per sequence and value head (FLA's conventions; `α_t = exp(g_t)`, 1 without a gate):
 //! `S_t = α_t S_{t-1} + β_t k_tᵀ (v_t − α_t k_t S_{t-1})`, `o_t = scale · q_t S_t`.
@@ -11,9 +11,23 @@ pub(crate) mod fallback;
 mod fusion;
 
 pub use api::{
-    delta_rule, fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, gated_delta_rule,
-    DeltaRuleOptions,
+    chunk_delta_rule, chunk_gated_delta_rule, delta_rule, fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule, gated_delta_rule, DeltaRuleOptions,
 };
+
+/// Which form computes a delta-rule call: the gated family's choices ([`GatedMode`]).
+/// `Auto` takes the fused recurrent form for decoding and short sequences and the chunk form
+/// beyond one chunk, as FLA's layers do.
+pub type DeltaMode = GatedMode;
+
+/// The form [`DeltaMode::Auto`] stands for on this problem; explicit modes stay as they are.
+pub fn resolve_delta_mode(mode: DeltaMode, p: &DeltaProblem) -> DeltaMode {
+    match mode {
+        DeltaMode::Auto if p.longest() > CHUNK_SIZE => DeltaMode::Chunk,
+        DeltaMode::Auto => DeltaMode::FusedRecurrent,
+        explicit => explicit,
+    }
+}
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
@@ -22,6 +36,7 @@ use fla_cubecl_kernels::delta::DeltaProblem;
 use fla_cubecl_kernels::FloatDType;
 
 use crate::checks::{expect_tensor, qkv_shapes, shared_float_dtype};
+use crate::gated::{GatedMode, CHUNK_SIZE};
 use crate::recorded::{Inputs, Outputs, StateOp};
 use crate::FlaError;
 
@@ -76,6 +91,8 @@ pub struct DeltaOptions {
     pub scale: f32,
     pub cu_seqlens: Option<Vec<usize>>,
     pub output_final_state: bool,
+    /// Which form the fused kernels use; the tensor-op fallback computes one result for all.
+    pub mode: DeltaMode,
 }
 
 /// Forward results: `o: [B, T, HV, V]` in the dtype of `q`; `ht: [N, HV, K, V]` in `f32`.
@@ -271,4 +288,43 @@ pub(crate) fn describe_backward<B: Backend>(
         expect_tensor("gradient dhT", d, &s_shape, DType::F32)?;
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(seq_len: usize, cu_seqlens: Option<Vec<usize>>) -> DeltaProblem {
+        DeltaProblem {
+            batch: 1,
+            seq_len,
+            heads: 1,
+            v_heads: 1,
+            k_dim: 16,
+            v_dim: 16,
+            gated: true,
+            scale: 0.25,
+            cu_seqlens,
+            has_initial_state: false,
+            output_final_state: false,
+            dtype: FloatDType::F32,
+        }
+    }
+
+    #[test]
+    fn auto_takes_the_chunk_form_beyond_one_chunk() {
+        let auto = |p: &DeltaProblem| resolve_delta_mode(DeltaMode::Auto, p);
+        assert_eq!(auto(&problem(1, None)), DeltaMode::FusedRecurrent);
+        assert_eq!(auto(&problem(CHUNK_SIZE, None)), DeltaMode::FusedRecurrent);
+        assert_eq!(auto(&problem(CHUNK_SIZE + 1, None)), DeltaMode::Chunk);
+        // Decided by the longest sequence of a varlen batch, not the packed length.
+        let short = problem(
+            3 * CHUNK_SIZE,
+            Some(vec![0, CHUNK_SIZE, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE]),
+        );
+        assert_eq!(auto(&short), DeltaMode::FusedRecurrent);
+        for explicit in [DeltaMode::Chunk, DeltaMode::FusedRecurrent] {
+            assert_eq!(resolve_delta_mode(explicit, &problem(1, None)), explicit);
+        }
+    }
 }

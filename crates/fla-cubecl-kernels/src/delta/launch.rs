@@ -48,7 +48,9 @@ pub struct DeltaBackwardBuffers<'a> {
     pub dh0: Option<&'a Handle>,
 }
 
-fn check<R: Runtime>(
+/// Checks shared by both forms: the problem, the dtype on this device, the loop limit, and that
+/// the optional buffers match the problem's flags.
+pub(super) fn check<R: Runtime>(
     client: &ComputeClient<R>,
     p: &DeltaProblem,
     g: Option<&Handle>,

@@ -1,5 +1,5 @@
 //! The delta-rule family: DeltaNet (`delta_rule`) and Gated DeltaNet (`gated_delta_rule`), in the
-//! fused recurrent form.
+//! fused recurrent form and the chunkwise-parallel (WY) form.
 //!
 //! Per sequence and value head, with `α_t = exp(g_t)` (1 for the plain delta rule), `β_t` a
 //! scalar per token and head, rows `q_t, k_t ∈ R^K`, `v_t ∈ R^V` and state `S ∈ R^{K×V}`:
@@ -10,10 +10,13 @@
 //! Layouts: `q, k: [B·T, H, K]`, `v, o: [B·T, HV, V]`, `β, g: [B·T, HV]`, states
 //! `[N, HV, K, V]` in `f32`.
 
+mod chunk;
+mod chunk_launch;
 mod launch;
 pub mod naive;
 mod recurrent;
 
+pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
 pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};
 pub use recurrent::CHECKPOINT_EVERY;
 

@@ -488,6 +488,27 @@ fn chunk_layout<R: Runtime>(
     Ok(c)
 }
 
+/// The chunk tables of a call: `(sequence, chunk index in the sequence)` per chunk (a
+/// placeholder pair when there is none), each sequence's first chunk, and the chunk count.
+pub(crate) fn chunk_tables(
+    bounds: impl Iterator<Item = (usize, usize)>,
+    chunk: usize,
+) -> (Vec<u32>, Vec<u32>, usize) {
+    let mut chunks = Vec::new();
+    let mut first = Vec::new();
+    for (n, (bos, eos)) in bounds.enumerate() {
+        first.push((chunks.len() / 2) as u32);
+        for ci in 0..(eos - bos).div_ceil(chunk) {
+            chunks.extend([n as u32, ci as u32]);
+        }
+    }
+    let count = chunks.len() / 2;
+    if chunks.is_empty() {
+        chunks.push(0);
+    }
+    (chunks, first, count)
+}
+
 /// What every chunk kernel of one call shares: the layout, the chunk tables (`(sequence, chunk
 /// index)` per chunk and each sequence's first chunk, built on the host), `cu_seqlens` and `Λ`
 /// (the log gates cumulated within each chunk; a placeholder without a gate).
@@ -512,19 +533,7 @@ impl<'a, R: Runtime> ChunkCall<'a, R> {
         g: Option<&Handle>,
     ) -> Result<Self, KernelError> {
         let c = chunk_layout(client, p, chunk)?;
-        let mut chunks = Vec::new();
-        let mut first = Vec::with_capacity(p.num_seqs());
-        for n in 0..p.num_seqs() {
-            let (bos, eos) = p.bounds(n);
-            first.push((chunks.len() / 2) as u32);
-            for ci in 0..(eos - bos).div_ceil(chunk) {
-                chunks.extend([n as u32, ci as u32]);
-            }
-        }
-        let count = chunks.len() / 2;
-        if chunks.is_empty() {
-            chunks.push(0);
-        }
+        let (chunks, first, count) = chunk_tables((0..p.num_seqs()).map(|n| p.bounds(n)), chunk);
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
         let mut call = Self {

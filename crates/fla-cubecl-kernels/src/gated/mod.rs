@@ -18,7 +18,8 @@ mod tiled;
 mod tiled_launch;
 
 pub(crate) use launch::{
-    array, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens, ELEMWISE_THREADS,
+    array, check_loop_limit, chunk_tables, elementwise_grid, need, tiles_for, upload_cu_seqlens,
+    ELEMWISE_THREADS,
 };
 pub use launch::{
     chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
