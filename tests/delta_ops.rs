@@ -196,9 +196,8 @@ fn grouped_heads_strong_gates_and_varlen(
     );
 }
 
-/// Each form forced on both sides of the automatic choice (`Auto` takes the recurrent form up to
-/// one chunk, the chunk form beyond): a short batch in the chunk form, a varlen batch with an
-/// empty sequence and strong decays in both.
+/// Each form forced (`Auto` takes the recurrent form): a batch shorter than one chunk, and a
+/// varlen batch with an empty sequence and a sequence over one chunk, strong decays in both.
 #[rstest]
 #[case::short([2, 40, 2, 2, 32, 48], None)]
 #[case::varlen([1, 171, 2, 4, 32, 24], Some(vec![0, 1, 101, 101, 171]))]

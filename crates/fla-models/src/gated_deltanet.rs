@@ -5,8 +5,8 @@
 //! `q, k` L2-normalised per head, `β = sigmoid(b_proj(x))` (×2 with `allow_neg_eigval`), log decay
 //! `g = −exp(A_log) · softplus(a_proj(x) + dt_bias)`, then the gated delta rule over value heads
 //! (`num_v_heads`, a multiple of `num_heads`), a gated RMSNorm (`o_norm`, gate `g_proj(x)`) or a
-//! plain RMSNorm, and `o_proj`. FLA's `chunk` and `fused_recurrent` modes both run the fused
-//! recurrent form here: the delta rule has no chunk form in this crate yet.
+//! plain RMSNorm, and `o_proj`. The op runs in `DeltaMode::Auto`, the form measured fastest (the
+//! fused recurrent form until the chunk form runs on tensor cores).
 
 use burn::config::Config;
 use burn::module::{Module, Param};

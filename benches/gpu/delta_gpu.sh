@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, after
+# `VULKAN=1 bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here; carry
+# [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
+# `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan.
+# `delta_gpu.sh bench`: ours and FLA's delta-rule kernels on the same shapes in one call.
+set -x
+bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+R=/tmp/gpu-run
+case "$1" in
+tests)
+  FLA_TEST_RUNTIME=cuda $R/test-delta ${FILTER:-} > $OUT/cuda-delta.log 2>&1
+  grep -E "test result|FAILED|panicked|RMSE" $OUT/cuda-delta.log | head -30
+  FLA_TEST_RUNTIME=cuda $R/test-delta_ops > $OUT/cuda-delta-ops.log 2>&1
+  grep -E "test result|FAILED|panicked" $OUT/cuda-delta-ops.log | head -20
+  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json $R/test-delta CHUNK > $OUT/vk-delta.log 2>&1
+  grep -E "test result|FAILED|panicked" $OUT/vk-delta.log | head -20
+  ;;
+bench)
+  SEQ=${SEQ:-4096,8192,16384}
+  OPS=${OPS:-chunk_delta_rule,chunk_gated_delta_rule,fused_recurrent_delta_rule,fused_recurrent_gated_delta_rule}
+  $R/test-table --backend cuda --dtype bf16 --seq $SEQ --ops $OPS --warmup 2 --iters 5 --out $OUT/ours 2>&1 | tail -16
+  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+  PYTHONPATH=/tmp/site timeout 300 python3 benches/fla_gated.py --warm --seq $SEQ --ops $OPS --ours $OUT/ours/ours.csv --out $OUT 2>&1 | grep -v Warning | tail -30
+  ;;
+esac
