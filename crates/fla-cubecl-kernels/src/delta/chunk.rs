@@ -31,11 +31,12 @@ use cubecl::prelude::*;
 
 use crate::gated::chunk::{chunk_len, chunk_place, ChunkLayout};
 use crate::gated::recurrent_bwd::linear_unit;
-use crate::gated::recurrent_fwd::{seq_length, seq_start};
+use crate::gated::recurrent_fwd::{read_state, seq_length, seq_start, write_state};
 
 /// Compile-time shape of a chunk launch. `place` carries the chunk size, the value-head count
 /// (`place.rec.heads` is `HV`), the head dims and the varlen flag, in the form the gated family's
-/// chunk helpers (`chunk_place`, the decay cumsum) read.
+/// chunk helpers (`chunk_place`, the decay cumsum) read, and the state passes' tiling
+/// (`block_v`, `k_split`, `rows`) in the form the recurrent kernels' state helpers read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeltaChunkLayout {
     pub place: ChunkLayout,
@@ -44,10 +45,6 @@ pub struct DeltaChunkLayout {
     /// Value heads per query/key head.
     pub group: usize,
     pub gated: bool,
-    /// Value columns per cube of the two state passes.
-    pub block_v: usize,
-    /// Threads splitting the key rows of a state column in the state passes.
-    pub k_split: usize,
 }
 
 /// `Λ` of value head `hv` at token `tok` (0 without a decay).
@@ -304,7 +301,7 @@ pub fn delta_solve_kernel<F: Float>(
 /// Shared-memory floats of a state-pass cube: the cross-row reduction `[KS, block_v]` and one
 /// chunk's `U` (forward) or `dU` (backward) columns `[C, block_v]`.
 pub fn state_smem_len(c: &DeltaChunkLayout) -> usize {
-    c.k_split * c.block_v + c.place.chunk * c.block_v
+    c.place.rec.k_split * c.place.rec.block_v + c.place.chunk * c.place.rec.block_v
 }
 
 /// Sums `part` over the `KS` threads of value column `tv` (all threads call it; the sum is
@@ -317,12 +314,12 @@ fn column_sum(
     tk: usize,
     #[comptime] c: DeltaChunkLayout,
 ) -> f32 {
-    red[tk * c.block_v + tv] = part;
+    red[tk * c.place.rec.block_v + tv] = part;
     sync_cube();
     let mut acc = 0.0f32;
     #[unroll]
-    for y in 0..c.k_split {
-        acc += red[y * c.block_v + tv];
+    for y in 0..c.place.rec.k_split {
+        acc += red[y * c.place.rec.block_v + tv];
     }
     sync_cube();
     acc
@@ -359,10 +356,10 @@ pub fn delta_chunk_state_kernel<F: Float>(
         c.place.rec.heads,
         c.place.chunk,
     );
-    let rows = comptime!(kd.div_ceil(c.k_split));
+    let rows = comptime!(c.place.rec.rows);
     let tv = UNIT_POS_X as usize;
     let tk = UNIT_POS_Y as usize;
-    let col = CUBE_POS_X as usize * c.block_v + tv;
+    let col = CUBE_POS_X as usize * c.place.rec.block_v + tv;
     let col_ok = col < vd;
     let nh = CUBE_POS_Y as usize;
     let n = nh / hvs;
@@ -371,38 +368,22 @@ pub fn delta_chunk_state_kernel<F: Float>(
     let len = seq_length(cu_seqlens, n, seq_len, c.place.rec.varlen);
     let first = first_chunk[n] as usize;
     let kv = kd * vd;
-    let mut red = SharedMemory::<f32>::new(comptime!(c.k_split * c.block_v));
-    let mut uch = SharedMemory::<f32>::new(comptime!(cc * c.block_v));
+    let mut red = SharedMemory::<f32>::new(comptime!(c.place.rec.k_split * c.place.rec.block_v));
+    let mut uch = SharedMemory::<f32>::new(comptime!(cc * c.place.rec.block_v));
     let mut s = Array::<f32>::new(rows);
-    #[unroll]
-    for m in 0..rows {
-        let i = tk + m * c.k_split;
-        let mut x = 0.0f32;
-        if has_h0 {
-            if i < kd && col_ok {
-                x = h0[nh * kv + i * vd + col];
-            }
-        }
-        s[m] = x;
-    }
+    read_state(h0, &mut s, nh * kv, tk, col, has_h0, c.place.rec);
     for ci in 0..len.div_ceil(cc) {
         let p0 = ci * cc;
         let cl = chunk_len(len, p0, cc);
         let t0 = bos + p0;
         let base = ((first + ci) * hvs + hv) * kv;
-        #[unroll]
-        for m in 0..rows {
-            let i = tk + m * c.k_split;
-            if i < kd && col_ok {
-                states[base + i * vd + col] = s[m];
-            }
-        }
+        write_state(states, &s, base, tk, col, c.place.rec);
         for r in 0..cl {
             let wr = hv_at(t0 + r, hv, kd, c);
             let mut part = 0.0f32;
             #[unroll]
             for m in 0..rows {
-                let i = tk + m * c.k_split;
+                let i = tk + m * c.place.rec.k_split;
                 if i < kd {
                     part += w[wr + i] * s[m];
                 }
@@ -414,7 +395,7 @@ pub fn delta_chunk_state_kernel<F: Float>(
                 if tk == 0 {
                     u[at] = ur;
                 }
-                uch[r * c.block_v + tv] = ur;
+                uch[r * c.place.rec.block_v + tv] = ur;
             }
         }
         sync_cube();
@@ -428,11 +409,11 @@ pub fn delta_chunk_state_kernel<F: Float>(
         }
         for r in 0..cl {
             let t = t0 + r;
-            let ur = uch[r * c.block_v + tv] * ratio(gc, last, t, hv, c);
+            let ur = uch[r * c.place.rec.block_v + tv] * ratio(gc, last, t, hv, c);
             let kr = qk_at(t, hv, c);
             #[unroll]
             for m in 0..rows {
-                let i = tk + m * c.k_split;
+                let i = tk + m * c.place.rec.k_split;
                 if i < kd {
                     s[m] += f32::cast_from(k[kr + i]) * ur;
                 }
@@ -442,13 +423,7 @@ pub fn delta_chunk_state_kernel<F: Float>(
         sync_cube();
     }
     if has_ht {
-        #[unroll]
-        for m in 0..rows {
-            let i = tk + m * c.k_split;
-            if i < kd && col_ok {
-                ht[nh * kv + i * vd + col] = s[m];
-            }
-        }
+        write_state(ht, &s, nh * kv, tk, col, c.place.rec);
     }
 }
 
@@ -564,10 +539,10 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
         c.place.rec.heads,
         c.place.chunk,
     );
-    let rows = comptime!(kd.div_ceil(c.k_split));
+    let rows = comptime!(c.place.rec.rows);
     let tv = UNIT_POS_X as usize;
     let tk = UNIT_POS_Y as usize;
-    let col = CUBE_POS_X as usize * c.block_v + tv;
+    let col = CUBE_POS_X as usize * c.place.rec.block_v + tv;
     let col_ok = col < vd;
     let nh = CUBE_POS_Y as usize;
     let n = nh / hvs;
@@ -577,20 +552,10 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
     let first = first_chunk[n] as usize;
     let kv = kd * vd;
     let nc = len.div_ceil(cc);
-    let mut red = SharedMemory::<f32>::new(comptime!(c.k_split * c.block_v));
-    let mut duch = SharedMemory::<f32>::new(comptime!(cc * c.block_v));
+    let mut red = SharedMemory::<f32>::new(comptime!(c.place.rec.k_split * c.place.rec.block_v));
+    let mut duch = SharedMemory::<f32>::new(comptime!(cc * c.place.rec.block_v));
     let mut ds = Array::<f32>::new(rows);
-    #[unroll]
-    for m in 0..rows {
-        let i = tk + m * c.k_split;
-        let mut x = 0.0f32;
-        if has_dht {
-            if i < kd && col_ok {
-                x = d_ht[nh * kv + i * vd + col];
-            }
-        }
-        ds[m] = x;
-    }
+    read_state(d_ht, &mut ds, nh * kv, tk, col, has_dht, c.place.rec);
     for step in 0..nc {
         let ci = nc - 1 - step;
         let p0 = ci * cc;
@@ -603,7 +568,7 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
         let mut own = 0.0f32;
         #[unroll]
         for m in 0..rows {
-            let i = tk + m * c.k_split;
+            let i = tk + m * c.place.rec.k_split;
             if i < kd && col_ok {
                 d_states[base + i * vd + col] = ds[m];
                 if c.gated {
@@ -631,7 +596,7 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
             let mut part = 0.0f32;
             #[unroll]
             for m in 0..rows {
-                let i = tk + m * c.k_split;
+                let i = tk + m * c.place.rec.k_split;
                 if i < kd {
                     part += f32::cast_from(k[kr + i]) * ds[m];
                 }
@@ -642,7 +607,7 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
                     cpart += us * acc;
                 }
                 let full = prev + acc;
-                duch[s * c.block_v + tv] = full;
+                duch[s * c.place.rec.block_v + tv] = full;
                 if tk == 0 {
                     du[at] = full;
                 }
@@ -667,11 +632,11 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
             if c.gated {
                 dor *= lam(gc, t, hv, c).exp();
             }
-            let dur = duch[r * c.block_v + tv];
+            let dur = duch[r * c.place.rec.block_v + tv];
             let (qr, wr) = (qk_at(t, hv, c), hv_at(t, hv, kd, c));
             #[unroll]
             for m in 0..rows {
-                let i = tk + m * c.k_split;
+                let i = tk + m * c.place.rec.k_split;
                 if i < kd {
                     ds[m] += f32::cast_from(q[qr + i]) * dor - w[wr + i] * dur;
                 }
@@ -681,13 +646,7 @@ pub fn delta_chunk_dstate_kernel<F: Float>(
         sync_cube();
     }
     if has_dh0 {
-        #[unroll]
-        for m in 0..rows {
-            let i = tk + m * c.k_split;
-            if i < kd && col_ok {
-                dh0[nh * kv + i * vd + col] = ds[m];
-            }
-        }
+        write_state(dh0, &ds, nh * kv, tk, col, c.place.rec);
     }
 }
 

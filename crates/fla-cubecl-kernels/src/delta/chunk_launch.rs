@@ -53,15 +53,16 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         if chunk == 0 {
             return Err(KernelError::InvalidProblem("chunk size 0".into()));
         }
+        let k_split = p.k_dim.div_ceil(STATE_ROWS);
         let c = DeltaChunkLayout {
             place: ChunkLayout {
                 rec: RecurrentLayout {
                     heads: p.v_heads,
                     k: p.k_dim,
                     v: p.v_dim,
-                    block_v: 1,
-                    k_split: 1,
-                    rows: p.k_dim,
+                    block_v: (STATE_THREADS / k_split).min(32).min(p.v_dim),
+                    k_split,
+                    rows: p.k_dim.div_ceil(k_split),
                     scalar_gate: p.gated,
                     vector_gate: false,
                     value_gate: false,
@@ -75,12 +76,6 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
             qk_heads: p.heads,
             group: p.group(),
             gated: p.gated,
-            block_v: 0,
-            k_split: p.k_dim.div_ceil(STATE_ROWS),
-        };
-        let c = DeltaChunkLayout {
-            block_v: (STATE_THREADS / c.k_split).min(32).min(p.v_dim),
-            ..c
         };
         let smem = 4 * state_smem_len(&c);
         let max_smem = client.properties().hardware.max_shared_memory_size;
@@ -159,11 +154,14 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
     fn state_grid(&self) -> (CubeCount, CubeDim) {
         (
             CubeCount::Static(
-                self.p.v_dim.div_ceil(self.c.block_v) as u32,
+                self.p.v_dim.div_ceil(self.c.place.rec.block_v) as u32,
                 (self.p.num_seqs() * self.p.v_heads) as u32,
                 1,
             ),
-            CubeDim::new_2d(self.c.block_v as u32, self.c.k_split as u32),
+            CubeDim::new_2d(
+                self.c.place.rec.block_v as u32,
+                self.c.place.rec.k_split as u32,
+            ),
         )
     }
 
