@@ -256,8 +256,9 @@ fn half_precision(#[values(false, true)] gated: bool) {
     against_reference(Impl::Fusion, &c);
 }
 
-/// `use_qk_l2norm` normalises q and k before the rule: the same as normalising them by hand,
-/// output and gradients (the gradient then flows through the normalisation).
+/// `use_qk_l2norm` normalises q and k before the rule as FLA's kernels do, `x / sqrt(‖x‖² +
+/// 1e-6)`: the same as normalising them by hand, output and gradients (the gradient then flows
+/// through the normalisation).
 #[test]
 fn qk_l2norm_matches_normalising_by_hand() {
     type B = Autodiff<common::backends::NdArray>;
@@ -269,7 +270,7 @@ fn qk_l2norm_matches_normalising_by_hand() {
         .require_grad();
     let v = Tensor::<B, 4>::random([b, t, h, vd], burn::tensor::Distribution::Default, &device);
     let beta = Tensor::<B, 3>::full([b, t, h], 0.5, &device);
-    let norm = |x: Tensor<B, 4>| x.clone() / x.square().sum_dim(3).sqrt().clamp_min(1e-6);
+    let norm = |x: Tensor<B, 4>| x.clone() / (x.square().sum_dim(3) + 1e-6).sqrt();
     let fused = delta_rule(
         q.clone(),
         k.clone(),

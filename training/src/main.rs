@@ -27,11 +27,17 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use clap::Parser;
 use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
+use fla_models::delta_net::DeltaNet;
+use fla_models::delta_net_model::DeltaNetConfig;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
 use fla_models::gla::GatedLinearAttention;
 use fla_models::gla_model::GlaConfig;
+use fla_models::hgrn2::Hgrn2Attention;
+use fla_models::hgrn2_model::Hgrn2Config;
 use fla_models::lm::{ForCausalLM, TokenMixer};
+use fla_models::retnet::MultiScaleRetention;
+use fla_models::retnet_model::RetNetConfig;
 use fla_models::transformer_model::TransformerConfig;
 
 /// The config type a model family saves with.
@@ -44,7 +50,8 @@ struct Args {
     /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
     #[arg(long, default_value = "wgpu")]
     backend: String,
-    /// gla (GLA, FLA's GLAConfig) or gated-deltanet (Gated DeltaNet, FLA's GatedDeltaNetConfig)
+    /// gla (GLA, FLA's GLAConfig), gated-deltanet (Gated DeltaNet), delta-net (DeltaNet), retnet
+    /// (RetNet), hgrn2 (HGRN2) or transformer (softmax attention), each with FLA's config
     #[arg(long, default_value = "gla")]
     model: String,
     #[arg(long, default_value_t = 100)]
@@ -196,6 +203,40 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
             };
             Ok((config.init(device)?, config))
         }),
+        "delta-net" => train::<B, DeltaNet<B>>(args, "DeltaNet", |device| {
+            let config = DeltaNetConfig {
+                hidden_size: args.hidden,
+                num_heads: args.heads,
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                attn_mode: "fused_recurrent".into(),
+                ..Default::default()
+            };
+            Ok((config.init(device)?, config))
+        }),
+        "retnet" => train::<B, MultiScaleRetention<B>>(args, "RetNet", |device| {
+            // FLA's RetNet layout (values twice as wide as keys, MLP ratio 2) at this size.
+            let config = RetNetConfig {
+                hidden_size: args.hidden,
+                num_heads: args.heads,
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                attn_mode: "fused_recurrent".into(),
+                ..Default::default()
+            };
+            Ok((config.init(device)?, config))
+        }),
+        "hgrn2" => train::<B, Hgrn2Attention<B>>(args, "HGRN2", |device| {
+            let config = Hgrn2Config {
+                hidden_size: args.hidden,
+                expand_ratio: Some((args.hidden / args.heads).max(1)),
+                num_hidden_layers: args.layers,
+                vocab_size: 256,
+                attn_mode: "fused_recurrent".into(),
+                ..Default::default()
+            };
+            Ok((config.init(device)?, config))
+        }),
         "transformer" => {
             train::<B, fla_models::attn::Attention<B>>(args, "Transformer", |device| {
                 // The softmax-attention baseline (FLA's TransformerConfig) at the same size.
@@ -210,7 +251,10 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
             })
         }
         other => {
-            Err(format!("unknown --model {other:?} (gla, gated-deltanet, transformer)").into())
+            Err(format!(
+                "unknown --model {other:?} (gla, gated-deltanet, delta-net, retnet, hgrn2, transformer)"
+            )
+            .into())
         }
     }
 }

@@ -60,9 +60,12 @@ where
     match model_type(dir)?.as_str() {
         "gla" => load::<B, GatedLinearAttention<B>, W>(dir, task),
         "gated_deltanet" => load::<B, GatedDeltaNet<B>, W>(dir, task),
+        "delta_net" => load::<B, fla_models::delta_net::DeltaNet<B>, W>(dir, task),
+        "retnet" => load::<B, fla_models::retnet::MultiScaleRetention<B>, W>(dir, task),
+        "hgrn2" => load::<B, fla_models::hgrn2::Hgrn2Attention<B>, W>(dir, task),
         "transformer" => load::<B, fla_models::attn::Attention<B>, W>(dir, task),
         other => Err(format!(
-            "model_type {other:?} is not built (gla, gated_deltanet, transformer)"
+            "model_type {other:?} is not built (gla, gated_deltanet, delta_net, retnet, hgrn2, transformer)"
         )
         .into()),
     }

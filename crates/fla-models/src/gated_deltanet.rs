@@ -171,7 +171,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         use_cache: bool,
     ) -> Result<(Tensor<B, 3>, Option<DeltaCache<B>>), FlaError> {
         let [b, t, _] = x.dims();
-        let (state, conv_cache) = LayerCache::split(cache);
+        let (state, conv_cache, seen) = LayerCache::split(cache);
         let ([q, k, v], conv) = short_convs(
             [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
             [
@@ -216,7 +216,11 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
             None => self.o_norm.norm.forward(out.o),
         };
         let y = self.o_proj.forward(o.reshape([b, t, nv * self.head_v_dim]));
-        let cache = out.final_state.map(|state| LayerCache { state, conv });
+        let cache = out.final_state.map(|state| LayerCache {
+            state,
+            conv,
+            seen: seen + t,
+        });
         Ok((y, cache))
     }
 }

@@ -150,7 +150,7 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
     ) -> Result<(Tensor<B, 3>, Option<GlaCache<B>>), FlaError> {
         let [b, t, _] = x.dims();
         let nh = self.num_heads;
-        let (state, conv_cache) = LayerCache::split(cache);
+        let (state, conv_cache, seen) = LayerCache::split(cache);
         let ([q, k, v], conv) = short_convs(
             [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
             [
@@ -188,7 +188,11 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
         };
         let vd = o.dims()[2] * o.dims()[3];
         let y = self.o_proj.forward(o.reshape([b, t, vd]));
-        let cache = out.final_state.map(|state| LayerCache { state, conv });
+        let cache = out.final_state.map(|state| LayerCache {
+            state,
+            conv,
+            seen: seen + t,
+        });
         Ok((y, cache))
     }
 }

@@ -13,11 +13,17 @@
 
 pub mod attn;
 pub mod checkpoint;
+pub mod delta_net;
+pub mod delta_net_model;
 pub mod gated_deltanet;
 pub mod gated_deltanet_model;
 pub mod generate;
 pub mod gla;
 pub mod gla_model;
+pub mod hgrn2;
+pub mod hgrn2_model;
 pub mod lm;
 pub mod modules;
+pub mod retnet;
+pub mod retnet_model;
 pub mod transformer_model;

@@ -5,7 +5,7 @@
 //! Pre-norm blocks, `h += attn(norm(h)); h += mlp(norm(h))`, as FLA's blocks. A family's model
 //! (`GlaForCausalLM`, `GatedDeltaNetForCausalLM`) is this type with its mixer.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
@@ -26,6 +26,19 @@ pub trait TokenMixer<B: Backend>: Module<B> {
         cache: Option<Self::Cache>,
         use_cache: bool,
     ) -> Result<(Tensor<B, 3>, Option<Self::Cache>), FlaError>;
+
+    /// [`Self::mix`] with this layer's row of the model's `lower_bounds` (HGRN2's floor on its
+    /// forget gates); mixers without one ignore it.
+    fn mix_bounded(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<Self::Cache>,
+        use_cache: bool,
+        lower_bound: Option<Tensor<B, 1>>,
+    ) -> Result<(Tensor<B, 3>, Option<Self::Cache>), FlaError> {
+        let _ = lower_bound;
+        self.mix(x, cache, use_cache)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -41,6 +54,9 @@ pub struct Model<B: Backend, M> {
     pub embeddings: Embedding<B>,
     pub layers: Vec<Block<B, M>>,
     pub norm: RmsNorm<B>,
+    /// HGRN2's `[layers, hidden]` lower bounds of the forget gates (FLA's `model.lower_bounds`);
+    /// absent in the other families.
+    pub lower_bounds: Option<Param<Tensor<B, 2>>>,
 }
 
 #[derive(Module, Debug)]
@@ -93,6 +109,7 @@ impl LmShape {
                 embeddings: EmbeddingConfig::new(self.vocab_size, h).init(device),
                 layers,
                 norm: norm(),
+                lower_bounds: None,
             },
             lm_head: (!self.tie_word_embeddings).then(|| {
                 LinearConfig::new(h, self.vocab_size)
@@ -117,6 +134,14 @@ fn tokens_2d<B: Backend>(
     y.reshape([b, t, e])
 }
 
+/// HGRN2's per-layer bounds from `lower_bounds: [L, D]`: a softmax over the layers, cumulated,
+/// less the first layer's share (so the first layer's bound is 0 and they grow with depth).
+fn layer_bounds<B: Backend>(lower_bounds: Tensor<B, 2>) -> Tensor<B, 2> {
+    let lb = burn::tensor::activation::softmax(lower_bounds, 0).cumsum(0);
+    let first = lb.clone().narrow(0, 0, 1);
+    lb - first
+}
+
 /// Logits `[B, T, vocab]` and, when asked, the per-layer caches that continue the sequences.
 pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
 
@@ -132,13 +157,23 @@ impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
         let mut h = self.model.embeddings.forward(input_ids);
         let mut caches = cache.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
         let mut next = Vec::new();
+        let bounds = self
+            .model
+            .lower_bounds
+            .as_ref()
+            .map(|lb| layer_bounds(lb.val()));
         for (i, layer) in self.model.layers.iter().enumerate() {
             let c = caches
                 .as_mut()
                 .and_then(|c| c.get_mut(i).and_then(Option::take));
-            let (a, c) = layer
-                .attn
-                .mix(layer.attn_norm.forward(h.clone()), c, use_cache)?;
+            let bound = bounds.as_ref().map(|lb| {
+                let d = lb.dims()[1];
+                lb.clone().narrow(0, i, 1).reshape([d])
+            });
+            let (a, c) =
+                layer
+                    .attn
+                    .mix_bounded(layer.attn_norm.forward(h.clone()), c, use_cache, bound)?;
             h = h + a;
             h = h.clone() + tokens_2d(h, |x| layer.mlp.forward(layer.mlp_norm.forward(x)));
             next.extend(c);
@@ -210,4 +245,39 @@ pub fn save_config<T: serde::Serialize>(
     let text = serde_json::to_string_pretty(config).expect("a config serialises");
     std::fs::write(path, text)
         .map_err(|e| ConfigError::Io(path.display().to_string(), e.to_string()))
+}
+
+/// FLA's `attn_mode`: `chunk` (and `fused_chunk` where the family had it) runs the form measured
+/// fastest for each call (`false`), `fused_recurrent` always steps token by token (`true`).
+pub fn fused_recurrent_mode(attn_mode: &str, fused_chunk: bool) -> Result<bool, FlaError> {
+    match attn_mode {
+        "chunk" => Ok(false),
+        "fused_chunk" if fused_chunk => Ok(false),
+        "fused_recurrent" => Ok(true),
+        other => Err(FlaError::Unsupported(format!(
+            "attn_mode {other:?} (expected chunk{} or fused_recurrent)",
+            if fused_chunk { ", fused_chunk" } else { "" }
+        ))),
+    }
+}
+
+/// The MLP is SwiGLU and the output gates swish: other activations are refused, naming `field`.
+pub fn check_swish(field: &str, value: &str) -> Result<(), FlaError> {
+    if matches!(value, "swish" | "silu") {
+        Ok(())
+    } else {
+        Err(FlaError::Unsupported(format!(
+            "{field} {value:?} (only swish/silu is built)"
+        )))
+    }
+}
+
+/// Hybrid layer stacks (FLA's `attn` field: softmax attention in some layers) are not built yet.
+pub fn refuse_hybrid(attn: &Option<serde_json::Value>) -> Result<(), FlaError> {
+    match attn {
+        Some(a) if !a.is_null() => Err(FlaError::Unsupported(
+            "hybrid attention layers (`attn`) are not built yet".into(),
+        )),
+        _ => Ok(()),
+    }
 }

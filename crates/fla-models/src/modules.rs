@@ -80,14 +80,17 @@ impl<B: Backend> GatedMlp<B> {
     }
 }
 
-/// Depthwise causal convolution over time with a SiLU, FLA's `ShortConvolution`:
-/// `y_t[d] = silu(Σ_j w[d, j] · x_{t-W+1+j}[d] + b[d])`.
+/// Depthwise causal convolution over time, by default with a SiLU, FLA's `ShortConvolution`:
+/// `y_t[d] = silu(Σ_j w[d, j] · x_{t-W+1+j}[d] + b[d])` (no SiLU with `activation: None` in
+/// FLA, `silu: false` here: HGRN2's convolutions, DeltaNet's q and k ones when its
+/// `qk_activation` is not SiLU).
 #[derive(Module, Debug)]
 pub struct ShortConvolution<B: Backend> {
     /// `[D, 1, W]`: the depthwise conv1d weight as FLA (and PyTorch) store it, so checkpoints
     /// load without reshaping.
     pub weight: Param<Tensor<B, 3>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub silu: bool,
 }
 
 #[derive(Config, Debug)]
@@ -97,6 +100,8 @@ pub struct ShortConvolutionConfig {
     pub kernel_size: usize,
     #[config(default = false)]
     pub bias: bool,
+    #[config(default = true)]
+    pub silu: bool,
 }
 
 impl ShortConvolutionConfig {
@@ -113,6 +118,7 @@ impl ShortConvolutionConfig {
             bias: self
                 .bias
                 .then(|| Param::from_tensor(Tensor::random([self.hidden_size], dist, device))),
+            silu: self.silu,
         }
     }
 }
@@ -144,25 +150,30 @@ impl<B: Backend> ShortConvolution<B> {
         }
         let total = t + w - 1;
         let next_cache = padded.narrow(1, total - (w - 1), w - 1);
-        (silu(y), next_cache)
+        let y = if self.silu { silu(y) } else { y };
+        (y, next_cache)
     }
 }
 
 /// What a recurrent token mixer carries from one call to the next: its state `[B, H, K, V]`
-/// (f32) and, with short convolutions, the last `conv_size - 1` inputs of its q, k and v
-/// convolutions.
+/// (f32), with short convolutions the last `conv_size - 1` inputs of its three convolutions,
+/// and how many tokens it has seen (where the next call's positions start, for RetNet's rotary
+/// embeddings; FLA's cache counts the same).
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     pub state: Tensor<B, 4>,
     pub conv: Option<[Tensor<B, 3>; 3]>,
+    pub seen: usize,
 }
 
+/// The parts of an optional [`LayerCache`]: state, convolutions' cache, tokens seen.
+pub type CacheParts<B> = (Option<Tensor<B, 4>>, Option<[Tensor<B, 3>; 3]>, usize);
+
 impl<B: Backend> LayerCache<B> {
-    /// The state and the convolutions' cache of an optional cache.
-    pub fn split(cache: Option<Self>) -> (Option<Tensor<B, 4>>, Option<[Tensor<B, 3>; 3]>) {
+    pub fn split(cache: Option<Self>) -> CacheParts<B> {
         match cache {
-            Some(c) => (Some(c.state), c.conv),
-            None => (None, None),
+            Some(c) => (Some(c.state), c.conv, c.seen),
+            None => (None, None, 0),
         }
     }
 }

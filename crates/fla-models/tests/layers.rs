@@ -5,8 +5,15 @@
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
+use fla_models::delta_net::{DeltaNetLayerConfig, QkActivation, QkNorm};
+use fla_models::delta_net_model::DeltaNetConfig;
 use fla_models::gla::GatedLinearAttentionConfig;
+use fla_models::hgrn2::Hgrn2AttentionConfig;
+use fla_models::hgrn2_model::Hgrn2Config;
+use fla_models::lm::TokenMixer;
 use fla_models::modules::{GatedMlpConfig, ShortConvolutionConfig};
+use fla_models::retnet::MultiScaleRetentionConfig;
+use fla_models::retnet_model::RetNetConfig;
 
 type B = NdArray<f32>;
 
@@ -132,4 +139,224 @@ fn gla_config_refuses_dims_that_do_not_split() {
         .with_num_heads(4)
         .init::<B>(&Default::default());
     assert!(r.is_err());
+}
+
+/// A whole sequence, and the same sequence as a 3-token prompt then single tokens from the
+/// cache, give the same outputs (state, convolutions and positions carried).
+fn streams_like_whole<M: TokenMixer<B>>(layer: &M, hidden: usize) {
+    let device = Default::default();
+    let x = Tensor::<B, 3>::random([2, 7, hidden], Distribution::Normal(0.0, 1.0), &device);
+    let (whole, _) = layer.mix(x.clone(), None, false).unwrap();
+    let (mut out, mut cache) = layer.mix(x.clone().narrow(1, 0, 3), None, true).unwrap();
+    for t in 3..7 {
+        let (y, c) = layer.mix(x.clone().narrow(1, t, 1), cache, true).unwrap();
+        out = Tensor::cat(vec![out, y], 1);
+        cache = c;
+    }
+    close(whole, out);
+}
+
+/// DeltaNet's other options (FLA's `qk_activation`, `qk_norm`, no convolutions, no β, output
+/// gate, negative eigenvalues) stream like the whole sequence.
+#[rstest::rstest]
+#[case(QkActivation::Silu, QkNorm::L2, true, true, false)]
+#[case(QkActivation::Elu, QkNorm::Sum, false, false, true)]
+#[case(QkActivation::Relu, QkNorm::L2, true, true, true)]
+#[case(QkActivation::Identity, QkNorm::Sum, false, true, false)]
+fn delta_net_options_stream(
+    #[case] act: QkActivation,
+    #[case] norm: QkNorm,
+    #[case] conv: bool,
+    #[case] beta: bool,
+    #[case] gate: bool,
+) {
+    let layer = DeltaNetLayerConfig::new()
+        .with_hidden_size(24)
+        .with_num_heads(2)
+        .with_expand_v(2.0)
+        .with_qk_activation(act)
+        .with_qk_norm(norm)
+        .with_use_short_conv(conv)
+        .with_use_beta(beta)
+        .with_use_gate(gate)
+        .with_allow_neg_eigval(gate)
+        .init::<B>(&Default::default())
+        .unwrap();
+    streams_like_whole(&layer, 24);
+}
+
+/// RetNet with grouped key/value heads (two query heads per key head) and without the output
+/// gate: the rotary positions continue across calls.
+#[test]
+fn retnet_grouped_heads_stream() {
+    for gate in [true, false] {
+        let layer = MultiScaleRetentionConfig::new()
+            .with_hidden_size(32)
+            .with_num_heads(4)
+            .with_num_kv_heads(Some(2))
+            .with_use_output_gate(gate)
+            .init::<B>(&Default::default())
+            .unwrap();
+        assert_eq!(layer.k_proj.weight.dims(), [32, 16]);
+        streams_like_whole(&layer, 32);
+    }
+}
+
+#[test]
+fn hgrn2_streams_with_and_without_convolutions() {
+    for conv in [false, true] {
+        let layer = Hgrn2AttentionConfig::new()
+            .with_hidden_size(32)
+            .with_expand_ratio(8)
+            .with_use_short_conv(conv)
+            .with_layer_idx(1)
+            .init::<B>(&Default::default())
+            .unwrap();
+        streams_like_whole(&layer, 32);
+    }
+}
+
+/// Gradients reach every family's projections (and HGRN2's lower bounds) through the ops'
+/// backward.
+#[test]
+fn new_families_train() {
+    type A = Autodiff<B>;
+    let device = Default::default();
+    let ids = Tensor::<A, 2, burn::tensor::Int>::from_data(
+        TensorData::new(vec![1i64, 5, 9, 3, 7, 2, 8, 4], [2, 4]),
+        &device,
+    );
+    let delta = DeltaNetConfig {
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        vocab_size: 16,
+        ..Default::default()
+    }
+    .init::<A>(&device)
+    .unwrap();
+    let grads = delta.loss(ids.clone()).unwrap().backward();
+    let attn = &delta.model.layers[0].attn;
+    for w in [
+        &attn.q_proj.weight,
+        &attn.k_proj.weight,
+        &attn.v_proj.weight,
+    ] {
+        assert!(w.grad(&grads).unwrap().abs().sum().into_scalar() > 0.0);
+    }
+    assert!(attn.b_proj.as_ref().unwrap().weight.grad(&grads).is_some());
+    let retnet = RetNetConfig {
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        vocab_size: 16,
+        ..Default::default()
+    }
+    .init::<A>(&device)
+    .unwrap();
+    let grads = retnet.loss(ids.clone()).unwrap().backward();
+    let attn = &retnet.model.layers[0].attn;
+    assert!(
+        attn.k_proj
+            .weight
+            .grad(&grads)
+            .unwrap()
+            .abs()
+            .sum()
+            .into_scalar()
+            > 0.0
+    );
+    let hgrn2 = Hgrn2Config {
+        hidden_size: 16,
+        expand_ratio: Some(8),
+        num_hidden_layers: 2,
+        vocab_size: 16,
+        ..Default::default()
+    }
+    .init::<A>(&device)
+    .unwrap();
+    let grads = hgrn2.loss(ids).unwrap().backward();
+    let lb = hgrn2.model.lower_bounds.as_ref().unwrap();
+    assert!(lb.grad(&grads).unwrap().abs().sum().into_scalar() > 0.0);
+    let f = &hgrn2.model.layers[1].attn.f_proj.weight;
+    assert!(f.grad(&grads).unwrap().abs().sum().into_scalar() > 0.0);
+}
+
+/// What these ports do not build, or configs that do not fit, are errors naming the field.
+#[test]
+fn new_family_configs_refuse_what_they_cannot_build() {
+    let device = Default::default();
+    fn err<M>(r: Result<fla_models::lm::ForCausalLM<B, M>, fla_burn::FlaError>) -> String {
+        r.map(|_| ()).unwrap_err().to_string()
+    }
+    let e = err(DeltaNetConfig {
+        qk_activation: "gelu".into(),
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("qk_activation") && e.contains("gelu"), "{e}");
+    let e = err(DeltaNetConfig {
+        qk_norm: "none".into(),
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("qk_norm"), "{e}");
+    let e = err(DeltaNetConfig {
+        hidden_size: 16,
+        num_heads: 3,
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("3 heads"), "{e}");
+    let e = err(RetNetConfig {
+        hidden_size: 16,
+        num_heads: 4,
+        num_kv_heads: Some(3),
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("num_kv_heads"), "{e}");
+    let e = err(RetNetConfig {
+        feature_map: Some("elu".into()),
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("feature_map"), "{e}");
+    let e = err(RetNetConfig {
+        attn_mode: "parallel".into(),
+        hidden_size: 16,
+        num_heads: 2,
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("attn_mode"), "{e}");
+    let e = err(Hgrn2Config {
+        hidden_size: 20,
+        expand_ratio: Some(8),
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("expand_ratio"), "{e}");
+    let e = err(Hgrn2Config {
+        attn: Some(serde_json::json!({"layers": [1]})),
+        hidden_size: 16,
+        expand_ratio: Some(8),
+        num_hidden_layers: 1,
+        ..Default::default()
+    }
+    .init::<B>(&device));
+    assert!(e.contains("hybrid"), "{e}");
 }

@@ -12,13 +12,16 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_store::{ModuleStore, SafetensorsStore};
 use fla_models::checkpoint::{CheckpointError, Pretrained, PretrainedError};
+use fla_models::delta_net::DeltaNet;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gated_deltanet_model::GatedDeltaNetConfig;
 use fla_models::generate::{generate, GenerationConfig};
 use fla_models::gla::GatedLinearAttention;
 use fla_models::gla_model::{GlaConfig, GlaForCausalLM};
+use fla_models::hgrn2::Hgrn2Attention;
 use fla_models::lm::{ForCausalLM, TokenMixer};
 use fla_models::modules::LayerCache;
+use fla_models::retnet::MultiScaleRetention;
 use rstest::rstest;
 
 const TOLERANCE: f64 = 1e-3;
@@ -172,19 +175,24 @@ fn runtime(backend: &str) -> &'static str {
     }
 }
 
+/// Runs `$f::<$B, mixer>` for the family named by `$family`.
+macro_rules! for_family {
+    ($f:ident, $family:expr, $B:ty) => {
+        match $family {
+            "gla" => $f::<$B, GatedLinearAttention<$B>>($family, &Default::default()),
+            "gated_deltanet" => $f::<$B, GatedDeltaNet<$B>>($family, &Default::default()),
+            "delta_net" => $f::<$B, DeltaNet<$B>>($family, &Default::default()),
+            "retnet" => $f::<$B, MultiScaleRetention<$B>>($family, &Default::default()),
+            "hgrn2" => $f::<$B, Hgrn2Attention<$B>>($family, &Default::default()),
+            other => panic!("no family {other:?}"),
+        }
+    };
+}
+
 #[cfg(feature = "cuda")]
 macro_rules! cuda_case {
     ($f:ident, $family:expr) => {
-        match $family {
-            "gla" => $f::<burn::backend::Cuda, GatedLinearAttention<burn::backend::Cuda>>(
-                $family,
-                &Default::default(),
-            ),
-            _ => $f::<burn::backend::Cuda, GatedDeltaNet<burn::backend::Cuda>>(
-                $family,
-                &Default::default(),
-            ),
-        }
+        for_family!($f, $family, burn::backend::Cuda)
     };
 }
 
@@ -198,26 +206,17 @@ macro_rules! cuda_case {
 
 macro_rules! dispatch {
     ($f:ident, $family:expr, $backend:expr) => {
-        match ($family, runtime($backend)) {
-            (family, "cuda") => cuda_case!($f, family),
-            ("gla", "ndarray") => {
-                $f::<NdArray, GatedLinearAttention<NdArray>>($family, &Default::default())
-            }
-            ("gla", "wgpu") => $f::<Wgpu, GatedLinearAttention<Wgpu>>($family, &Default::default()),
-            ("gated_deltanet", "ndarray") => {
-                $f::<NdArray, GatedDeltaNet<NdArray>>($family, &Default::default())
-            }
-            ("gated_deltanet", "wgpu") => {
-                $f::<Wgpu, GatedDeltaNet<Wgpu>>($family, &Default::default())
-            }
-            other => panic!("no case {other:?}"),
+        match runtime($backend) {
+            "cuda" => cuda_case!($f, $family),
+            "ndarray" => for_family!($f, $family, NdArray),
+            _ => for_family!($f, $family, Wgpu),
         }
     };
 }
 
 #[rstest]
 fn whole_sequence_matches_fla(
-    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(whole, family, backend);
@@ -225,7 +224,7 @@ fn whole_sequence_matches_fla(
 
 #[rstest]
 fn token_by_token_matches_fla(
-    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(stepwise, family, backend);
@@ -233,7 +232,7 @@ fn token_by_token_matches_fla(
 
 #[rstest]
 fn greedy_generation_matches_fla(
-    #[values("gla", "gated_deltanet")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(greedy, family, backend);
@@ -259,50 +258,36 @@ fn names_and_shapes(path: &Path) -> Vec<(String, Vec<usize>)> {
 
 /// Saving writes FLA's file back: the same tensor names and shapes (FLA's layout), and loading
 /// what we saved gives the same logits.
-#[rstest]
-fn save_pretrained_round_trip(#[values("gla", "gated_deltanet")] family: &str) {
-    type B = NdArray;
-    let device = Default::default();
+fn round_trip<B: Backend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
     let dir = scratch(family);
-    let ids = input_ids::<B>(family, &device);
-    let logits = |dir: &Path| match family {
-        "gla" => {
-            let (m, c) = GlaForCausalLM::<B>::from_pretrained(dir, &device).expect("loads");
-            (
-                m.forward(ids.clone(), None, false).unwrap().0,
-                Some((m, c)),
-                None,
-            )
-        }
-        _ => {
-            let (m, c) =
-                ForCausalLM::<B, GatedDeltaNet<B>>::from_pretrained(dir, &device).expect("loads");
-            (
-                m.forward(ids.clone(), None, false).unwrap().0,
-                None,
-                Some((m, c)),
-            )
-        }
-    };
-    let (before, gla, gdn) = logits(&fixture(family));
-    if let Some((m, c)) = gla {
-        m.save_pretrained(&c, &dir).expect("saves");
-    }
-    if let Some((m, c)) = gdn {
-        m.save_pretrained(&c, &dir).expect("saves");
-    }
+    let ids = input_ids::<B>(family, device);
+    let (model, config) =
+        ForCausalLM::<B, M>::from_pretrained(fixture(family), device).expect("loads");
+    let before = model.forward(ids.clone(), None, false).unwrap().0;
+    model.save_pretrained(&config, &dir).expect("saves");
     assert_eq!(
         names_and_shapes(&dir.join("model.safetensors")),
         names_and_shapes(&fixture(family).join("model.safetensors")),
         "the saved file has FLA's names and shapes"
     );
-    let (after, _, _) = logits(&dir);
+    let (back, _) = ForCausalLM::<B, M>::from_pretrained(&dir, device).expect("loads back");
+    let after = back.forward(ids, None, false).unwrap().0;
     assert_eq!(
         before.into_data(),
         after.into_data(),
         "same logits after the round trip"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[rstest]
+fn save_pretrained_round_trip(
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
+) {
+    for_family!(round_trip, family, NdArray);
 }
 
 fn load_gla(config: &GlaConfig, file: &Path) -> Result<(), CheckpointError> {
@@ -399,41 +384,24 @@ fn missing_files_and_bad_configs_are_errors() {
 /// with its logits on the fixture's input ids, to `target/fla-export/<family>/`; FLA loads it on
 /// the GPU machine and compares (`make_fixtures.py --check-ours target/fla-export`). Here it
 /// checks that the directory loads back to the same logits.
-#[rstest]
-fn export_for_fla(#[values("gla", "gated_deltanet")] family: &str) {
-    type B = NdArray;
-    let device = Default::default();
+fn export<B: Backend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+where
+    ForCausalLM<B, M>: Pretrained<B>,
+{
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/fla-export")
         .join(family);
-    let ids = input_ids::<B>(family, &device);
-    let config_path = fixture(family).join("config.json");
-    let (logits, reloaded) = match family {
-        "gla" => {
-            let config = GlaConfig::load(&config_path).unwrap();
-            let model = config.init::<B>(&device).unwrap();
-            model.save_pretrained(&config, &dir).expect("saves");
-            let back = GlaForCausalLM::<B>::from_pretrained(&dir, &device)
-                .unwrap()
-                .0;
-            (
-                model.forward(ids.clone(), None, false).unwrap().0,
-                back.forward(ids.clone(), None, false).unwrap().0,
-            )
-        }
-        _ => {
-            let config = GatedDeltaNetConfig::load(&config_path).unwrap();
-            let model = config.init::<B>(&device).unwrap();
-            model.save_pretrained(&config, &dir).expect("saves");
-            let back = ForCausalLM::<B, GatedDeltaNet<B>>::from_pretrained(&dir, &device)
-                .unwrap()
-                .0;
-            (
-                model.forward(ids.clone(), None, false).unwrap().0,
-                back.forward(ids.clone(), None, false).unwrap().0,
-            )
-        }
-    };
+    let ids = input_ids::<B>(family, device);
+    let config: <ForCausalLM<B, M> as Pretrained<B>>::Config =
+        fla_models::lm::load_config(&fixture(family).join("config.json"), "fixture")
+            .expect("the fixture's config");
+    let model = ForCausalLM::<B, M>::build(&config, device).expect("builds");
+    model.save_pretrained(&config, &dir).expect("saves");
+    let back = ForCausalLM::<B, M>::from_pretrained(&dir, device)
+        .unwrap()
+        .0;
+    let logits = model.forward(ids.clone(), None, false).unwrap().0;
+    let reloaded = back.forward(ids.clone(), None, false).unwrap().0;
     let data = logits.into_data();
     assert_eq!(data, reloaded.into_data(), "the export loads back");
     let json = serde_json::json!({
@@ -443,4 +411,9 @@ fn export_for_fla(#[values("gla", "gated_deltanet")] family: &str) {
         "logits": data.convert::<f32>().to_vec::<f32>().unwrap(),
     });
     std::fs::write(dir.join("ours.json"), json.to_string()).unwrap();
+}
+
+#[rstest]
+fn export_for_fla(#[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str) {
+    for_family!(export, family, NdArray);
 }

@@ -68,11 +68,12 @@ impl<B: Backend> DeltaRuleOptions<B> {
     }
 }
 
-/// `x / max(‖x‖₂, 1e-6)` over the last dimension, in f32 and back (FLA's `l2norm`).
+/// `x / sqrt(‖x‖₂² + 1e-6)` over the last dimension, in f32 and back: FLA's in-kernel `l2norm`
+/// (the epsilon inside the root, so a zero row stays zero and its gradient finite).
 fn l2norm<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let dtype = x.dtype();
     let x32 = x.cast(burn::tensor::FloatDType::F32);
-    let norm = x32.clone().square().sum_dim(3).sqrt().clamp_min(1e-6);
+    let norm = (x32.clone().square().sum_dim(3) + 1e-6).sqrt();
     (x32 / norm).cast(crate::gated::float_dtype(dtype))
 }
 
