@@ -4,6 +4,9 @@
 # [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
 # `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan.
 # `delta_gpu.sh bench`: ours and FLA's delta-rule kernels on the same shapes in one call.
+# `delta_gpu.sh models`: fla-models' parity tests on CUDA (pack with `-p fla-models` too), and FLA
+# loading the checkpoints our models export (carry `target/fla-export`, written by the
+# `export_for_fla` tests on this machine).
 set -x
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
@@ -16,6 +19,13 @@ tests)
   grep -E "test result|FAILED|panicked" $OUT/cuda-delta-ops.log | head -20
   VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json $R/test-delta CHUNK > $OUT/vk-delta.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/vk-delta.log | head -20
+  ;;
+models)
+  FLA_TEST_RUNTIME=cuda $R/test-parity > $OUT/cuda-parity.log 2>&1
+  grep -E "test result|FAILED|panicked" $OUT/cuda-parity.log | head -20
+  grep -E "RMSE" $OUT/cuda-parity.log | sort | uniq -c | sort -rn | head -5
+  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+  (cd crates/fla-models/tests/fixtures && PYTHONPATH=/tmp/site timeout 240 python3 make_fixtures.py --check-ours ../../../../target/fla-export 2>&1 | grep -E "round trip|Error|error" | head -20)
   ;;
 bench)
   SEQ=${SEQ:-4096,8192,16384}

@@ -21,15 +21,17 @@ pub trait WithModel<B: Backend> {
         ForCausalLM<B, M>: Pretrained<B>;
 }
 
-/// The `model_type` field of `dir/config.json`.
-pub fn model_type(dir: &Path) -> Result<String, Error> {
+/// The `model_type` field of `dir/config.json`, and whether the model is a hybrid (FLA's `attn`
+/// field: softmax attention in some layers).
+pub fn model_type(dir: &Path) -> Result<(String, bool), Error> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let hybrid = json.get("attn").is_some_and(|a| !a.is_null());
     json.get("model_type")
         .and_then(|t| t.as_str())
-        .map(str::to_string)
+        .map(|t| (t.to_string(), hybrid))
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
@@ -57,14 +59,24 @@ where
     if dir.join("tokenizer.json").exists() {
         return Err("tokenizer.json found: only byte-level models are supported so far".into());
     }
-    match model_type(dir)?.as_str() {
-        "gla" => load::<B, GatedLinearAttention<B>, W>(dir, task),
-        "gated_deltanet" => load::<B, GatedDeltaNet<B>, W>(dir, task),
-        "delta_net" => load::<B, fla_models::delta_net::DeltaNet<B>, W>(dir, task),
-        "retnet" => load::<B, fla_models::retnet::MultiScaleRetention<B>, W>(dir, task),
-        "hgrn2" => load::<B, fla_models::hgrn2::Hgrn2Attention<B>, W>(dir, task),
-        "transformer" => load::<B, fla_models::attn::Attention<B>, W>(dir, task),
-        other => Err(format!(
+    use fla_models::delta_net::DeltaNet;
+    use fla_models::hgrn2::Hgrn2Attention;
+    use fla_models::hybrid::Hybrid;
+    use fla_models::retnet::MultiScaleRetention;
+    let (family, hybrid) = model_type(dir)?;
+    match (family.as_str(), hybrid) {
+        ("gla", false) => load::<B, GatedLinearAttention<B>, W>(dir, task),
+        ("gla", true) => load::<B, Hybrid<B, GatedLinearAttention<B>>, W>(dir, task),
+        ("gated_deltanet", false) => load::<B, GatedDeltaNet<B>, W>(dir, task),
+        ("gated_deltanet", true) => load::<B, Hybrid<B, GatedDeltaNet<B>>, W>(dir, task),
+        ("delta_net", false) => load::<B, DeltaNet<B>, W>(dir, task),
+        ("delta_net", true) => load::<B, Hybrid<B, DeltaNet<B>>, W>(dir, task),
+        ("retnet", false) => load::<B, MultiScaleRetention<B>, W>(dir, task),
+        ("retnet", true) => load::<B, Hybrid<B, MultiScaleRetention<B>>, W>(dir, task),
+        ("hgrn2", false) => load::<B, Hgrn2Attention<B>, W>(dir, task),
+        ("hgrn2", true) => load::<B, Hybrid<B, Hgrn2Attention<B>>, W>(dir, task),
+        ("transformer", _) => load::<B, fla_models::attn::Attention<B>, W>(dir, task),
+        (other, _) => Err(format!(
             "model_type {other:?} is not built (gla, gated_deltanet, delta_net, retnet, hgrn2, transformer)"
         )
         .into()),

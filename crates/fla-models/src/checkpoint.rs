@@ -149,6 +149,8 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     let mut store = SafetensorsStore::from_file(path)
         .with_from_adapter(PyTorchToBurnAdapter)
         .remap(remapper(&FROM_FLA))
+        // Hybrid layers are an enum of mixers; FLA's names do not name the variant.
+        .skip_enum_variants(true)
         .allow_partial(true)
         .validate(false);
     let result = module
@@ -195,6 +197,7 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(
     let mut store = SafetensorsStore::from_file(path)
         .with_to_adapter(BurnToPyTorchAdapter)
         .remap(remapper(&TO_FLA))
+        .skip_enum_variants(true)
         .metadata("format", "pt")
         // As transformers' save_pretrained: a second save into a directory replaces the first.
         .overwrite(true);

@@ -1,7 +1,9 @@
 //! DeltaNet language model with FLA's `DeltaNetConfig` (`model_type: delta_net`) and module
 //! layout: [`crate::lm::ForCausalLM`] with [`DeltaNet`] mixers.
 
-use fla_burn::{DeltaRuleBackend, FlaError};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError};
+
+use crate::hybrid::HybridForCausalLM;
 use serde::{Deserialize, Serialize};
 
 use crate::delta_net::{DeltaNet, DeltaNetLayerConfig, QkActivation, QkNorm};
@@ -100,13 +102,29 @@ impl DeltaNetConfig {
         crate::lm::save_config(self, path.as_ref())
     }
 
-    /// Builds the model; errors for what this port does not support (hybrid attention layers,
-    /// an unknown `attn_mode`, activation or norm) rather than building a different model.
+    /// Builds the model; errors for what this port does not support (an unknown `attn_mode`,
+    /// activation or norm; `attn`: see [`Self::init_hybrid`]) rather than building a different
+    /// model.
     pub fn init<B: DeltaRuleBackend>(
         &self,
         device: &B::Device,
     ) -> Result<DeltaNetForCausalLM<B>, FlaError> {
         refuse_hybrid(&self.attn)?;
+        let (shape, layer) = self.parts()?;
+        shape.init(device, |_| layer.init(device))
+    }
+
+    /// The model with softmax attention in the layers `attn` lists (none without it).
+    pub fn init_hybrid<B: DeltaRuleBackend + AttentionBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HybridForCausalLM<B, DeltaNet<B>>, FlaError> {
+        let (shape, layer) = self.parts()?;
+        shape.init_hybrid(&self.attn, device, |_| layer.init(device))
+    }
+
+    /// The checked sizes around the mixers and the mixers' config.
+    fn parts(&self) -> Result<(LmShape, DeltaNetLayerConfig), FlaError> {
         check_swish("hidden_act", &self.hidden_act)?;
         let layer = DeltaNetLayerConfig::new()
             .with_hidden_size(self.hidden_size)
@@ -131,7 +149,7 @@ impl DeltaNetConfig {
             norm_eps: self.norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
         };
-        shape.init(device, |_| layer.init(device))
+        Ok((shape, layer))
     }
 }
 
@@ -141,5 +159,16 @@ impl<B: DeltaRuleBackend> crate::checkpoint::Pretrained<B> for DeltaNetForCausal
 
     fn build(config: &DeltaNetConfig, device: &B::Device) -> Result<Self, FlaError> {
         config.init(device)
+    }
+}
+
+impl<B: DeltaRuleBackend + AttentionBackend> crate::checkpoint::Pretrained<B>
+    for HybridForCausalLM<B, DeltaNet<B>>
+{
+    type Config = DeltaNetConfig;
+    const FAMILY: &'static str = "DeltaNet";
+
+    fn build(config: &DeltaNetConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init_hybrid(device)
     }
 }

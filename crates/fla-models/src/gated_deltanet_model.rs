@@ -1,14 +1,15 @@
 //! Gated DeltaNet language model with FLA's `GatedDeltaNetConfig` (`model_type: gated_deltanet`)
 //! and module layout: [`crate::lm::ForCausalLM`] with [`GatedDeltaNet`] mixers.
 //!
-//! Hybrid models (FLA's `attn` field, softmax attention in some layers) need the flash-attention
-//! issue and are refused.
+//! Hybrid models (FLA's `attn` field, softmax attention in some layers) are
+//! [`crate::hybrid::HybridForCausalLM`] over the same mixer (`init_hybrid`).
 
-use fla_burn::{DeltaRuleBackend, FlaError};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError};
 use serde::{Deserialize, Serialize};
 
 use crate::gated_deltanet::{DeltaCache, GatedDeltaNet, GatedDeltaNetLayerConfig};
-use crate::lm::{ConfigError, ForCausalLM, LmShape};
+use crate::hybrid::HybridForCausalLM;
+use crate::lm::{refuse_hybrid, ConfigError, ForCausalLM, LmShape};
 
 /// FLA's `GatedDeltaNetConfig` fields (same names and defaults; fields this port does not use,
 /// such as the fused-kernel switches, are read and kept but change nothing).
@@ -99,17 +100,28 @@ impl GatedDeltaNetConfig {
         crate::lm::save_config(self, path.as_ref())
     }
 
-    /// Builds the model; errors for what this port does not support (hybrid attention layers,
-    /// an unknown `attn_mode` or activation) rather than building a different model.
+    /// Builds the model; errors for what this port does not support (an unknown `attn_mode` or
+    /// activation; `attn`: see [`Self::init_hybrid`]) rather than building a different model.
     pub fn init<B: DeltaRuleBackend>(
         &self,
         device: &B::Device,
     ) -> Result<GatedDeltaNetForCausalLM<B>, FlaError> {
-        if self.attn.is_some() {
-            return Err(FlaError::Unsupported(
-                "hybrid attention layers (`attn`) need softmax attention, not built yet".into(),
-            ));
-        }
+        refuse_hybrid(&self.attn)?;
+        let (shape, layer) = self.parts()?;
+        shape.init(device, |_| layer.init(device))
+    }
+
+    /// The model with softmax attention in the layers `attn` lists (none without it).
+    pub fn init_hybrid<B: DeltaRuleBackend + AttentionBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HybridForCausalLM<B, GatedDeltaNet<B>>, FlaError> {
+        let (shape, layer) = self.parts()?;
+        shape.init_hybrid(&self.attn, device, |_| layer.init(device))
+    }
+
+    /// The checked sizes around the mixers and the mixers' config.
+    fn parts(&self) -> Result<(LmShape, GatedDeltaNetLayerConfig), FlaError> {
         if !matches!(self.attn_mode.as_str(), "chunk" | "fused_recurrent") {
             return Err(FlaError::Unsupported(format!(
                 "attn_mode {:?} (expected chunk or fused_recurrent)",
@@ -148,7 +160,7 @@ impl GatedDeltaNetConfig {
             norm_eps: self.norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
         };
-        shape.init(device, |_| layer.init(device))
+        Ok((shape, layer))
     }
 }
 
@@ -158,5 +170,16 @@ impl<B: DeltaRuleBackend> crate::checkpoint::Pretrained<B> for GatedDeltaNetForC
 
     fn build(config: &GatedDeltaNetConfig, device: &B::Device) -> Result<Self, FlaError> {
         config.init(device)
+    }
+}
+
+impl<B: DeltaRuleBackend + AttentionBackend> crate::checkpoint::Pretrained<B>
+    for HybridForCausalLM<B, GatedDeltaNet<B>>
+{
+    type Config = GatedDeltaNetConfig;
+    const FAMILY: &'static str = "Gated DeltaNet";
+
+    fn build(config: &GatedDeltaNetConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init_hybrid(device)
     }
 }

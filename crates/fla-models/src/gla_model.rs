@@ -4,13 +4,14 @@
 //! The model is [`crate::lm::ForCausalLM`] with GLA mixers; [`Pretrained`] loads and saves
 //! FLA's `config.json` + `model.safetensors` directories.
 
-use fla_burn::{FlaError, GatedRecurrentBackend};
+use fla_burn::{AttentionBackend, FlaError, GatedRecurrentBackend};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Pretrained;
 use crate::gla::{GatedLinearAttention, GatedLinearAttentionConfig, GlaCache};
+use crate::hybrid::HybridForCausalLM;
 pub use crate::lm::ConfigError;
-use crate::lm::{ForCausalLM, LmShape};
+use crate::lm::{refuse_hybrid, ForCausalLM, LmShape};
 
 /// FLA's `GLAConfig` fields (same names and defaults, so `config.json` files read as they are;
 /// absent fields take FLA's defaults, fields this port does not use yet are ignored).
@@ -41,6 +42,8 @@ pub struct GlaConfig {
     pub hidden_act: String,
     pub elementwise_affine: Option<bool>,
     pub model_type: String,
+    /// Softmax attention in some layers (FLA's hybrid models): see [`Self::init_hybrid`].
+    pub attn: Option<serde_json::Value>,
 }
 
 impl Default for GlaConfig {
@@ -70,6 +73,7 @@ impl Default for GlaConfig {
             hidden_act: "swish".into(),
             elementwise_affine: Some(true),
             model_type: "gla".into(),
+            attn: None,
         }
     }
 }
@@ -94,11 +98,27 @@ pub type GlaModelCache<B> = Vec<GlaCache<B>>;
 
 impl GlaConfig {
     /// Errors for options this port does not support yet (grouped heads, value gates, no key
-    /// gate) rather than building a different model.
+    /// gate, `attn`: see [`Self::init_hybrid`]) rather than building a different model.
     pub fn init<B: GatedRecurrentBackend>(
         &self,
         device: &B::Device,
     ) -> Result<GlaForCausalLM<B>, FlaError> {
+        refuse_hybrid(&self.attn)?;
+        let (shape, attn) = self.parts()?;
+        shape.init(device, |_| attn.init(device))
+    }
+
+    /// The model with softmax attention in the layers `attn` lists (none without it).
+    pub fn init_hybrid<B: GatedRecurrentBackend + AttentionBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HybridForCausalLM<B, GatedLinearAttention<B>>, FlaError> {
+        let (shape, attn) = self.parts()?;
+        shape.init_hybrid(&self.attn, device, |_| attn.init(device))
+    }
+
+    /// The checked sizes around the mixers and the mixers' config.
+    fn parts(&self) -> Result<(LmShape, GatedLinearAttentionConfig), FlaError> {
         if self.num_kv_heads.is_some_and(|n| n != self.num_heads) {
             return Err(FlaError::Unsupported("num_kv_heads != num_heads".into()));
         }
@@ -150,7 +170,7 @@ impl GlaConfig {
             norm_eps: self.norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
         };
-        shape.init(device, |_| attn.init(device))
+        Ok((shape, attn))
     }
 }
 
@@ -160,5 +180,16 @@ impl<B: GatedRecurrentBackend> Pretrained<B> for GlaForCausalLM<B> {
 
     fn build(config: &GlaConfig, device: &B::Device) -> Result<Self, FlaError> {
         config.init(device)
+    }
+}
+
+impl<B: GatedRecurrentBackend + AttentionBackend> Pretrained<B>
+    for HybridForCausalLM<B, GatedLinearAttention<B>>
+{
+    type Config = GlaConfig;
+    const FAMILY: &'static str = "GLA";
+
+    fn build(config: &GlaConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init_hybrid(device)
     }
 }

@@ -3,10 +3,11 @@
 
 use burn::module::Param;
 use burn::tensor::Tensor;
-use fla_burn::{FlaError, GatedRecurrentBackend};
+use fla_burn::{AttentionBackend, FlaError, GatedRecurrentBackend};
 use serde::{Deserialize, Serialize};
 
 use crate::hgrn2::{Hgrn2Attention, Hgrn2AttentionConfig};
+use crate::hybrid::HybridForCausalLM;
 use crate::lm::{
     check_swish, fused_recurrent_mode, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
 };
@@ -103,13 +104,48 @@ impl Hgrn2Config {
         }
     }
 
-    /// Builds the model; errors for what this port does not support (hybrid attention layers,
-    /// norms without weights, other activations) rather than building a different model.
+    /// Builds the model; errors for what this port does not support (norms without weights,
+    /// other activations; `attn`: see [`Self::init_hybrid`]) rather than building a different
+    /// model.
     pub fn init<B: GatedRecurrentBackend>(
         &self,
         device: &B::Device,
     ) -> Result<Hgrn2ForCausalLM<B>, FlaError> {
         refuse_hybrid(&self.attn)?;
+        let (shape, layer) = self.parts()?;
+        let mut model = shape.init(device, |i| layer.clone().with_layer_idx(i).init(device))?;
+        model.model.lower_bounds = self.lower_bounds(device);
+        Ok(model)
+    }
+
+    /// The model with softmax attention in the layers `attn` lists (none without it).
+    pub fn init_hybrid<B: GatedRecurrentBackend + AttentionBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HybridForCausalLM<B, Hgrn2Attention<B>>, FlaError> {
+        let (shape, layer) = self.parts()?;
+        let mut model = shape.init_hybrid(&self.attn, device, |i| {
+            layer.clone().with_layer_idx(i).init(device)
+        })?;
+        model.model.lower_bounds = self.lower_bounds(device);
+        Ok(model)
+    }
+
+    /// FLA starts them at zero: equal shares, the bounds rising evenly with depth.
+    fn lower_bounds<B: burn::tensor::backend::Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Option<Param<Tensor<B, 2>>> {
+        self.use_lower_bound.then(|| {
+            Param::from_tensor(Tensor::zeros(
+                [self.num_hidden_layers, self.hidden_size],
+                device,
+            ))
+        })
+    }
+
+    /// The checked sizes around the mixers and the mixers' config.
+    fn parts(&self) -> Result<(LmShape, Hgrn2AttentionConfig), FlaError> {
         check_swish("hidden_act", &self.hidden_act)?;
         if self.elementwise_affine == Some(false) {
             return Err(FlaError::Unsupported(
@@ -131,15 +167,7 @@ impl Hgrn2Config {
             norm_eps: self.norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
         };
-        let mut model = shape.init(device, |i| layer.clone().with_layer_idx(i).init(device))?;
-        // FLA starts them at zero: equal shares, the bounds rising evenly with depth.
-        model.model.lower_bounds = self.use_lower_bound.then(|| {
-            Param::from_tensor(Tensor::zeros(
-                [self.num_hidden_layers, self.hidden_size],
-                device,
-            ))
-        });
-        Ok(model)
+        Ok((shape, layer))
     }
 }
 
@@ -149,5 +177,16 @@ impl<B: GatedRecurrentBackend> crate::checkpoint::Pretrained<B> for Hgrn2ForCaus
 
     fn build(config: &Hgrn2Config, device: &B::Device) -> Result<Self, FlaError> {
         config.init(device)
+    }
+}
+
+impl<B: GatedRecurrentBackend + AttentionBackend> crate::checkpoint::Pretrained<B>
+    for HybridForCausalLM<B, Hgrn2Attention<B>>
+{
+    type Config = Hgrn2Config;
+    const FAMILY: &'static str = "HGRN2";
+
+    fn build(config: &Hgrn2Config, device: &B::Device) -> Result<Self, FlaError> {
+        config.init_hybrid(device)
     }
 }

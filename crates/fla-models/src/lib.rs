@@ -22,6 +22,7 @@ pub mod gla;
 pub mod gla_model;
 pub mod hgrn2;
 pub mod hgrn2_model;
+pub mod hybrid;
 pub mod lm;
 pub mod modules;
 pub mod retnet;

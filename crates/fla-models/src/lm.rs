@@ -272,11 +272,14 @@ pub fn check_swish(field: &str, value: &str) -> Result<(), FlaError> {
     }
 }
 
-/// Hybrid layer stacks (FLA's `attn` field: softmax attention in some layers) are not built yet.
+/// A config with FLA's `attn` field (softmax attention in some layers) builds a hybrid model
+/// (`init_hybrid`, [`crate::hybrid::HybridForCausalLM`]), not the plain one.
 pub fn refuse_hybrid(attn: &Option<serde_json::Value>) -> Result<(), FlaError> {
     match attn {
         Some(a) if !a.is_null() => Err(FlaError::Unsupported(
-            "hybrid attention layers (`attn`) are not built yet".into(),
+            "hybrid attention layers (`attn`): build the hybrid model (init_hybrid, \
+             HybridForCausalLM)"
+                .into(),
         )),
         _ => Ok(()),
     }

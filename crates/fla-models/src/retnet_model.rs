@@ -1,7 +1,9 @@
 //! RetNet language model with FLA's `RetNetConfig` (`model_type: retnet`) and module layout:
 //! [`crate::lm::ForCausalLM`] with [`MultiScaleRetention`] mixers.
 
-use fla_burn::{FlaError, GatedRecurrentBackend};
+use fla_burn::{AttentionBackend, FlaError, GatedRecurrentBackend};
+
+use crate::hybrid::HybridForCausalLM;
 use serde::{Deserialize, Serialize};
 
 use crate::lm::{
@@ -96,14 +98,29 @@ impl RetNetConfig {
         crate::lm::save_config(self, path.as_ref())
     }
 
-    /// Builds the model; errors for what this port does not support (hybrid attention layers,
-    /// feature maps, norms without weights, the `parallel` mode, other activations) rather than
+    /// Builds the model; errors for what this port does not support (`attn`: see
+    /// [`Self::init_hybrid`]; feature maps, norms without weights, the `parallel` mode, other activations) rather than
     /// building a different model.
     pub fn init<B: GatedRecurrentBackend>(
         &self,
         device: &B::Device,
     ) -> Result<RetNetForCausalLM<B>, FlaError> {
         refuse_hybrid(&self.attn)?;
+        let (shape, layer) = self.parts()?;
+        shape.init(device, |_| layer.init(device))
+    }
+
+    /// The model with softmax attention in the layers `attn` lists (none without it).
+    pub fn init_hybrid<B: GatedRecurrentBackend + AttentionBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HybridForCausalLM<B, MultiScaleRetention<B>>, FlaError> {
+        let (shape, layer) = self.parts()?;
+        shape.init_hybrid(&self.attn, device, |_| layer.init(device))
+    }
+
+    /// The checked sizes around the mixers and the mixers' config.
+    fn parts(&self) -> Result<(LmShape, MultiScaleRetentionConfig), FlaError> {
         // The gate function is `hidden_act` too in FLA's RetNet.
         check_swish("hidden_act", &self.hidden_act)?;
         if let Some(f) = &self.feature_map {
@@ -133,7 +150,7 @@ impl RetNetConfig {
             norm_eps: self.norm_eps,
             tie_word_embeddings: self.tie_word_embeddings,
         };
-        shape.init(device, |_| layer.init(device))
+        Ok((shape, layer))
     }
 }
 
@@ -143,5 +160,16 @@ impl<B: GatedRecurrentBackend> crate::checkpoint::Pretrained<B> for RetNetForCau
 
     fn build(config: &RetNetConfig, device: &B::Device) -> Result<Self, FlaError> {
         config.init(device)
+    }
+}
+
+impl<B: GatedRecurrentBackend + AttentionBackend> crate::checkpoint::Pretrained<B>
+    for HybridForCausalLM<B, MultiScaleRetention<B>>
+{
+    type Config = RetNetConfig;
+    const FAMILY: &'static str = "RetNet";
+
+    fn build(config: &RetNetConfig, device: &B::Device) -> Result<Self, FlaError> {
+        config.init_hybrid(device)
     }
 }

@@ -360,3 +360,85 @@ fn new_family_configs_refuse_what_they_cannot_build() {
     .init::<B>(&device));
     assert!(e.contains("hybrid"), "{e}");
 }
+
+/// FLA's `attn` field builds softmax attention into the listed layers (grouped heads, a window)
+/// and the family's mixer elsewhere; the hybrid model decodes token by token like the whole
+/// sequence, its key/value and recurrent caches side by side.
+#[test]
+fn hybrid_model_builds_the_listed_layers_and_streams() {
+    use fla_models::hybrid::Hybrid;
+    let device = Default::default();
+    let config = DeltaNetConfig {
+        hidden_size: 32,
+        num_heads: 2,
+        num_hidden_layers: 3,
+        vocab_size: 40,
+        attn: Some(
+            serde_json::json!({"layers": [1], "num_heads": 4, "num_kv_heads": 2,
+                                      "window_size": 3}),
+        ),
+        ..Default::default()
+    };
+    let model = config.init_hybrid::<B>(&device).unwrap();
+    let kinds: Vec<bool> = model
+        .model
+        .layers
+        .iter()
+        .map(|l| matches!(l.attn, Hybrid::Attention(_)))
+        .collect();
+    assert_eq!(kinds, [false, true, false]);
+    let ids = Tensor::<B, 2, burn::tensor::Int>::from_data(
+        TensorData::new((0..16i64).map(|i| (i * 7) % 40).collect(), [2, 8]),
+        &device,
+    );
+    let (whole, _) = model.forward(ids.clone(), None, false).unwrap();
+    let (mut out, mut cache) = model
+        .forward(ids.clone().narrow(1, 0, 2), None, true)
+        .unwrap();
+    for t in 2..8 {
+        let (y, c) = model
+            .forward(ids.clone().narrow(1, t, 1), cache, true)
+            .unwrap();
+        out = Tensor::cat(vec![out, y], 1);
+        cache = c;
+    }
+    close(whole, out);
+    // The plain model refuses the field rather than dropping the attention layers.
+    let e = config
+        .init::<B>(&device)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("init_hybrid"), "{e}");
+}
+
+#[test]
+fn attn_specs_are_checked_as_fla_checks_them() {
+    use fla_models::hybrid::parse_attn;
+    let one = serde_json::json!({"layers": [0, 2], "num_heads": 4});
+    let specs = parse_attn(&Some(one), 3).unwrap();
+    assert_eq!(specs[0].rope_theta, 10000.0);
+    assert_eq!(specs[0].num_kv_heads, None);
+    let list =
+        serde_json::json!([{"layers": [0], "num_heads": 2}, {"layers": [1], "num_heads": 4}]);
+    assert_eq!(parse_attn(&Some(list), 2).unwrap().len(), 2);
+    assert!(parse_attn(&None, 2).unwrap().is_empty());
+    for (bad, what) in [
+        (
+            serde_json::json!({"layers": [3], "num_heads": 2}),
+            "out of range",
+        ),
+        (
+            serde_json::json!([{"layers": [1], "num_heads": 2}, {"layers": [1], "num_heads": 2}]),
+            "twice",
+        ),
+        (
+            serde_json::json!({"layers": [0], "num_heads": 0}),
+            "positive",
+        ),
+        (serde_json::json!({"layers": [0]}), "num_heads"),
+    ] {
+        let e = parse_attn(&Some(bad), 3).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+}

@@ -11,6 +11,7 @@ use burn::backend::{NdArray, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_store::{ModuleStore, SafetensorsStore};
+use fla_burn::AttentionBackend;
 use fla_models::checkpoint::{CheckpointError, Pretrained, PretrainedError};
 use fla_models::delta_net::DeltaNet;
 use fla_models::gated_deltanet::GatedDeltaNet;
@@ -19,6 +20,7 @@ use fla_models::generate::{generate, GenerationConfig};
 use fla_models::gla::GatedLinearAttention;
 use fla_models::gla_model::{GlaConfig, GlaForCausalLM};
 use fla_models::hgrn2::Hgrn2Attention;
+use fla_models::hybrid::{Hybrid, HybridCache};
 use fla_models::lm::{ForCausalLM, TokenMixer};
 use fla_models::modules::LayerCache;
 use fla_models::retnet::MultiScaleRetention;
@@ -105,10 +107,31 @@ where
         .0
 }
 
-/// The prompt as one call: logits, and each layer's recurrent state after it.
-fn whole<B: Backend, M: TokenMixer<B, Cache = LayerCache<B>>>(family: &str, device: &B::Device)
+/// The recurrent state in a layer's cache (none for a softmax-attention layer).
+trait RecurrentState<B: Backend> {
+    fn recurrent_state(self) -> Option<Tensor<B, 4>>;
+}
+
+impl<B: Backend> RecurrentState<B> for LayerCache<B> {
+    fn recurrent_state(self) -> Option<Tensor<B, 4>> {
+        Some(self.state)
+    }
+}
+
+impl<B: AttentionBackend> RecurrentState<B> for HybridCache<B, LayerCache<B>> {
+    fn recurrent_state(self) -> Option<Tensor<B, 4>> {
+        match self {
+            HybridCache::Linear(c) => Some(c.state),
+            HybridCache::Attention(_) => None,
+        }
+    }
+}
+
+/// The prompt as one call: logits, and each recurrent layer's state after it.
+fn whole<B: Backend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
+    M::Cache: RecurrentState<B>,
 {
     let model = load::<B, M>(family, device);
     let (logits, caches) = model
@@ -116,11 +139,13 @@ where
         .expect("forward");
     close("logits", logits.into_data(), expected(family, "logits"));
     for (i, c) in caches.expect("caches").into_iter().enumerate() {
-        close(
-            &format!("state of layer {i}"),
-            c.state.into_data(),
-            expected(family, &format!("state.{i}")),
-        );
+        if let Some(state) = c.recurrent_state() {
+            close(
+                &format!("state of layer {i}"),
+                state.into_data(),
+                expected(family, &format!("state.{i}")),
+            );
+        }
     }
 }
 
@@ -184,6 +209,9 @@ macro_rules! for_family {
             "delta_net" => $f::<$B, DeltaNet<$B>>($family, &Default::default()),
             "retnet" => $f::<$B, MultiScaleRetention<$B>>($family, &Default::default()),
             "hgrn2" => $f::<$B, Hgrn2Attention<$B>>($family, &Default::default()),
+            "gla_hybrid" => {
+                $f::<$B, Hybrid<$B, GatedLinearAttention<$B>>>($family, &Default::default())
+            }
             other => panic!("no family {other:?}"),
         }
     };
@@ -216,7 +244,7 @@ macro_rules! dispatch {
 
 #[rstest]
 fn whole_sequence_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(whole, family, backend);
@@ -224,7 +252,7 @@ fn whole_sequence_matches_fla(
 
 #[rstest]
 fn token_by_token_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(stepwise, family, backend);
@@ -232,7 +260,7 @@ fn token_by_token_matches_fla(
 
 #[rstest]
 fn greedy_generation_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(greedy, family, backend);
@@ -285,7 +313,7 @@ where
 
 #[rstest]
 fn save_pretrained_round_trip(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str,
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
 ) {
     for_family!(round_trip, family, NdArray);
 }
@@ -414,6 +442,8 @@ where
 }
 
 #[rstest]
-fn export_for_fla(#[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2")] family: &str) {
+fn export_for_fla(
+    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+) {
     for_family!(export, family, NdArray);
 }
