@@ -11,9 +11,11 @@ use super::chunk::{
 };
 use super::launch::check;
 use super::recurrent::group_sum_kernel;
+use super::tiled::{delta_tiled_layout, tiled_walk, tiled_wy};
 use super::{DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem};
 use crate::gated::chunk::{chunk_cumsum_kernel, ChunkLayout};
 use crate::gated::recurrent_fwd::RecurrentLayout;
+use crate::gated::TiledLayout;
 use crate::gated::{
     array, chunk_tables, elementwise_grid, need, upload_cu_seqlens, ELEMWISE_THREADS,
 };
@@ -40,6 +42,8 @@ struct DeltaChunkCall<'a, R: Runtime> {
     cu_len: usize,
     gc: Handle,
     dummy: Handle,
+    /// The tile-product kernels' layout where they take this call ([`super::tiled`]).
+    tiled: Option<TiledLayout>,
 }
 
 impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
@@ -122,6 +126,7 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
             cu_len,
             gc,
             dummy,
+            tiled: delta_tiled_layout(client, p, chunk),
         })
     }
 
@@ -231,6 +236,26 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         );
     }
 
+    /// The WY factors `L`, `W`, `Ũ`: by the tile-product kernel where it applies, else by the
+    /// pair and solve kernels.
+    fn wy(&self, k: &Handle, v: &Handle, beta: &Handle) -> [Handle; 3] {
+        if let Some(l) = self.tiled {
+            return tiled_wy(
+                self.client,
+                self.p,
+                l,
+                (k, v, beta, &self.gc),
+                (&self.chunks, self.count),
+                (&self.cu, self.cu_len),
+            );
+        }
+        let lmat = self.qk_pairs(k, k, beta, true);
+        let w = self.f32_buffer(self.p.k_dim);
+        let ut = self.f32_buffer(self.p.v_dim);
+        self.solve(k, v, beta, &lmat, &w, &ut, false);
+        [lmat, w, ut]
+    }
+
     /// `L`, `W`, `Ũ`, then the state pass: returns `(L, W, Ũ, states entering each chunk, U)`.
     fn forward_states(
         &self,
@@ -241,10 +266,7 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         ht: Option<&Handle>,
     ) -> [Handle; 5] {
         let p = self.p;
-        let lmat = self.qk_pairs(k, k, beta, true);
-        let w = self.f32_buffer(p.k_dim);
-        let ut = self.f32_buffer(p.v_dim);
-        self.solve(k, v, beta, &lmat, &w, &ut, false);
+        let [lmat, w, ut] = self.wy(k, v, beta);
         let states = self.client.empty(4 * self.states_len().max(1));
         let u = self.f32_buffer(p.v_dim);
         let (count, dim) = self.state_grid();
@@ -286,6 +308,22 @@ pub fn delta_chunk_forward<R: Runtime>(
         ));
     }
     let call = DeltaChunkCall::new(client, p, chunk, b.g, b.ht.is_some())?;
+    if let Some(l) = call.tiled {
+        // The WY factors, then one walk per sequence with the state on chip.
+        let [_, w, ut] = call.wy(b.k, b.v, b.beta);
+        if p.num_seqs() > 0 {
+            tiled_walk(
+                client,
+                p,
+                l,
+                (b.q, b.k, b.g, b.h0),
+                (&w, &ut),
+                (b.o, b.ht),
+                (&call.cu, call.cu_len),
+            );
+        }
+        return Ok(());
+    }
     let [_, _, _, states, u] = call.forward_states(b.k, b.v, b.beta, b.h0, b.ht);
     if call.count == 0 {
         return Ok(());

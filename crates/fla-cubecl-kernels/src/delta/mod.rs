@@ -15,6 +15,7 @@ mod chunk_launch;
 mod launch;
 pub mod naive;
 mod recurrent;
+mod tiled;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
 pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};

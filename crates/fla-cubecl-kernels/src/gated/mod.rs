@@ -10,12 +10,12 @@
 //! - `gla`: [`GateKind::Vector`], `gk: [B, T, H, K]`, optionally a value gate `gv: [B, T, H, V]`.
 
 pub(crate) mod chunk;
-mod launch;
+pub(crate) mod launch;
 pub mod naive;
 pub(crate) mod recurrent_bwd;
 pub(crate) mod recurrent_fwd;
-mod tiled;
-mod tiled_launch;
+pub(crate) mod tiled;
+pub(crate) mod tiled_launch;
 
 pub(crate) use launch::{
     array, check_loop_limit, chunk_tables, elementwise_grid, need, tiles_for, upload_cu_seqlens,

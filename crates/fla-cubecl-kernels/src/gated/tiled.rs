@@ -48,6 +48,12 @@ pub struct TiledLayout {
     /// Row padding of input-dtype tiles, in elements (16 bytes: 8 half-precision values, 4 f32).
     pub ph: usize,
     pub scalar_gate: bool,
+    /// Query/key heads: `heads` in the gated family; fewer in the delta rule's forward, whose
+    /// `heads` are its value heads (each query/key head serves `heads / qk_heads` of them).
+    pub qk_heads: usize,
+    /// The delta rule's forward ([`crate::delta::tiled`]): the values are `U = Ũ − W S`, from
+    /// the chunk's WY factors `W` and `Ũ` (`f32` inputs) and the state entering it.
+    pub delta: bool,
     pub reverse: bool,
     pub varlen: bool,
     pub has_h0: bool,
@@ -104,7 +110,7 @@ pub const PAD_H: usize = 8;
 pub const PAD_F: usize = 4;
 
 /// Bytes of a `rows × cols` tile of `elem`-byte values with padded rows.
-fn tile_bytes(rows: usize, cols: usize, elem: usize) -> usize {
+pub(crate) fn tile_bytes(rows: usize, cols: usize, elem: usize) -> usize {
     let pad = if elem == 4 { PAD_F } else { PAD_H };
     rows * (cols + pad) * elem
 }
@@ -117,6 +123,8 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
     } else {
         0
     };
+    // The delta rule's `W` tile.
+    let w = if l.delta { tile_bytes(c, kp, e) } else { 0 };
     2 * tile_bytes(c, kp, e)
         + tile_bytes(c, bv, e)
         + tile_bytes(c, c, 4)
@@ -124,6 +132,7 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(c, bv, 4)
         + tile_bytes(kp, bv, 4)
         + half_state
+        + w
         + 8 * c
 }
 
@@ -166,7 +175,7 @@ pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
 
 /// A shared-memory tile of `rows × (cols + pad)` values.
 #[cube]
-fn tile_h<F: Float>(
+pub(crate) fn tile_h<F: Float>(
     #[comptime] rows: usize,
     #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
@@ -175,7 +184,7 @@ fn tile_h<F: Float>(
 }
 
 #[cube]
-fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32> {
+pub(crate) fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32> {
     SharedMemory::<f32>::new_aligned(comptime!(rows * (cols + PAD_F)), 64usize)
 }
 
@@ -186,8 +195,8 @@ fn tile_f(#[comptime] rows: usize, #[comptime] cols: usize) -> SharedMemory<f32>
 /// the products instead of stalling on them after each barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn fetch_tile<F: Float>(
-    src: &Array<F>,
+pub(crate) fn fetch_tile<S: Float, F: Float>(
+    src: &Array<S>,
     regs: &mut Array<F>,
     bos: usize,
     len: usize,
@@ -208,7 +217,7 @@ fn fetch_tile<F: Float>(
         let mut x = F::cast_from(0.0f32);
         if row < cl && col < width {
             let tok = token_at(bos, len, p0 + row, l.reverse);
-            x = src[(tok * l.heads + h) * width + col];
+            x = F::cast_from(src[(tok * l.heads + h) * width + col]);
         }
         regs[r] = x;
     }
@@ -216,7 +225,7 @@ fn fetch_tile<F: Float>(
 
 /// Writes what [`fetch_tile`] fetched into the tile.
 #[cube]
-fn stage_tile<F: Float>(
+pub(crate) fn stage_tile<F: Float>(
     regs: &Array<F>,
     dst: &mut SharedMemory<F>,
     #[comptime] cols: usize,
@@ -234,7 +243,7 @@ pub fn tile_regs(l: &TiledLayout, cols: usize) -> usize {
 /// `[B·T, H, width]` tensor starting at `offset`, converting to `O`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store_tile<O: Float>(
+pub(crate) fn store_tile<O: Float>(
     src: &SharedMemory<f32>,
     dst: &mut Array<O>,
     offset: usize,
@@ -265,7 +274,7 @@ fn store_tile<O: Float>(
 /// Stages the chunk's raw log gates (0 past its end, and without a gate).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_gates<F: Float>(
+pub(crate) fn load_gates<F: Float>(
     g: &Array<F>,
     gl: &mut SharedMemory<f32>,
     bos: usize,
@@ -291,7 +300,11 @@ fn load_gates<F: Float>(
 /// `λ_r`, the gates cumulated from the chunk start (after [`load_gates`] and a barrier). Rows past
 /// the end repeat the last, so `λ[C − 1]` is the chunk's total.
 #[cube]
-fn cumulate_gates(gl: &SharedMemory<f32>, lam: &mut SharedMemory<f32>, #[comptime] l: TiledLayout) {
+pub(crate) fn cumulate_gates(
+    gl: &SharedMemory<f32>,
+    lam: &mut SharedMemory<f32>,
+    #[comptime] l: TiledLayout,
+) {
     let unit = UNIT_POS as usize;
     if unit < l.chunk {
         let mut acc = 0.0f32;
@@ -308,7 +321,7 @@ fn cumulate_gates(gl: &SharedMemory<f32>, lam: &mut SharedMemory<f32>, #[comptim
 /// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal (both
 /// `C × C`, padded rows).
 #[cube]
-fn masked_decay<F: Float>(
+pub(crate) fn masked_decay<F: Float>(
     src: &SharedMemory<f32>,
     dst: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
@@ -340,7 +353,7 @@ fn masked_decay<F: Float>(
 /// Scales row `r` of a padded row-major `C × cols` tile by `factor · exp(λ_r)`
 /// (`from_end = false`) or by `factor · exp(λ_C − λ_r)` (`from_end`).
 #[cube]
-fn scale_rows<F: Float>(
+pub(crate) fn scale_rows<F: Float>(
     t: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
     factor: f32,
@@ -373,7 +386,7 @@ fn scale_rows<F: Float>(
 
 /// Multiplies a padded `rows × cols` `f32` state tile by the chunk's decay `exp(λ_C)`.
 #[cube]
-fn decay_state(
+pub(crate) fn decay_state(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
     #[comptime] rows: usize,
@@ -399,7 +412,7 @@ fn decay_state(
 
 /// The state's copy in the input dtype, the operand of tensor-core products (none without them).
 #[cube]
-fn round_state<F: Float>(
+pub(crate) fn round_state<F: Float>(
     s: &SharedMemory<f32>,
     sh: &mut SharedMemory<F>,
     #[comptime] rows: usize,
@@ -426,7 +439,7 @@ fn round_state<F: Float>(
 /// `[N, H, K, V]`; entries outside `K × V` read as 0.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn state_io(
+pub(crate) fn state_io(
     s: &mut SharedMemory<f32>,
     global: &mut Array<f32>,
     base: usize,
@@ -467,7 +480,7 @@ fn state_io(
 /// plain arithmetic the `f32` tile `sf` itself. `s.ldb` is set here from `cols`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn mma_state<F: Float>(
+pub(crate) fn mma_state<F: Float>(
     a: &SharedMemory<F>,
     sf: &SharedMemory<f32>,
     sh: &SharedMemory<F>,
@@ -496,6 +509,8 @@ pub fn tiled_fwd_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
     v: &Array<F>,
+    w: &Array<f32>,
+    ut: &Array<f32>,
     g: &Array<F>,
     h0: &mut Array<f32>,
     cu_seqlens: &Array<u32>,
@@ -516,10 +531,19 @@ pub fn tiled_fwd_kernel<F: Float>(
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
+    // Queries and keys of this head's group (the delta rule's grouped value heads).
+    let lq = comptime!(TiledLayout {
+        heads: l.qk_heads,
+        ..l
+    });
+    let hq = h / comptime!(l.heads / l.qk_heads);
+    // The delta rule's tiles and registers (one entry where unused).
+    let (dk, dv) = comptime!(if l.delta { (kp, bv) } else { (1, 1) });
 
     let mut sq = tile_h::<F>(c, kp, l);
     let mut sk = tile_h::<F>(c, kp, l);
     let mut sv = tile_h::<F>(c, bv, l);
+    let mut sw = tile_h::<F>(comptime!(if l.delta { c } else { 1 }), dk, l);
     let mut sa = tile_f(c, c);
     let mut sah = tile_h::<F>(c, c, l);
     let mut so = tile_f(c, bv);
@@ -534,27 +558,57 @@ pub fn tiled_fwd_kernel<F: Float>(
 
     let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
-    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, if l.delta { 1 } else { bv })));
+    let mut rw = Array::<F>::new(comptime!(tile_regs(&l, dk)));
+    let mut ru = Array::<f32>::new(comptime!(tile_regs(&l, dv)));
     let chunks = len.div_ceil(c);
     let cl = chunk_len(len, 0, c);
-    fetch_tile::<F>(q, &mut rq, bos, len, 0, cl, h, 0, l.k, kp, l);
-    fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, 0, l.k, kp, l);
-    fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, v0, l.v, bv, l);
+    fetch_tile::<F, F>(q, &mut rq, bos, len, 0, cl, hq, 0, l.k, kp, lq);
+    fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, hq, 0, l.k, kp, lq);
+    if comptime!(l.delta) {
+        fetch_tile::<f32, F>(w, &mut rw, bos, len, 0, cl, h, 0, l.k, kp, l);
+        fetch_tile::<f32, f32>(ut, &mut ru, bos, len, 0, cl, h, v0, l.v, bv, l);
+    } else {
+        fetch_tile::<F, F>(v, &mut rv, bos, len, 0, cl, h, v0, l.v, bv, l);
+    }
     for ci in 0..chunks {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rq, &mut sq, kp, l);
         stage_tile::<F>(&rk, &mut sk, kp, l);
-        stage_tile::<F>(&rv, &mut sv, bv, l);
+        if comptime!(l.delta) {
+            stage_tile::<F>(&rw, &mut sw, kp, l);
+        } else {
+            stage_tile::<F>(&rv, &mut sv, bv, l);
+        }
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         round_state::<F>(&ss, &mut ssh, kp, bv, l);
         sync_cube();
+        if comptime!(l.delta) {
+            // U = Ũ − W S, the chunk's values after the delta rule's corrections, in f32
+            // before it is rounded to the products' input dtype.
+            let s = comptime!(nn(c, bv, kp, kh, 0, vf));
+            mma_state::<F>(&sw, &ss, &ssh, 0, &mut so, 0, s, bv, l);
+            sync_cube();
+            #[unroll]
+            for r in 0..comptime!(tile_regs(&l, bv)) {
+                let (row, col) = tile_entry(r, bv, l.tile);
+                if row < c {
+                    sv[row * vh + col] = F::cast_from(ru[r] - so[row * vf + col]);
+                }
+            }
+        }
         if ci + 1 < chunks {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
-            fetch_tile::<F>(q, &mut rq, bos, len, p1, cl1, h, 0, l.k, kp, l);
-            fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, 0, l.k, kp, l);
-            fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
+            fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
+            if comptime!(l.delta) {
+                fetch_tile::<f32, F>(w, &mut rw, bos, len, p1, cl1, h, 0, l.k, kp, l);
+                fetch_tile::<f32, f32>(ut, &mut ru, bos, len, p1, cl1, h, v0, l.v, bv, l);
+            } else {
+                fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
+            }
         }
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ
@@ -650,9 +704,9 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let chunks = len.div_ceil(c);
     let cl = chunk_len(len, 0, c);
-    fetch_tile::<F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
-    fetch_tile::<F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
-    fetch_tile::<F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
+    fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
+    fetch_tile::<F, F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
+    fetch_tile::<F, F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
     for ci in 0..chunks {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
@@ -665,9 +719,9 @@ pub fn tiled_dq_kernel<F: Float>(
         if ci + 1 < chunks {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
-            fetch_tile::<F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
-            fetch_tile::<F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
-            fetch_tile::<F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
+            fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
+            fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
+            fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
         }
         cumulate_gates(&gl, &mut lam, l);
         // dA = dO Vᵀ
@@ -772,10 +826,10 @@ pub fn tiled_dkv_kernel<F: Float>(
         plast = (chunks - 1) * c;
     }
     let cl_last = len - plast;
-    fetch_tile::<F>(q, &mut rq, bos, len, plast, cl_last, h, 0, l.k, kp, l);
-    fetch_tile::<F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
-    fetch_tile::<F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
-    fetch_tile::<F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+    fetch_tile::<F, F>(q, &mut rq, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+    fetch_tile::<F, F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+    fetch_tile::<F, F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+    fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
     for cr in 0..chunks {
         let p0 = (chunks - 1 - cr) * c;
         let cl = chunk_len(len, p0, c);
@@ -789,10 +843,10 @@ pub fn tiled_dkv_kernel<F: Float>(
         if cr + 1 < chunks {
             // Every chunk before the last is full.
             let p1 = p0 - c;
-            fetch_tile::<F>(q, &mut rq, bos, len, p1, c, h, 0, l.k, kp, l);
-            fetch_tile::<F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
-            fetch_tile::<F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
-            fetch_tile::<F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p1, c, h, 0, l.k, kp, l);
+            fetch_tile::<F, F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
+            fetch_tile::<F, F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
+            fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
         }
         cumulate_gates(&gl, &mut lam, l);
         // A = Q Kᵀ

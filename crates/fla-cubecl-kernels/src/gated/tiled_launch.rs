@@ -88,6 +88,8 @@ pub fn tiled_layout<R: Runtime>(
             nb: FRAG,
             ph: 16 / elem,
             scalar_gate: p.gate == GateKind::Scalar,
+            qk_heads: p.heads,
+            delta: false,
             reverse: p.reverse,
             varlen: p.cu_seqlens.is_some(),
             has_h0: p.has_initial_state,
@@ -121,11 +123,11 @@ pub fn tiled_layout<R: Runtime>(
 
 /// Tile-size overrides for benchmarking (`FLA_TILED_PLANES`, `FLA_TILED_BV`, `FLA_TILED_CMMA=0`):
 /// measurement aids, not a user setting; the defaults are what the measurements chose.
-fn tuning(name: &str) -> Option<usize> {
+pub(crate) fn tuning(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-fn cube_dim(l: &TiledLayout) -> CubeDim {
+pub(crate) fn cube_dim(l: &TiledLayout) -> CubeDim {
     CubeDim::new_2d(PLANE as u32, l.tile.planes as u32)
 }
 
@@ -156,6 +158,8 @@ pub(crate) fn tiled_forward<R: Runtime>(
             array(b.q, qk),
             array(b.k, qk),
             array(b.v, vo),
+            array(&dummy, 1),
+            array(&dummy, 1),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
             array(b.h0.unwrap_or(&dummy), p.state_len()),
             array(cu, cu_len),
