@@ -305,8 +305,9 @@ pub fn delta_tiled_layout<R: Runtime>(
         .find(|l| fwd_smem(l, elem) <= max_smem)
 }
 
-/// The forward through the tiled kernels: the WY factors (returned: `L`, `W`, `Ũ`, as the plain
-/// kernels lay them out) and, with `out = Some((o, ht))`, the walk that writes `o` and `ht`.
+/// The WY factors of every chunk by the tile-product kernel: `L`, `W`, `Ũ` in `f32`, laid out as
+/// the plain pair and solve kernels lay them out (the forward's [`tiled_walk`] and the plain
+/// backward both read them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tiled_wy<R: Runtime>(
     client: &ComputeClient<R>,
