@@ -8,8 +8,8 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::delta::{
-    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, DeltaBackwardBuffers,
-    DeltaForwardBuffers, DeltaProblem, CHECKPOINT_EVERY,
+    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, delta_takes_tiles,
+    DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem, CHECKPOINT_EVERY,
 };
 use fla_cubecl_kernels::gated::{is_cpu_vulkan, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK};
 use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, DeltaCase};
@@ -270,6 +270,34 @@ fn varlen_with_empty_sequence(
     );
     let c = DeltaCase::new(p, 1.0, 11);
     on_runtime!(compare(&c, form));
+}
+
+/// The tile-product path (WY kernel and walk) at chunk 16 on what the cases above give the
+/// default chunk: head dims that are not multiples of 16, a varlen batch with an empty sequence,
+/// no states. On a GPU the default chunk already takes that path; lavapipe's shared memory holds
+/// the tiles of chunk 16 only, so this case keeps it tested in CI. One case with everything at
+/// once and small dims, because lavapipe compiles each variant of the unrolled tiles for minutes.
+#[test]
+fn tiled_path_odd_dims_varlen_without_states() {
+    // Lengths 1, 17, 0 (empty), 32.
+    let cu = vec![0, 1, 18, 18, 50];
+    let p = problem(
+        true,
+        [1, 50, 1, 2, 20, 12],
+        Some(cu),
+        false,
+        FloatDType::F32,
+    );
+    let c = DeltaCase::new(p, 1.0, 17);
+    on_runtime!(compare_on_tiles(&c));
+}
+
+fn compare_on_tiles<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
+    assert!(
+        delta_takes_tiles(client, &c.p, 16),
+        "chunk 16 must take the tile-product path"
+    );
+    compare(client, c, Form::Chunk(16));
 }
 
 #[rstest]

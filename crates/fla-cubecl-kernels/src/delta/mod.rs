@@ -20,6 +20,7 @@ mod tiled;
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
 pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};
 pub use recurrent::CHECKPOINT_EVERY;
+pub use tiled::delta_takes_tiles;
 
 use crate::{FloatDType, KernelError};
 

@@ -246,10 +246,20 @@ fn store_rows(
     }
 }
 
+/// Whether a chunk-form call of `p` with chunk size `chunk` takes the tile-product kernels on
+/// this device (true on a GPU at the default chunk; on lavapipe for chunks of 16 or 32 only).
+pub fn delta_takes_tiles<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &DeltaProblem,
+    chunk: usize,
+) -> bool {
+    delta_tiled_layout(client, p, chunk).is_some()
+}
+
 /// The tiled layout of a delta-rule forward with chunk size `chunk`, or `None` where it does not
 /// apply (a chunk that is not a multiple of 16 up to 64, or shared memory too small for it: the
 /// plain chunk kernels take those calls).
-pub fn delta_tiled_layout<R: Runtime>(
+pub(crate) fn delta_tiled_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &DeltaProblem,
     chunk: usize,
