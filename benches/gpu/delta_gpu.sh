@@ -3,6 +3,7 @@
 # `VULKAN=1 bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here; carry
 # [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
 # `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan.
+# `delta_gpu.sh profile`: per-kernel times of our delta-rule kernels (CubeCL's profiler).
 # `delta_gpu.sh bench`: ours and FLA's delta-rule kernels on the same shapes in one call.
 # `delta_gpu.sh models`: fla-models' parity tests on CUDA (pack with `-p fla-models` too), and FLA
 # loading the checkpoints our models export (carry `target/fla-export`, written by the
@@ -26,6 +27,14 @@ models)
   grep -E "RMSE" $OUT/cuda-parity.log | sort | uniq -c | sort -rn | head -5
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
   (cd crates/fla-models/tests/fixtures && PYTHONPATH=/tmp/site timeout 240 python3 make_fixtures.py --check-ours ../../../../target/fla-export 2>&1 | grep -E "round trip|Error|error" | head -20)
+  ;;
+profile)
+  # Per-kernel times of one forward+backward (CubeCL's profiling summary, printed at each sync).
+  printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
+  $R/test-table --backend cuda --dtype bf16 --seq ${SEQ:-4096} --ops ${OPS:-chunk_delta_rule,chunk_gated_delta_rule} \
+    --warmup 1 --iters 1 --out $OUT/prof > $OUT/profile.log 2>&1
+  rm cubecl.toml
+  tail -c 6000 $OUT/profile.log
   ;;
 bench)
   SEQ=${SEQ:-4096,8192,16384}

@@ -11,7 +11,7 @@ use super::chunk::{
 };
 use super::launch::check;
 use super::recurrent::group_sum_kernel;
-use super::tiled::{delta_tiled_layout, tiled_walk, tiled_wy};
+use super::tiled::{delta_tiled_layout, dqk_layout, tiled_dqk, tiled_walk, tiled_wy};
 use super::{DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem};
 use crate::gated::chunk::{chunk_cumsum_kernel, ChunkLayout};
 use crate::gated::recurrent_fwd::RecurrentLayout;
@@ -432,49 +432,62 @@ pub fn delta_chunk_backward<R: Runtime>(
     if call.count == 0 {
         return Ok(());
     }
-    let d_amat = call.f32_buffer(chunk);
-    let (count, dim) = call.grid(chunk * chunk);
-    delta_do_u_pairs_kernel::launch::<R>(
-        client,
-        count,
-        dim,
-        array(b.d_o, vo),
-        array(&u, vo),
-        chunks(),
-        cu(),
-        array(&d_amat, tok_c),
-        seq,
-        p.scale,
-        call.c,
-        dtype,
-    );
     let dq_hv = call.f32_buffer(kd);
     let dk_minus = call.f32_buffer(kd);
     let dw = call.f32_buffer(kd);
-    let (count, dim) = call.grid(chunk * kd);
-    delta_chunk_dqk_kernel::launch::<R>(
-        client,
-        count,
-        dim,
-        array(b.q, qk),
-        array(b.k, qk),
-        array(b.d_o, vo),
-        gc(),
-        array(&states, call.states_len()),
-        array(&d_states, call.states_len()),
-        array(&d_amat, tok_c),
-        array(&u, vo),
-        array(&du, vo),
-        chunks(),
-        cu(),
-        array(&dq_hv, call.per_token(kd)),
-        array(&dk_minus, call.per_token(kd)),
-        array(&dw, call.per_token(kd)),
-        seq,
-        p.scale,
-        call.c,
-        dtype,
-    );
+    if let Some(l) = call.tiled.and_then(|l| dqk_layout(client, p, l)) {
+        tiled_dqk(
+            client,
+            p,
+            l,
+            (b.q, b.k, b.d_o, &call.gc),
+            (&u, &du, &states, &d_states),
+            (&call.chunks, call.count),
+            (&call.cu, call.cu_len),
+            (&dq_hv, &dk_minus, &dw),
+        );
+    } else {
+        let d_amat = call.f32_buffer(chunk);
+        let (count, dim) = call.grid(chunk * chunk);
+        delta_do_u_pairs_kernel::launch::<R>(
+            client,
+            count,
+            dim,
+            array(b.d_o, vo),
+            array(&u, vo),
+            chunks(),
+            cu(),
+            array(&d_amat, tok_c),
+            seq,
+            p.scale,
+            call.c,
+            dtype,
+        );
+        let (count, dim) = call.grid(chunk * kd);
+        delta_chunk_dqk_kernel::launch::<R>(
+            client,
+            count,
+            dim,
+            array(b.q, qk),
+            array(b.k, qk),
+            array(b.d_o, vo),
+            gc(),
+            array(&states, call.states_len()),
+            array(&d_states, call.states_len()),
+            array(&d_amat, tok_c),
+            array(&u, vo),
+            array(&du, vo),
+            chunks(),
+            cu(),
+            array(&dq_hv, call.per_token(kd)),
+            array(&dk_minus, call.per_token(kd)),
+            array(&dw, call.per_token(kd)),
+            seq,
+            p.scale,
+            call.c,
+            dtype,
+        );
+    }
     // dW → dR_W and dU → dR_U in place.
     call.solve(b.k, b.v, b.beta, &lmat, &dw, &du, true);
     let d_lmat = call.f32_buffer(chunk);
