@@ -2,7 +2,8 @@
 # On the GPU machine, from the repository root, after
 # `VULKAN=1 bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here; carry
 # [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
-# `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan.
+# `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan
+# (`FILTER="CHUNK chunk_boundaries tiled_path"` for the chunk-form kernel tests only).
 # `delta_gpu.sh profile`: per-kernel times of our delta-rule kernels (CubeCL's profiler).
 # `delta_gpu.sh bench`: ours and FLA's delta-rule kernels on the same shapes in one call.
 # `delta_gpu.sh models`: fla-models' parity tests on CUDA (pack with `-p fla-models` too), and FLA
