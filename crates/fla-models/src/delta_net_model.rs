@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::delta_net::{DeltaNet, DeltaNetLayerConfig, QkActivation, QkNorm};
 use crate::lm::{
-    check_swish, fused_recurrent_mode, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
+    check_swish, fused_recurrent_mode, lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
 };
 
 /// FLA's `DeltaNetConfig` fields (same names and defaults; fields this port does not use, such
@@ -140,15 +140,7 @@ impl DeltaNetConfig {
             .with_qk_norm(QkNorm::parse(&self.qk_norm)?)
             .with_norm_eps(self.norm_eps)
             .with_fused_recurrent(fused_recurrent_mode(&self.attn_mode, false)?);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         Ok((shape, layer))
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gated_deltanet::{DeltaCache, GatedDeltaNet, GatedDeltaNetLayerConfig};
 use crate::hybrid::HybridForCausalLM;
-use crate::lm::{refuse_hybrid, ConfigError, ForCausalLM, LmShape};
+use crate::lm::{lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape};
 
 /// FLA's `GatedDeltaNetConfig` fields (same names and defaults; fields this port does not use,
 /// such as the fused-kernel switches, are read and kept but change nothing).
@@ -151,15 +151,7 @@ impl GatedDeltaNetConfig {
             .with_allow_neg_eigval(self.allow_neg_eigval)
             .with_conv_size(self.conv_size)
             .with_norm_eps(self.norm_eps);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         Ok((shape, layer))
     }
 }

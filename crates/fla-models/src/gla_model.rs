@@ -11,7 +11,7 @@ use crate::checkpoint::Pretrained;
 use crate::gla::{GatedLinearAttention, GatedLinearAttentionConfig, GlaCache};
 use crate::hybrid::HybridForCausalLM;
 pub use crate::lm::ConfigError;
-use crate::lm::{refuse_hybrid, ForCausalLM, LmShape};
+use crate::lm::{lm_shape, refuse_hybrid, ForCausalLM, LmShape};
 
 /// FLA's `GLAConfig` fields (same names and defaults, so `config.json` files read as they are;
 /// absent fields take FLA's defaults, fields this port does not use yet are ignored).
@@ -161,15 +161,7 @@ impl GlaConfig {
             .with_norm_eps(self.norm_eps)
             .with_clamp_min(self.clamp_min)
             .with_fused_recurrent(fused_recurrent);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         Ok((shape, attn))
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::hgrn2::{Hgrn2Attention, Hgrn2AttentionConfig};
 use crate::hybrid::HybridForCausalLM;
 use crate::lm::{
-    check_swish, fused_recurrent_mode, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
+    check_swish, fused_recurrent_mode, lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
 };
 
 /// FLA's `HGRN2Config` fields (same names and defaults; fields this port does not use, such as
@@ -158,15 +158,7 @@ impl Hgrn2Config {
             .with_use_short_conv(self.use_short_conv)
             .with_conv_size(self.conv_size)
             .with_fused_recurrent(fused_recurrent_mode(&self.attn_mode, false)?);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         Ok((shape, layer))
     }
 }

@@ -66,6 +66,22 @@ pub struct ForCausalLM<B: Backend, M> {
     pub lm_head: Option<Linear<B>>,
 }
 
+/// The [`LmShape`] of a family's config: every FLA config names these fields alike.
+macro_rules! lm_shape {
+    ($config:expr) => {
+        $crate::lm::LmShape {
+            hidden_size: $config.hidden_size,
+            vocab_size: $config.vocab_size,
+            num_hidden_layers: $config.num_hidden_layers,
+            hidden_ratio: $config.hidden_ratio,
+            intermediate_size: $config.intermediate_size,
+            norm_eps: $config.norm_eps,
+            tie_word_embeddings: $config.tie_word_embeddings,
+        }
+    };
+}
+pub(crate) use lm_shape;
+
 /// The sizes of the parts around the mixers (FLA's config fields of the same names).
 #[derive(Debug, Clone)]
 pub struct LmShape {

@@ -7,7 +7,7 @@ use crate::hybrid::HybridForCausalLM;
 use serde::{Deserialize, Serialize};
 
 use crate::lm::{
-    check_swish, fused_recurrent_mode, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
+    check_swish, fused_recurrent_mode, lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape,
 };
 use crate::retnet::{MultiScaleRetention, MultiScaleRetentionConfig};
 
@@ -141,15 +141,7 @@ impl RetNetConfig {
             .with_fuse_norm(self.fuse_norm)
             .with_norm_eps(self.norm_eps)
             .with_fused_recurrent(fused_recurrent_mode(&self.attn_mode, true)?);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         Ok((shape, layer))
     }
 }

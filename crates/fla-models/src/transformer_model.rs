@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attn::{Attention, AttentionConfig, KvCache};
 use crate::checkpoint::Pretrained;
-use crate::lm::{ConfigError, ForCausalLM, LmShape};
+use crate::lm::{lm_shape, ConfigError, ForCausalLM};
 
 /// FLA's `TransformerConfig` fields (same names and defaults; the fused-kernel switches are read
 /// and kept but change nothing).
@@ -117,15 +117,7 @@ impl TransformerConfig {
             .with_qkv_bias(self.qkv_bias)
             .with_window_size(self.window_size)
             .with_rope_theta(self.rope_theta);
-        let shape = LmShape {
-            hidden_size: self.hidden_size,
-            vocab_size: self.vocab_size,
-            num_hidden_layers: self.num_hidden_layers,
-            hidden_ratio: self.hidden_ratio,
-            intermediate_size: self.intermediate_size,
-            norm_eps: self.norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
-        };
+        let shape = lm_shape!(self);
         shape.init(device, |_| attn.init(device))
     }
 }
