@@ -18,9 +18,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::DeltaProblem;
-use crate::gated::chunk::chunk_len;
+use crate::gated::chunk::place_of_chunk;
 use crate::gated::launch::{array, is_cpu_vulkan};
-use crate::gated::recurrent_fwd::{seq_length, seq_start};
 use crate::gated::tiled::{
     accum, fetch_tile, fwd_smem, masked_decay, mma_state, nn, nt, round_state, scale_rows,
     stage_tile, state_io, store_tile, tile_bytes, tile_f, tile_h, tile_regs, tiled_fwd_kernel, tn,
@@ -64,11 +63,7 @@ pub fn delta_wy_kernel<F: Float>(
     let threads = comptime!(l.tile.threads());
     let j = CUBE_POS_X as usize;
     let hv = CUBE_POS_Y as usize;
-    let n = chunks[2 * j] as usize;
-    let p0 = chunks[2 * j + 1] as usize * c;
-    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let cl = chunk_len(len, p0, c);
+    let (bos, len, p0, cl) = place_of_chunk(chunks, cu_seqlens, j, seq_len, c, l.varlen);
     let lq = comptime!(TiledLayout {
         heads: l.qk_heads,
         ..l
@@ -270,11 +265,7 @@ pub fn delta_dqk_tiled_kernel<F: Float>(
     let k0 = CUBE_POS_X as usize * bk;
     let j = CUBE_POS_Y as usize;
     let hv = CUBE_POS_Z as usize;
-    let n = chunks[2 * j] as usize;
-    let p0 = chunks[2 * j + 1] as usize * c;
-    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let cl = chunk_len(len, p0, c);
+    let (bos, len, p0, cl) = place_of_chunk(chunks, cu_seqlens, j, seq_len, c, l.varlen);
     let lq = comptime!(TiledLayout {
         heads: l.qk_heads,
         ..l

@@ -59,11 +59,24 @@ pub fn chunk_place(
     seq_len: u32,
     #[comptime] c: ChunkLayout,
 ) -> (usize, usize, usize, usize) {
+    place_of_chunk(chunks, cu_seqlens, j, seq_len, c.chunk, c.rec.varlen)
+}
+
+/// [`chunk_place`] for kernels whose layout is not a [`ChunkLayout`] (the tiled ones).
+#[cube]
+pub fn place_of_chunk(
+    chunks: &Array<u32>,
+    cu_seqlens: &Array<u32>,
+    j: usize,
+    seq_len: u32,
+    #[comptime] chunk: usize,
+    #[comptime] varlen: bool,
+) -> (usize, usize, usize, usize) {
     let n = chunks[2 * j] as usize;
-    let p0 = chunks[2 * j + 1] as usize * c.chunk;
-    let bos = seq_start(cu_seqlens, n, seq_len, c.rec.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, c.rec.varlen);
-    (bos, len, p0, chunk_len(len, p0, c.chunk))
+    let p0 = chunks[2 * j + 1] as usize * chunk;
+    let bos = seq_start(cu_seqlens, n, seq_len, varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, varlen);
+    (bos, len, p0, chunk_len(len, p0, chunk))
 }
 
 /// Positions of chunk starting at `p0` in a sequence of `len`.
