@@ -11,10 +11,14 @@ use super::chunk::{
 };
 use super::launch::check;
 use super::recurrent::group_sum_kernel;
-use super::tiled::{delta_tiled_layout, dqk_layout, tiled_dqk, tiled_walk, tiled_wy};
+use super::tiled::{delta_tiled_layout, tiled_walk, tiled_wy};
+use super::tiled_bwd::{
+    dqk_layout, dstate_layout, tail_layout, tiled_dqk, tiled_dstate, tiled_states, tiled_tail,
+};
 use super::{DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem};
 use crate::gated::chunk::{chunk_cumsum_kernel, ChunkLayout};
 use crate::gated::recurrent_fwd::RecurrentLayout;
+use crate::gated::tiled_launch::tuning;
 use crate::gated::TiledLayout;
 use crate::gated::{
     array, chunk_tables, elementwise_grid, need, upload_cu_seqlens, ELEMWISE_THREADS,
@@ -238,7 +242,8 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
 
     /// The WY factors `L`, `W`, `Ũ`: by the tile-product kernel where it applies, else by the
     /// pair and solve kernels.
-    fn wy(&self, k: &Handle, v: &Handle, beta: &Handle) -> [Handle; 3] {
+    /// With `tmat` (tiled only), the inverse `T = (I + L)⁻¹` is written there too.
+    fn wy(&self, k: &Handle, v: &Handle, beta: &Handle, tmat: Option<&Handle>) -> [Handle; 3] {
         if let Some(l) = self.tiled {
             return tiled_wy(
                 self.client,
@@ -247,6 +252,7 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
                 (k, v, beta, &self.gc),
                 (&self.chunks, self.count),
                 (&self.cu, self.cu_len),
+                tmat,
             );
         }
         let lmat = self.qk_pairs(k, k, beta, true);
@@ -264,11 +270,24 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         beta: &Handle,
         h0: Option<&Handle>,
         ht: Option<&Handle>,
+        tmat: Option<&Handle>,
     ) -> [Handle; 5] {
         let p = self.p;
-        let [lmat, w, ut] = self.wy(k, v, beta);
+        let [lmat, w, ut] = self.wy(k, v, beta, tmat);
         let states = self.client.empty(4 * self.states_len().max(1));
         let u = self.f32_buffer(p.v_dim);
+        if let (Some(l), None, true) = (self.tiled, ht, tuning("FLA_DELTA_STATES") != Some(0)) {
+            tiled_states(
+                self.client,
+                p,
+                l,
+                (k, &self.gc, h0),
+                (&w, &ut),
+                (&self.cu, self.cu_len, &self.first),
+                (&states, self.states_len(), &u),
+            );
+            return [lmat, w, ut, states, u];
+        }
         let (count, dim) = self.state_grid();
         delta_chunk_state_kernel::launch::<R>(
             self.client,
@@ -292,6 +311,66 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         );
         [lmat, w, ut, states, u]
     }
+
+    /// The plain backward state pass: `dU` inside each chunk from the `A` pairs, then the walk
+    /// that stores `dS_next` per chunk, completes `dU`, writes the decay term and leaves `dh0`.
+    #[allow(clippy::type_complexity)]
+    fn plain_dstate(
+        &self,
+        b: &DeltaBackwardBuffers<'_>,
+        (w, u, states): (&Handle, &Handle, &Handle),
+        dh0: Option<&Handle>,
+        (du, d_states, cterm, cterm_len): (&Handle, &Handle, &Handle, usize),
+    ) {
+        let p = self.p;
+        let (qk, vo, _) = p.lens();
+        let chunk = self.c.place.chunk;
+        let amat = self.qk_pairs(b.q, b.k, b.beta, false);
+        let cu = || array(&self.cu, self.cu_len);
+        if self.count > 0 {
+            let (count, dim) = self.grid(chunk * p.v_dim);
+            delta_du_intra_kernel::launch::<R>(
+                self.client,
+                count,
+                dim,
+                array(b.d_o, vo),
+                array(&amat, self.per_token(chunk)),
+                array(&self.chunks, 2 * self.count),
+                cu(),
+                array(du, vo),
+                p.seq_len as u32,
+                p.scale,
+                self.c,
+                p.dtype.storage(),
+            );
+        }
+        let (count, dim) = self.state_grid();
+        delta_chunk_dstate_kernel::launch::<R>(
+            self.client,
+            count,
+            dim,
+            array(b.q, qk),
+            array(b.k, qk),
+            array(b.d_o, vo),
+            array(w, self.per_token(p.k_dim)),
+            array(u, vo),
+            array(&self.gc, self.g_len()),
+            array(states, self.states_len().max(1)),
+            array(b.d_ht.unwrap_or(&self.dummy), p.state_len()),
+            cu(),
+            array(&self.first, p.num_seqs()),
+            array(d_states, self.states_len().max(1)),
+            array(du, vo),
+            array(cterm, cterm_len),
+            array(dh0.unwrap_or(&self.dummy), p.state_len()),
+            p.seq_len as u32,
+            p.scale,
+            self.c,
+            b.d_ht.is_some(),
+            dh0.is_some(),
+            p.dtype.storage(),
+        );
+    }
 }
 
 /// Launches the chunkwise-parallel forward (chunk size `chunk`): writes `o` and, when asked, `ht`.
@@ -310,7 +389,7 @@ pub fn delta_chunk_forward<R: Runtime>(
     let call = DeltaChunkCall::new(client, p, chunk, b.g, b.ht.is_some())?;
     if let Some(l) = call.tiled {
         // The WY factors, then one walk per sequence with the state on chip.
-        let [_, w, ut] = call.wy(b.k, b.v, b.beta);
+        let [_, w, ut] = call.wy(b.k, b.v, b.beta, None);
         if p.num_seqs() > 0 {
             tiled_walk(
                 client,
@@ -324,7 +403,7 @@ pub fn delta_chunk_forward<R: Runtime>(
         }
         return Ok(());
     }
-    let [_, _, _, states, u] = call.forward_states(b.k, b.v, b.beta, b.h0, b.ht);
+    let [_, _, _, states, u] = call.forward_states(b.k, b.v, b.beta, b.h0, b.ht, None);
     if call.count == 0 {
         return Ok(());
     }
@@ -371,7 +450,11 @@ pub fn delta_chunk_backward<R: Runtime>(
         None
     };
     let call = DeltaChunkCall::new(client, p, chunk, b.g, false)?;
-    let [lmat, w, ut, states, u] = call.forward_states(b.k, b.v, b.beta, b.h0, None);
+    // The tile-product tail takes the transposed solve and everything after it where it fits;
+    // it reads the WY kernel's inverse `T`.
+    let tail = call.tiled.and_then(|l| tail_layout(client, p, l));
+    let tmat = tail.map(|_| call.f32_buffer(chunk));
+    let [lmat, w, ut, states, u] = call.forward_states(b.k, b.v, b.beta, b.h0, None, tmat.as_ref());
     let (qk, vo, sc) = p.lens();
     let (kd, vd) = (p.k_dim, p.v_dim);
     let tok_c = call.per_token(chunk);
@@ -381,54 +464,33 @@ pub fn delta_chunk_backward<R: Runtime>(
     let seq = p.seq_len as u32;
     let dtype = p.dtype.storage();
 
-    let amat = call.qk_pairs(b.q, b.k, b.beta, false);
     let du = call.f32_buffer(vd);
-    if call.count > 0 {
-        let (count, dim) = call.grid(chunk * vd);
-        delta_du_intra_kernel::launch::<R>(
-            client,
-            count,
-            dim,
-            array(b.d_o, vo),
-            array(&amat, tok_c),
-            chunks(),
-            cu(),
-            array(&du, vo),
-            seq,
-            p.scale,
-            call.c,
-            dtype,
-        );
-    }
     let d_states = client.empty(4 * call.states_len().max(1));
     let cterm_len = (call.count * p.v_heads * vd).max(1);
     let cterm = client.empty(4 * cterm_len);
-    let (count, dim) = call.state_grid();
-    delta_chunk_dstate_kernel::launch::<R>(
-        client,
-        count,
-        dim,
-        array(b.q, qk),
-        array(b.k, qk),
-        array(b.d_o, vo),
-        array(&w, call.per_token(kd)),
-        array(&u, vo),
-        gc(),
-        array(&states, call.states_len().max(1)),
-        array(b.d_ht.unwrap_or(&call.dummy), p.state_len()),
-        cu(),
-        array(&call.first, p.num_seqs()),
-        array(&d_states, call.states_len().max(1)),
-        array(&du, vo),
-        array(&cterm, cterm_len),
-        array(dh0.unwrap_or(&call.dummy), p.state_len()),
-        seq,
-        p.scale,
-        call.c,
-        b.d_ht.is_some(),
-        dh0.is_some(),
-        dtype,
-    );
+    if let Some(l) = call
+        .tiled
+        .filter(|_| tuning("FLA_DELTA_DSTATE") != Some(0))
+        .and_then(|l| dstate_layout(client, p, l))
+    {
+        tiled_dstate(
+            client,
+            p,
+            l,
+            (b.q, b.k, b.d_o, &call.gc),
+            (&w, &u, &states, call.states_len()),
+            (b.d_ht, dh0),
+            (&call.cu, call.cu_len, &call.first),
+            (&d_states, &du, &cterm, cterm_len),
+        );
+    } else {
+        call.plain_dstate(
+            &b,
+            (&w, &u, &states),
+            dh0,
+            (&du, &d_states, &cterm, cterm_len),
+        );
+    }
     if call.count == 0 {
         return Ok(());
     }
@@ -487,6 +549,37 @@ pub fn delta_chunk_backward<R: Runtime>(
             call.c,
             dtype,
         );
+    }
+    let group_sum = |src: &Handle, dst: &Handle| {
+        group_sum_kernel::launch::<R>(
+            client,
+            elementwise_grid(qk),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(src, call.per_token(kd)),
+            array(dst, qk),
+            qk as u32,
+            call.per_token(kd) as u32,
+            kd as u32,
+            p.group() as u32,
+            1,
+            dtype,
+        )
+    };
+    if let (Some(l), Some(tmat)) = (tail, &tmat) {
+        tiled_tail(
+            client,
+            p,
+            l,
+            (b.q, b.k, b.v, b.beta, &call.gc),
+            (tmat, &w, &ut),
+            (&dw, &du, &dq_hv, &cterm, cterm_len),
+            (&call.chunks, call.count),
+            (&call.cu, call.cu_len),
+            (&dk_minus, b.dv, b.dbeta, dg),
+        );
+        group_sum(&dq_hv, b.dq);
+        group_sum(&dk_minus, b.dk);
+        return Ok(());
     }
     // dW → dR_W and dU → dR_U in place.
     call.solve(b.k, b.v, b.beta, &lmat, &dw, &du, true);
@@ -550,19 +643,7 @@ pub fn delta_chunk_backward<R: Runtime>(
         call.c,
         dtype,
     );
-    group_sum_kernel::launch::<R>(
-        client,
-        elementwise_grid(qk),
-        CubeDim::new_1d(ELEMWISE_THREADS),
-        array(&dq_hv, call.per_token(kd)),
-        array(b.dq, qk),
-        qk as u32,
-        call.per_token(kd) as u32,
-        kd as u32,
-        p.group() as u32,
-        1,
-        dtype,
-    );
+    group_sum(&dq_hv, b.dq);
     delta_dk_combine_kernel::launch::<R>(
         client,
         elementwise_grid(qk),

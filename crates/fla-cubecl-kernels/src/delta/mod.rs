@@ -16,6 +16,7 @@ mod launch;
 pub mod naive;
 mod recurrent;
 mod tiled;
+mod tiled_bwd;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
 pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};

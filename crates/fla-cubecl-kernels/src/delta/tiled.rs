@@ -21,9 +21,8 @@ use super::DeltaProblem;
 use crate::gated::chunk::place_of_chunk;
 use crate::gated::launch::{array, is_cpu_vulkan};
 use crate::gated::tiled::{
-    accum, fetch_tile, fwd_smem, masked_decay, mma_state, nn, nt, round_state, scale_rows,
-    stage_tile, state_io, store_tile, tile_bytes, tile_f, tile_h, tile_regs, tiled_fwd_kernel, tn,
-    TiledLayout, PAD_F,
+    fetch_tile, fwd_smem, nn, nt, stage_tile, tile_bytes, tile_f, tile_h, tile_regs,
+    tiled_fwd_kernel, TiledLayout, PAD_F,
 };
 use crate::gated::tiled_launch::{cube_dim, has_cmma, tuning};
 use crate::tile::{mma, TileConfig, FRAG, PLANE};
@@ -50,10 +49,12 @@ pub fn delta_wy_kernel<F: Float>(
     chunks: &Array<u32>,
     cu_seqlens: &Array<u32>,
     lmat: &mut Array<f32>,
+    tmat: &mut Array<f32>,
     w: &mut Array<f32>,
     ut: &mut Array<f32>,
     seq_len: u32,
     #[comptime] l: TiledLayout,
+    #[comptime] write_t: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp, vp) = comptime!((l.chunk, l.kp, l.vp));
@@ -159,7 +160,13 @@ pub fn delta_wy_kernel<F: Float>(
         let e = unit + r * threads;
         if e < c * c {
             let (row, col) = (e / c, e % c);
-            sth[row * ch + col] = F::cast_from(st[row * cf + col]);
+            let x = st[row * cf + col];
+            sth[row * ch + col] = F::cast_from(x);
+            if comptime!(write_t) {
+                if row < cl {
+                    tmat[((bos + p0 + row) * l.heads + hv) * c + col] = x;
+                }
+            }
         }
     }
     #[unroll]
@@ -212,166 +219,6 @@ pub fn delta_wy_kernel<F: Float>(
     );
     sync_cube();
     store_rows(&sx, ut, bos, p0, cl, hv, l.v, vp, l);
-}
-
-/// Shared-memory bytes of the backward's `dq`/`dk⁻`/`dW` kernel with `l.bk` key rows per cube.
-pub fn dqk_smem(l: &TiledLayout, e: usize) -> usize {
-    let (c, bk, vp) = (l.chunk, l.bk, l.vp);
-    let state_copy = if l.tile.cmma {
-        tile_bytes(bk, vp, e)
-    } else {
-        0
-    };
-    tile_bytes(bk, vp, 4)
-        + state_copy
-        + 2 * tile_bytes(c, vp, e)
-        + tile_bytes(c, bk, e)
-        + tile_bytes(c, c, 4)
-        + tile_bytes(c, c, e)
-        + tile_bytes(c, bk, 4)
-        + 4 * c
-}
-
-/// The backward's products with the per-chunk states, for key rows `k0 .. k0 + BK` of one chunk
-/// and value head (cubes `(key block, chunk, value head)`), with `B = scale · (dO Uᵀ) ∘ D ∘ M`
-/// (`D_rs = exp(Λ_r − Λ_s)`):
-/// `dq = scale · γ ∘ (dO Sᵀ) + B K`, `dW = −dU Sᵀ` with `S` the state entering the chunk, and
-/// `dk⁻ = exp(Λ_C − Λ) ∘ (U dS_Cᵀ) + Bᵀ Q` with `dS_C` the gradient of the state leaving it.
-/// The plain kernels' `dq`/`dk⁻`/`dW` (per value head, `f32`) and their `dA` in one pass.
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-pub fn delta_dqk_tiled_kernel<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    d_o: &Array<F>,
-    u: &Array<f32>,
-    du: &Array<f32>,
-    gc: &Array<f32>,
-    states: &mut Array<f32>,
-    d_states: &mut Array<f32>,
-    chunks: &Array<u32>,
-    cu_seqlens: &Array<u32>,
-    dq: &mut Array<f32>,
-    dk_minus: &mut Array<f32>,
-    dw: &mut Array<f32>,
-    seq_len: u32,
-    scale: f32,
-    #[comptime] l: TiledLayout,
-    #[define(F)] _dtype: StorageType,
-) {
-    let (c, bk, vp) = comptime!((l.chunk, l.bk, l.vp));
-    let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
-    let (bkf, cf) = comptime!((bk + PAD_F, c + PAD_F));
-    let k0 = CUBE_POS_X as usize * bk;
-    let j = CUBE_POS_Y as usize;
-    let hv = CUBE_POS_Z as usize;
-    let (bos, len, p0, cl) = place_of_chunk(chunks, cu_seqlens, j, seq_len, c, l.varlen);
-    let lq = comptime!(TiledLayout {
-        heads: l.qk_heads,
-        ..l
-    });
-    let hq = hv / comptime!(l.heads / l.qk_heads);
-    let base = (j * l.heads + hv) * l.k * l.v;
-    let unit = UNIT_POS as usize;
-
-    let mut ss = tile_f(bk, vp);
-    let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { bk } else { 1 }), vp, l);
-    let mut sx = tile_h::<F>(c, vp, l);
-    let mut sy = tile_h::<F>(c, vp, l);
-    let mut sk = tile_h::<F>(c, bk, l);
-    let mut sa = tile_f(c, c);
-    let mut sah = tile_h::<F>(c, c, l);
-    let mut so = tile_f(c, bk);
-    let mut lam = SharedMemory::<f32>::new(c);
-
-    let mut rx = Array::<F>::new(comptime!(tile_regs(&l, vp)));
-    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, bk)));
-    fetch_tile::<F, F>(d_o, &mut rx, bos, len, p0, cl, hv, 0, l.v, vp, l);
-    stage_tile::<F>(&rx, &mut sx, vp, l);
-    fetch_tile::<f32, F>(u, &mut rx, bos, len, p0, cl, hv, 0, l.v, vp, l);
-    stage_tile::<F>(&rx, &mut sy, vp, l);
-    fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, hq, k0, l.k, bk, lq);
-    stage_tile::<F>(&rk, &mut sk, bk, l);
-    if unit < c {
-        // Λ cumulated from the chunk start; rows past the end repeat the last (Λ_C).
-        let mut g = 0.0f32;
-        if comptime!(l.scalar_gate) {
-            let mut row = unit;
-            if row >= cl {
-                row = cl - 1;
-            }
-            g = gc[(bos + p0 + row) * l.heads + hv];
-        }
-        lam[unit] = g;
-    }
-    state_io(&mut ss, states, base, k0, 0, bk, vp, true, l);
-    round_state::<F>(&ss, &mut ssh, bk, vp, l);
-    sync_cube();
-    // dO Uᵀ, then B = scale · (dO Uᵀ) ∘ D ∘ M and scale · γ ∘ dO in place.
-    mma::<F, F>(
-        &sx,
-        0,
-        &sy,
-        0,
-        &mut sa,
-        0,
-        comptime!(nt(c, c, vp, vh, vh, cf)),
-        l.tile,
-    );
-    sync_cube();
-    masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-    scale_rows::<F>(&mut sx, &lam, scale, vp, false, l);
-    sync_cube();
-    // dq = B K + (scale · γ ∘ dO) Sᵀ
-    mma::<F, F>(
-        &sah,
-        0,
-        &sk,
-        0,
-        &mut so,
-        0,
-        comptime!(nn(c, bk, c, ch, bkh, bkf)),
-        l.tile,
-    );
-    sync_cube();
-    let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
-    mma_state::<F>(&sx, &ss, &ssh, 0, &mut so, 0, s, vp, l);
-    sync_cube();
-    store_tile::<f32>(&so, dq, 0, bos, len, p0, cl, hv, k0, l.k, bk, l);
-    // dW = (−dU) Sᵀ
-    fetch_tile::<f32, F>(du, &mut rx, bos, len, p0, cl, hv, 0, l.v, vp, l);
-    #[unroll]
-    for r in 0..comptime!(tile_regs(&l, vp)) {
-        rx[r] = -rx[r];
-    }
-    stage_tile::<F>(&rx, &mut sx, vp, l);
-    sync_cube();
-    let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
-    mma_state::<F>(&sx, &ss, &ssh, 0, &mut so, 0, s, vp, l);
-    sync_cube();
-    store_tile::<f32>(&so, dw, 0, bos, len, p0, cl, hv, k0, l.k, bk, l);
-    // dk⁻ = Bᵀ Q + (exp(Λ_C − Λ) ∘ U) dS_Cᵀ
-    fetch_tile::<F, F>(q, &mut rk, bos, len, p0, cl, hq, k0, l.k, bk, lq);
-    stage_tile::<F>(&rk, &mut sk, bk, l);
-    scale_rows::<F>(&mut sy, &lam, 1.0f32, vp, true, l);
-    state_io(&mut ss, d_states, base, k0, 0, bk, vp, true, l);
-    round_state::<F>(&ss, &mut ssh, bk, vp, l);
-    sync_cube();
-    mma::<F, F>(
-        &sah,
-        0,
-        &sk,
-        0,
-        &mut so,
-        0,
-        comptime!(tn(c, bk, c, ch, bkh, bkf)),
-        l.tile,
-    );
-    sync_cube();
-    let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
-    mma_state::<F>(&sy, &ss, &ssh, 0, &mut so, 0, s, vp, l);
-    sync_cube();
-    store_tile::<f32>(&so, dk_minus, 0, bos, len, p0, cl, hv, k0, l.k, bk, l);
 }
 
 /// Rows `< cl`, columns `< width` of the `f32` tile `sx` (leading dimension `max(kp, vp) + 4`)
@@ -473,7 +320,8 @@ pub(crate) fn delta_tiled_layout<R: Runtime>(
 
 /// The WY factors of every chunk by the tile-product kernel: `L`, `W`, `Ũ` in `f32`, laid out as
 /// the plain pair and solve kernels lay them out (the forward's [`tiled_walk`] and the plain
-/// backward both read them).
+/// backward both read them), and into `tmat` when given the inverse `T = (I + L)⁻¹` (`f32`, laid
+/// out as `L`) for the tiled backward's tail.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tiled_wy<R: Runtime>(
     client: &ComputeClient<R>,
@@ -482,7 +330,10 @@ pub(crate) fn tiled_wy<R: Runtime>(
     (k, v, beta, gc): (&Handle, &Handle, &Handle, &Handle),
     (chunks, count): (&Handle, usize),
     (cu, cu_len): (&Handle, usize),
+    tmat: Option<&Handle>,
 ) -> [Handle; 3] {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let l = rolled(l);
     let (qk, vo, sc) = p.lens();
     let tokens = p.tokens() * p.v_heads;
     let lmat = client.empty(4 * (tokens * l.chunk).max(1));
@@ -503,10 +354,12 @@ pub(crate) fn tiled_wy<R: Runtime>(
                 array(chunks, 2 * count),
                 array(cu, cu_len),
                 array(&lmat, tokens * l.chunk),
+                array(tmat.unwrap_or(&dummy), tokens * l.chunk),
                 array(&w, tokens * p.k_dim),
                 array(&ut, tokens * p.v_dim),
                 p.seq_len as u32,
                 l,
+                tmat.is_some(),
                 p.dtype.storage(),
             )
         };
@@ -517,12 +370,39 @@ pub(crate) fn tiled_wy<R: Runtime>(
 /// The walk's layout: the WY kernel's with more planes on a GPU, where one cube per sequence and
 /// value block walks all chunks and its warps are what hides latency (the gated family's walk
 /// measured 2.4x faster with 32 planes than with 8 on an H100).
-fn walk_layout<R: Runtime>(client: &ComputeClient<R>, l: TiledLayout) -> TiledLayout {
-    if is_cpu_vulkan(client) || tuning("FLA_TILED_PLANES").is_some() {
+pub(super) fn walk_layout<R: Runtime>(client: &ComputeClient<R>, l: TiledLayout) -> TiledLayout {
+    if tuning("FLA_TILED_PLANES").is_some() {
+        return l;
+    }
+    gpu_planes(client, l, 16.max(l.tile.planes), "FLA_WALK_PLANES")
+}
+
+/// `l` with its loops left as loops: for the kernels that handle one chunk per cube, whose loop
+/// iterations stay far below lavapipe's per-invocation limit. Unrolled, their code takes lavapipe
+/// minutes to compile (each barrier is a coroutine suspension point over all that code).
+pub(super) fn rolled(l: TiledLayout) -> TiledLayout {
+    TiledLayout {
+        tile: TileConfig {
+            unroll: false,
+            ..l.tile
+        },
+        ..l
+    }
+}
+
+/// `l` with `planes` planes per cube on a GPU (`var` overrides; capped by the device), unchanged
+/// on lavapipe, where fewer keep the unrolled code small.
+pub(super) fn gpu_planes<R: Runtime>(
+    client: &ComputeClient<R>,
+    l: TiledLayout,
+    planes: usize,
+    var: &str,
+) -> TiledLayout {
+    if is_cpu_vulkan(client) {
         return l;
     }
     let max_units = client.properties().hardware.max_units_per_cube as usize;
-    let planes = 16.min(max_units / PLANE).max(l.tile.planes);
+    let planes = tuning(var).unwrap_or(planes).min(max_units / PLANE).max(2);
     TiledLayout {
         tile: TileConfig { planes, ..l.tile },
         ..l
@@ -565,81 +445,6 @@ pub(crate) fn tiled_walk<R: Runtime>(
             array(cu, cu_len),
             array(o, vo),
             array(ht.unwrap_or(&dummy), p.state_len()),
-            p.seq_len as u32,
-            p.scale,
-            l,
-            p.dtype.storage(),
-        )
-    };
-}
-
-/// The backward `dq`/`dk⁻`/`dW` kernel's layout: the forward's with key blocks of `bk` rows, the
-/// largest of 64/32/16 whose tiles leave room for two cubes per multiprocessor (one where none
-/// does), or `None` where even 16 rows do not fit (the plain kernels then take it).
-pub(crate) fn dqk_layout<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &DeltaProblem,
-    l: TiledLayout,
-) -> Option<TiledLayout> {
-    let max_smem = client.properties().hardware.max_shared_memory_size;
-    let elem = p.dtype.size();
-    let fits = |bk: usize, budget: usize| {
-        let cand = TiledLayout { bk, ..l };
-        (dqk_smem(&cand, elem) <= budget).then_some(cand)
-    };
-    let sizes = || {
-        [64, 32, 16]
-            .into_iter()
-            .filter(|&bk| bk <= l.kp && tuning("FLA_DQK_BK").is_none_or(|t| bk <= t))
-    };
-    sizes()
-        .find_map(|bk| fits(bk, max_smem / 2))
-        .or_else(|| sizes().find_map(|bk| fits(bk, max_smem)))
-}
-
-/// Launches [`delta_dqk_tiled_kernel`]: `dq` (per value head), `dk⁻`, `dW`, all `f32`
-/// `[B·T, HV, K]`, from the per-chunk states and their gradients.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn tiled_dqk<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &DeltaProblem,
-    l: TiledLayout,
-    (q, k, d_o, gc): (&Handle, &Handle, &Handle, &Handle),
-    (u, du, states, d_states): (&Handle, &Handle, &Handle, &Handle),
-    (chunks, count): (&Handle, usize),
-    (cu, cu_len): (&Handle, usize),
-    (dq, dk_minus, dw): (&Handle, &Handle, &Handle),
-) {
-    if count == 0 {
-        return;
-    }
-    let (qk, vo, sc) = p.lens();
-    let per_k = p.tokens() * p.v_heads * p.k_dim;
-    let states_len = count * p.v_heads * p.k_dim * p.v_dim;
-    // Every access is guarded by the kernel's own conditions (rows in the chunk, columns in K
-    // or V).
-    unsafe {
-        delta_dqk_tiled_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(
-                p.k_dim.div_ceil(l.bk) as u32,
-                count as u32,
-                p.v_heads as u32,
-            ),
-            cube_dim(&l),
-            array(q, qk),
-            array(k, qk),
-            array(d_o, vo),
-            array(u, vo),
-            array(du, vo),
-            array(gc, if p.gated { sc } else { 1 }),
-            array(states, states_len),
-            array(d_states, states_len),
-            array(chunks, 2 * count),
-            array(cu, cu_len),
-            array(dq, per_k),
-            array(dk_minus, per_k),
-            array(dw, per_k),
             p.seq_len as u32,
             p.scale,
             l,
