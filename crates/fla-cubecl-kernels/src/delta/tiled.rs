@@ -377,6 +377,16 @@ pub(super) fn walk_layout<R: Runtime>(client: &ComputeClient<R>, l: TiledLayout)
     gpu_planes(client, l, 16.max(l.tile.planes), "FLA_WALK_PLANES")
 }
 
+/// The walks' grid: one cube per value block, value head and sequence (each walks all chunks of
+/// its sequence with its state block on chip).
+pub(super) fn walk_cubes(p: &DeltaProblem, l: &TiledLayout) -> CubeCount {
+    CubeCount::Static(
+        p.v_dim.div_ceil(l.bv) as u32,
+        p.v_heads as u32,
+        p.num_seqs() as u32,
+    )
+}
+
 /// `l` with its loops left as loops: for the kernels that handle one chunk per cube, whose loop
 /// iterations stay far below lavapipe's per-invocation limit. Unrolled, their code takes lavapipe
 /// minutes to compile (each barrier is a coroutine suspension point over all that code).
@@ -429,11 +439,7 @@ pub(crate) fn tiled_walk<R: Runtime>(
     unsafe {
         tiled_fwd_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(
-                p.v_dim.div_ceil(l.bv) as u32,
-                p.v_heads as u32,
-                p.num_seqs() as u32,
-            ),
+            walk_cubes(p, &l),
             cube_dim(&l),
             array(q, qk),
             array(k, qk),

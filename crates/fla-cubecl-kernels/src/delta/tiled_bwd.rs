@@ -19,7 +19,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::tiled::{gpu_planes, rolled, walk_layout};
+use super::tiled::{gpu_planes, rolled, walk_cubes, walk_layout};
 use super::DeltaProblem;
 use crate::gated::chunk::{chunk_len, place_of_chunk};
 use crate::gated::launch::array;
@@ -562,11 +562,7 @@ pub(crate) fn tiled_states<R: Runtime>(
     unsafe {
         delta_states_tiled_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(
-                p.v_dim.div_ceil(l.bv) as u32,
-                p.v_heads as u32,
-                p.num_seqs() as u32,
-            ),
+            walk_cubes(p, &l),
             cube_dim(&l),
             array(k, qk),
             array(w, tokens * p.k_dim),
@@ -634,11 +630,7 @@ pub(crate) fn tiled_dstate<R: Runtime>(
     unsafe {
         delta_dstate_tiled_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(
-                p.v_dim.div_ceil(l.bv) as u32,
-                p.v_heads as u32,
-                p.num_seqs() as u32,
-            ),
+            walk_cubes(p, &l),
             cube_dim(&l),
             array(q, qk),
             array(k, qk),
