@@ -1,13 +1,13 @@
 //! `fla-eval`: evaluates a model saved in FLA's format (config.json + model.safetensors, as
 //! `fla-train` or FLA's `save_pretrained` writes it) the way FLA users do with lm-eval-harness,
-//! on byte-level text:
+//! on text tokenised by the model directory's `tokenizer.json` (bytes without one):
 //!
 //! - perplexity of a text (by default the bundled corpus's validation split, the last 5% that
 //!   `fla-train` holds out), in windows of `--seq-len` tokens moved by `--stride` (each token is
 //!   scored once, with at least `seq_len − stride` tokens of context after the first window);
-//!   reports loss (nats per token), perplexity and bits per byte;
+//!   reports loss (nats per token), perplexity and bits per byte (over the text's UTF-8 bytes);
 //! - multiple choice (`--choices FILE.jsonl`, one `{"context": ..., "choices": [...], "label": i}`
-//!   per line): a choice's score is the log-likelihood of its bytes after the context; reports
+//!   per line): a choice's score is the log-likelihood of its tokens after the context's; reports
 //!   accuracy and length-normalised accuracy (lm-eval's `acc` and `acc_norm`).
 //!
 //!   cargo run --release -p training --bin fla-eval -- --model runs/gla-tiny/model
@@ -24,8 +24,8 @@ use clap::Parser;
 use fla_models::checkpoint::Pretrained;
 use fla_models::lm::{ForCausalLM, TokenMixer};
 use saved::{with_model, Error, WithModel};
-
-const CORPUS: &str = include_str!("../data/paradise_lost.txt");
+use training::data::{self, Corpus};
+use training::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -35,7 +35,8 @@ struct Args {
     /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
     #[arg(long, default_value = "wgpu")]
     backend: String,
-    /// Text to measure perplexity on; default: the bundled corpus's validation split.
+    /// Text to measure perplexity on (a .txt or .jsonl file or a folder of them, read as
+    /// `fla-train --data` reads it); default: the bundled corpus's validation split.
     #[arg(long)]
     text: Option<PathBuf>,
     /// Only the first this many tokens of the text.
@@ -87,7 +88,7 @@ fn windows(n: usize, ctx: usize, stride: usize) -> Vec<Window> {
 /// the first target position it scores, counted within the row: targets `1 .. len`).
 fn scored_log_likelihood<B: Backend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
-    rows: &[(&[u8], usize)],
+    rows: &[(&[usize], usize)],
     device: &B::Device,
 ) -> Result<Vec<f64>, Error> {
     let len = rows[0].0.len();
@@ -115,7 +116,7 @@ fn scored_log_likelihood<B: Backend, M: TokenMixer<B>>(
 /// `(scored tokens, total negative log-likelihood)` of `text`.
 fn perplexity<B: Backend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
-    text: &[u8],
+    text: &[usize],
     args: &Args,
 ) -> Result<(usize, f64, usize), Error> {
     let stride = args.stride.unwrap_or(args.seq_len);
@@ -139,7 +140,7 @@ fn perplexity<B: Backend, M: TokenMixer<B>>(
     // Windows of one length go through together (only the last one is shorter).
     for group in wins.chunk_by(|a, b| a.end - a.start == b.end - b.start) {
         for batch in group.chunks(args.batch.max(1)) {
-            let rows: Vec<(&[u8], usize)> = batch
+            let rows: Vec<(&[usize], usize)> = batch
                 .iter()
                 .map(|w| (&text[w.start..w.end], w.first - w.start))
                 .collect();
@@ -187,9 +188,11 @@ fn read_questions(path: &PathBuf) -> Result<Vec<Question>, Error> {
 }
 
 /// `(acc, acc_norm)`: how often the most likely choice is the label, by total log-likelihood
-/// and by log-likelihood per byte of the choice.
+/// and by log-likelihood per byte of the choice (lm-eval's `acc_norm`). Context and choice are
+/// tokenised apart and joined, as lm-eval does.
 fn multiple_choice<B: Backend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
+    tokenizer: &Tokenizer,
     questions: &[Question],
 ) -> Result<(f64, f64), Error> {
     let device = B::Device::default();
@@ -197,9 +200,10 @@ fn multiple_choice<B: Backend, M: TokenMixer<B>>(
     for q in questions {
         // One forward pass per choice, at its own length (no padding to reason about).
         let mut scores = Vec::with_capacity(q.choices.len());
+        let context = tokenizer.encode(&q.context)?;
         for c in &q.choices {
-            let seq = [q.context.as_bytes(), c.as_bytes()].concat();
-            scores.push(scored_log_likelihood(model, &[(&seq, q.context.len())], &device)?[0]);
+            let seq = [context.clone(), tokenizer.encode(c)?].concat();
+            scores.push(scored_log_likelihood(model, &[(&seq, context.len())], &device)?[0]);
         }
         let best = |f: &dyn Fn(usize) -> f64| {
             (0..scores.len())
@@ -213,29 +217,29 @@ fn multiple_choice<B: Backend, M: TokenMixer<B>>(
     Ok((hits as f64 / n, hits_norm as f64 / n))
 }
 
-struct Evaluate<'a>(&'a Args);
+struct Evaluate<'a>(&'a Args, &'a Tokenizer);
 
 impl<B: Backend> WithModel<B> for Evaluate<'_> {
     fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>,
     {
-        let args = self.0;
+        let (args, tokenizer) = (self.0, self.1);
         let (source, owned) = match &args.text {
             Some(p) => (
                 p.display().to_string(),
-                std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+                data::tokens(&data::documents(Some(p))?, tokenizer)?,
             ),
-            None => {
-                let bytes = CORPUS.as_bytes();
-                let split = bytes.len() * 95 / 100;
-                (
-                    "the bundled validation split".into(),
-                    bytes[split..].to_vec(),
-                )
-            }
+            None => (
+                "the bundled validation split".into(),
+                Corpus::new(&data::documents(None)?, tokenizer, 1)?.valid,
+            ),
         };
+        let owned: Vec<usize> = owned.into_iter().map(|t| t as usize).collect();
         let text = &owned[..args.max_tokens.unwrap_or(owned.len()).min(owned.len())];
+        // Bits per byte compare models across tokenisers: the loss over the bytes the tokens
+        // stand for.
+        let bytes_per_token = tokenizer.decode(text)?.len() as f64 / text.len().max(1) as f64;
         let t0 = Instant::now();
         let (count, nll, wins) = perplexity(&model, text, args)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -245,12 +249,12 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
              loss {loss:.4}, perplexity {:.3}, {:.4} bits per byte ({secs:.1} s, {:.0} tokens/s)",
             args.seq_len,
             loss.exp(),
-            loss / std::f64::consts::LN_2,
+            loss / std::f64::consts::LN_2 / bytes_per_token,
             count as f64 / secs
         );
         if let Some(path) = &args.choices {
             let questions = read_questions(path)?;
-            let (acc, acc_norm) = multiple_choice(&model, &questions)?;
+            let (acc, acc_norm) = multiple_choice(&model, tokenizer, &questions)?;
             println!(
                 "multiple choice on {}: {} questions, acc {acc:.4}, acc_norm {acc_norm:.4}",
                 path.display(),
@@ -262,7 +266,9 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, Evaluate(&args)))
+    let tokenizer = Tokenizer::for_model_dir(&args.model)?;
+    let ids = tokenizer.vocab_size();
+    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, ids, Evaluate(&args, &tokenizer)))
 }
 
 fn main() -> std::process::ExitCode {
@@ -334,7 +340,7 @@ mod tests {
     #[test]
     fn perplexity_equals_the_training_loss() {
         let model = tiny_model();
-        let text: Vec<u8> = CORPUS.as_bytes()[..97].to_vec();
+        let text: Vec<usize> = data::CORPUS.bytes().take(97).map(usize::from).collect();
         let ids: Vec<i64> = text[..33].iter().map(|&b| b as i64).collect();
         let ids = Tensor::<NdArray, 2, Int>::from_data(
             TensorData::new(ids, [1, 33]),
@@ -360,9 +366,9 @@ mod tests {
     #[test]
     fn bad_input_is_refused() {
         let model = tiny_model();
-        let err = perplexity(&model, b"abc", &args(4, 5, 1)).unwrap_err();
+        let err = perplexity(&model, &[97, 98, 99], &args(4, 5, 1)).unwrap_err();
         assert!(err.to_string().contains("--stride"), "{err}");
-        let err = perplexity(&model, b"a", &args(4, 4, 1)).unwrap_err();
+        let err = perplexity(&model, &[97], &args(4, 4, 1)).unwrap_err();
         assert!(err.to_string().contains("at least 2 tokens"), "{err}");
         let dir = std::env::temp_dir().join(format!("fla-eval-q-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -389,18 +395,19 @@ mod tests {
     /// alone (a causal model's predictions of the context do not see the choice), and the
     /// answers follow the scores.
     #[test]
-    fn multiple_choice_scores_the_choice_bytes() {
+    fn multiple_choice_scores_the_choice_tokens() {
         let model = tiny_model();
         let device = Default::default();
         let (ctx, choices) = ("Of Man's first", [" disobedience", " fruit", "!"]);
-        let ll = |seq: &[u8], first: usize| {
+        let bytes = |s: &str| s.bytes().map(usize::from).collect::<Vec<_>>();
+        let ll = |seq: &[usize], first: usize| {
             scored_log_likelihood(&model, &[(seq, first)], &device).expect("ll")[0]
         };
         let scores: Vec<f64> = choices
             .iter()
             .map(|c| {
-                let seq = [ctx.as_bytes(), c.as_bytes()].concat();
-                let whole = ll(&seq, 1) - ll(ctx.as_bytes(), 1);
+                let seq = [bytes(ctx), bytes(c)].concat();
+                let whole = ll(&seq, 1) - ll(&bytes(ctx), 1);
                 let direct = ll(&seq, ctx.len());
                 assert!(
                     (whole - direct).abs() < 1e-4 * direct.abs(),
@@ -419,9 +426,10 @@ mod tests {
                 label,
             })
             .collect();
-        let (acc, _) = multiple_choice(&model, &questions).expect("mc");
+        let t = Tokenizer::Bytes;
+        let (acc, _) = multiple_choice(&model, &t, &questions).expect("mc");
         assert_eq!(acc, 1.0 / 3.0);
-        let (acc, _) = multiple_choice(&model, &questions[best..best + 1]).expect("mc");
+        let (acc, _) = multiple_choice(&model, &t, &questions[best..best + 1]).expect("mc");
         assert_eq!(acc, 1.0);
     }
 }

@@ -5,8 +5,8 @@
 //!
 //!   cargo run -p training --bin fla-generate -- --model runs/gla-tiny/model --prompt "Of Man"
 //!
-//! Tokens are bytes (the vocabulary `fla-train` uses). A directory with a `tokenizer.json` is
-//! refused: Hugging Face tokenizers are not wired in yet.
+//! Text is tokenised with the directory's `tokenizer.json` (Hugging Face's format, as
+//! `fla-train --tokenizer` saves it and FLA's hub checkpoints carry it), or as bytes without one.
 
 mod saved;
 
@@ -18,6 +18,7 @@ use fla_models::checkpoint::Pretrained;
 use fla_models::generate::{generate, GenerationConfig};
 use fla_models::lm::{ForCausalLM, TokenMixer};
 use saved::{with_model, Error, WithModel};
+use training::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -40,40 +41,34 @@ struct Args {
     top_p: Option<f64>,
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f64,
-    /// Stop at this token id.
+    /// Stop at this token id; default: the tokeniser's end-of-text token, if it has one.
     #[arg(long)]
     eos: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
 
-struct Generate<'a>(&'a Args);
+struct Generate<'a>(&'a Args, &'a Tokenizer);
 
 impl<B: Backend> WithModel<B> for Generate<'_> {
     fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>,
     {
-        let args = self.0;
+        let (args, tokenizer) = (self.0, self.1);
         let device = B::Device::default();
-        let prompt: Vec<usize> = args.prompt.bytes().map(usize::from).collect();
+        let prompt = tokenizer.encode(&args.prompt)?;
         let cfg = GenerationConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,
             top_k: args.top_k,
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
-            eos_token_id: args.eos,
+            eos_token_id: args.eos.or_else(|| tokenizer.end_of_text()),
             seed: args.seed,
         };
         let out = generate(&model, &prompt, &cfg, &device)?;
-        // Ids past the byte range (a larger vocabulary) have no byte; they print as '?'.
-        let bytes: Vec<u8> = out
-            .tokens
-            .iter()
-            .map(|&t| u8::try_from(t).unwrap_or(b'?'))
-            .collect();
-        println!("{}{}", args.prompt, String::from_utf8_lossy(&bytes));
+        println!("{}{}", args.prompt, tokenizer.decode(&out.tokens)?);
         let steps = out.tokens.len().saturating_sub(1).max(1);
         eprintln!(
             "prompt: {} tokens in {:.1} ms; decoding: {} tokens in {:.1} ms ({:.2} ms/token)",
@@ -88,7 +83,9 @@ impl<B: Backend> WithModel<B> for Generate<'_> {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, Generate(&args)))
+    let tokenizer = Tokenizer::for_model_dir(&args.model)?;
+    let ids = tokenizer.vocab_size();
+    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, ids, Generate(&args, &tokenizer)))
 }
 
 fn main() -> std::process::ExitCode {

@@ -1,10 +1,13 @@
-//! `fla-train`: trains a small linear-attention language model (GLA by default, or Gated
-//! DeltaNet) on the bundled corpus (Milton's *Paradise Lost*, byte-level tokens) and reports
-//! training and validation loss.
+//! `fla-train`: trains a small linear-attention language model (GLA by default, or another
+//! family of fla-models) on the bundled corpus (Milton's *Paradise Lost*) or a user's text
+//! (`--data`: a .txt or .jsonl file or a folder of them), byte-level or with a `tokenizer.json`,
+//! and reports training and validation loss.
 //!
 //!   cargo run -p training --bin fla-train                 # wgpu (lavapipe without a GPU)
 //!   cargo run -p training --bin fla-train -- --backend ndarray
 //!   cargo run -p training --bin fla-train -- --model gated-deltanet   # or transformer
+//!   cargo run -p training --bin fla-train -- bpe --vocab-size 1024 --out runs/tokenizer.json
+//!   cargo run -p training --bin fla-train -- --tokenizer runs/tokenizer.json
 //!
 //! An AdamW loop with linear warmup then cosine decay, per-tensor gradient clipping and gradient
 //! accumulation; checkpoints every `--checkpoint-every` steps and `--resume` from
@@ -24,7 +27,7 @@ use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::delta_net::DeltaNet;
@@ -39,11 +42,36 @@ use fla_models::lm::{ForCausalLM, TokenMixer};
 use fla_models::retnet::MultiScaleRetention;
 use fla_models::retnet_model::RetNetConfig;
 use fla_models::transformer_model::TransformerConfig;
+use training::data::{self, Corpus};
+use training::tokenizer::Tokenizer;
 
 /// The config type a model family saves with.
 type PretrainedConfig<B, M> = <ForCausalLM<B, M> as Pretrained<B>>::Config;
 
-const CORPUS: &str = include_str!("../data/paradise_lost.txt");
+#[derive(Parser, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a byte-level BPE tokeniser on the text and write it as tokenizer.json (then train a
+    /// model with `--tokenizer FILE`).
+    Bpe {
+        /// Text to train on (as for training); default: the bundled corpus.
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+        /// Ids in the vocabulary: 256 bytes, <|endoftext|> and the merges.
+        #[arg(long, default_value_t = 1024)]
+        vocab_size: usize,
+        #[arg(long, default_value = "runs/tokenizer.json")]
+        out: std::path::PathBuf,
+    },
+}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -54,6 +82,14 @@ struct Args {
     /// (RetNet), hgrn2 (HGRN2) or transformer (softmax attention), each with FLA's config
     #[arg(long, default_value = "gla")]
     model: String,
+    /// Training text: a .txt/.md file, a .jsonl file ("text" per line) or a folder of them
+    /// (recursively); default: the bundled corpus. The last 5% of its tokens are validation.
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
+    /// A Hugging Face tokenizer.json (e.g. from `fla-train bpe`); default: bytes (256 ids). It is
+    /// saved with the model, so `fla-generate` and `fla-eval` use it.
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 100)]
     steps: usize,
     #[arg(long, default_value_t = 16)]
@@ -140,9 +176,9 @@ impl Rng {
     }
 }
 
-/// Random windows of `len + 1` bytes from `data`, as `[batch, len + 1]` token ids.
+/// Random windows of `len + 1` tokens from `data`, as `[batch, len + 1]` token ids.
 fn batch<B: AutodiffBackend>(
-    data: &[u8],
+    data: &[u32],
     rng: &mut Rng,
     rows: usize,
     len: usize,
@@ -151,7 +187,7 @@ fn batch<B: AutodiffBackend>(
     let ids: Vec<i64> = (0..rows)
         .flat_map(|_| {
             let start = rng.below(data.len() - len - 1);
-            data[start..start + len + 1].iter().map(|&b| b as i64)
+            data[start..start + len + 1].iter().map(|&t| t as i64)
         })
         .collect();
     Tensor::from_data(TensorData::new(ids, [rows, len + 1]), device)
@@ -174,21 +210,25 @@ impl<B> TrainBackend for B where
 }
 
 /// Builds the `--model` family's tiny preset and trains it.
-fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn train_family<B: TrainBackend>(
+    args: &Args,
+    text: &Text,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let vocab_size = text.tokenizer.vocab_size();
     match args.model.as_str() {
-        "gla" => train::<B, GatedLinearAttention<B>>(args, "GLA", |device| {
+        "gla" => train::<B, GatedLinearAttention<B>>(args, text, "GLA", |device| {
             let config = GlaConfig {
                 hidden_size: args.hidden,
                 num_heads: args.heads,
                 num_hidden_layers: args.layers,
-                vocab_size: 256,
+                vocab_size,
                 use_short_conv: true,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
             };
             Ok((config.init(device)?, config))
         }),
-        "gated-deltanet" => train::<B, GatedDeltaNet<B>>(args, "Gated DeltaNet", |device| {
+        "gated-deltanet" => train::<B, GatedDeltaNet<B>>(args, text, "Gated DeltaNet", |device| {
             // FLA's layout (6·hidden² per layer with the output gate) scaled down: key heads of
             // hidden / heads / 2 dims, values twice as wide.
             let config = GatedDeltaNetConfig {
@@ -197,54 +237,54 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
                 head_dim: (args.hidden / args.heads / 2).max(1),
                 expand_v: 2.0,
                 num_hidden_layers: args.layers,
-                vocab_size: 256,
+                vocab_size,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
             };
             Ok((config.init(device)?, config))
         }),
-        "delta-net" => train::<B, DeltaNet<B>>(args, "DeltaNet", |device| {
+        "delta-net" => train::<B, DeltaNet<B>>(args, text, "DeltaNet", |device| {
             let config = DeltaNetConfig {
                 hidden_size: args.hidden,
                 num_heads: args.heads,
                 num_hidden_layers: args.layers,
-                vocab_size: 256,
+                vocab_size,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
             };
             Ok((config.init(device)?, config))
         }),
-        "retnet" => train::<B, MultiScaleRetention<B>>(args, "RetNet", |device| {
+        "retnet" => train::<B, MultiScaleRetention<B>>(args, text, "RetNet", |device| {
             // FLA's RetNet layout (values twice as wide as keys, MLP ratio 2) at this size.
             let config = RetNetConfig {
                 hidden_size: args.hidden,
                 num_heads: args.heads,
                 num_hidden_layers: args.layers,
-                vocab_size: 256,
+                vocab_size,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
             };
             Ok((config.init(device)?, config))
         }),
-        "hgrn2" => train::<B, Hgrn2Attention<B>>(args, "HGRN2", |device| {
+        "hgrn2" => train::<B, Hgrn2Attention<B>>(args, text, "HGRN2", |device| {
             let config = Hgrn2Config {
                 hidden_size: args.hidden,
                 expand_ratio: Some((args.hidden / args.heads).max(1)),
                 num_hidden_layers: args.layers,
-                vocab_size: 256,
+                vocab_size,
                 attn_mode: "fused_recurrent".into(),
                 ..Default::default()
             };
             Ok((config.init(device)?, config))
         }),
         "transformer" => {
-            train::<B, fla_models::attn::Attention<B>>(args, "Transformer", |device| {
+            train::<B, fla_models::attn::Attention<B>>(args, text, "Transformer", |device| {
                 // The softmax-attention baseline (FLA's TransformerConfig) at the same size.
                 let config = TransformerConfig {
                     hidden_size: args.hidden,
                     num_heads: args.heads,
                     num_hidden_layers: args.layers,
-                    vocab_size: 256,
+                    vocab_size,
                     ..Default::default()
                 };
                 Ok((config.init(device)?, config))
@@ -259,8 +299,15 @@ fn train_family<B: TrainBackend>(args: &Args) -> Result<(), Box<dyn std::error::
     }
 }
 
+/// The tokenised training text and its tokeniser.
+struct Text {
+    tokenizer: Tokenizer,
+    corpus: Corpus,
+}
+
 fn train<B, M>(
     args: &Args,
+    text: &Text,
     family: &str,
     build: impl FnOnce(&B::Device) -> Result<(ForCausalLM<B, M>, PretrainedConfig<B, M>), FlaError>,
 ) -> Result<(), Box<dyn std::error::Error>>
@@ -274,9 +321,7 @@ where
     // Parameter initialisation draws from the backend's generator: seeded, a run is repeatable
     // (and a resumed one can match an uninterrupted one).
     B::seed(&device, args.seed);
-    let bytes = CORPUS.as_bytes();
-    let split = bytes.len() * 95 / 100;
-    let (train_data, valid_data) = (&bytes[..split], &bytes[split..]);
+    let (train_data, valid_data) = (&text.corpus.train[..], &text.corpus.valid[..]);
     let run_dir = std::path::PathBuf::from(format!("runs/{}-tiny", args.model));
     let metrics = args
         .metrics
@@ -348,11 +393,12 @@ where
         None => evaluate(&model)?,
     };
     println!(
-        "{family} {} layers, hidden {}, {} parameters; byte-level corpus {} KB",
+        "{family} {} layers, hidden {}, {} parameters; {} training tokens ({} ids)",
         args.layers,
         args.hidden,
         model.num_params(),
-        bytes.len() / 1024
+        train_data.len(),
+        text.tokenizer.vocab_size()
     );
     let (first_step, mut rng, mut last_valid) = match &resumed {
         Some(state) => (state.step + 1, Rng(state.rng), state.last_valid),
@@ -414,6 +460,7 @@ where
     // `AutoModelForCausalLM.from_pretrained(DIR)` read it.
     let export = args.export.clone().unwrap_or_else(|| run_dir.join("model"));
     model.save_pretrained(&config, &export)?;
+    text.tokenizer.save_to_model_dir(&export)?;
     println!(
         "model (FLA's config.json + model.safetensors) in {}",
         export.display()
@@ -427,13 +474,55 @@ where
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Bpe {
+            data,
+            vocab_size,
+            out,
+        }) => train_tokenizer(data.as_deref(), vocab_size, &out),
+        None => run(cli.train),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fla-train: {e}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `fla-train bpe`: a byte-level BPE trained on the text, written as tokenizer.json.
+fn train_tokenizer(
+    data: Option<&std::path::Path>,
+    vocab_size: usize,
+    out: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let docs = data::documents(data)?;
+    let t0 = Instant::now();
+    let tokenizer = Tokenizer::train_bpe(docs.iter(), vocab_size)?;
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir)?;
+    }
+    let Tokenizer::Hf(hf) = &tokenizer else {
+        unreachable!("train_bpe returns a Hugging Face tokeniser")
+    };
+    hf.save(out, false)
+        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    let (chars, tokens) = docs.iter().try_fold((0, 0), |(c, t), d| {
+        tokenizer.encode(d).map(|ids| (c + d.len(), t + ids.len()))
+    })?;
+    println!(
+        "BPE of {} ids trained in {:.1} s: {} bytes -> {} tokens ({:.2} bytes/token); written to {}",
+        tokenizer.vocab_size(),
+        t0.elapsed().as_secs_f64(),
+        chars,
+        tokens,
+        chars as f64 / tokens.max(1) as f64,
+        out.display()
+    );
+    Ok(())
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -445,15 +534,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("CUBECL_AUTOTUNE_LEVEL", &args.autotune) };
     }
+    let tokenizer = match &args.tokenizer {
+        Some(path) => Tokenizer::from_file(path)?,
+        None => Tokenizer::Bytes,
+    };
+    let docs = data::documents(args.data.as_deref())?;
+    let corpus = Corpus::new(&docs, &tokenizer, args.seq_len + 1)?;
+    let text = Text { tokenizer, corpus };
     match args.backend.as_str() {
-        "ndarray" => train_family::<Autodiff<burn::backend::NdArray>>(&args),
+        "ndarray" => train_family::<Autodiff<burn::backend::NdArray>>(&args, &text),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             fla_burn::device::check_wgpu(&Default::default())?;
-            train_family::<Autodiff<burn::backend::Wgpu>>(&args)
+            train_family::<Autodiff<burn::backend::Wgpu>>(&args, &text)
         }
         #[cfg(feature = "cuda")]
-        "cuda" => train_family::<Autodiff<burn::backend::Cuda>>(&args),
+        "cuda" => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),
         other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
     }
 }
@@ -464,7 +560,7 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_to_the_floor() {
-        let a = Args::parse_from([
+        let a = Cli::parse_from([
             "fla-train",
             "--steps",
             "110",
@@ -474,7 +570,8 @@ mod tests {
             "1e-3",
             "--min-lr-ratio",
             "0.1",
-        ]);
+        ])
+        .train;
         let lr = |s| learning_rate(&a, s);
         assert!((lr(5) - 5e-4).abs() < 1e-15);
         assert!((lr(10) - 1e-3).abs() < 1e-15);

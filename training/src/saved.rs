@@ -35,29 +35,30 @@ pub fn model_type(dir: &Path) -> Result<(String, bool), Error> {
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
-/// Loads the model in `dir` on `B`'s default device and hands it to `task`. Byte-level models
-/// only: a directory with a tokenizer.json is refused, as is a vocabulary below 256.
-pub fn with_model<B, W>(dir: &Path, task: W) -> Result<(), Error>
+/// Loads the model in `dir` on `B`'s default device and hands it to `task`; a model whose
+/// vocabulary is smaller than its tokeniser's (`tokens` ids) is refused.
+pub fn with_model<B, W>(dir: &Path, tokens: usize, task: W) -> Result<(), Error>
 where
     B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend,
     W: WithModel<B>,
 {
-    fn load<B: Backend, M: TokenMixer<B>, W: WithModel<B>>(dir: &Path, task: W) -> Result<(), Error>
+    fn load<B: Backend, M: TokenMixer<B>, W: WithModel<B>>(
+        dir: &Path,
+        tokens: usize,
+        task: W,
+    ) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>,
     {
         let (model, _) = ForCausalLM::<B, M>::from_pretrained(dir, &B::Device::default())?;
         let vocab = model.model.embeddings.weight.dims()[0];
-        if vocab < 256 {
+        if vocab < tokens {
             return Err(format!(
-                "byte-level text needs a vocabulary of 256, the model has {vocab}"
+                "the tokeniser has {tokens} ids, the model's vocabulary only {vocab}"
             )
             .into());
         }
         task.run(model)
-    }
-    if dir.join("tokenizer.json").exists() {
-        return Err("tokenizer.json found: only byte-level models are supported so far".into());
     }
     use fla_models::delta_net::DeltaNet;
     use fla_models::hgrn2::Hgrn2Attention;
@@ -65,17 +66,17 @@ where
     use fla_models::retnet::MultiScaleRetention;
     let (family, hybrid) = model_type(dir)?;
     match (family.as_str(), hybrid) {
-        ("gla", false) => load::<B, GatedLinearAttention<B>, W>(dir, task),
-        ("gla", true) => load::<B, Hybrid<B, GatedLinearAttention<B>>, W>(dir, task),
-        ("gated_deltanet", false) => load::<B, GatedDeltaNet<B>, W>(dir, task),
-        ("gated_deltanet", true) => load::<B, Hybrid<B, GatedDeltaNet<B>>, W>(dir, task),
-        ("delta_net", false) => load::<B, DeltaNet<B>, W>(dir, task),
-        ("delta_net", true) => load::<B, Hybrid<B, DeltaNet<B>>, W>(dir, task),
-        ("retnet", false) => load::<B, MultiScaleRetention<B>, W>(dir, task),
-        ("retnet", true) => load::<B, Hybrid<B, MultiScaleRetention<B>>, W>(dir, task),
-        ("hgrn2", false) => load::<B, Hgrn2Attention<B>, W>(dir, task),
-        ("hgrn2", true) => load::<B, Hybrid<B, Hgrn2Attention<B>>, W>(dir, task),
-        ("transformer", _) => load::<B, fla_models::attn::Attention<B>, W>(dir, task),
+        ("gla", false) => load::<B, GatedLinearAttention<B>, W>(dir, tokens, task),
+        ("gla", true) => load::<B, Hybrid<B, GatedLinearAttention<B>>, W>(dir, tokens, task),
+        ("gated_deltanet", false) => load::<B, GatedDeltaNet<B>, W>(dir, tokens, task),
+        ("gated_deltanet", true) => load::<B, Hybrid<B, GatedDeltaNet<B>>, W>(dir, tokens, task),
+        ("delta_net", false) => load::<B, DeltaNet<B>, W>(dir, tokens, task),
+        ("delta_net", true) => load::<B, Hybrid<B, DeltaNet<B>>, W>(dir, tokens, task),
+        ("retnet", false) => load::<B, MultiScaleRetention<B>, W>(dir, tokens, task),
+        ("retnet", true) => load::<B, Hybrid<B, MultiScaleRetention<B>>, W>(dir, tokens, task),
+        ("hgrn2", false) => load::<B, Hgrn2Attention<B>, W>(dir, tokens, task),
+        ("hgrn2", true) => load::<B, Hybrid<B, Hgrn2Attention<B>>, W>(dir, tokens, task),
+        ("transformer", _) => load::<B, fla_models::attn::Attention<B>, W>(dir, tokens, task),
         (other, _) => Err(format!(
             "model_type {other:?} is not built (gla, gated_deltanet, delta_net, retnet, hgrn2, transformer)"
         )
