@@ -217,14 +217,18 @@ fn multiple_choice<B: Backend, M: TokenMixer<B>>(
     Ok((hits as f64 / n, hits_norm as f64 / n))
 }
 
-struct Evaluate<'a>(&'a Args, &'a Tokenizer);
+struct Evaluate<'a>(&'a Args);
 
 impl<B: Backend> WithModel<B> for Evaluate<'_> {
-    fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
+    fn run<M: TokenMixer<B>>(
+        self,
+        model: ForCausalLM<B, M>,
+        tokenizer: &Tokenizer,
+    ) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>,
     {
-        let (args, tokenizer) = (self.0, self.1);
+        let args = self.0;
         let (source, owned) = match &args.text {
             Some(p) => (
                 p.display().to_string(),
@@ -239,7 +243,7 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
         let text = &owned[..args.max_tokens.unwrap_or(owned.len()).min(owned.len())];
         // Bits per byte compare models across tokenisers: the loss over the bytes the tokens
         // stand for.
-        let bytes_per_token = tokenizer.decode(text)?.len() as f64 / text.len().max(1) as f64;
+        let bytes_per_token = tokenizer.byte_len(text)? as f64 / text.len().max(1) as f64;
         let t0 = Instant::now();
         let (count, nll, wins) = perplexity(&model, text, args)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -266,9 +270,7 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    let tokenizer = Tokenizer::for_model_dir(&args.model)?;
-    let ids = tokenizer.vocab_size();
-    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, ids, Evaluate(&args, &tokenizer)))
+    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, Evaluate(&args)))
 }
 
 fn main() -> std::process::ExitCode {

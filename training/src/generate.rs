@@ -48,14 +48,18 @@ struct Args {
     seed: u64,
 }
 
-struct Generate<'a>(&'a Args, &'a Tokenizer);
+struct Generate<'a>(&'a Args);
 
 impl<B: Backend> WithModel<B> for Generate<'_> {
-    fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
+    fn run<M: TokenMixer<B>>(
+        self,
+        model: ForCausalLM<B, M>,
+        tokenizer: &Tokenizer,
+    ) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>,
     {
-        let (args, tokenizer) = (self.0, self.1);
+        let args = self.0;
         let device = B::Device::default();
         let prompt = tokenizer.encode(&args.prompt)?;
         let cfg = GenerationConfig {
@@ -83,9 +87,7 @@ impl<B: Backend> WithModel<B> for Generate<'_> {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    let tokenizer = Tokenizer::for_model_dir(&args.model)?;
-    let ids = tokenizer.vocab_size();
-    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, ids, Generate(&args, &tokenizer)))
+    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, Generate(&args)))
 }
 
 fn main() -> std::process::ExitCode {

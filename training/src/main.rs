@@ -505,11 +505,7 @@ fn train_tokenizer(
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    let Tokenizer::Hf(hf) = &tokenizer else {
-        unreachable!("train_bpe returns a Hugging Face tokeniser")
-    };
-    hf.save(out, false)
-        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    tokenizer.save(out)?;
     let (chars, tokens) = docs.iter().try_fold((0, 0), |(c, t), d| {
         tokenizer.encode(d).map(|ids| (c + d.len(), t + ids.len()))
     })?;

@@ -10,13 +10,18 @@ use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gla::GatedLinearAttention;
 use fla_models::lm::{ForCausalLM, TokenMixer};
+use training::tokenizer::Tokenizer;
 
 pub type Error = Box<dyn std::error::Error>;
 
-/// What a binary does with a loaded model; generic over the family, which is known only once
-/// config.json is read.
+/// What a binary does with a loaded model and its tokeniser; generic over the family, which is
+/// known only once config.json is read.
 pub trait WithModel<B: Backend> {
-    fn run<M: TokenMixer<B>>(self, model: ForCausalLM<B, M>) -> Result<(), Error>
+    fn run<M: TokenMixer<B>>(
+        self,
+        model: ForCausalLM<B, M>,
+        tokenizer: &Tokenizer,
+    ) -> Result<(), Error>
     where
         ForCausalLM<B, M>: Pretrained<B>;
 }
@@ -35,16 +40,17 @@ pub fn model_type(dir: &Path) -> Result<(String, bool), Error> {
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
-/// Loads the model in `dir` on `B`'s default device and hands it to `task`; a model whose
-/// vocabulary is smaller than its tokeniser's (`tokens` ids) is refused.
-pub fn with_model<B, W>(dir: &Path, tokens: usize, task: W) -> Result<(), Error>
+/// Loads the model in `dir` on `B`'s default device with the directory's tokeniser (its
+/// tokenizer.json, or bytes) and hands both to `task`; a model whose vocabulary is smaller than
+/// the tokeniser's is refused.
+pub fn with_model<B, W>(dir: &Path, task: W) -> Result<(), Error>
 where
     B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend,
     W: WithModel<B>,
 {
     fn load<B: Backend, M: TokenMixer<B>, W: WithModel<B>>(
         dir: &Path,
-        tokens: usize,
+        tokenizer: &Tokenizer,
         task: W,
     ) -> Result<(), Error>
     where
@@ -52,31 +58,33 @@ where
     {
         let (model, _) = ForCausalLM::<B, M>::from_pretrained(dir, &B::Device::default())?;
         let vocab = model.model.embeddings.weight.dims()[0];
+        let tokens = tokenizer.vocab_size();
         if vocab < tokens {
             return Err(format!(
                 "the tokeniser has {tokens} ids, the model's vocabulary only {vocab}"
             )
             .into());
         }
-        task.run(model)
+        task.run(model, tokenizer)
     }
+    let tokenizer = &Tokenizer::for_model_dir(dir)?;
     use fla_models::delta_net::DeltaNet;
     use fla_models::hgrn2::Hgrn2Attention;
     use fla_models::hybrid::Hybrid;
     use fla_models::retnet::MultiScaleRetention;
     let (family, hybrid) = model_type(dir)?;
     match (family.as_str(), hybrid) {
-        ("gla", false) => load::<B, GatedLinearAttention<B>, W>(dir, tokens, task),
-        ("gla", true) => load::<B, Hybrid<B, GatedLinearAttention<B>>, W>(dir, tokens, task),
-        ("gated_deltanet", false) => load::<B, GatedDeltaNet<B>, W>(dir, tokens, task),
-        ("gated_deltanet", true) => load::<B, Hybrid<B, GatedDeltaNet<B>>, W>(dir, tokens, task),
-        ("delta_net", false) => load::<B, DeltaNet<B>, W>(dir, tokens, task),
-        ("delta_net", true) => load::<B, Hybrid<B, DeltaNet<B>>, W>(dir, tokens, task),
-        ("retnet", false) => load::<B, MultiScaleRetention<B>, W>(dir, tokens, task),
-        ("retnet", true) => load::<B, Hybrid<B, MultiScaleRetention<B>>, W>(dir, tokens, task),
-        ("hgrn2", false) => load::<B, Hgrn2Attention<B>, W>(dir, tokens, task),
-        ("hgrn2", true) => load::<B, Hybrid<B, Hgrn2Attention<B>>, W>(dir, tokens, task),
-        ("transformer", _) => load::<B, fla_models::attn::Attention<B>, W>(dir, tokens, task),
+        ("gla", false) => load::<B, GatedLinearAttention<B>, W>(dir, tokenizer, task),
+        ("gla", true) => load::<B, Hybrid<B, GatedLinearAttention<B>>, W>(dir, tokenizer, task),
+        ("gated_deltanet", false) => load::<B, GatedDeltaNet<B>, W>(dir, tokenizer, task),
+        ("gated_deltanet", true) => load::<B, Hybrid<B, GatedDeltaNet<B>>, W>(dir, tokenizer, task),
+        ("delta_net", false) => load::<B, DeltaNet<B>, W>(dir, tokenizer, task),
+        ("delta_net", true) => load::<B, Hybrid<B, DeltaNet<B>>, W>(dir, tokenizer, task),
+        ("retnet", false) => load::<B, MultiScaleRetention<B>, W>(dir, tokenizer, task),
+        ("retnet", true) => load::<B, Hybrid<B, MultiScaleRetention<B>>, W>(dir, tokenizer, task),
+        ("hgrn2", false) => load::<B, Hgrn2Attention<B>, W>(dir, tokenizer, task),
+        ("hgrn2", true) => load::<B, Hybrid<B, Hgrn2Attention<B>>, W>(dir, tokenizer, task),
+        ("transformer", _) => load::<B, fla_models::attn::Attention<B>, W>(dir, tokenizer, task),
         (other, _) => Err(format!(
             "model_type {other:?} is not built (gla, gated_deltanet, delta_net, retnet, hgrn2, transformer)"
         )

@@ -20,6 +20,8 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub enum TokenizerError {
     #[error("tokenizer {path}: {message}")]
     Load { path: PathBuf, message: String },
+    #[error("tokenizer: cannot write {path}: {message}")]
+    Save { path: PathBuf, message: String },
     #[error("tokenizer: cannot encode the text: {0}")]
     Encode(String),
     #[error("tokenizer: cannot decode ids: {0}")]
@@ -110,6 +112,15 @@ impl Tokenizer {
         }
     }
 
+    /// UTF-8 bytes the tokens of `ids` stand for (exactly `ids.len()` for bytes, even where
+    /// they cut a character; decoded otherwise).
+    pub fn byte_len(&self, ids: &[usize]) -> Result<usize, TokenizerError> {
+        match self {
+            Tokenizer::Bytes => Ok(ids.len()),
+            Tokenizer::Hf(_) => Ok(self.decode(ids)?.len()),
+        }
+    }
+
     /// The id of the end-of-text token, if the tokeniser has one.
     pub fn end_of_text(&self) -> Option<usize> {
         match self {
@@ -121,17 +132,21 @@ impl Tokenizer {
         }
     }
 
-    /// Writes the tokeniser into a model directory, so `fla-generate` and `fla-eval` read the
-    /// model with it (and Hugging Face's `AutoTokenizer` does too). Bytes need no file.
-    pub fn save_to_model_dir(&self, dir: &Path) -> Result<(), TokenizerError> {
+    /// Writes the tokeniser as a `tokenizer.json` at `path`; bytes need no file and write none.
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
         if let Tokenizer::Hf(t) = self {
-            let path = dir.join(TOKENIZER_FILE);
-            t.save(&path, false).map_err(|e| TokenizerError::Load {
-                path,
+            t.save(path, false).map_err(|e| TokenizerError::Save {
+                path: path.to_path_buf(),
                 message: e.to_string(),
             })?;
         }
         Ok(())
+    }
+
+    /// Writes the tokeniser into a model directory, so `fla-generate` and `fla-eval` read the
+    /// model with it (and Hugging Face's `AutoTokenizer` does too).
+    pub fn save_to_model_dir(&self, dir: &Path) -> Result<(), TokenizerError> {
+        self.save(&dir.join(TOKENIZER_FILE))
     }
 
     /// Trains a byte-level BPE (GPT-2's scheme: every byte is a symbol, so any text encodes) of
