@@ -11,9 +11,11 @@
 //!
 //! An AdamW loop with linear warmup then cosine decay, per-tensor gradient clipping and gradient
 //! accumulation; checkpoints every `--checkpoint-every` steps and `--resume` from
-//! the newest one (bit-exact on the same backend); at the end the model is written in FLA's format
+//! the newest one (bit-exact on the same backend); Ctrl-C ends the run after the step in flight
+//! with a checkpoint; at the end the model is written in FLA's format
 //! (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and FLA.
-//! burn-train's learner and plots are not built yet; `fla-eval` evaluates the saved model.
+//! Metrics (loss, validation perplexity, learning rate, tokens/s) go to a CSV and an SVG plot.
+//! burn-train's learner is not used yet; `fla-eval` evaluates the saved model.
 
 mod checkpoint;
 mod plot;
@@ -82,6 +84,11 @@ struct Args {
     /// (RetNet), hgrn2 (HGRN2) or transformer (softmax attention), each with FLA's config
     #[arg(long, default_value = "gla")]
     model: String,
+    /// One of FLA's config.json files for the `--model` family (e.g. training/configs/gla-340M.json,
+    /// FLA's 340M GLA recipe) instead of the tiny preset that `--hidden`, `--layers`, `--heads`
+    /// shape; its vocab_size must cover the tokeniser's ids.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
     /// Training text: a .txt/.md file, a .jsonl file ("text" per line) or a folder of them
     /// (recursively); default: the bundled corpus. The last 5% of its tokens are validation.
     #[arg(long)]
@@ -145,6 +152,12 @@ struct Args {
     /// Continue from the newest checkpoint in `--checkpoints` up to `--steps`.
     #[arg(long)]
     resume: bool,
+    /// f32 (default) or bf16 (CUDA): parameters, activations and optimizer state in that type, the
+    /// loss in f32. Not PyTorch's autocast: there is no f32 master copy of the weights. f16 is
+    /// refused: with Adam's state in f16 its epsilon (1e-8) underflows to zero and parameters
+    /// without gradient (unused embedding rows) turn NaN (measured on lavapipe at step 15).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Stop after this step (a checkpoint is saved there), as a time-limited session would; the
     /// learning-rate schedule still spans `--steps`, and `--resume` continues the run.
     #[arg(long)]
@@ -163,6 +176,10 @@ fn learning_rate(args: &Args, step: usize) -> f64 {
     let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
     args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
 }
+
+/// Set by Ctrl-C (SIGINT) or SIGTERM: the loop finishes its step, saves a checkpoint and the
+/// model, and stops; `--resume` continues.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// SplitMix64: seeded batch sampling without another dependency.
 struct Rng(u64);
@@ -299,6 +316,36 @@ fn train_family<B: TrainBackend>(
     }
 }
 
+/// The `--model` family's model built from one of FLA's `config.json` files (any field FLA's
+/// config of that family has; absent ones take FLA's defaults).
+fn from_config<B, M>(
+    path: &std::path::Path,
+    vocab: usize,
+    device: &B::Device,
+) -> Result<(ForCausalLM<B, M>, PretrainedConfig<B, M>), Box<dyn std::error::Error>>
+where
+    B: AutodiffBackend,
+    ForCausalLM<B, M>: Pretrained<B>,
+    M: TokenMixer<B>,
+{
+    let family = <ForCausalLM<B, M> as Pretrained<B>>::FAMILY;
+    let config: PretrainedConfig<B, M> = fla_models::lm::load_config(path, family)?;
+    // Every config of FLA's families names its vocabulary size; the tokeniser's ids must fit.
+    let size = serde_json::to_value(&config)?
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| format!("{}: no vocab_size", path.display()))?;
+    if (size as usize) < vocab {
+        return Err(format!(
+            "{}: vocab_size {size} is smaller than the tokeniser's {vocab} ids",
+            path.display()
+        )
+        .into());
+    }
+    let model = ForCausalLM::<B, M>::build(&config, device)?;
+    Ok((model, config))
+}
+
 /// The tokenised training text and its tokeniser.
 struct Text {
     tokenizer: Tokenizer,
@@ -331,7 +378,10 @@ where
         .checkpoints
         .clone()
         .unwrap_or_else(|| run_dir.join("checkpoints"));
-    let (mut model, config) = build(&device)?;
+    let (mut model, config) = match &args.config {
+        Some(path) => from_config::<B, M>(path, text.tokenizer.vocab_size(), &device)?,
+        None => build(&device)?,
+    };
     if args.grad_accum == 0 {
         return Err("--grad-accum must be at least 1".into());
     }
@@ -386,7 +436,10 @@ where
         None => String::new(),
     };
     let mut csv = std::fs::File::create(&metrics)?;
-    writeln!(csv, "step,train_loss,valid_loss,learning_rate")?;
+    writeln!(
+        csv,
+        "step,train_loss,valid_loss,learning_rate,valid_perplexity,tokens_per_s"
+    )?;
     csv.write_all(kept.as_bytes())?;
     let start_valid = match &resumed {
         Some(state) => state.start_valid,
@@ -404,7 +457,7 @@ where
         Some(state) => (state.step + 1, Rng(state.rng), state.last_valid),
         None => {
             println!("step {:>5}  valid loss {start_valid:.4}", 0);
-            writeln!(csv, "0,,{start_valid},0")?;
+            writeln!(csv, "0,,{start_valid},0,{},", start_valid.exp())?;
             (1, Rng(args.seed), start_valid)
         }
     };
@@ -413,7 +466,9 @@ where
     // `--stop-at` ends the session early; the schedule still spans `--steps`, so a later
     // `--resume` continues exactly where an uninterrupted run would be.
     let last = args.stop_at.unwrap_or(args.steps).min(args.steps);
+    let mut stopped_at = None;
     for step in first_step..=last {
+        let step_start = Instant::now();
         let lr = learning_rate(args, step);
         let mut accumulated = GradientsAccumulator::new();
         let mut train_loss = 0.0;
@@ -433,20 +488,28 @@ where
             accumulated.accumulate(&model, grads);
         }
         model = optim.step(lr, model, accumulated.grads());
-        let mut valid_loss = String::new();
-        if step % args.eval_every == 0 || step == last {
+        // Reading the loss above waited for the forward; the step's own rate, evaluation aside.
+        let step_tokens = args.grad_accum * args.batch * args.seq_len;
+        let step_rate = step_tokens as f64 / step_start.elapsed().as_secs_f64();
+        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+        let (mut valid_loss, mut valid_ppl) = (String::new(), String::new());
+        if step % args.eval_every == 0 || step == last || interrupted {
             last_valid = evaluate(&model)?;
             valid_loss = format!("{last_valid}");
+            valid_ppl = format!("{}", last_valid.exp());
             // Over the steps since the last report: the first window includes kernel compilation.
-            let tokens = (step - window_start) * args.grad_accum * args.batch * args.seq_len;
+            let tokens = (step - window_start) * step_tokens;
             let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
             (t0, window_start) = (Instant::now(), step);
             let ppl = last_valid.exp();
             println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s");
         }
-        writeln!(csv, "{step},{train_loss},{valid_loss},{lr}")?;
+        writeln!(
+            csv,
+            "{step},{train_loss},{valid_loss},{lr},{valid_ppl},{step_rate:.1}"
+        )?;
         let every = args.checkpoint_every;
-        if (every > 0 && step % every == 0) || step == last {
+        if (every > 0 && step % every == 0) || step == last || interrupted {
             let state = checkpoint::LoopState {
                 step,
                 rng: rng.0,
@@ -455,6 +518,16 @@ where
             };
             checkpoint::save(&checkpoints, &model, &optim, &state)?;
         }
+        if interrupted {
+            stopped_at = Some(step);
+            break;
+        }
+    }
+    if let Some(step) = stopped_at {
+        println!(
+            "interrupted: stopped after step {step} with a checkpoint in {}; `--resume` continues",
+            checkpoints.display()
+        );
     }
     // The trained model as FLA saves one: `fla-generate --model DIR` and FLA's
     // `AutoModelForCausalLM.from_pretrained(DIR)` read it.
@@ -537,15 +610,52 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let docs = data::documents(args.data.as_deref())?;
     let corpus = Corpus::new(&docs, &tokenizer, args.seq_len + 1)?;
     let text = Text { tokenizer, corpus };
+    // The loop checks the flag after each step; a second Ctrl-C ends the process at once.
+    ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    let precision = args.precision.as_str();
+    if precision == "f16" {
+        return Err(
+            "--precision f16 is not supported: Adam's state underflows in f16 (its \
+             epsilon is zero there) and training turns NaN; use bf16 on CUDA"
+                .into(),
+        );
+    }
+    if !["f32", "bf16"].contains(&precision) {
+        return Err(format!("unknown --precision {precision:?} (f32, bf16)").into());
+    }
+    let unsupported = |backend: &str| -> Result<(), Box<dyn std::error::Error>> {
+        Err(format!(
+            "--precision {precision} is not available on --backend {backend} (bf16 needs \
+             --backend cuda: lavapipe has no bf16, and Vulkan no bf16 arithmetic)"
+        )
+        .into())
+    };
     match args.backend.as_str() {
-        "ndarray" => train_family::<Autodiff<burn::backend::NdArray>>(&args, &text),
+        "ndarray" => match precision {
+            "f32" => train_family::<Autodiff<burn::backend::NdArray>>(&args, &text),
+            _ => unsupported("ndarray"),
+        },
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             fla_burn::device::check_wgpu(&Default::default())?;
-            train_family::<Autodiff<burn::backend::Wgpu>>(&args, &text)
+            match precision {
+                "f32" => train_family::<Autodiff<burn::backend::Wgpu>>(&args, &text),
+                _ => unsupported("wgpu"),
+            }
         }
         #[cfg(feature = "cuda")]
-        "cuda" => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),
+        "cuda" => {
+            use fla_burn::device::CudaUnfused;
+            match precision {
+                "bf16" => train_family::<Autodiff<CudaUnfused<burn::tensor::bf16>>>(&args, &text),
+                _ => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),
+            }
+        }
         other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
     }
 }

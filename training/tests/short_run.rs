@@ -337,3 +337,132 @@ fn gradient_accumulation_matches_a_larger_batch() {
         assert!((p - q).abs() <= 1e-4 * p.abs(), "step {}: {p} vs {q}", x.0);
     }
 }
+
+/// Ctrl-C (SIGINT) mid-run: the step in flight finishes, a checkpoint of it is saved, the
+/// process exits cleanly, and `--resume` continues from that step.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = fresh("interrupt");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+        .args(["--backend", "ndarray", "--seq-len", "16", "--hidden", "32"])
+        .args([
+            "--batch",
+            "2",
+            "--steps",
+            "1000000",
+            "--checkpoint-every",
+            "0",
+        ])
+        .arg("--metrics")
+        .arg(dir.join("metrics.csv"))
+        .arg("--checkpoints")
+        .arg(dir.join("checkpoints"))
+        .arg("--export")
+        .arg(dir.join("model"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fla-train starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    // The starting validation loss is printed just before the first step.
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("valid loss") {
+            break;
+        }
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{seen}");
+    let step: usize = seen
+        .split("stopped after step ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no interruption message: {seen}"));
+    assert!(step < 1_000_000);
+    assert!(dir.join(format!("checkpoints/step-{step:08}")).is_dir());
+    assert!(dir.join("model/model.safetensors").is_file(), "{seen}");
+    let (ok, out, err) = train(&dir, &["--steps", &(step + 2).to_string(), "--resume"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("(step {step})")), "{out}");
+    assert_eq!(rows(&dir).last().unwrap().0, (step + 2).to_string());
+}
+
+#[test]
+fn unsupported_precision_is_an_error() {
+    for (precision, message) in [
+        ("bf16", "needs"),
+        ("f16", "underflows"),
+        ("f8", "unknown --precision"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+            .args([
+                "--backend",
+                "ndarray",
+                "--precision",
+                precision,
+                "--steps",
+                "1",
+            ])
+            .output()
+            .expect("fla-train runs");
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(message),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `--config` builds the model from one of FLA's config.json files (here a tiny GLA with FLA's
+/// field names, short convolutions on); the exported config carries its fields. A vocabulary
+/// smaller than the tokeniser's and a file of another shape are refused with errors naming them.
+#[test]
+fn config_file_builds_the_model() {
+    let dir = fresh("config");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gla.json");
+    let write = |vocab: usize| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"model_type": "gla", "hidden_size": 32, "num_heads": 2, "num_hidden_layers": 1,
+                    "use_short_conv": true, "conv_size": 3, "vocab_size": {vocab}, "use_cache": true}}"#
+            ),
+        )
+        .unwrap()
+    };
+    write(300);
+    let (ok, out, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["vocab_size"], 300);
+    assert_eq!(saved["num_hidden_layers"], 1);
+    assert_eq!(saved["conv_size"], 3);
+
+    write(100);
+    let (ok, _, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
+    assert!(!ok && err.contains("vocab_size 100 is smaller than the tokeniser's 256"), "{err}");
+
+    std::fs::write(&config, r#"{"hidden_size": "wide"}"#).unwrap();
+    let (ok, _, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
+    assert!(!ok && err.contains("is not a GLA config"), "{err}");
+}

@@ -35,3 +35,9 @@ pub fn check_wgpu(device: &cubecl::wgpu::WgpuDevice) -> Result<(), FlaError> {
 pub fn check_cuda(device: &cubecl::cuda::CudaDevice) -> Result<(), FlaError> {
     check_runtime::<cubecl::cuda::CudaRuntime>(device)
 }
+
+/// The CUDA backend without Burn's fusion at float type `F` (`burn::backend::Cuda<F>` is the fused
+/// one). Reduced-precision training takes it: Burn 0.21's fusion panics in its code generation on
+/// graphs that mix dtypes (measured on lavapipe's f16: parameters in f16, the loss in f32).
+#[cfg(feature = "cuda")]
+pub type CudaUnfused<F> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;

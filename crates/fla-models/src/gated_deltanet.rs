@@ -6,7 +6,7 @@
 //! `g = −exp(A_log) · softplus(a_proj(x) + dt_bias)`, then the gated delta rule over value heads
 //! (`num_v_heads`, a multiple of `num_heads`), a gated RMSNorm (`o_norm`, gate `g_proj(x)`) or a
 //! plain RMSNorm, and `o_proj`. The op runs in `DeltaMode::Auto`, the form measured fastest (the
-//! fused recurrent form until the chunk form runs on tensor cores).
+//! chunk form beyond one chunk on tensor cores, the fused recurrent form otherwise).
 
 use burn::config::Config;
 use burn::module::{Module, Param};

@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{FloatDType, Int, Tensor};
 use fla_burn::FlaError;
 
 use crate::modules::{GatedMlp, GatedMlpConfig};
@@ -216,6 +216,9 @@ impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
         let (logits, _) = self.forward(input_ids.clone().narrow(1, 0, t - 1), None, false)?;
         let vocab = logits.dims()[2];
         let targets = input_ids.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+        // The softmax over the vocabulary in f32 whatever the parameters' dtype (a no-op in f32),
+        // as FLA's fused cross-entropy computes it.
+        let logits = logits.cast(FloatDType::F32);
         let loss = CrossEntropyLossConfig::new()
             .init(&logits.device())
             .forward(logits.reshape([b * (t - 1), vocab]), targets);

@@ -5,8 +5,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use fla_cubecl_kernels::delta::{
-    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, DeltaBackwardBuffers,
-    DeltaForwardBuffers, DeltaProblem,
+    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_chunk_on_tensor_cores,
+    delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem,
 };
 
 use super::{
@@ -59,7 +59,7 @@ where
             o: &o.handle,
             ht: ht.as_ref().map(|t| &t.handle),
         };
-        match resolve_delta_mode(opts.mode, &p) {
+        match resolve_delta_mode(opts.mode, &p, delta_chunk_on_tensor_cores(&x.q.client, &p)) {
             DeltaMode::Chunk => delta_chunk_forward(&x.q.client, &p, CHUNK_SIZE, buffers)?,
             _ => delta_forward(&x.q.client, &p, buffers)?,
         }
@@ -102,7 +102,7 @@ where
             dg: grads.dg.as_ref().map(|t| &t.handle),
             dh0: grads.dh0.as_ref().map(|t| &t.handle),
         };
-        match resolve_delta_mode(opts.mode, &p) {
+        match resolve_delta_mode(opts.mode, &p, delta_chunk_on_tensor_cores(&x.q.client, &p)) {
             DeltaMode::Chunk => delta_chunk_backward(&x.q.client, &p, CHUNK_SIZE, buffers)?,
             _ => delta_backward(&x.q.client, &p, buffers)?,
         }

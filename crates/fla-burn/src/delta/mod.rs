@@ -20,13 +20,16 @@ pub type DeltaMode = GatedMode;
 
 /// The form [`DeltaMode::Auto`] stands for on this problem; explicit modes stay as they are.
 ///
-/// `Auto` is the form measured fastest, and that is the fused recurrent form at every length for
-/// now: the chunk form's kernels are plain arithmetic, and on an H200 (B=8, H=16, K=V=128, bf16,
-/// T=4096) they took 53 ms forward and 258 ms forward+backward against the recurrent form's 9.8
-/// and 88 (`benches/results/README.md`). FLA's layers take the chunk form beyond one chunk; ours
-/// will once the chunk form runs on tensor cores.
-pub fn resolve_delta_mode(mode: DeltaMode, _p: &DeltaProblem) -> DeltaMode {
+/// `Auto` is the form measured fastest: the chunk form beyond one chunk where its tile products
+/// run on tensor cores (`tensor_cores`, from the device), the fused recurrent form otherwise. On
+/// an H200 (B=8, H=16, K=V=128, bf16) the chunk form of `gated_delta_rule` took 5.9 ms forward and
+/// 35 ms forward+backward at T = 4096 against the recurrent form's 10.0 and 85, and 23 / 136 against
+/// 39 / 334 at T = 16384 (`benches/results/README.md`). Without tensor cores (lavapipe) the chunk
+/// form's products are plain arithmetic and it has not been measured faster, and decoding (one
+/// token) and sequences of one chunk gain nothing from it, as FLA's layers decide too.
+pub fn resolve_delta_mode(mode: DeltaMode, p: &DeltaProblem, tensor_cores: bool) -> DeltaMode {
     match mode {
+        DeltaMode::Auto if tensor_cores && p.longest() > CHUNK_SIZE => DeltaMode::Chunk,
         DeltaMode::Auto => DeltaMode::FusedRecurrent,
         explicit => explicit,
     }
@@ -39,7 +42,7 @@ use fla_cubecl_kernels::delta::DeltaProblem;
 use fla_cubecl_kernels::FloatDType;
 
 use crate::checks::{expect_tensor, qkv_shapes, shared_float_dtype};
-use crate::gated::GatedMode;
+use crate::gated::{GatedMode, CHUNK_SIZE};
 use crate::recorded::{Inputs, Outputs, StateOp};
 use crate::FlaError;
 
@@ -296,7 +299,6 @@ pub(crate) fn describe_backward<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gated::CHUNK_SIZE;
 
     fn problem(seq_len: usize, cu_seqlens: Option<Vec<usize>>) -> DeltaProblem {
         DeltaProblem {
@@ -316,15 +318,25 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_the_recurrent_form_until_the_chunk_form_is_faster() {
-        let auto = |p: &DeltaProblem| resolve_delta_mode(DeltaMode::Auto, p);
-        for t in [1, CHUNK_SIZE, CHUNK_SIZE + 1, 65536] {
-            assert_eq!(auto(&problem(t, None)), DeltaMode::FusedRecurrent);
+    fn auto_takes_the_chunk_form_beyond_one_chunk_on_tensor_cores() {
+        let auto = |p: &DeltaProblem, tc| resolve_delta_mode(DeltaMode::Auto, p, tc);
+        for t in [1, CHUNK_SIZE] {
+            assert_eq!(auto(&problem(t, None), true), DeltaMode::FusedRecurrent);
         }
+        for t in [CHUNK_SIZE + 1, 65536] {
+            assert_eq!(auto(&problem(t, None), true), DeltaMode::Chunk);
+            assert_eq!(auto(&problem(t, None), false), DeltaMode::FusedRecurrent);
+        }
+        // The longest sequence decides, not the padded length of a varlen batch.
         let varlen = problem(3 * CHUNK_SIZE, Some(vec![0, 1, 2, 3 * CHUNK_SIZE]));
-        assert_eq!(auto(&varlen), DeltaMode::FusedRecurrent);
+        assert_eq!(auto(&varlen, true), DeltaMode::Chunk);
+        let short = problem(180, Some(vec![0, 60, 120, 180]));
+        assert_eq!(auto(&short, true), DeltaMode::FusedRecurrent);
         for explicit in [DeltaMode::Chunk, DeltaMode::FusedRecurrent] {
-            assert_eq!(resolve_delta_mode(explicit, &problem(1, None)), explicit);
+            assert_eq!(
+                resolve_delta_mode(explicit, &problem(1, None), false),
+                explicit
+            );
         }
     }
 }

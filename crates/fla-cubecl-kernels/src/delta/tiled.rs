@@ -259,6 +259,16 @@ pub fn delta_takes_tiles<R: Runtime>(
     delta_tiled_layout(client, p, chunk).is_some()
 }
 
+/// Whether a chunk-form call of `p` at the default chunk size runs its tile products on tensor
+/// cores on this device: where it does, the chunk form is the faster one beyond one chunk (the
+/// automatic mode choice of the Burn op reads this).
+pub fn delta_chunk_on_tensor_cores<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &DeltaProblem,
+) -> bool {
+    delta_tiled_layout(client, p, crate::gated::DEFAULT_CHUNK).is_some_and(|l| l.tile.cmma)
+}
+
 /// The tiled layout of a delta-rule forward with chunk size `chunk`, or `None` where it does not
 /// apply (a chunk that is not a multiple of 16 up to 64, or shared memory too small for it: the
 /// plain chunk kernels take those calls).
@@ -278,9 +288,11 @@ pub(crate) fn delta_tiled_layout<R: Runtime>(
     let max_smem = props.hardware.max_shared_memory_size;
     let max_units = props.hardware.max_units_per_cube as usize;
     let cpu = is_cpu_vulkan(client);
-    // The WY kernel's solve keeps one unit per column busy (64 at most), so 4 planes; the walk
-    // takes more ([`walk_layout`]). Fewer on lavapipe keep the unrolled code small.
-    let planes = if cpu { 2 } else { 4 }.min(max_units / PLANE).max(2);
+    // The WY kernel's solve keeps one unit per column busy (64 at most), but its three products
+    // and its loads gain from more warps: on an H200 (B=8, H=16, K=V=128, bf16, T=4096) it took
+    // 2.9 ms per call with 4 planes, 2.4 with 8, 1.75 with 16 and 3.1 with 32. The walks take
+    // their own count ([`walk_layout`]). Fewer on lavapipe keep the unrolled code small.
+    let planes = if cpu { 2 } else { 16 }.min(max_units / PLANE).max(2);
     let tile = TileConfig {
         cmma: has_cmma(client, p.dtype) && tuning("FLA_TILED_CMMA") != Some(0),
         planes: tuning("FLA_TILED_PLANES").unwrap_or(planes),
@@ -367,14 +379,12 @@ pub(crate) fn tiled_wy<R: Runtime>(
     [lmat, w, ut]
 }
 
-/// The walk's layout: the WY kernel's with more planes on a GPU, where one cube per sequence and
-/// value block walks all chunks and its warps are what hides latency (the gated family's walk
-/// measured 2.4x faster with 32 planes than with 8 on an H100).
+/// The walk's layout: 32 planes on a GPU, where one cube per sequence and value block walks all
+/// chunks and its warps are what hides latency (the gated family's walk measured 2.4x faster with
+/// 32 planes than with 8 on an H100; the delta rule's three walks 1.3-1.4x faster with 32 than
+/// with 16 on an H200). `FLA_WALK_PLANES` overrides.
 pub(super) fn walk_layout<R: Runtime>(client: &ComputeClient<R>, l: TiledLayout) -> TiledLayout {
-    if tuning("FLA_TILED_PLANES").is_some() {
-        return l;
-    }
-    gpu_planes(client, l, 16.max(l.tile.planes), "FLA_WALK_PLANES")
+    gpu_planes(client, l, 32, "FLA_WALK_PLANES")
 }
 
 /// The walks' grid: one cube per value block, value head and sequence (each walks all chunks of

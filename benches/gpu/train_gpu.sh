@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Training on the GPU machine (issue 7), after
+# `bash ../shared/gpu/pack.sh -p training --features cuda` here; carry [".gpu", ".whl"]
+# (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
+# `train_gpu.sh tiny`: a short bf16 run of the tiny GLA preset (the loss must fall).
+# `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048 in bf16,
+# ours (`fla-train --precision bf16`) then FLA's (benches/fla_train.py: the same architecture from
+# fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
+set -x
+bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+R=/tmp/gpu-run
+BATCH=${BATCH:-8} STEPS=${STEPS:-6}
+case "$1" in
+tiny)
+  (cd /tmp && $R/bin-fla-train --backend cuda --precision bf16 --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
+  ;;
+340m)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-ours.log &
+  SMI=$!
+  (cd /tmp && timeout ${OURS_S:-300} $R/bin-fla-train --backend cuda --precision bf16 \
+     --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
+     --steps $STEPS --warmup 1 --eval-every 1000 --checkpoint-every 0 --metrics $OUT/ours-340m.csv 2>&1 | tail -6)
+  kill $SMI
+  echo "ours: peak GPU memory $(sort -n $OUT/mem-ours.log | tail -1) MiB (nvidia-smi, whole process)"
+  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+  PYTHONPATH=/tmp/site timeout 200 python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
+    --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -5
+  ;;
+esac
