@@ -50,6 +50,9 @@ use training::tokenizer::Tokenizer;
 /// The config type a model family saves with.
 type PretrainedConfig<B, M> = <ForCausalLM<B, M> as Pretrained<B>>::Config;
 
+/// A model built for training, with the config it saves with.
+type Built<B, M> = (ForCausalLM<B, M>, PretrainedConfig<B, M>);
+
 #[derive(Parser, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -322,7 +325,7 @@ fn from_config<B, M>(
     path: &std::path::Path,
     vocab: usize,
     device: &B::Device,
-) -> Result<(ForCausalLM<B, M>, PretrainedConfig<B, M>), Box<dyn std::error::Error>>
+) -> Result<Built<B, M>, Box<dyn std::error::Error>>
 where
     B: AutodiffBackend,
     ForCausalLM<B, M>: Pretrained<B>,
@@ -356,7 +359,7 @@ fn train<B, M>(
     args: &Args,
     text: &Text,
     family: &str,
-    build: impl FnOnce(&B::Device) -> Result<(ForCausalLM<B, M>, PretrainedConfig<B, M>), FlaError>,
+    build: impl FnOnce(&B::Device) -> Result<Built<B, M>, FlaError>,
 ) -> Result<(), Box<dyn std::error::Error>>
 where
     B: AutodiffBackend,

@@ -449,7 +449,10 @@ fn config_file_builds_the_model() {
         .unwrap()
     };
     write(300);
-    let (ok, out, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
+    let (ok, out, err) = train(
+        &dir,
+        &["--steps", "2", "--config", config.to_str().unwrap()],
+    );
     assert!(ok, "{out}{err}");
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("model/config.json")).unwrap())
@@ -459,10 +462,19 @@ fn config_file_builds_the_model() {
     assert_eq!(saved["conv_size"], 3);
 
     write(100);
-    let (ok, _, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
-    assert!(!ok && err.contains("vocab_size 100 is smaller than the tokeniser's 256"), "{err}");
+    let (ok, _, err) = train(
+        &dir,
+        &["--steps", "2", "--config", config.to_str().unwrap()],
+    );
+    assert!(
+        !ok && err.contains("vocab_size 100 is smaller than the tokeniser's 256"),
+        "{err}"
+    );
 
     std::fs::write(&config, r#"{"hidden_size": "wide"}"#).unwrap();
-    let (ok, _, err) = train(&dir, &["--steps", "2", "--config", config.to_str().unwrap()]);
+    let (ok, _, err) = train(
+        &dir,
+        &["--steps", "2", "--config", config.to_str().unwrap()],
+    );
     assert!(!ok && err.contains("is not a GLA config"), "{err}");
 }
