@@ -22,13 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fla.ops.common.chunk_o as chunk_o
 from fla.modules import FusedRMSNormGated, GatedMLP, RMSNorm
 from fla.ops.gla import chunk_gla
-
-# FLA 0.6.0 refuses some gated chunk backward kernels on Triton < 3.7.1 on Hopper (their issue
-# #640; ../shared/STACK.md); bypassed for timing, as in benches/fla_gated.py.
-chunk_o.TRITON_ABOVE_3_7_1 = True
 
 
 class Gla(nn.Module):
@@ -122,7 +117,9 @@ def main():
     print(
         f"FLA GLA {params / 1e6:.0f}M params, {a.layers} layers, hidden {a.hidden}, {mode}: "
         f"B={a.batch} T={a.seq}, {step_s * 1e3:.0f} ms/step, {a.batch * a.seq / step_s:.0f} tokens/s, "
-        f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, last loss {loss.item():.3f}"
+        f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated, "
+        f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved (CUDA context not counted), "
+        f"last loss {loss.item():.3f}"
     )
 
 

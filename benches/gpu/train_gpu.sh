@@ -18,11 +18,11 @@ tiny)
 340m)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-ours.log &
   SMI=$!
-  (cd /tmp && timeout ${OURS_S:-300} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp && timeout -k 30 ${OURS_S:-300} $R/bin-fla-train --backend cuda --precision bf16 \
      --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
      --steps $STEPS --warmup 1 --eval-every 1000 --checkpoint-every 0 --metrics $OUT/ours-340m.csv 2>&1 | tail -6)
   kill $SMI
-  echo "ours: peak GPU memory $(sort -n $OUT/mem-ours.log | tail -1) MiB (nvidia-smi, whole process)"
+  echo "ours: peak GPU memory $(sort -n $OUT/mem-ours.log | tail -1) MiB (nvidia-smi: the whole GPU, CUDA context and CubeCL's pool included)"
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
   PYTHONPATH=/tmp/site timeout 200 python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
     --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -5

@@ -28,7 +28,7 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Parser, Subcommand};
 use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
@@ -180,6 +180,12 @@ fn learning_rate(args: &Args, step: usize) -> f64 {
     args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
 }
 
+/// A one-element tensor's value, read in the tensor's own dtype: the loss is f32 even where the
+/// backend's float type is bf16, and `into_scalar` would round it to bf16.
+fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}
+
 /// Set by Ctrl-C (SIGINT) or SIGTERM: the loop finishes its step, saves a checkpoint and the
 /// model, and stops; `--resume` continues.
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -329,10 +335,25 @@ fn from_config<B, M>(
 where
     B: AutodiffBackend,
     ForCausalLM<B, M>: Pretrained<B>,
+    PretrainedConfig<B, M>: Default,
     M: TokenMixer<B>,
 {
     let family = <ForCausalLM<B, M> as Pretrained<B>>::FAMILY;
     let config: PretrainedConfig<B, M> = fla_models::lm::load_config(path, family)?;
+    // Absent and unknown fields are allowed (FLA's files carry fields this port does not use), so
+    // another family's file would parse: its model_type tells.
+    let model_type = |v: &serde_json::Value| v.get("model_type").cloned();
+    let expected = model_type(&serde_json::to_value(PretrainedConfig::<B, M>::default())?);
+    let found = model_type(&serde_json::to_value(&config)?);
+    if found != expected {
+        return Err(format!(
+            "{}: model_type {} is not --model {family}'s ({})",
+            path.display(),
+            found.unwrap_or_default(),
+            expected.unwrap_or_default()
+        )
+        .into());
+    }
     // Every config of FLA's families names its vocabulary size; the tokeniser's ids must fit.
     let size = serde_json::to_value(&config)?
         .get("vocab_size")
@@ -364,6 +385,7 @@ fn train<B, M>(
 where
     B: AutodiffBackend,
     ForCausalLM<B, M>: Pretrained<B>,
+    PretrainedConfig<B, M>: Default,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -415,7 +437,7 @@ where
         let m = m.valid();
         let mut total = 0.0;
         for b in &valid {
-            total += m.loss(b.clone().inner())?.into_scalar().elem::<f64>();
+            total += scalar(m.loss(b.clone().inner())?);
         }
         Ok(total / valid.len() as f64)
     };
@@ -448,10 +470,12 @@ where
         Some(state) => state.start_valid,
         None => evaluate(&model)?,
     };
+    let shape = serde_json::to_value(&config)?;
+    let field = |name: &str| shape.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
     println!(
         "{family} {} layers, hidden {}, {} parameters; {} training tokens ({} ids)",
-        args.layers,
-        args.hidden,
+        field("num_hidden_layers"),
+        field("hidden_size"),
         model.num_params(),
         train_data.len(),
         text.tokenizer.vocab_size()
@@ -486,16 +510,18 @@ where
             if args.grad_accum > 1 {
                 loss = loss.div_scalar(args.grad_accum as f64);
             }
-            train_loss += loss.clone().into_scalar().elem::<f64>();
+            train_loss += scalar(loss.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulated.accumulate(&model, grads);
         }
         model = optim.step(lr, model, accumulated.grads());
-        // Reading the loss above waited for the forward; the step's own rate, evaluation aside.
+        // The step's own rate, evaluation aside: wait for its backward and update (queued, not
+        // yet run, on a GPU).
+        B::sync(&device).map_err(|e| format!("device: {e:?}"))?;
         let step_tokens = args.grad_accum * args.batch * args.seq_len;
         let step_rate = step_tokens as f64 / step_start.elapsed().as_secs_f64();
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
-        let (mut valid_loss, mut valid_ppl) = (String::new(), String::new());
+        let (mut valid_loss, mut valid_ppl, mut report) = (String::new(), String::new(), None);
         if step % args.eval_every == 0 || step == last || interrupted {
             last_valid = evaluate(&model)?;
             valid_loss = format!("{last_valid}");
@@ -505,7 +531,7 @@ where
             let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
             (t0, window_start) = (Instant::now(), step);
             let ppl = last_valid.exp();
-            println!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s");
+            report = Some(format!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s"));
         }
         writeln!(
             csv,
@@ -520,6 +546,11 @@ where
                 last_valid,
             };
             checkpoint::save(&checkpoints, &model, &optim, &state)?;
+        }
+        // Printed after the checkpoint: with Ctrl-C in a pipeline (`| tee`), stdout may be gone
+        // and printing fail, which must not cost the step's checkpoint.
+        if let Some(report) = report {
+            println!("{report}");
         }
         if interrupted {
             stopped_at = Some(step);

@@ -437,17 +437,12 @@ fn config_file_builds_the_model() {
     let dir = fresh("config");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("gla.json");
-    let write = |vocab: usize| {
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"model_type": "gla", "hidden_size": 32, "num_heads": 2, "num_hidden_layers": 1,
-                    "use_short_conv": true, "conv_size": 3, "vocab_size": {vocab}, "use_cache": true}}"#
-            ),
-        )
-        .unwrap()
-    };
-    write(300);
+    std::fs::write(
+        &config,
+        r#"{"model_type": "gla", "hidden_size": 32, "num_heads": 2, "num_hidden_layers": 1,
+            "use_short_conv": true, "conv_size": 3, "vocab_size": 300, "use_cache": true}"#,
+    )
+    .unwrap();
     let (ok, out, err) = train(
         &dir,
         &["--steps", "2", "--config", config.to_str().unwrap()],
@@ -460,20 +455,23 @@ fn config_file_builds_the_model() {
     assert_eq!(saved["num_hidden_layers"], 1);
     assert_eq!(saved["conv_size"], 3);
 
-    write(100);
-    let (ok, _, err) = train(
-        &dir,
-        &["--steps", "2", "--config", config.to_str().unwrap()],
+    // Each refused with an error naming the problem.
+    let refused = |json: &str, message: &str| {
+        std::fs::write(&config, json).unwrap();
+        let (ok, _, err) = train(
+            &dir,
+            &["--steps", "2", "--config", config.to_str().unwrap()],
+        );
+        assert!(!ok && err.contains(message), "{err}");
+    };
+    refused(
+        r#"{"model_type": "gla", "hidden_size": 32, "vocab_size": 100}"#,
+        "vocab_size 100 is smaller than the tokeniser's 256",
     );
-    assert!(
-        !ok && err.contains("vocab_size 100 is smaller than the tokeniser's 256"),
-        "{err}"
+    // Another family's file parses (unknown fields are allowed) but its model_type tells.
+    refused(
+        r#"{"model_type": "gated_deltanet", "hidden_size": 32, "vocab_size": 300}"#,
+        "model_type \"gated_deltanet\" is not --model GLA's",
     );
-
-    std::fs::write(&config, r#"{"hidden_size": "wide"}"#).unwrap();
-    let (ok, _, err) = train(
-        &dir,
-        &["--steps", "2", "--config", config.to_str().unwrap()],
-    );
-    assert!(!ok && err.contains("is not a GLA config"), "{err}");
+    refused(r#"{"hidden_size": "wide"}"#, "is not a GLA config");
 }

@@ -5,15 +5,16 @@
 //! `q, k` L2-normalised per head, `β = sigmoid(b_proj(x))` (×2 with `allow_neg_eigval`), log decay
 //! `g = −exp(A_log) · softplus(a_proj(x) + dt_bias)`, then the gated delta rule over value heads
 //! (`num_v_heads`, a multiple of `num_heads`), a gated RMSNorm (`o_norm`, gate `g_proj(x)`) or a
-//! plain RMSNorm, and `o_proj`. The op runs in `DeltaMode::Auto`, the form measured fastest (the
-//! chunk form beyond one chunk on tensor cores, the fused recurrent form otherwise).
+//! plain RMSNorm, and `o_proj`. FLA's `chunk` mode runs the op in `DeltaMode::Auto`, the form measured
+//! fastest (the chunk form beyond one chunk on tensor cores, the fused recurrent form otherwise);
+//! `fused_recurrent` runs the recurrent form.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{sigmoid, silu, softplus};
 use burn::tensor::{Distribution, Tensor};
-use fla_burn::{gated_delta_rule, DeltaRuleBackend, DeltaRuleOptions, FlaError};
+use fla_burn::{gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaError};
 
 use crate::modules::{
     short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
@@ -46,6 +47,9 @@ pub struct GatedDeltaNetLayerConfig {
     pub conv_bias: bool,
     #[config(default = 1e-5)]
     pub norm_eps: f64,
+    /// FLA's `mode`: `false` is `chunk` ([`DeltaMode::Auto`]), `true` is `fused_recurrent`.
+    #[config(default = false)]
+    pub fused_recurrent: bool,
 }
 
 /// Gated DeltaNet's cache between calls: its state `[B, HV, K, V]` and the convolutions' last
@@ -75,6 +79,7 @@ pub struct GatedDeltaNet<B: DeltaRuleBackend> {
     pub head_k_dim: usize,
     pub head_v_dim: usize,
     pub allow_neg_eigval: bool,
+    pub fused_recurrent: bool,
 }
 
 impl GatedDeltaNetLayerConfig {
@@ -144,6 +149,7 @@ impl GatedDeltaNetLayerConfig {
             head_k_dim: dk,
             head_v_dim: dv,
             allow_neg_eigval: self.allow_neg_eigval,
+            fused_recurrent: self.fused_recurrent,
         })
     }
 }
@@ -200,7 +206,12 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
             1.0,
         );
         let g = (rate * dt).neg();
-        let mut opts = DeltaRuleOptions::default().with_qk_l2norm();
+        let mode = if self.fused_recurrent {
+            DeltaMode::FusedRecurrent
+        } else {
+            DeltaMode::Auto
+        };
+        let mut opts = DeltaRuleOptions::default().with_qk_l2norm().with_mode(mode);
         if let Some(s) = state {
             opts = opts.with_initial_state(s);
         }

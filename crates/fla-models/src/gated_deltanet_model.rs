@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::gated_deltanet::{DeltaCache, GatedDeltaNet, GatedDeltaNetLayerConfig};
 use crate::hybrid::HybridForCausalLM;
-use crate::lm::{lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape};
+use crate::lm::{fused_recurrent_mode, lm_shape, refuse_hybrid, ConfigError, ForCausalLM, LmShape};
 
 /// FLA's `GatedDeltaNetConfig` fields (same names and defaults; fields this port does not use,
 /// such as the fused-kernel switches, are read and kept but change nothing).
@@ -122,12 +122,7 @@ impl GatedDeltaNetConfig {
 
     /// The checked sizes around the mixers and the mixers' config.
     fn parts(&self) -> Result<(LmShape, GatedDeltaNetLayerConfig), FlaError> {
-        if !matches!(self.attn_mode.as_str(), "chunk" | "fused_recurrent") {
-            return Err(FlaError::Unsupported(format!(
-                "attn_mode {:?} (expected chunk or fused_recurrent)",
-                self.attn_mode
-            )));
-        }
+        let fused_recurrent = fused_recurrent_mode(&self.attn_mode, false)?;
         if !matches!(self.hidden_act.as_str(), "swish" | "silu") {
             return Err(FlaError::Unsupported(format!(
                 "hidden_act {:?} (the MLP is SwiGLU)",
@@ -148,6 +143,7 @@ impl GatedDeltaNetConfig {
             .with_num_v_heads(self.num_v_heads)
             .with_use_gate(self.use_gate)
             .with_use_short_conv(self.use_short_conv)
+            .with_fused_recurrent(fused_recurrent)
             .with_allow_neg_eigval(self.allow_neg_eigval)
             .with_conv_size(self.conv_size)
             .with_norm_eps(self.norm_eps);

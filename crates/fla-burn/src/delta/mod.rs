@@ -20,13 +20,14 @@ pub type DeltaMode = GatedMode;
 
 /// The form [`DeltaMode::Auto`] stands for on this problem; explicit modes stay as they are.
 ///
-/// `Auto` is the form measured fastest: the chunk form beyond one chunk where its tile products
-/// run on tensor cores (`tensor_cores`, from the device), the fused recurrent form otherwise. On
-/// an H200 (B=8, H=16, K=V=128, bf16) the chunk form of `gated_delta_rule` took 5.9 ms forward and
-/// 35 ms forward+backward at T = 4096 against the recurrent form's 10.0 and 85, and 23 / 136 against
-/// 39 / 334 at T = 16384 (`benches/results/README.md`). Without tensor cores (lavapipe) the chunk
-/// form's products are plain arithmetic and it has not been measured faster, and decoding (one
-/// token) and sequences of one chunk gain nothing from it, as FLA's layers decide too.
+/// `Auto` is the form measured fastest: the chunk form beyond one chunk where all its tile
+/// products run on tensor cores (`tensor_cores`, from the device), the fused recurrent form
+/// otherwise. On an H200 (B=8, H=16, K=V=128, bf16) the chunk form of `gated_delta_rule` took
+/// 4.3 ms forward and 20.3 ms forward+backward at T = 4096 against the recurrent form's 10.0 and
+/// 85, and 16.4 / 76.5 against 39 / 334 at T = 16384 (`benches/results/README.md`); shorter
+/// sequences were not measured, and the threshold of one chunk follows FLA's layers. Without
+/// tensor cores (lavapipe) the chunk form's products are plain arithmetic and it has not been
+/// measured faster; decoding (one token) gains nothing from it.
 pub fn resolve_delta_mode(mode: DeltaMode, p: &DeltaProblem, tensor_cores: bool) -> DeltaMode {
     match mode {
         DeltaMode::Auto if tensor_cores && p.longest() > CHUNK_SIZE => DeltaMode::Chunk,

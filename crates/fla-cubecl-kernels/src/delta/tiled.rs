@@ -259,14 +259,21 @@ pub fn delta_takes_tiles<R: Runtime>(
     delta_tiled_layout(client, p, chunk).is_some()
 }
 
-/// Whether a chunk-form call of `p` at the default chunk size runs its tile products on tensor
-/// cores on this device: where it does, the chunk form is the faster one beyond one chunk (the
-/// automatic mode choice of the Burn op reads this).
+/// Whether a chunk-form call of `p` at the default chunk size runs all its tile products on
+/// tensor cores on this device, forward and backward (each backward kernel falls back to plain
+/// arithmetic where its tiles do not fit): where it does, the chunk form was measured the faster
+/// one beyond one chunk (the automatic mode choice of the Burn op reads this).
 pub fn delta_chunk_on_tensor_cores<R: Runtime>(
     client: &ComputeClient<R>,
     p: &DeltaProblem,
 ) -> bool {
-    delta_tiled_layout(client, p, crate::gated::DEFAULT_CHUNK).is_some_and(|l| l.tile.cmma)
+    use super::tiled_bwd::{dqk_layout, dstate_layout, tail_layout};
+    delta_tiled_layout(client, p, crate::gated::DEFAULT_CHUNK).is_some_and(|l| {
+        l.tile.cmma
+            && tail_layout(client, p, l).is_some()
+            && dqk_layout(client, p, l).is_some()
+            && dstate_layout(client, p, l).is_some()
+    })
 }
 
 /// The tiled layout of a delta-rule forward with chunk size `chunk`, or `None` where it does not
