@@ -344,7 +344,8 @@ where
     // another family's file would parse: its model_type tells.
     let model_type = |v: &serde_json::Value| v.get("model_type").cloned();
     let expected = model_type(&serde_json::to_value(PretrainedConfig::<B, M>::default())?);
-    let found = model_type(&serde_json::to_value(&config)?);
+    let value = serde_json::to_value(&config)?;
+    let found = model_type(&value);
     if found != expected {
         return Err(format!(
             "{}: model_type {} is not --model {family}'s ({})",
@@ -355,7 +356,7 @@ where
         .into());
     }
     // Every config of FLA's families names its vocabulary size; the tokeniser's ids must fit.
-    let size = serde_json::to_value(&config)?
+    let size = value
         .get("vocab_size")
         .and_then(|v| v.as_u64())
         .ok_or_else(|| format!("{}: no vocab_size", path.display()))?;
@@ -525,12 +526,12 @@ where
         if step % args.eval_every == 0 || step == last || interrupted {
             last_valid = evaluate(&model)?;
             valid_loss = format!("{last_valid}");
-            valid_ppl = format!("{}", last_valid.exp());
+            let ppl = last_valid.exp();
+            valid_ppl = format!("{ppl}");
             // Over the steps since the last report: the first window includes kernel compilation.
             let tokens = (step - window_start) * step_tokens;
             let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
             (t0, window_start) = (Instant::now(), step);
-            let ppl = last_valid.exp();
             report = Some(format!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s"));
         }
         writeln!(
