@@ -6,14 +6,27 @@
 # `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048 in bf16,
 # ours (`fla-train --precision bf16`) then FLA's (benches/fla_train.py: the same architecture from
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
+# `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
+# (the first step did not end within 200 s on an H200), then $OUT/cubecl-cache.tar.xz holds
+# CubeCL's caches (autotune results, compiled PTX): copy it to .cubecl-cache.tar.xz here and carry
+# it with the next call, which starts from it.
 set -x
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+# fla-train caches under ~/.cache/cubecl when run outside a Cargo project (as from /tmp here).
+[ -f .cubecl-cache.tar.xz ] && mkdir -p ~/.cache && tar -C ~/.cache -xJf .cubecl-cache.tar.xz
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
 BATCH=${BATCH:-8} STEPS=${STEPS:-6}
 case "$1" in
 tiny)
   (cd /tmp && $R/bin-fla-train --backend cuda --precision bf16 --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
+  ;;
+warm)
+  (cd /tmp && timeout -k 30 ${WARM_S:-500} $R/bin-fla-train --backend cuda --precision bf16 \
+     --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
+     --steps 1 --warmup 1 --eval-every 1000 --checkpoint-every 0 2>&1 | tail -4)
+  tar -C ~/.cache -cf - cubecl | xz -T0 -6 > $OUT/cubecl-cache.tar.xz
+  ls -la $OUT/cubecl-cache.tar.xz
   ;;
 340m)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-ours.log &

@@ -270,7 +270,8 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
 }
 
 fn run(args: Args) -> Result<(), Error> {
-    saved::on_backend!(args.backend.as_str(), B => with_model::<B, _>(&args.model, Evaluate(&args)))
+    fla_burn::device::configure_cubecl("minimal")?;
+    saved::on_backend!(args.backend.as_str(), "f32", B => with_model::<B, _>(&args.model, Evaluate(&args)))
 }
 
 fn main() -> std::process::ExitCode {

@@ -92,27 +92,43 @@ where
     }
 }
 
-/// Runs `$body` with the type `$B` set to the backend named `$name` (ndarray, wgpu, cuda), or
-/// returns an error naming a backend that is not built in; wgpu is checked for an adapter first.
+/// Runs `$body` with the type `$B` set to the backend named `$name` (ndarray, wgpu, cuda) at the
+/// float precision `$precision` (f32; bf16 on cuda, through Burn's unfused CUDA backend, whose
+/// fusion does not take mixed dtypes), or returns an error naming what is not available; wgpu is
+/// checked for an adapter first.
 macro_rules! on_backend {
-    ($name:expr, $B:ident => $body:expr) => {
-        match $name {
-            "ndarray" => {
+    ($name:expr, $precision:expr, $B:ident => $body:expr) => {
+        match ($name, $precision) {
+            (_, p) if !["f32", "bf16"].contains(&p) => {
+                Err(format!("unknown --precision {p:?} (f32, bf16)").into())
+            }
+            ("ndarray", "f32") => {
                 type $B = burn::backend::NdArray;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            "wgpu" => {
+            ("wgpu", "f32") => {
                 fla_burn::device::check_wgpu(&Default::default())?;
                 type $B = burn::backend::Wgpu;
                 $body
             }
             #[cfg(feature = "cuda")]
-            "cuda" => {
+            ("cuda", "f32") => {
                 type $B = burn::backend::Cuda;
                 $body
             }
-            other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
+            #[cfg(feature = "cuda")]
+            ("cuda", "bf16") => {
+                type $B = fla_burn::device::CudaUnfused<burn::tensor::bf16>;
+                $body
+            }
+            (b @ ("ndarray" | "wgpu"), p) if p != "f32" => Err(format!(
+                "--precision {p} is not available on --backend {b} (bf16 needs --backend cuda)"
+            )
+            .into()),
+            (other, _) => {
+                Err(format!("backend {other} is not built in (features: wgpu, cuda)").into())
+            }
         }
     };
 }

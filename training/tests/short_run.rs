@@ -3,27 +3,38 @@
 
 use std::process::Command;
 
-#[test]
-fn short_run_lowers_validation_loss() {
-    let dir = std::env::temp_dir().join(format!("fla-train-test-{}", std::process::id()));
-    let metrics = dir.join("metrics.csv");
-    let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
-        .args([
-            "--backend",
-            "ndarray",
-            "--steps",
-            "15",
-            "--batch",
-            "4",
-            "--seq-len",
-            "32",
-        ])
-        .args(["--eval-every", "15", "--warmup", "3", "--metrics"])
-        .arg(&metrics)
+/// fla-train with its metrics, checkpoints and exported model in `dir`.
+fn fla_train(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fla-train"));
+    cmd.arg("--metrics")
+        .arg(dir.join("metrics.csv"))
         .arg("--checkpoints")
         .arg(dir.join("checkpoints"))
         .arg("--export")
         .arg(dir.join("model"))
+        // wgpu runs: Mesa warns without one.
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir());
+    cmd
+}
+
+/// The two losses of fla-train's last line, "validation loss A -> B; metrics in ...".
+fn summary_losses(stdout: &str) -> (String, Vec<f64>) {
+    let last = stdout.lines().last().unwrap_or_default().to_string();
+    let nums = last
+        .trim_start_matches("validation loss ")
+        .split([' ', ';'])
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (last, nums)
+}
+
+#[test]
+fn short_run_lowers_validation_loss() {
+    let dir = std::env::temp_dir().join(format!("fla-train-test-{}", std::process::id()));
+    let metrics = dir.join("metrics.csv");
+    let out = fla_train(&dir)
+        .args(["--backend", "ndarray", "--steps", "15", "--batch", "4"])
+        .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"])
         .output()
         .expect("fla-train runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -32,13 +43,7 @@ fn short_run_lowers_validation_loss() {
         "fla-train failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last = stdout.lines().last().expect("a summary line");
-    // "validation loss A -> B; metrics in ..."
-    let nums: Vec<f64> = last
-        .trim_start_matches("validation loss ")
-        .split([' ', ';'])
-        .filter_map(|w| w.parse().ok())
-        .collect();
+    let (last, nums) = summary_losses(&stdout);
     assert_eq!(nums.len(), 2, "summary line: {last}");
     assert!(
         nums[1] < nums[0] - 0.5,
@@ -47,6 +52,8 @@ fn short_run_lowers_validation_loss() {
     let csv = std::fs::read_to_string(&metrics).expect("metrics written");
     let svg = std::fs::read_to_string(metrics.with_extension("svg")).expect("loss curves drawn");
     assert!(svg.contains("validation"), "loss.svg without its curves");
+    let png = std::fs::read(metrics.with_extension("png")).expect("loss curves drawn as PNG");
+    assert!(png.starts_with(b"\x89PNG"), "metrics.png is not a PNG");
     assert_eq!(
         csv.lines().count(),
         1 + 1 + 15,
@@ -142,7 +149,7 @@ fn transformer_run_lowers_validation_loss() {
 
 fn family_run_lowers_validation_loss(model: &str, backend: &str, family: &str) {
     let dir = std::env::temp_dir().join(format!("fla-train-{model}-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+    let out = fla_train(&dir)
         .args(["--backend", backend, "--model", model, "--steps", "15"])
         .args([
             "--batch",
@@ -154,13 +161,6 @@ fn family_run_lowers_validation_loss(model: &str, backend: &str, family: &str) {
             "--warmup",
             "3",
         ])
-        .arg("--metrics")
-        .arg(dir.join("metrics.csv"))
-        .arg("--checkpoints")
-        .arg(dir.join("checkpoints"))
-        .arg("--export")
-        .arg(dir.join("model"))
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
         .output()
         .expect("fla-train runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -170,12 +170,7 @@ fn family_run_lowers_validation_loss(model: &str, backend: &str, family: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains(family), "{stdout}");
-    let last = stdout.lines().last().expect("a summary line");
-    let nums: Vec<f64> = last
-        .trim_start_matches("validation loss ")
-        .split([' ', ';'])
-        .filter_map(|w| w.parse().ok())
-        .collect();
+    let (last, nums) = summary_losses(&stdout);
     assert!(
         nums.len() == 2 && nums[1] < nums[0] - 0.5,
         "validation loss did not fall clearly: {last}"
@@ -211,7 +206,7 @@ fn train(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
     } else {
         &["--batch", "2"]
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+    let out = fla_train(dir)
         .args(batch)
         .args(["--backend", "ndarray", "--seq-len", "16", "--hidden", "32"])
         .args([
@@ -222,12 +217,6 @@ fn train(dir: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
             "--checkpoint-every",
             "4",
         ])
-        .arg("--metrics")
-        .arg(dir.join("metrics.csv"))
-        .arg("--checkpoints")
-        .arg(dir.join("checkpoints"))
-        .arg("--export")
-        .arg(dir.join("model"))
         .args(extra)
         .output()
         .expect("fla-train runs");
@@ -347,7 +336,7 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
     use std::process::Stdio;
 
     let dir = fresh("interrupt");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+    let mut child = fla_train(&dir)
         .args(["--backend", "ndarray", "--seq-len", "16", "--hidden", "32"])
         .args([
             "--batch",
@@ -357,12 +346,6 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
             "--checkpoint-every",
             "0",
         ])
-        .arg("--metrics")
-        .arg(dir.join("metrics.csv"))
-        .arg("--checkpoints")
-        .arg(dir.join("checkpoints"))
-        .arg("--export")
-        .arg(dir.join("model"))
         .stdout(Stdio::piped())
         .spawn()
         .expect("fla-train starts");

@@ -21,5 +21,9 @@ mod problem;
 pub mod testing;
 pub mod tile;
 
+/// A fingerprint of this crate's sources (see build.rs): where compiled kernels are cached on
+/// disk, the cache is kept apart per fingerprint, so an edited kernel is never served stale.
+pub const SOURCE_HASH: &str = env!("FLA_KERNELS_SOURCE_HASH");
+
 pub use dtype::FloatDType;
 pub use error::KernelError;

@@ -678,8 +678,11 @@ pub(crate) fn dqk_layout<R: Runtime>(
             .into_iter()
             .filter(|&bk| bk <= l.kp && tuning("FLA_DQK_BK").is_none_or(|t| bk <= t))
     };
+    // Two cubes per multiprocessor by default; FLA_DQK_CUBES_PER_SM=1 lets 64-row key blocks in
+    // (fewer cubes, each reading dO Uᵀ's operands half as often), for the sweep to weigh.
+    let share = tuning("FLA_DQK_CUBES_PER_SM").unwrap_or(2).max(1);
     sizes()
-        .find_map(|bk| fits(bk, max_smem / 2))
+        .find_map(|bk| fits(bk, max_smem / share))
         .or_else(|| sizes().find_map(|bk| fits(bk, max_smem)))
 }
 

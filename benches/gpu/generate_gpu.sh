@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Generation on the GPU machine (issue 6), after `bash ../shared/gpu/pack.sh -p training --features cuda`
+# here; carry [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`; the
+# machine's Python must have torch and transformers).
+# A 1.3B-shaped GLA (FLA's GLAConfig defaults) with random weights, bf16: FLA builds and saves it
+# and times its `generate` (benches/fla_generation.py), then `fla-generate --precision bf16` loads
+# the same checkpoint and generates from the same prompt ids, in the same call. Prompt 10 tokens,
+# 64 new, greedy; each side warms up once, then the median of REPEAT runs.
+set -x
+bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+R=/tmp/gpu-run
+REPEAT=${REPEAT:-3} NEW=${NEW:-64}
+pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+PYTHONPATH=/tmp/site timeout 300 python3 benches/fla_generation.py --out /tmp/gla-1.3b --new $NEW \
+  --repeat $REPEAT ${LAYERS:+--layers $LAYERS} 2>&1 | grep -v Warning | tee $OUT/fla-generation.txt | tail -6
+ids=$(sed -n 's/^prompt_ids=//p' $OUT/fla-generation.txt)
+(cd /tmp && timeout 400 $R/bin-fla-generate --backend cuda --precision bf16 --model /tmp/gla-1.3b \
+  --prompt-ids "$ids" --max-new-tokens $NEW --repeat $((REPEAT + 1)) > $OUT/ours-generation.txt 2>&1)
+tail -3 $OUT/ours-generation.txt
+# Greedy ids side by side: bf16 rounding differs between the two, so they may part after a while.
+python3 - $OUT/fla-generation.txt $OUT/ours-generation.txt <<'PY'
+import sys
+fla = [int(x) for x in open(sys.argv[1]).read().split("fla_greedy_ids=")[1].split()[0].split(",")]
+line = next((l for l in open(sys.argv[2]) if l.startswith("[")), "[]")
+ours = [int(x) for x in line.strip("[]\n").split(",") if x.strip()]
+same = next((i for i, (a, b) in enumerate(zip(fla, ours)) if a != b), min(len(fla), len(ours)))
+print(f"greedy ids: the first {same} of {len(fla)} agree")
+PY
