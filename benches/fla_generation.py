@@ -28,6 +28,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="override GLAConfig's 24 (smoke runs)")
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
 
     from fla.models import GLAConfig, GLAForCausalLM
 

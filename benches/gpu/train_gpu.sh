@@ -7,7 +7,9 @@
 # ours (`fla-train --precision bf16`) then FLA's (benches/fla_train.py: the same architecture from
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
 # `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
-# (the first step did not end within 200 s on an H200), then $OUT/cubecl-cache.tar.xz holds
+# (the first step did not end within 200 s on an H200; fla-train ends at a step's end on SIGTERM,
+# so the timeout's SIGKILL, 30 s later, is what stops a step that has not), then
+# $OUT/cubecl-cache.tar.xz holds
 # CubeCL's caches (autotune results, compiled PTX): copy it to .cubecl-cache.tar.xz here and carry
 # it with the next call, which starts from it.
 set -x
@@ -22,7 +24,7 @@ tiny)
   (cd /tmp && $R/bin-fla-train --backend cuda --precision bf16 --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
   ;;
 warm)
-  (cd /tmp && timeout -k 30 ${WARM_S:-500} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp && timeout -k 30 ${WARM_S:-450} $R/bin-fla-train --backend cuda --precision bf16 \
      --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
      --steps 1 --warmup 1 --eval-every 1000 --checkpoint-every 0 2>&1 | tail -4)
   tar -C ~/.cache -cf - cubecl | xz -T0 -6 > $OUT/cubecl-cache.tar.xz

@@ -84,6 +84,39 @@ fn short_run_lowers_validation_loss() {
         "{text}"
     );
     assert!(stderr.contains("decoding: 8 tokens"), "{stderr}");
+    // The same prompt as ids ("Of Man" in bytes), greedy both times: the same new tokens, as ids,
+    // and warm timings after a first run.
+    let out = Command::new(env!("CARGO_BIN_EXE_fla-generate"))
+        .args([
+            "--backend",
+            "ndarray",
+            "--prompt-ids",
+            "79,102,32,77,97,110",
+        ])
+        .args(["--max-new-tokens", "8", "--repeat", "2"])
+        .arg("--model")
+        .arg(dir.join("model"))
+        .output()
+        .expect("fla-generate runs");
+    let ids = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{ids}\n{stderr}");
+    let ids: Vec<u8> = ids
+        .trim()
+        .trim_matches(['[', ']'])
+        .split(", ")
+        .map(|i| i.parse().expect("a byte id"))
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&ids),
+        text.strip_prefix("Of Man")
+            .and_then(|t| t.strip_suffix('\n'))
+            .expect("prompt, new text, newline")
+    );
+    assert!(
+        stderr.contains("median of 1 runs after a warm-up run"),
+        "{stderr}"
+    );
     // fla-eval reads it too: perplexity on the held-out split, below the 256 of a uniform guess
     // after the loss fell, and a multiple-choice file.
     let questions = dir.join("questions.jsonl");

@@ -46,9 +46,12 @@ pub type CudaUnfused<F> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F,
 /// autotune effort (`minimal`, `balanced`, `extensive`, `full`) unless `CUBECL_AUTOTUNE_LEVEL`
 /// is set, and compiled kernels are cached on disk (where a `cubecl.toml` says, if it does): CUDA's PTX and Vulkan's SPIR-V then compile once per machine rather than once
 /// per process. Measured on an H200 for the tiny GLA preset in bf16: the first run compiles ~170
-/// kernels in 20 s, the next one starts in 2 s. The cache goes in the `target` folder of the Cargo
-/// project around the working directory, else in the user's cache folder (`~/.cache/cubecl`),
-/// under `fla-kernels-<hash of our kernels' sources>`. A `cubecl.toml` in the working directory or above is honoured for
+/// kernels in 20 s, the next one starts in 2 s. The cache goes in the `target` folder beside the
+/// nearest `Cargo.toml` at or above the working directory, else in the user's cache folder
+/// (`~/.cache/cubecl`), under `fla-kernels-<hash of our kernels' sources>`; where that cannot be
+/// written, nothing is cached. CUDA's entries do not record the GPU they were compiled for: a
+/// cache folder serves one kind of GPU (a shared home over mixed GPUs wants a `cubecl.toml` per
+/// machine naming its own `[compilation] cache`). A `cubecl.toml` in the working directory or above is honoured for
 /// everything else.
 ///
 /// CubeCL reads its configuration once, at the first device use: call this before any tensor is
@@ -69,6 +72,14 @@ pub fn configure_cubecl(autotune: &str) -> Result<(), FlaError> {
             )))
         }
     };
+    // Checked, not caught: `set` panics once the configuration has been read.
+    if CubeClRuntimeConfig::storage().lock().is_some() {
+        return Err(FlaError::Unsupported(
+            "CubeCL's configuration was already read (configure_cubecl must come before the \
+             first device use)"
+                .into(),
+        ));
+    }
     let mut config = CubeClRuntimeConfig::from_current_dir();
     config.autotune.level = level;
     if config.compilation.cache.is_none() {
@@ -77,15 +88,47 @@ pub fn configure_cubecl(autotune: &str) -> Result<(), FlaError> {
         let root = CacheConfig::Target
             .root()
             .join(format!("fla-kernels-{}", fla_cubecl_kernels::SOURCE_HASH));
-        config.compilation.cache = Some(CacheConfig::File(root));
+        // CubeCL panics on a cache folder it cannot write (a read-only home or target folder):
+        // then kernels are compiled per process, as without the cache.
+        if writable(&root) {
+            config.compilation.cache = Some(CacheConfig::File(root));
+        }
     }
     // The environment overrides the file and the caller, as it does in CubeCL itself.
-    let config = config.override_from_env();
-    std::panic::catch_unwind(move || CubeClRuntimeConfig::set(config)).map_err(|_| {
-        FlaError::Unsupported(
-            "CubeCL's configuration was already read (configure_cubecl must come before the \
-             first device use)"
-                .into(),
-        )
-    })
+    CubeClRuntimeConfig::set(config.override_from_env());
+    Ok(())
+}
+
+/// Whether `dir` exists or can be made, and a file can be created in it.
+fn writable(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    let ok = std::fs::create_dir_all(dir).is_ok() && std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(probe);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configure_cubecl_refuses_unknown_levels_and_a_late_call() {
+        use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let err = configure_cubecl("fastest").unwrap_err().to_string();
+        assert!(err.contains("fastest") && err.contains("minimal"), "{err}");
+        // Once CubeCL has read its configuration (any device use does), a call changes nothing.
+        let _ = CubeClRuntimeConfig::get();
+        let err = configure_cubecl("minimal").unwrap_err().to_string();
+        assert!(err.contains("already read"), "{err}");
+    }
+
+    #[test]
+    fn a_cache_folder_must_be_writable() {
+        let dir = std::env::temp_dir().join(format!("fla-cache-probe-{}", std::process::id()));
+        assert!(writable(&dir.join("a/b")));
+        std::fs::write(dir.join("file"), b"").unwrap();
+        // A folder cannot be made under a file.
+        assert!(!writable(&dir.join("file/c")));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
