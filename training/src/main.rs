@@ -139,8 +139,8 @@ struct Args {
     /// is set. On a fresh CUDA machine `balanced` compiles hundreds of matmul candidates before
     /// the first step (measured on an H100: no step within 150 s for this tiny model; with
     /// `minimal`, 30 steps in 146 s including compilation). Autotune results and compiled kernels
-    /// are cached on disk (`target/` in this repository, else `~/.cache/cubecl`): a second run on
-    /// the same machine starts in seconds.
+    /// are cached on disk (the `target/` beside the nearest Cargo.toml, else `~/.cache/cubecl`; see
+    /// `fla_burn::device::configure_cubecl`): a second run on the same machine starts in seconds.
     #[arg(long, default_value = "minimal")]
     autotune: String,
     /// Checkpoint folder (model, optimizer, loop state per checkpoint); default
