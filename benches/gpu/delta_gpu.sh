@@ -3,7 +3,8 @@
 # `VULKAN=1 bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here; carry
 # [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
 # `delta_gpu.sh tests`: the delta-rule kernel and op tests on CUDA, the kernel tests on Vulkan
-# (`FILTER="CHUNK chunk_boundaries tiled_path"` for the chunk-form kernel tests only).
+# (`FILTER="delta::sizes"` for a part: the kernel tests are one binary, `test-kernels`, whose test
+# names start with their file's module, `delta::`, `gated::`, `attn::`, `tile::`).
 # `delta_gpu.sh profile`: per-kernel times of our delta-rule kernels (CubeCL's profiler).
 # `delta_gpu.sh bench`: ours and FLA's delta-rule kernels on the same shapes in one call.
 # `delta_gpu.sh models`: fla-models' parity tests on CUDA (pack with `-p fla-models` too), and FLA
@@ -15,15 +16,15 @@ export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/loca
 R=/tmp/gpu-run
 case "$1" in
 tests)
-  FLA_TEST_RUNTIME=cuda $R/test-delta ${FILTER:-} > $OUT/cuda-delta.log 2>&1
+  FLA_TEST_RUNTIME=cuda $R/test-kernels ${FILTER:-delta::} > $OUT/cuda-delta.log 2>&1
   grep -E "test result|FAILED|panicked|RMSE" $OUT/cuda-delta.log | head -30
-  FLA_TEST_RUNTIME=cuda $R/test-delta_ops > $OUT/cuda-delta-ops.log 2>&1
+  FLA_TEST_RUNTIME=cuda $R/test-ops delta:: > $OUT/cuda-delta-ops.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/cuda-delta-ops.log | head -20
-  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json $R/test-delta CHUNK > $OUT/vk-delta.log 2>&1
+  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json $R/test-kernels delta:: --skip Recurrent > $OUT/vk-delta.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/vk-delta.log | head -20
   ;;
 models)
-  FLA_TEST_RUNTIME=cuda $R/test-parity > $OUT/cuda-parity.log 2>&1
+  FLA_TEST_RUNTIME=cuda $R/test-models parity:: > $OUT/cuda-parity.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/cuda-parity.log | head -20
   grep -E "RMSE" $OUT/cuda-parity.log | sort | uniq -c | sort -rn | head -5
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1

@@ -12,20 +12,18 @@
 //!
 //!   cargo run --release -p training --bin fla-eval -- --model runs/gla-tiny/model
 
-mod saved;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::data::{self, Corpus};
+use crate::saved::{self, with_model, Error, WithModel};
+use crate::tokenizer::Tokenizer;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
 use fla_models::checkpoint::Pretrained;
 use fla_models::lm::{ForCausalLM, TokenMixer};
-use saved::{with_model, Error, WithModel};
-use training::data::{self, Corpus};
-use training::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -274,7 +272,8 @@ fn run(args: Args) -> Result<(), Error> {
     saved::on_backend!(args.backend.as_str(), "f32", B => with_model::<B, _>(&args.model, Evaluate(&args)))
 }
 
-fn main() -> std::process::ExitCode {
+/// `fla-eval`'s entry point (the binary is this call).
+pub fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -8,17 +8,15 @@
 //! Text is tokenised with the directory's `tokenizer.json` (Hugging Face's format, as
 //! `fla-train --tokenizer` saves it and FLA's hub checkpoints carry it), or as bytes without one.
 
-mod saved;
-
 use std::path::PathBuf;
 
+use crate::saved::{self, with_model, Error, WithModel};
+use crate::tokenizer::Tokenizer;
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use fla_models::checkpoint::Pretrained;
 use fla_models::generate::{generate, Generation, GenerationConfig};
 use fla_models::lm::{ForCausalLM, TokenMixer};
-use saved::{with_model, Error, WithModel};
-use training::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -138,7 +136,8 @@ fn run(args: Args) -> Result<(), Error> {
     saved::on_backend!(args.backend.as_str(), args.precision.as_str(), B => with_model::<B, _>(&args.model, Generate(&args)))
 }
 
-fn main() -> std::process::ExitCode {
+/// `fla-generate`'s entry point (the binary is this call).
+pub fn main() -> std::process::ExitCode {
     match run(Args::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,5 +1,17 @@
-//! What the `fla-train`, `fla-generate` and `fla-eval` binaries share: the training text and
-//! its tokenisers.
+//! Training, generation and evaluation of fla-models' language models: the library behind the
+//! `fla-train`, `fla-generate` and `fla-eval` binaries, each of which is one call into it
+//! ([`train::main`], [`generate::main`], [`eval::main`]).
+//!
+//! The code lives here rather than in the binaries because every family × backend × precision
+//! the binaries dispatch over is monomorphised where the concrete types are named: in the
+//! library, once, instead of once per binary and again per binary's test harness (a build of
+//! the three binaries took several minutes each).
 
+pub mod checkpoint;
 pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod plot;
+pub mod saved;
 pub mod tokenizer;
+pub mod train;

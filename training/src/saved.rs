@@ -4,13 +4,13 @@
 
 use std::path::Path;
 
+use crate::tokenizer::Tokenizer;
 use burn::tensor::backend::Backend;
 use fla_burn::{AttentionBackend, DeltaRuleBackend, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gla::GatedLinearAttention;
 use fla_models::lm::{ForCausalLM, TokenMixer};
-use training::tokenizer::Tokenizer;
 
 pub type Error = Box<dyn std::error::Error>;
 

@@ -139,7 +139,7 @@ impl LmShape {
 /// Applies a per-token map to `[B, T, D]` as one `[B·T, D]` matrix. One plain matmul rather
 /// than a broadcast batched one; and on Burn 0.21's fused wgpu backend the batched form gave
 /// wrong rows for `B > 1, T = 1` (decoding a batch) when fused with the residual add, which
-/// the 2-d form avoids (`tests/parity.rs`, token by token on wgpu, checks it).
+/// the 2-d form avoids (`tests/models/parity.rs`, token by token on wgpu, checks it).
 fn tokens_2d<B: Backend>(
     x: Tensor<B, 3>,
     f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,

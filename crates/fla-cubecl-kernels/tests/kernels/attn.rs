@@ -15,9 +15,7 @@ use fla_cubecl_kernels::testing::{decode, encode, AttnCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-#[macro_use]
-mod common;
-use common::{base_dtype, check, runtime_name, tolerance};
+use crate::common::{base_dtype, check, runtime_name, tolerance};
 
 /// `[B, T_q, T_k, H, HK, K, V]`.
 type Dims = [usize; 7];

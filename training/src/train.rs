@@ -17,12 +17,13 @@
 //! Metrics (loss, validation perplexity, learning rate, tokens/s) go to a CSV and an SVG plot.
 //! burn-train's learner is not used yet; `fla-eval` evaluates the saved model.
 
-mod checkpoint;
-mod plot;
+use crate::{checkpoint, plot};
 
 use std::io::Write;
 use std::time::Instant;
 
+use crate::data::{self, Corpus};
+use crate::tokenizer::Tokenizer;
 use burn::backend::Autodiff;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
@@ -44,8 +45,6 @@ use fla_models::lm::{ForCausalLM, TokenMixer};
 use fla_models::retnet::MultiScaleRetention;
 use fla_models::retnet_model::RetNetConfig;
 use fla_models::transformer_model::TransformerConfig;
-use training::data::{self, Corpus};
-use training::tokenizer::Tokenizer;
 
 /// The config type a model family saves with.
 type PretrainedConfig<B, M> = <ForCausalLM<B, M> as Pretrained<B>>::Config;
@@ -585,7 +584,8 @@ where
     Ok(())
 }
 
-fn main() -> std::process::ExitCode {
+/// `fla-train`'s entry point (the binary is this call).
+pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Bpe {

@@ -16,9 +16,7 @@ use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, DeltaCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-#[macro_use]
-mod common;
-use common::{check, runtime_name, tolerance};
+use crate::common::{check, runtime_name, tolerance};
 
 /// `[B, T, H, HV, K, V]`.
 type Dims = [usize; 6];

@@ -2,11 +2,9 @@
 //! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
 //! and each other, and the typed errors of bad input.
 
-mod common;
-
+use crate::common::{self, tensor, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::{FloatDType, Tensor};
-use common::{tensor, values, Impl};
 use fla::kernels::attn::AttnProblem;
 use fla::kernels::testing::{rel_rmse, AttnCase};
 use fla::kernels::FloatDType as KernelDType;

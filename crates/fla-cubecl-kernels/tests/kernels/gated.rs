@@ -15,9 +15,7 @@ use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-#[macro_use]
-mod common;
-use common::{check, runtime_name, tolerance};
+use crate::common::{check, runtime_name, tolerance};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {

@@ -9,9 +9,7 @@ use fla_cubecl_kernels::tile::{mma, MmaShape, TileConfig};
 use fla_cubecl_kernels::FloatDType;
 use rstest::rstest;
 
-#[macro_use]
-mod common;
-use common::{check, runtime_name};
+use crate::common::{check, runtime_name};
 
 /// Stages `a`, `b` (and `out` when accumulating) in shared memory, runs one product, writes `out`.
 #[cube(launch)]

@@ -65,11 +65,63 @@ macro_rules! on_runtime {
             }
             #[cfg(feature = "wgpu")]
             _ => {
-                let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+                let lease = $crate::common::WgpuLease::take();
+                let client = cubecl::wgpu::WgpuRuntime::client(lease.device());
                 $f::<cubecl::wgpu::WgpuRuntime>(&client, $($arg),*)
             }
             #[cfg(not(feature = "wgpu"))]
             other => panic!("runtime {other} not compiled in"),
         }
     }};
+}
+
+/// The wgpu device a kernel test runs on, held for the test's duration.
+///
+/// CubeCL compiles a client's kernels on that client's own server thread, and on lavapipe
+/// compiling is most of a kernel test's time (LLVM lowering the unrolled kernels' barriers into
+/// coroutines: two thirds of a profile of one attention test). With one client, two test
+/// threads compile one at a time on two cores. On lavapipe a test therefore takes whichever of
+/// two clients of the same CPU adapter (`DefaultDevice`, `Cpu`) fewer running tests hold; the
+/// results do not depend on which. On a GPU: always the default device.
+#[cfg(feature = "wgpu")]
+pub struct WgpuLease(Option<usize>);
+
+#[cfg(feature = "wgpu")]
+static HOLDERS: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+#[cfg(feature = "wgpu")]
+static DEVICES: [cubecl::wgpu::WgpuDevice; 2] = [
+    cubecl::wgpu::WgpuDevice::DefaultDevice,
+    cubecl::wgpu::WgpuDevice::Cpu,
+];
+
+#[cfg(feature = "wgpu")]
+impl WgpuLease {
+    pub fn take() -> Self {
+        use cubecl::Runtime;
+        use std::sync::atomic::Ordering;
+        let default = cubecl::wgpu::WgpuRuntime::client(&DEVICES[0]);
+        if !fla_cubecl_kernels::gated::is_cpu_vulkan(&default) {
+            return WgpuLease(None);
+        }
+        let i = usize::from(HOLDERS[1].load(Ordering::SeqCst) < HOLDERS[0].load(Ordering::SeqCst));
+        HOLDERS[i].fetch_add(1, Ordering::SeqCst);
+        WgpuLease(Some(i))
+    }
+
+    pub fn device(&self) -> &'static cubecl::wgpu::WgpuDevice {
+        &DEVICES[self.0.unwrap_or(0)]
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl Drop for WgpuLease {
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            HOLDERS[i].fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }

@@ -2,12 +2,10 @@
 //! and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference and each
 //! other, and the typed errors of bad input.
 
-mod common;
-
+use crate::common::{self, tensor, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
-use common::{tensor, values, Impl};
 use fla::kernels::delta::DeltaProblem;
 use fla::kernels::testing::{rel_rmse, round_to, DeltaCase};
 use fla::kernels::FloatDType as KernelDType;

@@ -1,0 +1,14 @@
+//! Kernel-level tests against the naive f64 references, one test binary for every kernel family
+//! (each test binary links and monomorphises CubeCL's runtimes again; one builds much faster than
+//! four).
+//!
+//! Runtime: wgpu by default (lavapipe in CI); CUDA when built with `--features cuda` and
+//! `FLA_TEST_RUNTIME=cuda`. Select a family by its module: `cargo test -p fla-cubecl-kernels --test kernels delta::`.
+
+#[macro_use]
+mod common;
+
+mod attn;
+mod delta;
+mod gated;
+mod tile;
