@@ -5,9 +5,9 @@
 set -x
 export FLA_TEST_RUNTIME=cuda
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
-grep -E "test result|FAILED|panicked" $OUT/cuda-attn.log | head -20
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 (/tmp/gpu-run/test-kernels attn::; /tmp/gpu-run/test-ops attn::) > $OUT/cuda-attn.log 2>&1
+grep -E "test result|FAILED|panicked" $OUT/cuda-attn.log | head -20
 /tmp/gpu-run/test-kernels tile:: 2>&1 | grep -E "test result|FAILED" 
 /tmp/gpu-run/test-kernels gated::chunk_ 2>&1 | grep -E "test result|FAILED" 
 /tmp/gpu-run/test-ops gated:: 2>&1 | grep -E "test result|FAILED"

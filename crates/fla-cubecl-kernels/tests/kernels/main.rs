@@ -1,6 +1,6 @@
 //! Kernel-level tests against the naive f64 references, one test binary for every kernel family
-//! (each test binary links and monomorphises CubeCL's runtimes again; one builds much faster than
-//! four).
+//! (each test binary links and monomorphises CubeCL's runtimes again; one is built where four
+//! were).
 //!
 //! Runtime: wgpu by default (lavapipe in CI); CUDA when built with `--features cuda` and
 //! `FLA_TEST_RUNTIME=cuda`. Select a family by its module: `cargo test -p fla-cubecl-kernels --test kernels delta::`.
