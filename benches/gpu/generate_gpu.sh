@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Generation on the GPU machine (issue 6), after `bash ../shared/gpu/pack.sh -p training --features cuda`
-# here; carry [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`; the
-# machine's Python must have torch and transformers).
+# here; carry [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0
+# flash-linear-attention==0.6.0 einops`: fla-core has no `fla.models`, the second wheel has; the
+# GPU machine has torch 2.11 and transformers 5.17, which it accepts). Measured there (H200, FLA):
+# the whole call took 172 s, FLA's side ~100 s of it (building and saving the 1.37B model, Triton
+# compiles).
 # A 1.3B-shaped GLA (FLA's GLAConfig defaults) with random weights, bf16: FLA builds and saves it
 # and times its `generate` (benches/fla_generation.py), then `fla-generate --precision bf16` loads
 # the same checkpoint and generates from the same prompt ids, in the same call. Prompt 10 tokens,

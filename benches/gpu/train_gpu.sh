@@ -8,7 +8,8 @@
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
 # `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
 # (the first step did not end within 200 s on an H200; fla-train ends at a step's end on SIGTERM,
-# so the timeout's SIGKILL, 30 s later, is what stops a step that has not), then
+# so the timeout's SIGKILL, 30 s later, is what stops a step that has not; measured again on an
+# H200: no step within 300 s, step-0 validation loss 10.52 by then), then
 # $OUT/cubecl-cache.tar.xz holds
 # CubeCL's caches (autotune results, compiled PTX): copy it to .cubecl-cache.tar.xz here and carry
 # it with the next call, which starts from it.
@@ -39,7 +40,7 @@ warm)
   kill $SMI
   echo "ours: peak GPU memory $(sort -n $OUT/mem-ours.log | tail -1) MiB (nvidia-smi: the whole GPU, CUDA context and CubeCL's pool included)"
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-  PYTHONPATH=/tmp/site timeout 200 python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
+  PYTHONPATH=/tmp/site timeout ${FLA_S:-300} python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
     --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -5
   ;;
 esac

@@ -3,6 +3,9 @@
 use crate::KernelError;
 
 /// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
+/// It bounds `K` everywhere, and `V` where a kernel keeps a whole value row on chip (attention,
+/// the delta rule); the gated family splits `V` across cubes and takes any width (see
+/// [`validate`]'s `max_v`).
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Number of independent sequences: `B`, or `len(cu_seqlens) - 1`.
@@ -34,10 +37,11 @@ pub fn longest(batch: usize, seq_len: usize, cu_seqlens: Option<&[usize]>) -> us
     }
 }
 
-/// Validates `[B, T, H, K, V]`, the scale and `cu_seqlens` (which needs `B = 1`, starts at 0,
-/// never decreases and ends at `T`).
+/// Validates `[B, T, H, K, V]` (`K` at most [`MAX_HEAD_DIM`], `V` at most `max_v`), the scale
+/// and `cu_seqlens` (which needs `B = 1`, starts at 0, never decreases and ends at `T`).
 pub fn validate(
     [batch, seq_len, heads, k_dim, v_dim]: [usize; 5],
+    max_v: usize,
     scale: f32,
     cu_seqlens: Option<&[usize]>,
 ) -> Result<(), KernelError> {
@@ -50,9 +54,14 @@ pub fn validate(
             "zero-sized heads or head dims (H = {heads}, K = {k_dim}, V = {v_dim})"
         ));
     }
-    if k_dim > MAX_HEAD_DIM || v_dim > MAX_HEAD_DIM {
+    if k_dim > MAX_HEAD_DIM {
         return bad(format!(
-            "head dims K = {k_dim}, V = {v_dim} exceed the supported maximum {MAX_HEAD_DIM}"
+            "key head dim K = {k_dim} exceeds the supported maximum {MAX_HEAD_DIM}"
+        ));
+    }
+    if v_dim > max_v {
+        return bad(format!(
+            "value head dim V = {v_dim} exceeds this family's supported maximum {max_v}"
         ));
     }
     if !scale.is_finite() {
@@ -82,4 +91,28 @@ pub fn validate(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(r: Result<(), KernelError>) -> String {
+        match r {
+            Err(KernelError::InvalidProblem(m)) => m,
+            other => panic!("expected InvalidProblem, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn head_dims_bounded_per_family() {
+        let dims = |k, v| [2, 5, 3, k, v];
+        assert!(validate(dims(256, 256), MAX_HEAD_DIM, 1.0, None).is_ok());
+        let k = message(validate(dims(257, 64), usize::MAX, 1.0, None));
+        assert!(k.contains("K = 257"), "{k}");
+        let v = message(validate(dims(64, 257), MAX_HEAD_DIM, 1.0, None));
+        assert!(v.contains("V = 257") && v.contains("256"), "{v}");
+        // A family that splits V across cubes passes its own bound.
+        assert!(validate(dims(256, 512), 4096, 1.0, None).is_ok());
+    }
 }

@@ -57,6 +57,7 @@ impl AttnProblem {
         let bad = |m: String| Err(KernelError::InvalidProblem(m));
         problem::validate(
             [self.batch, self.q_len, self.heads, self.k_dim, self.v_dim],
+            MAX_HEAD_DIM,
             self.scale,
             self.cu_seqlens.as_deref(),
         )?;

@@ -93,6 +93,7 @@ impl DeltaProblem {
     pub fn validate(&self) -> Result<(), KernelError> {
         crate::problem::validate(
             [self.batch, self.seq_len, self.heads, self.k_dim, self.v_dim],
+            crate::problem::MAX_HEAD_DIM,
             self.scale,
             self.cu_seqlens.as_deref(),
         )?;

@@ -102,6 +102,7 @@ impl GatedProblem {
     pub fn validate(&self) -> Result<(), KernelError> {
         crate::problem::validate(
             [self.batch, self.seq_len, self.heads, self.k_dim, self.v_dim],
+            MAX_VALUE_DIM,
             self.scale,
             self.cu_seqlens.as_deref(),
         )
@@ -109,3 +110,9 @@ impl GatedProblem {
 }
 
 pub use crate::problem::MAX_HEAD_DIM;
+
+/// Largest value head dim of the gated family. Its kernels split `V` across cubes (blocks of
+/// value columns; elementwise grids on the chunk path), so the width only sets how many cubes run:
+/// FLA's own configs need more than [`MAX_HEAD_DIM`] (GLA at 1.3B: `V = 512`). The tests cover
+/// `V = 520`; the bound keeps an absurd width a clear error rather than a huge launch.
+pub const MAX_VALUE_DIM: usize = 4096;

@@ -240,6 +240,30 @@ fn sizes(
     on_runtime!(compare(&c));
 }
 
+/// Value heads wider than `MAX_HEAD_DIM` (FLA's 1.3B GLA has V = 512): the gated kernels split
+/// the value axis across cubes, so V = 520 (a multiple of no value block) must match the
+/// reference in both forms, across a chunk boundary, with both states and every gradient.
+#[rstest]
+fn wide_values(
+    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
+    #[values(Mode::Recurrent, CHUNK)] mode: Mode,
+) {
+    let c = make_case(
+        variant,
+        1,
+        70,
+        2,
+        32,
+        520,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, mode));
+}
+
 #[rstest]
 fn gate_strength_and_direction(
     #[values(0.1, 1.0, 10.0)] strength: f64,
