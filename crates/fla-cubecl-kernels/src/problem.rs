@@ -4,8 +4,8 @@ use crate::KernelError;
 
 /// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
 /// It bounds `K` everywhere, and `V` where a kernel keeps a whole value row on chip (attention,
-/// the delta rule); the gated family splits `V` across cubes and takes any width (see
-/// [`validate`]'s `max_v`).
+/// the delta rule); the gated family's recurrent kernels split `V` across cubes, so it has its
+/// own, wider bound (`gated::MAX_VALUE_DIM`, passed as [`validate`]'s `max_v`).
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Number of independent sequences: `B`, or `len(cu_seqlens) - 1`.
@@ -35,6 +35,18 @@ pub fn longest(batch: usize, seq_len: usize, cu_seqlens: Option<&[usize]>) -> us
         None if batch == 0 => 0,
         None => seq_len,
     }
+}
+
+/// Kernels index with 32-bit integers: a buffer of more elements would wrap silently, so it is
+/// refused before anything is allocated.
+pub fn addressable(len: usize, what: &str) -> Result<(), KernelError> {
+    if len > u32::MAX as usize {
+        return Err(KernelError::DeviceLimit(format!(
+            "{what} would hold {len} elements, more than the kernels' 32-bit indices address; \
+             split the batch"
+        )));
+    }
+    Ok(())
 }
 
 /// Validates `[B, T, H, K, V]` (`K` at most [`MAX_HEAD_DIM`], `V` at most `max_v`), the scale
@@ -114,5 +126,14 @@ mod tests {
         assert!(v.contains("V = 257") && v.contains("256"), "{v}");
         // A family that splits V across cubes passes its own bound.
         assert!(validate(dims(256, 512), 4096, 1.0, None).is_ok());
+    }
+
+    #[test]
+    fn buffers_past_32_bit_indices_refused() {
+        assert!(addressable(u32::MAX as usize, "q").is_ok());
+        match addressable(u32::MAX as usize + 1, "the states") {
+            Err(KernelError::DeviceLimit(m)) => assert!(m.contains("the states"), "{m}"),
+            other => panic!("expected DeviceLimit, got {other:?}"),
+        }
     }
 }

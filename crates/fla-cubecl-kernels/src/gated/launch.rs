@@ -204,6 +204,7 @@ fn check_common<R: Runtime>(
     p.validate()?;
     p.dtype.check_supported(client)?;
     check_loop_limit(client, p.longest())?;
+    crate::problem::addressable(p.tokens() * p.heads * p.k_dim.max(p.v_dim), "q, k or v")?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",
@@ -290,6 +291,7 @@ pub fn recurrent_backward<R: Runtime>(
     let qk = tokens * p.heads * p.k_dim;
     let vo = tokens * p.heads * p.v_dim;
     let nv = p.v_dim.div_ceil(block_v);
+    crate::problem::addressable(nv * qk, "the recurrent backward's partial dq")?;
     let dq_part = client.empty(4 * nv * qk);
     let dk_part = client.empty(4 * nv * qk);
     let has_dht = b.d_ht.is_some();
@@ -534,6 +536,7 @@ impl<'a, R: Runtime> ChunkCall<'a, R> {
     ) -> Result<Self, KernelError> {
         let c = chunk_layout(client, p, chunk)?;
         let (chunks, first, count) = chunk_tables((0..p.num_seqs()).map(|n| p.bounds(n)), chunk);
+        crate::problem::addressable(count * p.heads * p.k_dim * p.v_dim, "the per-chunk states")?;
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
         let mut call = Self {
