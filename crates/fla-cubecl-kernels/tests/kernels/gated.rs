@@ -264,6 +264,26 @@ fn wide_values(
     on_runtime!(compare_mode(&c, mode));
 }
 
+/// The value gate's gradient is the one that walks the value axis (its cumulative sum runs over
+/// `V`); the value gate has the recurrent form only.
+#[test]
+fn wide_values_with_value_gate() {
+    let c = make_case(
+        Variant::GlaWithValueGate,
+        1,
+        70,
+        2,
+        32,
+        520,
+        1.0,
+        false,
+        None,
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, Mode::Recurrent));
+}
+
 #[rstest]
 fn gate_strength_and_direction(
     #[values(0.1, 1.0, 10.0)] strength: f64,
