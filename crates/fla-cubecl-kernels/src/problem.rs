@@ -49,7 +49,8 @@ pub fn addressable(len: usize, what: &str) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Validates `[B, T, H, K, V]` (`K` at most [`MAX_HEAD_DIM`], `V` at most `max_v`), the scale
+/// Validates `[B, T, H, K, V]` (`K` at most [`MAX_HEAD_DIM`], `V` at most `max_v`, inputs within
+/// 32-bit indices), the scale
 /// and `cu_seqlens` (which needs `B = 1`, starts at 0, never decreases and ends at `T`).
 pub fn validate(
     [batch, seq_len, heads, k_dim, v_dim]: [usize; 5],
@@ -76,6 +77,12 @@ pub fn validate(
             "value head dim V = {v_dim} exceeds this family's supported maximum {max_v}"
         ));
     }
+    // q and k are [B·T, H, K], v (or the output) [B·T, H, V].
+    let widest = batch
+        .saturating_mul(seq_len)
+        .saturating_mul(heads)
+        .saturating_mul(k_dim.max(v_dim));
+    addressable(widest, "q, k or v")?;
     if !scale.is_finite() {
         return bad(format!("scale {scale} is not finite"));
     }
@@ -131,6 +138,11 @@ mod tests {
     #[test]
     fn buffers_past_32_bit_indices_refused() {
         assert!(addressable(u32::MAX as usize, "q").is_ok());
+        // 2^22 tokens of 8 heads of 128: 2^32 elements.
+        match validate([1, 1 << 22, 8, 128, 64], MAX_HEAD_DIM, 1.0, None) {
+            Err(KernelError::DeviceLimit(m)) => assert!(m.contains("q, k or v"), "{m}"),
+            other => panic!("expected DeviceLimit, got {other:?}"),
+        }
         match addressable(u32::MAX as usize + 1, "the states") {
             Err(KernelError::DeviceLimit(m)) => assert!(m.contains("the states"), "{m}"),
             other => panic!("expected DeviceLimit, got {other:?}"),

@@ -204,7 +204,6 @@ fn check_common<R: Runtime>(
     p.validate()?;
     p.dtype.check_supported(client)?;
     check_loop_limit(client, p.longest())?;
-    crate::problem::addressable(p.tokens() * p.heads * p.k_dim.max(p.v_dim), "q, k or v")?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",

@@ -242,12 +242,16 @@ fn sizes(
 
 /// Value heads wider than `MAX_HEAD_DIM` (FLA's 1.3B GLA has V = 512): the gated kernels split
 /// the value axis across cubes, so V = 520 (a multiple of no value block) must match the
-/// reference in both forms, across a chunk boundary, with both states and every gradient.
+/// reference in both forms, across a chunk boundary, with both states and every gradient. The
+/// value gate (recurrent form only) has the gradient that walks the value axis: a cumulative sum
+/// over `V`.
 #[rstest]
-fn wide_values(
-    #[values(Variant::SimpleGla, Variant::Gla)] variant: Variant,
-    #[values(Mode::Recurrent, CHUNK)] mode: Mode,
-) {
+#[case::simple_gla_recurrent(Variant::SimpleGla, Mode::Recurrent)]
+#[case::simple_gla_chunk(Variant::SimpleGla, CHUNK)]
+#[case::gla_recurrent(Variant::Gla, Mode::Recurrent)]
+#[case::gla_chunk(Variant::Gla, CHUNK)]
+#[case::value_gate_recurrent(Variant::GlaWithValueGate, Mode::Recurrent)]
+fn wide_values(#[case] variant: Variant, #[case] mode: Mode) {
     let c = make_case(
         variant,
         1,
@@ -262,26 +266,6 @@ fn wide_values(
         FloatDType::F32,
     );
     on_runtime!(compare_mode(&c, mode));
-}
-
-/// The value gate's gradient is the one that walks the value axis (its cumulative sum runs over
-/// `V`); the value gate has the recurrent form only.
-#[test]
-fn wide_values_with_value_gate() {
-    let c = make_case(
-        Variant::GlaWithValueGate,
-        1,
-        70,
-        2,
-        32,
-        520,
-        1.0,
-        false,
-        None,
-        true,
-        FloatDType::F32,
-    );
-    on_runtime!(compare_mode(&c, Mode::Recurrent));
 }
 
 #[rstest]
