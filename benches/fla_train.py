@@ -115,8 +115,12 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        # Per step and flushed: the first steps (Triton's compiles and autotuning) can take
+        # minutes, and a run cut short by a timeout should still say how far it got.
+        print(f"step {step}: {dt * 1e3:.0f} ms", flush=True)
         if step >= a.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(dt)
     step_s = statistics.median(times)
     mode = "amp (f32 params, bf16 autocast)" if a.amp else "bf16 params"
     print(
