@@ -3,10 +3,20 @@
 use crate::KernelError;
 
 /// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
-/// It bounds `K` everywhere, and `V` where a kernel keeps a whole value row on chip (attention,
-/// the delta rule); the gated family's recurrent kernels split `V` across cubes, so it has its
-/// own, wider bound (`gated::MAX_VALUE_DIM`, passed as [`validate`]'s `max_v`).
+/// It bounds `K` everywhere, and `V` where a kernel keeps a whole value row on chip (attention);
+/// the linear-attention families (gated and delta rule) split `V` across cubes, so they have a
+/// wider bound, [`MAX_VALUE_DIM`] (each family passes its bound as [`validate`]'s `max_v`).
 pub const MAX_HEAD_DIM: usize = 256;
+
+/// Largest value head dim of the linear-attention families (gated and delta rule). FLA's own
+/// configs need more than [`MAX_HEAD_DIM`] (GLA and Gated DeltaNet at 1.3B: `V = 512`). Every
+/// column of their state `S[K, V]` evolves on its own given `k` (and `β`, the decays), so the
+/// recurrent kernels split `V` into blocks of value columns across cubes, the plain chunk kernels
+/// are elementwise over it and their state pass splits it the same way. The tile-product chunk
+/// kernels hold `V`-wide tiles on chip: wide values step them down to shorter chunks or send the
+/// call to the plain path (slower, not wrong). The recurrent backwards' partial `dq`/`dk` grow
+/// with `V / 32`; buffers past 32-bit indices are refused ([`addressable`]). Tested at `V = 520`.
+pub const MAX_VALUE_DIM: usize = 4096;
 
 /// Number of independent sequences: `B`, or `len(cu_seqlens) - 1`.
 pub fn num_seqs(batch: usize, cu_seqlens: Option<&[usize]>) -> usize {

@@ -67,6 +67,14 @@ impl AttnProblem {
                 self.kv_len, self.kv_heads
             ));
         }
+        // k and v are [B·T_k, HK, K or V]: T_k is not the query length validated above.
+        problem::addressable(
+            self.batch
+                .saturating_mul(self.kv_len)
+                .saturating_mul(self.kv_heads)
+                .saturating_mul(self.k_dim.max(self.v_dim)),
+            "k or v",
+        )?;
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "query heads H = {} must be a multiple of the key/value heads HK = {}",
@@ -147,5 +155,40 @@ impl AttnProblem {
             tq * self.heads * self.v_dim,
             tq * self.heads,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys longer than the queries are bounded on their own: 2^22 keys of 8 heads of 128 would
+    /// be 2^32 elements, past the kernels' 32-bit indices, behind one query.
+    #[test]
+    fn long_keys_past_32_bit_indices_refused() {
+        let p = AttnProblem {
+            batch: 1,
+            q_len: 1,
+            kv_len: 1 << 22,
+            heads: 8,
+            kv_heads: 8,
+            k_dim: 128,
+            v_dim: 128,
+            scale: 1.0,
+            causal: false,
+            window: None,
+            softcap: None,
+            cu_seqlens: None,
+            dtype: FloatDType::F32,
+        };
+        match p.validate() {
+            Err(KernelError::DeviceLimit(m)) => assert!(m.contains("k or v"), "{m}"),
+            other => panic!("expected DeviceLimit, got {other:?}"),
+        }
+        let fits = AttnProblem {
+            kv_len: (1 << 22) - 1,
+            ..p
+        };
+        assert!(fits.validate().is_ok());
     }
 }

@@ -23,6 +23,7 @@ use crate::gated::TiledLayout;
 use crate::gated::{
     array, chunk_tables, elementwise_grid, need, upload_cu_seqlens, ELEMWISE_THREADS,
 };
+use crate::problem::addressable;
 use crate::KernelError;
 
 /// Threads per cube of the unit-per-entry kernels.
@@ -94,6 +95,13 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
             )));
         }
         let (chunks, first, count) = chunk_tables((0..p.num_seqs()).map(|n| p.bounds(n)), chunk);
+        // The widest per-token buffers ([B·T, HV, K, V or C]) and the per-chunk states.
+        let widest = p.tokens() * p.v_heads * p.k_dim.max(p.v_dim).max(chunk);
+        addressable(widest, "a delta chunk buffer")?;
+        addressable(
+            count * p.v_heads * p.k_dim * p.v_dim,
+            "the delta chunk states",
+        )?;
         let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
         let chunks = client.create_from_slice(u32::as_bytes(&chunks));

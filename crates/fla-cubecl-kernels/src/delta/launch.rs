@@ -11,6 +11,7 @@ use crate::gated::recurrent_fwd::RecurrentLayout;
 use crate::gated::{
     array, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens, ELEMWISE_THREADS,
 };
+use crate::problem::addressable;
 use crate::KernelError;
 
 /// Device buffers of a forward call (layouts in the module docs). Inputs are in the problem's
@@ -188,12 +189,14 @@ pub fn delta_backward<R: Runtime>(
     // Partials: over value blocks per value head for dq/dk, [NV, tokens, HV, K]; per value
     // column for dβ/dg, [tokens, HV, V].
     let qk_part = tokens * p.v_heads * p.k_dim;
+    let max_spans = p.longest().div_ceil(c.span).max(1);
+    let ckpt_len = p.num_seqs() * p.v_heads * max_spans * p.k_dim * p.v_dim;
+    addressable(nv * qk_part, "the delta backward's partial dq/dk")?;
+    addressable(ckpt_len, "the delta backward's state checkpoints")?;
     let dq_part = client.empty(4 * nv * qk_part);
     let dk_part = client.empty(4 * nv * qk_part);
     let dbeta_part = client.empty(4 * vo);
     let dg_part = p.gated.then(|| client.empty(4 * vo));
-    let max_spans = p.longest().div_ceil(c.span).max(1);
-    let ckpt_len = p.num_seqs() * p.v_heads * max_spans * p.k_dim * p.v_dim;
     let checkpoints = client.empty(4 * ckpt_len.max(1));
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?

@@ -93,7 +93,7 @@ impl DeltaProblem {
     pub fn validate(&self) -> Result<(), KernelError> {
         crate::problem::validate(
             [self.batch, self.seq_len, self.heads, self.k_dim, self.v_dim],
-            crate::problem::MAX_HEAD_DIM,
+            crate::problem::MAX_VALUE_DIM,
             self.scale,
             self.cu_seqlens.as_deref(),
         )?;
@@ -103,6 +103,46 @@ impl DeltaProblem {
                 self.v_heads, self.heads
             )));
         }
+        // v, the output and the per-token decays' products run over the value heads HV, which
+        // may outnumber the query/key heads validated above.
+        crate::problem::addressable(
+            self.batch
+                .saturating_mul(self.seq_len)
+                .saturating_mul(self.v_heads)
+                .saturating_mul(self.k_dim.max(self.v_dim)),
+            "v or the output",
+        )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value heads are bounded on their own: with H = 1 the queries and keys are small, but
+    /// 32 value heads of V = 128 over 2^20 tokens are 2^32 elements, past 32-bit indices.
+    #[test]
+    fn value_heads_past_32_bit_indices_refused() {
+        let p = DeltaProblem {
+            batch: 1,
+            seq_len: 1 << 20,
+            heads: 1,
+            v_heads: 32,
+            k_dim: 128,
+            v_dim: 128,
+            gated: true,
+            scale: 1.0,
+            cu_seqlens: None,
+            has_initial_state: false,
+            output_final_state: false,
+            dtype: FloatDType::F32,
+        };
+        match p.validate() {
+            Err(KernelError::DeviceLimit(m)) => assert!(m.contains("v or the output"), "{m}"),
+            other => panic!("expected DeviceLimit, got {other:?}"),
+        }
+        let fits = DeltaProblem { v_heads: 16, ..p };
+        assert!(fits.validate().is_ok());
     }
 }

@@ -111,10 +111,4 @@ impl GatedProblem {
 
 pub use crate::problem::MAX_HEAD_DIM;
 
-/// Largest value head dim of the gated family. FLA's own configs need more than [`MAX_HEAD_DIM`]
-/// (GLA at 1.3B: `V = 512`). The recurrent kernels split `V` into blocks of value columns across
-/// cubes and the plain chunk kernels are elementwise over it; the tiled chunk path's `dq` pass
-/// holds a whole `V` row on chip, so wide values step it down to shorter chunks or the plain path
-/// (slower, not wrong), and the recurrent backward's partial `dq`/`dk` grow with `V / 32`. The
-/// tests cover `V = 520`; buffers past 32-bit indices are refused (`problem::addressable`).
-pub const MAX_VALUE_DIM: usize = 4096;
+pub use crate::problem::MAX_VALUE_DIM;

@@ -234,6 +234,16 @@ fn grouped_value_heads(
     on_runtime!(compare(&c, form));
 }
 
+/// Value heads wider than `MAX_HEAD_DIM` (FLA's 1.3B Gated DeltaNet has V = 512): each state
+/// column evolves on its own, and the kernels split the value axis across cubes, so V = 520 (a
+/// multiple of no value block) with grouped value heads must match the reference in both forms,
+/// across a chunk boundary, with both states and every gradient.
+#[rstest]
+fn wide_values(#[values(false, true)] gated: bool, #[values(Form::Recurrent, CHUNK)] form: Form) {
+    let c = case(gated, [1, 70, 1, 2, 32, 520], 1.0, true, FloatDType::F32);
+    on_runtime!(compare(&c, form));
+}
+
 #[rstest]
 fn gate_strength(
     #[values(0.1, 1.0, 10.0)] strength: f64,
