@@ -21,7 +21,8 @@ use crate::gated::recurrent_fwd::RecurrentLayout;
 use crate::gated::tiled_launch::tuning;
 use crate::gated::TiledLayout;
 use crate::gated::{
-    array, chunk_tables, elementwise_grid, need, upload_cu_seqlens, ELEMWISE_THREADS,
+    array, check_grid, chunk_tables, elementwise_grid, is_cpu_vulkan, need, upload_cu_seqlens,
+    CPU_VULKAN_MAX_ITERATIONS, ELEMWISE_THREADS,
 };
 use crate::problem::addressable;
 use crate::KernelError;
@@ -101,6 +102,14 @@ impl<'a, R: Runtime> DeltaChunkCall<'a, R> {
         addressable(
             count * p.v_heads * p.k_dim * p.v_dim,
             "the delta chunk states",
+        )?;
+        // Chunks on y and value heads on z (the per-chunk kernels), sequences times value heads
+        // on y (the state pass), chunks on x and sequences on z (the tile-product kernels).
+        let seqs = p.num_seqs();
+        check_grid(
+            client,
+            (count, count.max(seqs * p.v_heads), p.v_heads.max(seqs)),
+            "the delta chunk kernels",
         )?;
         let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
@@ -457,6 +466,17 @@ pub fn delta_chunk_backward<R: Runtime>(
     } else {
         None
     };
+    // The plain dβ/dg pass walks a chunk's tokens over K and V in one invocation, which lavapipe
+    // cuts off past its loop limit (a silent wrong answer): refused there.
+    let iterations = chunk.min(p.longest()) * (p.k_dim + p.v_dim) + p.v_dim;
+    if is_cpu_vulkan(client) && iterations > CPU_VULKAN_MAX_ITERATIONS {
+        return Err(KernelError::DeviceLimit(format!(
+            "the delta chunk backward at chunk {chunk}, K = {}, V = {} runs {iterations} loop \
+             iterations in one invocation, more than a CPU Vulkan driver (lavapipe) runs; use a \
+             smaller chunk, the recurrent form, or a GPU",
+            p.k_dim, p.v_dim
+        )));
+    }
     let call = DeltaChunkCall::new(client, p, chunk, b.g, false)?;
     // The tile-product tail takes the transposed solve and everything after it where it fits;
     // it reads the WY kernel's inverse `T`.

@@ -9,7 +9,8 @@ use super::recurrent::{
 use super::DeltaProblem;
 use crate::gated::recurrent_fwd::RecurrentLayout;
 use crate::gated::{
-    array, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens, ELEMWISE_THREADS,
+    array, check_grid, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens,
+    ELEMWISE_THREADS,
 };
 use crate::problem::addressable;
 use crate::KernelError;
@@ -125,13 +126,22 @@ fn checkpoint_span() -> Result<usize, KernelError> {
     }
 }
 
-fn grid(p: &DeltaProblem, c: &DeltaLayout) -> (CubeCount, CubeDim) {
+fn grid<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &DeltaProblem,
+    c: &DeltaLayout,
+) -> Result<(CubeCount, CubeDim), KernelError> {
+    check_grid(
+        client,
+        (p.v_dim.div_ceil(c.rec.block_v), p.num_seqs() * p.v_heads, 1),
+        "the delta recurrent kernels",
+    )?;
     let nv = p.v_dim.div_ceil(c.rec.block_v) as u32;
     let nh = (p.num_seqs() * p.v_heads) as u32;
-    (
+    Ok((
         CubeCount::Static(nv, nh, 1),
         CubeDim::new_2d(c.rec.block_v as u32, c.rec.k_split as u32),
-    )
+    ))
 }
 
 /// Launches the fused recurrent forward: writes `o` and, when asked, `ht`.
@@ -147,7 +157,7 @@ pub fn delta_forward<R: Runtime>(
         ));
     }
     let c = layout(client, p, false)?;
-    let (count, dim) = grid(p, &c);
+    let (count, dim) = grid(client, p, &c)?;
     let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let (qk, vo, sc) = p.lens();
@@ -180,7 +190,7 @@ pub fn delta_backward<R: Runtime>(
 ) -> Result<(), KernelError> {
     check(client, p, b.g, b.h0)?;
     let c = layout(client, p, true)?;
-    let (count, dim) = grid(p, &c);
+    let (count, dim) = grid(client, p, &c)?;
     let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let tokens = p.tokens();

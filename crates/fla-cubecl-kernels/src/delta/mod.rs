@@ -112,6 +112,14 @@ impl DeltaProblem {
                 .saturating_mul(self.k_dim.max(self.v_dim)),
             "v or the output",
         )?;
+        // The state [N, HV, K, V] outgrows them when sequences are short (decoding, T = 1).
+        crate::problem::addressable(
+            self.num_seqs()
+                .saturating_mul(self.v_heads)
+                .saturating_mul(self.k_dim)
+                .saturating_mul(self.v_dim),
+            "the state",
+        )?;
         Ok(())
     }
 }
@@ -144,5 +152,18 @@ mod tests {
         }
         let fits = DeltaProblem { v_heads: 16, ..p };
         assert!(fits.validate().is_ok());
+        // Decoding (T = 1) with wide values: v is 2^28 elements, the state [N, HV, K, V] 2^36.
+        let decode = DeltaProblem {
+            batch: 1 << 12,
+            seq_len: 1,
+            v_heads: 16,
+            k_dim: 256,
+            v_dim: 4096,
+            ..fits
+        };
+        match decode.validate() {
+            Err(KernelError::DeviceLimit(m)) => assert!(m.contains("the state"), "{m}"),
+            other => panic!("expected DeviceLimit, got {other:?}"),
+        }
     }
 }

@@ -161,6 +161,28 @@ fn grid(p: &GatedProblem, block_v: usize, k_split: usize) -> (CubeCount, CubeDim
     )
 }
 
+/// Refuses a grid whose axes pass the device's cube-count limits (CUDA allows 65535 cubes on y
+/// and z, wgpu on every axis): such a launch fails or leaves its outputs unwritten. The axes that
+/// grow are the batch (sequences times heads) and the number of chunks.
+pub(crate) fn check_grid<R: Runtime>(
+    client: &ComputeClient<R>,
+    (x, y, z): (usize, usize, usize),
+    what: &str,
+) -> Result<(), KernelError> {
+    let (mx, my, mz) = client.properties().hardware.max_cube_count;
+    if x > mx as usize || y > my as usize || z > mz as usize {
+        return Err(KernelError::DeviceLimit(format!(
+            "{what} needs a grid of ({x}, {y}, {z}) cubes, past this device's ({mx}, {my}, {mz}); \
+             split the batch"
+        )));
+    }
+    Ok(())
+}
+
+/// Loop iterations one shader invocation may run on a CPU Vulkan driver (lavapipe), which cuts an
+/// invocation off after about 65536 (see [`check_loop_limit`]), with a margin.
+pub(crate) const CPU_VULKAN_MAX_ITERATIONS: usize = 60_000;
+
 /// Longest sequence a kernel invocation may walk on a CPU Vulkan driver (lavapipe).
 pub const CPU_VULKAN_MAX_SEQ: usize = 8192;
 
@@ -248,6 +270,11 @@ pub fn recurrent_forward<R: Runtime>(
     check_forward(client, p, &b)?;
     let (block_v, k_split) = tiles(client, p, false)?;
     let c = layout(p, block_v, k_split);
+    check_grid(
+        client,
+        (p.v_dim.div_ceil(block_v), p.num_seqs() * p.heads, 1),
+        "the gated recurrent kernels",
+    )?;
     let (count, dim) = grid(p, block_v, k_split);
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
@@ -283,6 +310,11 @@ pub fn recurrent_backward<R: Runtime>(
     check_common(client, p, b.g, b.gv, b.h0)?;
     let (block_v, k_split) = tiles(client, p, true)?;
     let c = layout(p, block_v, k_split);
+    check_grid(
+        client,
+        (p.v_dim.div_ceil(block_v), p.num_seqs() * p.heads, 1),
+        "the gated recurrent kernels",
+    )?;
     let (count, dim) = grid(p, block_v, k_split);
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));

@@ -18,8 +18,8 @@ pub(crate) mod tiled;
 pub(crate) mod tiled_launch;
 
 pub(crate) use launch::{
-    array, check_loop_limit, chunk_tables, elementwise_grid, need, tiles_for, upload_cu_seqlens,
-    ELEMWISE_THREADS,
+    array, check_grid, check_loop_limit, chunk_tables, elementwise_grid, need, tiles_for,
+    upload_cu_seqlens, CPU_VULKAN_MAX_ITERATIONS, ELEMWISE_THREADS,
 };
 pub use launch::{
     chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
@@ -105,6 +105,14 @@ impl GatedProblem {
             MAX_VALUE_DIM,
             self.scale,
             self.cu_seqlens.as_deref(),
+        )?;
+        // The state [N, H, K, V] outgrows q/k/v when sequences are short (decoding, T = 1).
+        crate::problem::addressable(
+            self.num_seqs()
+                .saturating_mul(self.heads)
+                .saturating_mul(self.k_dim)
+                .saturating_mul(self.v_dim),
+            "the state",
         )
     }
 }

@@ -433,6 +433,58 @@ fn t65536_stable_or_refused(
     on_runtime!(refused_on_cpu_vulkan(&c, form));
 }
 
+/// More sequences times value heads than a grid axis holds (65535 on CUDA's y axis and on every
+/// wgpu axis): a `DeviceLimit` on every runtime, not a failed launch or unwritten outputs.
+#[rstest]
+fn grid_past_the_device_limit_refused(#[values(Form::Recurrent, CHUNK)] form: Form) {
+    let c = case(
+        false,
+        [70_000, 1, 1, 1, 16, 16],
+        1.0,
+        false,
+        FloatDType::F32,
+    );
+    on_runtime!(expect_device_limit(&c, "grid", form));
+}
+
+/// The chunk backward's dβ/dg pass walks a whole chunk over K + V in one invocation: at V = 900
+/// that passes lavapipe's loop limit, so there it is refused; a GPU runs it against the reference.
+#[test]
+fn wide_values_chunk_backward_within_the_cpu_loop_limit() {
+    let c = case(true, [1, 70, 1, 1, 32, 900], 1.0, true, FloatDType::F32);
+    on_runtime!(compare_or_refused_on_cpu_vulkan(&c, CHUNK));
+}
+
+fn compare_or_refused_on_cpu_vulkan<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &DeltaCase,
+    form: Form,
+) {
+    if is_cpu_vulkan(client) {
+        expect_device_limit(client, c, "loop iterations", form);
+    } else {
+        compare(client, c, form);
+    }
+}
+
+fn expect_device_limit<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &DeltaCase,
+    what: &str,
+    form: Form,
+) {
+    match run_kernels(client, c, form) {
+        Err(KernelError::DeviceLimit(msg)) => {
+            assert!(
+                msg.contains(what),
+                "error {msg:?} does not mention {what:?}"
+            )
+        }
+        Err(other) => panic!("expected DeviceLimit({what}), got {other}"),
+        Ok(_) => panic!("a problem past the device's limits was accepted: {what}"),
+    }
+}
+
 fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {
     let result = run_kernels(client, c, form);
     if is_cpu_vulkan(client) {
