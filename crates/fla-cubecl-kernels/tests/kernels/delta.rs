@@ -244,6 +244,26 @@ fn wide_values(#[values(false, true)] gated: bool, #[values(Form::Recurrent, CHU
     on_runtime!(compare(&c, form));
 }
 
+/// V-wide tiles of the tile-product chunk kernels (`vp` past 256): at chunk 32, K = 128,
+/// V = 320 their shared memory fits a GPU's (an H200's 227 KB), so there the WY kernel, the walk
+/// and the backward's tiled passes run with them; lavapipe's smaller shared memory sends the call
+/// to the plain kernels, which must agree as well.
+#[rstest]
+fn wide_values_on_tiles(#[values(false, true)] gated: bool) {
+    let c = case(gated, [1, 70, 1, 2, 128, 320], 1.0, true, FloatDType::F32);
+    on_runtime!(compare_wide_on_tiles(&c));
+}
+
+fn compare_wide_on_tiles<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
+    if !is_cpu_vulkan(client) {
+        assert!(
+            delta_takes_tiles(client, &c.p, 32),
+            "on a GPU, chunk 32 at V = 320 must take the tile-product path"
+        );
+    }
+    compare(client, c, Form::Chunk(32));
+}
+
 #[rstest]
 fn gate_strength(
     #[values(0.1, 1.0, 10.0)] strength: f64,
