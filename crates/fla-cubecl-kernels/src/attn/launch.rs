@@ -9,7 +9,8 @@ use super::kernels::{
 };
 use super::AttnProblem;
 use crate::gated::{
-    array, elementwise_grid, has_cmma, is_cpu_vulkan, upload_cu_seqlens, ELEMWISE_THREADS,
+    array, check_grid, elementwise_grid, has_cmma, is_cpu_vulkan, upload_cu_seqlens,
+    ELEMWISE_THREADS,
 };
 use crate::tile::{TileConfig, FRAG, PLANE};
 use crate::KernelError;
@@ -139,6 +140,8 @@ fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(),
             p.longest()
         )));
     }
+    // Query or key blocks on x, heads on y, sequences on z.
+    check_grid(client, (1, p.heads, p.num_seqs()), "the attention kernels")?;
     Ok(())
 }
 

@@ -226,6 +226,13 @@ fn check_common<R: Runtime>(
     p.validate()?;
     p.dtype.check_supported(client)?;
     check_loop_limit(client, p.longest())?;
+    // Sequences times heads on y (the recurrent kernels, the chunk state pass), sequences on z
+    // (the tile kernels); the chunk count is checked where it is known.
+    check_grid(
+        client,
+        (1, p.num_seqs() * p.heads, p.num_seqs()),
+        "the gated kernels",
+    )?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",
@@ -270,11 +277,6 @@ pub fn recurrent_forward<R: Runtime>(
     check_forward(client, p, &b)?;
     let (block_v, k_split) = tiles(client, p, false)?;
     let c = layout(p, block_v, k_split);
-    check_grid(
-        client,
-        (p.v_dim.div_ceil(block_v), p.num_seqs() * p.heads, 1),
-        "the gated recurrent kernels",
-    )?;
     let (count, dim) = grid(p, block_v, k_split);
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
@@ -310,11 +312,6 @@ pub fn recurrent_backward<R: Runtime>(
     check_common(client, p, b.g, b.gv, b.h0)?;
     let (block_v, k_split) = tiles(client, p, true)?;
     let c = layout(p, block_v, k_split);
-    check_grid(
-        client,
-        (p.v_dim.div_ceil(block_v), p.num_seqs() * p.heads, 1),
-        "the gated recurrent kernels",
-    )?;
     let (count, dim) = grid(p, block_v, k_split);
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
@@ -568,6 +565,7 @@ impl<'a, R: Runtime> ChunkCall<'a, R> {
         let c = chunk_layout(client, p, chunk)?;
         let (chunks, first, count) = chunk_tables((0..p.num_seqs()).map(|n| p.bounds(n)), chunk);
         crate::problem::addressable(count * p.heads * p.k_dim * p.v_dim, "the per-chunk states")?;
+        check_grid(client, (1, count, p.heads), "the gated chunk kernels")?;
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
         let mut call = Self {

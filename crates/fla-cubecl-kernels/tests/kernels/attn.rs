@@ -255,3 +255,19 @@ fn bad_problems(
         .expect_err("refused");
     assert!(err.to_string().contains(needle), "{err}");
 }
+
+/// More sequences than a grid axis holds (65535 on CUDA's z axis and on every wgpu axis): a
+/// `DeviceLimit` on every runtime, not a failed launch or unwritten outputs.
+#[test]
+fn grid_past_the_device_limit_refused() {
+    let c = case([70_000, 1, 1, 1, 1, 16, 16], FULL, FloatDType::F32);
+    on_runtime!(expect_grid_refused(&c));
+}
+
+fn expect_grid_refused<R: Runtime>(client: &ComputeClient<R>, c: &AttnCase) {
+    match run_kernels(client, c) {
+        Err(KernelError::DeviceLimit(msg)) => assert!(msg.contains("grid"), "{msg}"),
+        Err(other) => panic!("expected DeviceLimit(grid), got {other}"),
+        Ok(_) => panic!("a grid past the device's limits was accepted"),
+    }
+}

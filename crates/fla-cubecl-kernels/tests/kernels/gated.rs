@@ -361,6 +361,34 @@ fn half_or_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) 
     }
 }
 
+/// More sequences (times heads) than a grid axis holds (65535 on CUDA's y and z axes and on
+/// every wgpu axis): a `DeviceLimit` on every runtime, not a failed launch or unwritten outputs.
+#[rstest]
+fn grid_past_the_device_limit_refused(#[values(Mode::Recurrent, CHUNK)] mode: Mode) {
+    let c = make_case(
+        Variant::SimpleGla,
+        70_000,
+        1,
+        1,
+        16,
+        16,
+        1.0,
+        false,
+        None,
+        false,
+        FloatDType::F32,
+    );
+    on_runtime!(expect_grid_refused(&c, mode));
+}
+
+fn expect_grid_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
+    match run_kernels(client, c, mode) {
+        Err(KernelError::DeviceLimit(msg)) => assert!(msg.contains("grid"), "{msg}"),
+        Err(other) => panic!("expected DeviceLimit(grid), got {other}"),
+        Ok(_) => panic!("a grid past the device's limits was accepted"),
+    }
+}
+
 fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
     expect_invalid_mode(client, c, what, Mode::Recurrent)
 }
