@@ -6,16 +6,17 @@
 # `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048 in bf16,
 # ours (`fla-train --precision bf16`) then FLA's (benches/fla_train.py: the same architecture from
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
+# `train_gpu.sh fla`: FLA's side of `340m` alone, given the whole call, saving Triton's cache.
 # `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
 # (the first step did not end within 200 s on an H200; fla-train ends at a step's end on SIGTERM,
 # so the timeout's SIGKILL, 30 s later, is what stops a step that has not; measured again on an
 # H200: no step within 300 s, step-0 validation loss 10.52 by then), then
-# (measured 2026-12-03, H200, `340m` from the cache a 280 s `warm` left: first step 172 s, then
-# 23,500 tokens/s per step (0.70 s), loss 10.52 -> 4.98 in 4 steps, 48 GiB in use; FLA's script
-# printed no step within 285 s, in three calls),
 # $OUT/cubecl-cache.tar.xz holds
 # CubeCL's caches (autotune results, compiled PTX): copy it to .cubecl-cache.tar.xz here and carry
 # it with the next call, which starts from it.
+# Measured 2026-12-03 on an H200, ours in a call started from the cache a 280 s `warm` left: first
+# step 172 s, then 23,500 tokens/s per step (0.70 s), loss 10.52 -> 4.98 in 4 steps, 48 GiB in
+# use; FLA's script printed no step within 285 s, in three calls (hence `fla`).
 set -x
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 # fla-train caches under ~/.cache/cubecl when run outside a Cargo project (as from /tmp here).
@@ -23,7 +24,19 @@ bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
 BATCH=${BATCH:-8} STEPS=${STEPS:-6}
+# Triton's cache from an earlier `fla` call, if carried (FLA's first steps are its compiles).
+[ -f .triton-cache.tar.xz ] && mkdir -p ~/.triton && tar -C ~/.triton -xJf .triton-cache.tar.xz
 case "$1" in
+fla)
+  # FLA's side alone, with the whole call (its first step did not end within 285 s of a fresh
+  # machine), leaving $OUT/triton-cache.tar.xz: copy it to .triton-cache.tar.xz here and carry
+  # it with the `340m` call, whose FLA side then starts from it.
+  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+  PYTHONPATH=/tmp/site timeout ${FLA_S:-520} python3 -u benches/fla_train.py --hidden 1024 --layers 24 \
+    --heads 4 --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -12
+  tar -C ~/.triton -cf - cache | xz -T0 -6 > $OUT/triton-cache.tar.xz
+  ls -la $OUT/triton-cache.tar.xz
+  ;;
 tiny)
   (cd /tmp && $R/bin-fla-train --backend cuda --precision bf16 --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
   ;;
