@@ -258,7 +258,7 @@ pub fn delta_backward<R: Runtime>(
             part_len as u32,
             inner as u32,
             group as u32,
-            blocks,
+            blocks as u32,
             p.dtype.storage(),
         );
     };

@@ -534,7 +534,9 @@ pub fn group_sum_kernel<F: Float>(
     part_len: u32,
     inner: u32,
     group: u32,
-    #[comptime] blocks: usize,
+    // At run time, not unrolled: the value blocks grow with V (128 at V = 4096), and one kernel
+    // per V would be compiled and carried for nothing.
+    blocks: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let e = linear_unit();
@@ -544,8 +546,7 @@ pub fn group_sum_kernel<F: Float>(
         let i = e % inner;
         let group = group as usize;
         let mut acc = 0.0f32;
-        #[unroll]
-        for b in 0..blocks {
+        for b in 0..blocks as usize {
             for m in 0..group {
                 acc += part[b * part_len as usize + (outer * group + m) * inner + i];
             }
