@@ -47,6 +47,12 @@ pub fn longest(batch: usize, seq_len: usize, cu_seqlens: Option<&[usize]>) -> us
     }
 }
 
+/// Elements of a buffer of these dimensions, saturating: a product past `usize` is refused by
+/// [`addressable`] like any other past 32 bits.
+pub fn elements(dims: &[usize]) -> usize {
+    dims.iter().fold(1, |n, &d| n.saturating_mul(d))
+}
+
 /// Kernels index with 32-bit integers: a buffer of more elements would wrap silently, so it is
 /// refused before anything is allocated.
 pub fn addressable(len: usize, what: &str) -> Result<(), KernelError> {
@@ -88,11 +94,10 @@ pub fn validate(
         ));
     }
     // q and k are [B·T, H, K], v (or the output) [B·T, H, V].
-    let widest = batch
-        .saturating_mul(seq_len)
-        .saturating_mul(heads)
-        .saturating_mul(k_dim.max(v_dim));
-    addressable(widest, "q, k or v")?;
+    addressable(
+        elements(&[batch, seq_len, heads, k_dim.max(v_dim)]),
+        "q, k or v",
+    )?;
     if !scale.is_finite() {
         return bad(format!("scale {scale} is not finite"));
     }

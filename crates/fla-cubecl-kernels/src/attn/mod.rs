@@ -69,10 +69,12 @@ impl AttnProblem {
         }
         // k and v are [B·T_k, HK, K or V]: T_k is not the query length validated above.
         problem::addressable(
-            self.batch
-                .saturating_mul(self.kv_len)
-                .saturating_mul(self.kv_heads)
-                .saturating_mul(self.k_dim.max(self.v_dim)),
+            problem::elements(&[
+                self.batch,
+                self.kv_len,
+                self.kv_heads,
+                self.k_dim.max(self.v_dim),
+            ]),
             "k or v",
         )?;
         if !self.heads.is_multiple_of(self.kv_heads) {

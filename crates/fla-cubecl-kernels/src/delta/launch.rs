@@ -131,15 +131,11 @@ fn grid<R: Runtime>(
     p: &DeltaProblem,
     c: &DeltaLayout,
 ) -> Result<(CubeCount, CubeDim), KernelError> {
-    check_grid(
-        client,
-        (p.v_dim.div_ceil(c.rec.block_v), p.num_seqs() * p.v_heads, 1),
-        "the delta recurrent kernels",
-    )?;
-    let nv = p.v_dim.div_ceil(c.rec.block_v) as u32;
-    let nh = (p.num_seqs() * p.v_heads) as u32;
+    let nv = p.v_dim.div_ceil(c.rec.block_v);
+    let nh = p.num_seqs() * p.v_heads;
+    check_grid(client, (nv, nh, 1), "the delta recurrent kernels")?;
     Ok((
-        CubeCount::Static(nv, nh, 1),
+        CubeCount::Static(nv as u32, nh as u32, 1),
         CubeDim::new_2d(c.rec.block_v as u32, c.rec.k_split as u32),
     ))
 }

@@ -23,6 +23,7 @@ pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwa
 pub use recurrent::CHECKPOINT_EVERY;
 pub use tiled::{delta_chunk_on_tensor_cores, delta_takes_tiles};
 
+use crate::problem::{addressable, elements};
 use crate::{FloatDType, KernelError};
 
 /// The shape and options of one delta-rule call, shared by the kernels and the naive reference.
@@ -105,19 +106,18 @@ impl DeltaProblem {
         }
         // v, the output and the per-token decays' products run over the value heads HV, which
         // may outnumber the query/key heads validated above.
-        crate::problem::addressable(
-            self.batch
-                .saturating_mul(self.seq_len)
-                .saturating_mul(self.v_heads)
-                .saturating_mul(self.k_dim.max(self.v_dim)),
+        addressable(
+            elements(&[
+                self.batch,
+                self.seq_len,
+                self.v_heads,
+                self.k_dim.max(self.v_dim),
+            ]),
             "v or the output",
         )?;
         // The state [N, HV, K, V] outgrows them when sequences are short (decoding, T = 1).
-        crate::problem::addressable(
-            self.num_seqs()
-                .saturating_mul(self.v_heads)
-                .saturating_mul(self.k_dim)
-                .saturating_mul(self.v_dim),
+        addressable(
+            elements(&[self.num_seqs(), self.v_heads, self.k_dim, self.v_dim]),
             "the state",
         )?;
         Ok(())

@@ -108,10 +108,7 @@ impl GatedProblem {
         )?;
         // The state [N, H, K, V] outgrows q/k/v when sequences are short (decoding, T = 1).
         crate::problem::addressable(
-            self.num_seqs()
-                .saturating_mul(self.heads)
-                .saturating_mul(self.k_dim)
-                .saturating_mul(self.v_dim),
+            crate::problem::elements(&[self.num_seqs(), self.heads, self.k_dim, self.v_dim]),
             "the state",
         )
     }

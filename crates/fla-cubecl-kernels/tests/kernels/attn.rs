@@ -15,7 +15,7 @@ use fla_cubecl_kernels::testing::{decode, encode, AttnCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-use crate::common::{base_dtype, check, runtime_name, tolerance};
+use crate::common::{assert_refused, base_dtype, check, runtime_name, tolerance, Refusal};
 
 /// `[B, T_q, T_k, H, HK, K, V]`.
 type Dims = [usize; 7];
@@ -265,9 +265,5 @@ fn grid_past_the_device_limit_refused() {
 }
 
 fn expect_grid_refused<R: Runtime>(client: &ComputeClient<R>, c: &AttnCase) {
-    match run_kernels(client, c) {
-        Err(KernelError::DeviceLimit(msg)) => assert!(msg.contains("grid"), "{msg}"),
-        Err(other) => panic!("expected DeviceLimit(grid), got {other}"),
-        Ok(_) => panic!("a grid past the device's limits was accepted"),
-    }
+    assert_refused(run_kernels(client, c), Refusal::DeviceLimit, "grid");
 }

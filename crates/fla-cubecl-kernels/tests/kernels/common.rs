@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use fla_cubecl_kernels::testing::rel_rmse;
-use fla_cubecl_kernels::FloatDType;
+use fla_cubecl_kernels::{FloatDType, KernelError};
 
 /// Relative-RMSE bound per dtype, against the f64 recurrence on the same (rounded) inputs.
 pub fn tolerance(dtype: FloatDType) -> f64 {
@@ -13,6 +13,28 @@ pub fn tolerance(dtype: FloatDType) -> f64 {
         FloatDType::F32 => 1e-5,
         FloatDType::F16 | FloatDType::BF16 => 1e-2,
     }
+}
+
+/// The error a refused call must return.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    InvalidProblem,
+    DeviceLimit,
+}
+
+/// Asserts that a call was refused with the `expected` kind of error, and that its message
+/// mentions `what`.
+pub fn assert_refused<T>(result: Result<T, KernelError>, expected: Refusal, what: &str) {
+    let msg = match (expected, result) {
+        (Refusal::InvalidProblem, Err(KernelError::InvalidProblem(msg)))
+        | (Refusal::DeviceLimit, Err(KernelError::DeviceLimit(msg))) => msg,
+        (_, Err(other)) => panic!("expected {expected:?}({what}), got {other}"),
+        (_, Ok(_)) => panic!("a call that must be refused was accepted: {what}"),
+    };
+    assert!(
+        msg.contains(what),
+        "error {msg:?} does not mention {what:?}"
+    );
 }
 
 pub fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {

@@ -16,7 +16,7 @@ use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, DeltaCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-use crate::common::{check, runtime_name, tolerance};
+use crate::common::{assert_refused, check, runtime_name, tolerance, Refusal};
 
 /// `[B, T, H, HV, K, V]`.
 type Dims = [usize; 6];
@@ -381,16 +381,7 @@ fn half_error_bounded<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form
 }
 
 fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, what: &str, form: Form) {
-    match run_kernels(client, c, form) {
-        Err(KernelError::InvalidProblem(msg)) => {
-            assert!(
-                msg.contains(what),
-                "error {msg:?} does not mention {what:?}"
-            )
-        }
-        Err(other) => panic!("expected InvalidProblem({what}), got {other}"),
-        Ok(_) => panic!("invalid problem accepted: {what}"),
-    }
+    assert_refused(run_kernels(client, c, form), Refusal::InvalidProblem, what);
 }
 
 #[rstest]
@@ -493,16 +484,7 @@ fn expect_device_limit<R: Runtime>(
     what: &str,
     form: Form,
 ) {
-    match run_kernels(client, c, form) {
-        Err(KernelError::DeviceLimit(msg)) => {
-            assert!(
-                msg.contains(what),
-                "error {msg:?} does not mention {what:?}"
-            )
-        }
-        Err(other) => panic!("expected DeviceLimit({what}), got {other}"),
-        Ok(_) => panic!("a problem past the device's limits was accepted: {what}"),
-    }
+    assert_refused(run_kernels(client, c, form), Refusal::DeviceLimit, what);
 }
 
 fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, form: Form) {

@@ -15,7 +15,7 @@ use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-use crate::common::{check, runtime_name, tolerance};
+use crate::common::{assert_refused, check, runtime_name, tolerance, Refusal};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
@@ -382,11 +382,7 @@ fn grid_past_the_device_limit_refused(#[values(Mode::Recurrent, CHUNK)] mode: Mo
 }
 
 fn expect_grid_refused<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: Mode) {
-    match run_kernels(client, c, mode) {
-        Err(KernelError::DeviceLimit(msg)) => assert!(msg.contains("grid"), "{msg}"),
-        Err(other) => panic!("expected DeviceLimit(grid), got {other}"),
-        Ok(_) => panic!("a grid past the device's limits was accepted"),
-    }
+    assert_refused(run_kernels(client, c, mode), Refusal::DeviceLimit, "grid");
 }
 
 fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
@@ -394,16 +390,7 @@ fn expect_invalid<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str) {
 }
 
 fn expect_invalid_mode<R: Runtime>(client: &ComputeClient<R>, c: &Case, what: &str, mode: Mode) {
-    match run_kernels(client, c, mode) {
-        Err(KernelError::InvalidProblem(msg)) => {
-            assert!(
-                msg.contains(what),
-                "error {msg:?} does not mention {what:?}"
-            )
-        }
-        Err(other) => panic!("expected InvalidProblem({what}), got {other}"),
-        Ok(_) => panic!("invalid problem accepted: {what}"),
-    }
+    assert_refused(run_kernels(client, c, mode), Refusal::InvalidProblem, what);
 }
 
 #[rstest]
