@@ -9,17 +9,22 @@
 //!   cargo run -p training --bin fla-train -- bpe --vocab-size 1024 --out runs/tokenizer.json
 //!   cargo run -p training --bin fla-train -- --tokenizer runs/tokenizer.json
 //!
-//! An AdamW loop with linear warmup then cosine decay, per-tensor gradient clipping and gradient
-//! accumulation; checkpoints every `--checkpoint-every` steps and `--resume` from
-//! the newest one (bit-exact on the same backend); Ctrl-C ends the run after the step in flight
-//! with a checkpoint; at the end the model is written in FLA's format
-//! (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and FLA.
-//! Metrics (loss, validation perplexity, learning rate, tokens/s) go to a CSV and an SVG plot.
-//! burn-train's learner is not used yet; `fla-eval` evaluates the saved model.
+//! Training runs on burn-train's learner: AdamW with linear warmup then cosine decay, per-tensor
+//! gradient clipping and gradient accumulation, its metrics (loss, perplexity, learning rate,
+//! tokens/s) logged under the run folder and shown in its terminal UI when stdout is a terminal,
+//! and its checkpointer: checkpoints every `--checkpoint-every` steps and `--resume` from the
+//! newest one (bit-exact on the same backend); Ctrl-C ends the run after the step in flight with a
+//! checkpoint (see [`crate::strategy`] for the loop). At the end the model is written in FLA's
+//! format (`runs/<model>-tiny/model/`: config.json + model.safetensors) for `fla-generate` and
+//! FLA; a metrics CSV and PNG/SVG loss curves beside it; `fla-eval` evaluates the saved model.
 
-use crate::{checkpoint, plot};
+use crate::checkpoint::{AtomicRecorder, Checkpoints, KeepRecent};
+use crate::learner::{Failure, PlainRenderer, StatMetric, Trainee, WarmupCosine, Windows};
+use crate::plot;
+use crate::strategy::{Plan, StepLoop};
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::data::{self, Corpus};
@@ -27,9 +32,10 @@ use crate::tokenizer::Tokenizer;
 use burn::backend::Autodiff;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::train::metric::LearningRateMetric;
+use burn::train::{Interrupter, Learner, SupervisedTraining, TrainingStrategy};
 use clap::{Parser, Subcommand};
 use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend};
 use fla_models::checkpoint::Pretrained;
@@ -142,10 +148,11 @@ struct Args {
     /// `fla_burn::device::configure_cubecl`): a second run on the same machine starts in seconds.
     #[arg(long, default_value = "minimal")]
     autotune: String,
-    /// Checkpoint folder (model, optimizer, loop state per checkpoint); default
-    /// runs/<model>-tiny/checkpoints.
+    /// The run's folder (default runs/<model>-tiny): burn-train's checkpoints (`checkpoint/`:
+    /// model, optimizer, schedule and loop state per step) and metric logs (`train/`, `valid/`,
+    /// per evaluation window), and by default the metrics CSV, its plots and the exported model.
     #[arg(long)]
-    checkpoints: Option<std::path::PathBuf>,
+    run_dir: Option<std::path::PathBuf>,
     /// Save a checkpoint every this many steps (and at the end); 0: only at the end.
     #[arg(long, default_value_t = 50)]
     checkpoint_every: usize,
@@ -153,7 +160,7 @@ struct Args {
     /// default runs/<model>-tiny/model.
     #[arg(long)]
     export: Option<std::path::PathBuf>,
-    /// Continue from the newest checkpoint in `--checkpoints` up to `--steps`.
+    /// Continue from the newest checkpoint in the run folder up to `--steps`.
     #[arg(long)]
     resume: bool,
     /// f32 (default) or bf16 (CUDA): parameters, activations and optimizer state in that type, the
@@ -168,56 +175,16 @@ struct Args {
     stop_at: Option<usize>,
 }
 
-/// Linear warmup to `--lr`, then a cosine to `--min-lr-ratio · lr` at the last step. A function
-/// of the step alone, so a resumed run takes the same rates as an uninterrupted one.
-fn learning_rate(args: &Args, step: usize) -> f64 {
-    let warmup = args.warmup.max(1);
-    if step <= warmup {
-        return args.lr * step as f64 / warmup as f64;
+/// The schedule `args` asks for (stepped by burn-train's learner).
+fn schedule(args: &Args) -> WarmupCosine {
+    WarmupCosine {
+        peak: args.lr,
+        warmup: args.warmup,
+        steps: args.steps,
+        min_ratio: args.min_lr_ratio,
+        grad_accum: args.grad_accum,
+        micro: 0,
     }
-    let span = args.steps.saturating_sub(warmup).max(1) as f64;
-    let progress = ((step - warmup) as f64 / span).min(1.0);
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
-}
-
-/// A one-element tensor's value, read in the tensor's own dtype: the loss is f32 even where the
-/// backend's float type is bf16, and `into_scalar` would round it to bf16.
-fn scalar<B: burn::tensor::backend::Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
-}
-
-/// Set by Ctrl-C (SIGINT) or SIGTERM: the loop finishes its step, saves a checkpoint and the
-/// model, and stops; `--resume` continues.
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// SplitMix64: seeded batch sampling without another dependency.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
-/// Random windows of `len + 1` tokens from `data`, as `[batch, len + 1]` token ids.
-fn batch<B: AutodiffBackend>(
-    data: &[u32],
-    rng: &mut Rng,
-    rows: usize,
-    len: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = (0..rows)
-        .flat_map(|_| {
-            let start = rng.below(data.len() - len - 1);
-            data[start..start + len + 1].iter().map(|&t| t as i64)
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(ids, [rows, len + 1]), device)
 }
 
 /// What the loop needs of a backend: every op family, with and without autodiff.
@@ -372,10 +339,11 @@ where
     Ok((model, config))
 }
 
-/// The tokenised training text and its tokeniser.
+/// The tokenised training text, its tokeniser, and the interrupter Ctrl-C stops.
 struct Text {
     tokenizer: Tokenizer,
     corpus: Corpus,
+    interrupter: Interrupter,
 }
 
 fn train<B, M>(
@@ -388,60 +356,56 @@ where
     B: AutodiffBackend,
     ForCausalLM<B, M>: Pretrained<B>,
     PretrainedConfig<B, M>: Default,
-    M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
+    M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
     let device = B::Device::default();
     // Parameter initialisation draws from the backend's generator: seeded, a run is repeatable
     // (and a resumed one can match an uninterrupted one).
     B::seed(&device, args.seed);
-    let (train_data, valid_data) = (&text.corpus.train[..], &text.corpus.valid[..]);
-    let run_dir = std::path::PathBuf::from(format!("runs/{}-tiny", args.model));
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| format!("runs/{}-tiny", args.model).into());
     let metrics = args
         .metrics
         .clone()
         .unwrap_or_else(|| run_dir.join("metrics.csv").display().to_string());
-    let checkpoints = args
-        .checkpoints
-        .clone()
-        .unwrap_or_else(|| run_dir.join("checkpoints"));
-    let (mut model, config) = match &args.config {
+    let files = Checkpoints::new(run_dir.join("checkpoint"));
+    let (model, config) = match &args.config {
         Some(path) => from_config::<B, M>(path, text.tokenizer.vocab_size(), &device)?,
         None => build(&device)?,
     };
     if args.grad_accum == 0 {
         return Err("--grad-accum must be at least 1".into());
     }
+    if args.eval_every == 0 {
+        return Err("--eval-every must be at least 1".into());
+    }
+    let num_params = model.num_params();
+    let failure = Failure::default();
     let clipping =
         (args.clip_grad_norm > 0.0).then_some(GradientClippingConfig::Norm(args.clip_grad_norm));
-    let mut optim = AdamWConfig::new()
+    let optim = AdamWConfig::new()
         .with_weight_decay(0.01)
         .with_grad_clipping(clipping)
         .init();
+    let trainee = Trainee::new(model, args.grad_accum, failure.clone());
+    let mut learner = Learner::new(trainee, optim, schedule(args));
+    // Read here rather than through burn-train's `checkpoint(epoch)`, which panics on a file it
+    // cannot read: a missing or corrupt checkpoint is an error that names it.
     let resumed = if args.resume {
-        let path = checkpoint::latest(&checkpoints)?
-            .ok_or_else(|| format!("--resume: no checkpoint in {}", checkpoints.display()))?;
-        let (m, o, state) = checkpoint::load(&path, model, optim, &device)?;
-        (model, optim) = (m, o);
-        println!("resumed from {} (step {})", path.display(), state.step);
+        let step = files
+            .latest()?
+            .ok_or_else(|| format!("--resume: no checkpoint in {}", files.dir.display()))?;
+        let state = files.state(step)?;
+        learner.load_model(files.load::<B, _>("model", step, &device)?);
+        learner.load_optim(files.load::<B, _>("optim", step, &device)?);
+        learner.load_scheduler(files.load::<B, _>("scheduler", step, &device)?);
+        println!("resumed from {} (step {step})", files.dir.display());
         Some(state)
     } else {
         None
-    };
-    // A fixed validation set: the same windows at every evaluation.
-    let valid: Vec<_> = {
-        let mut rng = Rng(args.seed ^ 0xDEAD_BEEF);
-        (0..4)
-            .map(|_| batch::<B>(valid_data, &mut rng, args.batch, args.seq_len, &device))
-            .collect()
-    };
-    let evaluate = |m: &ForCausalLM<B, M>| -> Result<f64, FlaError> {
-        let m = m.valid();
-        let mut total = 0.0;
-        for b in &valid {
-            total += scalar(m.loss(b.clone().inner())?);
-        }
-        Ok(total / valid.len() as f64)
     };
     if let Some(dir) = std::path::Path::new(&metrics).parent() {
         std::fs::create_dir_all(dir)?;
@@ -468,119 +432,111 @@ where
         "step,train_loss,valid_loss,learning_rate,valid_perplexity,tokens_per_s"
     )?;
     csv.write_all(kept.as_bytes())?;
-    let start_valid = match &resumed {
-        Some(state) => state.start_valid,
-        None => evaluate(&model)?,
-    };
+    // burn-train's interactive UI owns a terminal; elsewhere the loop prints its own lines.
+    let print = !std::io::stdout().is_terminal();
     let shape = serde_json::to_value(&config)?;
     let field = |name: &str| shape.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
     println!(
-        "{family} {} layers, hidden {}, {} parameters; {} training tokens ({} ids)",
+        "{family} {} layers, hidden {}, {num_params} parameters; {} training tokens ({} ids)",
         field("num_hidden_layers"),
         field("hidden_size"),
-        model.num_params(),
-        train_data.len(),
+        text.corpus.train.len(),
         text.tokenizer.vocab_size()
     );
-    let (first_step, mut rng, mut last_valid) = match &resumed {
-        Some(state) => (state.step + 1, Rng(state.rng), state.last_valid),
-        None => {
-            println!("step {:>5}  valid loss {start_valid:.4}", 0);
-            writeln!(csv, "0,,{start_valid},0,{},", start_valid.exp())?;
-            (1, Rng(args.seed), start_valid)
-        }
-    };
-    let mut t0 = Instant::now();
-    let mut window_start = first_step - 1;
+    let first_step = resumed.as_ref().map_or(1, |s| s.step + 1);
     // `--stop-at` ends the session early; the schedule still spans `--steps`, so a later
     // `--resume` continues exactly where an uninterrupted run would be.
     let last = args.stop_at.unwrap_or(args.steps).min(args.steps);
-    let mut stopped_at = None;
-    for step in first_step..=last {
-        let step_start = Instant::now();
-        let lr = learning_rate(args, step);
-        let mut accumulated = GradientsAccumulator::new();
-        let mut train_loss = 0.0;
-        for _ in 0..args.grad_accum {
-            let mut loss = model.loss(batch::<B>(
-                train_data,
-                &mut rng,
-                args.batch,
-                args.seq_len,
-                &device,
-            ))?;
-            if args.grad_accum > 1 {
-                loss = loss.div_scalar(args.grad_accum as f64);
-            }
-            train_loss += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulated.accumulate(&model, grads);
-        }
-        model = optim.step(lr, model, accumulated.grads());
-        // The step's own rate, evaluation aside: wait for its backward and update (queued, not
-        // yet run, on a GPU).
-        B::sync(&device).map_err(|e| format!("device: {e:?}"))?;
-        let step_tokens = args.grad_accum * args.batch * args.seq_len;
-        let step_rate = step_tokens as f64 / step_start.elapsed().as_secs_f64();
-        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
-        let (mut valid_loss, mut valid_ppl, mut report) = (String::new(), String::new(), None);
-        if step % args.eval_every == 0 || step == last || interrupted {
-            last_valid = evaluate(&model)?;
-            valid_loss = format!("{last_valid}");
-            let ppl = last_valid.exp();
-            valid_ppl = format!("{ppl}");
-            // Over the steps since the last report: the first window includes kernel compilation.
-            let tokens = (step - window_start) * step_tokens;
-            let tok_s = tokens as f64 / t0.elapsed().as_secs_f64();
-            (t0, window_start) = (Instant::now(), step);
-            report = Some(format!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s"));
-        }
-        writeln!(
-            csv,
-            "{step},{train_loss},{valid_loss},{lr},{valid_ppl},{step_rate:.1}"
-        )?;
-        let every = args.checkpoint_every;
-        if (every > 0 && step % every == 0) || step == last || interrupted {
-            let state = checkpoint::LoopState {
-                step,
-                rng: rng.0,
-                start_valid,
-                last_valid,
-            };
-            checkpoint::save(&checkpoints, &model, &optim, &state)?;
-        }
-        // Printed after the checkpoint: with Ctrl-C in a pipeline (`| tee`), stdout may be gone
-        // and printing fail, which must not cost the step's checkpoint.
-        if let Some(report) = report {
-            println!("{report}");
-        }
-        if interrupted {
-            stopped_at = Some(step);
-            break;
-        }
+    let train_loader = Windows::<B>::new(
+        text.corpus.train.clone().into(),
+        args.batch,
+        args.seq_len,
+        args.seed,
+        (first_step - 1) * args.grad_accum..args.steps * args.grad_accum,
+        device.clone(),
+    );
+    // A fixed validation set: the same four batches at every evaluation.
+    let valid_loader = Windows::<B::InnerBackend>::new(
+        text.corpus.valid.clone().into(),
+        args.batch,
+        args.seq_len,
+        args.seed ^ 0xDEAD_BEEF,
+        0..4,
+        device.clone(),
+    );
+    let keep = KeepRecent {
+        files: files.clone(),
+        keep: 2,
+        saved: files
+            .complete()?
+            .into_iter()
+            .filter(|&s| s < first_step)
+            .collect(),
+    };
+    let strategy = Arc::new(StepLoop::<B, M> {
+        plan: Plan {
+            first_step,
+            last,
+            steps: args.steps,
+            grad_accum: args.grad_accum,
+            eval_every: args.eval_every,
+            checkpoint_every: args.checkpoint_every,
+            micro_tokens: args.batch * args.seq_len,
+            print,
+            resumed,
+        },
+        files,
+        csv: Mutex::new(csv),
+        failure,
+        device: device.clone(),
+        outcome: Mutex::new(None),
+    });
+    let mut training =
+        SupervisedTraining::new(&run_dir, Arc::new(train_loader), Arc::new(valid_loader))
+            .metrics((StatMetric::loss(), StatMetric::perplexity()))
+            .metric_train_numeric(StatMetric::tokens_per_second())
+            .metric_train_numeric(LearningRateMetric::new())
+            .with_file_checkpointer(AtomicRecorder::default())
+            .with_checkpointing_strategy(keep)
+            .with_interrupter(text.interrupter.clone())
+            .with_training_strategy(TrainingStrategy::Custom(strategy.clone()))
+            .num_epochs(args.steps.div_ceil(args.eval_every));
+    if print {
+        training = training.renderer(PlainRenderer);
     }
-    if let Some(step) = stopped_at {
+    let _ = training.launch(learner);
+    let outcome = strategy
+        .outcome
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .ok_or("the training loop did not run")?;
+    let (report, trained) = outcome?;
+    if let Some(step) = report.stopped_at {
         println!(
             "interrupted: stopped after step {step} with a checkpoint in {}; `--resume` continues",
-            checkpoints.display()
+            strategy.files.dir.display()
         );
     }
     // The trained model as FLA saves one: `fla-generate --model DIR` and FLA's
     // `AutoModelForCausalLM.from_pretrained(DIR)` read it.
     let export = args.export.clone().unwrap_or_else(|| run_dir.join("model"));
-    model.save_pretrained(&config, &export)?;
+    trained.lm.save_pretrained(&config, &export)?;
     text.tokenizer.save_to_model_dir(&export)?;
     println!(
         "model (FLA's config.json + model.safetensors) in {}",
         export.display()
     );
-    drop(csv);
+    drop(strategy);
     let csv_text = std::fs::read_to_string(&metrics)?;
     let png = std::path::Path::new(&metrics).with_extension("png");
     plot::loss_png(&csv_text, &png)?;
     plot::loss_svg(&csv_text, &png.with_extension("svg"))?;
     println!("loss curves in {} (and .svg)", png.display());
-    println!("validation loss {start_valid:.4} -> {last_valid:.4}; metrics in {metrics}");
+    println!(
+        "validation loss {:.4} -> {:.4}; metrics in {metrics}",
+        report.start_valid, report.last_valid
+    );
     Ok(())
 }
 
@@ -641,14 +597,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let docs = data::documents(args.data.as_deref())?;
     let corpus = Corpus::new(&docs, &tokenizer, args.seq_len + 1)?;
-    let text = Text { tokenizer, corpus };
-    // The loop checks the flag after each step; a second Ctrl-C ends the process at once.
-    ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+    let interrupter = Interrupter::new();
+    // The loop checks the interrupter after each step (burn-train's terminal UI stops it too); a
+    // second Ctrl-C ends the process at once.
+    let stop = interrupter.clone();
+    ctrlc::set_handler(move || {
+        if stop.should_stop() {
             std::process::exit(130);
         }
+        stop.stop(None);
     })
     .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    let text = Text {
+        tokenizer,
+        corpus,
+        interrupter,
+    };
     let precision = args.precision.as_str();
     if precision == "f16" {
         return Err(
@@ -710,7 +674,8 @@ mod tests {
             "0.1",
         ])
         .train;
-        let lr = |s| learning_rate(&a, s);
+        let schedule = schedule(&a);
+        let lr = |s| schedule.at(s);
         assert!((lr(5) - 5e-4).abs() < 1e-15);
         assert!((lr(10) - 1e-3).abs() < 1e-15);
         // Halfway through the decay: 0.1 + 0.9 · 0.5.
