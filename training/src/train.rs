@@ -97,6 +97,11 @@ struct Args {
     /// shape; its vocab_size must cover the tokeniser's ids.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Start from a model saved in FLA's format (a folder with config.json and
+    /// model.safetensors: an earlier run's export, or FLA's own checkpoint of the `--model`
+    /// family) instead of freshly initialised weights; its config sets the shape.
+    #[arg(long, conflicts_with = "config")]
+    init: Option<std::path::PathBuf>,
     /// Training text: a .txt/.md file, a .jsonl file ("text" per line) or a folder of them
     /// (recursively); default: the bundled corpus. The last 5% of its tokens are validation.
     #[arg(long)]
@@ -372,9 +377,15 @@ where
         .clone()
         .unwrap_or_else(|| run_dir.join("metrics.csv").display().to_string());
     let files = Checkpoints::new(run_dir.join("checkpoint"));
-    let (model, config) = match &args.config {
-        Some(path) => from_config::<B, M>(path, text.tokenizer.vocab_size(), &device)?,
-        None => build(&device)?,
+    let vocab = text.tokenizer.vocab_size();
+    let (model, config) = match (&args.init, &args.config) {
+        (Some(dir), _) => {
+            // The config's family and vocabulary checked as for `--config`, then its weights.
+            from_config::<B, M>(&dir.join("config.json"), vocab, &device)?;
+            ForCausalLM::<B, M>::from_pretrained(dir, &device)?
+        }
+        (None, Some(path)) => from_config::<B, M>(path, vocab, &device)?,
+        (None, None) => build(&device)?,
     };
     if args.grad_accum == 0 {
         return Err("--grad-accum must be at least 1".into());
