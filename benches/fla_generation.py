@@ -26,19 +26,25 @@ def main():
     p.add_argument("--prompt-len", type=int, default=10)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--layers", type=int, default=None, help="override GLAConfig's 24 (smoke runs)")
+    p.add_argument("--layers", type=int, default=None, help="override the config's layers (smoke runs)")
+    p.add_argument("--family", choices=["gla", "gated_deltanet"], default="gla",
+                   help="GLAConfig's defaults (1.3B) or GatedDeltaNetConfig's (1.3B as well)")
     args = p.parse_args()
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
 
-    from fla.models import GLAConfig, GLAForCausalLM
+    from fla import models
 
+    config_cls, model_cls = {
+        "gla": (models.GLAConfig, models.GLAForCausalLM),
+        "gated_deltanet": (models.GatedDeltaNetConfig, models.GatedDeltaNetForCausalLM),
+    }[args.family]
     torch.manual_seed(0)
-    config = GLAConfig() if args.layers is None else GLAConfig(num_hidden_layers=args.layers)
-    model = GLAForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    config = config_cls() if args.layers is None else config_cls(num_hidden_layers=args.layers)
+    model = model_cls(config).to(device="cuda", dtype=torch.bfloat16).eval()
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(args.out, safe_serialization=True)
-    print(f"FLA GLA: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+    print(f"FLA {args.family}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{config.num_heads} heads, vocab {config.vocab_size}: {params / 1e9:.2f}B parameters, "
           f"saved to {args.out}")
 

@@ -10,19 +10,22 @@
 # and times its `generate` (benches/fla_generation.py), then `fla-generate --precision bf16` loads
 # the same checkpoint and generates from the same prompt ids, in the same call. Prompt 10 tokens,
 # 64 new, greedy; each side warms up once, then the median of REPEAT runs.
+# FAMILY=gated_deltanet: the same with GatedDeltaNetConfig's defaults (1.3B: hidden 2048, 21
+# layers, 6 heads of key width 256 and value width 512).
 set -x
-bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+FAMILY=${FAMILY:-gla}
+bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
 REPEAT=${REPEAT:-3} NEW=${NEW:-64}
 # CubeCL's caches from an earlier call (see train_gpu.sh warm), if carried.
 [ -f .cubecl-cache.tar.xz ] && mkdir -p ~/.cache && tar -C ~/.cache -xJf .cubecl-cache.tar.xz
 pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-PYTHONPATH=/tmp/site timeout 240 python3 benches/fla_generation.py --out /tmp/gla-1.3b --new $NEW \
+PYTHONPATH=/tmp/site timeout 240 python3 benches/fla_generation.py --family $FAMILY --out /tmp/$FAMILY-1.3b --new $NEW \
   --repeat $REPEAT ${LAYERS:+--layers $LAYERS} 2>&1 | grep -v Warning | tee $OUT/fla-generation.txt | tail -6
 ids=$(sed -n 's/^prompt_ids=//p' $OUT/fla-generation.txt)
 [ -n "$ids" ] || { echo "FLA's side failed (no prompt ids): see fla-generation.txt"; exit 1; }
-(cd /tmp && timeout 300 $R/bin-fla-generate --backend cuda --precision bf16 --model /tmp/gla-1.3b \
+(cd /tmp && timeout 300 $R/bin-fla-generate --backend cuda --precision bf16 --model /tmp/$FAMILY-1.3b \
   --prompt-ids "$ids" --max-new-tokens $NEW --repeat $((REPEAT + 1)) > $OUT/ours-ids.txt 2> $OUT/ours-generation.txt)
 tail -3 $OUT/ours-generation.txt
 # Greedy ids side by side. They may part for two reasons: bf16 rounding differs between the two,

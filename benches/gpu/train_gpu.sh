@@ -20,7 +20,8 @@
 # 232 s), validation loss 10.52 -> 4.48 in 6 steps, 49.1 GiB in use (nvidia-smi); FLA 110,600
 # tokens/s (148 ms/step), 20.2 GiB allocated, 22.6 GiB reserved. Ours is 0.22x FLA's rate.
 set -x
-bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+# GPU_DIR: the packed folder (.gpu unless another pack was moved aside while .gpu is rebuilt).
+bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
 # fla-train caches under ~/.cache/cubecl when run outside a Cargo project (as from /tmp here).
 [ -f .cubecl-cache.tar.xz ] && mkdir -p ~/.cache && tar -C ~/.cache -xJf .cubecl-cache.tar.xz
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
@@ -64,5 +65,25 @@ warm)
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
   PYTHONPATH=/tmp/site timeout ${FLA_S:-300} python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
     --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -5
+  ;;
+profile)
+  # Where a step's time goes: FLA's 340M recipe cut to LAYERS (default 4) layers, as every layer
+  # has the same shapes (per-layer costs scale to 24). Unprofiled first: it compiles and
+  # autotunes, and $OUT/layers-N.csv has each step's tokens/s. Then CubeCL's kernel profiler
+  # (cubecl.toml in the working folder: each kernel timed alone, the device synchronised after
+  # it, so the step is slower than unprofiled; one table per device sync, i.e. per step) writes
+  # $OUT/cubecl-profile.log. The kernels' sum against the unprofiled step is the host's share.
+  L=${LAYERS:-4}
+  python3 -c "import json; c = json.load(open('training/configs/gla-340M.json')); c['num_hidden_layers'] = $L; json.dump(c, open('/tmp/gla-$L.json', 'w'))"
+  (cd /tmp && timeout -k 30 ${WARM_S:-400} $R/bin-fla-train --backend cuda --precision bf16 \
+     --config /tmp/gla-$L.json --seq-len 2048 --batch $BATCH --steps $STEPS --warmup 1 \
+     --eval-every 1000 --checkpoint-every 0 --metrics $OUT/layers-$L.csv 2>&1 | tail -3)
+  mkdir -p /tmp/prof
+  printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' $OUT/cubecl-profile.log > /tmp/prof/cubecl.toml
+  (cd /tmp/prof && timeout -k 30 ${PROF_S:-200} $R/bin-fla-train --backend cuda --precision bf16 \
+     --config /tmp/gla-$L.json --seq-len 2048 --batch $BATCH --steps 3 --warmup 1 \
+     --eval-every 1000 --checkpoint-every 0 --metrics $OUT/profiled-$L.csv 2>&1 | tail -3)
+  tar -C ~/.cache -cf - cubecl | xz -T0 -6 > $OUT/cubecl-cache.tar.xz
+  ls -la $OUT/cubecl-cache.tar.xz
   ;;
 esac

@@ -512,6 +512,18 @@ fn config_file_builds_the_model() {
         "model_type \"gated_deltanet\" is not --model GLA's",
     );
     refused(r#"{"hidden_size": "wide"}"#, "is not a GLA config");
+
+    // `--init` from a folder that holds no saved model, then one with a config but no weights:
+    // each error names the missing file.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let init = |what: &str| {
+        let (ok, _, err) = train(&dir, &["--steps", "1", "--init", empty.to_str().unwrap()]);
+        assert!(!ok && err.contains(what), "{err}");
+    };
+    init("config.json");
+    std::fs::copy(dir.join("model/config.json"), empty.join("config.json")).unwrap();
+    init("model.safetensors");
 }
 
 /// The fused kernels (wgpu: lavapipe in CI) and the tensor-op fallback (ndarray) train the same
