@@ -5,9 +5,9 @@ and writes one line per kernel, `| <duration> | <kernel name>`, and a summary ta
 sync; fla-train syncs once per step. This script takes the kernels between two summary tables
 (one step; `--step N` picks the N-th, counting from 1, default the last; the first
 includes the step-0 evaluation, and a step's first use of a kernel includes its compilation) and prints their time by
-kind (our linear-attention kernels, matmuls, element-wise, reductions, casts, ...) and the
-longest runs of consecutive small kernels, so a step's time can be laid against the unprofiled
-step and against FLA's.
+kind (our linear-attention kernels, matmuls, element-wise, reductions, casts, ...) and how many
+of its kernels are under 20 µs (launch-bound work), so a step's time can be laid against the
+unprofiled step and against FLA's.
 
     python3 benches/profile_summary.py cubecl-profile.log [--step N] [--csv OUT.csv]
 """

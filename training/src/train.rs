@@ -380,9 +380,12 @@ where
     let vocab = text.tokenizer.vocab_size();
     let (model, config) = match (&args.init, &args.config) {
         (Some(dir), _) => {
-            // The config's family and vocabulary checked as for `--config`, then its weights.
-            from_config::<B, M>(&dir.join("config.json"), vocab, &device)?;
-            ForCausalLM::<B, M>::from_pretrained(dir, &device)?
+            // Built from its config as for `--config` (family and vocabulary checked), then its
+            // weights loaded into that model: one build, not a second one in `from_pretrained`.
+            let (mut model, config) =
+                from_config::<B, M>(&dir.join("config.json"), vocab, &device)?;
+            fla_models::checkpoint::load_safetensors(&mut model, &dir.join("model.safetensors"))?;
+            (model, config)
         }
         (None, Some(path)) => from_config::<B, M>(path, vocab, &device)?,
         (None, None) => build(&device)?,

@@ -29,25 +29,34 @@ pub fn check_runtime<R: Runtime>(device: &R::Device) -> Result<(), FlaError> {
 pub fn check_wgpu(device: &cubecl::wgpu::WgpuDevice) -> Result<(), FlaError> {
     // wgpu's own message is often an internal one ("RecvError" from its adapter thread when no
     // Vulkan driver is installed, as on a fresh machine without a GPU): say what to do as well.
-    check_runtime::<cubecl::wgpu::WgpuRuntime>(device).map_err(|e| match e {
-        FlaError::NoDevice(why) => FlaError::NoDevice(format!(
-            "{why} (no usable GPU adapter: install a Vulkan driver; without a GPU, Mesa's \
-             lavapipe, e.g. `apt-get install mesa-vulkan-drivers libvulkan1`)"
-        )),
-        other => other,
+    check_runtime::<cubecl::wgpu::WgpuRuntime>(device).map_err(|e| {
+        with_remedy(
+            e,
+            "no usable GPU adapter: install a Vulkan driver; without a GPU, Mesa's lavapipe, \
+             e.g. `apt-get install mesa-vulkan-drivers libvulkan1`",
+        )
     })
 }
 
 /// [`check_runtime`] for CUDA.
 #[cfg(feature = "cuda")]
 pub fn check_cuda(device: &cubecl::cuda::CudaDevice) -> Result<(), FlaError> {
-    check_runtime::<cubecl::cuda::CudaRuntime>(device).map_err(|e| match e {
-        FlaError::NoDevice(why) => FlaError::NoDevice(format!(
-            "{why} (needs an NVIDIA GPU with its driver, and CUDA's libraries on the library \
-             path, e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64)"
-        )),
-        other => other,
+    check_runtime::<cubecl::cuda::CudaRuntime>(device).map_err(|e| {
+        with_remedy(
+            e,
+            "needs an NVIDIA GPU with its driver, and CUDA's libraries on the library path, \
+             e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64",
+        )
     })
+}
+
+/// A `NoDevice` error with what to do about it appended; other errors unchanged.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn with_remedy(e: FlaError, remedy: &str) -> FlaError {
+    match e {
+        FlaError::NoDevice(why) => FlaError::NoDevice(format!("{why} ({remedy})")),
+        other => other,
+    }
 }
 
 /// The CUDA backend without Burn's fusion at float type `F` (`burn::backend::Cuda<F>` is the fused
