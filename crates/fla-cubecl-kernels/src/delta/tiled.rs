@@ -318,6 +318,7 @@ pub(crate) fn delta_tiled_layout<R: Runtime>(
         nb: FRAG,
         ph: 16 / elem,
         scalar_gate: p.gated,
+        vector_gate: false,
         qk_heads: p.heads,
         delta: true,
         reverse: false,

@@ -48,6 +48,11 @@ pub struct TiledLayout {
     /// Row padding of input-dtype tiles, in elements (16 bytes: 8 half-precision values, 4 f32).
     pub ph: usize,
     pub scalar_gate: bool,
+    /// A log gate per key dimension (GLA): the decay between two positions no longer factors
+    /// out of `Q Kᵀ`, so the chunk's scores and the intra-chunk parts of `dq` and `dk` are
+    /// computed entry by entry, `exp(Λ_r − Λ_s)` inside the sum over keys (at most 1 for `s ≤ r`:
+    /// no overflow whatever the gates); the products with the state stay tile products.
+    pub vector_gate: bool,
     /// Query/key heads: `heads` in the gated family; fewer in the delta rule's forward, whose
     /// `heads` are its value heads (each query/key head serves `heads / qk_heads` of them).
     pub qk_heads: usize,
@@ -133,7 +138,17 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(kp, bv, 4)
         + half_state
         + w
+        + key_gates_bytes(l, kp)
         + 8 * c
+}
+
+/// Shared-memory bytes of the cumulated vector gates `Λ` (`C × cols`, `f32`), 0 without them.
+fn key_gates_bytes(l: &TiledLayout, cols: usize) -> usize {
+    if l.vector_gate {
+        tile_bytes(l.chunk, cols, 4)
+    } else {
+        0
+    }
 }
 
 /// Shared-memory bytes of the `dq` kernel.
@@ -151,6 +166,7 @@ pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(c, bk, 4)
         + tile_bytes(bk, vp, 4)
         + half_state
+        + key_gates_bytes(l, bk)
         + 8 * c
 }
 
@@ -170,6 +186,7 @@ pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(c, l.nb, 4)
         + tile_bytes(kp, bv, 4)
         + half_state
+        + key_gates_bytes(l, kp)
         + 8 * c
 }
 
@@ -410,6 +427,249 @@ pub(crate) fn decay_state(
     }
 }
 
+/// The chunk's cumulated vector log gates `Λ` (`C × cols`, `f32`; one entry where there are none).
+#[cube]
+pub(crate) fn key_gates_tile(
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) -> SharedMemory<f32> {
+    tile_f(
+        comptime!(if l.vector_gate { l.chunk } else { 1 }),
+        comptime!(if l.vector_gate { cols } else { 1 }),
+    )
+}
+
+/// Registers for fetching a chunk's vector gates (one where there are none).
+pub fn key_gate_regs(l: &TiledLayout, cols: usize) -> usize {
+    if l.vector_gate {
+        tile_regs(l, cols)
+    } else {
+        1
+    }
+}
+
+/// Fetches the chunk's raw vector log gates, columns `col0 .. col0 + cols` (see [`fetch_tile`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fetch_key_gates<F: Float>(
+    g: &Array<F>,
+    regs: &mut Array<f32>,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.vector_gate) {
+        fetch_tile::<F, f32>(g, regs, bos, len, p0, cl, h, col0, l.k, cols, l);
+    }
+}
+
+/// Writes the fetched raw gates into `lam` (rows past the sequence hold 0).
+#[cube]
+pub(crate) fn stage_key_gates(
+    regs: &Array<f32>,
+    lam: &mut SharedMemory<f32>,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.vector_gate) {
+        put_tile::<f32>(regs, lam, l.chunk, cols, PAD_F, l.tile);
+    }
+}
+
+/// Cumulates the staged gates down each column in place (after a barrier): `Λ_r = Σ_{u ≤ r} g_u`
+/// from the chunk start; rows past the end repeat the last, so row `C − 1` is the chunk's total.
+#[cube]
+pub(crate) fn cumulate_key_gates(
+    lam: &mut SharedMemory<f32>,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    if comptime!(l.vector_gate) {
+        let threads = comptime!(l.tile.threads());
+        let ld = comptime!(cols + PAD_F);
+        let unit = UNIT_POS as usize;
+        #[unroll]
+        for b in 0..comptime!(cols.div_ceil(threads)) {
+            let col = unit + b * threads;
+            if col < cols {
+                let mut acc = 0.0f32;
+                #[unroll(l.tile.unroll)]
+                for r in 0..l.chunk {
+                    acc += lam[r * ld + col];
+                    lam[r * ld + col] = acc;
+                }
+            }
+        }
+    }
+}
+
+/// The chunk's scores under vector gates, `dst[r, s] = factor · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)`
+/// for `s ≤ r`, 0 above the diagonal (`C × C`, input dtype; `q`, `k` are `C × kp` tiles).
+#[cube]
+pub(crate) fn key_gated_scores<F: Float>(
+    q: &SharedMemory<F>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    dst: &mut SharedMemory<F>,
+    factor: f32,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let c = comptime!(l.chunk);
+    let (ldh, ldl, ldd) = comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph));
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!((c * c).div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < c * c {
+            let row = e / c;
+            let col = e % c;
+            let mut x = 0.0f32;
+            if col <= row {
+                #[unroll(l.tile.unroll)]
+                for j in 0..l.kp {
+                    let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
+                    x +=
+                        f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
+                }
+            }
+            dst[row * ldd + col] = F::cast_from(x * factor);
+        }
+    }
+}
+
+/// `dq` under vector gates, in place over `out` (`C × cols` `f32`, holding `dO Sᵀ`):
+/// `out[r, j] ← factor · (exp(Λ_rj) out[r, j] + Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj))`, with
+/// `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the `C × cols` key tile.
+#[cube]
+pub(crate) fn key_gated_dq<F: Float>(
+    da: &SharedMemory<f32>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    out: &mut SharedMemory<f32>,
+    factor: f32,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let c = comptime!(l.chunk);
+    let entries = comptime!(c * cols);
+    // `out` and `lam` are both `C × cols` f32 tiles: one leading dimension.
+    let (lda, ldk, ldl) = comptime!((c + PAD_F, cols + l.ph, cols + PAD_F));
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let (row, j) = tile_entry(r, cols, l.tile);
+        if row < c {
+            let lr = lam[row * ldl + j];
+            let mut x = lr.exp() * out[row * ldl + j];
+            #[unroll(l.tile.unroll)]
+            for s in 0..c {
+                if s <= row {
+                    let decay = (lr - lam[s * ldl + j]).exp();
+                    x += da[row * lda + s] * f32::cast_from(k[s * ldk + j]) * decay;
+                }
+            }
+            out[row * ldl + j] = x * factor;
+        }
+    }
+}
+
+/// `dk` under vector gates, in place over `out` (`C × cols` `f32` for key columns
+/// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,k} − Λ_sk) out[s, j]
+/// + factor · Σ_{r ≥ s} dA_rs q_rk exp(Λ_rk − Λ_sk)`, `k = col0 + j`, with `dA = dO Vᵀ`
+/// unmasked in `da` and `q` the `C × kp` query tile.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn key_gated_dk<F: Float>(
+    da: &SharedMemory<f32>,
+    q: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    out: &mut SharedMemory<f32>,
+    col0: usize,
+    factor: f32,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let c = comptime!(l.chunk);
+    let entries = comptime!(c * cols);
+    let (lda, ldq, ldl, ldo) = comptime!((c + PAD_F, l.kp + l.ph, l.kp + PAD_F, cols + PAD_F));
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let (row, j) = tile_entry(r, cols, l.tile);
+        if row < c {
+            let kc = col0 + j;
+            let ls = lam[row * ldl + kc];
+            let last = lam[comptime!(c - 1) * ldl + kc];
+            let mut x = (last - ls).exp() * out[row * ldo + j];
+            #[unroll(l.tile.unroll)]
+            for u in 0..c {
+                if u >= row {
+                    let decay = (lam[u * ldl + kc] - ls).exp();
+                    x += factor * da[u * lda + row] * f32::cast_from(q[u * ldq + kc]) * decay;
+                }
+            }
+            out[row * ldo + j] = x;
+        }
+    }
+}
+
+/// Scales entry `(r, j)` of a `C × cols` key tile by `factor · exp(Λ_rj)` (`from_end = false`)
+/// or by `factor · exp(Λ_{C−1,j} − Λ_rj)` (`from_end`): `q̃` and `k̃` under vector gates.
+#[cube]
+pub(crate) fn scale_keys<F: Float>(
+    t: &mut SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    factor: f32,
+    #[comptime] cols: usize,
+    #[comptime] from_end: bool,
+    #[comptime] l: TiledLayout,
+) {
+    let entries = comptime!(l.chunk * cols);
+    let (ld, ldl) = comptime!((cols + l.ph, cols + PAD_F));
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(l.tile.threads())) {
+        let (row, j) = tile_entry(r, cols, l.tile);
+        if row < l.chunk {
+            let mut e = lam[row * ldl + j];
+            if comptime!(from_end) {
+                e = lam[comptime!(l.chunk - 1) * ldl + j] - e;
+            }
+            let i = row * ld + j;
+            t[i] = F::cast_from(f32::cast_from(t[i]) * factor * e.exp());
+        }
+    }
+}
+
+/// Multiplies row `i` of a padded `rows × cols` `f32` state tile (key `i` of the tile's keys)
+/// by the chunk's decay `exp(Λ_{C−1,i})`.
+#[cube]
+pub(crate) fn decay_state_keys(
+    s: &mut SharedMemory<f32>,
+    lam: &SharedMemory<f32>,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(rows * cols);
+    let (ld, last) = comptime!((cols + PAD_F, (l.chunk - 1) * (rows + PAD_F)));
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let row = e / cols;
+            s[row * ld + e % cols] *= lam[last + row].exp();
+        }
+    }
+}
+
 /// The state's copy in the input dtype, the operand of tensor-core products (none without them).
 #[cube]
 pub(crate) fn round_state<F: Float>(
@@ -551,6 +811,7 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
+    let mut lamk = key_gates_tile(kp, l);
 
     // Without h0 the slice is read from row K on: all outside, all zeros.
     let first_row = comptime!(if l.has_h0 { 0 } else { l.k });
@@ -561,10 +822,12 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, if l.delta { 1 } else { bv })));
     let mut rw = Array::<F>::new(comptime!(tile_regs(&l, dk)));
     let mut ru = Array::<f32>::new(comptime!(tile_regs(&l, dv)));
+    let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
     let chunks = len.div_ceil(c);
     let cl = chunk_len(len, 0, c);
     fetch_tile::<F, F>(q, &mut rq, bos, len, 0, cl, hq, 0, l.k, kp, lq);
     fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, hq, 0, l.k, kp, lq);
+    fetch_key_gates::<F>(g, &mut rg, bos, len, 0, cl, h, 0, kp, l);
     if comptime!(l.delta) {
         fetch_tile::<f32, F>(w, &mut rw, bos, len, 0, cl, h, 0, l.k, kp, l);
         fetch_tile::<f32, f32>(ut, &mut ru, bos, len, 0, cl, h, v0, l.v, bv, l);
@@ -582,6 +845,7 @@ pub fn tiled_fwd_kernel<F: Float>(
             stage_tile::<F>(&rv, &mut sv, bv, l);
         }
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        stage_key_gates(&rg, &mut lamk, kp, l);
         round_state::<F>(&ss, &mut ssh, kp, bv, l);
         sync_cube();
         if comptime!(l.delta) {
@@ -603,6 +867,7 @@ pub fn tiled_fwd_kernel<F: Float>(
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
+            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, 0, kp, l);
             if comptime!(l.delta) {
                 fetch_tile::<f32, F>(w, &mut rw, bos, len, p1, cl1, h, 0, l.k, kp, l);
                 fetch_tile::<f32, f32>(ut, &mut ru, bos, len, p1, cl1, h, v0, l.v, bv, l);
@@ -610,21 +875,29 @@ pub fn tiled_fwd_kernel<F: Float>(
                 fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
             }
         }
-        cumulate_gates(&gl, &mut lam, l);
-        // A = Q Kᵀ
-        mma::<F, F>(
-            &sq,
-            0,
-            &sk,
-            0,
-            &mut sa,
-            0,
-            comptime!(nt(c, c, kp, kh, kh, cf)),
-            l.tile,
-        );
-        sync_cube();
-        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-        scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+        if comptime!(l.vector_gate) {
+            cumulate_key_gates(&mut lamk, kp, l);
+            sync_cube();
+            key_gated_scores::<F>(&sq, &sk, &lamk, &mut sah, scale, l);
+            sync_cube();
+            scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
+        } else {
+            cumulate_gates(&gl, &mut lam, l);
+            // A = Q Kᵀ
+            mma::<F, F>(
+                &sq,
+                0,
+                &sk,
+                0,
+                &mut sa,
+                0,
+                comptime!(nt(c, c, kp, kh, kh, cf)),
+                l.tile,
+            );
+            sync_cube();
+            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+        }
         sync_cube();
         // O = (A ∘ D ∘ M) V + q̃ S
         mma::<F, F>(
@@ -642,8 +915,13 @@ pub fn tiled_fwd_kernel<F: Float>(
         mma_state::<F>(&sq, &ss, &ssh, 0, &mut so, 0, s, bv, l);
         sync_cube();
         store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
-        scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
-        decay_state(&mut ss, &lam, kp, bv, l);
+        if comptime!(l.vector_gate) {
+            scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
+            decay_state_keys(&mut ss, &lamk, kp, bv, l);
+        } else {
+            scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
+            decay_state(&mut ss, &lam, kp, bv, l);
+        }
         sync_cube();
         // S ← exp(λ_C) S + k̃ᵀ V
         let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
@@ -692,6 +970,7 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { bk } else { 1 }), vp, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
+    let mut lamk = key_gates_tile(bk, l);
 
     let mut first_row = k0;
     if comptime!(!l.has_h0) {
@@ -702,9 +981,11 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, bk)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
+    let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, bk)));
     let chunks = len.div_ceil(c);
     let cl = chunk_len(len, 0, c);
     fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
+    fetch_key_gates::<F>(g, &mut rg, bos, len, 0, cl, h, k0, bk, l);
     fetch_tile::<F, F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
     fetch_tile::<F, F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
     for ci in 0..chunks {
@@ -714,16 +995,17 @@ pub fn tiled_dq_kernel<F: Float>(
         stage_tile::<F>(&rv, &mut sv, vp, l);
         stage_tile::<F>(&rdo, &mut sdo, vp, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        stage_key_gates(&rg, &mut lamk, bk, l);
         round_state::<F>(&ss, &mut ssh, bk, vp, l);
         sync_cube();
         if ci + 1 < chunks {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
+            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, k0, bk, l);
             fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
         }
-        cumulate_gates(&gl, &mut lam, l);
         // dA = dO Vᵀ
         mma::<F, F>(
             &sdo,
@@ -735,28 +1017,44 @@ pub fn tiled_dq_kernel<F: Float>(
             comptime!(nt(c, c, vp, vh, vh, cf)),
             l.tile,
         );
-        sync_cube();
-        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-        scale_rows::<F>(&mut sdo, &lam, scale, vp, false, l);
-        sync_cube();
-        // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ
-        mma::<F, F>(
-            &sah,
-            0,
-            &sk,
-            0,
-            &mut sdq,
-            0,
-            comptime!(nn(c, bk, c, ch, bkh, bkf)),
-            l.tile,
-        );
-        sync_cube();
-        let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
-        mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
-        sync_cube();
+        if comptime!(l.vector_gate) {
+            cumulate_key_gates(&mut lamk, bk, l);
+            // dO Sᵀ, gated per key below.
+            let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
+            mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
+            sync_cube();
+            key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, l);
+            sync_cube();
+        } else {
+            cumulate_gates(&gl, &mut lam, l);
+            sync_cube();
+            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            scale_rows::<F>(&mut sdo, &lam, scale, vp, false, l);
+            sync_cube();
+            // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ
+            mma::<F, F>(
+                &sah,
+                0,
+                &sk,
+                0,
+                &mut sdq,
+                0,
+                comptime!(nn(c, bk, c, ch, bkh, bkf)),
+                l.tile,
+            );
+            sync_cube();
+            let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
+            mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
+            sync_cube();
+        }
         store_tile::<f32>(&sdq, dq, 0, bos, len, p0, cl, h, k0, l.k, bk, l);
-        scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
-        decay_state(&mut ss, &lam, bk, vp, l);
+        if comptime!(l.vector_gate) {
+            scale_keys::<F>(&mut sk, &lamk, 1.0f32, bk, true, l);
+            decay_state_keys(&mut ss, &lamk, bk, vp, l);
+        } else {
+            scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
+            decay_state(&mut ss, &lam, bk, vp, l);
+        }
         sync_cube();
         // S ← exp(λ_C) S + k̃ᵀ V
         let s = comptime!(accum(tn(bk, vp, c, bkh, vh, vf)));
@@ -811,6 +1109,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut sgh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
+    let mut lamk = key_gates_tile(kp, l);
 
     let first_row = comptime!(if has_dht { 0 } else { l.k });
     state_io(&mut sg, d_ht, base, first_row, v0, kp, bv, true, l);
@@ -819,6 +1118,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+    let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
     let chunks = len.div_ceil(c);
     // The last chunk first: it starts at (chunks − 1)·C and holds the rest.
     let mut plast = 0;
@@ -830,6 +1130,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     fetch_tile::<F, F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
     fetch_tile::<F, F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
     fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+    fetch_key_gates::<F>(g, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
     for cr in 0..chunks {
         let p0 = (chunks - 1 - cr) * c;
         let cl = chunk_len(len, p0, c);
@@ -838,6 +1139,7 @@ pub fn tiled_dkv_kernel<F: Float>(
         stage_tile::<F>(&rv, &mut sv, bv, l);
         stage_tile::<F>(&rdo, &mut sdo, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        stage_key_gates(&rg, &mut lamk, kp, l);
         round_state::<F>(&sg, &mut sgh, kp, bv, l);
         sync_cube();
         if cr + 1 < chunks {
@@ -847,67 +1149,118 @@ pub fn tiled_dkv_kernel<F: Float>(
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
             fetch_tile::<F, F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
+            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, c, h, 0, kp, l);
         }
-        cumulate_gates(&gl, &mut lam, l);
-        // A = Q Kᵀ
-        mma::<F, F>(
-            &sq,
-            0,
-            &sk,
-            0,
-            &mut sa,
-            0,
-            comptime!(nt(c, c, kp, kh, kh, cf)),
-            l.tile,
-        );
-        sync_cube();
-        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-        scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
-        sync_cube();
-        // dV = (A ∘ D ∘ M)ᵀ dO (+ k̃ G below); dA = dO Vᵀ
-        mma::<F, F>(
-            &sah,
-            0,
-            &sdo,
-            0,
-            &mut sdv,
-            0,
-            comptime!(tn(c, bv, c, ch, vh, vf)),
-            l.tile,
-        );
-        mma::<F, F>(
-            &sdo,
-            0,
-            &sv,
-            0,
-            &mut sa,
-            0,
-            comptime!(nt(c, c, bv, vh, vh, cf)),
-            l.tile,
-        );
-        sync_cube();
-        let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
-        mma_state::<F>(&sk, &sg, &sgh, 0, &mut sdv, 0, s, bv, l);
-        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-        scale_rows::<F>(&mut sv, &lam, 1.0f32, bv, true, l);
-        sync_cube();
-        store_tile::<F>(&sdv, dv, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
-        // dK = (dA ∘ D ∘ M)ᵀ Q + ṽ Gᵀ, `nb` key columns at a time.
-        #[unroll]
-        for kb in 0..comptime!(kp / nb) {
-            let col0 = kb * nb;
-            let s = comptime!(tn(c, nb, c, ch, kh, nf));
-            mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
+        if comptime!(l.vector_gate) {
+            cumulate_key_gates(&mut lamk, kp, l);
+            // dA = dO Vᵀ (this value block's part), gated per key in dK below.
+            mma::<F, F>(
+                &sdo,
+                0,
+                &sv,
+                0,
+                &mut sa,
+                0,
+                comptime!(nt(c, c, bv, vh, vh, cf)),
+                l.tile,
+            );
             sync_cube();
-            let s = comptime!(accum(nt(c, nb, bv, vh, 0, nf)));
-            mma_state::<F>(&sv, &sg, &sgh, col0, &mut sdk, 0, s, bv, l);
+            key_gated_scores::<F>(&sq, &sk, &lamk, &mut sah, scale, l);
             sync_cube();
-            store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
+            scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
+            // dV = (scale · A ∘ M)ᵀ dO + k̃ G
+            mma::<F, F>(
+                &sah,
+                0,
+                &sdo,
+                0,
+                &mut sdv,
+                0,
+                comptime!(tn(c, bv, c, ch, vh, vf)),
+                l.tile,
+            );
+            sync_cube();
+            let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
+            mma_state::<F>(&sk, &sg, &sgh, 0, &mut sdv, 0, s, bv, l);
+            sync_cube();
+            store_tile::<F>(&sdv, dv, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
+            // dK = exp(Λ_C − Λ) ∘ (V Gᵀ) + the chunk's own term, `nb` key columns at a time.
+            #[unroll]
+            for kb in 0..comptime!(kp / nb) {
+                let col0 = kb * nb;
+                let s = comptime!(nt(c, nb, bv, vh, 0, nf));
+                mma_state::<F>(&sv, &sg, &sgh, col0, &mut sdk, 0, s, bv, l);
+                sync_cube();
+                key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, col0, scale, nb, l);
+                sync_cube();
+                store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
+                sync_cube();
+            }
+            scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
+            decay_state_keys(&mut sg, &lamk, kp, bv, l);
+            sync_cube();
+        } else {
+            cumulate_gates(&gl, &mut lam, l);
+            // A = Q Kᵀ
+            mma::<F, F>(
+                &sq,
+                0,
+                &sk,
+                0,
+                &mut sa,
+                0,
+                comptime!(nt(c, c, kp, kh, kh, cf)),
+                l.tile,
+            );
+            sync_cube();
+            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
+            sync_cube();
+            // dV = (A ∘ D ∘ M)ᵀ dO (+ k̃ G below); dA = dO Vᵀ
+            mma::<F, F>(
+                &sah,
+                0,
+                &sdo,
+                0,
+                &mut sdv,
+                0,
+                comptime!(tn(c, bv, c, ch, vh, vf)),
+                l.tile,
+            );
+            mma::<F, F>(
+                &sdo,
+                0,
+                &sv,
+                0,
+                &mut sa,
+                0,
+                comptime!(nt(c, c, bv, vh, vh, cf)),
+                l.tile,
+            );
+            sync_cube();
+            let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
+            mma_state::<F>(&sk, &sg, &sgh, 0, &mut sdv, 0, s, bv, l);
+            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            scale_rows::<F>(&mut sv, &lam, 1.0f32, bv, true, l);
+            sync_cube();
+            store_tile::<F>(&sdv, dv, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
+            // dK = (dA ∘ D ∘ M)ᵀ Q + ṽ Gᵀ, `nb` key columns at a time.
+            #[unroll]
+            for kb in 0..comptime!(kp / nb) {
+                let col0 = kb * nb;
+                let s = comptime!(tn(c, nb, c, ch, kh, nf));
+                mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
+                sync_cube();
+                let s = comptime!(accum(nt(c, nb, bv, vh, 0, nf)));
+                mma_state::<F>(&sv, &sg, &sgh, col0, &mut sdk, 0, s, bv, l);
+                sync_cube();
+                store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
+                sync_cube();
+            }
+            scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+            decay_state(&mut sg, &lam, kp, bv, l);
             sync_cube();
         }
-        scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
-        decay_state(&mut sg, &lam, kp, bv, l);
-        sync_cube();
         // G ← exp(λ_C) G + q̃ᵀ dO
         let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
         mma::<F, F>(&sq, 0, &sdo, 0, &mut sg, 0, s, l.tile);

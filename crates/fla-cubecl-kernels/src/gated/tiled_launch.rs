@@ -42,16 +42,17 @@ pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> boo
         })
 }
 
-/// The tiled kernels' layout for this call, or `None` where they do not apply: vector or value
-/// gates (the plain chunk path takes them), a chunk size that is not a multiple of 16, or a device
-/// whose shared memory holds no tiling. The chunk is the requested one, or the largest multiple of
-/// 16 below it that fits (the result differs only by rounding).
+/// The tiled kernels' layout for this call, or `None` where they do not apply: a value gate (the
+/// chunk form has none), a chunk size that is not a multiple of 16, or a device whose shared
+/// memory holds no tiling (the plain chunk kernels take those calls). The chunk is the requested
+/// one, or the largest multiple of 16 below it that fits, and 16 for vector gates (the result
+/// differs only by rounding).
 pub fn tiled_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     chunk: usize,
 ) -> Option<TiledLayout> {
-    if p.gate == GateKind::Vector || p.value_gate || !chunk.is_multiple_of(FRAG) || chunk == 0 {
+    if p.value_gate || !chunk.is_multiple_of(FRAG) || chunk == 0 {
         return None;
     }
     let props = client.properties();
@@ -74,7 +75,14 @@ pub fn tiled_layout<R: Runtime>(
         p.v_dim.next_multiple_of(FRAG),
     );
     let elem = p.dtype.size();
-    let mut c = chunk.min(MAX_TILED_CHUNK);
+    // Vector gates take chunks of one fragment: their intra-chunk terms are computed entry by
+    // entry (`C` multiply-adds and exponentials per key per position), so a short chunk keeps
+    // them as cheap per position as the tile products, and it needs no sub-chunking.
+    let mut c = if p.gate == GateKind::Vector {
+        FRAG
+    } else {
+        chunk.min(MAX_TILED_CHUNK)
+    };
     while c >= FRAG {
         let base = TiledLayout {
             heads: p.heads,
@@ -88,6 +96,7 @@ pub fn tiled_layout<R: Runtime>(
             nb: FRAG,
             ph: 16 / elem,
             scalar_gate: p.gate == GateKind::Scalar,
+            vector_gate: p.gate == GateKind::Vector,
             qk_heads: p.heads,
             delta: false,
             reverse: p.reverse,

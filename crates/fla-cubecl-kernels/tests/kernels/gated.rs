@@ -631,8 +631,8 @@ fn chunk_without_states(
     on_runtime!(compare_mode(&c, CHUNK));
 }
 
-/// Chunk sizes other than the default: 16, 32 and 48 take the tiled kernels for scalar gates,
-/// 50 (not a multiple of 16) the plain chunk kernels, as vector gates always do.
+/// Chunk sizes other than the default: 16, 32 and 48 take the tiled kernels (vector gates in
+/// chunks of 16 whatever the size asked), 50 (not a multiple of 16) the plain chunk kernels.
 #[rstest]
 fn chunk_other_sizes(
     #[values(16, 32, 48, 50)] size: usize,
@@ -798,9 +798,9 @@ fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: 
     }
 }
 
-/// Which chunk kernels a call takes: the tiled ones for scalar gates (or none) at chunk sizes that
-/// are multiples of 16, the plain ones for vector gates and other sizes; on lavapipe the tiled
-/// kernels shrink the chunk to fit its 32 KB of shared memory.
+/// Which chunk kernels a call takes: the tiled ones at chunk sizes that are multiples of 16 (in
+/// chunks of 16 for vector gates), the plain ones at other sizes; on lavapipe the tiled kernels
+/// shrink the chunk to fit its 32 KB of shared memory.
 #[rstest]
 fn chunk_kernel_choice(
     #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
@@ -829,11 +829,14 @@ fn expect_kernel_choice<R: Runtime>(
     size: usize,
 ) {
     let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, size);
-    let tiled = variant != Variant::Gla && size.is_multiple_of(16);
+    let tiled = size.is_multiple_of(16);
     assert_eq!(l.is_some(), tiled, "{variant:?} at chunk {size}: {l:?}");
     if let Some(l) = l {
         assert!(l.chunk <= size && l.chunk % 16 == 0);
-        if !is_cpu_vulkan(client) {
+        assert_eq!(l.vector_gate, variant == Variant::Gla);
+        if variant == Variant::Gla {
+            assert_eq!(l.chunk, 16, "vector gates take chunks of 16: {l:?}");
+        } else if !is_cpu_vulkan(client) {
             assert_eq!(l.chunk, size, "a GPU holds a full chunk: {l:?}");
         }
     }
