@@ -143,12 +143,11 @@ impl<B: GatedRecurrentBackend> StateOp<B> for GatedOptions {
 /// contract; they differ in speed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum GatedMode {
-    /// The form measured fastest for the call: the chunk form for scalar gates or none
-    /// (linear attention, retention, simple GLA) on sequences longer than one chunk, as FLA's
-    /// layers choose (its tiled tensor-core kernels measured 2.6-2.8x faster than the fused
-    /// recurrent ones on an H100, benches/results/README.md); the fused recurrent form for
-    /// decoding and short sequences, and for vector gates (GLA), whose chunk kernels are still
-    /// plain arithmetic and slower than the recurrent ones.
+    /// The form measured fastest for the call: the chunk form on sequences longer than one
+    /// chunk, as FLA's layers choose (its tiled kernels measured 2.6-2.8x faster than the fused
+    /// recurrent ones for simple GLA on an H100 and 1.8x for GLA on an H200,
+    /// benches/results/README.md); the fused recurrent form for decoding and short sequences,
+    /// and with a value gate (`gv`), which the chunk form does not take.
     #[default]
     Auto,
     /// One step at a time, the state on chip (best for decoding and short sequences).
@@ -165,11 +164,7 @@ impl GatedMode {
     /// The form [`GatedMode::Auto`] stands for on this problem; explicit modes stay as they are.
     pub fn resolve(self, p: &GatedProblem) -> GatedMode {
         match self {
-            GatedMode::Auto
-                if p.gate != GateKind::Vector && !p.value_gate && p.longest() > CHUNK_SIZE =>
-            {
-                GatedMode::Chunk
-            }
+            GatedMode::Auto if !p.value_gate && p.longest() > CHUNK_SIZE => GatedMode::Chunk,
             GatedMode::Auto => GatedMode::FusedRecurrent,
             explicit => explicit,
         }
@@ -428,9 +423,13 @@ mod tests {
             gate: GateKind::Scalar,
             ..problem(t, cu, false)
         };
-        // Vector gates: the recurrent form everywhere (their chunk kernels are slower).
+        // Vector gates: chunks beyond one chunk; the recurrent form with a value gate.
         assert_eq!(auto(&problem(1, None, false)), GatedMode::FusedRecurrent);
-        assert_eq!(auto(&problem(4096, None, false)), GatedMode::FusedRecurrent);
+        assert_eq!(auto(&problem(4096, None, false)), GatedMode::Chunk);
+        assert_eq!(
+            auto(&problem(400, Some(vec![0, 10, 400]), false)),
+            GatedMode::Chunk
+        );
         assert_eq!(
             auto(&problem(400, Some(vec![0, 10, 400]), true)),
             GatedMode::FusedRecurrent

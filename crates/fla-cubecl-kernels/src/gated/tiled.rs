@@ -1,4 +1,4 @@
-//! Chunkwise-parallel form of the gated family with scalar gates (or none), fused: one cube walks
+//! Chunkwise-parallel form of the gated family, fused: one cube walks
 //! a sequence's chunks keeping its slice of the state on chip, and every product inside a chunk is
 //! a tile product ([`crate::tile::mma`]: tensor cores where the device has them).
 //!
@@ -20,6 +20,13 @@
 //! Rows past a sequence's end are loaded as zeros and their gates as 0, so a last, short chunk
 //! needs no other care. States and products accumulate in `f32`; the operands of a product are
 //! in the input dtype (the state is rounded to it for `q̃ S`, as FLA does).
+//!
+//! Vector gates (GLA, `Λ_r ∈ R^K` cumulated per key) take the same three walks in chunks of 16:
+//! the decay no longer factors out of `Q Kᵀ`, so the scores `A_rs = Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)`
+//! and the in-chunk terms of `dq` and `dk` are summed entry by entry, every exponent at most 0
+//! (FLA's sub-chunks of 16 do the same on their diagonal blocks); the gates move to the key
+//! columns of `q̃ = scale · q ∘ exp(Λ_r)`, `k̃ = k ∘ exp(Λ_C − Λ_s)` and of the state's decay
+//! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`.
 
 #![allow(clippy::collapsible_if)]
 
@@ -27,7 +34,7 @@ use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
-use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig};
+use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig, FRAG};
 
 /// Compile-time shape of a tiled chunk launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,7 +146,17 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
         + half_state
         + w
         + key_gates_bytes(l, kp)
+        + score_bytes(l)
         + 8 * c
+}
+
+/// Shared-memory bytes of the partial scores under vector gates ([`score_scratch`]).
+fn score_bytes(l: &TiledLayout) -> usize {
+    if l.vector_gate {
+        4 * score_split(l) * l.chunk * l.chunk
+    } else {
+        0
+    }
 }
 
 /// Shared-memory bytes of the cumulated vector gates `Λ` (`C × cols`, `f32`), 0 without them.
@@ -187,6 +204,7 @@ pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(kp, bv, 4)
         + half_state
         + key_gates_bytes(l, kp)
+        + score_bytes(l)
         + 8 * c
 }
 
@@ -508,37 +526,78 @@ pub(crate) fn cumulate_key_gates(
     }
 }
 
+/// How many units share one score of [`key_gated_scores`] (each sums a slice of the keys): the
+/// `C × C` scores alone would leave most of the cube idle through a `K`-long loop.
+pub fn score_split(l: &TiledLayout) -> usize {
+    let mut split = (l.tile.threads() / (l.chunk * l.chunk)).max(1);
+    while split > 1 && !(l.kp / FRAG).is_multiple_of(split) {
+        split /= 2;
+    }
+    split
+}
+
+/// Scratch for the partial scores of [`key_gated_scores`] (one entry without vector gates).
+#[cube]
+pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
+    SharedMemory::<f32>::new(comptime!(if l.vector_gate {
+        score_split(&l) * l.chunk * l.chunk
+    } else {
+        1
+    }))
+}
+
 /// The chunk's scores under vector gates, `dst[r, s] = factor · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)`
 /// for `s ≤ r`, 0 above the diagonal (`C × C`, input dtype; `q`, `k` are `C × kp` tiles).
+/// [`score_split`] units sum a slice of the keys each into `part`, then one unit per score adds
+/// them up (the caller synchronises before reading `dst`).
 #[cube]
 pub(crate) fn key_gated_scores<F: Float>(
     q: &SharedMemory<F>,
     k: &SharedMemory<F>,
     lam: &SharedMemory<f32>,
+    part: &mut SharedMemory<f32>,
     dst: &mut SharedMemory<F>,
     factor: f32,
     #[comptime] l: TiledLayout,
 ) {
-    let threads = comptime!(l.tile.threads());
     let c = comptime!(l.chunk);
+    let cc = comptime!(l.chunk * l.chunk);
+    let split = comptime!(score_split(&l));
+    let slice = comptime!(l.kp / split);
     let (ldh, ldl, ldd) = comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph));
     let unit = UNIT_POS as usize;
     #[unroll]
-    for r in 0..comptime!((c * c).div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < c * c {
+    for r in 0..comptime!((cc * split).div_ceil(l.tile.threads())) {
+        let u = unit + r * comptime!(l.tile.threads());
+        if u < cc * split {
+            let e = u % cc;
+            let j0 = (u / cc) * slice;
             let row = e / c;
             let col = e % c;
             let mut x = 0.0f32;
             if col <= row {
                 #[unroll(l.tile.unroll)]
-                for j in 0..l.kp {
+                for jj in 0..slice {
+                    let j = j0 + jj;
                     let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
                     x +=
                         f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
                 }
             }
-            dst[row * ldd + col] = F::cast_from(x * factor);
+            part[u] = x;
+        }
+    }
+    sync_cube();
+    #[unroll]
+    for r in 0..comptime!(cc.div_ceil(l.tile.threads())) {
+        let e = unit + r * comptime!(l.tile.threads());
+        if e < cc {
+            let mut x = 0.0f32;
+            #[unroll]
+            for p in 0..split {
+                x += part[p * cc + e];
+            }
+            dst[(e / c) * ldd + e % c] = F::cast_from(x * factor);
         }
     }
 }
@@ -580,9 +639,9 @@ pub(crate) fn key_gated_dq<F: Float>(
 }
 
 /// `dk` under vector gates, in place over `out` (`C × cols` `f32` for key columns
-/// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,k} − Λ_sk) out[s, j]
-/// + factor · Σ_{r ≥ s} dA_rs q_rk exp(Λ_rk − Λ_sk)`, `k = col0 + j`, with `dA = dO Vᵀ`
-/// unmasked in `da` and `q` the `C × kp` query tile.
+/// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,i} − Λ_si) out[s, j]
+/// + factor · Σ_{r ≥ s} dA_rs q_ri exp(Λ_ri − Λ_si)`, key column `i = col0 + j`, with
+/// `dA = dO Vᵀ` unmasked in `da` and `q` the `C × kp` query tile.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dk<F: Float>(
@@ -647,7 +706,8 @@ pub(crate) fn scale_keys<F: Float>(
 }
 
 /// Multiplies row `i` of a padded `rows × cols` `f32` state tile (key `i` of the tile's keys)
-/// by the chunk's decay `exp(Λ_{C−1,i})`.
+/// by the chunk's decay `exp(Λ_{C−1,i})`. `lam` holds the gates of exactly the tile's keys
+/// (`C × rows`), so its leading dimension is `rows + PAD_F`.
 #[cube]
 pub(crate) fn decay_state_keys(
     s: &mut SharedMemory<f32>,
@@ -812,6 +872,7 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(kp, l);
+    let mut spart = score_scratch(l);
 
     // Without h0 the slice is read from row K on: all outside, all zeros.
     let first_row = comptime!(if l.has_h0 { 0 } else { l.k });
@@ -878,7 +939,7 @@ pub fn tiled_fwd_kernel<F: Float>(
         if comptime!(l.vector_gate) {
             cumulate_key_gates(&mut lamk, kp, l);
             sync_cube();
-            key_gated_scores::<F>(&sq, &sk, &lamk, &mut sah, scale, l);
+            key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
             sync_cube();
             scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
         } else {
@@ -1110,6 +1171,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(kp, l);
+    let mut spart = score_scratch(l);
 
     let first_row = comptime!(if has_dht { 0 } else { l.k });
     state_io(&mut sg, d_ht, base, first_row, v0, kp, bv, true, l);
@@ -1165,7 +1227,7 @@ pub fn tiled_dkv_kernel<F: Float>(
                 l.tile,
             );
             sync_cube();
-            key_gated_scores::<F>(&sq, &sk, &lamk, &mut sah, scale, l);
+            key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
             sync_cube();
             scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
             // dV = (scale · A ∘ M)ᵀ dO + k̃ G

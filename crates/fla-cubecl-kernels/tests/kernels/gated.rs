@@ -799,8 +799,8 @@ fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &Case, mode: 
 }
 
 /// Which chunk kernels a call takes: the tiled ones at chunk sizes that are multiples of 16 (in
-/// chunks of 16 for vector gates), the plain ones at other sizes; on lavapipe the tiled kernels
-/// shrink the chunk to fit its 32 KB of shared memory.
+/// chunks of 16 for vector gates), the plain ones at other sizes; on Vulkan (48 KB of shared
+/// memory) and lavapipe (32 KB) the tiled kernels may shrink the chunk to fit.
 #[rstest]
 fn chunk_kernel_choice(
     #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::Gla)] variant: Variant,
@@ -836,8 +836,9 @@ fn expect_kernel_choice<R: Runtime>(
         assert_eq!(l.vector_gate, variant == Variant::Gla);
         if variant == Variant::Gla {
             assert_eq!(l.chunk, 16, "vector gates take chunks of 16: {l:?}");
-        } else if !is_cpu_vulkan(client) {
-            assert_eq!(l.chunk, size, "a GPU holds a full chunk: {l:?}");
+        } else if runtime_name() == "cuda" {
+            // Vulkan's 48 KB of shared memory (and lavapipe's 32 KB) may take shorter chunks.
+            assert_eq!(l.chunk, size, "a CUDA GPU holds a full chunk: {l:?}");
         }
     }
     if runtime_name() == "cuda" {

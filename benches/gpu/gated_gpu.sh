@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, after
+# `VULKAN=1 bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here; carry
+# [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0 einops`).
+# `gated_gpu.sh tests`: the gated family's chunk-form kernel tests (FILTER, default `gated::chunk`,
+# plus the long-sequence cases) and op tests on CUDA, then the kernel tests on Vulkan.
+# `gated_gpu.sh bench`: ours and FLA 0.6.0's gated kernels on the same shapes in one call
+# (SEQ, OPS, BATCH, HEADS, DIM override the defaults).
+# `gated_gpu.sh profile`: per-kernel times of one forward+backward (CubeCL's profiler).
+set -x
+bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+R=/tmp/gpu-run
+SHAPE="--batch ${BATCH:-8} --heads ${HEADS:-16} --dim ${DIM:-128}"
+case "$1" in
+tests)
+  FLA_TEST_RUNTIME=cuda timeout 300 $R/test-kernels ${FILTER:-gated::chunk} --test-threads 8 > $OUT/cuda-gated.log 2>&1
+  grep -E "test result|FAILED|panicked|RMSE" $OUT/cuda-gated.log | head -30
+  FLA_TEST_RUNTIME=cuda timeout 200 $R/test-kernels gated::t65536 gated::long --test-threads 4 > $OUT/cuda-gated-long.log 2>&1
+  grep -E "test result|FAILED|panicked|^test " $OUT/cuda-gated-long.log | head -20
+  FLA_TEST_RUNTIME=cuda timeout 200 $R/test-ops gated --test-threads 8 > $OUT/cuda-gated-ops.log 2>&1
+  grep -E "test result|FAILED|panicked" $OUT/cuda-gated-ops.log | head -20
+  VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json timeout 200 $R/test-kernels ${FILTER:-gated::chunk} --test-threads 8 > $OUT/vk-gated.log 2>&1
+  grep -E "test result|FAILED|panicked" $OUT/vk-gated.log | head -20
+  ;;
+profile)
+  printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
+  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq ${SEQ:-4096} --ops ${OPS:-chunk_gla} \
+    --warmup 1 --iters 1 --out $OUT/prof > $OUT/profile.log 2>&1
+  rm cubecl.toml
+  tail -c 6000 $OUT/profile.log
+  ;;
+bench)
+  SEQ=${SEQ:-4096,8192,16384}
+  OPS=${OPS:-chunk_simple_gla,chunk_gla,fused_recurrent_gla}
+  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq $SEQ --ops $OPS --warmup 2 --iters 5 --out $OUT/ours 2>&1 | tail -16
+  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
+  PYTHONPATH=/tmp/site timeout 300 python3 benches/fla_gated.py --warm $SHAPE --seq $SEQ --ops $OPS --ours $OUT/ours/ours.csv --out $OUT 2>&1 | grep -v Warning | tail -30
+  ;;
+esac
