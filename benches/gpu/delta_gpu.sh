@@ -14,6 +14,8 @@ set -x
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
+# BATCH, HEADS, DIM: the shape of `profile` and `bench` (B=8, H=16, K=V=128 unless set).
+SHAPE="--batch ${BATCH:-8} --heads ${HEADS:-16} --dim ${DIM:-128}"
 case "$1" in
 tests)
   FLA_TEST_RUNTIME=cuda $R/test-kernels ${FILTER:-delta::} > $OUT/cuda-delta.log 2>&1
@@ -33,7 +35,7 @@ models)
 profile)
   # Per-kernel times of one forward+backward (CubeCL's profiling summary, printed at each sync).
   printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
-  $R/test-table --backend cuda --dtype bf16 --seq ${SEQ:-4096} --ops ${OPS:-chunk_delta_rule,chunk_gated_delta_rule} \
+  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq ${SEQ:-4096} --ops ${OPS:-chunk_delta_rule,chunk_gated_delta_rule} \
     --warmup 1 --iters 1 --out $OUT/prof > $OUT/profile.log 2>&1
   rm cubecl.toml
   tail -c 6000 $OUT/profile.log
@@ -41,8 +43,9 @@ profile)
 bench)
   SEQ=${SEQ:-4096,8192,16384}
   OPS=${OPS:-chunk_delta_rule,chunk_gated_delta_rule,fused_recurrent_delta_rule,fused_recurrent_gated_delta_rule}
-  $R/test-table --backend cuda --dtype bf16 --seq $SEQ --ops $OPS --warmup 2 --iters 5 --out $OUT/ours 2>&1 | tail -16
+  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq $SEQ --ops $OPS --warmup 2 --iters 5 --out $OUT/ours 2>&1 | tail -16
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-  PYTHONPATH=/tmp/site timeout 300 python3 benches/fla_gated.py --warm --seq $SEQ --ops $OPS --ours $OUT/ours/ours.csv --out $OUT 2>&1 | grep -v Warning | tail -30
+  # FLA_S: FLA's time limit (its first calls compile and autotune every op and shape).
+  PYTHONPATH=/tmp/site timeout ${FLA_S:-300} python3 benches/fla_gated.py --warm $SHAPE --seq $SEQ --ops $OPS --ours $OUT/ours/ours.csv --out $OUT 2>&1 | grep -v Warning | tail -30
   ;;
 esac

@@ -5,15 +5,14 @@
 # `gated_gpu.sh tests`: the gated family's chunk-form kernel tests (FILTER, default `gated::chunk`,
 # plus the long-sequence cases) and op tests on CUDA, then the kernel tests on Vulkan.
 # `gated_gpu.sh bench`: ours and FLA 0.6.0's gated kernels on the same shapes in one call
-# (SEQ, OPS, BATCH, HEADS, DIM override the defaults).
-# `gated_gpu.sh profile`: per-kernel times of one forward+backward (CubeCL's profiler).
+# (SEQ, OPS, BATCH, HEADS, DIM override the defaults); `gated_gpu.sh profile`: per-kernel times
+# of one forward+backward (CubeCL's profiler). Both are delta_gpu.sh's runs with gated defaults.
 set -x
-bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
-export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
-R=/tmp/gpu-run
-SHAPE="--batch ${BATCH:-8} --heads ${HEADS:-16} --dim ${DIM:-128}"
 case "$1" in
 tests)
+  bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+  export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+  R=/tmp/gpu-run
   FLA_TEST_RUNTIME=cuda timeout 300 $R/test-kernels ${FILTER:-gated::chunk} --test-threads 8 > $OUT/cuda-gated.log 2>&1
   grep -E "test result|FAILED|panicked|RMSE" $OUT/cuda-gated.log | head -30
   FLA_TEST_RUNTIME=cuda timeout 200 $R/test-kernels gated::t65536 gated::long --test-threads 4 > $OUT/cuda-gated-long.log 2>&1
@@ -23,18 +22,12 @@ tests)
   VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json timeout 200 $R/test-kernels ${FILTER:-gated::chunk} --test-threads 8 > $OUT/vk-gated.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/vk-gated.log | head -20
   ;;
-profile)
-  printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
-  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq ${SEQ:-4096} --ops ${OPS:-chunk_gla} \
-    --warmup 1 --iters 1 --out $OUT/prof > $OUT/profile.log 2>&1
-  rm cubecl.toml
-  tail -c 6000 $OUT/profile.log
-  ;;
-bench)
-  SEQ=${SEQ:-4096,8192,16384}
-  OPS=${OPS:-chunk_simple_gla,chunk_gla,fused_recurrent_gla}
-  $R/test-table --backend cuda --dtype bf16 $SHAPE --seq $SEQ --ops $OPS --warmup 2 --iters 5 --out $OUT/ours 2>&1 | tail -16
-  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
-  PYTHONPATH=/tmp/site timeout 300 python3 benches/fla_gated.py --warm $SHAPE --seq $SEQ --ops $OPS --ours $OUT/ours/ours.csv --out $OUT 2>&1 | grep -v Warning | tail -30
+profile|bench)
+  # The same runs as the delta rule's, on the gated family's ops. FLA's compiles of three GLA ops
+  # at three lengths did not end within 300 s on an H200: 400 s here.
+  FLA_S=${FLA_S:-400} \
+  SEQ=${SEQ:-$([ "$1" = profile ] && echo 4096 || echo 4096,8192,16384)} \
+    OPS=${OPS:-$([ "$1" = profile ] && echo chunk_gla || echo chunk_simple_gla,chunk_gla,fused_recurrent_gla)} \
+    exec bash benches/gpu/delta_gpu.sh "$1"
   ;;
 esac
