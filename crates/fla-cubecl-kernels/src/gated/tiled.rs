@@ -27,6 +27,12 @@
 //! (FLA's sub-chunks of 16 do the same on their diagonal blocks); the gates move to the key
 //! columns of `q̃ = scale · q ∘ exp(Λ_r)`, `k̃ = k ∘ exp(Λ_C − Λ_s)` and of the state's decay
 //! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`.
+//!
+//! Every exponential here has an exponent at most 0, and the helpers that take them compile with
+//! reduced-precision exponentials (`fast_math`: CUDA's `__expf`, two instructions instead of a
+//! dozen): its error, a few `f32` ulps per unit of the exponent, is far below the rounding of
+//! the inputs, and the instruction count is what bounds these kernels (Nsight Compute on an H200:
+//! issue slots 63 % busy, memory 3 % of its bandwidth).
 
 #![allow(clippy::collapsible_if)]
 
@@ -153,7 +159,7 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
 /// Shared-memory bytes of the partial scores under vector gates ([`score_scratch`]).
 fn score_bytes(l: &TiledLayout) -> usize {
     if l.vector_gate {
-        4 * score_split(l) * l.chunk * l.chunk
+        4 * score_split(l) * score_entries(l)
     } else {
         0
     }
@@ -355,7 +361,7 @@ pub(crate) fn cumulate_gates(
 
 /// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal (both
 /// `C × C`, padded rows).
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn masked_decay<F: Float>(
     src: &SharedMemory<f32>,
     dst: &mut SharedMemory<F>,
@@ -387,7 +393,7 @@ pub(crate) fn masked_decay<F: Float>(
 
 /// Scales row `r` of a padded row-major `C × cols` tile by `factor · exp(λ_r)`
 /// (`from_end = false`) or by `factor · exp(λ_C − λ_r)` (`from_end`).
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn scale_rows<F: Float>(
     t: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
@@ -420,7 +426,7 @@ pub(crate) fn scale_rows<F: Float>(
 }
 
 /// Multiplies a padded `rows × cols` `f32` state tile by the chunk's decay `exp(λ_C)`.
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn decay_state(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
@@ -526,21 +532,57 @@ pub(crate) fn cumulate_key_gates(
     }
 }
 
+/// Scores of a chunk on or below its diagonal, `C (C + 1) / 2`: the only ones
+/// [`key_gated_scores`] sums (the rest are 0).
+pub fn score_entries(l: &TiledLayout) -> usize {
+    l.chunk * (l.chunk + 1) / 2
+}
+
 /// How many units share one score of [`key_gated_scores`] (each sums a slice of the keys): the
-/// `C × C` scores alone would leave most of the cube idle through a `K`-long loop.
+/// `C (C + 1) / 2` scores alone would leave most of the cube idle through a `K`-long loop. A
+/// power of two whose slices are whole fragments, as many as the cube has units for.
 pub fn score_split(l: &TiledLayout) -> usize {
-    let mut split = (l.tile.threads() / (l.chunk * l.chunk)).max(1);
-    while split > 1 && !(l.kp / FRAG).is_multiple_of(split) {
-        split /= 2;
+    let mut split = 1;
+    while 2 * split * score_entries(l) <= l.tile.threads()
+        && (l.kp / FRAG).is_multiple_of(2 * split)
+    {
+        split *= 2;
     }
     split
+}
+
+/// Row and column of the `e`-th score on or below the diagonal of a `C × C` chunk (`C` even).
+/// Rows `p` and `C − 1 − p` pair up into `C + 1` entries, so that consecutive units take
+/// consecutive entries of the triangle with none of them masked out.
+#[cube]
+pub(crate) fn triangle_entry(e: usize, #[comptime] c: usize) -> (usize, usize) {
+    let p = e / comptime!(c + 1);
+    let i = e % comptime!(c + 1);
+    let mut row = p;
+    let mut col = i;
+    if i > p {
+        row = comptime!(c - 1) - p;
+        col = i - p - 1;
+    }
+    (row, col)
+}
+
+/// The inverse of [`triangle_entry`], for `col ≤ row`.
+#[cube]
+pub(crate) fn triangle_index(row: usize, col: usize, #[comptime] c: usize) -> usize {
+    let mut e = row * comptime!(c + 1) + col;
+    if row >= comptime!(c / 2) {
+        let p = comptime!(c - 1) - row;
+        e = p * comptime!(c + 1) + col + p + 1;
+    }
+    e
 }
 
 /// Scratch for the partial scores of [`key_gated_scores`] (one entry without vector gates).
 #[cube]
 pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
     SharedMemory::<f32>::new(comptime!(if l.vector_gate {
-        score_split(&l) * l.chunk * l.chunk
+        score_split(&l) * score_entries(&l)
     } else {
         1
     }))
@@ -548,9 +590,12 @@ pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
 
 /// The chunk's scores under vector gates, `dst[r, s] = factor · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)`
 /// for `s ≤ r`, 0 above the diagonal (`C × C`, input dtype; `q`, `k` are `C × kp` tiles).
-/// [`score_split`] units sum a slice of the keys each into `part`, then one unit per score adds
-/// them up (the caller synchronises before reading `dst`).
-#[cube]
+/// [`score_split`] units sum a slice of the keys each for one score of the triangle
+/// ([`triangle_entry`]) into `part`, then one unit per score adds them up (the caller
+/// synchronises before reading `dst`). Exponentials in reduced precision (CUDA's `__expf`):
+/// every exponent is at most 0, where its error stays within a few `f32` ulps per unit of the
+/// exponent, far below the inputs' rounding.
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn key_gated_scores<F: Float>(
     q: &SharedMemory<F>,
     k: &SharedMemory<F>,
@@ -562,27 +607,24 @@ pub(crate) fn key_gated_scores<F: Float>(
 ) {
     let c = comptime!(l.chunk);
     let cc = comptime!(l.chunk * l.chunk);
+    let tri = comptime!(score_entries(&l));
     let split = comptime!(score_split(&l));
     let slice = comptime!(l.kp / split);
     let (ldh, ldl, ldd) = comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph));
     let unit = UNIT_POS as usize;
     #[unroll]
-    for r in 0..comptime!((cc * split).div_ceil(l.tile.threads())) {
+    for r in 0..comptime!((tri * split).div_ceil(l.tile.threads())) {
         let u = unit + r * comptime!(l.tile.threads());
-        if u < cc * split {
-            let e = u % cc;
-            let j0 = (u / cc) * slice;
-            let row = e / c;
-            let col = e % c;
+        if u < tri * split {
+            let e = u % tri;
+            let j0 = (u / tri) * slice;
+            let (row, col) = triangle_entry(e, c);
             let mut x = 0.0f32;
-            if col <= row {
-                #[unroll(l.tile.unroll)]
-                for jj in 0..slice {
-                    let j = j0 + jj;
-                    let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
-                    x +=
-                        f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
-                }
+            #[unroll(l.tile.unroll)]
+            for jj in 0..slice {
+                let j = j0 + jj;
+                let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
+                x += f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
             }
             part[u] = x;
         }
@@ -592,12 +634,16 @@ pub(crate) fn key_gated_scores<F: Float>(
     for r in 0..comptime!(cc.div_ceil(l.tile.threads())) {
         let e = unit + r * comptime!(l.tile.threads());
         if e < cc {
+            let (row, col) = (e / c, e % c);
             let mut x = 0.0f32;
-            #[unroll]
-            for p in 0..split {
-                x += part[p * cc + e];
+            if col <= row {
+                let t = triangle_index(row, col, c);
+                #[unroll]
+                for p in 0..split {
+                    x += part[p * tri + t];
+                }
             }
-            dst[(e / c) * ldd + e % c] = F::cast_from(x * factor);
+            dst[row * ldd + col] = F::cast_from(x * factor);
         }
     }
 }
@@ -605,7 +651,7 @@ pub(crate) fn key_gated_scores<F: Float>(
 /// `dq` under vector gates, in place over `out` (`C × cols` `f32`, holding `dO Sᵀ`):
 /// `out[r, j] ← factor · (exp(Λ_rj) out[r, j] + Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj))`, with
 /// `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the `C × cols` key tile.
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn key_gated_dq<F: Float>(
     da: &SharedMemory<f32>,
     k: &SharedMemory<F>,
@@ -626,9 +672,19 @@ pub(crate) fn key_gated_dq<F: Float>(
         if row < c {
             let lr = lam[row * ldl + j];
             let mut x = lr.exp() * out[row * ldl + j];
-            #[unroll(l.tile.unroll)]
-            for s in 0..c {
-                if s <= row {
+            if comptime!(l.tile.unroll) {
+                // Compile-time bounds for lavapipe (see `crate::tile`), the mask inside.
+                #[unroll]
+                for s in 0..c {
+                    if s <= row {
+                        let decay = (lr - lam[s * ldl + j]).exp();
+                        x += da[row * lda + s] * f32::cast_from(k[s * ldk + j]) * decay;
+                    }
+                }
+            } else {
+                // A plane's units share `row` (tiles as wide as a plane or wider), so the
+                // causal bound costs no divergence and skips the masked half.
+                for s in 0..row + 1 {
                     let decay = (lr - lam[s * ldl + j]).exp();
                     x += da[row * lda + s] * f32::cast_from(k[s * ldk + j]) * decay;
                 }
@@ -642,7 +698,7 @@ pub(crate) fn key_gated_dq<F: Float>(
 /// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,i} − Λ_si) out[s, j]
 /// + factor · Σ_{r ≥ s} dA_rs q_ri exp(Λ_ri − Λ_si)`, key column `i = col0 + j`, with
 /// `dA = dO Vᵀ` unmasked in `da` and `q` the `C × kp` query tile.
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dk<F: Float>(
     da: &SharedMemory<f32>,
@@ -666,9 +722,17 @@ pub(crate) fn key_gated_dk<F: Float>(
             let ls = lam[row * ldl + kc];
             let last = lam[comptime!(c - 1) * ldl + kc];
             let mut x = (last - ls).exp() * out[row * ldo + j];
-            #[unroll(l.tile.unroll)]
-            for u in 0..c {
-                if u >= row {
+            if comptime!(l.tile.unroll) {
+                #[unroll]
+                for u in 0..c {
+                    if u >= row {
+                        let decay = (lam[u * ldl + kc] - ls).exp();
+                        x += factor * da[u * lda + row] * f32::cast_from(q[u * ldq + kc]) * decay;
+                    }
+                }
+            } else {
+                // As in `key_gated_dq`: the causal bound instead of the mask.
+                for u in row..c {
                     let decay = (lam[u * ldl + kc] - ls).exp();
                     x += factor * da[u * lda + row] * f32::cast_from(q[u * ldq + kc]) * decay;
                 }
@@ -680,7 +744,7 @@ pub(crate) fn key_gated_dk<F: Float>(
 
 /// Scales entry `(r, j)` of a `C × cols` key tile by `factor · exp(Λ_rj)` (`from_end = false`)
 /// or by `factor · exp(Λ_{C−1,j} − Λ_rj)` (`from_end`): `q̃` and `k̃` under vector gates.
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn scale_keys<F: Float>(
     t: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
@@ -708,7 +772,7 @@ pub(crate) fn scale_keys<F: Float>(
 /// Multiplies row `i` of a padded `rows × cols` `f32` state tile (key `i` of the tile's keys)
 /// by the chunk's decay `exp(Λ_{C−1,i})`. `lam` holds the gates of exactly the tile's keys
 /// (`C × rows`), so its leading dimension is `rows + PAD_F`.
-#[cube]
+#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub(crate) fn decay_state_keys(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
