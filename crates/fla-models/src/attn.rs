@@ -6,7 +6,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use fla_burn::{parallel_attn, AttentionBackend, AttnOptions, FlaError};
 
 /// FLA's layer arguments and defaults.
@@ -106,8 +106,12 @@ pub fn rotary<B: Backend>(x: Tensor<B, 4>, offset: usize, base: f64) -> Tensor<B
         }
     }
     let device = x.device();
+    // The tables in f32, like the product they enter: created in the backend's default float
+    // dtype they were half precision in a half-precision model, where Burn's fusion refuses the
+    // mixed product (`DTypeMismatch`) and the cos/sin would lose their precision besides.
     let table = |v: Vec<f32>| {
-        Tensor::<B, 2>::from_data(TensorData::new(v, [t, d]), &device).reshape([1, t, 1, d])
+        Tensor::<B, 2>::from_data(TensorData::new(v, [t, d]), (&device, DType::F32))
+            .reshape([1, t, 1, d])
     };
     let dtype = x.dtype();
     let x = x.cast(burn::tensor::FloatDType::F32);

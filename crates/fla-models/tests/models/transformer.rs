@@ -116,6 +116,26 @@ fn rotary_rotates_pairs_by_position() {
         .assert_approx_eq::<f32>(&x.narrow(1, 0, 1).into_data(), Tolerance::absolute(1e-6));
 }
 
+/// In half precision the rotation runs in f32 and matches the f32 one to the output's rounding
+/// (f16: 2^-11 relative, values up to ~4 here). Its cos/sin tables used to take the backend's
+/// default dtype, f16, and Burn's fusion refused their product with the f32 input.
+#[test]
+fn rotary_in_half_precision_matches_f32() {
+    type H = burn::backend::Wgpu<burn::tensor::f16>;
+    let x = Tensor::<H, 4>::random(
+        [2, 65, 2, 16],
+        Distribution::Normal(0.0, 1.0),
+        &Default::default(),
+    );
+    let got = rotary(x.clone(), 3, 10000.0);
+    assert_eq!(got.dtype(), x.dtype());
+    let same_input = Tensor::<B, 4>::from_data(x.into_data().convert::<f32>(), &Default::default());
+    let want = rotary(same_input, 3, 10000.0);
+    got.into_data()
+        .convert::<f32>()
+        .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(4e-3));
+}
+
 #[test]
 fn overfits_a_tiny_batch() {
     let device = Default::default();
