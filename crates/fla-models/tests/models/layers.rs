@@ -442,3 +442,16 @@ fn attn_specs_are_checked_as_fla_checks_them() {
         assert!(e.contains(what), "{e}");
     }
 }
+
+/// RetNet (rotary and the retention op) in half precision on the fused backend against f32
+/// (`half_precision_matches_f32!`).
+#[test]
+fn retnet_in_half_precision_matches_f32() {
+    half_precision_matches_f32!(RetNetConfig {
+        hidden_size: 32,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 16,
+        ..Default::default()
+    });
+}

@@ -136,39 +136,11 @@ fn rotary_in_half_precision_matches_f32() {
         .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(4e-3));
 }
 
-/// The whole model in half precision on the fused backend (Burn's fusion, as `Wgpu<f16>`)
-/// against the same weights in f32 on NdArray: logits agree to half precision's rounding through
-/// two layers (measured max |Δ| about 1e-3 here; bound 2e-2). A mixed-dtype product anywhere in the
-/// model (as the rotary tables were) fails this with `DTypeMismatch`.
+/// The whole model in half precision on the fused backend against f32 (see
+/// `half_precision_matches_f32!`; measured max |Δ| in the logits about 1e-3).
 #[test]
 fn half_precision_model_matches_f32() {
-    use burn::module::Module;
-    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-    type H = burn::backend::Wgpu<burn::tensor::f16>;
-    let (cpu, gpu) = (Default::default(), Default::default());
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder
-        .record(tiny().init::<B>(&cpu).unwrap().into_record(), ())
-        .unwrap();
-    let full = tiny()
-        .init::<B>(&cpu)
-        .unwrap()
-        .load_record(recorder.load(bytes.clone(), &cpu).unwrap());
-    let half = tiny()
-        .init::<H>(&gpu)
-        .unwrap()
-        .load_record(recorder.load(bytes, &gpu).unwrap());
-    let rows: &[&[i64]] = &[&[1, 5, 2, 9, 3, 3, 7], &[4, 0, 15, 8, 6, 2, 1]];
-    let (want, _) = full.forward(ids::<B>(rows, &cpu), None, false).unwrap();
-    let (got, _) = half.forward(ids::<H>(rows, &gpu), None, false).unwrap();
-    let got = got.into_data().convert::<f32>();
-    let diff = got
-        .iter::<f32>()
-        .zip(want.to_data().iter::<f32>())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    eprintln!("half-precision logits: max |diff| {diff:.2e}");
-    got.assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-2));
+    half_precision_matches_f32!(tiny());
 }
 
 #[test]
