@@ -132,3 +132,10 @@ fn attn_mode_is_checked() {
         Ok(_) => panic!("unknown attn_mode accepted"),
     }
 }
+
+/// GLA (the gated op, the gated norm) in half precision on the fused backend against f32
+/// (`half_precision_matches_f32!`).
+#[test]
+fn gla_in_half_precision_matches_f32() {
+    half_precision_matches_f32!(tiny());
+}
