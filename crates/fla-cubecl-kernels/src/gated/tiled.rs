@@ -36,11 +36,18 @@
 
 #![allow(clippy::collapsible_if)]
 
+use cubecl::ir::features::EnumSet;
 use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
 use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig, FRAG};
+
+/// The floating-point freedoms of the helpers that take exponentials (module doc): reduced
+/// precision (CUDA's `__expf`), with finite, non-NaN operands.
+fn fast_exp() -> EnumSet<FastMath> {
+    FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+}
 
 /// Compile-time shape of a tiled chunk launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -361,7 +368,7 @@ pub(crate) fn cumulate_gates(
 
 /// `dst[r, s] = factor · src[r, s] · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal (both
 /// `C × C`, padded rows).
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn masked_decay<F: Float>(
     src: &SharedMemory<f32>,
     dst: &mut SharedMemory<F>,
@@ -393,7 +400,7 @@ pub(crate) fn masked_decay<F: Float>(
 
 /// Scales row `r` of a padded row-major `C × cols` tile by `factor · exp(λ_r)`
 /// (`from_end = false`) or by `factor · exp(λ_C − λ_r)` (`from_end`).
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn scale_rows<F: Float>(
     t: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
@@ -426,7 +433,7 @@ pub(crate) fn scale_rows<F: Float>(
 }
 
 /// Multiplies a padded `rows × cols` `f32` state tile by the chunk's decay `exp(λ_C)`.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn decay_state(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
@@ -595,7 +602,7 @@ pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
 /// synchronises before reading `dst`). Exponentials in reduced precision (CUDA's `__expf`):
 /// every exponent is at most 0, where its error stays within a few `f32` ulps per unit of the
 /// exponent, far below the inputs' rounding.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn key_gated_scores<F: Float>(
     q: &SharedMemory<F>,
     k: &SharedMemory<F>,
@@ -651,7 +658,7 @@ pub(crate) fn key_gated_scores<F: Float>(
 /// `dq` under vector gates, in place over `out` (`C × cols` `f32`, holding `dO Sᵀ`):
 /// `out[r, j] ← factor · (exp(Λ_rj) out[r, j] + Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj))`, with
 /// `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the `C × cols` key tile.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn key_gated_dq<F: Float>(
     da: &SharedMemory<f32>,
     k: &SharedMemory<F>,
@@ -698,7 +705,7 @@ pub(crate) fn key_gated_dq<F: Float>(
 /// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,i} − Λ_si) out[s, j]
 /// + factor · Σ_{r ≥ s} dA_rs q_ri exp(Λ_ri − Λ_si)`, key column `i = col0 + j`, with
 /// `dA = dO Vᵀ` unmasked in `da` and `q` the `C × kp` query tile.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dk<F: Float>(
     da: &SharedMemory<f32>,
@@ -744,7 +751,7 @@ pub(crate) fn key_gated_dk<F: Float>(
 
 /// Scales entry `(r, j)` of a `C × cols` key tile by `factor · exp(Λ_rj)` (`from_end = false`)
 /// or by `factor · exp(Λ_{C−1,j} − Λ_rj)` (`from_end`): `q̃` and `k̃` under vector gates.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn scale_keys<F: Float>(
     t: &mut SharedMemory<F>,
     lam: &SharedMemory<f32>,
@@ -772,7 +779,7 @@ pub(crate) fn scale_keys<F: Float>(
 /// Multiplies row `i` of a padded `rows × cols` `f32` state tile (key `i` of the tile's keys)
 /// by the chunk's decay `exp(Λ_{C−1,i})`. `lam` holds the gates of exactly the tile's keys
 /// (`C × rows`), so its leading dimension is `rows + PAD_F`.
-#[cube(fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(fast_math = fast_exp())]
 pub(crate) fn decay_state_keys(
     s: &mut SharedMemory<f32>,
     lam: &SharedMemory<f32>,
