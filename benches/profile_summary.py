@@ -32,6 +32,13 @@ def kind(name: str) -> str:
         return "element-wise"
     if head == "ReduceKernel":
         return "reduction"
+    # Burn's fusion (CubeBackend under Fusion, as bf16 training runs since the vendored fix):
+    # chains of element-wise ops, and reductions with the element-wise ops around them, as one
+    # kernel each.
+    if head == "ElemwiseFuse":
+        return "element-wise (fused)"
+    if head == "ReduceKernelFused":
+        return "reduction (fused)"
     if head == "CastElement":
         return "cast"
     if head in ("SelectAssignKernel", "SelectKernel", "GatherKernel", "ScatterKernel",

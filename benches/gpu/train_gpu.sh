@@ -19,6 +19,10 @@
 # fresh machine: 277 s): ours 23,900 tokens/s (0.69 s/step, median of steps 2-6; first step
 # 232 s), validation loss 10.52 -> 4.48 in 6 steps, 49.1 GiB in use (nvidia-smi); FLA 110,600
 # tokens/s (148 ms/step), 20.2 GiB allocated, 22.6 GiB reserved. Ours is 0.22x FLA's rate.
+# Measured again 2026-12-04 (eleventh session), on Burn's fused CUDA backend (vendor/README.md),
+# `OURS_S=510 FLA_S=1 STEPS=6 ... 340m` from the cache of the tiny runs: 39,000 tokens/s (median
+# of steps 3-6), first step 61 s, validation loss 10.52 -> 4.47, 51.9 GiB; FLA not rerun (0.35x
+# its earlier figure).
 set -x
 # GPU_DIR: the packed folder (.gpu unless another pack was moved aside while .gpu is rebuilt).
 bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1

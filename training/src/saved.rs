@@ -93,9 +93,8 @@ where
 }
 
 /// Runs `$body` with the type `$B` set to the backend named `$name` (ndarray, wgpu, cuda) at the
-/// float precision `$precision` (f32; bf16 on cuda, through Burn's unfused CUDA backend, whose
-/// fusion does not take mixed dtypes), or returns an error naming what is not available; wgpu is
-/// checked for an adapter first.
+/// float precision `$precision` (f32; bf16 on cuda), or returns an error naming what is not
+/// available; wgpu is checked for an adapter first.
 macro_rules! on_backend {
     ($name:expr, $precision:expr, $B:ident => $body:expr) => {
         match ($name, $precision) {
@@ -119,7 +118,7 @@ macro_rules! on_backend {
             }
             #[cfg(feature = "cuda")]
             ("cuda", "bf16") => {
-                type $B = fla_burn::device::CudaUnfused<burn::tensor::bf16>;
+                type $B = burn::backend::Cuda<burn::tensor::bf16>;
                 $body
             }
             (b @ ("ndarray" | "wgpu"), p) if p != "f32" => Err(format!(

@@ -659,13 +659,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         #[cfg(feature = "cuda")]
-        "cuda" => {
-            use fla_burn::device::CudaUnfused;
-            match precision {
-                "bf16" => train_family::<Autodiff<CudaUnfused<burn::tensor::bf16>>>(&args, &text),
-                _ => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),
+        "cuda" => match precision {
+            "bf16" => {
+                train_family::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(&args, &text)
             }
-        }
+            _ => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),
+        },
         other => Err(format!("backend {other} is not built in (features: wgpu, cuda)").into()),
     }
 }

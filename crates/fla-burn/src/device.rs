@@ -59,12 +59,6 @@ fn with_remedy(e: FlaError, remedy: &str) -> FlaError {
     }
 }
 
-/// The CUDA backend without Burn's fusion at float type `F` (`burn::backend::Cuda<F>` is the fused
-/// one). Reduced-precision training takes it: Burn 0.21's fusion panics in its code generation on
-/// graphs that mix dtypes (measured on lavapipe's f16: parameters in f16, the loss in f32).
-#[cfg(feature = "cuda")]
-pub type CudaUnfused<F> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
-
 /// Configures CubeCL for a program that runs models (training, generation): `autotune` is the
 /// autotune effort (`minimal`, `balanced`, `extensive`, `full`) unless `CUBECL_AUTOTUNE_LEVEL`
 /// is set, and compiled kernels are cached on disk (where a `cubecl.toml` says, if it does):

@@ -139,3 +139,18 @@ fn attn_mode_is_checked() {
 fn gla_in_half_precision_matches_f32() {
     half_precision_matches_f32!(tiny());
 }
+
+/// GLA's training step (loss, every gradient, AdamW with clipping) in half precision on the fused
+/// backend against f32, at the training preset's shapes (`half_precision_trains!`).
+#[test]
+fn gla_trains_in_half_precision() {
+    half_precision_trains!(GlaConfig {
+        hidden_size: 64,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        use_short_conv: true,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    });
+}
