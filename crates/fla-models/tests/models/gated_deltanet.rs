@@ -220,3 +220,19 @@ fn model_overfits_a_tiny_batch() {
     }
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
+
+/// Gated DeltaNet's training step (loss, every gradient, AdamW with clipping) in half precision on
+/// the fused backend against f32, at `fla-train`'s preset shapes (`half_precision_trains!`).
+#[test]
+fn gated_deltanet_trains_in_half_precision() {
+    half_precision_trains!(GatedDeltaNetConfig {
+        hidden_size: 64,
+        num_heads: 2,
+        head_dim: 16,
+        expand_v: 2.0,
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    });
+}

@@ -455,3 +455,45 @@ fn retnet_in_half_precision_matches_f32() {
         ..Default::default()
     });
 }
+
+/// DeltaNet's, RetNet's and HGRN2's training steps in half precision on the fused backend against
+/// f32, at `fla-train`'s preset shapes (`half_precision_trains!`).
+#[test]
+fn delta_net_trains_in_half_precision() {
+    half_precision_trains!(DeltaNetConfig {
+        hidden_size: 64,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    });
+}
+
+/// Not passing: the first layer's `q_proj` gradient in f16 is off by up to 11 % in L2 norm
+/// against f32 on some random initialisations (3e-3 to 3e-2 on others; every other family's
+/// gradients within 1.3 %). Open (issue 6's note): where RetNet's f16 path loses it.
+#[test]
+#[ignore = "RetNet's q gradient in f16 is off by up to 11 % against f32 on some inits (open)"]
+fn retnet_trains_in_half_precision() {
+    half_precision_trains!(RetNetConfig {
+        hidden_size: 64,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    });
+}
+
+#[test]
+fn hgrn2_trains_in_half_precision() {
+    half_precision_trains!(Hgrn2Config {
+        hidden_size: 64,
+        expand_ratio: Some(32),
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        attn_mode: "fused_recurrent".into(),
+        ..Default::default()
+    });
+}

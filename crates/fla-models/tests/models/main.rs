@@ -103,16 +103,18 @@ pub fn fusion_panics() -> usize {
 }
 
 /// The training step of the model from `$config` in half precision on Burn's fused wgpu backend
-/// against f32 on NdArray: the loss and every parameter's gradient must agree (gradients within
-/// 3 % of the tensor's largest entry), then three AdamW steps (weight decay, per-tensor gradient
-/// clipping, as `fla-train` runs them) must lower the half-precision loss. The loss's softmax runs
-/// in f32, so the step mixes dtypes in one graph, which made Burn 0.21.0's fusion panic in its
-/// fused reductions (patched in `vendor/`, see `vendor/README.md`); the shapes are the training
-/// preset's (hidden 64, short convolutions, byte vocabulary, 16 x 64 tokens), on which it panicked
-/// (`fusion_panics` sees it even where the autotuner recovers). Adam's epsilon
-/// is 1e-4 because f16 flushes the default 1e-8 to zero; losses after Adam steps are not compared
-/// with f32's, since Adam's first steps follow the gradients' signs, which rounding flips where a
-/// gradient is near zero.
+/// against f32 on NdArray: the loss and every parameter's gradient must agree (each gradient
+/// tensor within 5 % in L2 norm, with an absolute floor, see below), then three AdamW steps
+/// (weight decay, per-tensor gradient clipping, as `fla-train` runs them) must lower the
+/// half-precision loss. The loss's softmax runs in f32, so the step mixes dtypes in one graph,
+/// which made Burn 0.21.0's fusion panic in its fused reductions (patched in `vendor/`, see
+/// `vendor/README.md`); the shapes are the training preset's (hidden 64, short convolutions, byte
+/// vocabulary, 16 x 64 tokens), on which it panicked (`fusion_panics` sees it even where the
+/// autotuner recovers). Adam's epsilon is 1e-4 because f16 flushes the default 1e-8 to zero;
+/// losses after Adam steps are not compared with f32's (printed beside them): f16's range
+/// flushes Adam's second moment of gradients under about 1e-3 to zero, and those parameters then
+/// step by up to `lr * g / epsilon`, far more than in f32 (measured: GLA's loss 5.64 -> 0.05 in
+/// three steps against 4.57 in f32). bf16, which CUDA training uses, has f32's range.
 macro_rules! half_precision_trains {
     ($config:expr) => {{
         use burn::backend::Autodiff;
@@ -158,43 +160,48 @@ macro_rules! half_precision_trains {
             "half-precision loss {first}, f32 {want_loss}"
         );
         assert_eq!(got.len(), want.len(), "gradients for different parameters");
+        // Per tensor, the error's L2 norm against the f32 gradient's, with a floor of 5e-5 an
+        // entry: f16 rounds the activations behind a gradient to about 1e-3 of their size, so a
+        // tensor whose gradients are small differences of larger terms (a per-head decay's, a
+        // bias's) carries absolute errors of that size whatever its own scale.
+        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
         let mut worst = 0.0f32;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
-            let diff = g
-                .iter()
-                .zip(w)
-                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            let scale = norm(&mut w.iter().copied());
+            let diff = norm(&mut g.iter().zip(w).map(|(a, b)| a - b));
+            let floor = 5e-5 * (w.len() as f32).sqrt();
             assert!(
-                g.iter().all(|x| x.is_finite()) && diff <= 3e-2 * scale,
-                "parameter {i}: gradient off by {diff:.2e} of max {scale:.2e}"
+                g.iter().all(|x| x.is_finite()) && diff <= 5e-2 * scale + floor,
+                "parameter {i}: gradient off by {diff:.2e} in L2 norm, of {scale:.2e}"
             );
-            worst = worst.max(diff / scale);
+            worst = worst.max(diff / scale.max(floor));
         }
 
-        let mut optim = AdamWConfig::new()
+        // fla-train's defaults (peak rate 3e-3, weight decay 0.01, clipping at norm 1), both
+        // models stepped alike; the f32 losses are printed for comparison only.
+        let adamw = AdamWConfig::new()
             .with_weight_decay(0.01)
             .with_epsilon(1e-4)
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-            .init();
-        let mut last = first;
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)));
+        let (mut optim_h, mut optim_f) = (adamw.init(), adamw.init());
+        let mut full = full;
+        let (mut curve_h, mut curve_f) = (vec![first], vec![want_loss]);
         for _ in 0..3 {
             let loss = half.loss(batch_h()).unwrap();
-            last = loss
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap()[0];
             let grads = GradientsParams::from_grads(loss.backward(), &half);
-            half = optim.step(1e-2, half, grads);
+            half = optim_h.step(3e-3, half, grads);
+            let loss = half.loss(batch_h()).unwrap();
+            curve_h.push(loss.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0]);
+            let loss = full.loss(batch_f()).unwrap();
+            let grads = GradientsParams::from_grads(loss.backward(), &full);
+            full = optim_f.step(3e-3, full, grads);
+            curve_f.push(full.loss(batch_f()).unwrap().into_scalar());
         }
-        let after = half.loss(batch_h()).unwrap();
-        let after = after.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0];
         eprintln!(
             "half precision: loss {first:.4} (f32 {want_loss:.4}), gradients within \
-             {worst:.1e} of each tensor's max, AdamW: {last:.4} -> {after:.4}"
+             {worst:.1e} (relative L2); 3 AdamW steps: {curve_h:.3?} (f32 {curve_f:.3?})"
         );
+        let after = curve_h[3];
         assert!(
             after.is_finite() && after < first,
             "loss {first} -> {after} in 3 AdamW steps"

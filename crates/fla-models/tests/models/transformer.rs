@@ -206,3 +206,16 @@ fn unsupported_options_are_refused() {
         assert!(bad.init::<B>(&device).is_err(), "{bad:?} accepted");
     }
 }
+
+/// The Transformer's training step (rotary, fused attention, loss, every gradient, AdamW with
+/// clipping) in half precision on the fused backend against f32 (`half_precision_trains!`).
+#[test]
+fn transformer_trains_in_half_precision() {
+    half_precision_trains!(TransformerConfig {
+        hidden_size: 64,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 256,
+        ..Default::default()
+    });
+}
