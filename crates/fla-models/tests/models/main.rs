@@ -2,6 +2,30 @@
 //! Burn's backends again; one is built where five were). Select a file's tests by its module:
 //! `cargo test -p fla-models --test models parity::`.
 
+/// The model of `$config` on backend `$A` (device `$da`) and on `$B` (`$db`), with the same weights
+/// (one initialisation's, through a full-precision record).
+macro_rules! same_weights {
+    ($config:expr, $A:ty, $da:expr, $B:ty, $db:expr) => {{
+        use burn::module::Module;
+        use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        // Both load the record: Burn initialises parameters lazily, so a clone of a fresh model
+        // draws its own values.
+        let bytes = recorder
+            .record($config.init::<$A>($da).unwrap().into_record(), ())
+            .unwrap();
+        let a = $config
+            .init::<$A>($da)
+            .unwrap()
+            .load_record(recorder.load(bytes.clone(), $da).unwrap());
+        let b = $config
+            .init::<$B>($db)
+            .unwrap()
+            .load_record(recorder.load(bytes, $db).unwrap());
+        (a, b)
+    }};
+}
+
 /// A model config's tiny model in half precision on the fused backend (`Wgpu<f16>`, Burn's
 /// fusion) against the same weights in f32 on NdArray: the logits agree to half precision's
 /// rounding through the layers (bound 2e-2 absolute on logits of order 1). A mixed-dtype product
@@ -9,24 +33,11 @@
 /// computation that loses half precision's range or accuracy fails the bound.
 macro_rules! half_precision_matches_f32 {
     ($config:expr) => {{
-        use burn::module::Module;
-        use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
         use burn::tensor::{Int, Tensor, TensorData, Tolerance};
         type F = burn::backend::NdArray<f32>;
         type H = burn::backend::Wgpu<burn::tensor::f16>;
         let (cpu, gpu) = (Default::default(), Default::default());
-        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-        let bytes = recorder
-            .record($config.init::<F>(&cpu).unwrap().into_record(), ())
-            .unwrap();
-        let full = $config
-            .init::<F>(&cpu)
-            .unwrap()
-            .load_record(recorder.load(bytes.clone(), &cpu).unwrap());
-        let half = $config
-            .init::<H>(&gpu)
-            .unwrap()
-            .load_record(recorder.load(bytes, &gpu).unwrap());
+        let (full, half) = same_weights!($config, F, &cpu, H, &gpu);
         let ids: Vec<i64> = vec![1, 5, 2, 9, 3, 3, 7, 4, 0, 15, 8, 6, 2, 1];
         let (want, _) = full
             .forward(
@@ -119,26 +130,13 @@ macro_rules! half_precision_trains {
     ($config:expr) => {{
         use burn::backend::Autodiff;
         use burn::grad_clipping::GradientClippingConfig;
-        use burn::module::Module;
         use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-        use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
         use burn::tensor::{Int, Tensor, TensorData};
         type F = Autodiff<burn::backend::NdArray<f32>>;
         type H = Autodiff<burn::backend::Wgpu<burn::tensor::f16>>;
         let panics = $crate::fusion_panics();
         let (cpu, gpu) = (Default::default(), Default::default());
-        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-        let bytes = recorder
-            .record($config.init::<F>(&cpu).unwrap().into_record(), ())
-            .unwrap();
-        let full = $config
-            .init::<F>(&cpu)
-            .unwrap()
-            .load_record(recorder.load(bytes.clone(), &cpu).unwrap());
-        let mut half = $config
-            .init::<H>(&gpu)
-            .unwrap()
-            .load_record(recorder.load(bytes, &gpu).unwrap());
+        let (full, mut half) = same_weights!($config, F, &cpu, H, &gpu);
         let (b, t) = (16, 65);
         let ids: Vec<i64> = (0..b * t).map(|i| (i * 37 % 251) as i64).collect();
         let batch_f = || Tensor::<F, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &cpu);
