@@ -94,6 +94,12 @@ where
     collect.out
 }
 
+/// A one-element tensor's value as f32, read in the tensor's own dtype (`into_scalar` would
+/// round the f32 loss of a half-precision model to the backend's f16).
+pub fn value<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f32 {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0]
+}
+
 /// How many panics Burn's fusion crates have raised in this process so far, on any thread. Its
 /// autotuner runs candidate kernels under `catch_unwind` and takes another on a panic, so a
 /// fusion bug can pass unseen on one run and kill the next (where the tuned choice is cached).
@@ -142,17 +148,15 @@ macro_rules! half_precision_trains {
         let batch_f = || Tensor::<F, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &cpu);
         let batch_h = || Tensor::<H, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &gpu);
 
+        // The loss and gradients of both models; the gradients also take the first AdamW step.
         let loss = full.loss(batch_f()).unwrap();
-        let want_loss = loss.clone().into_scalar();
-        let want = $crate::grads_in_order(&full, &loss.backward());
+        let want_loss = $crate::value(loss.clone());
+        let mut grads_f = loss.backward();
+        let want = $crate::grads_in_order(&full, &grads_f);
         let loss = half.loss(batch_h()).unwrap();
-        let first = loss
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .unwrap()[0];
-        let got = $crate::grads_in_order(&half, &loss.backward());
+        let first = $crate::value(loss.clone());
+        let mut grads_h = loss.backward();
+        let got = $crate::grads_in_order(&half, &grads_h);
         assert!(
             (first - want_loss).abs() < 1e-2,
             "half-precision loss {first}, f32 {want_loss}"
@@ -184,16 +188,18 @@ macro_rules! half_precision_trains {
         let (mut optim_h, mut optim_f) = (adamw.init(), adamw.init());
         let mut full = full;
         let (mut curve_h, mut curve_f) = (vec![first], vec![want_loss]);
-        for _ in 0..3 {
-            let loss = half.loss(batch_h()).unwrap();
-            let grads = GradientsParams::from_grads(loss.backward(), &half);
+        for step in 1..=3 {
+            let grads = GradientsParams::from_grads(grads_h, &half);
             half = optim_h.step(3e-3, half, grads);
-            let loss = half.loss(batch_h()).unwrap();
-            curve_h.push(loss.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0]);
-            let loss = full.loss(batch_f()).unwrap();
-            let grads = GradientsParams::from_grads(loss.backward(), &full);
+            let grads = GradientsParams::from_grads(grads_f, &full);
             full = optim_f.step(3e-3, full, grads);
-            curve_f.push(full.loss(batch_f()).unwrap().into_scalar());
+            let (loss_h, loss_f) = (half.loss(batch_h()).unwrap(), full.loss(batch_f()).unwrap());
+            curve_h.push($crate::value(loss_h.clone()));
+            curve_f.push($crate::value(loss_f.clone()));
+            if step == 3 {
+                break;
+            }
+            (grads_h, grads_f) = (loss_h.backward(), loss_f.backward());
         }
         eprintln!(
             "half precision: loss {first:.4} (f32 {want_loss:.4}), gradients within \
