@@ -470,11 +470,14 @@ fn delta_net_trains_in_half_precision() {
     });
 }
 
-/// Not passing: the first layer's `q_proj` gradient in f16 is off by up to 11 % in L2 norm
-/// against f32 on some random initialisations (3e-3 to 3e-2 on others; every other family's
-/// gradients within 1.3 %). Open (issue 6's note): where RetNet's f16 path loses it.
+/// At a norm eps of 1e-2, not RetNet's default 1e-6: the first token's retention output is
+/// `scale·(q₀·k₀)·v₀`, and where `q₀·k₀` of some sequence and head is near zero its norm (rms
+/// under `sqrt(eps)`) has a large, fast-changing gradient. At eps 1e-6 rounding the weights to f16
+/// alone, in f32 arithmetic, moved the gradients by 7-16 % (relative L2) on 5 of 12 random inits
+/// (with and without the output gate), and f16 against f32 by up to 35 %; at eps 1e-5 by up to
+/// 3.5 %: a property of the model (FLA's RetNet has the same norm), not an arithmetic error. At
+/// eps 1e-2 the two stayed within 8.8e-4 and 4.1e-3 on 12 inits.
 #[test]
-#[ignore = "RetNet's q gradient in f16 is off by up to 11 % against f32 on some inits (open)"]
 fn retnet_trains_in_half_precision() {
     half_precision_trains!(RetNetConfig {
         hidden_size: 64,
@@ -482,6 +485,7 @@ fn retnet_trains_in_half_precision() {
         num_hidden_layers: 2,
         vocab_size: 256,
         attn_mode: "fused_recurrent".into(),
+        norm_eps: 1e-2,
         ..Default::default()
     });
 }

@@ -119,8 +119,30 @@ pub fn fusion_panics() -> usize {
     COUNT.load(Ordering::SeqCst)
 }
 
+/// Rounds every float parameter to f16 and back (a model's weights as its f16 twin holds them).
+pub struct RoundToHalf;
+
+impl<B: burn::tensor::backend::Backend> burn::module::ModuleMapper<B> for RoundToHalf {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let device = tensor.device();
+        let data = tensor
+            .into_data()
+            .convert::<burn::tensor::f16>()
+            .convert::<f32>();
+        // A parameter rebuilt from data is a new leaf: it must ask for its gradient again.
+        let tensor = burn::tensor::Tensor::from_data(data, &device).require_grad();
+        burn::module::Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
 /// The training step of the model from `$config` in half precision on Burn's fused wgpu backend
-/// against f32 on NdArray: the loss and every parameter's gradient must agree (each gradient
+/// against f32 on NdArray with the same weights (rounded to f16, as the f16 model holds them), at
+/// a point where the gradients are well conditioned (checked: rounding the weights alone moves
+/// them by under 1 %): the loss and every parameter's gradient must agree (each gradient
 /// tensor within 5 % in L2 norm, with an absolute floor, see below), then three AdamW steps
 /// (weight decay, per-tensor gradient clipping, as `fla-train` runs them) must lower the
 /// half-precision loss. The loss's softmax runs in f32, so the step mixes dtypes in one graph,
@@ -142,17 +164,49 @@ macro_rules! half_precision_trains {
         type H = Autodiff<burn::backend::Wgpu<burn::tensor::f16>>;
         let panics = $crate::fusion_panics();
         let (cpu, gpu) = (Default::default(), Default::default());
-        let (full, mut half) = same_weights!($config, F, &cpu, H, &gpu);
+        let (exact, mut half) = same_weights!($config, F, &cpu, H, &gpu);
+        // The f16 model holds its weights rounded to f16; the reference holds the same rounded
+        // weights, so that what is compared is the arithmetic.
+        let full = burn::module::Module::map(exact.clone(), &mut $crate::RoundToHalf);
         let (b, t) = (16, 65);
         let ids: Vec<i64> = (0..b * t).map(|i| (i * 37 % 251) as i64).collect();
         let batch_f = || Tensor::<F, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &cpu);
         let batch_h = || Tensor::<H, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &gpu);
+        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
+        // How much of its tolerance a gradient tensor `g` uses against `w`: the error's L2 norm
+        // over 5 % of `w`'s plus a floor of 5e-5 an entry (f16 rounds the activations behind a
+        // gradient to about 1e-3 of their size, so a tensor whose gradients are small differences
+        // of larger terms, a per-head decay's or a bias's, carries absolute errors of that size
+        // whatever its own scale).
+        let used = |g: &[f32], w: &[f32]| {
+            let floor = 5e-5 * (w.len() as f32).sqrt();
+            let diff = norm(&mut g.iter().zip(w).map(|(a, b)| a - b));
+            diff / (5e-2 * norm(&mut w.iter().copied()) + floor)
+        };
+        let most = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| used(a, b))
+                .fold(0.0f32, f32::max)
+        };
 
         // The loss and gradients of both models; the gradients also take the first AdamW step.
         let loss = full.loss(batch_f()).unwrap();
         let want_loss = $crate::value(loss.clone());
         let mut grads_f = loss.backward();
         let want = $crate::grads_in_order(&full, &grads_f);
+        // The premise: the gradients are well conditioned here, i.e. rounding the weights to f16
+        // alone (f32 arithmetic) uses little of the tolerance. Where it uses more (RetNet at its
+        // default norm eps on some inits: see its case), f16's error is the model's sensitivity,
+        // not the arithmetic's.
+        let exact_grads =
+            $crate::grads_in_order(&exact, &exact.loss(batch_f()).unwrap().backward());
+        let conditioning = most(&want, &exact_grads);
+        assert!(
+            conditioning < 0.2,
+            "rounding the weights to f16 alone takes {conditioning:.2} of the gradients' \
+             tolerance: an ill-conditioned point, where this check cannot tell arithmetic errors"
+        );
         let loss = half.loss(batch_h()).unwrap();
         let first = $crate::value(loss.clone());
         let mut grads_h = loss.backward();
@@ -162,22 +216,14 @@ macro_rules! half_precision_trains {
             "half-precision loss {first}, f32 {want_loss}"
         );
         assert_eq!(got.len(), want.len(), "gradients for different parameters");
-        // Per tensor, the error's L2 norm against the f32 gradient's, with a floor of 5e-5 an
-        // entry: f16 rounds the activations behind a gradient to about 1e-3 of their size, so a
-        // tensor whose gradients are small differences of larger terms (a per-head decay's, a
-        // bias's) carries absolute errors of that size whatever its own scale.
-        let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
-        let mut worst = 0.0f32;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let scale = norm(&mut w.iter().copied());
-            let diff = norm(&mut g.iter().zip(w).map(|(a, b)| a - b));
-            let floor = 5e-5 * (w.len() as f32).sqrt();
             assert!(
-                g.iter().all(|x| x.is_finite()) && diff <= 5e-2 * scale + floor,
-                "parameter {i}: gradient off by {diff:.2e} in L2 norm, of {scale:.2e}"
+                g.iter().all(|x| x.is_finite()) && used(g, w) <= 1.0,
+                "parameter {i}: gradient off by {:.2} of its tolerance",
+                used(g, w)
             );
-            worst = worst.max(diff / scale.max(floor));
         }
+        let worst = most(&got, &want);
 
         // fla-train's defaults (peak rate 3e-3, weight decay 0.01, clipping at norm 1), both
         // models stepped alike; the f32 losses are printed for comparison only.
@@ -202,8 +248,9 @@ macro_rules! half_precision_trains {
             (grads_h, grads_f) = (loss_h.backward(), loss_f.backward());
         }
         eprintln!(
-            "half precision: loss {first:.4} (f32 {want_loss:.4}), gradients within \
-             {worst:.1e} (relative L2); 3 AdamW steps: {curve_h:.3?} (f32 {curve_f:.3?})"
+            "half precision: loss {first:.4} (f32 {want_loss:.4}), gradients use {worst:.2} of \
+             their tolerance (rounding the weights alone {conditioning:.2}); 3 AdamW steps: \
+             {curve_h:.3?} (f32 {curve_f:.3?})"
         );
         let after = curve_h[3];
         assert!(
