@@ -470,13 +470,17 @@ fn delta_net_trains_in_half_precision() {
     });
 }
 
-/// At a norm eps of 1e-2, not RetNet's default 1e-6: the first token's retention output is
-/// `scale·(q₀·k₀)·v₀`, and where `q₀·k₀` of some sequence and head is near zero its norm (rms
-/// under `sqrt(eps)`) has a large, fast-changing gradient. At eps 1e-6 rounding the weights to f16
-/// alone, in f32 arithmetic, moved the gradients by 7-16 % (relative L2) on 5 of 12 random inits
-/// (with and without the output gate), and f16 against f32 by up to 35 %; at eps 1e-5 by up to
-/// 3.5 %: a property of the model (FLA's RetNet has the same norm), not an arithmetic error. At
-/// eps 1e-2 the two stayed within 8.8e-4 and 4.1e-3 on 12 inits.
+/// At a norm eps of 1e-2 (every norm of the model's), not RetNet's default 1e-6: the first
+/// token's retention output is `scale·(q₀·k₀)·v₀`, and where `q₀·k₀` of some sequence and head is
+/// near zero the output norm's input has an rms under `sqrt(eps)`, where the norm's gradient is
+/// large and fast-changing. At eps 1e-6 rounding the weights to f16 alone, in f32 arithmetic,
+/// moved the gradients by 7-16 % (relative L2) on 5 of 12 random inits (with and without the
+/// output gate), and f16 against f32 by up to 35 %; at eps 1e-5 rounding alone moved them by up
+/// to 3.5 %: a property of the model (FLA's RetNet has the same norm), not an arithmetic error,
+/// which the check's premise refuses. At eps 1e-2 rounding alone stayed under 0.09 % and f16
+/// against f32 under 0.4 % on 12 inits. The price: retention outputs whose mean square is not
+/// well above 1e-2 are only partly normalised, so this runs the same f16 arithmetic on a softer
+/// norm than the default's.
 #[test]
 fn retnet_trains_in_half_precision() {
     half_precision_trains!(RetNetConfig {
