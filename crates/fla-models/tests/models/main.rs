@@ -36,7 +36,7 @@ macro_rules! half_precision_matches_f32 {
         use burn::tensor::{Int, Tensor, TensorData, Tolerance};
         type F = burn::backend::NdArray<f32>;
         type H = burn::backend::Wgpu<burn::tensor::f16>;
-        let (cpu, gpu) = (Default::default(), Default::default());
+        let (cpu, gpu) = (Default::default(), $crate::half_device());
         let (full, half) = same_weights!($config, F, &cpu, H, &gpu);
         let ids: Vec<i64> = vec![1, 5, 2, 9, 3, 3, 7, 4, 0, 15, 8, 6, 2, 1];
         let (want, _) = full
@@ -53,6 +53,11 @@ macro_rules! half_precision_matches_f32 {
                 false,
             )
             .unwrap();
+        assert_eq!(
+            got.dtype(),
+            burn::tensor::DType::F16,
+            "the check ran in f16"
+        );
         let got = got.into_data().convert::<f32>();
         let diff = got
             .iter::<f32>()
@@ -62,6 +67,16 @@ macro_rules! half_precision_matches_f32 {
         eprintln!("half-precision logits: max |diff| {diff:.2e}");
         got.assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-2));
     }};
+}
+
+/// The wgpu device the half-precision checks run on: not the default one. Burn keeps a device's
+/// default float dtype per device (keyed by the device, not the backend), set by whichever
+/// backend first touches it, so `Wgpu<f16>` and `Wgpu<f32>` tests on the default device in one
+/// process raced: the loser's tensors came out in the winner's dtype (seen in a CI-like run:
+/// f32 tests failing with `DTypeMismatch` and f16-sized errors; the f16 checks could as well
+/// have run in f32). The CPU adapter (lavapipe here) is a device of its own.
+pub fn half_device() -> burn::backend::wgpu::WgpuDevice {
+    burn::backend::wgpu::WgpuDevice::Cpu
 }
 
 /// Every float parameter's gradient in `grads`, as f32, in the module's visiting order (the same
@@ -164,7 +179,7 @@ macro_rules! half_precision_trains {
         type F = Autodiff<burn::backend::NdArray<f32>>;
         type H = Autodiff<burn::backend::Wgpu<burn::tensor::f16>>;
         let panics = $crate::fusion_panics();
-        let (cpu, gpu) = (Default::default(), Default::default());
+        let (cpu, gpu) = (Default::default(), $crate::half_device());
         let (exact, mut half) = same_weights!($config, F, &cpu, H, &gpu);
         // The f16 model holds its weights rounded to f16; the reference holds the same rounded
         // weights, so that what is compared is the arithmetic.

@@ -125,8 +125,9 @@ fn rotary_in_half_precision_matches_f32() {
     let x = Tensor::<H, 4>::random(
         [2, 65, 2, 16],
         Distribution::Normal(0.0, 1.0),
-        &Default::default(),
+        &crate::half_device(),
     );
+    assert_eq!(x.dtype(), burn::tensor::DType::F16);
     let got = rotary(x.clone(), 3, 10000.0);
     assert_eq!(got.dtype(), x.dtype());
     let same_input = Tensor::<B, 4>::from_data(x.into_data().convert::<f32>(), &Default::default());
