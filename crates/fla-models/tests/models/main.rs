@@ -158,10 +158,9 @@ impl<B: burn::tensor::backend::Backend> burn::module::ModuleMapper<B> for RoundT
 /// against f32 on NdArray with the same weights (rounded to f16, as the f16 model holds them), at
 /// a point where the gradients are well conditioned (checked first: rounding the weights alone,
 /// in f32, uses under a fifth of the tolerance below): the loss and every parameter's gradient
-/// must agree (each gradient
-/// tensor within 5 % in L2 norm, with an absolute floor, see below), then three AdamW steps
-/// (weight decay, per-tensor gradient clipping, as `fla-train` runs them) must lower the
-/// half-precision loss. The loss's softmax runs in f32, so the step mixes dtypes in one graph,
+/// must agree (each gradient tensor within 5 % in L2 norm, with an absolute floor, see below),
+/// then three AdamW steps (weight decay, per-tensor gradient clipping, as `fla-train` runs them)
+/// must lower the half-precision loss. The loss's softmax runs in f32, so the step mixes dtypes in one graph,
 /// which made Burn 0.21.0's fusion panic in its fused reductions (patched in `vendor/`, see
 /// `vendor/README.md`); the shapes are the training preset's (hidden 64, short convolutions, byte
 /// vocabulary, 16 x 64 tokens), on which it panicked (`fusion_panics` sees it even where the
@@ -199,13 +198,15 @@ macro_rules! half_precision_trains {
             let diff = norm(&mut g.iter().zip(w).map(|(a, b)| a - b));
             diff / (5e-2 * norm(&mut w.iter().copied()) + floor)
         };
-        // The largest share over all tensors; NaN if any is (`f32::max` would drop it).
-        let most = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        // Each tensor's share, the two lists matched parameter for parameter.
+        let shares = |a: &[Vec<f32>], b: &[Vec<f32>]| -> Vec<f32> {
             assert_eq!(a.len(), b.len(), "gradients for different parameters");
-            a.iter()
-                .zip(b)
-                .map(|(a, b)| used(a, b))
-                .fold(0.0f32, |m, x| if x.is_nan() || x > m { x } else { m })
+            a.iter().zip(b).map(|(a, b)| used(a, b)).collect()
+        };
+        // The largest share; NaN if any is (`f32::max` would drop it).
+        let largest = |v: &[f32]| {
+            v.iter()
+                .fold(0.0f32, |m, &x| if x.is_nan() || x > m { x } else { m })
         };
 
         // The loss and gradients of both models; the gradients also take the first AdamW step.
@@ -219,7 +220,7 @@ macro_rules! half_precision_trains {
         // not the arithmetic's.
         let exact_grads =
             $crate::grads_in_order(&exact, &exact.loss(batch_f()).unwrap().backward());
-        let conditioning = most(&want, &exact_grads);
+        let conditioning = largest(&shares(&want, &exact_grads));
         assert!(
             conditioning < 0.2, // false for NaN
             "rounding the weights to f16 alone takes {conditioning:.2} of the gradients' \
@@ -233,15 +234,14 @@ macro_rules! half_precision_trains {
             (first - want_loss).abs() < 1e-2,
             "half-precision loss {first}, f32 {want_loss}"
         );
-        assert_eq!(got.len(), want.len(), "gradients for different parameters");
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let got_shares = shares(&got, &want);
+        for (i, (g, share)) in got.iter().zip(&got_shares).enumerate() {
             assert!(
-                g.iter().all(|x| x.is_finite()) && used(g, w) <= 1.0,
-                "parameter {i}: gradient off by {:.2} of its tolerance",
-                used(g, w)
+                g.iter().all(|x| x.is_finite()) && *share <= 1.0,
+                "parameter {i}: gradient off by {share:.2} of its tolerance"
             );
         }
-        let worst = most(&got, &want);
+        let worst = largest(&got_shares);
 
         // fla-train's defaults (peak rate 3e-3, weight decay 0.01, clipping at norm 1), both
         // models stepped alike; the f32 losses are printed for comparison only.
