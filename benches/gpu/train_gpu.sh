@@ -23,6 +23,8 @@
 # `OURS_S=510 FLA_S=1 STEPS=6 ... 340m` from the cache of the tiny runs: 39,000 tokens/s (median
 # of steps 3-6), first step 61 s, validation loss 10.52 -> 4.47, 51.9 GiB; FLA not rerun (0.35x
 # its earlier figure).
+# PRECISION (default bf16): ours `--precision $PRECISION`; bf16-mixed (f32 parameters, bf16
+# autocast) runs FLA with `--amp`, its equivalent, so the two sides train alike.
 set -x
 # GPU_DIR: the packed folder (.gpu unless another pack was moved aside while .gpu is rebuilt).
 bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
@@ -30,7 +32,8 @@ bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
 [ -f .cubecl-cache.tar.xz ] && mkdir -p ~/.cache && tar -C ~/.cache -xJf .cubecl-cache.tar.xz
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
-BATCH=${BATCH:-8} STEPS=${STEPS:-6}
+BATCH=${BATCH:-8} STEPS=${STEPS:-6} PRECISION=${PRECISION:-bf16}
+AMP=; [ "$PRECISION" = bf16-mixed ] && AMP=--amp
 # Triton's cache from an earlier `fla` call, if carried (FLA's first steps are its compiles).
 [ -f .triton-cache.tar.xz ] && mkdir -p ~/.triton && tar -C ~/.triton -xJf .triton-cache.tar.xz
 case "$1" in
@@ -61,14 +64,14 @@ warm)
 340m)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-ours.log &
   SMI=$!
-  (cd /tmp && timeout -k 30 ${OURS_S:-300} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp && timeout -k 30 ${OURS_S:-300} $R/bin-fla-train --backend cuda --precision $PRECISION \
      --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
      --steps $STEPS --warmup 1 --eval-every 1000 --checkpoint-every 0 --metrics $OUT/ours-340m.csv 2>&1 | tail -6)
   kill $SMI
   echo "ours: peak GPU memory $(sort -n $OUT/mem-ours.log | tail -1) MiB (nvidia-smi: the whole GPU, CUDA context and CubeCL's pool included)"
   pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
   PYTHONPATH=/tmp/site timeout ${FLA_S:-300} python3 benches/fla_train.py --hidden 1024 --layers 24 --heads 4 \
-    --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -5
+    --seq 2048 --batch $BATCH --steps $STEPS $AMP 2>&1 | grep -v Warning | tail -5
   ;;
 profile)
   # Where a step's time goes: FLA's 340M recipe cut to LAYERS (default 4) layers, as every layer

@@ -17,6 +17,8 @@ use burn::train::checkpoint::{CheckpointingAction, CheckpointingStrategy};
 use burn::train::metric::store::EventStoreClient;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::precision::ScaleState;
+
 /// What the training loop needs besides burn-train's records to continue where it stopped (the
 /// batches are a function of the step, the learning rate of the scheduler's record).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +26,9 @@ pub struct LoopState {
     pub step: usize,
     pub start_valid: f64,
     pub last_valid: f64,
+    /// The loss scale after `step` (f16 mixed precision only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<ScaleState>,
 }
 
 /// Why a checkpoint could not be written or read.
@@ -246,6 +251,7 @@ mod tests {
                 step,
                 start_valid: 5.0,
                 last_valid: 4.0,
+                loss_scale: None,
             })
             .unwrap();
     }

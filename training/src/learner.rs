@@ -12,7 +12,7 @@ use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::optim::GradientsParams;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn::train::metric::state::{FormatOptions, NumericMetricState};
 use burn::train::metric::{
     Adaptor, Metric, MetricAttributes, MetricDefinition, MetricMetadata, MetricName, Numeric,
@@ -24,6 +24,8 @@ use burn::train::renderer::{
 };
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use fla_models::lm::{ForCausalLM, TokenMixer};
+
+use crate::precision::{initialized, CastParams, LossScale};
 
 /// `[rows, len + 1]` token ids: inputs and, shifted by one, their targets.
 #[derive(Clone, Debug)]
@@ -170,23 +172,41 @@ pub struct Trainee<B: Backend, M> {
     grad_accum: usize,
     #[module(skip)]
     failure: Failure,
+    /// Mixed precision: the dtype of the weights' per-step copy the model computes with.
+    #[module(skip)]
+    compute: Option<FloatDType>,
+    /// Mixed precision in f16: the loss scale.
+    #[module(skip)]
+    loss_scale: LossScale,
 }
 
-impl<B: Backend, M: TokenMixer<B>> Trainee<B, M> {
-    pub fn new(lm: ForCausalLM<B, M>, grad_accum: usize, failure: Failure) -> Self {
+impl<B: Backend, M: TokenMixer<B> + ModuleDisplay> Trainee<B, M> {
+    pub fn new(
+        lm: ForCausalLM<B, M>,
+        grad_accum: usize,
+        failure: Failure,
+        compute: Option<FloatDType>,
+        loss_scale: LossScale,
+    ) -> Self {
         Self {
-            lm,
+            // The mixed-precision step clones the model: its parameters must exist first.
+            lm: initialized(lm),
             grad_accum,
             failure,
+            compute,
+            loss_scale,
         }
     }
 
-    /// The batch's mean next-token loss; a failure is recorded and read as NaN.
+    /// The batch's mean next-token loss; a failure is recorded and read as NaN. In mixed
+    /// precision the model runs on a copy of its weights cast to the compute dtype (through the
+    /// graph, so the gradients reach these weights in their own dtype).
     fn loss(&self, batch: LmBatch<B>) -> Option<Tensor<B, 1>> {
-        self.lm
-            .loss(batch.ids)
-            .map_err(|e| self.failure.set(e.to_string()))
-            .ok()
+        let loss = match self.compute {
+            Some(dtype) => self.lm.clone().map(&mut CastParams(dtype)).loss(batch.ids),
+            None => self.lm.loss(batch.ids),
+        };
+        loss.map_err(|e| self.failure.set(e.to_string())).ok()
     }
 }
 
@@ -257,8 +277,11 @@ where
         };
         // Micro-batches' gradients add up (burn's accumulator sums): each counts 1/k, so k
         // micro-batches of n rows step as one batch of k·n.
-        let scaled = if self.grad_accum > 1 {
-            loss.clone().div_scalar(self.grad_accum as f64)
+        // In f16 the loss is scaled so that small gradients stay above f16's underflow; the
+        // loop divides the scale out before the optimizer step.
+        let factor = self.loss_scale.get().map_or(1.0, |s| s.scale) / self.grad_accum as f64;
+        let scaled = if factor != 1.0 {
+            loss.clone().mul_scalar(factor)
         } else {
             loss.clone()
         };
@@ -272,7 +295,7 @@ where
     }
 }
 
-impl<B: Backend, M: TokenMixer<B>> InferenceStep for Trainee<B, M> {
+impl<B: Backend, M: TokenMixer<B> + ModuleDisplay> InferenceStep for Trainee<B, M> {
     type Input = LmBatch<B>;
     type Output = LmOutput<B>;
 

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod generate;
 pub mod learner;
 pub mod plot;
+pub mod precision;
 pub mod saved;
 pub mod strategy;
 pub mod tokenizer;

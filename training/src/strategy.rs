@@ -26,6 +26,7 @@ use fla_models::lm::TokenMixer;
 
 use crate::checkpoint::{Checkpoints, LoopState};
 use crate::learner::{scalar, Failure, LmOutput, Trainee, WarmupCosine};
+use crate::precision::{unscale, LossScale, ScaleState};
 
 pub type Optim<B, M> = OptimizerAdaptor<AdamW, Trainee<B, M>, B>;
 /// The learner's types: backend, schedule, model, optimiser.
@@ -71,6 +72,8 @@ pub struct StepLoop<B: AutodiffBackend, M> {
     pub files: Checkpoints,
     pub csv: Mutex<std::fs::File>,
     pub failure: Failure,
+    /// f16 mixed precision's loss scale (shared with the training step), else `None` inside.
+    pub loss_scale: LossScale,
     pub device: B::Device,
     pub outcome: Mutex<Option<Outcome<B, M>>>,
 }
@@ -119,6 +122,36 @@ where
             return Err("the validation set is empty".into());
         }
         Ok(total / n as f64)
+    }
+
+    /// With a loss scale: divides it out of `grads` and updates it; false when the gradients
+    /// overflowed and the step is to be skipped (GradScaler's rule). Without one: true.
+    fn unscaled(
+        &self,
+        model: &Trainee<B, M>,
+        grads: &mut burn::optim::GradientsParams,
+        step: usize,
+    ) -> Result<bool, String> {
+        let Some(mut state) = self.loss_scale.get() else {
+            return Ok(true);
+        };
+        let finite = unscale::<B, _>(model, grads, state.scale).is_finite();
+        if !finite && state.scale <= ScaleState::MIN {
+            return Err(format!(
+                "step {step}: the gradients are not finite even at loss scale {:e}; the model \
+                 diverged (try a lower --lr)",
+                state.scale
+            ));
+        }
+        let take = state.update(finite);
+        if !take && self.plan.print {
+            println!(
+                "step {step:>5}  gradients overflowed in f16: step skipped, loss scale now {}",
+                state.scale
+            );
+        }
+        self.loss_scale.set(state);
+        Ok(take)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -170,7 +203,10 @@ where
                 items.push(out.item);
             }
             train_loss /= p.grad_accum as f64;
-            learner.optimizer_step(accumulated.grads());
+            let mut grads = accumulated.grads();
+            if self.unscaled(&learner.model(), &mut grads, step)? {
+                learner.optimizer_step(grads);
+            }
             // The step's own rate, evaluation aside: wait for its backward and update (queued,
             // not yet run, on a GPU).
             B::sync(&self.device).map_err(|e| format!("device: {e:?}"))?;
@@ -220,6 +256,7 @@ where
                     step,
                     start_valid,
                     last_valid,
+                    loss_scale: self.loss_scale.get(),
                 };
                 self.files.write_state(&state).map_err(|e| e.to_string())?;
             }

@@ -21,6 +21,7 @@
 use crate::checkpoint::{AtomicRecorder, Checkpoints, KeepRecent};
 use crate::learner::{Failure, PlainRenderer, StatMetric, Trainee, WarmupCosine, Windows};
 use crate::plot;
+use crate::precision::{LossScale, Precision, ScaleState};
 use crate::strategy::{Plan, StepLoop};
 
 use std::io::{IsTerminal, Write};
@@ -34,6 +35,7 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::module::{AutodiffModule, Module, ModuleDisplay};
 use burn::optim::AdamWConfig;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::FloatDType;
 use burn::train::metric::LearningRateMetric;
 use burn::train::{Interrupter, Learner, SupervisedTraining, TrainingStrategy};
 use clap::{Parser, Subcommand};
@@ -168,12 +170,19 @@ struct Args {
     /// Continue from the newest checkpoint in the run folder up to `--steps`.
     #[arg(long)]
     resume: bool,
-    /// f32 (default) or bf16 (CUDA): parameters, activations and optimizer state in that type, the
-    /// loss in f32. Not PyTorch's autocast: there is no f32 master copy of the weights. f16 is
+    /// f32 (default); bf16-mixed (CUDA) and f16-mixed (wgpu, CUDA): PyTorch's autocast, the
+    /// parameters and AdamW's state in f32 and each step's forward and backward on a copy of the
+    /// weights in bf16 / f16 (f16 with GradScaler's dynamic loss scaling); bf16 (= bf16-true,
+    /// CUDA): parameters, activations and optimizer state all in bf16 (updates smaller than a
+    /// weight's bf16 ulp are lost). The loss's softmax is f32 in every mode. f16 parameters are
     /// refused: with Adam's state in f16 its epsilon (1e-8) underflows to zero and parameters
     /// without gradient (unused embedding rows) turn NaN (measured on lavapipe at step 15).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// f16-mixed: the initial loss scale (GradScaler's 2^16 by default); halved and the step
+    /// skipped whenever the gradients overflow, doubled after 2000 steps without.
+    #[arg(long, default_value_t = ScaleState::INITIAL)]
+    loss_scale: f64,
     /// Stop after this step (a checkpoint is saved there), as a time-limited session would; the
     /// learning-rate schedule still spans `--steps`, and `--resume` continues the run.
     #[arg(long)]
@@ -214,6 +223,11 @@ fn train_family<B: TrainBackend>(
     text: &Text,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let vocab_size = text.tokenizer.vocab_size();
+    // Mixed precision computes in a dtype the backend's float type is not: the kernels' device
+    // must support it (f16 on a Vulkan device without shaderFloat16 is refused here, by name).
+    if let Some(dtype) = Precision::parse(&args.precision)?.compute() {
+        B::gated_check_dtype(&Default::default(), dtype.into())?;
+    }
     match args.model.as_str() {
         "gla" => train::<B, GatedLinearAttention<B>>(args, text, "GLA", |device| {
             let config = GlaConfig {
@@ -404,7 +418,22 @@ where
         .with_weight_decay(0.01)
         .with_grad_clipping(clipping)
         .init();
-    let trainee = Trainee::new(model, args.grad_accum, failure.clone());
+    let precision = Precision::parse(&args.precision)?;
+    if !(args.loss_scale.is_finite() && args.loss_scale > 0.0) {
+        return Err(format!("--loss-scale must be positive, not {}", args.loss_scale).into());
+    }
+    let loss_scale = LossScale::new(
+        precision
+            .scales_loss()
+            .then(|| ScaleState::new(args.loss_scale)),
+    );
+    let trainee = Trainee::new(
+        model,
+        args.grad_accum,
+        failure.clone(),
+        precision.compute(),
+        loss_scale.clone(),
+    );
     let mut learner = Learner::new(trainee, optim, schedule(args));
     // Read here rather than through burn-train's `checkpoint(epoch)`, which panics on a file it
     // cannot read: a missing or corrupt checkpoint is an error that names it.
@@ -416,6 +445,9 @@ where
         learner.load_model(files.load::<B, _>("model", step, &device)?);
         learner.load_optim(files.load::<B, _>("optim", step, &device)?);
         learner.load_scheduler(files.load::<B, _>("scheduler", step, &device)?);
+        if let (Some(_), Some(saved)) = (loss_scale.get(), state.loss_scale) {
+            loss_scale.set(saved);
+        }
         println!("resumed from {} (step {step})", files.dir.display());
         Some(state)
     } else {
@@ -502,6 +534,7 @@ where
         files,
         csv: Mutex::new(csv),
         failure,
+        loss_scale,
         device: device.clone(),
         outcome: Mutex::new(None),
     });
@@ -627,40 +660,34 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         corpus,
         interrupter,
     };
-    let precision = args.precision.as_str();
-    if precision == "f16" {
-        return Err(
-            "--precision f16 is not supported: Adam's state underflows in f16 (its \
-             epsilon is zero there) and training turns NaN; use bf16 on CUDA"
-                .into(),
-        );
-    }
-    if !["f32", "bf16"].contains(&precision) {
-        return Err(format!("unknown --precision {precision:?} (f32, bf16)").into());
-    }
+    let precision = Precision::parse(&args.precision)?;
     let unsupported = |backend: &str| -> Result<(), Box<dyn std::error::Error>> {
         Err(format!(
-            "--precision {precision} is not available on --backend {backend} (bf16 needs \
-             --backend cuda: lavapipe has no bf16, and Vulkan no bf16 arithmetic)"
+            "--precision {} is not available on --backend {backend} (bf16 needs --backend \
+             cuda: lavapipe has no bf16, and Vulkan no bf16 arithmetic; f16-mixed needs wgpu \
+             or cuda)",
+            args.precision
         )
         .into())
     };
     match args.backend.as_str() {
         "ndarray" => match precision {
-            "f32" => train_family::<Autodiff<burn::backend::NdArray>>(&args, &text),
+            Precision::F32 => train_family::<Autodiff<burn::backend::NdArray>>(&args, &text),
             _ => unsupported("ndarray"),
         },
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             fla_burn::device::check_wgpu(&Default::default())?;
             match precision {
-                "f32" => train_family::<Autodiff<burn::backend::Wgpu>>(&args, &text),
+                Precision::F32 | Precision::Mixed(FloatDType::F16) => {
+                    train_family::<Autodiff<burn::backend::Wgpu>>(&args, &text)
+                }
                 _ => unsupported("wgpu"),
             }
         }
         #[cfg(feature = "cuda")]
         "cuda" => match precision {
-            "bf16" => {
+            Precision::Bf16True => {
                 train_family::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(&args, &text)
             }
             _ => train_family::<Autodiff<burn::backend::Cuda>>(&args, &text),

@@ -444,6 +444,8 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
 fn unsupported_precision_is_an_error() {
     for (precision, message) in [
         ("bf16", "needs"),
+        ("bf16-mixed", "needs"),
+        ("f16-mixed", "f16-mixed needs wgpu"),
         ("f16", "underflows"),
         ("f8", "unknown --precision"),
     ] {
@@ -465,6 +467,51 @@ fn unsupported_precision_is_an_error() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `--precision f16-mixed` on wgpu (lavapipe computes f16): f32 parameters and AdamW state, each
+/// step on an f16 copy, the loss scaled. Started at a scale that overflows f16 (2^18: the logits'
+/// gradient alone is scale / tokens), the first steps are skipped and the scale halved until the
+/// gradients are finite (measured: two skips, then 2^16); the run still learns, the exported
+/// weights are f32, and the checkpoint carries the scale for `--resume`.
+#[test]
+fn f16_mixed_precision_keeps_f32_weights_and_scales_the_loss() {
+    let dir = fresh("f16-mixed");
+    let out = fla_train(&dir)
+        .args(["--backend", "wgpu", "--precision", "f16-mixed"])
+        .args(["--loss-scale", "262144", "--steps", "15", "--batch", "4"])
+        .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"])
+        .output()
+        .expect("fla-train runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fla-train failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("step skipped, loss scale now 131072"),
+        "no overflow seen at 2^18: {stdout}"
+    );
+    let (last, nums) = summary_losses(&stdout);
+    assert!(
+        nums.len() == 2 && nums[1] < nums[0] - 0.5,
+        "validation loss did not fall clearly: {last}"
+    );
+    // safetensors: an 8-byte length, then the JSON header naming each tensor's dtype.
+    let st = std::fs::read(dir.join("model/model.safetensors")).expect("model exported");
+    let len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&st[8..8 + len]);
+    assert!(
+        header.contains("\"F32\"") && !header.contains("\"F16\""),
+        "{header}"
+    );
+    let state = std::fs::read_to_string(dir.join("checkpoint/state-15.json")).expect("state");
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let scale = state["loss_scale"]["scale"]
+        .as_f64()
+        .expect("loss scale saved");
+    assert!(scale <= 131072.0, "{state}");
 }
 
 /// `--config` builds the model from one of FLA's config.json files (here a tiny GLA with FLA's

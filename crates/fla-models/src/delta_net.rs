@@ -228,7 +228,7 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
         }
         let mut beta = match &self.b_proj {
             Some(bp) => sigmoid(bp.forward(x.clone())),
-            None => Tensor::ones([b, t, nh], &x.device()),
+            None => Tensor::ones([b, t, nh], (&x.device(), x.dtype())),
         };
         if self.allow_neg_eigval {
             beta = beta * 2.0;

@@ -137,13 +137,17 @@ impl<B: Backend> ShortConvolution<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, t, d] = x.dims();
         let w = self.kernel_size();
-        let past = cache.unwrap_or_else(|| Tensor::zeros([b, w - 1, d], &x.device()));
+        // Zeros in the input's dtype, which need not be the backend's default (a model run on a
+        // half-precision copy of its weights, as mixed-precision training does).
+        let past = cache.unwrap_or_else(|| Tensor::zeros([b, w - 1, d], (&x.device(), x.dtype())));
         let padded = Tensor::cat(vec![past, x], 1);
         let weight = self.weight.val().reshape([d, w]);
-        let mut y = Tensor::zeros([b, t, d], &padded.device());
-        for j in 0..w {
-            let tap = weight.clone().narrow(1, j, 1).reshape([1, 1, d]);
-            y = y + padded.clone().narrow(1, j, t) * tap;
+        let tap = |j: usize| {
+            padded.clone().narrow(1, j, t) * weight.clone().narrow(1, j, 1).reshape([1, 1, d])
+        };
+        let mut y = tap(0);
+        for j in 1..w {
+            y = y + tap(j);
         }
         if let Some(bias) = &self.bias {
             y = y + bias.val().reshape([1, 1, d]);
