@@ -4,7 +4,7 @@
 # (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
 # `train_gpu.sh tiny`: a short bf16 run of the tiny GLA preset (the loss must fall).
 # `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048 in bf16,
-# ours (`fla-train --precision bf16`) then FLA's (benches/fla_train.py: the same architecture from
+# ours (`fla-train --precision $PRECISION`, bf16 by default) then FLA's (benches/fla_train.py: the same architecture from
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
 # `train_gpu.sh fla`: FLA's side of `340m` alone, given the whole call, saving Triton's cache.
 # `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
@@ -23,8 +23,11 @@
 # `OURS_S=510 FLA_S=1 STEPS=6 ... 340m` from the cache of the tiny runs: 39,000 tokens/s (median
 # of steps 3-6), first step 61 s, validation loss 10.52 -> 4.47, 51.9 GiB; FLA not rerun (0.35x
 # its earlier figure).
-# PRECISION (default bf16): ours `--precision $PRECISION`; bf16-mixed (f32 parameters, bf16
-# autocast) runs FLA with `--amp`, its equivalent, so the two sides train alike.
+# PRECISION (default bf16, parameters in bf16 on both sides): ours `--precision $PRECISION` in
+# `tiny`, `warm`, `340m` and `profile`. With bf16-mixed (f32 parameters and AdamW state, the whole model on a
+# bf16 copy) FLA runs with `--amp` (f32 parameters under torch's per-op autocast, which keeps the
+# residual stream and norms in f32): the nearest FLA mode, not the same arithmetic. Other values
+# run FLA with bf16 parameters.
 set -x
 # GPU_DIR: the packed folder (.gpu unless another pack was moved aside while .gpu is rebuilt).
 bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
@@ -52,10 +55,10 @@ fla)
   ls -la $OUT/triton-cache.tar.xz
   ;;
 tiny)
-  (cd /tmp && $R/bin-fla-train --backend cuda --precision bf16 --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
+  (cd /tmp && $R/bin-fla-train --backend cuda --precision $PRECISION --steps 40 --eval-every 10 --checkpoint-every 0 2>&1 | tail -8)
   ;;
 warm)
-  (cd /tmp && timeout -k 30 ${WARM_S:-450} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp && timeout -k 30 ${WARM_S:-450} $R/bin-fla-train --backend cuda --precision $PRECISION \
      --config $OLDPWD/training/configs/gla-340M.json --seq-len 2048 --batch $BATCH \
      --steps 1 --warmup 1 --eval-every 1000 --checkpoint-every 0 2>&1 | tail -4)
   tar -C ~/.cache -cf - cubecl | xz -T0 -6 > $OUT/cubecl-cache.tar.xz
@@ -82,12 +85,12 @@ profile)
   # $OUT/cubecl-profile.log. The kernels' sum against the unprofiled step is the host's share.
   L=${LAYERS:-4}
   python3 -c "import json; c = json.load(open('training/configs/gla-340M.json')); c['num_hidden_layers'] = $L; json.dump(c, open('/tmp/gla-$L.json', 'w'))"
-  (cd /tmp && timeout -k 30 ${WARM_S:-400} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp && timeout -k 30 ${WARM_S:-400} $R/bin-fla-train --backend cuda --precision $PRECISION \
      --config /tmp/gla-$L.json --seq-len 2048 --batch $BATCH --steps $STEPS --warmup 1 \
      --eval-every 1000 --checkpoint-every 0 --metrics $OUT/layers-$L.csv 2>&1 | tail -3)
   mkdir -p /tmp/prof
   printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' $OUT/cubecl-profile.log > /tmp/prof/cubecl.toml
-  (cd /tmp/prof && timeout -k 30 ${PROF_S:-200} $R/bin-fla-train --backend cuda --precision bf16 \
+  (cd /tmp/prof && timeout -k 30 ${PROF_S:-200} $R/bin-fla-train --backend cuda --precision $PRECISION \
      --config /tmp/gla-$L.json --seq-len 2048 --batch $BATCH --steps 3 --warmup 1 \
      --eval-every 1000 --checkpoint-every 0 --metrics $OUT/profiled-$L.csv 2>&1 | tail -3)
   tar -C ~/.cache -cf - cubecl | xz -T0 -6 > $OUT/cubecl-cache.tar.xz

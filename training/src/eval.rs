@@ -20,7 +20,7 @@ use crate::saved::{self, with_model, Error, WithModel};
 use crate::tokenizer::Tokenizer;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use clap::Parser;
 use fla_models::checkpoint::Pretrained;
 use fla_models::lm::{ForCausalLM, TokenMixer};
@@ -33,6 +33,10 @@ struct Args {
     /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
     #[arg(long, default_value = "wgpu")]
     backend: String,
+    /// f32; f16 (wgpu, cuda): the weights cast to f16, the model computing in f16; bf16 (cuda).
+    /// Log-probabilities are f32 in every case.
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Text to measure perplexity on (a .txt or .jsonl file or a folder of them, read as
     /// `fla-train --data` reads it); default: the bundled corpus's validation split.
     #[arg(long)]
@@ -98,7 +102,8 @@ fn scored_log_likelihood<B: Backend, M: TokenMixer<B>>(
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, len]), device);
     let (logits, _) = model.forward(ids.clone().narrow(1, 0, len - 1), None, false)?;
     let targets = ids.narrow(1, 1, len - 1).unsqueeze_dim::<3>(2);
-    let logp = log_softmax(logits, 2)
+    // Log-probabilities in f32 whatever the model computes in (as the training loss does).
+    let logp = log_softmax(logits.cast(FloatDType::F32), 2)
         .gather(2, targets)
         .squeeze_dim::<2>(2);
     // Targets before a row's first scored one are context only.
@@ -106,7 +111,10 @@ fn scored_log_likelihood<B: Backend, M: TokenMixer<B>>(
         .iter()
         .flat_map(|&(_, first)| (1..len).map(move |t| if t >= first { 1.0 } else { 0.0 }))
         .collect();
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [n, len - 1]), device);
+    let mask = Tensor::<B, 2>::from_data(
+        TensorData::new(mask, [n, len - 1]),
+        (device, FloatDType::F32.into()),
+    );
     let sums = (logp * mask).sum_dim(1).into_data().convert::<f64>();
     Ok(sums.to_vec::<f64>().map_err(|e| format!("{e:?}"))?)
 }
@@ -269,7 +277,7 @@ impl<B: Backend> WithModel<B> for Evaluate<'_> {
 
 fn run(args: Args) -> Result<(), Error> {
     fla_burn::device::configure_cubecl("minimal")?;
-    saved::on_backend!(args.backend.as_str(), "f32", B => with_model::<B, _>(&args.model, Evaluate(&args)))
+    saved::on_backend!(args.backend.as_str(), args.precision.as_str(), B => with_model::<B, _>(&args.model, saved::cast_for(&args.precision), Evaluate(&args)))
 }
 
 /// `fla-eval`'s entry point (the binary is this call).

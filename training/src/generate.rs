@@ -37,7 +37,8 @@ struct Args {
     /// wgpu (default), ndarray (tensor-op ops, CPU) or cuda (built with --features cuda)
     #[arg(long, default_value = "wgpu")]
     backend: String,
-    /// f32, or bf16 (cuda only): weights and activations in bf16, as FLA's benchmarks run.
+    /// f32; f16 (wgpu, cuda): the f32 weights cast to f16 on loading, the model computing in f16;
+    /// bf16 (cuda only): weights and activations in bf16, as FLA's benchmarks run.
     #[arg(long, default_value = "f32")]
     precision: String,
     /// CubeCL's autotune effort (minimal, balanced, extensive, full); see fla-train --help.
@@ -133,7 +134,7 @@ impl<B: Backend> WithModel<B> for Generate<'_> {
 
 fn run(args: Args) -> Result<(), Error> {
     fla_burn::device::configure_cubecl(&args.autotune)?;
-    saved::on_backend!(args.backend.as_str(), args.precision.as_str(), B => with_model::<B, _>(&args.model, Generate(&args)))
+    saved::on_backend!(args.backend.as_str(), args.precision.as_str(), B => with_model::<B, _>(&args.model, saved::cast_for(&args.precision), Generate(&args)))
 }
 
 /// `fla-generate`'s entry point (the binary is this call).

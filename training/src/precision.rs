@@ -1,14 +1,16 @@
-//! Mixed precision as PyTorch's autocast + GradScaler train: the parameters and AdamW's state stay
-//! in f32 (the master weights), each forward and backward runs on a half-precision copy of them,
-//! and the gradients reach the f32 parameters through the cast's backward. Pure half-precision
-//! parameters lose every update smaller than half an ulp of the weight (bf16 has 8 significant
-//! bits: a weight of 0.02 ignores steps under ~4e-5, which a cosine schedule's tail takes); the
-//! master copy keeps them.
+//! Mixed precision with f32 master weights: the parameters and AdamW's state stay in f32, each
+//! forward and backward runs on a half-precision copy of the whole model (Apex's "O2" style, not
+//! PyTorch's per-op autocast: the residual stream is in half precision too; the norms' statistics,
+//! the rotary tables, the linear-attention states and the loss's softmax are f32), and the
+//! gradients reach the f32 parameters through the cast's backward. Pure half-precision parameters
+//! lose every update smaller than half an ulp of the weight (bf16 keeps 8 significant bits: a
+//! weight of 0.02 ignores steps under ~6e-5, which a cosine schedule's tail takes); the master
+//! copy keeps them.
 //!
 //! f16's range is narrow, so its mixed mode scales the loss before the backward (gradients under
-//! f16's smallest normal, ~6e-5, would flush to zero) and unscales the gradients before AdamW,
-//! skipping a step whose gradients overflowed and halving the scale, as GradScaler does. bf16 has
-//! f32's range and needs no scale.
+//! f16's smallest normal, ~6e-5, lose precision as subnormals and under ~6e-8 flush to zero) and
+//! unscales the gradients before AdamW, skipping a step whose gradients overflowed and halving the
+//! scale, as PyTorch's GradScaler does. bf16 has f32's range and needs no scale.
 
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +19,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::learner::scalar;
 
 /// What `--precision` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +93,26 @@ pub fn initialized<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut Init)
 }
 
+/// `module` with every float parameter in `dtype`, each a new leaf of the graph (asking for its
+/// gradient as before) where it had another dtype: a model loaded from a bf16 checkpoint then
+/// trains f32 parameters.
+pub fn as_leaves_in<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    struct Leaves(FloatDType);
+    impl<B: Backend> ModuleMapper<B> for Leaves {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let dtype = self.0;
+            param.map(|t| {
+                if t.dtype() == dtype.into() {
+                    return t;
+                }
+                let require_grad = t.is_require_grad();
+                t.cast(dtype).detach().set_require_grad(require_grad)
+            })
+        }
+    }
+    module.map(&mut Leaves(dtype))
+}
+
 /// The loss scale and its schedule (GradScaler's defaults): start at 2^16, halve and skip the
 /// step when the gradients are not finite, double after `GROWTH_INTERVAL` finite steps in a row.
 /// Part of a checkpoint, so a resumed run scales as an uninterrupted one.
@@ -102,8 +126,9 @@ pub struct ScaleState {
 impl ScaleState {
     pub const INITIAL: f64 = 65536.0;
     pub const GROWTH_INTERVAL: usize = 2000;
-    /// Gradients still not finite at a scale this small (32 halvings in a row from the start)
-    /// did not overflow for the scale's sake: the model diverged, and the run stops.
+    /// Gradients still not finite at a scale this small (32 halvings below the default start) did
+    /// not overflow for the scale's sake: the model diverged, or overflows f16 in its forward
+    /// pass, and the run stops.
     pub const MIN: f64 = 1.0 / 65536.0;
 
     pub fn new(scale: f64) -> Self {
@@ -163,9 +188,7 @@ pub fn unscale<B: AutodiffBackend, M: AutodiffModule<B>>(
         total: None,
     };
     module.visit(&mut visitor);
-    visitor.total.map_or(0.0, |t| {
-        t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
-    })
+    visitor.total.map_or(0.0, scalar)
 }
 
 struct Unscale<'a, B: AutodiffBackend> {
@@ -217,20 +240,8 @@ mod tests {
             ..Default::default()
         };
         let master = initialized(config.init::<B>(&device).expect("model"));
-        /// The f16 weights as leaves of their own.
-        struct Leaves;
-        impl<B: Backend> ModuleMapper<B> for Leaves {
-            fn map_float<const D: usize>(
-                &mut self,
-                param: Param<Tensor<B, D>>,
-            ) -> Param<Tensor<B, D>> {
-                param.map(|t| t.detach().require_grad())
-            }
-        }
-        let half = master
-            .clone()
-            .map(&mut CastParams(FloatDType::F16))
-            .map(&mut Leaves);
+        // The f16 weights as leaves of their own.
+        let half = as_leaves_in(master.clone(), FloatDType::F16);
         let (b, t) = (3, 33);
         let data: Vec<i64> = (0..b * t).map(|i| (i * 37 % 251) as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [b, t]), &device);
@@ -299,12 +310,30 @@ mod tests {
             "{} gradients, largest relative difference {worst:e}",
             pairs.out.len()
         );
+
+        // The f16 weights back in f32 as leaves (what `--init` does with a half-precision
+        // checkpoint): every parameter f32 and trained.
+        let back = as_leaves_in(half, FloatDType::F32);
+        let ids =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &device);
+        let grads = GradientsParams::from_grads(back.loss(ids).expect("loss").backward(), &back);
+        let mut again = Pairs {
+            grads: [&grads, &grads],
+            out: Vec::new(),
+        };
+        back.visit(&mut again);
+        assert_eq!(again.out.len(), pairs.out.len());
+        assert!(again.out.iter().all(|(_, [(d, _), _])| *d == DType::F32));
     }
 
     #[test]
     fn names() {
         assert_eq!(Precision::parse("f32"), Ok(Precision::F32));
         assert_eq!(Precision::parse("bf16"), Ok(Precision::Bf16True));
+        assert_eq!(Precision::parse("bf16-true"), Ok(Precision::Bf16True));
+        assert!(Precision::parse("f16-true")
+            .unwrap_err()
+            .contains("f16-mixed"));
         assert_eq!(
             Precision::parse("bf16-mixed"),
             Ok(Precision::Mixed(FloatDType::BF16))

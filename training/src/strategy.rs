@@ -131,6 +131,7 @@ where
         model: &Trainee<B, M>,
         grads: &mut burn::optim::GradientsParams,
         step: usize,
+        train_loss: f64,
     ) -> Result<bool, String> {
         let Some(mut state) = self.loss_scale.get() else {
             return Ok(true);
@@ -138,8 +139,9 @@ where
         let finite = unscale::<B, _>(model, grads, state.scale).is_finite();
         if !finite && state.scale <= ScaleState::MIN {
             return Err(format!(
-                "step {step}: the gradients are not finite even at loss scale {:e}; the model \
-                 diverged (try a lower --lr)",
+                "step {step}: the gradients are not finite even at loss scale {:e} (training \
+                 loss {train_loss}): the model diverged, or overflows f16 in its forward pass; \
+                 try a lower --lr, or --precision bf16-mixed (CUDA) or f32",
                 state.scale
             ));
         }
@@ -204,7 +206,7 @@ where
             }
             train_loss /= p.grad_accum as f64;
             let mut grads = accumulated.grads();
-            if self.unscaled(&learner.model(), &mut grads, step)? {
+            if self.unscaled(&learner.model(), &mut grads, step, train_loss)? {
                 learner.optimizer_step(grads);
             }
             // The step's own rate, evaluation aside: wait for its backward and update (queued,

@@ -21,7 +21,7 @@
 use crate::checkpoint::{AtomicRecorder, Checkpoints, KeepRecent};
 use crate::learner::{Failure, PlainRenderer, StatMetric, Trainee, WarmupCosine, Windows};
 use crate::plot;
-use crate::precision::{LossScale, Precision, ScaleState};
+use crate::precision::{as_leaves_in, LossScale, Precision, ScaleState};
 use crate::strategy::{Plan, StepLoop};
 
 use std::io::{IsTerminal, Write};
@@ -179,10 +179,10 @@ struct Args {
     /// without gradient (unused embedding rows) turn NaN (measured on lavapipe at step 15).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// f16-mixed: the initial loss scale (GradScaler's 2^16 by default); halved and the step
+    /// f16-mixed: the initial loss scale (default 65536, GradScaler's); halved and the step
     /// skipped whenever the gradients overflow, doubled after 2000 steps without.
-    #[arg(long, default_value_t = ScaleState::INITIAL)]
-    loss_scale: f64,
+    #[arg(long)]
+    loss_scale: Option<f64>,
     /// Stop after this step (a checkpoint is saved there), as a time-limited session would; the
     /// learning-rate schedule still spans `--steps`, and `--resume` continues the run.
     #[arg(long)]
@@ -225,7 +225,7 @@ fn train_family<B: TrainBackend>(
     let vocab_size = text.tokenizer.vocab_size();
     // Mixed precision computes in a dtype the backend's float type is not: the kernels' device
     // must support it (f16 on a Vulkan device without shaderFloat16 is refused here, by name).
-    if let Some(dtype) = Precision::parse(&args.precision)?.compute() {
+    if let Some(dtype) = text.precision.compute() {
         B::gated_check_dtype(&Default::default(), dtype.into())?;
     }
     match args.model.as_str() {
@@ -358,11 +358,13 @@ where
     Ok((model, config))
 }
 
-/// The tokenised training text, its tokeniser, and the interrupter Ctrl-C stops.
+/// What every family's run shares: the tokenised training text, its tokeniser, the interrupter
+/// Ctrl-C stops, and the precision it trains in.
 struct Text {
     tokenizer: Tokenizer,
     corpus: Corpus,
     interrupter: Interrupter,
+    precision: Precision,
 }
 
 fn train<B, M>(
@@ -399,7 +401,11 @@ where
             let (mut model, config) =
                 from_config::<B, M>(&dir.join("config.json"), vocab, &device)?;
             fla_models::checkpoint::load_safetensors(&mut model, &dir.join("model.safetensors"))?;
-            (model, config)
+            // Tensors load in the file's dtype (FLA's checkpoints are bf16): the parameters the
+            // run trains, and AdamW's state, are in the backend's float type (f32 under mixed
+            // precision, whose per-step copy is cast from them).
+            let dtype = <B::FloatElem as burn::tensor::Element>::dtype().into();
+            (as_leaves_in(model, dtype), config)
         }
         (None, Some(path)) => from_config::<B, M>(path, vocab, &device)?,
         (None, None) => build(&device)?,
@@ -418,14 +424,11 @@ where
         .with_weight_decay(0.01)
         .with_grad_clipping(clipping)
         .init();
-    let precision = Precision::parse(&args.precision)?;
-    if !(args.loss_scale.is_finite() && args.loss_scale > 0.0) {
-        return Err(format!("--loss-scale must be positive, not {}", args.loss_scale).into());
-    }
+    let precision = text.precision;
     let loss_scale = LossScale::new(
         precision
             .scales_loss()
-            .then(|| ScaleState::new(args.loss_scale)),
+            .then(|| ScaleState::new(args.loss_scale.unwrap_or(ScaleState::INITIAL))),
     );
     let trainee = Trainee::new(
         model,
@@ -655,12 +658,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stop.stop(None);
     })
     .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    let precision = Precision::parse(&args.precision)?;
+    match args.loss_scale {
+        Some(_) if !precision.scales_loss() => {
+            return Err("--loss-scale applies to --precision f16-mixed only".into())
+        }
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            return Err(format!("--loss-scale must be positive and finite, not {s}").into())
+        }
+        _ => {}
+    }
     let text = Text {
         tokenizer,
         corpus,
         interrupter,
+        precision,
     };
-    let precision = Precision::parse(&args.precision)?;
     let unsupported = |backend: &str| -> Result<(), Box<dyn std::error::Error>> {
         Err(format!(
             "--precision {} is not available on --backend {backend} (bf16 needs --backend \

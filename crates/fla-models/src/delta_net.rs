@@ -214,9 +214,11 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
         };
         let act = |y: Tensor<B, 4>| match self.qk_activation {
             QkActivation::Relu => relu(y),
-            // elu(x) + 1 = x + 1 for x >= 0, exp(x) below.
+            // elu(x) + 1 = x + 1 for x >= 0, exp(x) below (exp of the clamped input: where the
+            // mask discards it, it must not overflow, or its gradient is 0 · inf = NaN).
             QkActivation::Elu => y
                 .clone()
+                .clamp_max(0.0)
                 .exp()
                 .mask_where(y.clone().greater_equal_elem(0.0), y + 1.0),
             QkActivation::Silu | QkActivation::Identity => y,

@@ -12,8 +12,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::{sigmoid, silu, softplus};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::{Distribution, FloatDType, Tensor};
 use fla_burn::{gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaError};
 
 use crate::modules::{
@@ -200,12 +200,14 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         if self.allow_neg_eigval {
             beta = beta * 2.0;
         }
-        let rate = self.a_log.val().exp().reshape([1, 1, nv]);
-        let dt = softplus(
-            self.a_proj.forward(x.clone()) + self.dt_bias.val().reshape([1, 1, nv]),
-            1.0,
-        );
-        let g = (rate * dt).neg();
+        // The gate in f32 whatever the model computes in, as FLA computes it: in half precision
+        // softplus's exp overflows (f16 beyond x ≈ 11). Written as relu(x) + log(1 + e^{-|x|}),
+        // finite with a finite gradient for every x (`log(1 + e^x)` is not beyond x ≈ 88 in f32).
+        let f32 = |t: Tensor<B, 3>| t.cast(FloatDType::F32);
+        let rate = f32(self.a_log.val().reshape([1, 1, nv])).exp();
+        let u = f32(self.a_proj.forward(x.clone())) + f32(self.dt_bias.val().reshape([1, 1, nv]));
+        let dt = u.clone().clamp_min(0.0) + (u.abs().neg().exp() + 1.0).log();
+        let g = (rate * dt).neg().cast(q.dtype());
         let mode = if self.fused_recurrent {
             DeltaMode::FusedRecurrent
         } else {

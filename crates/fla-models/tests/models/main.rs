@@ -96,6 +96,8 @@ where
             param: &burn::module::Param<burn::tensor::Tensor<B, D>>,
         ) {
             if let Some(g) = param.val().grad(self.grads) {
+                // A parameter's gradient comes in its own dtype (through a cast, cast back).
+                assert_eq!(g.dtype(), param.val().dtype(), "gradient dtype");
                 self.out
                     .push(g.into_data().convert::<f32>().to_vec::<f32>().unwrap());
             }
@@ -132,6 +134,20 @@ pub fn fusion_panics() -> usize {
         }));
     });
     COUNT.load(Ordering::SeqCst)
+}
+
+/// Casts every float parameter in the graph (on an autodiff backend the copy's gradients reach
+/// the original parameters), as fla-train's mixed precision runs a step.
+pub struct CastInGraph(pub burn::tensor::FloatDType);
+
+impl<B: burn::tensor::backend::Backend> burn::module::ModuleMapper<B> for CastInGraph {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<B, D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<B, D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
+    }
 }
 
 /// Rounds every float parameter to f16 and back (a model's weights as its f16 twin holds them).
@@ -242,6 +258,36 @@ macro_rules! half_precision_trains {
             );
         }
         let worst = largest(&got_shares);
+        // The same f16 arithmetic on an f16 copy of f32 weights (cast in the graph) on a backend
+        // whose float type is f32, as `fla-train --precision f16-mixed` trains: the gradients
+        // reach the f32 weights in f32 (`grads_in_order` checks the dtype), within the same
+        // tolerance. A tensor the model creates in the backend's default dtype fails here with
+        // DTypeMismatch.
+        {
+            use burn::module::Module;
+            use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+            type M = Autodiff<burn::backend::Wgpu>;
+            let device = Default::default();
+            let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+            let bytes = recorder.record(full.clone().into_record(), ()).unwrap();
+            let master = $config
+                .init::<M>(&device)
+                .unwrap()
+                .load_record(recorder.load(bytes, &device).unwrap());
+            let copy = master
+                .clone()
+                .map(&mut $crate::CastInGraph(burn::tensor::FloatDType::F16));
+            let ids = Tensor::<M, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &device);
+            let grads = copy.loss(ids).unwrap().backward();
+            let mixed = $crate::grads_in_order(&master, &grads);
+            let mixed_shares = shares(&mixed, &want);
+            let mixed_worst = largest(&mixed_shares);
+            assert!(
+                mixed.iter().flatten().all(|x| x.is_finite()) && mixed_worst <= 1.0,
+                "f16 copy of f32 weights: a gradient uses {mixed_worst:.2} of its tolerance"
+            );
+            eprintln!("f16 copy of f32 weights: gradients use {mixed_worst:.2} of their tolerance");
+        }
 
         // fla-train's defaults (peak rate 3e-3, weight decay 0.01, clipping at norm 1), both
         // models stepped alike; the f32 losses are printed for comparison only.
