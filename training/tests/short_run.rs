@@ -18,6 +18,29 @@ fn fla_train(dir: &std::path::Path) -> Command {
     cmd
 }
 
+/// Runs `cmd` to its end; its stdout, once it has succeeded (else a failure quoting both
+/// streams).
+fn succeeds(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The held-out perplexity fla-eval prints ("... loss L, perplexity P, ...").
+fn perplexity(stdout: &str) -> f64 {
+    stdout
+        .split("perplexity ")
+        .nth(2)
+        .and_then(|w| w.split(',').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no perplexity in {stdout}"))
+}
+
 /// The two losses of fla-train's last line, "validation loss A -> B; metrics in ...".
 fn summary_losses(stdout: &str) -> (String, Vec<f64>) {
     let last = stdout.lines().last().unwrap_or_default().to_string();
@@ -33,16 +56,10 @@ fn summary_losses(stdout: &str) -> (String, Vec<f64>) {
 fn short_run_lowers_validation_loss() {
     let dir = std::env::temp_dir().join(format!("fla-train-test-{}", std::process::id()));
     let metrics = dir.join("metrics.csv");
-    let out = fla_train(&dir)
-        .args(["--backend", "ndarray", "--steps", "15", "--batch", "4"])
-        .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"])
-        .output()
-        .expect("fla-train runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fla-train failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        fla_train(&dir)
+            .args(["--backend", "ndarray", "--steps", "15", "--batch", "4"])
+            .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"]),
     );
     let (last, nums) = summary_losses(&stdout);
     assert_eq!(nums.len(), 2, "summary line: {last}");
@@ -166,12 +183,7 @@ fn short_run_lowers_validation_loss() {
         "fla-eval failed: {text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ppl: f64 = text
-        .split("perplexity ")
-        .nth(2)
-        .and_then(|w| w.split(',').next())
-        .and_then(|w| w.parse().ok())
-        .unwrap_or_else(|| panic!("no perplexity in {text}"));
+    let ppl = perplexity(&text);
     assert!(ppl > 1.0 && ppl < 256.0, "{text}");
     assert!(
         text.contains("299 tokens") && text.contains("1 questions, acc"),
@@ -202,25 +214,19 @@ fn transformer_run_lowers_validation_loss() {
 
 fn family_run_lowers_validation_loss(model: &str, backend: &str, family: &str) {
     let dir = std::env::temp_dir().join(format!("fla-train-{model}-{}", std::process::id()));
-    let out = fla_train(&dir)
-        .args(["--backend", backend, "--model", model, "--steps", "15"])
-        .args([
-            "--batch",
-            "4",
-            "--seq-len",
-            "32",
-            "--eval-every",
-            "15",
-            "--warmup",
-            "3",
-        ])
-        .output()
-        .expect("fla-train runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fla-train failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        fla_train(&dir)
+            .args(["--backend", backend, "--model", model, "--steps", "15"])
+            .args([
+                "--batch",
+                "4",
+                "--seq-len",
+                "32",
+                "--eval-every",
+                "15",
+                "--warmup",
+                "3",
+            ]),
     );
     assert!(stdout.contains(family), "{stdout}");
     let (last, nums) = summary_losses(&stdout);
@@ -505,17 +511,11 @@ fn unsupported_precision_is_an_error() {
 #[test]
 fn f16_mixed_precision_keeps_f32_weights_and_scales_the_loss() {
     let dir = fresh("f16-mixed");
-    let out = fla_train(&dir)
-        .args(["--backend", "wgpu", "--precision", "f16-mixed"])
-        .args(["--loss-scale", "262144", "--steps", "15", "--batch", "4"])
-        .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"])
-        .output()
-        .expect("fla-train runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fla-train failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        fla_train(&dir)
+            .args(["--backend", "wgpu", "--precision", "f16-mixed"])
+            .args(["--loss-scale", "262144", "--steps", "15", "--batch", "4"])
+            .args(["--seq-len", "32", "--eval-every", "15", "--warmup", "3"]),
     );
     assert!(
         stdout.contains("step skipped, loss scale now 131072"),
@@ -544,24 +544,13 @@ fn f16_mixed_precision_keeps_f32_weights_and_scales_the_loss() {
     // the perplexity is f32's to f16's rounding (measured 68.225 against 68.222), and greedy
     // decoding runs.
     let ppl = |precision: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_fla-eval"))
-            .args(["--backend", "wgpu", "--precision", precision])
-            .args(["--max-tokens", "128", "--seq-len", "64", "--model"])
-            .arg(dir.join("model"))
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .expect("fla-eval runs");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "fla-eval failed: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text.split("perplexity ")
-            .nth(2)
-            .and_then(|w| w.split(',').next())
-            .and_then(|w| w.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no perplexity in {text}"))
+        perplexity(&succeeds(
+            Command::new(env!("CARGO_BIN_EXE_fla-eval"))
+                .args(["--backend", "wgpu", "--precision", precision])
+                .args(["--max-tokens", "128", "--seq-len", "64", "--model"])
+                .arg(dir.join("model"))
+                .env("XDG_RUNTIME_DIR", std::env::temp_dir()),
+        ))
     };
     let (full, half) = (ppl("f32"), ppl("f16"));
     assert!(
