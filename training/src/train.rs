@@ -170,11 +170,11 @@ struct Args {
     /// Continue from the newest checkpoint in the run folder up to `--steps`.
     #[arg(long)]
     resume: bool,
-    /// f32 (default); bf16-mixed (CUDA) and f16-mixed (wgpu, CUDA): PyTorch's autocast, the
+    /// f32 (default); bf16-mixed (CUDA) and f16-mixed (wgpu, CUDA): f32 master weights, the
     /// parameters and AdamW's state in f32 and each step's forward and backward on a copy of the
-    /// weights in bf16 / f16 (f16 with GradScaler's dynamic loss scaling); bf16 (= bf16-true,
-    /// CUDA): parameters, activations and optimizer state all in bf16 (updates smaller than a
-    /// weight's bf16 ulp are lost). The loss's softmax is f32 in every mode. f16 parameters are
+    /// whole model in bf16 / f16 (f16 with GradScaler's dynamic loss scaling); bf16 (= bf16-true,
+    /// CUDA): parameters, activations and optimizer state all in bf16 (updates smaller than half
+    /// a weight's bf16 ulp are lost). The loss's softmax is f32 in every mode. f16 parameters are
     /// refused: with Adam's state in f16 its epsilon (1e-8) underflows to zero and parameters
     /// without gradient (unused embedding rows) turn NaN (measured on lavapipe at step 15).
     #[arg(long, default_value = "f32")]
