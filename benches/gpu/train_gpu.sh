@@ -2,9 +2,9 @@
 # Training on the GPU machine (issue 7), after
 # `bash ../shared/gpu/pack.sh -p training --features cuda` here; carry [".gpu", ".whl"]
 # (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 einops`).
-# `train_gpu.sh tiny`: a short bf16 run of the tiny GLA preset (the loss must fall).
-# `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048 in bf16,
-# ours (`fla-train --precision $PRECISION`, bf16 by default) then FLA's (benches/fla_train.py: the same architecture from
+# `train_gpu.sh tiny`: a short run of the tiny GLA preset in $PRECISION (the loss must fall).
+# `train_gpu.sh 340m`: FLA's 340M GLA recipe (training/configs/gla-340M.json) at T = 2048,
+# ours (`fla-train --precision $PRECISION`) then FLA's (benches/fla_train.py: the same architecture from
 # fla-core's modules and chunk_gla) in the same call: ms per step, tokens/s, peak memory.
 # `train_gpu.sh fla`: FLA's side of `340m` alone, given the whole call, saving Triton's cache.
 # `train_gpu.sh warm`: one step of the 340M run, to compile its kernels and autotune its matmuls
@@ -48,9 +48,9 @@ fla)
   # One layer first: the same kernels at the same shapes as 24 layers, so Triton's compiles (on
   # disk, reused below) cost a one-layer model's steps, and the time they take is on record.
   PYTHONPATH=/tmp/site timeout ${FLA_WARM_S:-300} python3 -u benches/fla_train.py --hidden 1024 --layers 1 \
-    --heads 4 --seq 2048 --batch $BATCH --steps 1 --warmup 1 2>&1 | grep -v Warning | tail -4
+    --heads 4 --seq 2048 --batch $BATCH --steps 1 --warmup 1 $AMP 2>&1 | grep -v Warning | tail -4
   PYTHONPATH=/tmp/site timeout ${FLA_S:-520} python3 -u benches/fla_train.py --hidden 1024 --layers 24 \
-    --heads 4 --seq 2048 --batch $BATCH --steps $STEPS 2>&1 | grep -v Warning | tail -12
+    --heads 4 --seq 2048 --batch $BATCH --steps $STEPS $AMP 2>&1 | grep -v Warning | tail -12
   tar -C ~/.triton -cf - cache | xz -T0 -6 > $OUT/triton-cache.tar.xz
   ls -la $OUT/triton-cache.tar.xz
   ;;

@@ -93,26 +93,6 @@ pub fn initialized<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut Init)
 }
 
-/// `module` with every float parameter in `dtype`, each a new leaf of the graph (asking for its
-/// gradient as before) where it had another dtype: a model loaded from a bf16 checkpoint then
-/// trains f32 parameters.
-pub fn as_leaves_in<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
-    struct Leaves(FloatDType);
-    impl<B: Backend> ModuleMapper<B> for Leaves {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let dtype = self.0;
-            param.map(|t| {
-                if t.dtype() == dtype.into() {
-                    return t;
-                }
-                let require_grad = t.is_require_grad();
-                t.cast(dtype).detach().set_require_grad(require_grad)
-            })
-        }
-    }
-    module.map(&mut Leaves(dtype))
-}
-
 /// The loss scale and its schedule (GradScaler's defaults): start at 2^16, halve and skip the
 /// step when the gradients are not finite, double after `GROWTH_INTERVAL` finite steps in a row.
 /// Part of a checkpoint, so a resumed run scales as an uninterrupted one.
@@ -216,6 +196,28 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unscale<'_, B> {
 mod tests {
     use super::*;
 
+    /// `module` with every float parameter in `dtype`, each a new leaf of the graph (asking for its
+    /// gradient as before).
+    fn as_leaves_in<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+        struct Leaves(FloatDType);
+        impl<B: Backend> ModuleMapper<B> for Leaves {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let dtype = self.0;
+                param.map(|t| {
+                    if t.dtype() == dtype.into() {
+                        return t;
+                    }
+                    let require_grad = t.is_require_grad();
+                    t.cast(dtype).detach().set_require_grad(require_grad)
+                })
+            }
+        }
+        module.map(&mut Leaves(dtype))
+    }
+
     /// The mixed-precision step on a small GLA (fused kernels, wgpu): the model computes in f16
     /// (its logits are f16) while every gradient reaches the f32 parameters in f32, equal to the
     /// gradients of a model holding the same f16 weights as its own parameters (what the copy
@@ -310,20 +312,6 @@ mod tests {
             "{} gradients, largest relative difference {worst:e}",
             pairs.out.len()
         );
-
-        // The f16 weights back in f32 as leaves (what `--init` does with a half-precision
-        // checkpoint): every parameter f32 and trained.
-        let back = as_leaves_in(half, FloatDType::F32);
-        let ids =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [1, 3]), &device);
-        let grads = GradientsParams::from_grads(back.loss(ids).expect("loss").backward(), &back);
-        let mut again = Pairs {
-            grads: [&grads, &grads],
-            out: Vec::new(),
-        };
-        back.visit(&mut again);
-        assert_eq!(again.out.len(), pairs.out.len());
-        assert!(again.out.iter().all(|(_, [(d, _), _])| *d == DType::F32));
     }
 
     #[test]

@@ -43,9 +43,10 @@ pub fn model_type(dir: &Path) -> Result<(String, bool), Error> {
         .ok_or_else(|| format!("{} has no model_type", path.display()).into())
 }
 
-/// The dtype `--precision` asks the model's weights to be cast to on load, on a backend whose
-/// float type is f32: `f16` (wgpu, cuda); `None` for f32 and for bf16, which is a backend type
-/// of its own (`Cuda<bf16>`, see [`on_backend`]).
+/// The dtype `--precision` asks the model's weights to be cast to after loading, on a backend
+/// whose float type is f32: `f16` (wgpu, cuda). `None` for f32 and bf16: the loader converts
+/// every checkpoint to the backend's float type (f32, or bf16 on `Cuda<bf16>`, see
+/// [`on_backend`]).
 pub fn cast_for(precision: &str) -> Option<FloatDType> {
     (precision == "f16").then_some(FloatDType::F16)
 }

@@ -21,7 +21,7 @@
 use crate::checkpoint::{AtomicRecorder, Checkpoints, KeepRecent};
 use crate::learner::{Failure, PlainRenderer, StatMetric, Trainee, WarmupCosine, Windows};
 use crate::plot;
-use crate::precision::{as_leaves_in, LossScale, Precision, ScaleState};
+use crate::precision::{LossScale, Precision, ScaleState};
 use crate::strategy::{Plan, StepLoop};
 
 use std::io::{IsTerminal, Write};
@@ -179,8 +179,9 @@ struct Args {
     /// without gradient (unused embedding rows) turn NaN (measured on lavapipe at step 15).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// f16-mixed: the initial loss scale (default 65536, GradScaler's); halved and the step
-    /// skipped whenever the gradients overflow, doubled after 2000 steps without.
+    /// f16-mixed: the initial loss scale (default 65536, GradScaler's; with `--resume`, the
+    /// checkpoint's); halved and the step skipped whenever the gradients overflow, doubled after
+    /// 2000 steps without.
     #[arg(long)]
     loss_scale: Option<f64>,
     /// Stop after this step (a checkpoint is saved there), as a time-limited session would; the
@@ -400,12 +401,10 @@ where
             // weights loaded into that model: one build, not a second one in `from_pretrained`.
             let (mut model, config) =
                 from_config::<B, M>(&dir.join("config.json"), vocab, &device)?;
+            // In the backend's float type whatever the file's (FLA's are bf16): f32 under mixed
+            // precision, whose per-step copy is cast from them.
             fla_models::checkpoint::load_safetensors(&mut model, &dir.join("model.safetensors"))?;
-            // Tensors load in the file's dtype (FLA's checkpoints are bf16): the parameters the
-            // run trains, and AdamW's state, are in the backend's float type (f32 under mixed
-            // precision, whose per-step copy is cast from them).
-            let dtype = <B::FloatElem as burn::tensor::Element>::dtype().into();
-            (as_leaves_in(model, dtype), config)
+            (model, config)
         }
         (None, Some(path)) => from_config::<B, M>(path, vocab, &device)?,
         (None, None) => build(&device)?,
@@ -448,7 +447,9 @@ where
         learner.load_model(files.load::<B, _>("model", step, &device)?);
         learner.load_optim(files.load::<B, _>("optim", step, &device)?);
         learner.load_scheduler(files.load::<B, _>("scheduler", step, &device)?);
-        if let (Some(_), Some(saved)) = (loss_scale.get(), state.loss_scale) {
+        // The checkpoint's scale, unless `--loss-scale` asks for another.
+        if let (Some(_), Some(saved), None) = (loss_scale.get(), state.loss_scale, args.loss_scale)
+        {
             loss_scale.set(saved);
         }
         println!("resumed from {} (step {step})", files.dir.display());
@@ -641,6 +642,17 @@ fn train_tokenizer(
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     fla_burn::device::configure_cubecl(&args.autotune)?;
+    // Checked before the corpus is read: a typo is reported at once.
+    let precision = Precision::parse(&args.precision)?;
+    match args.loss_scale {
+        Some(_) if !precision.scales_loss() => {
+            return Err("--loss-scale applies to --precision f16-mixed only".into())
+        }
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            return Err(format!("--loss-scale must be positive and finite, not {s}").into())
+        }
+        _ => {}
+    }
     let tokenizer = match &args.tokenizer {
         Some(path) => Tokenizer::from_file(path)?,
         None => Tokenizer::Bytes,
@@ -658,16 +670,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         stop.stop(None);
     })
     .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
-    let precision = Precision::parse(&args.precision)?;
-    match args.loss_scale {
-        Some(_) if !precision.scales_loss() => {
-            return Err("--loss-scale applies to --precision f16-mixed only".into())
-        }
-        Some(s) if !(s.is_finite() && s > 0.0) => {
-            return Err(format!("--loss-scale must be positive and finite, not {s}").into())
-        }
-        _ => {}
-    }
     let text = Text {
         tokenizer,
         corpus,

@@ -458,7 +458,7 @@ fn loss_scale_without_f16_mixed_is_an_error() {
             "must be positive",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+        let out = fla_train(&fresh("loss-scale"))
             .args(["--backend", "ndarray", "--steps", "1"])
             .args(extra)
             .output()

@@ -8,15 +8,21 @@
 //! (`o_norm.norm.gamma` for FLA's `o_norm.weight`); Rust fields cannot hold FLA's `gk_proj.0`
 //! (a `Sequential`) or `A_log` (not snake case).
 //!
-//! Tensors load in the file's dtype (f32 checkpoints give an f32 model, bf16 ones a bf16 model).
+//! Tensors load in the backend's float type whatever the file's dtype, converted on the host:
+//! FLA's checkpoints are mostly bf16, which neither lavapipe nor NdArray can hold, and a model
+//! whose parameters are not in its backend's float type computes in a precision nobody asked for
+//! (an f32 run on bf16 weights, or a bf16 backend on f32 ones).
 
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
+use std::rc::Rc;
+
+use burn::tensor::{DType, Element};
 use burn_store::{
-    ApplyError, BurnToPyTorchAdapter, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
+    ApplyError, BurnToPyTorchAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot,
+    PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot,
 };
 use fla_burn::FlaError;
 
@@ -136,9 +142,36 @@ fn torch_shape(ours: &str, shape: &[usize]) -> Vec<usize> {
     }
 }
 
+/// Converts every float tensor read to one dtype (integer tensors stay as they are).
+#[derive(Debug, Clone, Copy)]
+struct FloatsAs(DType);
+
+impl ModuleAdapter for FloatsAs {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let target = self.0;
+        if snapshot.dtype == target || !snapshot.dtype.is_float() {
+            return snapshot.clone();
+        }
+        let read = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(read()?.convert_dtype(target))),
+            target,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
 /// Loads FLA's `model.safetensors` into `module` (built from the matching config). Every
 /// parameter must be in the file with its shape, and every tensor of the file must have a
-/// place in the model, except `lm_head.weight` when the model ties it to the embeddings.
+/// place in the model, except `lm_head.weight` when the model ties it to the embeddings. Float
+/// tensors are converted to the backend's float type.
 pub fn load_safetensors<B: Backend, M: Module<B>>(
     module: &mut M,
     path: &Path,
@@ -146,8 +179,9 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     if !path.is_file() {
         return Err(CheckpointError::Io(path.into(), "no such file".into()));
     }
+    let float = <B::FloatElem as Element>::dtype();
     let mut store = SafetensorsStore::from_file(path)
-        .with_from_adapter(PyTorchToBurnAdapter)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(FloatsAs(float)))
         .remap(remapper(&FROM_FLA))
         // Hybrid layers are an enum of mixers; FLA's names do not name the variant.
         .skip_enum_variants(true)

@@ -200,13 +200,14 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         if self.allow_neg_eigval {
             beta = beta * 2.0;
         }
-        // The gate in f32 whatever the model computes in, as FLA computes it: in half precision
-        // softplus's exp overflows (f16 beyond x ≈ 11). Written as relu(x) + log(1 + e^{-|x|}),
+        // The gate in f32 whatever the model computes in (FLA computes it in f32 too; here it is
+        // then rounded to the kernels' dtype, which the op requires of `g`): in half precision
+        // softplus's exp overflows (f16 beyond x ≈ 11). Written as relu(x) + log1p(e^{-|x|}),
         // finite with a finite gradient for every x (`log(1 + e^x)` is not beyond x ≈ 88 in f32).
         let f32 = |t: Tensor<B, 3>| t.cast(FloatDType::F32);
         let rate = f32(self.a_log.val().reshape([1, 1, nv])).exp();
         let u = f32(self.a_proj.forward(x.clone())) + f32(self.dt_bias.val().reshape([1, 1, nv]));
-        let dt = u.clone().clamp_min(0.0) + (u.abs().neg().exp() + 1.0).log();
+        let dt = u.clone().clamp_min(0.0) + u.abs().neg().exp().log1p();
         let g = (rate * dt).neg().cast(q.dtype());
         let mode = if self.fused_recurrent {
             DeltaMode::FusedRecurrent

@@ -444,7 +444,10 @@ fn attn_specs_are_checked_as_fla_checks_them() {
 }
 
 /// RetNet (rotary and the retention op) in half precision on the fused backend against f32
-/// (`half_precision_matches_f32!`).
+/// (`half_precision_matches_f32!`), at norm eps 1e-2 for the reason `retnet_trains_in_half_precision`
+/// gives: at the default 1e-6 the logits' max |diff| was about 1e-3 on most random inits (six
+/// runs: 1.0e-3 to 1.5e-3) and 2.9e-2 on one (a CI-like run), over the bound, where the first
+/// token's output norm sees an input rms under sqrt(eps).
 #[test]
 fn retnet_in_half_precision_matches_f32() {
     half_precision_matches_f32!(RetNetConfig {
@@ -452,6 +455,7 @@ fn retnet_in_half_precision_matches_f32() {
         num_heads: 2,
         num_hidden_layers: 2,
         vocab_size: 16,
+        norm_eps: 1e-2,
         ..Default::default()
     });
 }

@@ -278,6 +278,14 @@ macro_rules! half_precision_trains {
                 .clone()
                 .map(&mut $crate::CastInGraph(burn::tensor::FloatDType::F16));
             let ids = Tensor::<M, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &device);
+            let (logits, _) = copy
+                .forward(ids.clone().narrow(1, 0, 2), None, false)
+                .unwrap();
+            assert_eq!(
+                logits.dtype(),
+                burn::tensor::DType::F16,
+                "the copy computes in f16"
+            );
             let grads = copy.loss(ids).unwrap().backward();
             let mixed = $crate::grads_in_order(&master, &grads);
             let mixed_shares = shares(&mixed, &want);

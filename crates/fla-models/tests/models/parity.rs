@@ -318,6 +318,77 @@ fn save_pretrained_round_trip(
     for_family!(round_trip, family, NdArray);
 }
 
+/// `src` (an f32 safetensors file) written to `dst` with every F32 tensor in `dtype` (`BF16` or
+/// `F16`), as FLA saves its checkpoints.
+fn to_half_file(src: &Path, dst: &Path, dtype: &str) {
+    use burn::tensor::{bf16, f16};
+    let bytes = std::fs::read(src).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let data = &bytes[8 + len..];
+    let (mut head, mut body) = (serde_json::Map::new(), Vec::new());
+    for (name, mut entry) in header {
+        if name == "__metadata__" {
+            head.insert(name, entry);
+            continue;
+        }
+        let [a, b] = [0, 1].map(|i| entry["data_offsets"][i].as_u64().unwrap() as usize);
+        let start = body.len();
+        if entry["dtype"] == "F32" {
+            for c in data[a..b].chunks_exact(4) {
+                let x = f32::from_le_bytes(c.try_into().unwrap());
+                let bits = match dtype {
+                    "BF16" => bf16::from_f32(x).to_bits(),
+                    _ => f16::from_f32(x).to_bits(),
+                };
+                body.extend_from_slice(&bits.to_le_bytes());
+            }
+            entry["dtype"] = dtype.into();
+        } else {
+            body.extend_from_slice(&data[a..b]);
+        }
+        entry["data_offsets"] = serde_json::json!([start, body.len()]);
+        head.insert(name, entry);
+    }
+    let mut head = serde_json::to_vec(&head).unwrap();
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend(head);
+    file.extend(body);
+    std::fs::write(dst, file).unwrap();
+}
+
+/// A half-precision checkpoint (FLA saves bf16) loads into an f32 model, converted on the host:
+/// NdArray (and lavapipe) cannot hold bf16 tensors at all, and an f32 model on bf16 weights
+/// would compute in bf16. The logits are the f32 fixture's to the weights' rounding (and not
+/// equal to them: the weights were rounded).
+#[rstest]
+fn half_precision_checkpoint_loads_in_f32(#[values("BF16", "F16")] dtype: &str) {
+    let dir = scratch(&format!("gla-{dtype}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("gla").join("config.json"), dir.join("config.json")).unwrap();
+    let file = dir.join("model.safetensors");
+    to_half_file(&fixture("gla").join("model.safetensors"), &file, dtype);
+    let device = Default::default();
+    let (model, _) = GlaForCausalLM::<NdArray>::from_pretrained(&dir, &device)
+        .expect("a half-precision checkpoint loads");
+    let ids = input_ids::<NdArray>("gla", &device);
+    let got = model.forward(ids.clone(), None, false).unwrap().0;
+    assert_eq!(got.dtype(), burn::tensor::DType::F32);
+    let want = load::<NdArray, GatedLinearAttention<NdArray>>("gla", &device)
+        .forward(ids, None, false)
+        .unwrap()
+        .0;
+    let scale: f32 = want.clone().abs().max().into_scalar();
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(
+        diff > 0.0 && diff < 5e-2 * scale,
+        "{dtype} weights: logits off by {diff} (largest {scale})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn load_gla(config: &GlaConfig, file: &Path) -> Result<(), CheckpointError> {
     let mut model = config.init::<NdArray>(&Default::default()).expect("builds");
     fla_models::checkpoint::load_safetensors(&mut model, file)
