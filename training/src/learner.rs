@@ -198,6 +198,20 @@ impl<B: Backend, M: TokenMixer<B> + ModuleDisplay> Trainee<B, M> {
         }
     }
 
+    /// The model as each step computes it, made once: in mixed precision its weights cast to the
+    /// compute dtype (what every `loss` otherwise does per batch), so that an evaluation over many
+    /// batches casts once.
+    pub fn computing(self) -> Self {
+        match self.compute {
+            Some(dtype) => Self {
+                lm: self.lm.map(&mut CastParams(dtype)),
+                compute: None,
+                ..self
+            },
+            None => self,
+        }
+    }
+
     /// The batch's mean next-token loss; a failure is recorded and read as NaN. In mixed
     /// precision the model runs on a copy of its weights cast to the compute dtype (through the
     /// graph, so the gradients reach these weights in their own dtype).

@@ -207,9 +207,6 @@ mod tests {
             ) -> Param<Tensor<B, D>> {
                 let dtype = self.0;
                 param.map(|t| {
-                    if t.dtype() == dtype.into() {
-                        return t;
-                    }
                     let require_grad = t.is_require_grad();
                     t.cast(dtype).detach().set_require_grad(require_grad)
                 })
@@ -265,27 +262,26 @@ mod tests {
         }
         impl<AB: AutodiffBackend> ModuleVisitor<AB> for Pairs<'_> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-                let get = |g: &GradientsParams| {
-                    let t = g.get::<AB::InnerBackend, D>(param.id).unwrap_or_else(|| {
-                        panic!(
-                            "no gradient for {} {:?} (master {}, half {})",
-                            param.id,
-                            param.shape(),
-                            self.grads[0].get::<AB::InnerBackend, D>(param.id).is_some(),
-                            self.grads[1].get::<AB::InnerBackend, D>(param.id).is_some()
-                        )
-                    });
+                if !param.is_require_grad() {
+                    return;
+                }
+                let get = |which: usize| {
+                    let t = self.grads[which]
+                        .get::<AB::InnerBackend, D>(param.id)
+                        .unwrap_or_else(|| {
+                            panic!(
+                                "no gradient for {} {:?} in set {which}",
+                                param.id,
+                                param.shape()
+                            )
+                        });
                     let dtype = t.dtype();
                     (
                         dtype,
                         t.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
                     )
                 };
-                if !param.is_require_grad() {
-                    return;
-                }
-                let m = get(self.grads[0]);
-                self.out.push((param.id, [m, get(self.grads[1])]));
+                self.out.push((param.id, [get(0), get(1)]));
             }
         }
         let mut pairs = Pairs {

@@ -102,7 +102,8 @@ where
         valid: &ValidLoader<Components<B, M>>,
         mut events: Option<(&mut Events<B, M>, Progress)>,
     ) -> Result<f64, String> {
-        let model = learner.model().valid();
+        // Cast once for the whole evaluation in mixed precision, not once per batch.
+        let model = learner.model().valid().computing();
         let mut batches = valid.iter();
         let (mut total, mut n) = (0.0, 0);
         while let Some(batch) = batches.next() {
