@@ -325,6 +325,8 @@ pub(crate) fn delta_tiled_layout<R: Runtime>(
         varlen: p.cu_seqlens.is_some(),
         has_h0: p.has_initial_state,
         has_ht: p.output_final_state,
+        span: 0,
+        states: false,
         tile,
     };
     if wy_smem(&base, elem) > max_smem {
@@ -469,7 +471,9 @@ pub(crate) fn tiled_walk<R: Runtime>(
             array(cu, cu_len),
             array(o, vo),
             array(ht.unwrap_or(&dummy), p.state_len()),
+            array(&dummy, 1),
             p.seq_len as u32,
+            1,
             p.scale,
             l,
             p.dtype.storage(),

@@ -83,6 +83,15 @@ pub struct TiledLayout {
     pub varlen: bool,
     pub has_h0: bool,
     pub has_ht: bool,
+    /// Chunks per cube of the forward's output pass (0: one cube walks the whole sequence).
+    /// With spans, cube `x` is `span · value blocks + value block`, and a cube starts its span
+    /// from the state that the states pass ([`TiledLayout::states`]) left in `hs` (its `h0`
+    /// argument) instead of walking every chunk before it: the chunks of a sequence then run in
+    /// parallel, as FLA's `chunk_fwd_o` does, and only the states pass is sequential.
+    pub span: usize,
+    /// The forward's states pass: the walk keeps only the state's update (no queries, scores or
+    /// outputs) and writes the state entering each chunk to `hs` (`[N, spans, H, K, V]`, `f32`).
+    pub states: bool,
     pub tile: TileConfig,
 }
 
@@ -143,6 +152,8 @@ pub(crate) fn tile_bytes(rows: usize, cols: usize, elem: usize) -> usize {
 /// Shared-memory bytes of the forward kernel.
 pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, bv) = (l.chunk, l.kp, l.bv);
+    // The states pass keeps one row of the query, score and output tiles.
+    let co = if l.states { 1 } else { c };
     let half_state = if l.tile.cmma {
         tile_bytes(kp, bv, e)
     } else {
@@ -150,11 +161,12 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
     };
     // The delta rule's `W` tile.
     let w = if l.delta { tile_bytes(c, kp, e) } else { 0 };
-    2 * tile_bytes(c, kp, e)
+    tile_bytes(co, kp, e)
+        + tile_bytes(c, kp, e)
         + tile_bytes(c, bv, e)
-        + tile_bytes(c, c, 4)
-        + tile_bytes(c, c, e)
-        + tile_bytes(c, bv, 4)
+        + tile_bytes(co, c, 4)
+        + tile_bytes(co, c, e)
+        + tile_bytes(co, bv, 4)
         + tile_bytes(kp, bv, 4)
         + half_state
         + w
@@ -165,7 +177,7 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
 
 /// Shared-memory bytes of the partial scores under vector gates ([`score_scratch`]).
 fn score_bytes(l: &TiledLayout) -> usize {
-    if l.vector_gate {
+    if l.vector_gate && !l.states {
         4 * score_split(l) * score_entries(l)
     } else {
         0
@@ -203,17 +215,21 @@ pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
 /// Shared-memory bytes of the `dk`/`dv` kernel.
 pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, bv) = (l.chunk, l.kp, l.bv);
+    // The states pass keeps one row of the key, value, score and gradient tiles.
+    let co = if l.states { 1 } else { c };
     let half_state = if l.tile.cmma {
         tile_bytes(kp, bv, e)
     } else {
         0
     };
-    2 * tile_bytes(c, kp, e)
-        + 2 * tile_bytes(c, bv, e)
-        + tile_bytes(c, c, 4)
-        + tile_bytes(c, c, e)
-        + tile_bytes(c, bv, 4)
-        + tile_bytes(c, l.nb, 4)
+    tile_bytes(c, kp, e)
+        + tile_bytes(co, kp, e)
+        + tile_bytes(co, bv, e)
+        + tile_bytes(c, bv, e)
+        + tile_bytes(co, c, 4)
+        + tile_bytes(co, c, e)
+        + tile_bytes(co, bv, 4)
+        + tile_bytes(co, l.nb, 4)
         + tile_bytes(kp, bv, 4)
         + half_state
         + key_gates_bytes(l, kp)
@@ -588,7 +604,7 @@ pub(crate) fn triangle_index(row: usize, col: usize, #[comptime] c: usize) -> us
 /// Scratch for the partial scores of [`key_gated_scores`] (one entry without vector gates).
 #[cube]
 pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
-    SharedMemory::<f32>::new(comptime!(if l.vector_gate {
+    SharedMemory::<f32>::new(comptime!(if l.vector_gate && !l.states {
         score_split(&l) * score_entries(&l)
     } else {
         1
@@ -893,6 +909,38 @@ pub(crate) fn mma_state<F: Float>(
     }
 }
 
+/// This cube's block (of `blocks` value or key blocks) and span ([`TiledLayout::span`]; 0
+/// without spans) from `CUBE_POS_X`.
+#[cube]
+pub(crate) fn block_and_span(
+    #[comptime] blocks: usize,
+    #[comptime] l: TiledLayout,
+) -> (usize, usize) {
+    let mut block = CUBE_POS_X as usize;
+    let mut span = 0usize;
+    if comptime!(l.span > 0) {
+        block = CUBE_POS_X as usize % blocks;
+        span = CUBE_POS_X as usize / blocks;
+    }
+    (block, span)
+}
+
+/// The chunks a cube walks, `first .. end`: all of the sequence's, or those of its span (none
+/// for a span past the sequence's end).
+#[cube]
+pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -> (usize, usize) {
+    let mut first = 0usize;
+    let mut end = len.div_ceil(l.chunk);
+    if comptime!(l.span > 0) {
+        let span_end = (span + 1) * comptime!(l.span);
+        if span_end < end {
+            end = span_end;
+        }
+        first = span * comptime!(l.span);
+    }
+    (first, end)
+}
+
 /// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -907,7 +955,9 @@ pub fn tiled_fwd_kernel<F: Float>(
     cu_seqlens: &Array<u32>,
     o: &mut Array<F>,
     ht: &mut Array<f32>,
+    hs: &mut Array<f32>,
     seq_len: u32,
+    spans: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
     #[define(F)] _dtype: StorageType,
@@ -916,12 +966,16 @@ pub fn tiled_fwd_kernel<F: Float>(
     // Leading dimensions: input-dtype tiles (`h`) and f32 tiles (`f`).
     let (kh, vh, ch) = comptime!((kp + l.ph, bv + l.ph, c + l.ph));
     let (vf, cf) = comptime!((bv + PAD_F, c + PAD_F));
-    let v0 = CUBE_POS_X as usize * bv;
+    let (vb, span) = block_and_span(comptime!(l.v.div_ceil(bv)), l);
+    let v0 = vb * bv;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
+    // The state slices of `hs`, one per span (per chunk in the states pass) of each sequence.
+    let span_base = (n * spans as usize * l.heads + h) * l.k * l.v;
+    let span_stride = comptime!(l.heads * l.k * l.v);
     // Queries and keys of this head's group (the delta rule's grouped value heads).
     let lq = comptime!(TiledLayout {
         heads: l.qk_heads,
@@ -931,13 +985,15 @@ pub fn tiled_fwd_kernel<F: Float>(
     // The delta rule's tiles and registers (one entry where unused).
     let (dk, dv) = comptime!(if l.delta { (kp, bv) } else { (1, 1) });
 
-    let mut sq = tile_h::<F>(c, kp, l);
+    // The states pass needs no queries, scores or outputs (one entry each).
+    let co = comptime!(if l.states { 1 } else { c });
+    let mut sq = tile_h::<F>(co, kp, l);
     let mut sk = tile_h::<F>(c, kp, l);
     let mut sv = tile_h::<F>(c, bv, l);
     let mut sw = tile_h::<F>(comptime!(if l.delta { c } else { 1 }), dk, l);
-    let mut sa = tile_f(c, c);
-    let mut sah = tile_h::<F>(c, c, l);
-    let mut so = tile_f(c, bv);
+    let mut sa = tile_f(co, c);
+    let mut sah = tile_h::<F>(co, c, l);
+    let mut so = tile_f(co, bv);
     let mut ss = tile_f(kp, bv);
     let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
@@ -945,31 +1001,43 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut lamk = key_gates_tile(kp, l);
     let mut spart = score_scratch(l);
 
-    // Without h0 the slice is read from row K on: all outside, all zeros.
-    let first_row = comptime!(if l.has_h0 { 0 } else { l.k });
-    state_io(&mut ss, h0, base, first_row, v0, kp, bv, true, l);
+    // Without h0 the slice is read from row K on: all outside, all zeros. A span starts from
+    // the state the states pass left for it in `hs`, given here as `h0`.
+    let first_row = comptime!(if l.has_h0 || l.span > 0 { 0 } else { l.k });
+    let mut h0_base = base;
+    if comptime!(l.span > 0) {
+        h0_base = span_base + span * span_stride;
+    }
+    state_io(&mut ss, h0, h0_base, first_row, v0, kp, bv, true, l);
 
-    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rq = Array::<F>::new(comptime!(if l.states { 1 } else { tile_regs(&l, kp) }));
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, if l.delta { 1 } else { bv })));
     let mut rw = Array::<F>::new(comptime!(tile_regs(&l, dk)));
     let mut ru = Array::<f32>::new(comptime!(tile_regs(&l, dv)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
-    let chunks = len.div_ceil(c);
-    let cl = chunk_len(len, 0, c);
-    fetch_tile::<F, F>(q, &mut rq, bos, len, 0, cl, hq, 0, l.k, kp, lq);
-    fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, hq, 0, l.k, kp, lq);
-    fetch_key_gates::<F>(g, &mut rg, bos, len, 0, cl, h, 0, kp, l);
-    if comptime!(l.delta) {
-        fetch_tile::<f32, F>(w, &mut rw, bos, len, 0, cl, h, 0, l.k, kp, l);
-        fetch_tile::<f32, f32>(ut, &mut ru, bos, len, 0, cl, h, v0, l.v, bv, l);
-    } else {
-        fetch_tile::<F, F>(v, &mut rv, bos, len, 0, cl, h, v0, l.v, bv, l);
+    let (first, end) = chunk_range(len, span, l);
+    if first < end {
+        let p0 = first * c;
+        let cl = chunk_len(len, p0, c);
+        if comptime!(!l.states) {
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, hq, 0, l.k, kp, lq);
+        }
+        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, hq, 0, l.k, kp, lq);
+        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, 0, kp, l);
+        if comptime!(l.delta) {
+            fetch_tile::<f32, F>(w, &mut rw, bos, len, p0, cl, h, 0, l.k, kp, l);
+            fetch_tile::<f32, f32>(ut, &mut ru, bos, len, p0, cl, h, v0, l.v, bv, l);
+        } else {
+            fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, h, v0, l.v, bv, l);
+        }
     }
-    for ci in 0..chunks {
+    for ci in first..end {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
-        stage_tile::<F>(&rq, &mut sq, kp, l);
+        if comptime!(!l.states) {
+            stage_tile::<F>(&rq, &mut sq, kp, l);
+        }
         stage_tile::<F>(&rk, &mut sk, kp, l);
         if comptime!(l.delta) {
             stage_tile::<F>(&rw, &mut sw, kp, l);
@@ -978,7 +1046,22 @@ pub fn tiled_fwd_kernel<F: Float>(
         }
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         stage_key_gates(&rg, &mut lamk, kp, l);
-        round_state::<F>(&ss, &mut ssh, kp, bv, l);
+        if comptime!(l.states) {
+            // The state entering this chunk, for the output pass.
+            state_io(
+                &mut ss,
+                hs,
+                span_base + ci * span_stride,
+                0,
+                v0,
+                kp,
+                bv,
+                false,
+                l,
+            );
+        } else {
+            round_state::<F>(&ss, &mut ssh, kp, bv, l);
+        }
         sync_cube();
         if comptime!(l.delta) {
             // U = Ũ − W S, the chunk's values after the delta rule's corrections, in f32
@@ -994,10 +1077,12 @@ pub fn tiled_fwd_kernel<F: Float>(
                 }
             }
         }
-        if ci + 1 < chunks {
+        if ci + 1 < end {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
-            fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
+            if comptime!(!l.states) {
+                fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
+            }
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
             fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, 0, kp, l);
             if comptime!(l.delta) {
@@ -1007,58 +1092,75 @@ pub fn tiled_fwd_kernel<F: Float>(
                 fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, v0, l.v, bv, l);
             }
         }
-        if comptime!(l.vector_gate) {
-            cumulate_key_gates(&mut lamk, kp, l);
+        if comptime!(l.states) {
+            // Only the gates' cumulation, for the state's update below.
+            if comptime!(l.vector_gate) {
+                cumulate_key_gates(&mut lamk, kp, l);
+            } else {
+                cumulate_gates(&gl, &mut lam, l);
+            }
             sync_cube();
-            key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
-            sync_cube();
-            scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
         } else {
-            cumulate_gates(&gl, &mut lam, l);
-            // A = Q Kᵀ
+            if comptime!(l.vector_gate) {
+                cumulate_key_gates(&mut lamk, kp, l);
+                sync_cube();
+                key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
+                sync_cube();
+                scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
+            } else {
+                cumulate_gates(&gl, &mut lam, l);
+                // A = Q Kᵀ
+                mma::<F, F>(
+                    &sq,
+                    0,
+                    &sk,
+                    0,
+                    &mut sa,
+                    0,
+                    comptime!(nt(c, c, kp, kh, kh, cf)),
+                    l.tile,
+                );
+                sync_cube();
+                masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+                scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+            }
+            sync_cube();
+            // O = (A ∘ D ∘ M) V + q̃ S
             mma::<F, F>(
-                &sq,
+                &sah,
                 0,
-                &sk,
+                &sv,
                 0,
-                &mut sa,
+                &mut so,
                 0,
-                comptime!(nt(c, c, kp, kh, kh, cf)),
+                comptime!(nn(c, bv, c, ch, vh, vf)),
                 l.tile,
             );
             sync_cube();
-            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-            scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+            let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
+            mma_state::<F>(&sq, &ss, &ssh, 0, &mut so, 0, s, bv, l);
+            sync_cube();
+            store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
         }
-        sync_cube();
-        // O = (A ∘ D ∘ M) V + q̃ S
-        mma::<F, F>(
-            &sah,
-            0,
-            &sv,
-            0,
-            &mut so,
-            0,
-            comptime!(nn(c, bv, c, ch, vh, vf)),
-            l.tile,
-        );
-        sync_cube();
-        let s = comptime!(accum(nn(c, bv, kp, kh, 0, vf)));
-        mma_state::<F>(&sq, &ss, &ssh, 0, &mut so, 0, s, bv, l);
-        sync_cube();
-        store_tile::<F>(&so, o, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
-        if comptime!(l.vector_gate) {
-            scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
-            decay_state_keys(&mut ss, &lamk, kp, bv, l);
-        } else {
-            scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
-            decay_state(&mut ss, &lam, kp, bv, l);
+        // The state after the last chunk is needed only as `ht` (uniform over the cube).
+        let mut update = ci + 1 < end;
+        if comptime!(l.has_ht) {
+            update = true;
         }
-        sync_cube();
-        // S ← exp(λ_C) S + k̃ᵀ V
-        let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
-        mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
-        sync_cube();
+        if update {
+            if comptime!(l.vector_gate) {
+                scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
+                decay_state_keys(&mut ss, &lamk, kp, bv, l);
+            } else {
+                scale_rows::<F>(&mut sk, &lam, 1.0f32, kp, true, l);
+                decay_state(&mut ss, &lam, kp, bv, l);
+            }
+            sync_cube();
+            // S ← exp(λ_C) S + k̃ᵀ V
+            let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
+            mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
+            sync_cube();
+        }
     }
 
     if comptime!(l.has_ht) {
@@ -1078,6 +1180,7 @@ pub fn tiled_dq_kernel<F: Float>(
     d_o: &Array<F>,
     dq: &mut Array<f32>,
     seq_len: u32,
+    spans: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
     #[define(F)] _dtype: StorageType,
@@ -1085,12 +1188,17 @@ pub fn tiled_dq_kernel<F: Float>(
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
     let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
     let (bkf, vf, cf) = comptime!((bk + PAD_F, vp + PAD_F, c + PAD_F));
-    let k0 = CUBE_POS_X as usize * bk;
+    let (kb, span) = block_and_span(comptime!(l.k.div_ceil(bk)), l);
+    let k0 = kb * bk;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let base = (n * l.heads + h) * l.k * l.v;
+    let mut base = (n * l.heads + h) * l.k * l.v;
+    if comptime!(l.span > 0) {
+        // The state entering the span, from the forward's states pass (given as `h0`).
+        base = ((n * spans as usize + span) * l.heads + h) * l.k * l.v;
+    }
 
     let mut sk = tile_h::<F>(c, bk, l);
     let mut sv = tile_h::<F>(c, vp, l);
@@ -1105,7 +1213,7 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut lamk = key_gates_tile(bk, l);
 
     let mut first_row = k0;
-    if comptime!(!l.has_h0) {
+    if comptime!(!l.has_h0 && l.span == 0) {
         first_row = l.k;
     }
     state_io(&mut ss, h0, base, first_row, 0, bk, vp, true, l);
@@ -1114,13 +1222,16 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, bk)));
-    let chunks = len.div_ceil(c);
-    let cl = chunk_len(len, 0, c);
-    fetch_tile::<F, F>(k, &mut rk, bos, len, 0, cl, h, k0, l.k, bk, l);
-    fetch_key_gates::<F>(g, &mut rg, bos, len, 0, cl, h, k0, bk, l);
-    fetch_tile::<F, F>(v, &mut rv, bos, len, 0, cl, h, 0, l.v, vp, l);
-    fetch_tile::<F, F>(d_o, &mut rdo, bos, len, 0, cl, h, 0, l.v, vp, l);
-    for ci in 0..chunks {
+    let (first, end) = chunk_range(len, span, l);
+    if first < end {
+        let p0 = first * c;
+        let cl = chunk_len(len, p0, c);
+        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, k0, l.k, bk, l);
+        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, k0, bk, l);
+        fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, h, 0, l.v, vp, l);
+        fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p0, cl, h, 0, l.v, vp, l);
+    }
+    for ci in first..end {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rk, &mut sk, bk, l);
@@ -1130,7 +1241,7 @@ pub fn tiled_dq_kernel<F: Float>(
         stage_key_gates(&rg, &mut lamk, bk, l);
         round_state::<F>(&ss, &mut ssh, bk, vp, l);
         sync_cube();
-        if ci + 1 < chunks {
+        if ci + 1 < end {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
@@ -1180,18 +1291,21 @@ pub fn tiled_dq_kernel<F: Float>(
             sync_cube();
         }
         store_tile::<f32>(&sdq, dq, 0, bos, len, p0, cl, h, k0, l.k, bk, l);
-        if comptime!(l.vector_gate) {
-            scale_keys::<F>(&mut sk, &lamk, 1.0f32, bk, true, l);
-            decay_state_keys(&mut ss, &lamk, bk, vp, l);
-        } else {
-            scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
-            decay_state(&mut ss, &lam, bk, vp, l);
+        // No chunk after the last needs the state (uniform over the cube).
+        if ci + 1 < end {
+            if comptime!(l.vector_gate) {
+                scale_keys::<F>(&mut sk, &lamk, 1.0f32, bk, true, l);
+                decay_state_keys(&mut ss, &lamk, bk, vp, l);
+            } else {
+                scale_rows::<F>(&mut sk, &lam, 1.0f32, bk, true, l);
+                decay_state(&mut ss, &lam, bk, vp, l);
+            }
+            sync_cube();
+            // S ← exp(λ_C) S + k̃ᵀ V
+            let s = comptime!(accum(tn(bk, vp, c, bkh, vh, vf)));
+            mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
+            sync_cube();
         }
-        sync_cube();
-        // S ← exp(λ_C) S + k̃ᵀ V
-        let s = comptime!(accum(tn(bk, vp, c, bkh, vh, vf)));
-        mma::<F, F>(&sk, 0, &sv, 0, &mut ss, 0, s, l.tile);
-        sync_cube();
     }
 }
 
@@ -1210,7 +1324,9 @@ pub fn tiled_dkv_kernel<F: Float>(
     dk_part: &mut Array<f32>,
     dv: &mut Array<F>,
     dh0: &mut Array<f32>,
+    hs: &mut Array<f32>,
     seq_len: u32,
+    spans: u32,
     dk_len: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
@@ -1220,23 +1336,29 @@ pub fn tiled_dkv_kernel<F: Float>(
     let (c, kp, bv, nb) = comptime!((l.chunk, l.kp, l.bv, l.nb));
     let (kh, vh, ch) = comptime!((kp + l.ph, bv + l.ph, c + l.ph));
     let (vf, cf, nf) = comptime!((bv + PAD_F, c + PAD_F, nb + PAD_F));
-    let v0 = CUBE_POS_X as usize * bv;
+    let (vb, span) = block_and_span(comptime!(l.v.div_ceil(bv)), l);
+    let v0 = vb * bv;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
-    // This cube's partial of dk: block `CUBE_POS_X` of `[blocks, B·T·H·K]`.
-    let part = CUBE_POS_X as usize * dk_len as usize;
+    // The gradient slices of `hs`, one per span (per chunk in the states pass) of each sequence.
+    let span_base = (n * spans as usize * l.heads + h) * l.k * l.v;
+    let span_stride = comptime!(l.heads * l.k * l.v);
+    // This cube's partial of dk: value block `vb` of `[blocks, B·T·H·K]`.
+    let part = vb * dk_len as usize;
 
+    // The states pass needs no keys, values, scores or gradients but the state's (one entry).
+    let co = comptime!(if l.states { 1 } else { c });
     let mut sq = tile_h::<F>(c, kp, l);
-    let mut sk = tile_h::<F>(c, kp, l);
-    let mut sv = tile_h::<F>(c, bv, l);
+    let mut sk = tile_h::<F>(co, kp, l);
+    let mut sv = tile_h::<F>(co, bv, l);
     let mut sdo = tile_h::<F>(c, bv, l);
-    let mut sa = tile_f(c, c);
-    let mut sah = tile_h::<F>(c, c, l);
-    let mut sdv = tile_f(c, bv);
-    let mut sdk = tile_f(c, nb);
+    let mut sa = tile_f(co, c);
+    let mut sah = tile_h::<F>(co, c, l);
+    let mut sdv = tile_f(co, bv);
+    let mut sdk = tile_f(co, nb);
     let mut sg = tile_f(kp, bv);
     let mut sgh = tile_h::<F>(comptime!(if l.tile.cmma { kp } else { 1 }), bv, l);
     let mut gl = SharedMemory::<f32>::new(c);
@@ -1244,47 +1366,85 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut lamk = key_gates_tile(kp, l);
     let mut spart = score_scratch(l);
 
-    let first_row = comptime!(if has_dht { 0 } else { l.k });
-    state_io(&mut sg, d_ht, base, first_row, v0, kp, bv, true, l);
+    // `dhT`, or with spans the gradient at the span's end that the states pass left in `hs`
+    // (given here as `d_ht`).
+    let first_row = comptime!(if has_dht || l.span > 0 { 0 } else { l.k });
+    let mut g_base = base;
+    if comptime!(l.span > 0) {
+        g_base = span_base + span * span_stride;
+    }
+    state_io(&mut sg, d_ht, g_base, first_row, v0, kp, bv, true, l);
 
+    let kv = comptime!(if l.states { 1 } else { kp });
     let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
-    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
-    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kv)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, if l.states { 1 } else { bv })));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
-    let chunks = len.div_ceil(c);
-    // The last chunk first: it starts at (chunks − 1)·C and holds the rest.
-    let mut plast = 0;
-    if chunks > 0 {
-        plast = (chunks - 1) * c;
+    let (first, end) = chunk_range(len, span, l);
+    // The last chunk first: it starts at (end − 1)·C and holds the rest of the sequence or of
+    // the span.
+    if first < end {
+        let plast = (end - 1) * c;
+        let cl_last = chunk_len(len, plast, c);
+        fetch_tile::<F, F>(q, &mut rq, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+        if comptime!(!l.states) {
+            fetch_tile::<F, F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
+            fetch_tile::<F, F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+        }
+        fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+        fetch_key_gates::<F>(g, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
     }
-    let cl_last = len - plast;
-    fetch_tile::<F, F>(q, &mut rq, bos, len, plast, cl_last, h, 0, l.k, kp, l);
-    fetch_tile::<F, F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
-    fetch_tile::<F, F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
-    fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
-    fetch_key_gates::<F>(g, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
-    for cr in 0..chunks {
-        let p0 = (chunks - 1 - cr) * c;
+    for ci in first..end {
+        let cr = ci - first;
+        let p0 = (end - 1 - cr) * c;
         let cl = chunk_len(len, p0, c);
         stage_tile::<F>(&rq, &mut sq, kp, l);
-        stage_tile::<F>(&rk, &mut sk, kp, l);
-        stage_tile::<F>(&rv, &mut sv, bv, l);
+        if comptime!(!l.states) {
+            stage_tile::<F>(&rk, &mut sk, kp, l);
+            stage_tile::<F>(&rv, &mut sv, bv, l);
+        }
         stage_tile::<F>(&rdo, &mut sdo, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         stage_key_gates(&rg, &mut lamk, kp, l);
-        round_state::<F>(&sg, &mut sgh, kp, bv, l);
+        if comptime!(l.states) {
+            // The gradient at this chunk's end, for the output pass.
+            let at = span_base + (end - 1 - cr) * span_stride;
+            state_io(&mut sg, hs, at, 0, v0, kp, bv, false, l);
+        } else {
+            round_state::<F>(&sg, &mut sgh, kp, bv, l);
+        }
         sync_cube();
-        if cr + 1 < chunks {
+        if ci + 1 < end {
             // Every chunk before the last is full.
             let p1 = p0 - c;
             fetch_tile::<F, F>(q, &mut rq, bos, len, p1, c, h, 0, l.k, kp, l);
-            fetch_tile::<F, F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
-            fetch_tile::<F, F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
+            if comptime!(!l.states) {
+                fetch_tile::<F, F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
+                fetch_tile::<F, F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
+            }
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
             fetch_key_gates::<F>(g, &mut rg, bos, len, p1, c, h, 0, kp, l);
         }
-        if comptime!(l.vector_gate) {
+        // The gradient before the first chunk is needed only as `dh0` (uniform over the cube).
+        let mut update = ci + 1 < end;
+        if comptime!(l.has_h0) {
+            update = true;
+        }
+        if comptime!(l.states) {
+            if comptime!(l.vector_gate) {
+                cumulate_key_gates(&mut lamk, kp, l);
+                sync_cube();
+                scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
+                decay_state_keys(&mut sg, &lamk, kp, bv, l);
+            } else {
+                cumulate_gates(&gl, &mut lam, l);
+                sync_cube();
+                scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+                decay_state(&mut sg, &lam, kp, bv, l);
+            }
+            sync_cube();
+        } else if comptime!(l.vector_gate) {
             cumulate_key_gates(&mut lamk, kp, l);
             // dA = dO Vᵀ (this value block's part), gated per key in dK below.
             mma::<F, F>(
@@ -1329,9 +1489,11 @@ pub fn tiled_dkv_kernel<F: Float>(
                 store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
                 sync_cube();
             }
-            scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
-            decay_state_keys(&mut sg, &lamk, kp, bv, l);
-            sync_cube();
+            if update {
+                scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
+                decay_state_keys(&mut sg, &lamk, kp, bv, l);
+                sync_cube();
+            }
         } else {
             cumulate_gates(&gl, &mut lam, l);
             // A = Q Kᵀ
@@ -1390,14 +1552,18 @@ pub fn tiled_dkv_kernel<F: Float>(
                 store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
                 sync_cube();
             }
-            scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
-            decay_state(&mut sg, &lam, kp, bv, l);
+            if update {
+                scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+                decay_state(&mut sg, &lam, kp, bv, l);
+                sync_cube();
+            }
+        }
+        if update {
+            // G ← exp(λ_C) G + q̃ᵀ dO
+            let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
+            mma::<F, F>(&sq, 0, &sdo, 0, &mut sg, 0, s, l.tile);
             sync_cube();
         }
-        // G ← exp(λ_C) G + q̃ᵀ dO
-        let s = comptime!(accum(tn(kp, bv, c, kh, vh, vf)));
-        mma::<F, F>(&sq, 0, &sdo, 0, &mut sg, 0, s, l.tile);
-        sync_cube();
     }
 
     if comptime!(l.has_h0) {

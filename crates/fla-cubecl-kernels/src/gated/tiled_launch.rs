@@ -103,6 +103,8 @@ pub fn tiled_layout<R: Runtime>(
             varlen: p.cu_seqlens.is_some(),
             has_h0: p.has_initial_state,
             has_ht: p.output_final_state,
+            span: 0,
+            states: false,
             tile,
         };
         let widths = |limit: usize| {
@@ -144,7 +146,59 @@ fn cube_count(p: &GatedProblem, blocks: usize) -> CubeCount {
     CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32)
 }
 
-/// The forward through the tiled kernel (checks done by the caller).
+/// Positions per span of the forward's split (see [`split_forward`]): FLA's chunk.
+const SPAN_TOKENS: usize = 64;
+
+/// The forward's split, where it applies: `(states pass layout, output pass layout, spans per
+/// sequence)`. The fused walk ([`TiledLayout::span`] 0) runs one cube per value block, head and
+/// sequence through every chunk: at B·H = 128 an H200's 132 SMs hold one such cube each, and
+/// every chunk's scores and outputs wait for the chunk before. The split runs a states pass
+/// (the same walk, keeping only the state's update, in chunks of 64 whatever the gate) that
+/// writes the state entering each span of 64 positions, then the output pass with one cube per
+/// span, value block, head and sequence, all in parallel. `None` (the fused walk) for one span,
+/// for states past 32-bit indices, and with `FLA_TILED_SPLIT=0`.
+fn split_forward(
+    p: &GatedProblem,
+    l: &TiledLayout,
+    max_smem: usize,
+) -> Option<(TiledLayout, TiledLayout, usize)> {
+    if tuning("FLA_TILED_SPLIT") == Some(0) {
+        return None;
+    }
+    // The longest span, a multiple of the chunk, whose states passes (forward and reverse) fit
+    // in shared memory (lavapipe's is small).
+    let elem = p.dtype.size();
+    let walk = (1..=SPAN_TOKENS.max(l.chunk) / l.chunk)
+        .rev()
+        .map(|m| TiledLayout {
+            chunk: m * l.chunk,
+            states: true,
+            ..*l
+        })
+        .find(|w| fwd_smem(w, elem) <= max_smem && dkv_smem(w, elem) <= max_smem)?;
+    let span_tokens = walk.chunk;
+    let spans = p.longest().div_ceil(span_tokens);
+    let states = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
+    if spans < 2 || states > u32::MAX as usize {
+        return None;
+    }
+    // The output pass has many cubes of a span each: fewer planes per cube can let several
+    // share an SM (a measurement aid, `FLA_TILED_SPAN_PLANES`).
+    let tile = TileConfig {
+        planes: tuning("FLA_TILED_SPAN_PLANES").unwrap_or(l.tile.planes),
+        ..l.tile
+    };
+    let out = TiledLayout {
+        span: span_tokens / l.chunk,
+        has_ht: false,
+        tile,
+        ..*l
+    };
+    Some((walk, out, spans))
+}
+
+/// The forward through the tiled kernel (checks done by the caller): the split of
+/// [`split_forward`] where it applies, the fused walk elsewhere.
 pub(crate) fn tiled_forward<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -157,33 +211,96 @@ pub(crate) fn tiled_forward<R: Runtime>(
         p.tokens() * p.heads * p.k_dim,
         p.tokens() * p.heads * p.v_dim,
     );
-    // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
-    // in K or V); the per-access bounds checks cost a third of the instructions.
+    let nv = p.v_dim.div_ceil(l.bv);
+    let launch = |l: TiledLayout,
+                  blocks: usize,
+                  (h0, h0_len): (&Handle, usize),
+                  (hs, hs_len): (&Handle, usize),
+                  spans: usize| {
+        // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
+        // in K or V); the per-access bounds checks cost a third of the instructions.
+        unsafe {
+            tiled_fwd_kernel::launch_unchecked::<R>(
+                client,
+                cube_count(p, blocks),
+                cube_dim(&l),
+                array(b.q, qk),
+                array(b.k, qk),
+                array(b.v, vo),
+                array(&dummy, 1),
+                array(&dummy, 1),
+                array(b.g.unwrap_or(&dummy), p.gate_len()),
+                array(h0, h0_len),
+                array(cu, cu_len),
+                array(b.o, vo),
+                array(b.ht.unwrap_or(&dummy), p.state_len()),
+                array(hs, hs_len),
+                p.seq_len as u32,
+                spans as u32,
+                p.scale,
+                l,
+                p.dtype.storage(),
+            )
+        };
+    };
+    let h0 = b.h0.unwrap_or(&dummy);
+    match split_forward(p, &l, client.properties().hardware.max_shared_memory_size) {
+        Some((walk, out, spans)) => {
+            let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
+            let hs = client.empty(4 * hs_len);
+            launch(walk, nv, (h0, p.state_len()), (&hs, hs_len), spans);
+            launch(out, nv * spans, (&hs, hs_len), (&dummy, 1), spans);
+        }
+        None => launch(l, nv, (h0, p.state_len()), (&dummy, 1), 1),
+    }
+}
+
+/// The forward's states pass alone ([`TiledLayout::states`]; `ht` not written), for the
+/// backward: the state entering each span into `hs`.
+fn states_pass<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    walk: TiledLayout,
+    (k, v, g, h0): (&Handle, &Handle, Option<&Handle>, &Handle),
+    (hs, hs_len, spans): (&Handle, usize, usize),
+    (cu, cu_len): (&Handle, usize),
+) {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    // Guarded by the kernel's own conditions, as every launch here.
     unsafe {
         tiled_fwd_kernel::launch_unchecked::<R>(
             client,
-            cube_count(p, p.v_dim.div_ceil(l.bv)),
-            cube_dim(&l),
-            array(b.q, qk),
-            array(b.k, qk),
-            array(b.v, vo),
+            cube_count(p, p.v_dim.div_ceil(walk.bv)),
+            cube_dim(&walk),
+            array(&dummy, 1),
+            array(k, qk),
+            array(v, vo),
             array(&dummy, 1),
             array(&dummy, 1),
-            array(b.g.unwrap_or(&dummy), p.gate_len()),
-            array(b.h0.unwrap_or(&dummy), p.state_len()),
+            array(g.unwrap_or(&dummy), p.gate_len()),
+            array(h0, p.state_len()),
             array(cu, cu_len),
-            array(b.o, vo),
-            array(b.ht.unwrap_or(&dummy), p.state_len()),
+            array(&dummy, 1),
+            array(&dummy, 1),
+            array(hs, hs_len),
             p.seq_len as u32,
+            spans as u32,
             p.scale,
-            l,
+            walk,
             p.dtype.storage(),
         )
     };
 }
 
 /// The backward through the tiled kernels: `dv`, `dh0`, and `dq`, `dk` with the key gate's term
-/// of the identity (returned, `f32` `[B·T, H, K]`) for the gate gradient.
+/// of the identity (returned, `f32` `[B·T, H, K]`) for the gate gradient. Where the forward
+/// splits ([`split_forward`]), so does the backward: the forward's states pass runs again (FLA
+/// recomputes its states too), `dq` runs per span from them, a reverse states pass leaves the
+/// state's gradient at each span's end in the same buffer, and `dk`, `dv` run per span from it.
 pub(crate) fn tiled_backward<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -197,6 +314,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
         p.tokens() * p.heads * p.v_dim,
     );
     let nv = p.v_dim.div_ceil(l.bv);
+    let nk = p.k_dim.div_ceil(l.bk);
     let dq_part = client.empty(4 * qk);
     let dk_part = client.empty(4 * nv * qk);
     let dh0 = if p.has_initial_state {
@@ -204,32 +322,37 @@ pub(crate) fn tiled_backward<R: Runtime>(
     } else {
         &dummy
     };
+    let h0 = b.h0.unwrap_or(&dummy);
+    let d_ht = b.d_ht.unwrap_or(&dummy);
     // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
     // in K or V); the per-access bounds checks cost a third of the instructions.
-    unsafe {
+    let dq = |l: TiledLayout, blocks: usize, (h0, h0_len): (&Handle, usize), spans: usize| unsafe {
         tiled_dq_kernel::launch_unchecked::<R>(
             client,
-            cube_count(p, p.k_dim.div_ceil(l.bk)),
+            cube_count(p, blocks),
             cube_dim(&l),
             array(b.k, qk),
             array(b.v, vo),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
-            array(b.h0.unwrap_or(&dummy), p.state_len()),
+            array(h0, h0_len),
             array(cu, cu_len),
             array(b.d_o, vo),
             array(&dq_part, qk),
             p.seq_len as u32,
+            spans as u32,
             p.scale,
             l,
             p.dtype.storage(),
         )
     };
-    // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
-    // in K or V); the per-access bounds checks cost a third of the instructions.
-    unsafe {
+    let dkv = |l: TiledLayout,
+               blocks: usize,
+               (d_ht, has_dht): (&Handle, bool),
+               (hs, hs_len): (&Handle, usize),
+               spans: usize| unsafe {
         tiled_dkv_kernel::launch_unchecked::<R>(
             client,
-            cube_count(p, nv),
+            cube_count(p, blocks),
             cube_dim(&l),
             array(b.q, qk),
             array(b.k, qk),
@@ -237,18 +360,51 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.g.unwrap_or(&dummy), p.gate_len()),
             array(cu, cu_len),
             array(b.d_o, vo),
-            array(b.d_ht.unwrap_or(&dummy), p.state_len()),
+            array(d_ht, p.state_len().max(hs_len)),
             array(&dk_part, nv * qk),
             array(b.dv, vo),
             array(dh0, p.state_len()),
+            array(hs, hs_len),
             p.seq_len as u32,
+            spans as u32,
             qk as u32,
             p.scale,
             l,
-            b.d_ht.is_some(),
+            has_dht,
             p.dtype.storage(),
         )
     };
+    match split_forward(p, &l, client.properties().hardware.max_shared_memory_size) {
+        Some((walk, out, spans)) => {
+            let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
+            let hs = client.empty(4 * hs_len);
+            let walk = TiledLayout {
+                has_ht: false,
+                ..walk
+            };
+            states_pass(
+                client,
+                p,
+                walk,
+                (b.k, b.v, b.g, h0),
+                (&hs, hs_len, spans),
+                (cu, cu_len),
+            );
+            dq(out, nk * spans, (&hs, hs_len), spans);
+            // The reverse states pass overwrites `hs` with the gradients: the launches run in
+            // order on one stream, so `dq` has read the states by then.
+            dkv(walk, nv, (d_ht, b.d_ht.is_some()), (&hs, hs_len), spans);
+            let out = TiledLayout {
+                has_h0: false,
+                ..out
+            };
+            dkv(out, nv * spans, (&hs, true), (&dummy, 1), spans);
+        }
+        None => {
+            dq(l, nk, (h0, p.state_len()), 1);
+            dkv(l, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1);
+        }
+    }
     let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, nv));
     Ok(key_term)
 }
