@@ -146,24 +146,42 @@ fn cube_count(p: &GatedProblem, blocks: usize) -> CubeCount {
     CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32)
 }
 
+/// The device's shared memory per cube and its SM count (none on wgpu), for [`split_forward`].
+fn device_size<R: Runtime>(client: &ComputeClient<R>) -> (usize, Option<u32>) {
+    let hw = &client.properties().hardware;
+    (hw.max_shared_memory_size, hw.num_streaming_multiprocessors)
+}
+
 /// Positions per span of the forward's split (see [`split_forward`]): FLA's chunk.
 const SPAN_TOKENS: usize = 64;
 
-/// The forward's split, where it applies: `(states pass layout, output pass layout, spans per
-/// sequence)`. The fused walk ([`TiledLayout::span`] 0) runs one cube per value block, head and
-/// sequence through every chunk: at B·H = 128 an H200's 132 SMs hold one such cube each, and
-/// every chunk's scores and outputs wait for the chunk before. The split runs a states pass
-/// (the same walk, keeping only the state's update, in chunks of 64 whatever the gate) that
-/// writes the state entering each span of 64 positions, then the output pass with one cube per
-/// span, value block, head and sequence, all in parallel. `None` (the fused walk) for one span,
-/// for states past 32-bit indices, and with `FLA_TILED_SPLIT=0`.
+/// The split (forward and backward), where it applies: `(states pass layout, output pass
+/// layout, spans per sequence)`.
+///
+/// The fused walk ([`TiledLayout::span`] 0) runs one cube per value block, head and sequence
+/// through every chunk, so it keeps only `V / bv · H · N` cubes busy: 256 at FLA's benchmark
+/// shape (B = 8, H = 16, V = 128), enough for an H200's 132 SMs (one such cube fills an SM's
+/// shared memory), but 32 at B = 1, a quarter of the GPU. The split runs a states pass (the same
+/// walk keeping only the state's update, in chunks of 64 whatever the gate) that writes the
+/// state entering each span of 64 positions, then one cube per span, value block, head and
+/// sequence, all in parallel (FLA's `chunk_fwd_h` / `chunk_fwd_o`). It does the walk's work
+/// plus the states pass and their round trip through memory, so it pays only where the walk
+/// leaves SMs idle: taken where the walk's cubes would fill less than half of the device's SMs,
+/// and where the device does not report them (wgpu). That rule is reasoned, not yet measured
+/// (no GPU was lent when it was written): `FLA_TILED_SPLIT=1` forces the split and `=0` the
+/// walk, for measuring. `None` also for one span and for states past 32-bit indices.
 fn split_forward(
     p: &GatedProblem,
     l: &TiledLayout,
-    max_smem: usize,
+    (max_smem, sms): (usize, Option<u32>),
 ) -> Option<(TiledLayout, TiledLayout, usize)> {
-    if tuning("FLA_TILED_SPLIT") == Some(0) {
-        return None;
+    let walk_cubes = p.v_dim.div_ceil(l.bv) * p.heads * p.num_seqs();
+    let idle = sms.is_none_or(|sms| 2 * walk_cubes < sms as usize);
+    match tuning("FLA_TILED_SPLIT") {
+        Some(0) => return None,
+        Some(_) => {}
+        None if !idle => return None,
+        None => {}
     }
     // The longest span, a multiple of the chunk, whose states passes (forward and reverse) fit
     // in shared memory (lavapipe's is small).
@@ -244,7 +262,7 @@ pub(crate) fn tiled_forward<R: Runtime>(
         };
     };
     let h0 = b.h0.unwrap_or(&dummy);
-    match split_forward(p, &l, client.properties().hardware.max_shared_memory_size) {
+    match split_forward(p, &l, device_size(client)) {
         Some((walk, out, spans)) => {
             let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
             let hs = client.empty(4 * hs_len);
@@ -374,7 +392,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    match split_forward(p, &l, client.properties().hardware.max_shared_memory_size) {
+    match split_forward(p, &l, device_size(client)) {
         Some((walk, out, spans)) => {
             let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
             let hs = client.empty(4 * hs_len);

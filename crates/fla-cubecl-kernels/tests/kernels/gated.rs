@@ -565,6 +565,54 @@ fn chunk_sizes(
     on_runtime!(compare_mode(&c, CHUNK));
 }
 
+/// The fused walk, the split's alternative (`split_forward` in the crate's `gated::tiled_launch`),
+/// past one span: CUDA takes it where its cubes fill the GPU, but wgpu (and so CI) takes the split
+/// wherever a sequence has two spans. The walk is chosen through `FLA_TILED_SPLIT=0`, which the
+/// kernels read at each call; set here, it would also reach the tests running beside this one,
+/// so this test runs [`fused_walk_cases`] in a child process of this test binary.
+#[test]
+fn chunk_fused_walk_past_one_span() {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args(["--ignored", "--exact", "gated::fused_walk_cases"])
+        .env("FLA_TILED_SPLIT", "0")
+        .output()
+        .expect("the test binary runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("1 passed"), "the cases did not run: {log}");
+}
+
+/// The cases of [`chunk_fused_walk_past_one_span`], which runs this (ignored otherwise: it checks
+/// the walk only with `FLA_TILED_SPLIT=0` set for its whole process).
+#[test]
+#[ignore = "run by chunk_fused_walk_past_one_span, in a process of its own"]
+fn fused_walk_cases() {
+    assert_eq!(std::env::var("FLA_TILED_SPLIT").as_deref(), Ok("0"));
+    for variant in [Variant::LinearAttn, Variant::SimpleGla, Variant::Gla] {
+        for (t, k, v) in [(129, 48, 32), (1500, 64, 64)] {
+            let c = make_case(
+                variant,
+                2,
+                t,
+                2,
+                k,
+                v,
+                1.0,
+                false,
+                None,
+                true,
+                FloatDType::F32,
+            );
+            on_runtime!(compare_mode(&c, CHUNK));
+        }
+    }
+}
+
 #[rstest]
 fn chunk_gate_strength_and_direction(
     #[values(0.1, 1.0, 10.0)] strength: f64,
