@@ -4,6 +4,7 @@
 # [".gpu", ".whl"] (.whl: `pip download --no-deps -d .whl fla-core==0.6.0 flash-linear-attention==0.6.0 einops`).
 # `gated_gpu.sh tests`: the gated family's chunk-form kernel tests (FILTER, default `gated::chunk`,
 # plus the long-sequence cases) and op tests on CUDA, then the kernel tests on Vulkan.
+# `gated_gpu.sh split`: the tiled kernels split against their fused walk (ours only).
 # `gated_gpu.sh bench`: ours and FLA 0.6.0's gated kernels on the same shapes in one call
 # (SEQ, OPS, BATCH, HEADS, DIM override the defaults); `gated_gpu.sh profile`: per-kernel times
 # of one forward+backward (CubeCL's profiler). Both are delta_gpu.sh's runs with gated defaults.
@@ -21,6 +22,20 @@ tests)
   grep -E "test result|FAILED|panicked" $OUT/cuda-gated-ops.log | head -20
   VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json timeout 200 $R/test-kernels ${FILTER:-gated::chunk} --test-threads 8 > $OUT/vk-gated.log 2>&1
   grep -E "test result|FAILED|panicked" $OUT/vk-gated.log | head -20
+  ;;
+split)
+  # The tiled kernels' split against their fused walk (FLA_TILED_SPLIT=1 / 0), at FLA's shape
+  # (B=8, where the walk is the default on an H200) and at B=1 (where the split is): the
+  # measurement the rule in gated/tiled_launch.rs (split_forward) still waits for.
+  bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
+  export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
+  R=/tmp/gpu-run
+  for b in 8 1; do
+    for s in 1 0; do
+      FLA_TILED_SPLIT=$s timeout 120 $R/test-table --backend cuda --dtype bf16 --batch $b --heads 16 --dim 128 \
+        --seq ${SEQ:-4096,16384} --ops chunk_simple_gla,chunk_gla --warmup 2 --iters 5 --out $OUT/split$s-b$b 2>&1 | tail -6
+    done
+  done
   ;;
 profile|bench)
   # The same runs as the delta rule's, on the gated family's ops. FLA's compiles of three GLA ops

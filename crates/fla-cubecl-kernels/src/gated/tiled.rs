@@ -28,6 +28,12 @@
 //! columns of `q̃ = scale · q ∘ exp(Λ_r)`, `k̃ = k ∘ exp(Λ_C − Λ_s)` and of the state's decay
 //! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`.
 //!
+//! Each walk can also be split ([`TiledLayout::span`], [`TiledLayout::states`]; where it is
+//! taken: `tiled_launch::split_forward`): a states pass, the forward walk (or, for `G`, the
+//! `dk, dv` walk) keeping only the state's update, in chunks of 64 whatever the gate, writes
+//! the state entering each span of 64 positions (`G` at each span's end) to memory; then the
+//! same kernels run with one cube per span, starting from those states, all spans in parallel.
+//!
 //! Every exponential here has an exponent at most 0, and the helpers that take them compile with
 //! reduced-precision exponentials (`fast_math`: CUDA's `__expf`, two instructions instead of a
 //! dozen): its error, a few `f32` ulps per unit of the exponent, is far below the rounding of
@@ -83,11 +89,12 @@ pub struct TiledLayout {
     pub varlen: bool,
     pub has_h0: bool,
     pub has_ht: bool,
-    /// Chunks per cube of the forward's output pass (0: one cube walks the whole sequence).
-    /// With spans, cube `x` is `span · value blocks + value block`, and a cube starts its span
-    /// from the state that the states pass ([`TiledLayout::states`]) left in `hs` (its `h0`
-    /// argument) instead of walking every chunk before it: the chunks of a sequence then run in
-    /// parallel, as FLA's `chunk_fwd_o` does, and only the states pass is sequential.
+    /// Chunks per cube (0: one cube walks the whole sequence), in the forward, `dq` and `dk`/`dv`
+    /// kernels alike. With spans, cube `x` is `span · blocks + block` (value blocks; key blocks
+    /// for `dq`), and a cube starts its span from the state (the forward, `dq`) or the state's
+    /// gradient (`dk`/`dv`) that a states pass ([`TiledLayout::states`]) left in `hs` instead of
+    /// walking every chunk before it: the chunks of a sequence then run in parallel, as FLA's
+    /// `chunk_fwd_o` does, and only the states passes are sequential.
     pub span: usize,
     /// The forward's states pass: the walk keeps only the state's update (no queries, scores or
     /// outputs) and writes the state entering each chunk to `hs` (`[N, spans, H, K, V]`, `f32`).
@@ -143,10 +150,13 @@ pub fn accum(s: MmaShape) -> MmaShape {
 pub const PAD_H: usize = 8;
 pub const PAD_F: usize = 4;
 
-/// Bytes of a `rows × cols` tile of `elem`-byte values with padded rows.
+/// Bytes of a `rows × cols` tile of `elem`-byte values with padded rows, rounded up to the 64
+/// bytes each tile is aligned to ([`tile_h`], [`tile_f`]: CUDA sizes a kernel's shared memory
+/// from the aligned offsets; whole tiles of 16 rows are multiples already, the states passes'
+/// one-row tiles are not).
 pub(crate) fn tile_bytes(rows: usize, cols: usize, elem: usize) -> usize {
     let pad = if elem == 4 { PAD_F } else { PAD_H };
-    rows * (cols + pad) * elem
+    (rows * (cols + pad) * elem).next_multiple_of(64)
 }
 
 /// Shared-memory bytes of the forward kernel.

@@ -146,10 +146,22 @@ fn cube_count(p: &GatedProblem, blocks: usize) -> CubeCount {
     CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32)
 }
 
-/// The device's shared memory per cube and its SM count (none on wgpu), for [`split_forward`].
-fn device_size<R: Runtime>(client: &ComputeClient<R>) -> (usize, Option<u32>) {
+/// What [`split_forward`] needs of the device: shared memory per cube, its SM count (none on
+/// wgpu) and the most cubes along a grid's x.
+#[derive(Debug, Clone, Copy)]
+struct DeviceSize {
+    smem: usize,
+    sms: Option<u32>,
+    max_x: u32,
+}
+
+fn device_size<R: Runtime>(client: &ComputeClient<R>) -> DeviceSize {
     let hw = &client.properties().hardware;
-    (hw.max_shared_memory_size, hw.num_streaming_multiprocessors)
+    DeviceSize {
+        smem: hw.max_shared_memory_size,
+        sms: hw.num_streaming_multiprocessors,
+        max_x: hw.max_cube_count.0,
+    }
 }
 
 /// Positions per span of the forward's split (see [`split_forward`]): FLA's chunk.
@@ -169,14 +181,16 @@ const SPAN_TOKENS: usize = 64;
 /// leaves SMs idle: taken where the walk's cubes would fill less than half of the device's SMs,
 /// and where the device does not report them (wgpu). That rule is reasoned, not yet measured
 /// (no GPU was lent when it was written): `FLA_TILED_SPLIT=1` forces the split and `=0` the
-/// walk, for measuring. `None` also for one span and for states past 32-bit indices.
+/// walk, for measuring. `None` also for one span, for states past 32-bit indices and for grids
+/// past the device's cubes along x.
 fn split_forward(
     p: &GatedProblem,
     l: &TiledLayout,
-    (max_smem, sms): (usize, Option<u32>),
+    device: DeviceSize,
 ) -> Option<(TiledLayout, TiledLayout, usize)> {
+    let blocks = p.v_dim.div_ceil(l.bv).max(p.k_dim.div_ceil(l.bk));
     let walk_cubes = p.v_dim.div_ceil(l.bv) * p.heads * p.num_seqs();
-    let idle = sms.is_none_or(|sms| 2 * walk_cubes < sms as usize);
+    let idle = device.sms.is_none_or(|sms| 2 * walk_cubes < sms as usize);
     match tuning("FLA_TILED_SPLIT") {
         Some(0) => return None,
         Some(_) => {}
@@ -184,7 +198,8 @@ fn split_forward(
         None => {}
     }
     // The longest span, a multiple of the chunk, whose states passes (forward and reverse) fit
-    // in shared memory (lavapipe's is small).
+    // in shared memory (lavapipe's is small) and whose scalar gates the cube's units cover (one
+    // per position: `load_gates`).
     let elem = p.dtype.size();
     let walk = (1..=SPAN_TOKENS.max(l.chunk) / l.chunk)
         .rev()
@@ -193,11 +208,15 @@ fn split_forward(
             states: true,
             ..*l
         })
-        .find(|w| fwd_smem(w, elem) <= max_smem && dkv_smem(w, elem) <= max_smem)?;
+        .find(|w| {
+            fwd_smem(w, elem) <= device.smem
+                && dkv_smem(w, elem) <= device.smem
+                && w.tile.threads() >= w.chunk
+        })?;
     let span_tokens = walk.chunk;
     let spans = p.longest().div_ceil(span_tokens);
     let states = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
-    if spans < 2 || states > u32::MAX as usize {
+    if spans < 2 || states > u32::MAX as usize || blocks * spans > device.max_x as usize {
         return None;
     }
     // The output pass has many cubes of a span each: fewer planes per cube can let several
