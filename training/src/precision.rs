@@ -119,8 +119,17 @@ impl ScaleState {
     }
 
     /// After a step whose unscaled gradients were `finite` or not: the next scale. Returns
-    /// whether the optimizer should take the step.
-    pub fn update(&mut self, finite: bool) -> bool {
+    /// whether the optimizer should take the step, or an error when the gradients are not finite
+    /// even at a scale of [`Self::MIN`] or less (the run is to stop; see there).
+    pub fn update(&mut self, finite: bool) -> Result<bool, String> {
+        if !finite && self.scale <= Self::MIN {
+            return Err(format!(
+                "the gradients are not finite even at loss scale {:e}: the model diverged, or \
+                 overflows f16 in its forward pass; try a lower --lr, or --precision bf16-mixed \
+                 (CUDA) or f32",
+                self.scale
+            ));
+        }
         if finite {
             self.good_steps += 1;
             if self.good_steps == Self::GROWTH_INTERVAL {
@@ -131,7 +140,7 @@ impl ScaleState {
             self.scale *= 0.5;
             self.good_steps = 0;
         }
-        finite
+        Ok(finite)
     }
 }
 
@@ -331,17 +340,31 @@ mod tests {
     #[test]
     fn scale_halves_on_overflow_and_grows_after_an_interval() {
         let mut s = ScaleState::new(ScaleState::INITIAL);
-        assert!(!s.update(false));
+        assert_eq!(s.update(false), Ok(false));
         assert_eq!(s.scale, ScaleState::INITIAL / 2.0);
         for _ in 0..ScaleState::GROWTH_INTERVAL - 1 {
-            assert!(s.update(true));
+            assert_eq!(s.update(true), Ok(true));
         }
         assert_eq!(s.scale, ScaleState::INITIAL / 2.0);
-        assert!(s.update(true));
+        assert_eq!(s.update(true), Ok(true));
         assert_eq!((s.scale, s.good_steps), (ScaleState::INITIAL, 0));
         // An overflow resets the count of good steps.
-        s.update(true);
-        s.update(false);
+        s.update(true).unwrap();
+        s.update(false).unwrap();
         assert_eq!((s.scale, s.good_steps), (ScaleState::INITIAL / 2.0, 0));
+    }
+
+    /// Overflows halve the scale down to `MIN`; one more there stops the run with an error that
+    /// names the likely causes, and leaves the state as it was. Finite steps at `MIN` go on.
+    #[test]
+    fn overflow_at_the_smallest_scale_is_an_error() {
+        let mut s = ScaleState::new(4.0 * ScaleState::MIN);
+        assert_eq!(s.update(false), Ok(false));
+        assert_eq!(s.update(false), Ok(false));
+        assert_eq!(s.scale, ScaleState::MIN);
+        assert_eq!(s.update(true), Ok(true));
+        let err = s.update(false).unwrap_err();
+        assert!(err.contains("diverged") && err.contains("--lr"), "{err}");
+        assert_eq!((s.scale, s.good_steps), (ScaleState::MIN, 1));
     }
 }

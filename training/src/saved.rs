@@ -142,6 +142,9 @@ macro_rules! on_backend {
                 type $B = burn::backend::Cuda<burn::tensor::bf16>;
                 $body
             }
+            // Before the precision's message: without the feature, wgpu takes no precision.
+            #[cfg(not(feature = "wgpu"))]
+            ("wgpu", _) => Err("backend wgpu is not built in (features: wgpu, cuda)".into()),
             (b @ ("ndarray" | "wgpu"), p) if p != "f32" => Err(format!(
                 "--precision {p} is not available on --backend {b} (bf16 needs --backend cuda, \
                  f16 wgpu or cuda)"

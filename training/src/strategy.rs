@@ -26,7 +26,7 @@ use fla_models::lm::TokenMixer;
 
 use crate::checkpoint::{Checkpoints, LoopState};
 use crate::learner::{scalar, Failure, LmOutput, Trainee, WarmupCosine};
-use crate::precision::{unscale, LossScale, ScaleState};
+use crate::precision::{unscale, LossScale};
 
 pub type Optim<B, M> = OptimizerAdaptor<AdamW, Trainee<B, M>, B>;
 /// The learner's types: backend, schedule, model, optimiser.
@@ -126,7 +126,8 @@ where
     }
 
     /// With a loss scale: divides it out of `grads` and updates it; false when the gradients
-    /// overflowed and the step is to be skipped (GradScaler's rule). Without one: true.
+    /// overflowed and the step is to be skipped (GradScaler's rule), an error when they overflow
+    /// at the smallest scale ([`crate::precision::ScaleState::MIN`]). Without one: true.
     fn unscaled(
         &self,
         model: &Trainee<B, M>,
@@ -138,15 +139,9 @@ where
             return Ok(true);
         };
         let finite = unscale::<B, _>(model, grads, state.scale).is_finite();
-        if !finite && state.scale <= ScaleState::MIN {
-            return Err(format!(
-                "step {step}: the gradients are not finite even at loss scale {:e} (training \
-                 loss {train_loss}): the model diverged, or overflows f16 in its forward pass; \
-                 try a lower --lr, or --precision bf16-mixed (CUDA) or f32",
-                state.scale
-            ));
-        }
-        let take = state.update(finite);
+        let take = state
+            .update(finite)
+            .map_err(|e| format!("step {step} (training loss {train_loss}): {e}"))?;
         if !take && self.plan.print {
             println!(
                 "step {step:>5}  gradients overflowed in f16: step skipped, loss scale now {}",
@@ -177,7 +172,7 @@ where
                 if p.print {
                     println!("step {:>5}  valid loss {v:.4}", 0);
                 }
-                self.row(format!("0,,{v},0,{},", v.exp()))?;
+                self.row(format!("0,,{v},0,{},,,", v.exp()))?;
                 (v, v)
             }
         };
@@ -207,7 +202,13 @@ where
             }
             train_loss /= p.grad_accum as f64;
             let mut grads = accumulated.grads();
-            if self.unscaled(&learner.model(), &mut grads, step, train_loss)? {
+            // The scale this step's loss was multiplied by (none without f16-mixed).
+            let scale_cell = self
+                .loss_scale
+                .get()
+                .map_or(String::new(), |s| s.scale.to_string());
+            let taken = self.unscaled(&learner.model(), &mut grads, step, train_loss)?;
+            if taken {
                 learner.optimizer_step(grads);
             }
             // The step's own rate, evaluation aside: wait for its backward and update (queued,
@@ -240,8 +241,9 @@ where
                 (t0, window_start) = (Instant::now(), step);
                 report = Some(format!("step {step:>5}  train loss {train_loss:.4}  valid loss {last_valid:.4} (ppl {ppl:.2})  lr {lr:.2e}  {tok_s:.0} tokens/s"));
             }
+            let skipped = u8::from(!taken);
             self.row(format!(
-                "{step},{train_loss},{valid_cell},{lr},{ppl_cell},{step_rate:.1}"
+                "{step},{train_loss},{valid_cell},{lr},{ppl_cell},{step_rate:.1},{scale_cell},{skipped}"
             ))?;
             let every = p.checkpoint_every;
             if (every > 0 && step % every == 0) || step == p.last || interrupted {

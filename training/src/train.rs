@@ -479,7 +479,7 @@ where
     let mut csv = std::fs::File::create(&metrics)?;
     writeln!(
         csv,
-        "step,train_loss,valid_loss,learning_rate,valid_perplexity,tokens_per_s"
+        "step,train_loss,valid_loss,learning_rate,valid_perplexity,tokens_per_s,loss_scale,skipped"
     )?;
     csv.write_all(kept.as_bytes())?;
     // burn-train's interactive UI owns a terminal; elsewhere the loop prints its own lines.

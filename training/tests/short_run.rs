@@ -446,6 +446,35 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
     assert_eq!(rows(&dir).last().unwrap().0, (step + 2).to_string());
 }
 
+/// Gradients that are not finite even at the smallest loss scale stop the run with an error
+/// naming the likely causes (rather than skipping steps forever): a scale already at that floor
+/// and a learning rate that blows the weights up after the first step.
+#[test]
+fn overflow_at_the_smallest_loss_scale_stops_the_run() {
+    let dir = fresh("f16-diverged");
+    let out = fla_train(&dir)
+        .args(["--backend", "wgpu", "--precision", "f16-mixed"])
+        .args(["--loss-scale", "1e-5", "--lr", "1e4", "--warmup", "1"])
+        .args([
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--seq-len",
+            "16",
+            "--eval-every",
+            "6",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run went on: {stderr}");
+    assert!(
+        stderr.contains("not finite even at loss scale") && stderr.contains("--lr"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn loss_scale_without_f16_mixed_is_an_error() {
     for (extra, message) in [
@@ -526,6 +555,13 @@ fn f16_mixed_precision_keeps_f32_weights_and_scales_the_loss() {
         nums.len() == 2 && nums[1] < nums[0] - 0.5,
         "validation loss did not fall clearly: {last}"
     );
+    // The metrics give each step's loss scale and whether it was skipped: as many as printed,
+    // the first step at the scale asked for.
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics written");
+    let skipped = csv.lines().skip(1).filter(|l| l.ends_with(",1")).count();
+    assert_eq!(skipped, stdout.matches("step skipped").count(), "{csv}");
+    let step1: Vec<&str> = csv.lines().nth(2).expect("step 1").split(',').collect();
+    assert_eq!((step1[0], step1[6]), ("1", "262144"), "{csv}");
     // safetensors: an 8-byte length, then the JSON header naming each tensor's dtype.
     let st = std::fs::read(dir.join("model/model.safetensors")).expect("model exported");
     let len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
