@@ -935,6 +935,19 @@ pub(crate) fn block_and_span(
     (block, span)
 }
 
+/// Offset of slice `i` (a span's, or in a states pass a chunk's) of sequence `n`, head `h` in a
+/// states buffer `hs` (`[N, spans, H, K, V]`).
+#[cube]
+pub(crate) fn hs_offset(
+    n: usize,
+    spans: u32,
+    i: usize,
+    h: usize,
+    #[comptime] l: TiledLayout,
+) -> usize {
+    ((n * spans as usize + i) * l.heads + h) * l.k * l.v
+}
+
 /// The chunks a cube walks, `first .. end`: all of the sequence's, or those of its span (none
 /// for a span past the sequence's end).
 #[cube]
@@ -983,9 +996,6 @@ pub fn tiled_fwd_kernel<F: Float>(
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
-    // The state slices of `hs`, one per span (per chunk in the states pass) of each sequence.
-    let span_base = (n * spans as usize * l.heads + h) * l.k * l.v;
-    let span_stride = comptime!(l.heads * l.k * l.v);
     // Queries and keys of this head's group (the delta rule's grouped value heads).
     let lq = comptime!(TiledLayout {
         heads: l.qk_heads,
@@ -1016,7 +1026,7 @@ pub fn tiled_fwd_kernel<F: Float>(
     let first_row = comptime!(if l.has_h0 || l.span > 0 { 0 } else { l.k });
     let mut h0_base = base;
     if comptime!(l.span > 0) {
-        h0_base = span_base + span * span_stride;
+        h0_base = hs_offset(n, spans, span, h, l);
     }
     state_io(&mut ss, h0, h0_base, first_row, v0, kp, bv, true, l);
 
@@ -1058,17 +1068,8 @@ pub fn tiled_fwd_kernel<F: Float>(
         stage_key_gates(&rg, &mut lamk, kp, l);
         if comptime!(l.states) {
             // The state entering this chunk, for the output pass.
-            state_io(
-                &mut ss,
-                hs,
-                span_base + ci * span_stride,
-                0,
-                v0,
-                kp,
-                bv,
-                false,
-                l,
-            );
+            let at = hs_offset(n, spans, ci, h, l);
+            state_io(&mut ss, hs, at, 0, v0, kp, bv, false, l);
         } else {
             round_state::<F>(&ss, &mut ssh, kp, bv, l);
         }
@@ -1207,7 +1208,7 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut base = (n * l.heads + h) * l.k * l.v;
     if comptime!(l.span > 0) {
         // The state entering the span, from the forward's states pass (given as `h0`).
-        base = ((n * spans as usize + span) * l.heads + h) * l.k * l.v;
+        base = hs_offset(n, spans, span, h, l);
     }
 
     let mut sk = tile_h::<F>(c, bk, l);
@@ -1353,9 +1354,6 @@ pub fn tiled_dkv_kernel<F: Float>(
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let base = (n * l.heads + h) * l.k * l.v;
-    // The gradient slices of `hs`, one per span (per chunk in the states pass) of each sequence.
-    let span_base = (n * spans as usize * l.heads + h) * l.k * l.v;
-    let span_stride = comptime!(l.heads * l.k * l.v);
     // This cube's partial of dk: value block `vb` of `[blocks, B·T·H·K]`.
     let part = vb * dk_len as usize;
 
@@ -1381,7 +1379,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     let first_row = comptime!(if has_dht || l.span > 0 { 0 } else { l.k });
     let mut g_base = base;
     if comptime!(l.span > 0) {
-        g_base = span_base + span * span_stride;
+        g_base = hs_offset(n, spans, span, h, l);
     }
     state_io(&mut sg, d_ht, g_base, first_row, v0, kp, bv, true, l);
 
@@ -1419,7 +1417,7 @@ pub fn tiled_dkv_kernel<F: Float>(
         stage_key_gates(&rg, &mut lamk, kp, l);
         if comptime!(l.states) {
             // The gradient at this chunk's end, for the output pass.
-            let at = span_base + (end - 1 - cr) * span_stride;
+            let at = hs_offset(n, spans, end - 1 - cr, h, l);
             state_io(&mut sg, hs, at, 0, v0, kp, bv, false, l);
         } else {
             round_state::<F>(&sg, &mut sgh, kp, bv, l);

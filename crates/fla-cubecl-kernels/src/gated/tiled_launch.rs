@@ -167,8 +167,16 @@ fn device_size<R: Runtime>(client: &ComputeClient<R>) -> DeviceSize {
 /// Positions per span of the forward's split (see [`split_forward`]): FLA's chunk.
 const SPAN_TOKENS: usize = 64;
 
-/// The split (forward and backward), where it applies: `(states pass layout, output pass
-/// layout, spans per sequence)`.
+/// A split's layouts: the states pass (`walk`) and the span passes (`out`), with its spans per
+/// sequence and the elements of its states buffer `[N, spans, H, K, V]`.
+struct Split {
+    walk: TiledLayout,
+    out: TiledLayout,
+    spans: usize,
+    hs_len: usize,
+}
+
+/// The split (forward and backward), where it applies.
 ///
 /// The fused walk ([`TiledLayout::span`] 0) runs one cube per value block, head and sequence
 /// through every chunk, so it keeps only `V / bv · H · N` cubes busy: 256 at FLA's benchmark
@@ -183,11 +191,7 @@ const SPAN_TOKENS: usize = 64;
 /// (no GPU was lent when it was written): `FLA_TILED_SPLIT=1` forces the split and `=0` the
 /// walk, for measuring. `None` also for one span, for states past 32-bit indices and for grids
 /// past the device's cubes along x.
-fn split_forward(
-    p: &GatedProblem,
-    l: &TiledLayout,
-    device: DeviceSize,
-) -> Option<(TiledLayout, TiledLayout, usize)> {
+fn split_forward(p: &GatedProblem, l: &TiledLayout, device: DeviceSize) -> Option<Split> {
     let blocks = p.v_dim.div_ceil(l.bv).max(p.k_dim.div_ceil(l.bk));
     let walk_cubes = p.v_dim.div_ceil(l.bv) * p.heads * p.num_seqs();
     let idle = device.sms.is_none_or(|sms| 2 * walk_cubes < sms as usize);
@@ -215,8 +219,8 @@ fn split_forward(
         })?;
     let span_tokens = walk.chunk;
     let spans = p.longest().div_ceil(span_tokens);
-    let states = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
-    if spans < 2 || states > u32::MAX as usize || blocks * spans > device.max_x as usize {
+    let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
+    if spans < 2 || hs_len > u32::MAX as usize || blocks * spans > device.max_x as usize {
         return None;
     }
     // The output pass has many cubes of a span each: fewer planes per cube can let several
@@ -231,7 +235,57 @@ fn split_forward(
         tile,
         ..*l
     };
-    Some((walk, out, spans))
+    Some(Split {
+        walk,
+        out,
+        spans,
+        hs_len,
+    })
+}
+
+/// One launch of the forward kernel on `b`'s inputs: the fused walk, a states pass (writes
+/// `hs`; `o` and `ht` unread) or the span passes (`h0` then holds the states in `hs`).
+#[allow(clippy::too_many_arguments)]
+fn forward_launch<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: TiledLayout,
+    blocks: usize,
+    b: &ForwardBuffers<'_>,
+    (h0, h0_len): (&Handle, usize),
+    (hs, hs_len, spans): (&Handle, usize, usize),
+    (cu, cu_len): (&Handle, usize),
+) {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
+    // in K or V); the per-access bounds checks cost a third of the instructions.
+    unsafe {
+        tiled_fwd_kernel::launch_unchecked::<R>(
+            client,
+            cube_count(p, blocks),
+            cube_dim(&l),
+            array(b.q, qk),
+            array(b.k, qk),
+            array(b.v, vo),
+            array(&dummy, 1),
+            array(&dummy, 1),
+            array(b.g.unwrap_or(&dummy), p.gate_len()),
+            array(h0, h0_len),
+            array(cu, cu_len),
+            array(b.o, vo),
+            array(b.ht.unwrap_or(&dummy), p.state_len()),
+            array(hs, hs_len),
+            p.seq_len as u32,
+            spans as u32,
+            p.scale,
+            l,
+            p.dtype.storage(),
+        )
+    };
 }
 
 /// The forward through the tiled kernel (checks done by the caller): the split of
@@ -241,96 +295,21 @@ pub(crate) fn tiled_forward<R: Runtime>(
     p: &GatedProblem,
     l: TiledLayout,
     b: &ForwardBuffers<'_>,
-    (cu, cu_len): (&Handle, usize),
+    cu: (&Handle, usize),
 ) {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
     let nv = p.v_dim.div_ceil(l.bv);
-    let launch = |l: TiledLayout,
-                  blocks: usize,
-                  (h0, h0_len): (&Handle, usize),
-                  (hs, hs_len): (&Handle, usize),
-                  spans: usize| {
-        // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
-        // in K or V); the per-access bounds checks cost a third of the instructions.
-        unsafe {
-            tiled_fwd_kernel::launch_unchecked::<R>(
-                client,
-                cube_count(p, blocks),
-                cube_dim(&l),
-                array(b.q, qk),
-                array(b.k, qk),
-                array(b.v, vo),
-                array(&dummy, 1),
-                array(&dummy, 1),
-                array(b.g.unwrap_or(&dummy), p.gate_len()),
-                array(h0, h0_len),
-                array(cu, cu_len),
-                array(b.o, vo),
-                array(b.ht.unwrap_or(&dummy), p.state_len()),
-                array(hs, hs_len),
-                p.seq_len as u32,
-                spans as u32,
-                p.scale,
-                l,
-                p.dtype.storage(),
-            )
-        };
-    };
-    let h0 = b.h0.unwrap_or(&dummy);
+    let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
     match split_forward(p, &l, device_size(client)) {
-        Some((walk, out, spans)) => {
-            let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
-            let hs = client.empty(4 * hs_len);
-            launch(walk, nv, (h0, p.state_len()), (&hs, hs_len), spans);
-            launch(out, nv * spans, (&hs, hs_len), (&dummy, 1), spans);
+        Some(s) => {
+            let hs = client.empty(4 * s.hs_len);
+            let states = (&hs, s.hs_len, s.spans);
+            forward_launch(client, p, s.walk, nv, b, h0, states, cu);
+            let (blocks, h0) = (nv * s.spans, (&hs, s.hs_len));
+            forward_launch(client, p, s.out, blocks, b, h0, (&dummy, 1, s.spans), cu);
         }
-        None => launch(l, nv, (h0, p.state_len()), (&dummy, 1), 1),
+        None => forward_launch(client, p, l, nv, b, h0, (&dummy, 1, 1), cu),
     }
-}
-
-/// The forward's states pass alone ([`TiledLayout::states`]; `ht` not written), for the
-/// backward: the state entering each span into `hs`.
-fn states_pass<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &GatedProblem,
-    walk: TiledLayout,
-    (k, v, g, h0): (&Handle, &Handle, Option<&Handle>, &Handle),
-    (hs, hs_len, spans): (&Handle, usize, usize),
-    (cu, cu_len): (&Handle, usize),
-) {
-    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
-    // Guarded by the kernel's own conditions, as every launch here.
-    unsafe {
-        tiled_fwd_kernel::launch_unchecked::<R>(
-            client,
-            cube_count(p, p.v_dim.div_ceil(walk.bv)),
-            cube_dim(&walk),
-            array(&dummy, 1),
-            array(k, qk),
-            array(v, vo),
-            array(&dummy, 1),
-            array(&dummy, 1),
-            array(g.unwrap_or(&dummy), p.gate_len()),
-            array(h0, p.state_len()),
-            array(cu, cu_len),
-            array(&dummy, 1),
-            array(&dummy, 1),
-            array(hs, hs_len),
-            p.seq_len as u32,
-            spans as u32,
-            p.scale,
-            walk,
-            p.dtype.storage(),
-        )
-    };
 }
 
 /// The backward through the tiled kernels: `dv`, `dh0`, and `dq`, `dk` with the key gate's term
@@ -412,21 +391,31 @@ pub(crate) fn tiled_backward<R: Runtime>(
         )
     };
     match split_forward(p, &l, device_size(client)) {
-        Some((walk, out, spans)) => {
-            let hs_len = p.num_seqs() * spans * p.heads * p.k_dim * p.v_dim;
+        Some(Split {
+            walk,
+            out,
+            spans,
+            hs_len,
+        }) => {
             let hs = client.empty(4 * hs_len);
+            // The forward's states pass alone (no `ht`), on the backward's inputs.
             let walk = TiledLayout {
                 has_ht: false,
                 ..walk
             };
-            states_pass(
-                client,
-                p,
-                walk,
-                (b.k, b.v, b.g, h0),
-                (&hs, hs_len, spans),
-                (cu, cu_len),
-            );
+            let inputs = ForwardBuffers {
+                q: b.q,
+                k: b.k,
+                v: b.v,
+                g: b.g,
+                gv: None,
+                h0: b.h0,
+                o: &dummy,
+                ht: None,
+            };
+            let states = (&hs, hs_len, spans);
+            let h0 = (h0, p.state_len());
+            forward_launch(client, p, walk, nv, &inputs, h0, states, (cu, cu_len));
             dq(out, nk * spans, (&hs, hs_len), spans);
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
