@@ -8,3 +8,4 @@ mod common;
 mod attn;
 mod delta;
 mod gated;
+mod norm;

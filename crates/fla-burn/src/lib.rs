@@ -1,4 +1,5 @@
-//! Burn backend ops for linear attention, and fused softmax attention for hybrid models.
+//! Burn backend ops for linear attention, fused softmax attention for hybrid models, and the
+//! fused RMSNorm (plain and swish-gated) around them.
 //!
 //! Each op family is a backend extension trait with three implementations:
 //! - `CubeBackend` (CUDA, wgpu) and `Fusion<CubeBackend>` (what `burn::backend::Wgpu` and
@@ -16,6 +17,7 @@ pub mod delta;
 pub mod device;
 pub mod error;
 pub mod gated;
+pub mod norm;
 mod recorded;
 
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
@@ -31,3 +33,4 @@ pub use gated::{
     linear_attn, retention, retention_decay, simple_gla, GateKind, GatedMode, GatedOptions,
     GatedRecurrentBackend, RecurrentOptions, RecurrentOutput,
 };
+pub use norm::{rms_norm, rms_norm_gated, NormBackend};

@@ -8,6 +8,8 @@
 //!   fused recurrent and chunkwise-parallel forms, forward and backward.
 //! - [`delta`]: the delta-rule family (`delta_rule`, `gated_delta_rule`, grouped value heads),
 //!   fused recurrent form, forward and backward.
+//! - [`norm`]: RMSNorm, optionally with a swish gate, fused forward and backward (the norms around
+//!   every token mixer).
 //!
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
@@ -17,6 +19,7 @@ pub mod delta;
 pub mod dtype;
 pub mod error;
 pub mod gated;
+pub mod norm;
 mod problem;
 pub mod testing;
 pub mod tile;

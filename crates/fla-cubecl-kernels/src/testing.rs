@@ -325,3 +325,47 @@ impl AttnCase {
         )
     }
 }
+
+use crate::norm::naive::{self as norm_naive, NormForward, NormGrads};
+use crate::norm::NormProblem;
+
+/// Random `x`, weight `w`, gate `g` (empty ungated) and `dy` for one norm problem, rounded to
+/// its dtype.
+#[derive(Debug, Clone)]
+pub struct NormCase {
+    pub p: NormProblem,
+    pub x: Vec<f64>,
+    pub w: Vec<f64>,
+    pub g: Vec<f64>,
+    pub dy: Vec<f64>,
+}
+
+impl NormCase {
+    /// Draws a case; `spread` scales `x` (the norm is scale-free but for `ε`: small rows test
+    /// it) and the gate (large gates reach swish's saturated ends).
+    pub fn new(p: NormProblem, spread: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let dt = p.dtype;
+        let n = p.len();
+        let mut scaled = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| round_to(dt, spread * rng.normal()))
+                .collect()
+        };
+        let x = scaled(n);
+        let g = if p.gated { scaled(n) } else { Vec::new() };
+        // Weights near one, as trained norms' are.
+        let w = (0..p.dim)
+            .map(|_| round_to(dt, 1.0 + 0.5 * rng.normal()))
+            .collect();
+        let dy = rng.normals(n, dt);
+        NormCase { p, x, w, g, dy }
+    }
+
+    pub fn reference(&self) -> (NormForward, NormGrads) {
+        (
+            norm_naive::forward(&self.p, &self.x, &self.w, &self.g),
+            norm_naive::backward(&self.p, &self.x, &self.w, &self.g, &self.dy),
+        )
+    }
+}

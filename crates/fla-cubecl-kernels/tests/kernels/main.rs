@@ -11,4 +11,5 @@ mod common;
 mod attn;
 mod delta;
 mod gated;
+mod norm;
 mod tile;

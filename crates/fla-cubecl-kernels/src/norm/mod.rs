@@ -1,0 +1,241 @@
+//! RMSNorm over the last axis, fused, optionally followed by a swish gate (FLA's `RMSNorm` and
+//! `FusedRMSNormGated` with `activation="swish"`, the norm before the gate).
+//!
+//! Per row `x ∈ R^D` with weight `w ∈ R^D`: `r = 1 / sqrt(mean(x²) + ε)`, `x̂ = r · x`,
+//! `n = x̂ ∘ w`, and `y = n` or, gated, `y = n ∘ swish(g)` with `swish(g) = g · σ(g)`. All of it
+//! in `f32` whatever the inputs' dtype; `r` is kept (`f32`) for the backward:
+//! - `∂n = ∂y` or `∂y ∘ swish(g)`, and `∂g = ∂y ∘ n ∘ σ(g) (1 + g (1 − σ(g)))`;
+//! - `∂w = Σ_rows ∂n ∘ x̂`;
+//! - `∂x = r · (∂x̂ − x̂ · mean(∂x̂ ∘ x̂))` with `∂x̂ = ∂n ∘ w`.
+//!
+//! Why fused: through Burn's tensor ops the forward is eight ops (a cast, the square, the mean,
+//! the root, the division, the weight) and its autodiff backward about as many again, each a
+//! pass over the activations; here it is one pass forward and one backward (plus a small sum of
+//! the weight's per-block partials).
+
+mod kernels;
+pub mod naive;
+
+pub use kernels::NormLayout;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::delta::group_sum_kernel;
+use crate::gated::{array, check_grid, elementwise_grid, ELEMWISE_THREADS};
+use crate::problem;
+use crate::{FloatDType, KernelError};
+use kernels::{rms_norm_bwd_kernel, rms_norm_fwd_kernel};
+
+/// The widest row the kernels take: each unit holds `D / units` entries of a row in registers.
+pub const MAX_NORM_DIM: usize = 32768;
+
+/// Entries of a row each unit holds, where the row is long enough to give every unit that many.
+const ENTRIES_PER_UNIT: usize = 8;
+
+/// Threads the backward aims to keep busy across its cubes (a GPU's worth: 132 SMs × 1024).
+const BACKWARD_THREADS: usize = 1 << 17;
+
+/// The shape and options of one norm call, shared by the kernels and the naive reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormProblem {
+    /// Rows normalised independently (every axis but the last, flattened).
+    pub rows: usize,
+    /// The normalised axis `D`.
+    pub dim: usize,
+    /// `ε`, added to the mean square.
+    pub eps: f32,
+    /// Whether a swish gate `g` (shaped like `x`) multiplies the normalised rows.
+    pub gated: bool,
+    pub dtype: FloatDType,
+}
+
+impl NormProblem {
+    /// Checks sizes and `ε`.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        let bad = |m: String| Err(KernelError::InvalidProblem(m));
+        if self.rows == 0 || self.dim == 0 {
+            return bad(format!(
+                "zero-length input ({} rows of {} entries)",
+                self.rows, self.dim
+            ));
+        }
+        if self.dim > MAX_NORM_DIM {
+            return bad(format!(
+                "normalised axis of {} entries, more than the fused norm's {MAX_NORM_DIM}",
+                self.dim
+            ));
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return bad(format!("eps {} must be finite and not negative", self.eps));
+        }
+        problem::addressable(problem::elements(&[self.rows, self.dim]), "x")
+    }
+
+    /// Elements of `x` (and `y`, `g`).
+    pub fn len(&self) -> usize {
+        self.rows * self.dim
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Device buffers of a forward call: `x: [rows, D]`, `w: [D]`, `g` (gated only, like `x`) in the
+/// problem's dtype; outputs `y` (like `x`) and `rstd: [rows]` (`f32`, what the backward reads).
+pub struct NormForwardBuffers<'a> {
+    pub x: &'a Handle,
+    pub w: &'a Handle,
+    pub g: Option<&'a Handle>,
+    pub y: &'a Handle,
+    pub rstd: &'a Handle,
+}
+
+/// Device buffers of a backward call: the forward's inputs, its `rstd`, `dy`, and the
+/// gradients, each shaped like its input and written in full (`dg` gated only).
+pub struct NormBackwardBuffers<'a> {
+    pub x: &'a Handle,
+    pub w: &'a Handle,
+    pub g: Option<&'a Handle>,
+    pub rstd: &'a Handle,
+    pub dy: &'a Handle,
+    pub dx: &'a Handle,
+    pub dw: &'a Handle,
+    pub dg: Option<&'a Handle>,
+}
+
+/// Units per cube: a power of two (the sum halves), enough that each holds at most
+/// [`ENTRIES_PER_UNIT`] entries of a row where the device allows, one plane at least.
+fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    let cap = 1024usize.min(max_units.max(1)).next_power_of_two();
+    let cap = if cap > max_units { cap / 2 } else { cap }.max(1);
+    let units = p
+        .dim
+        .div_ceil(ENTRIES_PER_UNIT)
+        .next_power_of_two()
+        .clamp(32.min(cap), cap);
+    NormLayout {
+        dim: p.dim,
+        units,
+        gated: p.gated,
+    }
+}
+
+/// A 2-D grid of `cubes` one-dimensional cubes (each axis within 65535).
+fn grid(cubes: usize) -> (usize, usize) {
+    let x = cubes.clamp(1, 65535);
+    (x, cubes.div_ceil(x))
+}
+
+fn checked<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> Result<(), KernelError> {
+    p.validate()?;
+    p.dtype.check_supported(client)?;
+    let (x, y) = grid(p.rows);
+    check_grid(client, (x, y, 1), "the norm")
+}
+
+/// The gate's buffer (or its gradient's): required when gated; ungated the kernels never touch
+/// it, and `stand_in` fills the argument.
+fn gate_buffer<'a>(
+    h: Option<&'a Handle>,
+    p: &NormProblem,
+    stand_in: &'a Handle,
+    what: &str,
+) -> Result<&'a Handle, KernelError> {
+    match (h, p.gated) {
+        (Some(h), true) => Ok(h),
+        (None, true) => Err(KernelError::InvalidProblem(format!(
+            "missing buffer: {what} (the problem is gated)"
+        ))),
+        (_, false) => Ok(stand_in),
+    }
+}
+
+/// The forward: `y` and the reciprocal RMS of each row.
+pub fn norm_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &NormProblem,
+    b: NormForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    checked(client, p)?;
+    let g = gate_buffer(b.g, p, b.x, "g")?;
+    let l = layout(client, p);
+    let (gx, gy) = grid(p.rows);
+    let n = p.len();
+    // Every access is guarded by the kernel's own conditions (rows and columns in range).
+    unsafe {
+        rms_norm_fwd_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(gx as u32, gy as u32, 1),
+            CubeDim::new_1d(l.units as u32),
+            array(b.x, n),
+            array(b.w, p.dim),
+            array(g, n),
+            array(b.y, n),
+            array(b.rstd, p.rows),
+            p.rows as u32,
+            p.eps,
+            1.0 / p.dim as f32,
+            l,
+            p.dtype.storage(),
+        )
+    };
+    Ok(())
+}
+
+/// The backward: `dx`, `dw` and, gated, `dg`.
+pub fn norm_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &NormProblem,
+    b: NormBackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    checked(client, p)?;
+    let g = gate_buffer(b.g, p, b.x, "g")?;
+    // Ungated, a buffer of its own (the kernel never writes it): no output is bound twice.
+    let unused = client.empty(4);
+    let dg = gate_buffer(b.dg, p, &unused, "dg")?;
+    let dg_len = if p.gated { p.len() } else { 1 };
+    let l = layout(client, p);
+    // Each cube takes every `blocks`-th row and keeps its share of `dw` in registers, written
+    // once at the end as one row of `[blocks, D]` partials.
+    let blocks = p.rows.min((BACKWARD_THREADS / l.units).max(1));
+    let (gx, gy) = grid(blocks);
+    let n = p.len();
+    let part = client.empty(4 * blocks * p.dim);
+    unsafe {
+        rms_norm_bwd_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(gx as u32, gy as u32, 1),
+            CubeDim::new_1d(l.units as u32),
+            array(b.x, n),
+            array(b.w, p.dim),
+            array(g, n),
+            array(b.rstd, p.rows),
+            array(b.dy, n),
+            array(b.dx, n),
+            array(dg, dg_len),
+            array(&part, blocks * p.dim),
+            p.rows as u32,
+            blocks as u32,
+            1.0 / p.dim as f32,
+            l,
+            p.dtype.storage(),
+        )
+    };
+    group_sum_kernel::launch::<R>(
+        client,
+        elementwise_grid(p.dim),
+        CubeDim::new_1d(ELEMWISE_THREADS),
+        array(&part, blocks * p.dim),
+        array(b.dw, p.dim),
+        p.dim as u32,
+        p.dim as u32,
+        p.dim as u32,
+        1,
+        blocks as u32,
+        p.dtype.storage(),
+    );
+    Ok(())
+}
