@@ -8,11 +8,11 @@
 //! Text is tokenised with the directory's `tokenizer.json` (Hugging Face's format, as
 //! `fla-train --tokenizer` saves it and FLA's hub checkpoints carry it), or as bytes without one.
 
+use fla_burn::NormBackend;
 use std::path::PathBuf;
 
 use crate::saved::{self, with_model, Error, WithModel};
 use crate::tokenizer::Tokenizer;
-use burn::tensor::backend::Backend;
 use clap::Parser;
 use fla_models::checkpoint::Pretrained;
 use fla_models::generate::{generate, Generation, GenerationConfig};
@@ -68,7 +68,7 @@ struct Args {
 
 struct Generate<'a>(&'a Args);
 
-impl<B: Backend> WithModel<B> for Generate<'_> {
+impl<B: NormBackend> WithModel<B> for Generate<'_> {
     fn run<M: TokenMixer<B>>(
         self,
         model: ForCausalLM<B, M>,

@@ -7,6 +7,7 @@
 //! checkpointer and its interrupter, and decides itself when each happens: an "epoch" of the
 //! metrics is one evaluation window.
 
+use fla_burn::NormBackend;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -85,7 +86,8 @@ type Events<B, M> = SupervisedTrainingEventProcessor<Components<B, M>>;
 
 impl<B, M> StepLoop<B, M>
 where
-    B: AutodiffBackend,
+    B: AutodiffBackend + NormBackend,
+    B::InnerBackend: NormBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -285,7 +287,8 @@ where
 
 impl<B, M> SupervisedLearningStrategy<Components<B, M>> for StepLoop<B, M>
 where
-    B: AutodiffBackend,
+    B: AutodiffBackend + NormBackend,
+    B::InnerBackend: NormBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {

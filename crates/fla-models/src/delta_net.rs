@@ -254,7 +254,7 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
         let o = match &self.g_proj {
             Some(gp) => self.o_norm.forward(out.o, heads(gp.forward(x))),
             None => self.o_norm.norm.forward(out.o),
-        };
+        }?;
         let vd = o.dims()[2] * o.dims()[3];
         let y = self.o_proj.forward(o.reshape([b, t, vd]));
         let cache = out.final_state.map(|state| LayerCache {

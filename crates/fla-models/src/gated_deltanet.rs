@@ -228,7 +228,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
                 self.o_norm.forward(out.o, gate)
             }
             None => self.o_norm.norm.forward(out.o),
-        };
+        }?;
         let y = self.o_proj.forward(o.reshape([b, t, nv * self.head_v_dim]));
         let cache = out.final_state.map(|state| LayerCache {
             state,

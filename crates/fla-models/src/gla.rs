@@ -185,7 +185,7 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
         let o = match &self.g_proj {
             Some(g) => self.g_norm_swish_gate.forward(out.o, heads(g.forward(x))),
             None => self.g_norm_swish_gate.norm.forward(out.o),
-        };
+        }?;
         let vd = o.dims()[2] * o.dims()[3];
         let y = self.o_proj.forward(o.reshape([b, t, vd]));
         let cache = out.final_state.map(|state| LayerCache {

@@ -182,7 +182,7 @@ impl<B: GatedRecurrentBackend> Hgrn2Attention<B> {
             opts = opts.with_final_state();
         }
         let out = gla(heads(q), heads(k), heads(i), heads(g), None, opts)?;
-        let o = self.g_norm.norm.forward(out.o.reshape([b, t, hidden]));
+        let o = self.g_norm.norm.forward(out.o.reshape([b, t, hidden]))?;
         let y = self.o_proj.forward(o);
         let cache = out.final_state.map(|state| LayerCache {
             state,

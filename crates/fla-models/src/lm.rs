@@ -7,15 +7,15 @@
 
 use burn::module::{Module, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor};
-use fla_burn::FlaError;
+use fla_burn::{FlaError, NormBackend};
 
-use crate::modules::{GatedMlp, GatedMlpConfig};
+use crate::modules::{GatedMlp, GatedMlpConfig, RmsNorm, RmsNormConfig};
 
 /// A token-mixing layer: a whole sequence, or a continuation from the cache of an earlier call.
-pub trait TokenMixer<B: Backend>: Module<B> {
+pub trait TokenMixer<B: NormBackend>: Module<B> {
     /// What carries a batch of sequences from one call to the next (recurrent state, conv inputs).
     type Cache: Clone + std::fmt::Debug;
 
@@ -102,11 +102,7 @@ impl LmShape {
         mut mixer: impl FnMut(usize) -> Result<M, FlaError>,
     ) -> Result<ForCausalLM<B, M>, FlaError> {
         let h = self.hidden_size;
-        let norm = || {
-            RmsNormConfig::new(h)
-                .with_epsilon(self.norm_eps)
-                .init(device)
-        };
+        let norm = || RmsNormConfig::new(h).with_eps(self.norm_eps).init(device);
         let mlp = GatedMlpConfig::new(h)
             .with_intermediate_size(self.intermediate_size)
             .with_hidden_ratio(self.hidden_ratio.unwrap_or(4));
@@ -142,12 +138,12 @@ impl LmShape {
 /// the 2-d form avoids (`tests/models/parity.rs`, token by token on wgpu, checks it).
 fn tokens_2d<B: Backend>(
     x: Tensor<B, 3>,
-    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
-) -> Tensor<B, 3> {
+    f: impl FnOnce(Tensor<B, 2>) -> Result<Tensor<B, 2>, FlaError>,
+) -> Result<Tensor<B, 3>, FlaError> {
     let [b, t, d] = x.dims();
-    let y = f(x.reshape([b * t, d]));
+    let y = f(x.reshape([b * t, d]))?;
     let e = y.dims()[1];
-    y.reshape([b, t, e])
+    Ok(y.reshape([b, t, e]))
 }
 
 /// HGRN2's per-layer bounds from `lower_bounds: [L, D]`: a softmax over the layers, cumulated,
@@ -161,7 +157,7 @@ fn layer_bounds<B: Backend>(lower_bounds: Tensor<B, 2>) -> Tensor<B, 2> {
 /// Logits `[B, T, vocab]` and, when asked, the per-layer caches that continue the sequences.
 pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
 
-impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
+impl<B: NormBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
     /// `input_ids: [B, T]` → logits `[B, T, vocab]`; with `use_cache`, also the per-layer caches
     /// that continue these sequences (pass them back with the next tokens).
     pub fn forward(
@@ -189,14 +185,14 @@ impl<B: Backend, M: TokenMixer<B>> ForCausalLM<B, M> {
             let (a, c) =
                 layer
                     .attn
-                    .mix_bounded(layer.attn_norm.forward(h.clone()), c, use_cache, bound)?;
+                    .mix_bounded(layer.attn_norm.forward(h.clone())?, c, use_cache, bound)?;
             h = h + a;
-            h = h.clone() + tokens_2d(h, |x| layer.mlp.forward(layer.mlp_norm.forward(x)));
+            h = h.clone() + tokens_2d(h, |x| Ok(layer.mlp.forward(layer.mlp_norm.forward(x)?)))?;
             next.extend(c);
         }
-        let h = self.model.norm.forward(h);
+        let h = self.model.norm.forward(h)?;
         let logits = match &self.lm_head {
-            Some(head) => tokens_2d(h, |x| head.forward(x)),
+            Some(head) => tokens_2d(h, |x| Ok(head.forward(x)))?,
             None => {
                 let w = self.model.embeddings.weight.val();
                 h.matmul(w.transpose().unsqueeze::<3>())

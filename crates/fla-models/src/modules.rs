@@ -2,13 +2,57 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use fla_burn::{rms_norm, rms_norm_gated, FlaError, NormBackend};
+
+/// RMSNorm over the last axis (FLA's `RMSNorm`) on the fused op: `x / sqrt(mean(x²) + ε) ∘ γ`,
+/// computed in `f32` and returned in `x`'s dtype. The fields are those of Burn's `RmsNorm`
+/// (`gamma`, `epsilon`), so records and the checkpoint names (`weight` ↔ `gamma`) are unchanged.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub gamma: Param<Tensor<B, 1>>,
+    pub epsilon: f64,
+}
+
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    pub hidden_size: usize,
+    #[config(default = 1e-5)]
+    pub eps: f64,
+}
+
+impl RmsNormConfig {
+    /// The weight starts at one, as FLA's and Burn's do.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        RmsNorm {
+            gamma: Param::from_tensor(Tensor::ones([self.hidden_size], device)),
+            epsilon: self.eps,
+        }
+    }
+}
+
+impl<B: NormBackend> RmsNorm<B> {
+    /// `x: [..., hidden]`. Errors where the last axis is not the weight's length or the device
+    /// does not compute the dtype.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, FlaError> {
+        rms_norm(x, self.gamma.val(), self.epsilon)
+    }
+
+    /// `rmsnorm(x) · γ · swish(gate)`, `gate` shaped like `x`.
+    pub fn forward_gated<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        gate: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, FlaError> {
+        rms_norm_gated(x, gate, self.gamma.val(), self.epsilon)
+    }
+}
 
 /// RMSNorm over the last axis, then a swish gate: `rmsnorm(x) · w · swish(g)` (FLA's
-/// `FusedRMSNormGated` with `activation="swish"`).
+/// `FusedRMSNormGated` with `activation="swish"`), one fused op.
 #[derive(Module, Debug)]
 pub struct GatedRmsNorm<B: Backend> {
     pub norm: RmsNorm<B>,
@@ -25,15 +69,19 @@ impl GatedRmsNormConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> GatedRmsNorm<B> {
         GatedRmsNorm {
             norm: RmsNormConfig::new(self.hidden_size)
-                .with_epsilon(self.eps)
+                .with_eps(self.eps)
                 .init(device),
         }
     }
 }
 
-impl<B: Backend> GatedRmsNorm<B> {
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, gate: Tensor<B, D>) -> Tensor<B, D> {
-        self.norm.forward(x) * silu(gate)
+impl<B: NormBackend> GatedRmsNorm<B> {
+    pub fn forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        gate: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, FlaError> {
+        self.norm.forward_gated(x, gate)
     }
 }
 

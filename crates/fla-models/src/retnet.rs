@@ -188,7 +188,7 @@ impl<B: GatedRecurrentBackend> MultiScaleRetention<B> {
         let o = match &self.g_proj {
             Some(g) => norm.forward(out.o, heads(g.forward(x), nh)),
             None => norm.norm.forward(out.o),
-        };
+        }?;
         let vd = o.dims()[2] * o.dims()[3];
         let y = self.o_proj.forward(o.reshape([b, t, vd]));
         let cache = out.final_state.map(|state| LayerCache {
