@@ -1,7 +1,8 @@
 """Times FLA 0.6.0's Triton kernels (chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
 fused_recurrent_gla, and with --ops the delta rule's chunk_delta_rule, chunk_gated_delta_rule,
 fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, and softmax attention's
-parallel_attn) and torch SDPA (sdpa: flash backend, sdpa_cudnn: cuDNN; causal) on the shapes of
+parallel_attn, and the norms rms_norm and rms_norm_gated: fla.modules' RMSNorm and
+FusedRMSNormGated) and torch SDPA (sdpa: flash backend, sdpa_cudnn: cuDNN; causal) on the shapes of
 benches/table.rs,
 median of triton's do_bench, and joins them with our CSV into the ratio table (FLA-time /
 our-time: above 1 we are faster, benches/join.py). On the GPU machine, fla-core carried as a wheel:
@@ -92,6 +93,17 @@ def make(op, t):
             return o[0] if isinstance(o, tuple) else o
 
         return fn, [q, k, v], do
+    if op in ("rms_norm", "rms_norm_gated"):
+        # FLA's modules as its layers use them, over the head dim of [B, T, H, D] (the gated one
+        # as GLA's output norm), bf16 weights.
+        from fla.modules import FusedRMSNormGated, RMSNorm
+
+        x, g, do = (mk(B, t, H, D) for _ in range(3))
+        if op == "rms_norm":
+            norm = RMSNorm(D, eps=1e-5).to("cuda", dtype)
+            return (lambda x: norm(x)), [x], do
+        norm = FusedRMSNormGated(D, eps=1e-5).to("cuda", dtype)
+        return (lambda x, g: norm(x, g)), [x, g], do
     q, k, v, do = (mk(B, t, H, D) for _ in range(4))
     if op in DELTA:
         # Keys L2-normalised per token (as DeltaNet layers feed the rule), beta = sigmoid(randn).
@@ -115,6 +127,9 @@ NO_BACKWARD = {"fused_recurrent_gated_delta_rule"}
 rows = []
 for t in [int(s) for s in a.seq.split(",")]:
     for op in a.ops.split(","):
+        if op.startswith("burn_"):
+            # Burn's own baselines (burn_rms_norm) run on our side only.
+            continue
         fn, xs, do = make(op, t)
         leaves = [x.detach().requires_grad_() for x in xs]
 

@@ -17,8 +17,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
 use fla::ops::{
-    delta_rule, gated_delta_rule, gla, parallel_attn, simple_gla, AttentionBackend, AttnOptions,
-    DeltaRuleBackend, DeltaRuleOptions, GatedMode, GatedRecurrentBackend, RecurrentOptions,
+    delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated, simple_gla,
+    AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions, GatedMode,
+    GatedRecurrentBackend, RecurrentOptions,
 };
 
 /// What every timed op needs of its backend.
@@ -46,7 +47,9 @@ struct Args {
     /// Comma-separated ops: chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
     /// fused_recurrent_gla, chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_delta_rule,
     /// fused_recurrent_gated_delta_rule,
-    /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal).
+    /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal),
+    /// rms_norm and rms_norm_gated (ours, fused, over the head dim of q, gated by v) and
+    /// burn_rms_norm (Burn's `RmsNorm` module on the same q).
     #[arg(
         long,
         default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
@@ -101,7 +104,13 @@ struct Inputs<B: Backend> {
     /// `k` L2-normalised per token, as DeltaNet layers feed the delta rule.
     k_unit: Tensor<B, 4>,
     d_o: Tensor<B, 4>,
+    /// The norms' weight `[D]`, and Burn's `RmsNorm` holding the same weight.
+    w: Tensor<B, 1>,
+    burn_norm: burn::nn::RmsNorm<B>,
 }
+
+/// The norms' `ε`, FLA's default.
+const NORM_EPS: f64 = 1e-5;
 
 fn inputs<B: Backend>(dims: [usize; 4], dtype: FloatDType, device: &B::Device) -> Inputs<B> {
     let n = Distribution::Normal(0.0, 1.0);
@@ -110,7 +119,14 @@ fn inputs<B: Backend>(dims: [usize; 4], dtype: FloatDType, device: &B::Device) -
     let k = r4();
     let k32 = k.clone().cast(FloatDType::F32);
     let k_unit = (k32.clone() / k32.square().sum_dim(3).sqrt()).cast(dtype);
+    let w = Tensor::<B, 1>::random([dims[3]], Distribution::Uniform(0.5, 1.5), device).cast(dtype);
+    let mut burn_norm = burn::nn::RmsNormConfig::new(dims[3])
+        .with_epsilon(NORM_EPS)
+        .init(device);
+    burn_norm.gamma = burn::module::Param::from_tensor(w.clone());
     Inputs {
+        w,
+        burn_norm,
         q: r4(),
         k,
         k_unit,
@@ -166,6 +182,9 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
                 .o
         }
         "parallel_attn" => parallel_attn(q, k, v, AttnOptions::causal()).expect("valid inputs"),
+        "rms_norm" => rms_norm(q, x.w.clone(), NORM_EPS).expect("valid inputs"),
+        "rms_norm_gated" => rms_norm_gated(q, v, x.w.clone(), NORM_EPS).expect("valid inputs"),
+        "burn_rms_norm" => x.burn_norm.forward(q),
         "attention" => {
             // Burn's attention takes [B, H, T, D].
             let t = |x: Tensor<B, 4>| x.swap_dims(1, 2);

@@ -474,6 +474,26 @@ fn delta_net_trains_in_half_precision() {
     });
 }
 
+/// DeltaNet's other feature path in half precision against f32 (`half_precision_matches_f32!`):
+/// elu+1 feature maps with sum normalisation, no β (every write at full strength), no short
+/// convolutions, and the output gate (its swish-gated norm), where the default path above has
+/// SiLU, L2 norms, β and convolutions.
+#[test]
+fn delta_net_elu_without_beta_in_half_precision_matches_f32() {
+    half_precision_matches_f32!(DeltaNetConfig {
+        hidden_size: 32,
+        num_heads: 2,
+        num_hidden_layers: 2,
+        vocab_size: 16,
+        qk_activation: "elu".into(),
+        qk_norm: "sum".into(),
+        use_beta: false,
+        use_short_conv: false,
+        use_gate: true,
+        ..Default::default()
+    });
+}
+
 /// At a norm eps of 1e-2 (every norm of the model's), not RetNet's default 1e-6: the first
 /// token's retention output is `scale·(q₀·k₀)·v₀`, and where `q₀·k₀` of some sequence and head is
 /// near zero the output norm's input has an rms under `sqrt(eps)`, where the norm's gradient is
