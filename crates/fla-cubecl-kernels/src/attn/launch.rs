@@ -8,6 +8,7 @@ use super::kernels::{
     fwd_smem, AttnLayout,
 };
 use super::AttnProblem;
+use crate::gated::tiled_launch::tuning;
 use crate::gated::{
     array, check_grid, elementwise_grid, has_cmma, is_cpu_vulkan, upload_cu_seqlens,
     ELEMWISE_THREADS,
@@ -127,10 +128,6 @@ pub fn attn_layout<R: Runtime>(
 }
 
 /// Tile-size overrides for benchmarking (`FLA_ATTN_PLANES`, `FLA_ATTN_CMMA=0`).
-fn tuning(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.parse().ok()
-}
-
 fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;

@@ -19,11 +19,13 @@ use crate::FloatDType;
 const MAX_TILED_CHUNK: usize = 64;
 
 /// Whether the tiled kernels run 16×16×16 tensor-core products of `dtype` into `f32` on this
-/// device. CUDA only for now: Vulkan reports cooperative matrices too, but the tiled kernels'
-/// `cmma` path has been tested on CUDA alone (an H100), so wgpu takes the plain path, which CI
-/// tests on lavapipe, until it is tested there as well.
+/// device. CUDA by default. Vulkan reports cooperative matrices too (VK_KHR_cooperative_matrix
+/// on NVIDIA's driver), but the tiled kernels' `cmma` path has been tested on CUDA alone, so wgpu
+/// takes the plain path (which CI tests on lavapipe) unless `FLA_VULKAN_CMMA=1` opts in, for
+/// testing and timing that path on a GPU (`benches/gpu/gated_gpu.sh vulkan-cmma`).
 pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
-    if dtype == FloatDType::F32 || !R::name(client).contains("cuda") {
+    let cuda = R::name(client).contains("cuda");
+    if dtype == FloatDType::F32 || !(cuda || tuning("FLA_VULKAN_CMMA") == Some(1)) {
         return false;
     }
     let f32_type = FloatDType::F32.storage();
