@@ -9,3 +9,4 @@ mod attn;
 mod delta;
 mod gated;
 mod norm;
+mod swiglu;

@@ -12,7 +12,7 @@
 //!
 //!   cargo run --release -p training --bin fla-eval -- --model runs/gla-tiny/model
 
-use fla_burn::NormBackend;
+use fla_burn::LayerBackend;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -88,7 +88,7 @@ fn windows(n: usize, ctx: usize, stride: usize) -> Vec<Window> {
 
 /// Sum of `log p(target)` over the scored targets of `rows` (token rows of one length, each with
 /// the first target position it scores, counted within the row: targets `1 .. len`).
-fn scored_log_likelihood<B: NormBackend, M: TokenMixer<B>>(
+fn scored_log_likelihood<B: LayerBackend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
     rows: &[(&[usize], usize)],
     device: &B::Device,
@@ -120,7 +120,7 @@ fn scored_log_likelihood<B: NormBackend, M: TokenMixer<B>>(
 }
 
 /// `(scored tokens, total negative log-likelihood)` of `text`.
-fn perplexity<B: NormBackend, M: TokenMixer<B>>(
+fn perplexity<B: LayerBackend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
     text: &[usize],
     args: &Args,
@@ -196,7 +196,7 @@ fn read_questions(path: &PathBuf) -> Result<Vec<Question>, Error> {
 /// `(acc, acc_norm)`: how often the most likely choice is the label, by total log-likelihood
 /// and by log-likelihood per byte of the choice (lm-eval's `acc_norm`). Context and choice are
 /// tokenised apart and joined, as lm-eval does.
-fn multiple_choice<B: NormBackend, M: TokenMixer<B>>(
+fn multiple_choice<B: LayerBackend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
     tokenizer: &Tokenizer,
     questions: &[Question],
@@ -225,7 +225,7 @@ fn multiple_choice<B: NormBackend, M: TokenMixer<B>>(
 
 struct Evaluate<'a>(&'a Args);
 
-impl<B: NormBackend> WithModel<B> for Evaluate<'_> {
+impl<B: LayerBackend> WithModel<B> for Evaluate<'_> {
     fn run<M: TokenMixer<B>>(
         self,
         model: ForCausalLM<B, M>,

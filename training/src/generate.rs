@@ -8,7 +8,7 @@
 //! Text is tokenised with the directory's `tokenizer.json` (Hugging Face's format, as
 //! `fla-train --tokenizer` saves it and FLA's hub checkpoints carry it), or as bytes without one.
 
-use fla_burn::NormBackend;
+use fla_burn::LayerBackend;
 use std::path::PathBuf;
 
 use crate::saved::{self, with_model, Error, WithModel};
@@ -68,7 +68,7 @@ struct Args {
 
 struct Generate<'a>(&'a Args);
 
-impl<B: NormBackend> WithModel<B> for Generate<'_> {
+impl<B: LayerBackend> WithModel<B> for Generate<'_> {
     fn run<M: TokenMixer<B>>(
         self,
         model: ForCausalLM<B, M>,

@@ -3,7 +3,7 @@
 //! schedule. The training loop itself (when to evaluate and checkpoint, resuming) is
 //! [`crate::strategy`].
 
-use fla_burn::NormBackend;
+use fla_burn::LayerBackend;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -181,7 +181,7 @@ pub struct Trainee<B: Backend, M> {
     loss_scale: LossScale,
 }
 
-impl<B: NormBackend, M: TokenMixer<B> + ModuleDisplay> Trainee<B, M> {
+impl<B: LayerBackend, M: TokenMixer<B> + ModuleDisplay> Trainee<B, M> {
     pub fn new(
         lm: ForCausalLM<B, M>,
         grad_accum: usize,
@@ -274,8 +274,8 @@ fn nan_output<B: Backend>(device: &B::Device) -> LmOutput<B> {
 
 impl<B, M> TrainStep for Trainee<B, M>
 where
-    B: AutodiffBackend + NormBackend,
-    B::InnerBackend: NormBackend,
+    B: AutodiffBackend + LayerBackend,
+    B::InnerBackend: LayerBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -311,7 +311,7 @@ where
     }
 }
 
-impl<B: NormBackend, M: TokenMixer<B> + ModuleDisplay> InferenceStep for Trainee<B, M> {
+impl<B: LayerBackend, M: TokenMixer<B> + ModuleDisplay> InferenceStep for Trainee<B, M> {
     type Input = LmBatch<B>;
     type Output = LmOutput<B>;
 

@@ -8,7 +8,7 @@ use crate::precision::CastParams;
 use crate::tokenizer::Tokenizer;
 use burn::module::Module;
 use burn::tensor::FloatDType;
-use fla_burn::{AttentionBackend, DeltaRuleBackend, GatedRecurrentBackend, NormBackend};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, GatedRecurrentBackend, LayerBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::gated_deltanet::GatedDeltaNet;
 use fla_models::gla::GatedLinearAttention;
@@ -18,7 +18,7 @@ pub type Error = Box<dyn std::error::Error>;
 
 /// What a binary does with a loaded model and its tokeniser; generic over the family, which is
 /// known only once config.json is read.
-pub trait WithModel<B: NormBackend> {
+pub trait WithModel<B: LayerBackend> {
     fn run<M: TokenMixer<B>>(
         self,
         model: ForCausalLM<B, M>,
@@ -59,7 +59,7 @@ where
     B: GatedRecurrentBackend + DeltaRuleBackend + AttentionBackend,
     W: WithModel<B>,
 {
-    fn load<B: NormBackend, M: TokenMixer<B>, W: WithModel<B>>(
+    fn load<B: LayerBackend, M: TokenMixer<B>, W: WithModel<B>>(
         dir: &Path,
         cast: Option<FloatDType>,
         tokenizer: &Tokenizer,

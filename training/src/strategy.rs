@@ -7,7 +7,7 @@
 //! checkpointer and its interrupter, and decides itself when each happens: an "epoch" of the
 //! metrics is one evaluation window.
 
-use fla_burn::NormBackend;
+use fla_burn::LayerBackend;
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -86,8 +86,8 @@ type Events<B, M> = SupervisedTrainingEventProcessor<Components<B, M>>;
 
 impl<B, M> StepLoop<B, M>
 where
-    B: AutodiffBackend + NormBackend,
-    B::InnerBackend: NormBackend,
+    B: AutodiffBackend + LayerBackend,
+    B::InnerBackend: LayerBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -287,8 +287,8 @@ where
 
 impl<B, M> SupervisedLearningStrategy<Components<B, M>> for StepLoop<B, M>
 where
-    B: AutodiffBackend + NormBackend,
-    B::InnerBackend: NormBackend,
+    B: AutodiffBackend + LayerBackend,
+    B::InnerBackend: LayerBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {

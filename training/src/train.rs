@@ -39,7 +39,7 @@ use burn::tensor::FloatDType;
 use burn::train::metric::LearningRateMetric;
 use burn::train::{Interrupter, Learner, SupervisedTraining, TrainingStrategy};
 use clap::{Parser, Subcommand};
-use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend, NormBackend};
+use fla_burn::{AttentionBackend, DeltaRuleBackend, FlaError, GatedRecurrentBackend, LayerBackend};
 use fla_models::checkpoint::Pretrained;
 use fla_models::delta_net::DeltaNet;
 use fla_models::delta_net_model::DeltaNetConfig;
@@ -321,8 +321,8 @@ fn from_config<B, M>(
     device: &B::Device,
 ) -> Result<Built<B, M>, Box<dyn std::error::Error>>
 where
-    B: AutodiffBackend + NormBackend,
-    B::InnerBackend: NormBackend,
+    B: AutodiffBackend + LayerBackend,
+    B::InnerBackend: LayerBackend,
     ForCausalLM<B, M>: Pretrained<B>,
     PretrainedConfig<B, M>: Default,
     M: TokenMixer<B>,
@@ -376,8 +376,8 @@ fn train<B, M>(
     build: impl FnOnce(&B::Device) -> Result<Built<B, M>, FlaError>,
 ) -> Result<(), Box<dyn std::error::Error>>
 where
-    B: AutodiffBackend + NormBackend,
-    B::InnerBackend: NormBackend,
+    B: AutodiffBackend + LayerBackend,
+    B::InnerBackend: LayerBackend,
     ForCausalLM<B, M>: Pretrained<B>,
     PretrainedConfig<B, M>: Default,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,

@@ -1,5 +1,5 @@
 //! Burn backend ops for linear attention, fused softmax attention for hybrid models, and the
-//! fused RMSNorm (plain and swish-gated) around them.
+//! fused RMSNorm (plain and swish-gated) and SwiGLU activation around them.
 //!
 //! Each op family is a backend extension trait with three implementations:
 //! - `CubeBackend` (CUDA, wgpu) and `Fusion<CubeBackend>` (what `burn::backend::Wgpu` and
@@ -19,6 +19,7 @@ pub mod error;
 pub mod gated;
 pub mod norm;
 mod recorded;
+pub mod swiglu;
 
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
 pub use delta::{
@@ -34,3 +35,9 @@ pub use gated::{
     GatedRecurrentBackend, RecurrentOptions, RecurrentOutput,
 };
 pub use norm::{rms_norm, rms_norm_gated, NormBackend};
+pub use swiglu::{swiglu, SwigluBackend};
+
+/// The fused ops of the modules around every token mixer: its norms and its MLP's activation.
+/// The family traits require it, so a model generic over one family's trait has them too.
+pub trait LayerBackend: NormBackend + SwigluBackend {}
+impl<B: NormBackend + SwigluBackend> LayerBackend for B {}

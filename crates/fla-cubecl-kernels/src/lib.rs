@@ -10,6 +10,7 @@
 //!   fused recurrent form, forward and backward.
 //! - [`norm`]: RMSNorm, optionally with a swish gate, fused forward and backward (the norms around
 //!   every token mixer).
+//! - [`swiglu`]: SwiGLU's activation `swish(g) ∘ u`, fused forward and backward (the MLPs).
 //!
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod gated;
 pub mod norm;
 mod problem;
+pub mod swiglu;
 pub mod testing;
 pub mod tile;
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use fla_burn::{FlaError, NormBackend};
+use fla_burn::{FlaError, LayerBackend};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -139,7 +139,7 @@ fn ids<B: Backend>(tokens: &[usize], device: &B::Device) -> Tensor<B, 2, Int> {
 }
 
 /// Continues `prompt` (token ids, at least one) with up to `cfg.max_new_tokens` tokens.
-pub fn generate<B: NormBackend, M: TokenMixer<B>>(
+pub fn generate<B: LayerBackend, M: TokenMixer<B>>(
     model: &ForCausalLM<B, M>,
     prompt: &[usize],
     cfg: &GenerationConfig,

@@ -10,12 +10,12 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Int, Tensor};
-use fla_burn::{FlaError, NormBackend};
+use fla_burn::{FlaError, LayerBackend};
 
 use crate::modules::{GatedMlp, GatedMlpConfig, RmsNorm, RmsNormConfig};
 
 /// A token-mixing layer: a whole sequence, or a continuation from the cache of an earlier call.
-pub trait TokenMixer<B: NormBackend>: Module<B> {
+pub trait TokenMixer<B: LayerBackend>: Module<B> {
     /// What carries a batch of sequences from one call to the next (recurrent state, conv inputs).
     type Cache: Clone + std::fmt::Debug;
 
@@ -157,7 +157,7 @@ fn layer_bounds<B: Backend>(lower_bounds: Tensor<B, 2>) -> Tensor<B, 2> {
 /// Logits `[B, T, vocab]` and, when asked, the per-layer caches that continue the sequences.
 pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
 
-impl<B: NormBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
+impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
     /// `input_ids: [B, T]` → logits `[B, T, vocab]`; with `use_cache`, also the per-layer caches
     /// that continue these sequences (pass them back with the next tokens).
     pub fn forward(
@@ -187,7 +187,7 @@ impl<B: NormBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
                     .attn
                     .mix_bounded(layer.attn_norm.forward(h.clone())?, c, use_cache, bound)?;
             h = h + a;
-            h = h.clone() + tokens_2d(h, |x| Ok(layer.mlp.forward(layer.mlp_norm.forward(x)?)))?;
+            h = h.clone() + tokens_2d(h, |x| layer.mlp.forward(layer.mlp_norm.forward(x)?))?;
             next.extend(c);
         }
         let h = self.model.norm.forward(h)?;

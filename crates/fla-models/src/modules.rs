@@ -6,7 +6,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use fla_burn::{rms_norm, rms_norm_gated, FlaError, NormBackend};
+use fla_burn::{rms_norm, rms_norm_gated, swiglu, FlaError, NormBackend, SwigluBackend};
 
 /// RMSNorm over the last axis (FLA's `RMSNorm`) on the fused op: `x / sqrt(mean(x²) + ε) ∘ γ`,
 /// computed in `f32` and returned in `x`'s dtype. The fields are those of Burn's `RmsNorm`
@@ -121,10 +121,13 @@ impl GatedMlpConfig {
     }
 }
 
-impl<B: Backend> GatedMlp<B> {
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+impl<B: SwigluBackend> GatedMlp<B> {
+    /// `down(swish(gate(x)) ∘ up(x))`, the activation one fused op.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, FlaError> {
+        let gate = self.gate_proj.forward(x.clone());
+        Ok(self
+            .down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x))?))
     }
 }
 

@@ -77,9 +77,10 @@ pub struct AttnGrads<B: Backend> {
 /// kernels (no `T × T` tensor), and `Autodiff<B>` records the forward with its hand-derived
 /// backward.
 ///
-/// Every backend of a token mixer also has the fused norms ([`crate::NormBackend`]) that the
-/// layers put around it, so a model generic over this trait needs no second bound.
-pub trait AttentionBackend: crate::NormBackend {
+/// Every backend of a token mixer also has the fused ops of the modules around it
+/// ([`crate::LayerBackend`]: norms, SwiGLU), so a model generic over this trait needs no second
+/// bound.
+pub trait AttentionBackend: crate::LayerBackend {
     /// Errors: [`FlaError::Shape`] for mismatched shapes or heads (`H` not a multiple of `HK`,
     /// more queries than keys with a causal mask or window), [`FlaError::DType`] for mixed or
     /// non-float dtypes, [`FlaError::CuSeqlens`], [`FlaError::Empty`] for zero-length input,

@@ -153,9 +153,10 @@ impl<B: Backend> DeltaGrads<B> {
 /// `Fusion<CubeBackend>` override them with the fused kernels, and `Autodiff<B>` records the
 /// forward with its hand-derived backward.
 ///
-/// Every backend of a token mixer also has the fused norms ([`crate::NormBackend`]) that the
-/// layers put around it, so a model generic over this trait needs no second bound.
-pub trait DeltaRuleBackend: crate::NormBackend {
+/// Every backend of a token mixer also has the fused ops of the modules around it
+/// ([`crate::LayerBackend`]: norms, SwiGLU), so a model generic over this trait needs no second
+/// bound.
+pub trait DeltaRuleBackend: crate::LayerBackend {
     /// Forward recurrence. Errors: [`FlaError::Shape`] for mismatched shapes or heads (including
     /// `HV` not a multiple of `H`), [`FlaError::DType`] for mixed or non-float dtypes,
     /// [`FlaError::CuSeqlens`], [`FlaError::Empty`] for zero-length input,

@@ -12,4 +12,5 @@ mod attn;
 mod delta;
 mod gated;
 mod norm;
+mod swiglu;
 mod tile;

@@ -11,7 +11,7 @@ use burn::backend::{NdArray, Wgpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_store::{ModuleStore, SafetensorsStore};
-use fla_burn::{AttentionBackend, NormBackend};
+use fla_burn::{AttentionBackend, LayerBackend};
 use fla_models::checkpoint::{CheckpointError, Pretrained, PretrainedError};
 use fla_models::delta_net::DeltaNet;
 use fla_models::gated_deltanet::GatedDeltaNet;
@@ -128,7 +128,7 @@ impl<B: AttentionBackend> RecurrentState<B> for HybridCache<B, LayerCache<B>> {
 }
 
 /// The prompt as one call: logits, and each recurrent layer's state after it.
-fn whole<B: NormBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+fn whole<B: LayerBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
     M::Cache: RecurrentState<B>,
@@ -150,7 +150,7 @@ where
 }
 
 /// The same tokens one call each, every call continuing from the caches of the one before.
-fn stepwise<B: NormBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+fn stepwise<B: LayerBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
 {
@@ -174,7 +174,7 @@ where
 }
 
 /// Greedy decoding from a 10-token prompt gives FLA's `generate(do_sample=False)` token ids.
-fn greedy<B: NormBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+fn greedy<B: LayerBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
 {
@@ -286,7 +286,7 @@ fn names_and_shapes(path: &Path) -> Vec<(String, Vec<usize>)> {
 
 /// Saving writes FLA's file back: the same tensor names and shapes (FLA's layout), and loading
 /// what we saved gives the same logits.
-fn round_trip<B: NormBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+fn round_trip<B: LayerBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
 {
@@ -483,7 +483,7 @@ fn missing_files_and_bad_configs_are_errors() {
 /// with its logits on the fixture's input ids, to `target/fla-export/<family>/`; FLA loads it on
 /// the GPU machine and compares (`make_fixtures.py --check-ours target/fla-export`). Here it
 /// checks that the directory loads back to the same logits.
-fn export<B: NormBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
+fn export<B: LayerBackend, M: TokenMixer<B>>(family: &str, device: &B::Device)
 where
     ForCausalLM<B, M>: Pretrained<B>,
 {

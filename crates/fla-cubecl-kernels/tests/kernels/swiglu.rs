@@ -1,0 +1,107 @@
+//! Kernel-level tests of SwiGLU's fused activation against the f64 reference: `y`, `dg`, `du`
+//! for a random `dy`, odd lengths, saturated gates, half precision, refused input.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use fla_cubecl_kernels::swiglu::{naive, swiglu_backward, swiglu_forward, SwigluProblem};
+use fla_cubecl_kernels::testing::{decode, encode, round_to, Rng};
+use fla_cubecl_kernels::{FloatDType, KernelError};
+use rstest::rstest;
+
+use crate::common::{assert_refused, base_dtype, check, runtime_name, tolerance, Refusal};
+
+type Run = [Vec<f64>; 3];
+
+fn run_kernels<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &SwigluProblem,
+    [g, u, dy]: [&[f64]; 3],
+) -> Result<Run, KernelError> {
+    let dt = p.dtype;
+    let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
+    // Outputs start as NaN, so an element the kernels never write fails the comparison.
+    let poison = || client.create_from_slice(&encode(dt, &vec![f64::NAN; p.len]));
+    let down = |h: &Handle| decode(dt, &client.read_one_unchecked(h.clone()));
+    let (g, u, dy) = (up(g), up(u), up(dy));
+    let (y, dg, du) = (poison(), poison(), poison());
+    swiglu_forward(client, p, &g, &u, &y)?;
+    swiglu_backward(client, p, [&g, &u, &dy], [&dg, &du])?;
+    Ok([down(&y), down(&dg), down(&du)])
+}
+
+/// `g` scaled by `spread`, `u` and `dy` standard normal, all rounded to the dtype.
+fn inputs(p: &SwigluProblem, spread: f64, seed: u64) -> [Vec<f64>; 3] {
+    let mut rng = Rng::new(seed);
+    let g = (0..p.len)
+        .map(|_| round_to(p.dtype, spread * rng.normal()))
+        .collect();
+    [g, rng.normals(p.len, p.dtype), rng.normals(p.len, p.dtype)]
+}
+
+fn compare(p: &SwigluProblem, spread: f64, seed: u64) {
+    let [g, u, dy] = inputs(p, spread, seed);
+    let [y, dg, du] = on_runtime!(run_kernels(p, [&g, &u, &dy])).expect("valid problem");
+    let (want_dg, want_du) = naive::backward(&g, &u, &dy);
+    let tol = tolerance(p.dtype);
+    check("y", &y, &naive::forward(&g, &u), tol);
+    check("dg", &dg, &want_dg, tol);
+    check("du", &du, &want_du, tol);
+}
+
+#[rstest]
+#[case::one(1)]
+#[case::odd(1001)]
+#[case::past_one_grid_row(256 * 65535 + 3)]
+fn matches_reference(#[case] len: usize) {
+    let p = SwigluProblem {
+        len,
+        dtype: base_dtype(),
+    };
+    compare(&p, 2.0, len as u64);
+}
+
+/// Gates far in both tails: swish's saturated ends stay finite and exact.
+#[test]
+fn saturated_gates() {
+    let p = SwigluProblem {
+        len: 4096,
+        dtype: base_dtype(),
+    };
+    compare(&p, 40.0, 3);
+}
+
+fn supports<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
+    dtype.check_supported(client).is_ok()
+}
+
+/// f16 and bf16 where the device computes them; elsewhere the call is refused with the dtype's
+/// name.
+#[rstest]
+fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
+    let p = SwigluProblem { len: 3000, dtype };
+    if on_runtime!(supports(dtype)) {
+        compare(&p, 2.0, 5);
+    } else {
+        assert!(runtime_name() != "cuda", "CUDA computes {dtype:?}");
+        let [g, u, dy] = inputs(&p, 1.0, 5);
+        match on_runtime!(run_kernels(&p, [&g, &u, &dy])) {
+            Err(KernelError::UnsupportedDType { dtype: name, .. }) => {
+                assert_eq!(name, dtype.name())
+            }
+            other => panic!("expected an unsupported-dtype error, got {:?}", other.err()),
+        }
+    }
+}
+
+#[test]
+fn empty_input_is_refused() {
+    let p = SwigluProblem {
+        len: 0,
+        dtype: FloatDType::F32,
+    };
+    assert_refused(
+        on_runtime!(run_kernels(&p, [&[], &[], &[]])),
+        Refusal::InvalidProblem,
+        "zero-length",
+    );
+}
