@@ -1,8 +1,8 @@
 """Times FLA 0.6.0's Triton kernels (chunk_simple_gla, chunk_gla, fused_recurrent_simple_gla,
 fused_recurrent_gla, and with --ops the delta rule's chunk_delta_rule, chunk_gated_delta_rule,
 fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule, and softmax attention's
-parallel_attn, and the norms rms_norm and rms_norm_gated: fla.modules' RMSNorm and
-FusedRMSNormGated) and torch SDPA (sdpa: flash backend, sdpa_cudnn: cuDNN; causal) on the shapes of
+parallel_attn, the norms rms_norm and rms_norm_gated: fla.modules' RMSNorm and
+FusedRMSNormGated, and swiglu: fla.modules.activations' swiglu) and torch SDPA (sdpa: flash backend, sdpa_cudnn: cuDNN; causal) on the shapes of
 benches/table.rs,
 median of triton's do_bench, and joins them with our CSV into the ratio table (FLA-time /
 our-time: above 1 we are faster, benches/join.py). On the GPU machine, fla-core carried as a wheel:
@@ -104,6 +104,11 @@ def make(op, t):
             return (lambda x: norm(x)), [x], do
         norm = FusedRMSNormGated(D, eps=1e-5).to("cuda", dtype)
         return (lambda x, g: norm(x, g)), [x, g], do
+    if op == "swiglu":
+        from fla.modules.activations import swiglu
+
+        g, u, do = (mk(B, t, H, D) for _ in range(3))
+        return (lambda g, u: swiglu(g, u)), [g, u], do
     q, k, v, do = (mk(B, t, H, D) for _ in range(4))
     if op in DELTA:
         # Keys L2-normalised per token (as DeltaNet layers feed the rule), beta = sigmoid(randn).

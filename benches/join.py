@@ -38,6 +38,9 @@ def table(ours_rows, fla_rows):
             # FLA's fused norm races ours and Burn's own RmsNorm (what the models ran before).
             expanded.append((r, "rms_norm", "rms_norm"))
             expanded.append((r, "burn_rms_norm", "rms_norm vs Burn RmsNorm"))
+        elif r["op"] == "swiglu":
+            expanded.append((r, "swiglu", "swiglu"))
+            expanded.append((r, "burn_swiglu", "swiglu vs Burn silu(g) * u"))
         else:
             expanded.append((r, r["op"], r["op"]))
     for r, mine_op, name in expanded:

@@ -10,14 +10,14 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
-use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::activation::{log_sigmoid, sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
 use fla::ops::{
-    delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated, simple_gla,
+    delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated, simple_gla, swiglu,
     AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions, GatedMode,
     GatedRecurrentBackend, RecurrentOptions,
 };
@@ -49,7 +49,8 @@ struct Args {
     /// fused_recurrent_gated_delta_rule,
     /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal),
     /// rms_norm and rms_norm_gated (ours, fused, over the head dim of q, gated by v) and
-    /// burn_rms_norm (Burn's `RmsNorm` module on the same q).
+    /// burn_rms_norm (Burn's `RmsNorm` module on the same q); swiglu (ours, fused, gate q, up v)
+    /// and burn_swiglu (Burn's `silu(q) * v`).
     #[arg(
         long,
         default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
@@ -185,6 +186,8 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
         "rms_norm" => rms_norm(q, x.w.clone(), NORM_EPS).expect("valid inputs"),
         "rms_norm_gated" => rms_norm_gated(q, v, x.w.clone(), NORM_EPS).expect("valid inputs"),
         "burn_rms_norm" => x.burn_norm.forward(q),
+        "swiglu" => swiglu(q, v).expect("valid inputs"),
+        "burn_swiglu" => silu(q) * v,
         "attention" => {
             // Burn's attention takes [B, H, T, D].
             let t = |x: Tensor<B, 4>| x.swap_dims(1, 2);
