@@ -2,11 +2,11 @@
 //! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
 //! and each other, and the typed errors of bad input.
 
-use crate::common::{self, tensor, values, Impl};
+use crate::common::{self, check, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::attn::AttnProblem;
-use fla::kernels::testing::{rel_rmse, AttnCase};
+use fla::kernels::testing::AttnCase;
 use fla::kernels::FloatDType as KernelDType;
 use fla::ops::{parallel_attn, AttentionBackend, AttnOptions};
 use fla::FlaError;
@@ -73,19 +73,6 @@ fn run_on(imp: Impl, c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> 
         Impl::Cube => on_gpu!(cube, run(c, opts)),
         Impl::TensorOps => run::<common::backends::NdArray>(c, opts),
     }
-}
-
-fn tolerance(imp: Impl) -> f64 {
-    if imp != Impl::TensorOps && common::runtime_name() == "cuda" {
-        1e-4
-    } else {
-        1e-5
-    }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
 }
 
 fn against_reference(imp: Impl, dims: Dims, opts: AttnOptions) {

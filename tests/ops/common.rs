@@ -85,3 +85,19 @@ macro_rules! on_gpu {
         }
     }};
 }
+
+/// The relative-RMSE bound of an f32 case against the f64 reference: 1e-5 on lavapipe and the
+/// CPU, 1e-4 for the fused kernels on CUDA (its fast exponentials and fused multiply-adds).
+pub fn tolerance(imp: Impl) -> f64 {
+    if imp != Impl::TensorOps && runtime_name() == "cuda" {
+        1e-4
+    } else {
+        1e-5
+    }
+}
+
+/// Asserts `out` within relative RMSE `tol` of `reference`.
+pub fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
+    let err = fla::kernels::testing::rel_rmse(out, reference);
+    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
+}

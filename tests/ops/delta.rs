@@ -2,12 +2,12 @@
 //! and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference and each
 //! other, and the typed errors of bad input.
 
-use crate::common::{self, tensor, values, Impl};
+use crate::common::{self, check, tensor, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::delta::DeltaProblem;
-use fla::kernels::testing::{rel_rmse, round_to, DeltaCase};
+use fla::kernels::testing::{round_to, DeltaCase};
 use fla::kernels::FloatDType as KernelDType;
 use fla::ops::{delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions};
 use fla::FlaError;
@@ -139,11 +139,6 @@ fn tolerances(imp: Impl, dtype: KernelDType) -> (f64, f64) {
         KernelDType::F32 => (1e-5, 1e-3),
         _ => (1e-2, 2e-2),
     }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
 }
 
 fn against_reference(imp: Impl, c: &DeltaCase) {

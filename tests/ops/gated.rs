@@ -2,12 +2,12 @@
 //! tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference and each
 //! other, and the typed errors of bad input.
 
-use crate::common::{self, tensor, values, Impl};
+use crate::common::{self, check, tensor, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 use fla::kernels::gated::GateKind;
-use fla::kernels::testing::{problem, rel_rmse, GatedCase};
+use fla::kernels::testing::{problem, GatedCase};
 use fla::kernels::FloatDType as KernelDType;
 use fla::ops::{
     fused_recurrent_gla, fused_recurrent_linear_attn, fused_recurrent_retention,
@@ -180,11 +180,6 @@ fn tolerances(imp: Impl, dtype: KernelDType) -> (f64, f64) {
         KernelDType::F32 => (1e-5, 1e-3),
         _ => (1e-2, 2e-2),
     }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
 }
 
 fn compare(r: &Run, c: &GatedCase, variant: Variant, (tol, gate_tol): (f64, f64)) {

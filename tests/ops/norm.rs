@@ -3,11 +3,11 @@
 //! reference and each other, inside a larger graph (the gradient reaches inputs through other
 //! ops), half precision, and the typed errors of bad input.
 
-use crate::common::{self, tensor, values, Impl};
+use crate::common::{self, check, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::norm::NormProblem;
-use fla::kernels::testing::{rel_rmse, NormCase};
+use fla::kernels::testing::NormCase;
 use fla::kernels::FloatDType as KernelDType;
 use fla::ops::{rms_norm, rms_norm_gated, NormBackend};
 use fla::FlaError;
@@ -65,19 +65,6 @@ fn run_on(imp: Impl, c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError> {
         Impl::Cube => on_gpu!(cube, run(c, shape)),
         Impl::TensorOps => run::<common::backends::NdArray>(c, shape),
     }
-}
-
-fn tolerance(imp: Impl) -> f64 {
-    if imp != Impl::TensorOps && common::runtime_name() == "cuda" {
-        1e-4
-    } else {
-        1e-5
-    }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
 }
 
 #[rstest]

@@ -2,12 +2,12 @@
 //! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
 //! and Burn's own `silu(g) * u`, half precision, and the typed errors of bad input.
 
-use crate::common::{self, tensor, values, Impl};
+use crate::common::{self, check, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::activation::silu;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::swiglu::naive;
-use fla::kernels::testing::{rel_rmse, Rng};
+use fla::kernels::testing::Rng;
 use fla::ops::{swiglu, SwigluBackend};
 use fla::FlaError;
 use rstest::rstest;
@@ -61,19 +61,6 @@ fn run_on(imp: Impl, c: &Case, burn: bool) -> Result<[Vec<f64>; 3], FlaError> {
         Impl::Cube => on_gpu!(cube, run(c, burn)),
         Impl::TensorOps => run::<common::backends::NdArray>(c, burn),
     }
-}
-
-fn tolerance(imp: Impl) -> f64 {
-    if imp != Impl::TensorOps && common::runtime_name() == "cuda" {
-        1e-4
-    } else {
-        1e-5
-    }
-}
-
-fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
-    let err = rel_rmse(out, reference);
-    assert!(err <= tol, "{name}: relative RMSE {err:e} exceeds {tol:e}");
 }
 
 #[rstest]

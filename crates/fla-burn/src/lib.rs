@@ -11,6 +11,23 @@
 //! This crate knows nothing of models. Every op validates its inputs and returns [`FlaError`]
 //! rather than panicking.
 
+/// NdArray (CPU) implements an op family's trait through its default methods, the tensor-op
+/// implementation (crate feature `ndarray`). Defined before the families' modules, which use it.
+macro_rules! tensor_op_impl {
+    ($family:ident) => {
+        #[cfg(feature = "ndarray")]
+        impl<E, I, Q> $family for burn_ndarray::NdArray<E, I, Q>
+        where
+            E: burn_ndarray::FloatNdArrayElement,
+            I: burn_ndarray::IntNdArrayElement,
+            Q: burn_ndarray::QuantElement,
+            burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
+            burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
+        {
+        }
+    };
+}
+
 pub mod attn;
 mod checks;
 pub mod delta;

@@ -211,17 +211,7 @@ impl<B: DeltaRuleBackend> StateOp<B> for DeltaOptions {
     }
 }
 
-/// NdArray (CPU): the tensor-op implementation of the trait's default methods.
-#[cfg(feature = "ndarray")]
-impl<E, I, Q> DeltaRuleBackend for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+tensor_op_impl!(DeltaRuleBackend);
 
 /// Validates shapes, dtypes and options against each other and describes the call.
 pub(crate) fn describe<B: Backend>(

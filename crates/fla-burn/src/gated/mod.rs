@@ -254,17 +254,7 @@ pub(crate) fn float_dtype(d: DType) -> burn::tensor::FloatDType {
     }
 }
 
-/// NdArray (CPU): the tensor-op implementation of the trait's default methods.
-#[cfg(feature = "ndarray")]
-impl<E, I, Q> GatedRecurrentBackend for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+tensor_op_impl!(GatedRecurrentBackend);
 
 fn dtype_name(d: DType) -> String {
     format!("{d:?}")

@@ -142,17 +142,7 @@ impl<B: NormBackend> StateOp<B> for NormOpOptions {
     }
 }
 
-/// NdArray (CPU): the tensor-op implementation of the trait's default methods.
-#[cfg(feature = "ndarray")]
-impl<E, I, Q> NormBackend for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+tensor_op_impl!(NormBackend);
 
 /// Validates shapes, dtypes and `eps` against each other and describes the call (its dtype
 /// `f32` until a fused backend fills it in).

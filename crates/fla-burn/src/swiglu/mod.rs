@@ -119,17 +119,7 @@ impl<B: SwigluBackend> StateOp<B> for SwigluOp {
     }
 }
 
-/// NdArray (CPU): the tensor-op implementation of the trait's default methods.
-#[cfg(feature = "ndarray")]
-impl<E, I, Q> SwigluBackend for burn_ndarray::NdArray<E, I, Q>
-where
-    E: burn_ndarray::FloatNdArrayElement,
-    I: burn_ndarray::IntNdArrayElement,
-    Q: burn_ndarray::QuantElement,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<E>>,
-    burn_ndarray::NdArrayTensor: From<burn_ndarray::SharedArray<I>>,
-{
-}
+tensor_op_impl!(SwigluBackend);
 
 /// Validates `g` and `u` against each other and describes the call (dtype `f32` until a fused
 /// backend fills it in); `y` is shaped like them.
