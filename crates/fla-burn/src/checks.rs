@@ -23,20 +23,23 @@ pub(crate) fn qkv_shapes<T: TensorMetadata>(
     Ok((q4, v4))
 }
 
-/// `q`'s dtype, a float that every other given tensor shares.
+/// The first tensor's dtype, a float that every other given tensor shares; `(name, tensor)`
+/// pairs, the names used in the errors.
 pub(crate) fn shared_float_dtype<T: TensorMetadata>(
-    q: &T,
+    (first, t0): (&str, &T),
     others: &[(&str, Option<&T>)],
 ) -> Result<DType, FlaError> {
-    let dtype = q.dtype();
+    let dtype = t0.dtype();
     if !dtype.is_float() {
-        return Err(FlaError::DType(format!("q is {dtype:?}, not a float type")));
+        return Err(FlaError::DType(format!(
+            "{first} is {dtype:?}, not a float type"
+        )));
     }
     for (name, t) in others {
         if let Some(t) = t {
             if t.dtype() != dtype {
                 return Err(FlaError::DType(format!(
-                    "{name} is {:?} but q is {dtype:?}; inputs and gates share one dtype",
+                    "{name} is {:?} but {first} is {dtype:?}; the inputs share one dtype",
                     t.dtype()
                 )));
             }

@@ -174,7 +174,7 @@ pub(crate) fn describe<B: Backend>(
             "k {ks:?} must be [B, T_k, HK, K] and v {vs:?} [B, T_k, HK, V] for q {qs:?}"
         )));
     }
-    shared_float_dtype(&x.q, &[("k", Some(&x.k)), ("v", Some(&x.v))])?;
+    shared_float_dtype(("q", &x.q), &[("k", Some(&x.k)), ("v", Some(&x.v))])?;
     if opts.window == Some(0) {
         return Err(FlaError::Unsupported("a window of zero keys".into()));
     }

@@ -233,7 +233,7 @@ pub(crate) fn describe<B: Backend>(
         )));
     }
     shared_float_dtype(
-        &x.q,
+        ("q", &x.q),
         &[
             ("k", Some(&x.k)),
             ("v", Some(&x.v)),

@@ -288,7 +288,7 @@ pub(crate) fn describe<B: Backend>(
     }
     let vd = vs[3];
     shared_float_dtype(
-        &x.q,
+        ("q", &x.q),
         &[
             ("k", Some(&x.k)),
             ("v", Some(&x.v)),

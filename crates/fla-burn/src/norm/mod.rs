@@ -76,10 +76,11 @@ pub struct NormGrads<B: Backend> {
 /// `Fusion<CubeBackend>` override them with the fused kernels, and `Autodiff<B>` records the
 /// forward with its hand-derived backward.
 pub trait NormBackend: Backend {
-    /// Errors: [`FlaError::Shape`] for a weight that is not `[D]` or a gate not shaped like `x`,
+    /// Errors: [`FlaError::Shape`] for a weight that is not `[D]`, a gate not shaped like `x`,
+    /// `eps` negative or not finite, or `D` above 32768 (`fla_cubecl_kernels::norm::MAX_NORM_DIM`,
+    /// the widest row the kernels hold in registers; every implementation refuses it alike),
     /// [`FlaError::DType`] for mixed or non-float dtypes, [`FlaError::Empty`] for zero-length
-    /// input, [`FlaError::Shape`] for `eps` negative or not finite, [`FlaError::UnsupportedDType`]
-    /// where the device cannot compute the dtype.
+    /// input, [`FlaError::UnsupportedDType`] where the device cannot compute the dtype.
     fn rms_norm_forward(
         x: NormTensors<Self>,
         opts: &NormOpOptions,
@@ -156,7 +157,7 @@ pub(crate) fn describe<B: Backend>(
             "x must have at least one axis, the normalised one".into(),
         ));
     };
-    shared_float_dtype(&x.x, &[("w", Some(&x.w)), ("g", x.g.as_ref())])?;
+    shared_float_dtype(("x", &x.x), &[("w", Some(&x.w)), ("g", x.g.as_ref())])?;
     let dtype = x.x.dtype();
     expect_tensor("weight w", &x.w, &[dim], dtype)?;
     if let Some(g) = &x.g {

@@ -1,5 +1,5 @@
 //! `Autodiff<B>`: the forward on the inner backend, recorded as one graph node whose backward is
-//! the hand-derived one (`B::swiglu_backward`); the node keeps `g` and `u` only
+//! the hand-derived one (`B::swiglu_backward`); the node keeps `g`, `u` and `y`, no intermediate
 //! (`crate::recorded::autodiff`).
 
 use burn::backend::Autodiff;

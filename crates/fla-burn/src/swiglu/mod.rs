@@ -21,7 +21,8 @@ use crate::FlaError;
 ///
 /// The default methods compute through plain tensor ops (any backend); `CubeBackend` and
 /// `Fusion<CubeBackend>` override them with the fused kernels, and `Autodiff<B>` records the
-/// forward with its hand-derived backward (keeping only `g` and `u`).
+/// forward with its hand-derived backward (its node keeps `g`, `u` and `y`, which the MLP's next
+/// matmul keeps anyway, and no intermediate).
 pub trait SwigluBackend: Backend {
     /// `swish(g) ∘ u` for `g` and `u` of one shape and float dtype. Errors: [`FlaError::Shape`]
     /// for different shapes, [`FlaError::DType`] for mixed or non-float dtypes,
@@ -75,7 +76,7 @@ fn flat<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// `swish(g) ∘ u`, fused on `CubeBackend` (CUDA, wgpu); differentiable in both under
-/// `Autodiff`, whose node keeps only `g` and `u`. Shapes: `g` and `u` alike, any rank. Errors: see
+/// `Autodiff`, whose node keeps `g`, `u` and `y` but neither `σ(g)` nor `swish(g)`. Shapes: `g` and `u` alike, any rank. Errors: see
 /// [`SwigluBackend::swiglu_forward`].
 pub fn swiglu<B: SwigluBackend, const D: usize>(
     g: Tensor<B, D>,
@@ -127,7 +128,7 @@ pub(crate) fn describe<B: Backend>(
     g: &FloatTensor<B>,
     u: &FloatTensor<B>,
 ) -> Result<SwigluProblem, FlaError> {
-    shared_float_dtype(g, &[("u", Some(u))])?;
+    shared_float_dtype(("g", g), &[("u", Some(u))])?;
     let shape = g.shape().to_vec();
     expect_tensor("u", u, &shape, g.dtype())?;
     let p = SwigluProblem {

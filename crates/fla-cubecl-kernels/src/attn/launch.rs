@@ -127,7 +127,7 @@ pub fn attn_layout<R: Runtime>(
     )))
 }
 
-/// Tile-size overrides for benchmarking (`FLA_ATTN_PLANES`, `FLA_ATTN_CMMA=0`).
+/// Validates the problem, the dtype on this device and the sequence lengths' index range.
 fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;

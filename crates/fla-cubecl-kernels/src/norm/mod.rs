@@ -136,8 +136,8 @@ fn checked<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> Result<(),
     check_grid(client, (x, y, 1), "the norm")
 }
 
-/// The gate's buffer (or its gradient's): required when gated; ungated the kernels never touch
-/// it, and `stand_in` fills the argument.
+/// The gate's buffer (or its gradient's): required when gated, refused when not (the kernels
+/// never touch it then, and `stand_in` fills the argument).
 fn gate_buffer<'a>(
     h: Option<&'a Handle>,
     p: &NormProblem,
@@ -149,7 +149,11 @@ fn gate_buffer<'a>(
         (None, true) => Err(KernelError::InvalidProblem(format!(
             "missing buffer: {what} (the problem is gated)"
         ))),
-        (_, false) => Ok(stand_in),
+        // A gradient buffer the kernels would leave unwritten is a caller's mistake.
+        (Some(_), false) => Err(KernelError::InvalidProblem(format!(
+            "buffer {what} given for an ungated problem"
+        ))),
+        (None, false) => Ok(stand_in),
     }
 }
 

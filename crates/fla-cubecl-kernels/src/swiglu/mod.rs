@@ -4,8 +4,8 @@
 //!
 //! Why fused: through Burn's tensor ops autodiff keeps `σ(g)` and `swish(g)` beside `g` and `u`
 //! for the backward (two more activations of the MLP's width per layer) and runs the backward
-//! as several element-wise passes; here the backward reads `g`, `u` and `∂y` once and keeps
-//! nothing else.
+//! as several element-wise passes; here the backward reads `g`, `u` and `∂y` once and needs no
+//! intermediate.
 
 pub mod naive;
 

@@ -152,7 +152,11 @@ fn large_gates() {
     compare(&NormCase::new(problem(9, 128, true, base_dtype()), 30.0, 7));
 }
 
-fn refuse<R: Runtime>(client: &ComputeClient<R>, p: NormProblem) -> Result<(), KernelError> {
+fn refuse<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: NormProblem,
+    with_gate: bool,
+) -> Result<(), KernelError> {
     let h = client.create_from_slice(&encode(FloatDType::F32, &[0.0; 4]));
     norm_forward(
         client,
@@ -160,7 +164,7 @@ fn refuse<R: Runtime>(client: &ComputeClient<R>, p: NormProblem) -> Result<(), K
         NormForwardBuffers {
             x: &h,
             w: &h,
-            g: None,
+            g: with_gate.then_some(&h),
             y: &h,
             rstd: &h,
         },
@@ -168,11 +172,20 @@ fn refuse<R: Runtime>(client: &ComputeClient<R>, p: NormProblem) -> Result<(), K
 }
 
 #[rstest]
-#[case::no_rows(problem(0, 64, false, FloatDType::F32), "zero-length")]
-#[case::no_columns(problem(4, 0, false, FloatDType::F32), "zero-length")]
-#[case::too_wide(problem(1, 40000, false, FloatDType::F32), "more than the fused norm")]
-#[case::gate_missing(problem(4, 64, true, FloatDType::F32), "missing buffer: g")]
-#[case::negative_eps(NormProblem { eps: -1.0, ..problem(4, 64, false, FloatDType::F32) }, "eps")]
-fn bad_input_is_refused(#[case] p: NormProblem, #[case] what: &str) {
-    assert_refused(on_runtime!(refuse(p)), Refusal::InvalidProblem, what);
+#[case::no_rows(problem(0, 64, false, FloatDType::F32), false, "zero-length")]
+#[case::no_columns(problem(4, 0, false, FloatDType::F32), false, "zero-length")]
+#[case::too_wide(
+    problem(1, 40000, false, FloatDType::F32),
+    false,
+    "more than the fused norm"
+)]
+#[case::gate_missing(problem(4, 64, true, FloatDType::F32), false, "missing buffer: g")]
+#[case::gate_not_asked(problem(4, 64, false, FloatDType::F32), true, "ungated")]
+#[case::negative_eps(NormProblem { eps: -1.0, ..problem(4, 64, false, FloatDType::F32) }, false, "eps")]
+fn bad_input_is_refused(#[case] p: NormProblem, #[case] with_gate: bool, #[case] what: &str) {
+    assert_refused(
+        on_runtime!(refuse(p, with_gate)),
+        Refusal::InvalidProblem,
+        what,
+    );
 }
