@@ -20,7 +20,6 @@ mod tiled_bwd;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
 pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};
-pub(crate) use recurrent::group_sum_kernel;
 pub use recurrent::CHECKPOINT_EVERY;
 pub use tiled::{delta_chunk_on_tensor_cores, delta_takes_tiles};
 

@@ -191,3 +191,45 @@ pub fn rms_norm_bwd_kernel<F: Float>(
         }
     }
 }
+
+/// `out[c] = Σ_r part[r, c]` over `part: [rows, cols]` (`f32`), written in `F`. Cubes: one per
+/// 32 columns; units `(column in the tile, lane)`, `lanes` a power of two, each lane adding rows
+/// `lane, lane + lanes, ...` before the lanes are summed in shared memory.
+#[cube(launch_unchecked)]
+pub fn column_sum_kernel<F: Float>(
+    part: &Array<f32>,
+    out: &mut Array<F>,
+    rows: u32,
+    cols: u32,
+    #[comptime] lanes: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let width = CUBE_DIM_X as usize;
+    let x = UNIT_POS_X as usize;
+    let col = CUBE_POS_X as usize * width + x;
+    let lane = UNIT_POS_Y as usize;
+    let mut scratch = SharedMemory::<f32>::new(comptime!(lanes * 32));
+    let mut acc = 0.0f32;
+    if col < cols as usize {
+        let mut r = lane;
+        while r < rows as usize {
+            acc += part[r * cols as usize + col];
+            r += lanes;
+        }
+    }
+    // Every unit reaches the barriers below, whatever its column and row count.
+    scratch[lane * width + x] = acc;
+    sync_cube();
+    let mut stride = comptime!(lanes / 2).runtime();
+    #[unroll]
+    for _ in 0..comptime!(lanes.trailing_zeros() as usize) {
+        if lane < stride {
+            scratch[lane * width + x] += scratch[(lane + stride) * width + x];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    if lane == 0 && col < cols as usize {
+        out[col] = F::cast_from(scratch[x]);
+    }
+}

@@ -8,6 +8,11 @@
 //! - `∂w = Σ_rows ∂n ∘ x̂`;
 //! - `∂x = r · (∂x̂ − x̂ · mean(∂x̂ ∘ x̂))` with `∂x̂ = ∂n ∘ w`.
 //!
+//! The backward's `dw` sums over rows in two steps: each cube of the backward adds its rows'
+//! products into one row of partials, then one cube per 32 columns adds the partials, split over
+//! lanes and summed across them in shared memory (a single thread per column adding every
+//! partial in turn would be a chain of thousands of dependent loads on a GPU).
+//!
 //! Why fused: through Burn's tensor ops the forward is eight ops (a cast, the square, the mean,
 //! the root, the division, the weight) and its autodiff backward about as many again, each a
 //! pass over the activations; here it is one pass forward and one backward (plus a small sum of
@@ -21,11 +26,11 @@ pub use kernels::NormLayout;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::delta::group_sum_kernel;
-use crate::gated::{array, check_grid, elementwise_grid, ELEMWISE_THREADS};
+use crate::gated::{array, check_grid};
 use crate::problem;
+use crate::tile::PLANE;
 use crate::{FloatDType, KernelError};
-use kernels::{rms_norm_bwd_kernel, rms_norm_fwd_kernel};
+use kernels::{column_sum_kernel, rms_norm_bwd_kernel, rms_norm_fwd_kernel};
 
 /// The widest row the kernels take: each unit holds `D / units` entries of a row in registers.
 pub const MAX_NORM_DIM: usize = 32768;
@@ -35,6 +40,10 @@ const ENTRIES_PER_UNIT: usize = 8;
 
 /// Threads the backward aims to keep busy across its cubes (a GPU's worth: 132 SMs × 1024).
 const BACKWARD_THREADS: usize = 1 << 17;
+
+/// The most row blocks of the backward, so that summing their `dw` partials stays short: each
+/// lane of a column (32 on a GPU) adds at most `MAX_BLOCKS / lanes` of them in sequence.
+const MAX_BLOCKS: usize = 1024;
 
 /// The shape and options of one norm call, shared by the kernels and the naive reference.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,7 +213,10 @@ pub fn norm_backward<R: Runtime>(
     let l = layout(client, p);
     // Each cube takes every `blocks`-th row and keeps its share of `dw` in registers, written
     // once at the end as one row of `[blocks, D]` partials.
-    let blocks = p.rows.min((BACKWARD_THREADS / l.units).max(1));
+    let blocks = p
+        .rows
+        .min((BACKWARD_THREADS / l.units).max(1))
+        .min(MAX_BLOCKS);
     let (gx, gy) = grid(blocks);
     let n = p.len();
     let part = client.empty(4 * blocks * p.dim);
@@ -228,18 +240,23 @@ pub fn norm_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    group_sum_kernel::launch::<R>(
-        client,
-        elementwise_grid(p.dim),
-        CubeDim::new_1d(ELEMWISE_THREADS),
-        array(&part, blocks * p.dim),
-        array(b.dw, p.dim),
-        p.dim as u32,
-        p.dim as u32,
-        p.dim as u32,
-        1,
-        blocks as u32,
-        p.dtype.storage(),
-    );
+    // Columns of `dw` in tiles of 32 per cube, each column's partials split over as many lanes
+    // (a power of two, up to 32) as the device's cubes hold.
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    let lanes = (max_units / PLANE).clamp(1, PLANE);
+    let lanes = 1usize << lanes.ilog2();
+    unsafe {
+        column_sum_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(p.dim.div_ceil(PLANE) as u32, 1, 1),
+            CubeDim::new_2d(PLANE as u32, lanes as u32),
+            array(&part, blocks * p.dim),
+            array(b.dw, p.dim),
+            blocks as u32,
+            p.dim as u32,
+            lanes,
+            p.dtype.storage(),
+        )
+    };
     Ok(())
 }
