@@ -145,11 +145,18 @@ pub(crate) fn upload_cu_seqlens<R: Runtime>(
     (client.create_from_slice(u32::as_bytes(&cu)), cu.len())
 }
 
+/// `cubes` (at least one) laid out as `(x, y)` counts, each axis ≤ 65535; kernels find their cube
+/// as `y · CUBE_COUNT_X + x` and skip those past the last.
+pub(crate) fn cubes_2d(cubes: usize) -> (usize, usize) {
+    let cubes = cubes.max(1);
+    let x = cubes.min(65535);
+    (x, cubes.div_ceil(x))
+}
+
 /// Grid for `units` independent threads: 1-D cubes over a 2-D count (each axis ≤ 65535).
 pub(crate) fn elementwise_grid(units: usize) -> CubeCount {
-    let cubes = units.div_ceil(ELEMWISE_THREADS as usize).max(1) as u32;
-    let x = cubes.min(65535);
-    CubeCount::Static(x, cubes.div_ceil(x), 1)
+    let (x, y) = cubes_2d(units.div_ceil(ELEMWISE_THREADS as usize));
+    CubeCount::Static(x as u32, y as u32, 1)
 }
 
 fn grid(p: &GatedProblem, block_v: usize, k_split: usize) -> (CubeCount, CubeDim) {

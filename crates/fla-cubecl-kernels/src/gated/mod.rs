@@ -18,7 +18,7 @@ pub(crate) mod tiled;
 pub(crate) mod tiled_launch;
 
 pub(crate) use launch::{
-    array, check_grid, check_loop_limit, chunk_tables, elementwise_grid, need, tiles_for,
+    array, check_grid, check_loop_limit, chunk_tables, cubes_2d, elementwise_grid, need, tiles_for,
     upload_cu_seqlens, CPU_VULKAN_MAX_ITERATIONS, ELEMWISE_THREADS,
 };
 pub use launch::{

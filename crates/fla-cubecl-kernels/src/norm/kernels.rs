@@ -4,6 +4,8 @@
 
 use cubecl::prelude::*;
 
+use crate::swiglu::sigmoid;
+
 /// Compile-time shape of a norm launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NormLayout {
@@ -47,12 +49,6 @@ fn cube_sum(value: f32, scratch: &mut SharedMemory<f32>, #[comptime] l: NormLayo
     // No unit may overwrite its entry for the next sum before every unit has read this one.
     sync_cube();
     total
-}
-
-/// `σ(g)`.
-#[cube]
-fn sigmoid(g: f32) -> f32 {
-    1.0f32 / (1.0f32 + f32::exp(-g))
 }
 
 /// Forward. Cubes: one per row over a 2-D grid; `units` units.

@@ -26,7 +26,7 @@ pub use kernels::NormLayout;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use crate::gated::{array, check_grid};
+use crate::gated::{array, check_grid, cubes_2d};
 use crate::problem;
 use crate::tile::PLANE;
 use crate::{FloatDType, KernelError};
@@ -118,8 +118,7 @@ pub struct NormBackwardBuffers<'a> {
 /// [`ENTRIES_PER_UNIT`] entries of a row where the device allows, one plane at least.
 fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
     let max_units = client.properties().hardware.max_units_per_cube as usize;
-    let cap = 1024usize.min(max_units.max(1)).next_power_of_two();
-    let cap = if cap > max_units { cap / 2 } else { cap }.max(1);
+    let cap = 1usize << 1024.min(max_units.max(1)).ilog2();
     let units = p
         .dim
         .div_ceil(ENTRIES_PER_UNIT)
@@ -132,16 +131,10 @@ fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout 
     }
 }
 
-/// A 2-D grid of `cubes` one-dimensional cubes (each axis within 65535).
-fn grid(cubes: usize) -> (usize, usize) {
-    let x = cubes.clamp(1, 65535);
-    (x, cubes.div_ceil(x))
-}
-
 fn checked<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
-    let (x, y) = grid(p.rows);
+    let (x, y) = cubes_2d(p.rows);
     check_grid(client, (x, y, 1), "the norm")
 }
 
@@ -175,7 +168,7 @@ pub fn norm_forward<R: Runtime>(
     checked(client, p)?;
     let g = gate_buffer(b.g, p, b.x, "g")?;
     let l = layout(client, p);
-    let (gx, gy) = grid(p.rows);
+    let (gx, gy) = cubes_2d(p.rows);
     let n = p.len();
     // Every access is guarded by the kernel's own conditions (rows and columns in range).
     unsafe {
@@ -217,7 +210,7 @@ pub fn norm_backward<R: Runtime>(
         .rows
         .min((BACKWARD_THREADS / l.units).max(1))
         .min(MAX_BLOCKS);
-    let (gx, gy) = grid(blocks);
+    let (gx, gy) = cubes_2d(blocks);
     let n = p.len();
     let part = client.empty(4 * blocks * p.dim);
     unsafe {

@@ -35,9 +35,9 @@ impl SwigluProblem {
     }
 }
 
-/// `σ(g)` in `f32`.
+/// `σ(g)` in `f32` (also the norm's swish gate).
 #[cube]
-fn sigmoid(g: f32) -> f32 {
+pub(crate) fn sigmoid(g: f32) -> f32 {
     1.0f32 / (1.0f32 + f32::exp(-g))
 }
 

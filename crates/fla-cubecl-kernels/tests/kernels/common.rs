@@ -37,6 +37,25 @@ pub fn assert_refused<T>(result: Result<T, KernelError>, expected: Refusal, what
     );
 }
 
+/// Whether the device under test computes `dtype` (lavapipe: no bf16).
+pub fn computes<R: cubecl::Runtime>(
+    client: &cubecl::prelude::ComputeClient<R>,
+    dtype: FloatDType,
+) -> bool {
+    dtype.check_supported(client).is_ok()
+}
+
+/// Asserts that a call in a `dtype` the device does not compute was refused, naming the dtype;
+/// CUDA computes all three, so there a refusal is itself the failure.
+pub fn assert_dtype_refused<T>(result: Result<T, KernelError>, dtype: FloatDType) {
+    assert!(runtime_name() != "cuda", "CUDA computes {dtype:?}");
+    match result {
+        Err(KernelError::UnsupportedDType { dtype: name, .. }) => assert_eq!(name, dtype.name()),
+        Err(other) => panic!("expected an unsupported-dtype error, got {other}"),
+        Ok(_) => panic!("a {dtype:?} call the device cannot compute was accepted"),
+    }
+}
+
 pub fn check(name: &str, out: &[f64], reference: &[f64], tol: f64) {
     let err = rel_rmse(out, reference);
     if err.is_nan() {

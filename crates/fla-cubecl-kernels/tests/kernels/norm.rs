@@ -12,7 +12,10 @@ use fla_cubecl_kernels::testing::{decode, encode, NormCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-use crate::common::{assert_refused, base_dtype, check, runtime_name, tolerance, Refusal};
+use crate::common::{
+    assert_dtype_refused, assert_refused, base_dtype, check, computes, runtime_name, tolerance,
+    Refusal,
+};
 
 struct Outputs {
     y: Vec<f64>,
@@ -121,21 +124,11 @@ fn half_precision(
     #[values(false, true)] gated: bool,
 ) {
     let c = NormCase::new(problem(65, 100, gated, dtype), 1.0, 3 + gated as u64);
-    if on_runtime!(supports(dtype)) {
+    if on_runtime!(computes(dtype)) {
         compare(&c);
     } else {
-        assert!(runtime_name() != "cuda", "CUDA computes {dtype:?}");
-        match on_runtime!(run_kernels(&c)) {
-            Err(KernelError::UnsupportedDType { dtype: name, .. }) => {
-                assert_eq!(name, dtype.name())
-            }
-            other => panic!("expected an unsupported-dtype error, got {:?}", other.err()),
-        }
+        assert_dtype_refused(on_runtime!(run_kernels(&c)), dtype);
     }
-}
-
-fn supports<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
-    dtype.check_supported(client).is_ok()
 }
 
 /// Rows whose mean square is far below `ε`: `ε` decides the scale, as in the reference.

@@ -8,7 +8,10 @@ use fla_cubecl_kernels::testing::{decode, encode, round_to, Rng};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
-use crate::common::{assert_refused, base_dtype, check, runtime_name, tolerance, Refusal};
+use crate::common::{
+    assert_dtype_refused, assert_refused, base_dtype, check, computes, runtime_name, tolerance,
+    Refusal,
+};
 
 type Run = [Vec<f64>; 3];
 
@@ -70,26 +73,16 @@ fn saturated_gates() {
     compare(&p, 40.0, 3);
 }
 
-fn supports<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> bool {
-    dtype.check_supported(client).is_ok()
-}
-
 /// f16 and bf16 where the device computes them; elsewhere the call is refused with the dtype's
 /// name.
 #[rstest]
 fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
     let p = SwigluProblem { len: 3000, dtype };
-    if on_runtime!(supports(dtype)) {
+    if on_runtime!(computes(dtype)) {
         compare(&p, 2.0, 5);
     } else {
-        assert!(runtime_name() != "cuda", "CUDA computes {dtype:?}");
         let [g, u, dy] = inputs(&p, 1.0, 5);
-        match on_runtime!(run_kernels(&p, [&g, &u, &dy])) {
-            Err(KernelError::UnsupportedDType { dtype: name, .. }) => {
-                assert_eq!(name, dtype.name())
-            }
-            other => panic!("expected an unsupported-dtype error, got {:?}", other.err()),
-        }
+        assert_dtype_refused(on_runtime!(run_kernels(&p, [&g, &u, &dy])), dtype);
     }
 }
 
