@@ -5,6 +5,7 @@
 #[macro_use]
 mod common;
 
+mod adamw;
 mod attn;
 mod delta;
 mod gated;

@@ -3,7 +3,7 @@
 //! schedule. The training loop itself (when to evaluate and checkpoint, resuming) is
 //! [`crate::strategy`].
 
-use fla_burn::LayerBackend;
+use fla_burn::{AdamWBackend, LayerBackend};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -275,7 +275,7 @@ fn nan_output<B: Backend>(device: &B::Device) -> LmOutput<B> {
 impl<B, M> TrainStep for Trainee<B, M>
 where
     B: AutodiffBackend + LayerBackend,
-    B::InnerBackend: LayerBackend,
+    B::InnerBackend: LayerBackend + AdamWBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {

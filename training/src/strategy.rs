@@ -7,7 +7,7 @@
 //! checkpointer and its interrupter, and decides itself when each happens: an "epoch" of the
 //! metrics is one evaluation window.
 
-use fla_burn::LayerBackend;
+use fla_burn::{AdamWBackend, FusedAdamW, LayerBackend};
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -15,7 +15,7 @@ use std::time::Instant;
 use burn::data::dataloader::Progress;
 use burn::module::{AutodiffModule, ModuleDisplay};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, GradientsAccumulator};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::store::EventStoreClient;
 use burn::train::{
@@ -29,7 +29,7 @@ use crate::checkpoint::{Checkpoints, LoopState};
 use crate::learner::{scalar, Failure, LmOutput, Trainee, WarmupCosine};
 use crate::precision::{unscale, LossScale};
 
-pub type Optim<B, M> = OptimizerAdaptor<AdamW, Trainee<B, M>, B>;
+pub type Optim<B, M> = OptimizerAdaptor<FusedAdamW, Trainee<B, M>, B>;
 /// The learner's types: backend, schedule, model, optimiser.
 pub type Components<B, M> = LearningComponentsMarker<B, WarmupCosine, Trainee<B, M>, Optim<B, M>>;
 
@@ -87,7 +87,7 @@ type Events<B, M> = SupervisedTrainingEventProcessor<Components<B, M>>;
 impl<B, M> StepLoop<B, M>
 where
     B: AutodiffBackend + LayerBackend,
-    B::InnerBackend: LayerBackend,
+    B::InnerBackend: LayerBackend + AdamWBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {
@@ -288,7 +288,7 @@ where
 impl<B, M> SupervisedLearningStrategy<Components<B, M>> for StepLoop<B, M>
 where
     B: AutodiffBackend + LayerBackend,
-    B::InnerBackend: LayerBackend,
+    B::InnerBackend: LayerBackend + AdamWBackend,
     M: TokenMixer<B> + AutodiffModule<B> + ModuleDisplay + 'static,
     M::InnerModule: TokenMixer<B::InnerBackend> + ModuleDisplay,
 {

@@ -1,5 +1,6 @@
 //! Burn backend ops for linear attention, fused softmax attention for hybrid models, and the
-//! fused RMSNorm (plain and swish-gated) and SwiGLU activation around them.
+//! fused RMSNorm (plain and swish-gated) and SwiGLU activation around them, and a fused AdamW
+//! step for training them ([`FusedAdamW`]).
 //!
 //! Each op family is a backend extension trait with three implementations:
 //! - `CubeBackend` (CUDA, wgpu) and `Fusion<CubeBackend>` (what `burn::backend::Wgpu` and
@@ -28,6 +29,7 @@ macro_rules! tensor_op_impl {
     };
 }
 
+pub mod adamw;
 pub mod attn;
 mod checks;
 pub mod delta;
@@ -38,6 +40,7 @@ pub mod norm;
 mod recorded;
 pub mod swiglu;
 
+pub use adamw::{adamw_step, AdamWBackend, AdamWStep, FusedAdamW, FusedAdamWConfig, GradClip};
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
 pub use delta::{
     chunk_delta_rule, chunk_gated_delta_rule, delta_rule, fused_recurrent_delta_rule,

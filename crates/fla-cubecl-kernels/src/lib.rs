@@ -11,10 +11,13 @@
 //! - [`norm`]: RMSNorm, optionally with a swish gate, fused forward and backward (the norms around
 //!   every token mixer).
 //! - [`swiglu`]: SwiGLU's activation `swish(g) ∘ u`, fused forward and backward (the MLPs).
+//! - [`adamw`]: one AdamW step on a parameter tensor with its gradient clipping, fused (the
+//!   optimiser's many small element-wise passes in one).
 //!
 //! Layout follows flash-linear-attention: `q, k: [B, T, H, K]`, `v, o: [B, T, H, V]`, gates in log
 //! space, states `[N, H, K, V]` in `f32`, variable-length batches through `cu_seqlens` with `B = 1`.
 
+pub mod adamw;
 pub mod attn;
 pub mod delta;
 pub mod dtype;

@@ -21,6 +21,7 @@
 mod kernels;
 pub mod naive;
 
+pub(crate) use kernels::cube_sum;
 pub use kernels::NormLayout;
 
 use cubecl::prelude::*;
@@ -38,11 +39,16 @@ pub const MAX_NORM_DIM: usize = 32768;
 /// Entries of a row each unit holds, where the row is long enough to give every unit that many.
 const ENTRIES_PER_UNIT: usize = 8;
 
-/// Threads the backward aims to keep busy across its cubes (a GPU's worth: 132 SMs × 1024).
-const BACKWARD_THREADS: usize = 1 << 17;
+/// Units a cube aims for, filled with as many rows as fit (short rows share a cube, and each
+/// barrier of the row sums, with others).
+const CUBE_UNITS: usize = 256;
 
-/// The most row blocks of the backward, so that summing their `dw` partials stays short: each
-/// lane of a column (32 on a GPU) adds at most `MAX_BLOCKS / lanes` of them in sequence.
+/// Threads the backward aims to keep busy across its cubes (an H100's or H200's worth: 132 SMs
+/// × 2048).
+const BACKWARD_THREADS: usize = 1 << 18;
+
+/// The most cubes of the backward, so that summing their `dw` partials (one per row lane of
+/// each cube) stays short.
 const MAX_BLOCKS: usize = 1024;
 
 /// The shape and options of one norm call, shared by the kernels and the naive reference.
@@ -114,8 +120,10 @@ pub struct NormBackwardBuffers<'a> {
     pub dg: Option<&'a Handle>,
 }
 
-/// Units per cube: a power of two (the sum halves), enough that each holds at most
-/// [`ENTRIES_PER_UNIT`] entries of a row where the device allows, one plane at least.
+/// Units per row: a power of two (the sum halves), enough that each holds at most
+/// [`ENTRIES_PER_UNIT`] entries of a row where the device allows, and at least 8 (each row lane
+/// then reads runs of 8 neighbouring entries). Rows per cube: as many as fill
+/// [`CUBE_UNITS`] units.
 fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
     let max_units = client.properties().hardware.max_units_per_cube as usize;
     let cap = 1usize << 1024.min(max_units.max(1)).ilog2();
@@ -123,18 +131,24 @@ fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout 
         .dim
         .div_ceil(ENTRIES_PER_UNIT)
         .next_power_of_two()
-        .clamp(32.min(cap), cap);
+        .clamp(8.min(cap), cap);
     NormLayout {
         dim: p.dim,
         units,
+        rows: (CUBE_UNITS.min(cap) / units).max(1),
         gated: p.gated,
     }
+}
+
+/// Cubes of the forward: one per `l.rows` rows.
+fn forward_cubes(p: &NormProblem, l: &NormLayout) -> (usize, usize) {
+    cubes_2d(p.rows.div_ceil(l.rows))
 }
 
 fn checked<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
-    let (x, y) = cubes_2d(p.rows);
+    let (x, y) = forward_cubes(p, &layout(client, p));
     check_grid(client, (x, y, 1), "the norm")
 }
 
@@ -168,14 +182,14 @@ pub fn norm_forward<R: Runtime>(
     checked(client, p)?;
     let g = gate_buffer(b.g, p, b.x, "g")?;
     let l = layout(client, p);
-    let (gx, gy) = cubes_2d(p.rows);
+    let (gx, gy) = forward_cubes(p, &l);
     let n = p.len();
     // Every access is guarded by the kernel's own conditions (rows and columns in range).
     unsafe {
         rms_norm_fwd_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(gx as u32, gy as u32, 1),
-            CubeDim::new_1d(l.units as u32),
+            CubeDim::new_2d(l.units as u32, l.rows as u32),
             array(b.x, n),
             array(b.w, p.dim),
             array(g, n),
@@ -204,20 +218,22 @@ pub fn norm_backward<R: Runtime>(
     let dg = gate_buffer(b.dg, p, &unused, "dg")?;
     let dg_len = if p.gated { p.len() } else { 1 };
     let l = layout(client, p);
-    // Each cube takes every `blocks`-th row and keeps its share of `dw` in registers, written
-    // once at the end as one row of `[blocks, D]` partials.
+    // Each row lane of each cube takes every `blocks · rows`-th row and keeps its share of `dw`
+    // in registers, written once at the end as one row of `[blocks · rows, D]` partials.
     let blocks = p
         .rows
-        .min((BACKWARD_THREADS / l.units).max(1))
+        .div_ceil(l.rows)
+        .min((BACKWARD_THREADS / (l.units * l.rows)).max(1))
         .min(MAX_BLOCKS);
+    let slots = blocks * l.rows;
     let (gx, gy) = cubes_2d(blocks);
     let n = p.len();
-    let part = client.empty(4 * blocks * p.dim);
+    let part = client.empty(4 * slots * p.dim);
     unsafe {
         rms_norm_bwd_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(gx as u32, gy as u32, 1),
-            CubeDim::new_1d(l.units as u32),
+            CubeDim::new_2d(l.units as u32, l.rows as u32),
             array(b.x, n),
             array(b.w, p.dim),
             array(g, n),
@@ -225,7 +241,7 @@ pub fn norm_backward<R: Runtime>(
             array(b.dy, n),
             array(b.dx, n),
             array(dg, dg_len),
-            array(&part, blocks * p.dim),
+            array(&part, slots * p.dim),
             p.rows as u32,
             blocks as u32,
             1.0 / p.dim as f32,
@@ -243,9 +259,9 @@ pub fn norm_backward<R: Runtime>(
             client,
             CubeCount::Static(p.dim.div_ceil(PLANE) as u32, 1, 1),
             CubeDim::new_2d(PLANE as u32, lanes as u32),
-            array(&part, blocks * p.dim),
+            array(&part, slots * p.dim),
             array(b.dw, p.dim),
-            blocks as u32,
+            slots as u32,
             p.dim as u32,
             lanes,
             p.dtype.storage(),

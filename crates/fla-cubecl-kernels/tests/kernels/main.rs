@@ -8,6 +8,7 @@
 #[macro_use]
 mod common;
 
+mod adamw;
 mod attn;
 mod delta;
 mod gated;

@@ -107,6 +107,9 @@ fn compare(c: &NormCase) {
 #[case::hidden_1024(9, 1024)]
 #[case::past_one_register_per_unit(5, 4100)]
 #[case::many_rows(1500, 16)]
+// More rows than the backward's cubes × row lanes (1024 × 32 at D = 16): lanes walk two rows or
+// one, the cube's trip count set by its first row.
+#[case::strided_backward(40_000, 16)]
 fn matches_reference(#[case] rows: usize, #[case] dim: usize, #[values(false, true)] gated: bool) {
     let seed = (rows * 131 + dim) as u64 * 2 + gated as u64;
     compare(&NormCase::new(

@@ -1,0 +1,177 @@
+//! One AdamW step on one parameter tensor, fused, as a Burn backend extension; and
+//! [`FusedAdamW`], Burn's `AdamW` optimiser with each step that one op. See
+//! `fla_cubecl_kernels::adamw` for the math (Burn's, with its per-tensor gradient clipping).
+//!
+//! The op runs on the backend the optimiser runs on (an `Autodiff` backend's inner backend), so
+//! it has no `Autodiff` implementation: optimiser steps are not differentiated.
+
+mod cube;
+mod fusion;
+mod optim;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
+use fla_cubecl_kernels::adamw::AdamWProblem;
+pub use fla_cubecl_kernels::adamw::{AdamWStep, GradClip};
+use fla_cubecl_kernels::{FloatDType, KernelError};
+
+use crate::checks::{expect_tensor, shared_float_dtype};
+use crate::gated::float_dtype;
+use crate::FlaError;
+
+pub use optim::{FusedAdamW, FusedAdamWConfig};
+
+/// A parameter's AdamW moments `(m, v)`, each shaped like it.
+pub type Moments<B> = (FloatTensor<B>, FloatTensor<B>);
+
+/// Backend extension for the fused AdamW step.
+///
+/// The default method computes through plain tensor ops (any backend); `CubeBackend` and
+/// `Fusion<CubeBackend>` override it with the fused kernels, which update the parameter and the
+/// moments in place where no other tensor shares their buffers.
+pub trait AdamWBackend: Backend {
+    /// One AdamW step: `(param, m, v)` after it, from `param`, its gradient `grad` (same shape
+    /// and dtype) and the previous steps' moments (`None` on the first step, `s.time == 1`).
+    /// The inputs are consumed.
+    ///
+    /// Errors: [`FlaError::Shape`] or [`FlaError::DType`] where the tensors disagree,
+    /// [`FlaError::Empty`] for a zero-length parameter, [`FlaError::Unsupported`] for a step
+    /// count or hyperparameter out of range (`time` 0, or above 1 without moments; a β outside
+    /// `[0, 1)`; a non-finite learning rate, ε or decay; a clipping threshold not positive),
+    /// [`FlaError::UnsupportedDType`] where the device cannot compute the dtype.
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<Moments<Self>>,
+        s: &AdamWStep,
+    ) -> Result<[FloatTensor<Self>; 3], FlaError> {
+        describe::<Self>(&param, &grad, moments.as_ref(), s)?;
+        Ok(tensor_step::<Self>(param, grad, moments, s))
+    }
+
+    /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
+    fn adamw_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
+        Ok(())
+    }
+}
+
+/// [`AdamWBackend::adamw_step`] on `Tensor`s of any rank: `(param, m, v)` after the step.
+pub fn adamw_step<B: AdamWBackend, const D: usize>(
+    param: Tensor<B, D>,
+    grad: Tensor<B, D>,
+    moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    s: &AdamWStep,
+) -> Result<[Tensor<B, D>; 3], FlaError> {
+    let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
+    let out = B::adamw_step(
+        prim(param),
+        prim(grad),
+        moments.map(|(m, v)| (prim(m), prim(v))),
+        s,
+    )?;
+    Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t))))
+}
+
+/// The step through tensor ops, unchecked: the default implementation, and what
+/// [`FusedAdamW`] falls back to where the fused op refuses a tensor (an empty one, or a dtype
+/// the device's kernels lack). Computes in `f32` (`f64` for `f64` tensors), writes the
+/// parameter's dtype.
+pub(crate) fn tensor_step<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moments: Option<Moments<B>>,
+    s: &AdamWStep,
+) -> [FloatTensor<B>; 3] {
+    let (dtype, shape) = (param.dtype(), param.shape());
+    let wide = match dtype {
+        DType::F64 => burn::tensor::FloatDType::F64,
+        _ => burn::tensor::FloatDType::F32,
+    };
+    let n = shape.num_elements();
+    let t = |x: FloatTensor<B>| {
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(B::float_reshape(x, [n].into())))
+            .cast(wide)
+    };
+    let (p, mut g) = (t(param), t(grad));
+    match s.clip {
+        None => {}
+        Some(GradClip::Value(c)) => {
+            let (above, below) = (g.clone().greater_elem(c), g.clone().lower_elem(-c));
+            g = g.mask_fill(above, c).mask_fill(below, -c);
+        }
+        Some(GradClip::Norm(c)) => {
+            let tiny = fla_cubecl_kernels::adamw::min_positive(match dtype {
+                DType::F16 => FloatDType::F16,
+                _ => FloatDType::F32,
+            });
+            let norm = g.clone().square().sum().sqrt();
+            // A division, not `recip`: NdArray's reciprocal is approximate.
+            let coef = (norm.full_like(c) / norm.add_scalar(tiny)).clamp_max(1.0);
+            g = g * coef;
+        }
+    }
+    let (b1, b2) = (s.beta_1 as f64, s.beta_2 as f64);
+    let mut m = g.clone() * (1.0 - b1);
+    let mut v = g.square() * (1.0 - b2);
+    if let Some((m0, v0)) = moments {
+        m = m + t(m0) * b1;
+        v = v + t(v0) * b2;
+    }
+    let time = s.time.min(i32::MAX as usize) as i32;
+    let (c1, c2) = (1.0 - b1.powi(time), 1.0 - b2.powi(time));
+    let delta = (m.clone() / c1) / ((v.clone() / c2).sqrt() + s.epsilon as f64);
+    let decay = s.lr * s.weight_decay as f64;
+    let kept = if s.cautious_weight_decay {
+        let differ = p
+            .clone()
+            .greater_equal_elem(0.0)
+            .not_equal(m.clone().greater_equal_elem(0.0));
+        p.clone() - (p.clone() * decay).mask_fill(differ, 0.0)
+    } else {
+        p * (1.0 - decay)
+    };
+    let p = kept - delta * s.lr;
+    let back = |x: Tensor<B, 1>| {
+        B::float_reshape(
+            x.cast(float_dtype(dtype)).into_primitive().tensor(),
+            shape.clone(),
+        )
+    };
+    [back(p), back(m), back(v)]
+}
+
+/// Validates the tensors against each other and the step's options, and describes the call
+/// (dtype `f32` until a fused backend fills it in).
+pub(crate) fn describe<B: Backend>(
+    param: &FloatTensor<B>,
+    grad: &FloatTensor<B>,
+    moments: Option<&Moments<B>>,
+    s: &AdamWStep,
+) -> Result<AdamWProblem, FlaError> {
+    let dtype = shared_float_dtype(("param", param), &[("grad", Some(grad))])?;
+    let shape = param.shape().to_vec();
+    expect_tensor("grad", grad, &shape, dtype)?;
+    if let Some((m, v)) = moments {
+        expect_tensor("moment m", m, &shape, dtype)?;
+        expect_tensor("moment v", v, &shape, dtype)?;
+    }
+    let p = AdamWProblem {
+        len: shape.iter().product(),
+        dtype: FloatDType::F32,
+        has_state: moments.is_some(),
+    };
+    if p.len == 0 {
+        return Err(FlaError::Empty(format!(
+            "a zero-length parameter {shape:?} in the AdamW step"
+        )));
+    }
+    s.validate(p.has_state).map_err(|e| match e {
+        KernelError::InvalidProblem(msg) => FlaError::Unsupported(msg),
+        other => other.into(),
+    })?;
+    p.validate(s)?;
+    Ok(p)
+}
+
+tensor_op_impl!(AdamWBackend);

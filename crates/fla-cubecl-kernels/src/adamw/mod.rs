@@ -1,0 +1,359 @@
+//! One AdamW step on one parameter tensor, fused: gradient clipping (by value, or by the tensor's
+//! L2 norm), both moments, their bias corrections, decoupled weight decay (optionally cautious)
+//! and the update, with the parameter and the moments updated in place.
+//!
+//! The math is Burn's `AdamW` (burn-optim 0.21) with its per-tensor `GradientClipping`, so a
+//! model trains the same under either and their records are interchangeable. With `t` the step
+//! count after this step, `ĝ` the clipped gradient and `λ = lr · weight_decay`:
+//! - `m ← β₁ m + (1 − β₁) ĝ`, `v ← β₂ v + (1 − β₂) ĝ²` (on the first step `m` and `v` are zero);
+//! - `δ = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)`;
+//! - `p ← p (1 − λ) − lr δ`; cautious weight decay skips the decay where `p` and `m` differ in
+//!   sign (`p ≥ 0` against `m ≥ 0`, as Burn compares them).
+//! - Clipping by norm scales `g` by `min(1, c / (‖g‖₂ + tiny))`, `tiny` the dtype's smallest
+//!   positive normal; clipping by value clamps it to `[−c, c]`.
+//!
+//! Why fused: through Burn's tensor ops a step is about 27 kernels per parameter tensor (the
+//! clipping's norm and scale, each moment's scale and sum, the corrections, the root, the
+//! division, the decay and the update; measured on the 340M GLA recipe), each a pass over the
+//! tensor and its state. Here it is one pass (three kernels with clipping by norm: the norm's
+//! partial sums, their total, the update), reading `p, g, m, v` once and writing `p, m, v` once.
+//! Everything computes in `f32`, and the update reads the new moments before they are rounded
+//! to the dtype for storage (Burn's reads them as stored: in half precision that differs from
+//! ours by the moments' rounding, and where a stored `v` underflows to zero, Burn's update
+//! becomes `m / ε`).
+
+pub mod naive;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::gated::recurrent_bwd::linear_unit;
+use crate::gated::{array, elementwise_grid, ELEMWISE_THREADS};
+use crate::norm::cube_sum;
+use crate::problem;
+use crate::{FloatDType, KernelError};
+
+/// Units per cube of the norm's two reduction kernels.
+const SUM_UNITS: usize = 256;
+/// Most cubes of the norm's first pass (each then strides over `len / parts` elements): enough
+/// to fill a large GPU, few enough for one cube to total them.
+const MAX_PARTS: usize = 1024;
+
+/// Gradient clipping before the step (Burn's `GradientClipping`, applied per tensor).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GradClip {
+    /// Clamp every entry to `[−c, c]`.
+    Value(f32),
+    /// Scale the gradient so that its L2 norm is at most `c`.
+    Norm(f32),
+}
+
+/// One call: `len` elements of the parameter, its gradient and both moments, all in `dtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWProblem {
+    pub len: usize,
+    pub dtype: FloatDType,
+    /// Whether `m` and `v` hold the previous steps' moments; `false` on the first step, when they
+    /// are written without being read.
+    pub has_state: bool,
+}
+
+/// The step's hyperparameters, as Burn's `AdamWConfig` names them, and the step count `time`
+/// after this step (1 on the first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    pub cautious_weight_decay: bool,
+    pub clip: Option<GradClip>,
+    pub time: usize,
+}
+
+impl AdamWStep {
+    /// Checks the hyperparameters and the step count (`has_state`: whether moments are given).
+    pub fn validate(&self, has_state: bool) -> Result<(), KernelError> {
+        let bad = |msg: String| Err(KernelError::InvalidProblem(msg));
+        if self.time == 0 {
+            return bad(
+                "AdamW's step count starts at 1 (the bias corrections divide by 1 − βᵗ)".into(),
+            );
+        }
+        if !has_state && self.time != 1 {
+            return bad(format!(
+                "AdamW step {} without moments: only the first step starts from none",
+                self.time
+            ));
+        }
+        for (name, beta) in [("beta_1", self.beta_1), ("beta_2", self.beta_2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("AdamW's {name} must lie in [0, 1), got {beta}"));
+            }
+        }
+        if !self.lr.is_finite() || !self.epsilon.is_finite() || !self.weight_decay.is_finite() {
+            return bad(format!(
+                "AdamW's learning rate, epsilon and weight decay must be finite, got {}, {}, {}",
+                self.lr, self.epsilon, self.weight_decay
+            ));
+        }
+        if let Some(GradClip::Value(c) | GradClip::Norm(c)) = self.clip {
+            if !(c > 0.0 && c.is_finite()) {
+                return bad(format!(
+                    "gradient clipping needs a positive finite threshold, got {c}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AdamWProblem {
+    pub fn validate(&self, s: &AdamWStep) -> Result<(), KernelError> {
+        if self.len == 0 {
+            return Err(KernelError::InvalidProblem(
+                "zero-length parameter in the AdamW step".into(),
+            ));
+        }
+        s.validate(self.has_state)?;
+        problem::addressable(self.len, "parameter")
+    }
+}
+
+/// Which clipping the update kernel applies (compile-time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClipKind {
+    None,
+    Value,
+    Norm,
+}
+
+/// Compile-time shape of the update kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AdamWLayout {
+    pub has_state: bool,
+    pub clip: ClipKind,
+    pub cautious: bool,
+}
+
+/// The smallest positive normal of `dtype`: what Burn adds to the norm before dividing by it.
+pub fn min_positive(dtype: FloatDType) -> f32 {
+    match dtype {
+        FloatDType::F32 | FloatDType::BF16 => f32::MIN_POSITIVE,
+        FloatDType::F16 => half::f16::MIN_POSITIVE.to_f32(),
+    }
+}
+
+/// `part[c]`: the sum of `g²` over the entries cube `c` visits (`c·units + u`, then strides of
+/// all cubes' units).
+#[cube(launch_unchecked)]
+fn square_sum_kernel<F: Float>(
+    g: &Array<F>,
+    part: &mut Array<f32>,
+    len: u32,
+    #[comptime] units: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let mut scratch = SharedMemory::<f32>::new(units);
+    let stride = CUBE_COUNT_X as usize * units;
+    let mut i = CUBE_POS_X as usize * units + UNIT_POS as usize;
+    let mut acc = 0.0f32;
+    while i < len as usize {
+        let x = f32::cast_from(g[i]);
+        acc += x * x;
+        i += stride;
+    }
+    let total = cube_sum(acc, &mut scratch, units);
+    if UNIT_POS == 0 {
+        part[CUBE_POS_X as usize] = total;
+    }
+}
+
+/// `coef[0] = min(1, max_norm / (√Σ part + tiny))`. One cube.
+#[cube(launch_unchecked)]
+fn clip_coef_kernel(
+    part: &Array<f32>,
+    coef: &mut Array<f32>,
+    parts: u32,
+    max_norm: f32,
+    tiny: f32,
+    #[comptime] units: usize,
+) {
+    let mut scratch = SharedMemory::<f32>::new(units);
+    let mut i = UNIT_POS as usize;
+    let mut acc = 0.0f32;
+    while i < parts as usize {
+        acc += part[i];
+        i += units;
+    }
+    let total = cube_sum(acc, &mut scratch, units);
+    if UNIT_POS == 0 {
+        let c = max_norm / (f32::sqrt(total) + tiny);
+        coef[0] = select(c < 1.0f32, c, 1.0f32);
+    }
+}
+
+/// The step, one unit per element.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn adamw_kernel<F: Float>(
+    param: &mut Array<F>,
+    grad: &Array<F>,
+    m: &mut Array<F>,
+    v: &mut Array<F>,
+    coef: &Array<f32>,
+    len: u32,
+    s: Scalars,
+    #[comptime] l: AdamWLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = linear_unit();
+    if i < len as usize {
+        let mut g = f32::cast_from(grad[i]);
+        if comptime!(l.clip == ClipKind::Value) {
+            let c = s.clip_value;
+            // Comparisons, not min/max: a NaN gradient stays NaN, as under Burn's masks.
+            if g > c {
+                g = c;
+            } else if g < -c {
+                g = -c;
+            }
+        }
+        if comptime!(l.clip == ClipKind::Norm) {
+            g *= coef[0];
+        }
+        let mut mv = s.factor_1 * g;
+        let mut vv = s.factor_2 * g * g;
+        if comptime!(l.has_state) {
+            mv += s.beta_1 * f32::cast_from(m[i]);
+            vv += s.beta_2 * f32::cast_from(v[i]);
+        }
+        m[i] = F::cast_from(mv);
+        v[i] = F::cast_from(vv);
+        // From the moments in f32, not as stored: a half-precision `v` underflows to zero
+        // for gradients below about 1e-3 (f16), which would turn `δ` into `m / ε`.
+        let delta = (mv / s.bias_1) / (f32::sqrt(vv / s.bias_2) + s.epsilon);
+        let p = f32::cast_from(param[i]);
+        let mut kept = p * s.keep;
+        if comptime!(l.cautious) {
+            let differ = (p >= 0.0f32) != (mv >= 0.0f32);
+            kept = select(differ, p, p - p * s.decay);
+        }
+        param[i] = F::cast_from(kept - s.lr * delta);
+    }
+}
+
+/// The update kernel's scalars.
+#[derive(CubeLaunch, CubeType)]
+pub struct Scalars {
+    lr: f32,
+    beta_1: f32,
+    beta_2: f32,
+    /// `1 − β₁`, `1 − β₂`.
+    factor_1: f32,
+    factor_2: f32,
+    /// `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+    bias_1: f32,
+    bias_2: f32,
+    epsilon: f32,
+    /// `λ = lr · weight_decay` and `1 − λ`.
+    decay: f32,
+    keep: f32,
+    /// Clipping by value's threshold.
+    clip_value: f32,
+}
+
+/// The scalars as Burn computes them: its corrections in `f32` powers, its decay factor in
+/// `f64`.
+fn scalars<R: Runtime>(s: &AdamWStep) -> ScalarsLaunch<R> {
+    let t = s.time.min(i32::MAX as usize) as i32;
+    let decay = s.lr * s.weight_decay as f64;
+    let clip_value = match s.clip {
+        Some(GradClip::Value(c)) => c,
+        _ => 0.0,
+    };
+    ScalarsLaunch::new(
+        s.lr as f32,
+        s.beta_1,
+        s.beta_2,
+        1.0 - s.beta_1,
+        1.0 - s.beta_2,
+        1.0 - s.beta_1.powi(t),
+        1.0 - s.beta_2.powi(t),
+        s.epsilon,
+        decay as f32,
+        (1.0 - decay) as f32,
+        clip_value,
+    )
+}
+
+/// One AdamW step: `param`, `m` and `v` (each `len` elements of the problem's dtype) are updated
+/// in place from `grad`; on the first step (`has_state` false) `m` and `v` are only written.
+/// The four buffers must be distinct.
+pub fn adamw_step<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    grad: &Handle,
+    [param, m, v]: [&Handle; 3],
+) -> Result<(), KernelError> {
+    p.validate(s)?;
+    p.dtype.check_supported(client)?;
+    let clip = match s.clip {
+        None => ClipKind::None,
+        Some(GradClip::Value(_)) => ClipKind::Value,
+        Some(GradClip::Norm(_)) => ClipKind::Norm,
+    };
+    let coef = client.empty(4);
+    if let Some(GradClip::Norm(max_norm)) = s.clip {
+        let parts = p.len.div_ceil(SUM_UNITS).min(MAX_PARTS);
+        let part = client.empty(parts * 4);
+        // Every access is guarded by the kernels' own bounds.
+        unsafe {
+            square_sum_kernel::launch_unchecked::<R>(
+                client,
+                CubeCount::Static(parts as u32, 1, 1),
+                CubeDim::new_1d(SUM_UNITS as u32),
+                array(grad, p.len),
+                array(&part, parts),
+                p.len as u32,
+                SUM_UNITS,
+                p.dtype.storage(),
+            );
+            clip_coef_kernel::launch_unchecked::<R>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(SUM_UNITS as u32),
+                array(&part, parts),
+                array(&coef, 1),
+                parts as u32,
+                max_norm,
+                min_positive(p.dtype),
+                SUM_UNITS,
+            );
+        }
+    }
+    let l = AdamWLayout {
+        has_state: p.has_state,
+        clip,
+        cautious: s.cautious_weight_decay,
+    };
+    unsafe {
+        adamw_kernel::launch_unchecked::<R>(
+            client,
+            elementwise_grid(p.len),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(param, p.len),
+            array(grad, p.len),
+            array(m, p.len),
+            array(v, p.len),
+            array(&coef, 1),
+            p.len as u32,
+            scalars::<R>(s),
+            l,
+            p.dtype.storage(),
+        )
+    };
+    Ok(())
+}

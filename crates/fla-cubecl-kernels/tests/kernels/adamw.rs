@@ -1,0 +1,199 @@
+//! Kernel-level tests of the fused AdamW step against the f64 reference: the parameter, its
+//! update and both moments, on the first step and later ones, with each kind of clipping and
+//! weight decay, odd lengths, half precision, refused input.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use fla_cubecl_kernels::adamw::{
+    adamw_step, min_positive, naive, AdamWProblem, AdamWStep, GradClip,
+};
+use fla_cubecl_kernels::testing::{decode, encode, round_to, Rng};
+use fla_cubecl_kernels::{FloatDType, KernelError};
+use rstest::rstest;
+
+use crate::common::{
+    assert_dtype_refused, assert_refused, base_dtype, check, computes, runtime_name, tolerance,
+    Refusal,
+};
+
+/// A parameter, its gradient and the previous moments, rounded to the dtype.
+struct Inputs {
+    param: Vec<f64>,
+    grad: Vec<f64>,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl Inputs {
+    fn new(p: &AdamWProblem, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let dt = p.dtype;
+        let param = rng.normals(p.len, dt);
+        let grad = rng.normals(p.len, dt);
+        let m = (0..p.len)
+            .map(|_| round_to(dt, 0.1 * rng.normal()))
+            .collect();
+        // Second moments are non-negative.
+        let v = (0..p.len)
+            .map(|_| round_to(dt, 0.01 * rng.normal().powi(2)))
+            .collect();
+        Self { param, grad, m, v }
+    }
+
+    fn reference(&self, p: &AdamWProblem, s: &AdamWStep) -> [Vec<f64>; 3] {
+        let state = p.has_state.then_some((&self.m[..], &self.v[..]));
+        naive::step(
+            &self.param,
+            &self.grad,
+            state,
+            s,
+            min_positive(p.dtype) as f64,
+        )
+    }
+}
+
+fn run_kernels<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    x: &Inputs,
+) -> Result<[Vec<f64>; 3], KernelError> {
+    let dt = p.dtype;
+    let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
+    let down = |h: &Handle| decode(dt, &client.read_one_unchecked(h.clone()));
+    let (param, grad) = (up(&x.param), up(&x.grad));
+    // Without state the moments start as NaN: the first step must write them without reading.
+    let (m, v) = if p.has_state {
+        (up(&x.m), up(&x.v))
+    } else {
+        let nan = vec![f64::NAN; p.len];
+        (up(&nan), up(&nan))
+    };
+    adamw_step(client, p, s, &grad, [&param, &m, &v])?;
+    Ok([down(&param), down(&m), down(&v)])
+}
+
+fn hyper(time: usize, clip: Option<GradClip>) -> AdamWStep {
+    AdamWStep {
+        // Large enough that the update stands out of the parameter's rounding.
+        lr: 0.05,
+        beta_1: 0.9,
+        beta_2: 0.95,
+        epsilon: 1e-8,
+        weight_decay: 0.1,
+        cautious_weight_decay: false,
+        clip,
+        time,
+    }
+}
+
+/// Runs the step and compares the parameter, the moments and, in `f32`, the update
+/// `p_new − p` on its own (the parameter's own size hides errors in it).
+fn compare(p: &AdamWProblem, s: &AdamWStep, seed: u64) {
+    let x = Inputs::new(p, seed);
+    let [param, m, v] = on_runtime!(run_kernels(p, s, &x)).expect("valid problem");
+    let [want_p, want_m, want_v] = x.reference(p, s);
+    let tol = tolerance(p.dtype);
+    check("m", &m, &want_m, tol);
+    check("v", &v, &want_v, tol);
+    check("param", &param, &want_p, tol);
+    if p.dtype == FloatDType::F32 {
+        let step =
+            |out: &[f64]| -> Vec<f64> { out.iter().zip(&x.param).map(|(a, b)| a - b).collect() };
+        // The update is a difference of two parameters each rounded to f32: about 1e-7 of the
+        // parameter against a 5e-2 step.
+        check("update", &step(&param), &step(&want_p), 10.0 * tol);
+    }
+}
+
+fn problem(len: usize, has_state: bool) -> AdamWProblem {
+    AdamWProblem {
+        len,
+        dtype: base_dtype(),
+        has_state,
+    }
+}
+
+#[rstest]
+#[case::one(1)]
+#[case::t63(63)]
+#[case::t65(65)]
+#[case::t1500(1500)]
+// Past the norm's 1024 partial sums of 256 entries, and past one grid row of update cubes.
+#[case::past_one_grid_row(256 * 65535 + 3)]
+fn matches_reference(#[case] len: usize, #[values(false, true)] has_state: bool) {
+    let time = if has_state { 7 } else { 1 };
+    compare(&problem(len, has_state), &hyper(time, None), len as u64);
+}
+
+/// Clipping by norm when it binds (a norm of about √len against 1) and when it does not, and by
+/// value.
+#[rstest]
+fn clipping(
+    #[values(GradClip::Norm(1.0), GradClip::Norm(1e6), GradClip::Value(0.5))] clip: GradClip,
+    #[values(1, 1500, 300_007)] len: usize,
+) {
+    compare(&problem(len, true), &hyper(3, Some(clip)), 11);
+}
+
+/// Cautious weight decay (decay only where the parameter and the new moment agree in sign) and
+/// no decay at all.
+#[rstest]
+#[case::cautious(true, 0.1)]
+#[case::no_decay(false, 0.0)]
+fn decoupled_decay(#[case] cautious: bool, #[case] weight_decay: f32) {
+    let s = AdamWStep {
+        cautious_weight_decay: cautious,
+        weight_decay,
+        ..hyper(4, Some(GradClip::Norm(2.0)))
+    };
+    compare(&problem(1500, true), &s, 13);
+}
+
+/// f16 and bf16 where the device computes them; elsewhere the call is refused with the dtype's
+/// name.
+#[rstest]
+fn half_precision(
+    #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(false, true)] has_state: bool,
+) {
+    let p = AdamWProblem {
+        len: 3000,
+        dtype,
+        has_state,
+    };
+    let s = hyper(if has_state { 5 } else { 1 }, Some(GradClip::Norm(4.0)));
+    if on_runtime!(computes(dtype)) {
+        compare(&p, &s, 17);
+    } else {
+        let x = Inputs::new(&p, 17);
+        assert_dtype_refused(on_runtime!(run_kernels(&p, &s, &x)), dtype);
+    }
+}
+
+#[rstest]
+#[case::empty(0, true, hyper(2, None), "zero-length")]
+#[case::step_zero(8, true, hyper(0, None), "starts at 1")]
+#[case::later_step_without_moments(8, false, hyper(3, None), "without moments")]
+#[case::beta_one(8, true, AdamWStep { beta_2: 1.0, ..hyper(2, None) }, "beta_2")]
+#[case::nan_lr(8, true, AdamWStep { lr: f64::NAN, ..hyper(2, None) }, "finite")]
+#[case::zero_clip(8, true, hyper(2, Some(GradClip::Norm(0.0))), "threshold")]
+#[case::negative_clip(8, true, hyper(2, Some(GradClip::Value(-1.0))), "threshold")]
+fn bad_input_is_refused(
+    #[case] len: usize,
+    #[case] has_state: bool,
+    #[case] s: AdamWStep,
+    #[case] what: &str,
+) {
+    let p = AdamWProblem {
+        len,
+        dtype: FloatDType::F32,
+        has_state,
+    };
+    let x = Inputs::new(&p, 1);
+    assert_refused(
+        on_runtime!(run_kernels(&p, &s, &x)),
+        Refusal::InvalidProblem,
+        what,
+    );
+}
