@@ -13,7 +13,9 @@ use crate::gated::kernel_dtype;
 use crate::FlaError;
 
 /// `t` in a contiguous buffer the kernel may overwrite: `t` itself when nothing else holds it,
-/// a copy otherwise (the caller's other tensors keep their values).
+/// a copy otherwise (the caller's other tensors keep their values). burn-train's `Learner`
+/// steps a clone of its model while holding the original, so there every parameter is copied
+/// (one kernel each; measured on the tiny GLA preset) and only the moments update in place.
 fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
     let t = into_contiguous(t);
     if t.can_mut() {

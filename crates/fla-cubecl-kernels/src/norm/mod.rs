@@ -8,8 +8,8 @@
 //! - `∂w = Σ_rows ∂n ∘ x̂`;
 //! - `∂x = r · (∂x̂ − x̂ · mean(∂x̂ ∘ x̂))` with `∂x̂ = ∂n ∘ w`.
 //!
-//! The backward's `dw` sums over rows in two steps: each cube of the backward adds its rows'
-//! products into one row of partials, then one cube per 32 columns adds the partials, split over
+//! The backward's `dw` sums over rows in two steps: each row lane of each cube of the backward
+//! adds its rows' products into one row of partials, then one cube per 32 columns adds the partials, split over
 //! lanes and summed across them in shared memory (a single thread per column adding every
 //! partial in turn would be a chain of thousands of dependent loads on a GPU).
 //!
