@@ -12,7 +12,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SimpleOptimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use fla::kernels::adamw::{min_positive, naive};
-use fla::kernels::testing::Rng;
+use fla::kernels::testing::{adamw_step as hyper, Rng};
 use fla::ops::{adamw_step, AdamWBackend, AdamWStep, FusedAdamWConfig, GradClip};
 use fla::FlaError;
 use rstest::rstest;
@@ -41,19 +41,6 @@ fn case(shape: [usize; 2], seed: u64) -> Case {
         grad,
         m,
         v,
-    }
-}
-
-fn hyper(time: usize, clip: Option<GradClip>) -> AdamWStep {
-    AdamWStep {
-        lr: 0.05,
-        beta_1: 0.9,
-        beta_2: 0.95,
-        epsilon: 1e-8,
-        weight_decay: 0.1,
-        cautious_weight_decay: false,
-        clip,
-        time,
     }
 }
 

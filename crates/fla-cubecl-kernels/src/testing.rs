@@ -369,3 +369,21 @@ impl NormCase {
         )
     }
 }
+
+use crate::adamw::{AdamWStep, GradClip};
+
+/// The AdamW step the kernel and op tests take: a learning rate large enough that the update
+/// stands out of the parameter's rounding, decay on, betas shorter than the defaults so that
+/// later steps' bias corrections differ from the first's.
+pub fn adamw_step(time: usize, clip: Option<GradClip>) -> AdamWStep {
+    AdamWStep {
+        lr: 0.05,
+        beta_1: 0.9,
+        beta_2: 0.95,
+        epsilon: 1e-8,
+        weight_decay: 0.1,
+        cautious_weight_decay: false,
+        clip,
+        time,
+    }
+}

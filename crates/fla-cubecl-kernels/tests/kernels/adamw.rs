@@ -7,7 +7,7 @@ use cubecl::server::Handle;
 use fla_cubecl_kernels::adamw::{
     adamw_step, min_positive, naive, AdamWProblem, AdamWStep, GradClip,
 };
-use fla_cubecl_kernels::testing::{decode, encode, round_to, Rng};
+use fla_cubecl_kernels::testing::{adamw_step as hyper, decode, encode, round_to, Rng};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 use rstest::rstest;
 
@@ -71,20 +71,6 @@ fn run_kernels<R: Runtime>(
     };
     adamw_step(client, p, s, &grad, [&param, &m, &v])?;
     Ok([down(&param), down(&m), down(&v)])
-}
-
-fn hyper(time: usize, clip: Option<GradClip>) -> AdamWStep {
-    AdamWStep {
-        // Large enough that the update stands out of the parameter's rounding.
-        lr: 0.05,
-        beta_1: 0.9,
-        beta_2: 0.95,
-        epsilon: 1e-8,
-        weight_decay: 0.1,
-        cautious_weight_decay: false,
-        clip,
-        time,
-    }
 }
 
 /// Runs the step and compares the parameter, the moments and, in `f32`, the update
