@@ -113,8 +113,8 @@ pub fn rms_norm_fwd_kernel<F: Float>(
     }
 }
 
-/// Backward: `dx`, `dg`, and per row lane its rows' share of `dw` (`part: [blocks · rows, D]`,
-/// summed by the launcher). Row lane `y` of cube `b` takes rows `b·rows + y`, then strides of
+/// Backward: `dx`, `dg`, and per cube its rows' share of `dw` (`part: [blocks, D]`, summed by
+/// the launcher). Row lane `y` of cube `b` takes rows `b·rows + y`, then strides of
 /// `blocks · rows`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -200,13 +200,29 @@ pub fn rms_norm_bwd_kernel<F: Float>(
             }
             first += stride;
         }
-        let slot = block * comptime!(l.rows) + lane;
+        // The row lanes' shares summed in shared memory, one entry of each unit at a time, so
+        // the cube writes one row of partials (the column sum after it then adds `blocks` rows,
+        // not `blocks · rows`: a lane of it adds its rows one dependent load after another).
         #[unroll]
         for i in 0..per {
-            let col = i * comptime!(l.units) + u;
-            if col < comptime!(l.dim) {
-                part[slot * comptime!(l.dim) + col] = dw[i];
+            scratch[lane * comptime!(l.units) + u] = dw[i];
+            sync_cube();
+            let mut half = comptime!(l.rows / 2).runtime();
+            #[unroll]
+            for _ in 0..comptime!(l.rows.trailing_zeros() as usize) {
+                if lane < half {
+                    let at = lane * comptime!(l.units) + u;
+                    scratch[at] += scratch[at + half * comptime!(l.units)];
+                }
+                sync_cube();
+                half /= 2;
             }
+            let col = i * comptime!(l.units) + u;
+            if lane == 0 && col < comptime!(l.dim) {
+                part[block * comptime!(l.dim) + col] = scratch[u];
+            }
+            // The next entry's writes must wait until lane 0 has read this one's total.
+            sync_cube();
         }
     }
 }

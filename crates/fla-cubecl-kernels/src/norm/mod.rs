@@ -8,8 +8,9 @@
 //! - `∂w = Σ_rows ∂n ∘ x̂`;
 //! - `∂x = r · (∂x̂ − x̂ · mean(∂x̂ ∘ x̂))` with `∂x̂ = ∂n ∘ w`.
 //!
-//! The backward's `dw` sums over rows in two steps: each row lane of each cube of the backward
-//! adds its rows' products into one row of partials, then one cube per 32 columns adds the partials, split over
+//! The backward's `dw` sums over rows in two steps: each cube of the backward adds its rows'
+//! products into one row of partials (each row lane in registers, then across lanes in shared
+//! memory), then one cube per 32 columns adds the partials, split over
 //! lanes and summed across them in shared memory (a single thread per column adding every
 //! partial in turn would be a chain of thousands of dependent loads on a GPU).
 //!
@@ -219,16 +220,16 @@ pub fn norm_backward<R: Runtime>(
     let dg_len = if p.gated { p.len() } else { 1 };
     let l = layout(client, p);
     // Each row lane of each cube takes every `blocks · rows`-th row and keeps its share of `dw`
-    // in registers, written once at the end as one row of `[blocks · rows, D]` partials.
+    // in registers; the cube sums its lanes' shares and writes them once, as one row of
+    // `[blocks, D]` partials.
     let blocks = p
         .rows
         .div_ceil(l.rows)
         .min((BACKWARD_THREADS / (l.units * l.rows)).max(1))
         .min(MAX_BLOCKS);
-    let slots = blocks * l.rows;
     let (gx, gy) = cubes_2d(blocks);
     let n = p.len();
-    let part = client.empty(4 * slots * p.dim);
+    let part = client.empty(4 * blocks * p.dim);
     unsafe {
         rms_norm_bwd_kernel::launch_unchecked::<R>(
             client,
@@ -241,7 +242,7 @@ pub fn norm_backward<R: Runtime>(
             array(b.dy, n),
             array(b.dx, n),
             array(dg, dg_len),
-            array(&part, slots * p.dim),
+            array(&part, blocks * p.dim),
             p.rows as u32,
             blocks as u32,
             1.0 / p.dim as f32,
@@ -259,9 +260,9 @@ pub fn norm_backward<R: Runtime>(
             client,
             CubeCount::Static(p.dim.div_ceil(PLANE) as u32, 1, 1),
             CubeDim::new_2d(PLANE as u32, lanes as u32),
-            array(&part, slots * p.dim),
+            array(&part, blocks * p.dim),
             array(b.dw, p.dim),
-            slots as u32,
+            blocks as u32,
             p.dim as u32,
             lanes,
             p.dtype.storage(),
