@@ -148,6 +148,11 @@ where
     B::InnerBackend: AdamWBackend,
 {
     let device = B::Device::default();
+    // FusedAdamW takes tensor ops where the fused op cannot run; here it must run.
+    assert!(
+        B::InnerBackend::adamw_check_dtype(&device, burn::tensor::DType::F32).is_ok(),
+        "the fused step does not run on this backend"
+    );
     B::seed(&device, 7);
     let net = Net::<B>::new(&device);
     let batches: Vec<Tensor<B, 2>> = (0..4)

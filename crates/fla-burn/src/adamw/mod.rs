@@ -38,8 +38,9 @@ pub trait AdamWBackend: Backend {
     /// Errors: [`FlaError::Shape`] or [`FlaError::DType`] where the tensors disagree,
     /// [`FlaError::Empty`] for a zero-length parameter, [`FlaError::Unsupported`] for a step
     /// count or hyperparameter out of range (`time` 0, or above 1 without moments; a β outside
-    /// `[0, 1)`; a non-finite learning rate, ε or decay; a clipping threshold not positive),
-    /// [`FlaError::UnsupportedDType`] where the device cannot compute the dtype.
+    /// `[0, 1)`; a non-finite learning rate, ε or decay; a clipping threshold not positive and
+    /// finite), [`FlaError::UnsupportedDType`] where the device cannot compute the dtype,
+    /// [`FlaError::Kernel`] on the fused backends for a tensor of more than 2³¹ entries.
     fn adamw_step(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -101,10 +102,12 @@ pub(crate) fn tensor_step<B: Backend>(
             g = g.mask_fill(above, c).mask_fill(below, -c);
         }
         Some(GradClip::Norm(c)) => {
-            let tiny = fla_cubecl_kernels::adamw::min_positive(match dtype {
-                DType::F16 => FloatDType::F16,
-                _ => FloatDType::F32,
-            });
+            // What Burn adds to the norm: the dtype's smallest positive normal.
+            let tiny = match dtype {
+                DType::F64 => f64::MIN_POSITIVE,
+                DType::F16 => fla_cubecl_kernels::adamw::min_positive(FloatDType::F16) as f64,
+                _ => f32::MIN_POSITIVE as f64,
+            };
             let norm = g.clone().square().sum().sqrt();
             // A division, not `recip`: NdArray's reciprocal is approximate.
             let coef = (norm.full_like(c) / norm.add_scalar(tiny)).clamp_max(1.0);

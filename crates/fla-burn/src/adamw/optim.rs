@@ -15,6 +15,7 @@ use super::{tensor_step, AdamWBackend, AdamWStep, GradClip};
 use crate::gated::float_dtype;
 use crate::FlaError;
 use burn::grad_clipping::GradientClippingConfig;
+use fla_cubecl_kernels::adamw::MAX_ADAMW_LEN;
 
 /// [`FusedAdamW`]'s configuration: the fields and defaults of Burn's `AdamWConfig` (AMSGrad
 /// aside, which the fused step does not implement).
@@ -72,7 +73,8 @@ impl FusedAdamWConfig {
 /// AdamW whose step is one fused op per parameter tensor (see [`FusedAdamWConfig`]).
 ///
 /// Burn's `SimpleOptimizer::step` cannot return an error. Where the fused op refuses a tensor
-/// that Burn's `AdamW` would take (a zero-length parameter, a dtype the device's kernels lack),
+/// that Burn's `AdamW` would take (a zero-length parameter, one of more than 2³¹ entries, a
+/// dtype the device's kernels lack),
 /// that tensor's step runs through tensor ops with the same math; a learning rate that is not
 /// finite (from a custom schedule) panics with a message saying so.
 #[derive(Clone, Debug)]
@@ -111,21 +113,28 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<B, D>, Option<Self::State<D>>) {
         let dtype = tensor.dtype();
-        // Mixed-precision setups may hand a gradient in another float type than the parameter.
-        let grad = if grad.dtype() != dtype {
-            grad.cast(float_dtype(dtype))
-        } else {
-            grad
+        // Mixed-precision setups may hand a gradient in another float type than the parameter,
+        // and Burn's records load moments in the backend's default float type: all of them
+        // follow the parameter.
+        let like = |t: Tensor<B, D>| {
+            if t.dtype() != dtype {
+                t.cast(float_dtype(dtype))
+            } else {
+                t
+            }
         };
+        let grad = like(grad);
         let (time, moments) = match state {
             Some(s) => (
                 s.momentum.time + 1,
-                Some((s.momentum.moment_1, s.momentum.moment_2)),
+                Some((like(s.momentum.moment_1), like(s.momentum.moment_2))),
             ),
             None => (1, None),
         };
         let s = self.hyper(lr, time);
-        let fused = tensor.shape().num_elements() > 0
+        let len = tensor.shape().num_elements();
+        let fused = len > 0
+            && len <= MAX_ADAMW_LEN
             && B::adamw_check_dtype(&tensor.device(), dtype).is_ok();
         let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
         let (param, grad) = (prim(tensor), prim(grad));

@@ -2,8 +2,9 @@
 //! L2 norm), both moments, their bias corrections, decoupled weight decay (optionally cautious)
 //! and the update, with the parameter and the moments updated in place.
 //!
-//! The math is Burn's `AdamW` (burn-optim 0.21) with its per-tensor `GradientClipping`, so a
-//! model trains the same under either and their records are interchangeable. With `t` the step
+//! The math is Burn's `AdamW` (burn-optim 0.21) with its per-tensor `GradientClipping`, so in
+//! `f32` a model trains the same under either (in half precision Burn rounds each intermediate
+//! to the dtype, this step only its results), and their records are interchangeable. With `t` the step
 //! count after this step, `ĝ` the clipped gradient and `λ = lr · weight_decay`:
 //! - `m ← β₁ m + (1 − β₁) ĝ`, `v ← β₂ v + (1 − β₂) ĝ²` (on the first step `m` and `v` are zero);
 //! - `δ = (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε)`;
@@ -30,11 +31,14 @@ use cubecl::server::Handle;
 use crate::gated::recurrent_bwd::linear_unit;
 use crate::gated::{array, elementwise_grid, ELEMWISE_THREADS};
 use crate::norm::cube_sum;
-use crate::problem;
 use crate::{FloatDType, KernelError};
 
 /// Units per cube of the norm's two reduction kernels.
 const SUM_UNITS: usize = 256;
+/// The most entries of one parameter tensor: indices and the launch's spare units stay within
+/// the kernels' 32-bit arithmetic (a larger tensor takes Burn's tensor ops).
+pub const MAX_ADAMW_LEN: usize = 1 << 31;
+
 /// Most cubes of the norm's first pass (each then strides over `len / parts` elements): enough
 /// to fill a large GPU, few enough for one cube to total them.
 const MAX_PARTS: usize = 1024;
@@ -116,8 +120,13 @@ impl AdamWProblem {
                 "zero-length parameter in the AdamW step".into(),
             ));
         }
-        s.validate(self.has_state)?;
-        problem::addressable(self.len, "parameter")
+        if self.len > MAX_ADAMW_LEN {
+            return Err(KernelError::DeviceLimit(format!(
+                "{} entries in one parameter tensor, more than the fused AdamW step's {MAX_ADAMW_LEN}",
+                self.len
+            )));
+        }
+        s.validate(self.has_state)
     }
 }
 

@@ -48,8 +48,8 @@ const CUBE_UNITS: usize = 256;
 /// × 2048).
 const BACKWARD_THREADS: usize = 1 << 18;
 
-/// The most cubes of the backward, so that summing their `dw` partials (one per row lane of
-/// each cube) stays short.
+/// The most cubes of the backward, so that summing their `dw` partials (one row per cube)
+/// stays short: a lane of the column sum adds its rows one dependent load after another.
 const MAX_BLOCKS: usize = 1024;
 
 /// The shape and options of one norm call, shared by the kernels and the naive reference.

@@ -105,7 +105,7 @@ fn problem(len: usize, has_state: bool) -> AdamWProblem {
 #[case::t63(63)]
 #[case::t65(65)]
 #[case::t1500(1500)]
-// Past the norm's 1024 partial sums of 256 entries, and past one grid row of update cubes.
+// Past one grid row of update cubes (the norm's 1024 strided partial sums: `clipping`).
 #[case::past_one_grid_row(256 * 65535 + 3)]
 fn matches_reference(#[case] len: usize, #[values(false, true)] has_state: bool) {
     let time = if has_state { 7 } else { 1 };
