@@ -28,6 +28,37 @@ impl NormLayout {
     }
 }
 
+/// The sum of `count` values (a power of two) held by units `k = 0..count`, unit `k`'s at
+/// `scratch[at + k · step]`, returned to each of them. Every unit of the cube must call this (it
+/// synchronises), each with its own `at`, `k` and `value`; groups with different `at` sum side
+/// by side. No unit may write its entry before every unit has read the last sum's total: the
+/// closing barrier sees to that.
+#[cube]
+fn tree_sum(
+    value: f32,
+    scratch: &mut SharedMemory<f32>,
+    at: usize,
+    k: usize,
+    step: usize,
+    #[comptime] count: usize,
+) -> f32 {
+    scratch[at + k * step] = value;
+    sync_cube();
+    // A run-time variable: it changes in the (unrolled) loop.
+    let mut stride = comptime!(count / 2).runtime();
+    #[unroll]
+    for _ in 0..comptime!(count.trailing_zeros() as usize) {
+        if k < stride {
+            scratch[at + k * step] += scratch[at + (k + stride) * step];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let total = scratch[at];
+    sync_cube();
+    total
+}
+
 /// The sum of `value` over the `units` units (a power of two) of this unit's row of the cube
 /// (`UNIT_POS_Y`), returned to each of them. `scratch` holds one entry per unit of the cube;
 /// every unit of the cube must call this (it synchronises). Also the AdamW step's gradient norm
@@ -38,24 +69,8 @@ pub(crate) fn cube_sum(
     scratch: &mut SharedMemory<f32>,
     #[comptime] units: usize,
 ) -> f32 {
-    let u = UNIT_POS_X as usize;
     let at = UNIT_POS_Y as usize * units;
-    scratch[at + u] = value;
-    sync_cube();
-    // A run-time variable: it changes in the (unrolled) loop.
-    let mut stride = comptime!(units / 2).runtime();
-    #[unroll]
-    for _ in 0..comptime!(units.trailing_zeros() as usize) {
-        if u < stride {
-            scratch[at + u] += scratch[at + u + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = scratch[at];
-    // No unit may overwrite its entry for the next sum before every unit has read this one.
-    sync_cube();
-    total
+    tree_sum(value, scratch, at, UNIT_POS_X as usize, 1, units)
 }
 
 /// Forward. Cubes: one per `rows` rows over a 2-D grid.
@@ -205,24 +220,11 @@ pub fn rms_norm_bwd_kernel<F: Float>(
         // not `blocks · rows`: a lane of it adds its rows one dependent load after another).
         #[unroll]
         for i in 0..per {
-            scratch[lane * comptime!(l.units) + u] = dw[i];
-            sync_cube();
-            let mut half = comptime!(l.rows / 2).runtime();
-            #[unroll]
-            for _ in 0..comptime!(l.rows.trailing_zeros() as usize) {
-                if lane < half {
-                    let at = lane * comptime!(l.units) + u;
-                    scratch[at] += scratch[at + half * comptime!(l.units)];
-                }
-                sync_cube();
-                half /= 2;
-            }
+            let total = tree_sum(dw[i], &mut scratch, u, lane, comptime!(l.units), l.rows);
             let col = i * comptime!(l.units) + u;
             if lane == 0 && col < comptime!(l.dim) {
-                part[block * comptime!(l.dim) + col] = scratch[u];
+                part[block * comptime!(l.dim) + col] = total;
             }
-            // The next entry's writes must wait until lane 0 has read this one's total.
-            sync_cube();
         }
     }
 }
@@ -253,18 +255,8 @@ pub fn column_sum_kernel<F: Float>(
         }
     }
     // Every unit reaches the barriers below, whatever its column and row count.
-    scratch[lane * width + x] = acc;
-    sync_cube();
-    let mut stride = comptime!(lanes / 2).runtime();
-    #[unroll]
-    for _ in 0..comptime!(lanes.trailing_zeros() as usize) {
-        if lane < stride {
-            scratch[lane * width + x] += scratch[(lane + stride) * width + x];
-        }
-        sync_cube();
-        stride /= 2;
-    }
+    let total = tree_sum(acc, &mut scratch, x, lane, width, lanes);
     if lane == 0 && col < cols as usize {
-        out[col] = F::cast_from(scratch[x]);
+        out[col] = F::cast_from(total);
     }
 }
