@@ -169,12 +169,18 @@ pub(crate) fn describe<B: Backend>(
             "a zero-length parameter {shape:?} in the AdamW step"
         )));
     }
-    s.validate(p.has_state).map_err(|e| match e {
+    p.validate()?;
+    check_step(s, p.has_state)?;
+    Ok(p)
+}
+
+/// [`AdamWStep::validate`] with its refusals as [`FlaError::Unsupported`] (an option out of
+/// range, not a shape).
+pub(crate) fn check_step(s: &AdamWStep, has_state: bool) -> Result<(), FlaError> {
+    s.validate(has_state).map_err(|e| match e {
         KernelError::InvalidProblem(msg) => FlaError::Unsupported(msg),
         other => other.into(),
-    })?;
-    p.validate(s)?;
-    Ok(p)
+    })
 }
 
 tensor_op_impl!(AdamWBackend);

@@ -11,7 +11,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimiz
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Device, Tensor, TensorPrimitive};
 
-use super::{tensor_step, AdamWBackend, AdamWStep, GradClip};
+use super::{check_step, tensor_step, AdamWBackend, AdamWStep, GradClip};
 use crate::gated::float_dtype;
 use crate::FlaError;
 use burn::grad_clipping::GradientClippingConfig;
@@ -52,10 +52,7 @@ impl FusedAdamWConfig {
                 GradientClippingConfig::Norm(c) => GradClip::Norm(*c),
             }),
         };
-        optim.hyper(0.0, 1).validate(false).map_err(|e| match e {
-            fla_cubecl_kernels::KernelError::InvalidProblem(msg) => FlaError::Unsupported(msg),
-            other => other.into(),
-        })?;
+        check_step(&optim.hyper(0.0, 1), false)?;
         Ok(optim)
     }
 

@@ -114,7 +114,8 @@ impl AdamWStep {
 }
 
 impl AdamWProblem {
-    pub fn validate(&self, s: &AdamWStep) -> Result<(), KernelError> {
+    /// Checks the length; the step is checked on its own ([`AdamWStep::validate`]).
+    pub fn validate(&self) -> Result<(), KernelError> {
         if self.len == 0 {
             return Err(KernelError::InvalidProblem(
                 "zero-length parameter in the AdamW step".into(),
@@ -126,7 +127,7 @@ impl AdamWProblem {
                 self.len
             )));
         }
-        s.validate(self.has_state)
+        Ok(())
     }
 }
 
@@ -307,7 +308,8 @@ pub fn adamw_step<R: Runtime>(
     grad: &Handle,
     [param, m, v]: [&Handle; 3],
 ) -> Result<(), KernelError> {
-    p.validate(s)?;
+    p.validate()?;
+    s.validate(p.has_state)?;
     p.dtype.check_supported(client)?;
     let clip = match s.clip {
         None => ClipKind::None,
