@@ -19,6 +19,7 @@
 
 pub mod adamw;
 pub mod attn;
+pub mod cross_entropy;
 pub mod delta;
 pub mod dtype;
 pub mod error;
