@@ -32,6 +32,7 @@ macro_rules! tensor_op_impl {
 pub mod adamw;
 pub mod attn;
 mod checks;
+pub mod cross_entropy;
 pub mod delta;
 pub mod device;
 pub mod error;
@@ -47,6 +48,7 @@ pub use delta::{
     fused_recurrent_gated_delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend,
     DeltaRuleOptions,
 };
+pub use cross_entropy::{cross_entropy, cross_entropy_mean, CrossEntropyBackend};
 pub use error::FlaError;
 pub use gated::{
     chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,
@@ -57,7 +59,8 @@ pub use gated::{
 pub use norm::{rms_norm, rms_norm_gated, NormBackend};
 pub use swiglu::{swiglu, SwigluBackend};
 
-/// The fused ops of the modules around every token mixer: its norms and its MLP's activation.
+/// The fused ops of the modules around every token mixer (its norms and its MLP's activation) and
+/// of the language-model loss.
 /// The family traits require it, so a model generic over one family's trait has them too.
-pub trait LayerBackend: NormBackend + SwigluBackend {}
-impl<B: NormBackend + SwigluBackend> LayerBackend for B {}
+pub trait LayerBackend: NormBackend + SwigluBackend + CrossEntropyBackend {}
+impl<B: NormBackend + SwigluBackend + CrossEntropyBackend> LayerBackend for B {}

@@ -6,11 +6,10 @@
 //! (`GlaForCausalLM`, `GatedDeltaNetForCausalLM`) is this type with its mixer.
 
 use burn::module::{Module, Param};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
-use burn::tensor::{FloatDType, Int, Tensor};
-use fla_burn::{FlaError, LayerBackend};
+use burn::tensor::{Int, Tensor};
+use fla_burn::{cross_entropy_mean, FlaError, LayerBackend};
 
 use crate::modules::{GatedMlp, GatedMlpConfig, RmsNorm, RmsNormConfig};
 
@@ -212,12 +211,9 @@ impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
         let (logits, _) = self.forward(input_ids.clone().narrow(1, 0, t - 1), None, false)?;
         let vocab = logits.dims()[2];
         let targets = input_ids.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-        // The softmax over the vocabulary in f32 whatever the parameters' dtype (a no-op in f32),
-        // as FLA's fused cross-entropy computes it.
-        let logits = logits.cast(FloatDType::F32);
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits.reshape([b * (t - 1), vocab]), targets);
+        // Fused (FLA's fuse_cross_entropy): the softmax over the vocabulary in f32 whatever the
+        // logits' dtype, read once, and no f32 copy of the logits kept for the backward.
+        let loss = cross_entropy_mean(logits.reshape([b * (t - 1), vocab]), targets)?;
         Ok(loss)
     }
 }
