@@ -20,6 +20,7 @@ p.add_argument("--batch", type=int, default=8)
 p.add_argument("--heads", type=int, default=16)
 p.add_argument("--dim", type=int, default=128)
 p.add_argument("--seq", default="4096")
+p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the cross-entropy ops")
 p.add_argument("--dtype", default="bf16")
 p.add_argument(
     "--ops",
@@ -34,7 +35,7 @@ a = p.parse_args()
 if a.warm:
     procs = [
         subprocess.Popen([sys.executable, __file__, "--only-warm", "--ops", op, "--seq", a.seq,
-                          "--batch", str(a.batch), "--heads", str(a.heads), "--dim", str(a.dim),
+                          "--batch", str(a.batch), "--heads", str(a.heads), "--dim", str(a.dim), "--vocab", str(a.vocab),
                           "--dtype", a.dtype])
         for op in a.ops.split(",")
     ]
@@ -104,6 +105,17 @@ def make(op, t):
             return (lambda x: norm(x)), [x], do
         norm = FusedRMSNormGated(D, eps=1e-5).to("cuda", dtype)
         return (lambda x, g: norm(x, g)), [x, g], do
+    if op in ("cross_entropy", "torch_cross_entropy"):
+        # The language-model loss over [B*T, vocab] logits (--vocab): FLA's FusedCrossEntropyLoss
+        # (what its models use with fuse_cross_entropy) and torch's F.cross_entropy, mean reduction.
+        x = mk(B * t, a.vocab)
+        y = torch.randint(0, a.vocab, (B * t,), device="cuda")
+        if op == "cross_entropy":
+            from fla.modules import FusedCrossEntropyLoss
+
+            loss = FusedCrossEntropyLoss()
+            return (lambda x: loss(x, y)), [x], torch.ones((), device="cuda")
+        return (lambda x: F.cross_entropy(x.float(), y)), [x], torch.ones((), device="cuda")
     if op == "swiglu":
         from fla.modules.activations import swiglu
 

@@ -38,6 +38,11 @@ def table(ours_rows, fla_rows):
             # FLA's fused norm races ours and Burn's own RmsNorm (what the models ran before).
             expanded.append((r, "rms_norm", "rms_norm"))
             expanded.append((r, "burn_rms_norm", "rms_norm vs Burn RmsNorm"))
+        elif r["op"] == "cross_entropy":
+            expanded.append((r, "cross_entropy", "cross_entropy"))
+            expanded.append((r, "burn_cross_entropy", "cross_entropy vs Burn CrossEntropyLoss"))
+        elif r["op"] == "torch_cross_entropy":
+            expanded.append((r, "cross_entropy", "torch F.cross_entropy vs ours"))
         elif r["op"] == "swiglu":
             expanded.append((r, "swiglu", "swiglu"))
             expanded.append((r, "burn_swiglu", "swiglu vs Burn silu(g) * u"))

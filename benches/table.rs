@@ -14,12 +14,13 @@ use burn::tensor::activation::{log_sigmoid, sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::Int;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
 use fla::ops::{
-    delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated, simple_gla, swiglu,
-    AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions, GatedMode,
-    GatedRecurrentBackend, RecurrentOptions,
+    cross_entropy_mean, delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated,
+    simple_gla, swiglu, AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions,
+    GatedMode, GatedRecurrentBackend, RecurrentOptions,
 };
 
 /// What every timed op needs of its backend.
@@ -50,7 +51,9 @@ struct Args {
     /// attention (Burn's causal softmax attention), parallel_attn (ours, fused, causal),
     /// rms_norm and rms_norm_gated (ours, fused, over the head dim of q, gated by v) and
     /// burn_rms_norm (Burn's `RmsNorm` module on the same q); swiglu (ours, fused, gate q, up v)
-    /// and burn_swiglu (Burn's `silu(q) * v`).
+    /// and burn_swiglu (Burn's `silu(q) * v`); cross_entropy (ours, fused, mean over
+    /// `[B·T, vocab]` logits) and burn_cross_entropy (Burn's `CrossEntropyLoss` on the logits cast
+    /// to f32, as the language models computed it before).
     #[arg(
         long,
         default_value = "chunk_simple_gla,chunk_gla,fused_recurrent_simple_gla,fused_recurrent_gla,attention"
@@ -60,6 +63,9 @@ struct Args {
     /// backward above half of it (it runs out of memory beyond).
     #[arg(long, default_value_t = 8192)]
     attention_max: usize,
+    /// Vocabulary of the cross-entropy ops (its logits are `[B·T, vocab]`).
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -201,6 +207,36 @@ fn call<B: Ops>(op: &str, x: &Inputs<B>, grad: bool) -> Tensor<B, 4> {
     }
 }
 
+/// Forward and forward+backward ms of a cross-entropy op over `[B·T, vocab]` logits (normal,
+/// in `dtype`) and uniform targets; the CSV's `D` column holds the vocabulary.
+fn time_cross_entropy<B: Ops>(
+    op: &str,
+    args: &Args,
+    t: usize,
+    dtype: FloatDType,
+    device: &B::Device,
+) -> (f64, f64) {
+    let (n, v) = (args.batch * t, args.vocab);
+    let logits = Tensor::<B, 2>::random([n, v], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let targets = Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), device);
+    let loss = |x: Tensor<Autodiff<B>, 2>| {
+        let t = Tensor::from_inner(targets.clone());
+        if op == "cross_entropy" {
+            cross_entropy_mean(x, t).expect("valid inputs")
+        } else {
+            burn::nn::loss::CrossEntropyLossConfig::new()
+                .init(device)
+                .forward(x.cast(FloatDType::F32), t)
+        }
+    };
+    let x = Tensor::<Autodiff<B>, 2>::from_inner(logits.clone());
+    let f = time::<B>(device, args.warmup, args.iters, || drop(loss(x.clone())));
+    let fb = time::<B>(device, args.warmup, args.iters, || {
+        drop(loss(x.clone().require_grad()).backward())
+    });
+    (f, fb)
+}
+
 fn run<B: Ops>(args: &Args, dtype: FloatDType) {
     let device = B::Device::default();
     let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
@@ -218,6 +254,30 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
         let x = inputs::<B>(dims, dtype, &device);
         let xa = inputs::<Autodiff<B>>(dims, dtype, &device);
         for &op in &ops {
+            if op.starts_with("torch_") {
+                // torch's own baselines run on FLA's side only.
+                continue;
+            }
+            if op.ends_with("cross_entropy") {
+                let (f, fb) = time_cross_entropy::<B>(op, args, t, dtype, &device);
+                let fmt = |ms: f64| format!("{ms:.3}");
+                let (b, dt, v) = (args.batch, &args.dtype, args.vocab);
+                let row = format!(
+                    "| {op} | {b} | {t} | - | {v} | {dt} | {} | {} |\n",
+                    fmt(f),
+                    fmt(fb)
+                );
+                print!("{row}");
+                md.push_str(&row);
+                let (f, fb) = (fmt(f), fmt(fb));
+                writeln!(
+                    csv,
+                    "fla-burn-{},{op},{b},{t},1,{v},{dt},{f},{fb}",
+                    args.backend
+                )
+                .unwrap();
+                continue;
+            }
             let is_attention = op == "attention";
             let fwd = (!is_attention || t <= args.attention_max).then(|| {
                 time::<B>(&device, args.warmup, args.iters, || {

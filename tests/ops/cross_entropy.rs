@@ -118,14 +118,19 @@ fn matches_burn_cross_entropy(#[values(Impl::Fusion, Impl::TensorOps)] imp: Impl
         let loss = if ours {
             cross_entropy_mean(x.clone(), t).expect("valid inputs")
         } else {
-            CrossEntropyLossConfig::new().init(&device).forward(x.clone(), t)
+            CrossEntropyLossConfig::new()
+                .init(&device)
+                .forward(x.clone(), t)
         };
         let grads = loss.clone().backward();
         [values(loss.inner()), values(x.grad(&grads).unwrap())]
     }
     let c = case(40, 700, 17);
     let (ours, burn) = match imp {
-        Impl::Fusion => (on_gpu!(fusion, go(&c, true)), on_gpu!(fusion, go(&c, false))),
+        Impl::Fusion => (
+            on_gpu!(fusion, go(&c, true)),
+            on_gpu!(fusion, go(&c, false)),
+        ),
         _ => {
             type B = common::backends::NdArray;
             (go::<B>(&c, true), go::<B>(&c, false))

@@ -43,12 +43,12 @@ pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWBackend, AdamWStep, FusedAdamW, FusedAdamWConfig, GradClip};
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
+pub use cross_entropy::{cross_entropy, cross_entropy_mean, CrossEntropyBackend};
 pub use delta::{
     chunk_delta_rule, chunk_gated_delta_rule, delta_rule, fused_recurrent_delta_rule,
     fused_recurrent_gated_delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend,
     DeltaRuleOptions,
 };
-pub use cross_entropy::{cross_entropy, cross_entropy_mean, CrossEntropyBackend};
 pub use error::FlaError;
 pub use gated::{
     chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,

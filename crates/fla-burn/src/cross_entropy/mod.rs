@@ -134,7 +134,12 @@ pub fn cross_entropy_mean<B: CrossEntropyBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 1>, FlaError> {
-    let counted = targets.clone().greater_equal_elem(0).float().sum().clamp_min(1.0);
+    let counted = targets
+        .clone()
+        .greater_equal_elem(0)
+        .float()
+        .sum()
+        .clamp_min(1.0);
     Ok(cross_entropy(logits, targets)?.sum() / counted)
 }
 
@@ -153,9 +158,8 @@ pub(crate) fn describe<B: Backend>(
         )));
     }
     let (shape, t_shape) = (logits.shape().to_vec(), targets.shape().to_vec());
-    let [rows, vocab] = <[usize; 2]>::try_from(shape.as_slice()).map_err(|_| {
-        FlaError::Shape(format!("logits must be [N, V], got {shape:?}"))
-    })?;
+    let [rows, vocab] = <[usize; 2]>::try_from(shape.as_slice())
+        .map_err(|_| FlaError::Shape(format!("logits must be [N, V], got {shape:?}")))?;
     if t_shape != [rows] {
         return Err(FlaError::Shape(format!(
             "targets must be [{rows}] (one per row of logits {shape:?}), got {t_shape:?}"
