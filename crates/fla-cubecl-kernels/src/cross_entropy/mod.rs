@@ -98,6 +98,7 @@ fn cross_entropy_fwd_kernel<F: Float>(
     lse: &mut Array<f32>,
     rows: u32,
     vocab: u32,
+    nan: f32,
     #[comptime] l: CrossEntropyLayout,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -149,7 +150,7 @@ fn cross_entropy_fwd_kernel<F: Float>(
             if t < vocab as i32 {
                 out = l_row - f32::cast_from(logits[base + t as usize]);
             } else {
-                out = f32::new(f32::NAN);
+                out = nan;
             }
         }
         loss[row] = out;
@@ -168,6 +169,7 @@ fn cross_entropy_bwd_kernel<F: Float>(
     dlogits: &mut Array<F>,
     rows: u32,
     vocab: u32,
+    nan: f32,
     #[comptime] l: CrossEntropyLayout,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -180,7 +182,7 @@ fn cross_entropy_bwd_kernel<F: Float>(
         if t < 0 {
             d = 0.0f32;
         } else if t >= vocab as i32 {
-            d = f32::new(f32::NAN);
+            d = nan;
         }
         let mut col = UNIT_POS_X as usize;
         while col < vocab as usize {
@@ -241,6 +243,8 @@ pub fn cross_entropy_forward<R: Runtime>(
             array(lse, p.rows),
             p.rows as u32,
             p.vocab as u32,
+            // An argument: CubeCL's CUDA code writes a NaN literal as `NaN`, which nvcc rejects.
+            f32::NAN,
             l,
             p.dtype.storage(),
         )
@@ -269,6 +273,8 @@ pub fn cross_entropy_backward<R: Runtime>(
             array(dlogits, p.len()),
             p.rows as u32,
             p.vocab as u32,
+            // An argument: CubeCL's CUDA code writes a NaN literal as `NaN`, which nvcc rejects.
+            f32::NAN,
             l,
             p.dtype.storage(),
         )

@@ -41,40 +41,62 @@ pub(crate) fn sigmoid(g: f32) -> f32 {
     1.0f32 / (1.0f32 + f32::exp(-g))
 }
 
+/// `σ` of each lane of a vector, in `f32`.
+#[cube]
+fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    let one = Vector::<f32, N>::new(1.0f32);
+    one / (one + Vector::exp(-g))
+}
+
+/// Vectors of `N` neighbouring elements (16-byte loads where `N · size` reaches 16), `len` of
+/// them.
 #[cube(launch_unchecked)]
-fn swiglu_fwd_kernel<F: Float>(
-    g: &Array<F>,
-    u: &Array<F>,
-    y: &mut Array<F>,
+fn swiglu_fwd_kernel<F: Float, N: Size>(
+    g: &Array<Vector<F, N>>,
+    u: &Array<Vector<F, N>>,
+    y: &mut Array<Vector<F, N>>,
     len: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = linear_unit();
     if i < len as usize {
-        let gv = f32::cast_from(g[i]);
-        y[i] = F::cast_from(gv * sigmoid(gv) * f32::cast_from(u[i]));
+        let gv = Vector::<f32, N>::cast_from(g[i]);
+        let uv = Vector::<f32, N>::cast_from(u[i]);
+        y[i] = Vector::<F, N>::cast_from(gv * sigmoid_lanes(gv) * uv);
     }
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn swiglu_bwd_kernel<F: Float>(
-    g: &Array<F>,
-    u: &Array<F>,
-    dy: &Array<F>,
-    dg: &mut Array<F>,
-    du: &mut Array<F>,
+fn swiglu_bwd_kernel<F: Float, N: Size>(
+    g: &Array<Vector<F, N>>,
+    u: &Array<Vector<F, N>>,
+    dy: &Array<Vector<F, N>>,
+    dg: &mut Array<Vector<F, N>>,
+    du: &mut Array<Vector<F, N>>,
     len: u32,
     #[define(F)] _dtype: StorageType,
 ) {
     let i = linear_unit();
     if i < len as usize {
-        let gv = f32::cast_from(g[i]);
-        let d = f32::cast_from(dy[i]);
-        let s = sigmoid(gv);
-        du[i] = F::cast_from(d * gv * s);
-        dg[i] = F::cast_from(d * f32::cast_from(u[i]) * s * (1.0f32 + gv * (1.0f32 - s)));
+        let gv = Vector::<f32, N>::cast_from(g[i]);
+        let d = Vector::<f32, N>::cast_from(dy[i]);
+        let s = sigmoid_lanes(gv);
+        let one = Vector::<f32, N>::new(1.0f32);
+        du[i] = Vector::<F, N>::cast_from(d * gv * s);
+        dg[i] = Vector::<F, N>::cast_from(
+            d * Vector::<f32, N>::cast_from(u[i]) * s * (one + gv * (one - s)),
+        );
     }
+}
+
+/// The widest vector the device loads well for `dtype` that divides `len` (1 at worst).
+fn vector_size<R: Runtime>(client: &ComputeClient<R>, p: &SwigluProblem) -> usize {
+    client
+        .io_optimized_vector_sizes(p.dtype.size())
+        .filter(|&n| n > 0 && p.len % n == 0)
+        .max()
+        .unwrap_or(1)
 }
 
 fn checked<R: Runtime>(client: &ComputeClient<R>, p: &SwigluProblem) -> Result<(), KernelError> {
@@ -91,16 +113,19 @@ pub fn swiglu_forward<R: Runtime>(
     y: &Handle,
 ) -> Result<(), KernelError> {
     checked(client, p)?;
+    let n = vector_size(client, p);
+    let len = p.len / n;
     // Every access is guarded by the kernel's own bound.
     unsafe {
         swiglu_fwd_kernel::launch_unchecked::<R>(
             client,
-            elementwise_grid(p.len),
+            elementwise_grid(len),
             CubeDim::new_1d(ELEMWISE_THREADS),
-            array(g, p.len),
-            array(u, p.len),
-            array(y, p.len),
-            p.len as u32,
+            n,
+            array(g, len),
+            array(u, len),
+            array(y, len),
+            len as u32,
             p.dtype.storage(),
         )
     };
@@ -115,17 +140,20 @@ pub fn swiglu_backward<R: Runtime>(
     [dg, du]: [&Handle; 2],
 ) -> Result<(), KernelError> {
     checked(client, p)?;
+    let n = vector_size(client, p);
+    let len = p.len / n;
     unsafe {
         swiglu_bwd_kernel::launch_unchecked::<R>(
             client,
-            elementwise_grid(p.len),
+            elementwise_grid(len),
             CubeDim::new_1d(ELEMWISE_THREADS),
-            array(g, p.len),
-            array(u, p.len),
-            array(dy, p.len),
-            array(dg, p.len),
-            array(du, p.len),
-            p.len as u32,
+            n,
+            array(g, len),
+            array(u, len),
+            array(dy, len),
+            array(dg, len),
+            array(du, len),
+            len as u32,
             p.dtype.storage(),
         )
     };

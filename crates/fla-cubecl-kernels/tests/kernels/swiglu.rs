@@ -54,6 +54,8 @@ fn compare(p: &SwigluProblem, spread: f64, seed: u64) {
 #[rstest]
 #[case::one(1)]
 #[case::odd(1001)]
+#[case::whole_vectors(8 * 1001)]
+#[case::half_vectors(2 * 1001)]
 #[case::past_one_grid_row(256 * 65535 + 3)]
 fn matches_reference(#[case] len: usize) {
     let p = SwigluProblem {
