@@ -45,7 +45,8 @@ pub(crate) fn sigmoid(g: f32) -> f32 {
 #[cube]
 fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(1.0f32);
-    one / (one + Vector::exp(-g))
+    // `0 − g`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
+    one / (one + Vector::exp(Vector::<f32, N>::new(0.0f32) - g))
 }
 
 /// Vectors of `N` neighbouring elements (16-byte loads where `N · size` reaches 16), `len` of
