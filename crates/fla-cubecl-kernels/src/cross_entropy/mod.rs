@@ -113,6 +113,29 @@ fn cross_entropy_fwd_kernel<F: Float>(
     let mut s = 0.0f32;
     if live {
         let mut col = u;
+        // Whole groups of GROUP entries first (8, a literal: cube code takes no `const`): their
+        // loads are in flight together, and the maximum moves, with one rescale of the sum, once
+        // per group. One entry at a time, each load waited for in turn, the forward took 1.7x
+        // FLA's time on an H100.
+        while col + comptime!(7 * l.units) < vocab as usize {
+            let mut xs = Array::<f32>::new(8usize);
+            #[unroll]
+            for j in 0..8usize {
+                xs[j] = f32::cast_from(logits[base + col + j * comptime!(l.units)]);
+            }
+            let mut mx = m;
+            #[unroll]
+            for j in 0..8usize {
+                mx = max(mx, xs[j]);
+            }
+            s *= f32::exp(m - mx);
+            m = mx;
+            #[unroll]
+            for j in 0..8usize {
+                s += f32::exp(xs[j] - m);
+            }
+            col += comptime!(8 * l.units);
+        }
         while col < vocab as usize {
             let x = f32::cast_from(logits[base + col]);
             if x > m {
@@ -185,6 +208,24 @@ fn cross_entropy_bwd_kernel<F: Float>(
             d = nan;
         }
         let mut col = UNIT_POS_X as usize;
+        // Groups of 8 loads in flight together, as in the forward.
+        while col + comptime!(7 * l.units) < vocab as usize {
+            let mut xs = Array::<f32>::new(8usize);
+            #[unroll]
+            for j in 0..8usize {
+                xs[j] = f32::cast_from(logits[base + col + j * comptime!(l.units)]);
+            }
+            #[unroll]
+            for j in 0..8usize {
+                let at = col + j * comptime!(l.units);
+                let mut p = f32::exp(xs[j] - l_row);
+                if at as i32 == t {
+                    p -= 1.0f32;
+                }
+                dlogits[base + at] = F::cast_from(d * p);
+            }
+            col += comptime!(8 * l.units);
+        }
         while col < vocab as usize {
             let mut p = f32::exp(f32::cast_from(logits[base + col]) - l_row);
             if col as i32 == t {
