@@ -95,7 +95,7 @@ fn swiglu_bwd_kernel<F: Float, N: Size>(
 fn vector_size<R: Runtime>(client: &ComputeClient<R>, p: &SwigluProblem) -> usize {
     client
         .io_optimized_vector_sizes(p.dtype.size())
-        .filter(|&n| n > 0 && p.len % n == 0)
+        .filter(|&n| n > 0 && p.len.is_multiple_of(n))
         .max()
         .unwrap_or(1)
 }
