@@ -23,14 +23,9 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::gated::{array, check_grid, cubes_2d};
+use crate::norm::row_lanes;
 use crate::problem;
 use crate::{FloatDType, KernelError};
-
-/// Entries of a row each unit takes at least, where the row is long enough.
-const ENTRIES_PER_UNIT: usize = 8;
-
-/// Units per cube, filled with as many rows as fit.
-const CUBE_UNITS: usize = 256;
 
 /// One call: `rows` rows of `vocab` logits in `dtype`, one `i32` target per row.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,18 +232,10 @@ fn cross_entropy_bwd_kernel<F: Float>(
     }
 }
 
+/// At most 256 lanes a row (one cube): a lane walks its share of a long row.
 fn layout<R: Runtime>(client: &ComputeClient<R>, p: &CrossEntropyProblem) -> CrossEntropyLayout {
-    let max_units = client.properties().hardware.max_units_per_cube as usize;
-    let cap = 1usize << CUBE_UNITS.min(max_units.max(1)).ilog2();
-    let units = p
-        .vocab
-        .div_ceil(ENTRIES_PER_UNIT)
-        .next_power_of_two()
-        .clamp(8.min(cap), cap);
-    CrossEntropyLayout {
-        units,
-        rows: (cap / units).max(1),
-    }
+    let (units, rows) = row_lanes(client, p.vocab, 256);
+    CrossEntropyLayout { units, rows }
 }
 
 fn checked<R: Runtime>(

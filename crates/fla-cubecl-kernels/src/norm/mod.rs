@@ -121,22 +121,32 @@ pub struct NormBackwardBuffers<'a> {
     pub dg: Option<&'a Handle>,
 }
 
-/// Units per row: a power of two (the sum halves), enough that each holds at most
-/// [`ENTRIES_PER_UNIT`] entries of a row where the device allows, and at least 8 (each row lane
-/// then reads runs of 8 neighbouring entries). Rows per cube: as many as fill
-/// [`CUBE_UNITS`] units.
-fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
+/// Lanes per row and rows per cube, for kernels that hold rows side by side in a cube (the norm,
+/// the cross-entropy). Lanes: a power of two (the sums halve), enough that each takes at most
+/// [`ENTRIES_PER_UNIT`] entries of a `width`-long row where the device allows, at most
+/// `max_lanes`, and at least 8 (each row lane then reads runs of 8 neighbouring entries). Rows:
+/// as many as fill [`CUBE_UNITS`] units.
+pub(crate) fn row_lanes<R: Runtime>(
+    client: &ComputeClient<R>,
+    width: usize,
+    max_lanes: usize,
+) -> (usize, usize) {
     let max_units = client.properties().hardware.max_units_per_cube as usize;
-    let cap = 1usize << 1024.min(max_units.max(1)).ilog2();
-    let units = p
-        .dim
+    let cap = 1usize << max_lanes.min(max_units.max(1)).ilog2();
+    let units = width
         .div_ceil(ENTRIES_PER_UNIT)
         .next_power_of_two()
         .clamp(8.min(cap), cap);
+    (units, (CUBE_UNITS.min(cap) / units).max(1))
+}
+
+/// Up to 1024 lanes a row: each holds its entries in registers.
+fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
+    let (units, rows) = row_lanes(client, p.dim, 1024);
     NormLayout {
         dim: p.dim,
         units,
-        rows: (CUBE_UNITS.min(cap) / units).max(1),
+        rows,
         gated: p.gated,
     }
 }
