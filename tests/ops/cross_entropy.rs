@@ -99,9 +99,12 @@ fn matches_reference(
 #[rstest]
 fn other_int_types(
     #[values(IntDType::I64, IntDType::I32, IntDType::U32)] int: IntDType,
-    #[values(Impl::Fusion, Impl::Cube)] imp: Impl,
+    #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
 ) {
-    let c = case(9, 500, 3);
+    let mut c = case(9, 500, 3);
+    if int != IntDType::U32 {
+        c.targets[2] = -100;
+    }
     let out = run_on(imp, &c, Some(int)).expect("valid inputs");
     check_case(&c, &out, tolerance(imp));
 }
@@ -227,4 +230,35 @@ fn bad_input(#[case] logits: [usize; 2], #[case] rows: usize, #[case] needle: &s
         .expect_err("refused");
         assert!(err.to_string().contains(needle), "{imp:?}: {err}");
     }
+}
+
+/// On a backend whose default float is half precision, the mean stays in `f32` (it divides the
+/// `f32` losses by a count; a count in the default float mixed dtypes and failed), and so does its
+/// gradient's path back to the half-precision logits.
+#[test]
+fn mean_on_a_half_precision_default() {
+    #[cfg(feature = "wgpu")]
+    type B = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, burn::tensor::f16, i32, u32>;
+    #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+    type B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, burn::tensor::f16, i32, u8>;
+    let device = Default::default();
+    let c = case(300, 70, 31);
+    let x = tensor::<Autodiff<B>, 2>(&c.logits, [c.rows, c.vocab], FloatDType::F16, &device)
+        .require_grad();
+    let loss = cross_entropy_mean(x.clone(), targets::<Autodiff<B>>(&c.targets, &device))
+        .expect("valid inputs");
+    assert_eq!(loss.dtype(), burn::tensor::DType::F32);
+    let grads = loss.clone().backward();
+    let logits = values(x.clone().inner());
+    let (want, _) = naive::forward(&logits, &c.targets, c.vocab);
+    let mean = want.iter().sum::<f64>() / c.rows as f64;
+    check("mean", &values(loss.inner()), &[mean], 1e-5);
+    let dx = values(x.grad(&grads).expect("gradient reached the logits"));
+    let want_dx = naive::backward(
+        &logits,
+        &c.targets,
+        c.vocab,
+        &vec![1.0 / c.rows as f64; c.rows],
+    );
+    check("dlogits", &dx, &want_dx, 1e-2);
 }

@@ -24,19 +24,28 @@ fn on_device<R: CubeRuntime>(
     Ok(p)
 }
 
-/// The targets as the kernels read them: contiguous `i32` (a cast only where the backend's ints
-/// are another type).
-fn i32_targets<R, F, I, BT>(t: CubeTensor<R>) -> CubeTensor<R>
+/// The targets as the kernels read them: contiguous `i32`. Another int type is clamped into
+/// `[-1, vocab]` first (unsigned: to at most `vocab`), so that the cast cannot wrap a target past
+/// the vocabulary into a valid or ignored one: it stays past it, and its row NaN.
+fn i32_targets<R, F, I, BT>(t: CubeTensor<R>, vocab: usize) -> CubeTensor<R>
 where
     R: CubeRuntime,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,
 {
-    let t = if t.dtype() == DType::I32 {
-        t
-    } else {
-        CubeBackend::<R, F, I, BT>::int_cast(t, IntDType::I32)
+    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let t = match t.dtype() {
+        DType::I32 => t,
+        d => {
+            let v = (vocab as i64).into();
+            let t = if d.is_uint() {
+                B::<R, F, I, BT>::int_clamp_max(t, v)
+            } else {
+                B::<R, F, I, BT>::int_clamp(t, (-1i64).into(), v)
+            };
+            B::<R, F, I, BT>::int_cast(t, IntDType::I32)
+        }
     };
     into_contiguous(t)
 }
@@ -54,7 +63,10 @@ where
     ) -> Result<(CubeTensor<R>, CubeTensor<R>), FlaError> {
         let p = on_device(describe::<Self>(&logits, &targets)?, &logits)?;
         // The kernels index flat row-major buffers.
-        let (x, t) = (into_contiguous(logits), i32_targets::<R, F, I, BT>(targets));
+        let (x, t) = (
+            into_contiguous(logits),
+            i32_targets::<R, F, I, BT>(targets, p.vocab),
+        );
         let loss = empty(&x, vec![p.rows], DType::F32);
         let lse = empty(&x, vec![p.rows], DType::F32);
         cross_entropy_forward(
@@ -76,7 +88,10 @@ where
             describe_backward::<Self>(&logits, &targets, &lse, &dloss)?,
             &logits,
         )?;
-        let (x, t) = (into_contiguous(logits), i32_targets::<R, F, I, BT>(targets));
+        let (x, t) = (
+            into_contiguous(logits),
+            i32_targets::<R, F, I, BT>(targets, p.vocab),
+        );
         let (lse, dloss) = (into_contiguous(lse), into_contiguous(dloss));
         let dx = empty(&x, x.shape().to_vec(), x.dtype());
         cross_entropy_backward(

@@ -8,7 +8,7 @@ mod fusion;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Int, IntDType, Tensor, TensorMetadata, TensorPrimitive};
 use fla_cubecl_kernels::cross_entropy::CrossEntropyProblem;
 use fla_cubecl_kernels::FloatDType;
 
@@ -64,17 +64,22 @@ pub trait CrossEntropyBackend: Backend {
         let [n, v] = [p.rows, p.vocab];
         let device = rows.x.device();
         let probs = (rows.x.clone() - wrap::<Self, 1>(lse).reshape([n, 1])).exp();
-        let cols = Tensor::<Self, 1, Int>::arange(0..v as i64, &device)
-            .reshape([1, v])
-            .expand([n, v]);
+        let cols = Tensor::<Self, 1, Int>::arange(0..v as i64, &device);
+        // The targets in arange's int dtype: comparisons take one dtype on some backends.
+        let safe = rows.safe.clone().cast(IntDType::from(cols.dtype()));
         let hit = cols
-            .equal(rows.safe.clone().reshape([n, 1]).expand([n, v]))
-            .float();
+            .reshape([1, v])
+            .expand([n, v])
+            .equal(safe.reshape([n, 1]).expand([n, v]))
+            .float()
+            .cast(burn::tensor::FloatDType::F32);
         let d = wrap::<Self, 1>(dloss)
-            .mask_fill(rows.ignored, 0.0)
             .mask_fill(rows.past_end, f32::NAN)
             .reshape([n, 1]);
-        Ok(unwrap::<Self, 2>((probs - hit) * d, dtype))
+        // An ignored row is exactly 0 whatever its logits (0 · NaN would not be).
+        let ignored = rows.ignored.reshape([n, 1]).expand([n, v]);
+        let dx = ((probs - hit) * d).mask_fill(ignored, 0.0);
+        Ok(unwrap::<Self, 2>(dx, dtype))
     }
 
     /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
@@ -134,10 +139,13 @@ pub fn cross_entropy_mean<B: CrossEntropyBackend>(
     logits: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
 ) -> Result<Tensor<B, 1>, FlaError> {
+    // In f32 as the losses are (the device's default float may be bf16, which counts exactly
+    // only to 256).
     let counted = targets
         .clone()
         .greater_equal_elem(0)
         .float()
+        .cast(burn::tensor::FloatDType::F32)
         .sum()
         .clamp_min(1.0);
     Ok(cross_entropy(logits, targets)?.sum() / counted)

@@ -5,7 +5,9 @@
 //! `∂x_v = ∂loss · (exp(x_v − lse) − [v = t])`. A negative target marks a row to ignore (PyTorch's
 //! `ignore_index = -100` convention): its loss and its gradient are 0. A target at or past `V`
 //! cannot be reported from inside a kernel, and reading past the row would be a silent wrong
-//! answer, so its loss and gradient are NaN.
+//! answer, so its loss and gradient are NaN. Logits of −∞ (masked entries) weigh nothing; a row
+//! of nothing but −∞, or with a +∞ or NaN logit, has a NaN or infinite loss, as the f64 reference
+//! has.
 //!
 //! The forward reads each row once: every unit keeps a running maximum and the sum of exponentials
 //! scaled to it over its share of the row (entries `x, x + units, ...`: neighbouring units read
@@ -196,38 +198,44 @@ fn cross_entropy_bwd_kernel<F: Float>(
         let base = row * vocab as usize;
         let t = targets[row];
         let l_row = lse[row];
-        let mut d = dloss[row];
-        if t < 0 {
-            d = 0.0f32;
-        } else if t >= vocab as i32 {
-            d = nan;
-        }
         let mut col = UNIT_POS_X as usize;
-        // Groups of 8 loads in flight together, as in the forward.
-        while col + comptime!(7 * l.units) < vocab as usize {
-            let mut xs = Array::<f32>::new(8usize);
-            #[unroll]
-            for j in 0..8usize {
-                xs[j] = f32::cast_from(logits[base + col + j * comptime!(l.units)]);
+        if t < 0 {
+            // An ignored row: exactly 0 whatever its logits (0 · NaN would not be).
+            while col < vocab as usize {
+                dlogits[base + col] = F::cast_from(0.0f32);
+                col += comptime!(l.units);
             }
-            #[unroll]
-            for j in 0..8usize {
-                let at = col + j * comptime!(l.units);
-                let mut p = f32::exp(xs[j] - l_row);
-                if at as i32 == t {
+        } else {
+            let mut d = dloss[row];
+            if t >= vocab as i32 {
+                d = nan;
+            }
+            // Groups of 8 loads in flight together, as in the forward.
+            while col + comptime!(7 * l.units) < vocab as usize {
+                let mut xs = Array::<f32>::new(8usize);
+                #[unroll]
+                for j in 0..8usize {
+                    xs[j] = f32::cast_from(logits[base + col + j * comptime!(l.units)]);
+                }
+                #[unroll]
+                for j in 0..8usize {
+                    let at = col + j * comptime!(l.units);
+                    let mut p = f32::exp(xs[j] - l_row);
+                    if at as i32 == t {
+                        p -= 1.0f32;
+                    }
+                    dlogits[base + at] = F::cast_from(d * p);
+                }
+                col += comptime!(8 * l.units);
+            }
+            while col < vocab as usize {
+                let mut p = f32::exp(f32::cast_from(logits[base + col]) - l_row);
+                if col as i32 == t {
                     p -= 1.0f32;
                 }
-                dlogits[base + at] = F::cast_from(d * p);
+                dlogits[base + col] = F::cast_from(d * p);
+                col += comptime!(l.units);
             }
-            col += comptime!(8 * l.units);
-        }
-        while col < vocab as usize {
-            let mut p = f32::exp(f32::cast_from(logits[base + col]) - l_row);
-            if col as i32 == t {
-                p -= 1.0f32;
-            }
-            dlogits[base + col] = F::cast_from(d * p);
-            col += comptime!(l.units);
         }
     }
 }
