@@ -178,6 +178,17 @@ fn cross_entropy_fwd_kernel<F: Float>(
     }
 }
 
+/// One logit's gradient, `d · (softmax − onehot)`: `x` the logit at column `col`, `lse` its row's
+/// log-sum-exp, `t` the row's target.
+#[cube]
+fn entry_grad(x: f32, lse: f32, col: usize, t: i32, d: f32) -> f32 {
+    let mut p = f32::exp(x - lse);
+    if col as i32 == t {
+        p -= 1.0f32;
+    }
+    d * p
+}
+
 /// Backward: `dlogits` from `lse` and `dloss` per row.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -220,20 +231,13 @@ fn cross_entropy_bwd_kernel<F: Float>(
                 #[unroll]
                 for j in 0..8usize {
                     let at = col + j * comptime!(l.units);
-                    let mut p = f32::exp(xs[j] - l_row);
-                    if at as i32 == t {
-                        p -= 1.0f32;
-                    }
-                    dlogits[base + at] = F::cast_from(d * p);
+                    dlogits[base + at] = F::cast_from(entry_grad(xs[j], l_row, at, t, d));
                 }
                 col += comptime!(8 * l.units);
             }
             while col < vocab as usize {
-                let mut p = f32::exp(f32::cast_from(logits[base + col]) - l_row);
-                if col as i32 == t {
-                    p -= 1.0f32;
-                }
-                dlogits[base + col] = F::cast_from(d * p);
+                let x = f32::cast_from(logits[base + col]);
+                dlogits[base + col] = F::cast_from(entry_grad(x, l_row, col, t, d));
                 col += comptime!(l.units);
             }
         }
