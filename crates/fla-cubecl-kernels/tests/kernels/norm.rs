@@ -107,6 +107,9 @@ fn compare(c: &NormCase) {
 #[case::hidden_1024(9, 1024)]
 #[case::past_one_register_per_unit(5, 4100)]
 #[case::many_rows(1500, 16)]
+// The kernels load rows in vectors of the widest size dividing D: 1 at an odd D, 2 at D = 6.
+#[case::odd_dim(7, 33)]
+#[case::dim_of_two_vectors(5, 6)]
 // More rows than the backward's cubes × row lanes (1024 × 32 at D = 16): lanes walk two rows or
 // one, the cube's trip count set by its first row.
 #[case::strided_backward(40_000, 16)]
@@ -125,8 +128,11 @@ fn matches_reference(#[case] rows: usize, #[case] dim: usize, #[values(false, tr
 fn half_precision(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[values(false, true)] gated: bool,
+    // Vectors of 4 and of 8 half-precision entries (16 bytes) where the device loads them.
+    #[values(100, 128)] dim: usize,
 ) {
-    let c = NormCase::new(problem(65, 100, gated, dtype), 1.0, 3 + gated as u64);
+    let seed = 3 + gated as u64 + dim as u64;
+    let c = NormCase::new(problem(65, dim, gated, dtype), 1.0, seed);
     if on_runtime!(computes(dtype)) {
         compare(&c);
     } else {
