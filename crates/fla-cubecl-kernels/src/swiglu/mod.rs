@@ -35,9 +35,15 @@ impl SwigluProblem {
     }
 }
 
-/// `σ` of each lane of a vector, in `f32` (also the norm's swish gate).
+/// `σ(g)` in `f32` (also the norm's swish gate).
 #[cube]
-pub(crate) fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+pub(crate) fn sigmoid(g: f32) -> f32 {
+    1.0f32 / (1.0f32 + f32::exp(-g))
+}
+
+/// `σ` of each lane of a vector, in `f32`.
+#[cube]
+fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(1.0f32);
     // `0 − g`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
     one / (one + Vector::exp(Vector::<f32, N>::new(0.0f32) - g))

@@ -107,7 +107,7 @@ fn compare(c: &NormCase) {
 #[case::hidden_1024(9, 1024)]
 #[case::past_one_register_per_unit(5, 4100)]
 #[case::many_rows(1500, 16)]
-// The kernels load rows in vectors of the widest size dividing D: 1 at an odd D, 2 at D = 6.
+// Rows that no vector load divides evenly but 1 (odd D) or 2 (D = 6).
 #[case::odd_dim(7, 33)]
 #[case::dim_of_two_vectors(5, 6)]
 // More rows than the backward's cubes × row lanes (1024 × 32 at D = 16): lanes walk two rows or
@@ -128,7 +128,7 @@ fn matches_reference(#[case] rows: usize, #[case] dim: usize, #[values(false, tr
 fn half_precision(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[values(false, true)] gated: bool,
-    // Vectors of 4 and of 8 half-precision entries (16 bytes) where the device loads them.
+    // D of 4 and of 8 half-precision entries per 16 bytes.
     #[values(100, 128)] dim: usize,
 ) {
     let seed = 3 + gated as u64 + dim as u64;
