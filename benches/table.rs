@@ -6,8 +6,9 @@
 //! writes `ours.csv` and `ours.md` to `--out`; `benches/fla_gated.py` times FLA's Triton kernels
 //! and torch SDPA on the same shapes and joins both into the ratio table.
 
+mod common;
+
 use std::fmt::Write as _;
-use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::activation::{log_sigmoid, sigmoid, silu};
@@ -17,6 +18,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Int;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
+use common::time;
 use fla::ops::{
     cross_entropy_mean, delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated,
     simple_gla, swiglu, AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions,
@@ -76,28 +78,6 @@ struct Args {
     /// Ignored: cargo bench passes it.
     #[arg(long)]
     bench: bool,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    xs[xs.len() / 2]
-}
-
-/// Median milliseconds of `f`, each run closed by a device sync.
-fn time<B: Backend>(device: &B::Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    for _ in 0..warmup {
-        f();
-        B::sync(device).expect("device sync");
-    }
-    let runs = (0..iters)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            B::sync(device).expect("device sync");
-            t0.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    median(runs)
 }
 
 struct Inputs<B: Backend> {
@@ -230,9 +210,9 @@ fn time_cross_entropy<B: Ops>(
         }
     };
     let x = Tensor::<Autodiff<B>, 2>::from_inner(logits.clone());
-    let f = time::<B>(device, args.warmup, args.iters, || drop(loss(x.clone())));
-    let fb = time::<B>(device, args.warmup, args.iters, || {
-        drop(loss(x.clone().require_grad()).backward())
+    let f = time::<B, _>(device, args.warmup, args.iters, || loss(x.clone()));
+    let fb = time::<B, _>(device, args.warmup, args.iters, || {
+        loss(x.clone().require_grad()).backward()
     });
     (f, fb)
 }
@@ -279,15 +259,12 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
                 continue;
             }
             let is_attention = op == "attention";
-            let fwd = (!is_attention || t <= args.attention_max).then(|| {
-                time::<B>(&device, args.warmup, args.iters, || {
-                    drop(call(op, &x, false))
-                })
-            });
+            let fwd = (!is_attention || t <= args.attention_max)
+                .then(|| time::<B, _>(&device, args.warmup, args.iters, || call(op, &x, false)));
             let fwd_bwd = (!is_attention || 2 * t <= args.attention_max).then(|| {
-                time::<B>(&device, args.warmup, args.iters, || {
+                time::<B, _>(&device, args.warmup, args.iters, || {
                     let o = call(op, &xa, true);
-                    drop((o * xa.d_o.clone()).sum().backward());
+                    (o * xa.d_o.clone()).sum().backward()
                 })
             });
             let fmt = |x: Option<f64>| x.map_or("".into(), |ms| format!("{ms:.3}"));
