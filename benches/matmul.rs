@@ -20,12 +20,10 @@
 
 mod common;
 
-use std::fmt::Write as _;
-
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
-use common::time;
+use common::{time, Table};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -111,11 +109,10 @@ fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
             .map(String::from)
             .collect::<Vec<_>>()
     };
-    let mut csv = String::from("impl,mode,product,N,IN,OUT,dtype,ms,tflops\n");
-    let mut md = String::from(
+    let mut table = Table::new(
+        "impl,mode,product,N,IN,OUT,dtype,ms,tflops",
         "| mode | product | N | IN | OUT | dtype | ms | TFLOP/s |\n|---|---|---|---|---|---|---|---|\n",
     );
-    print!("{md}");
     for shape in list(&args.shapes) {
         let (din, dout) = shape
             .split_once('x')
@@ -129,35 +126,20 @@ fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
                     "fused_add" => time_product::<Fused>(&product, (din, dout), args, dtype, true),
                     other => panic!("unknown mode {other}"),
                 };
-                let (n, dt) = (args.tokens, &args.dtype);
-                let row =
-                    format!("| {mode} | {product} | {n} | {din} | {dout} | {dt} | {ms:.3} | {tflops:.1} |\n");
-                print!("{row}");
-                md.push_str(&row);
-                writeln!(
-                    csv,
-                    "fla-burn-{},{mode},{product},{n},{din},{dout},{dt},{ms:.4},{tflops:.2}",
-                    args.backend
-                )
-                .unwrap();
+                let (n, dt, be) = (args.tokens, &args.dtype, &args.backend);
+                table.row(
+                    &format!("| {mode} | {product} | {n} | {din} | {dout} | {dt} | {ms:.3} | {tflops:.1} |"),
+                    &format!("fla-burn-{be},{mode},{product},{n},{din},{dout},{dt},{ms:.4},{tflops:.2}"),
+                );
             }
         }
     }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).expect("output folder");
-        std::fs::write(dir.join("matmul.csv"), csv).expect("write matmul.csv");
-        std::fs::write(dir.join("matmul.md"), md).expect("write matmul.md");
-    }
+    table.write(args.out.as_deref(), "matmul");
 }
 
 fn main() {
     let args = Args::parse();
-    let dtype = match args.dtype.as_str() {
-        "f32" => FloatDType::F32,
-        "f16" => FloatDType::F16,
-        "bf16" => FloatDType::BF16,
-        other => panic!("unknown dtype {other}"),
-    };
+    let dtype = common::dtype(&args.dtype);
     match args.backend.as_str() {
         #[cfg(feature = "cuda")]
         "cuda" => run::<

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::fmt::Write as _;
-
 use burn::backend::Autodiff;
 use burn::tensor::activation::{log_sigmoid, sigmoid, silu};
 use burn::tensor::backend::Backend;
@@ -18,7 +16,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Int;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::Parser;
-use common::time;
+use common::{time, Table};
 use fla::ops::{
     cross_entropy_mean, delta_rule, gated_delta_rule, gla, parallel_attn, rms_norm, rms_norm_gated,
     simple_gla, swiglu, AttentionBackend, AttnOptions, DeltaRuleBackend, DeltaRuleOptions,
@@ -220,11 +218,10 @@ fn time_cross_entropy<B: Ops>(
 fn run<B: Ops>(args: &Args, dtype: FloatDType) {
     let device = B::Device::default();
     let ops: Vec<&str> = args.ops.split(',').map(str::trim).collect();
-    let mut csv = String::from("impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms\n");
-    let mut md = String::from(
+    let mut table = Table::new(
+        "impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms",
         "| op | B | T | H | K=V | dtype | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|---|\n",
     );
-    print!("{md}");
     for t in args
         .seq
         .split(',')
@@ -238,64 +235,40 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
                 // torch's own baselines run on FLA's side only.
                 continue;
             }
-            if op.ends_with("cross_entropy") {
+            // The cross-entropy's rows are `[B·T, vocab]`: no heads, the vocabulary as `D`.
+            let (fwd, fwd_bwd, heads, d) = if op.ends_with("cross_entropy") {
                 let (f, fb) = time_cross_entropy::<B>(op, args, t, dtype, &device);
-                let fmt = |ms: f64| format!("{ms:.3}");
-                let (b, dt, v) = (args.batch, &args.dtype, args.vocab);
-                let row = format!(
-                    "| {op} | {b} | {t} | - | {v} | {dt} | {} | {} |\n",
-                    fmt(f),
-                    fmt(fb)
-                );
-                print!("{row}");
-                md.push_str(&row);
-                let (f, fb) = (fmt(f), fmt(fb));
-                writeln!(
-                    csv,
-                    "fla-burn-{},{op},{b},{t},1,{v},{dt},{f},{fb}",
-                    args.backend
-                )
-                .unwrap();
-                continue;
-            }
-            let is_attention = op == "attention";
-            let fwd = (!is_attention || t <= args.attention_max)
-                .then(|| time::<B, _>(&device, args.warmup, args.iters, || call(op, &x, false)));
-            let fwd_bwd = (!is_attention || 2 * t <= args.attention_max).then(|| {
-                time::<B, _>(&device, args.warmup, args.iters, || {
-                    let o = call(op, &xa, true);
-                    (o * xa.d_o.clone()).sum().backward()
-                })
-            });
+                (Some(f), Some(fb), None, args.vocab)
+            } else {
+                let is_attention = op == "attention";
+                let fwd = (!is_attention || t <= args.attention_max).then(|| {
+                    time::<B, _>(&device, args.warmup, args.iters, || call(op, &x, false))
+                });
+                let fwd_bwd = (!is_attention || 2 * t <= args.attention_max).then(|| {
+                    time::<B, _>(&device, args.warmup, args.iters, || {
+                        let o = call(op, &xa, true);
+                        (o * xa.d_o.clone()).sum().backward()
+                    })
+                });
+                (fwd, fwd_bwd, Some(args.heads), args.dim)
+            };
             let fmt = |x: Option<f64>| x.map_or("".into(), |ms| format!("{ms:.3}"));
             let (f, fb) = (fmt(fwd), fmt(fwd_bwd));
-            let (b, h, d, dt) = (args.batch, args.heads, args.dim, &args.dtype);
-            let row = format!("| {op} | {b} | {t} | {h} | {d} | {dt} | {f} | {fb} |\n");
-            print!("{row}");
-            md.push_str(&row);
-            writeln!(
-                csv,
-                "fla-burn-{},{op},{b},{t},{h},{d},{dt},{f},{fb}",
-                args.backend
-            )
-            .unwrap();
+            let (b, dt, be) = (args.batch, &args.dtype, &args.backend);
+            let h_md = heads.map_or("-".into(), |h| h.to_string());
+            let h_csv = heads.unwrap_or(1);
+            table.row(
+                &format!("| {op} | {b} | {t} | {h_md} | {d} | {dt} | {f} | {fb} |"),
+                &format!("fla-burn-{be},{op},{b},{t},{h_csv},{d},{dt},{f},{fb}"),
+            );
         }
     }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).expect("output folder");
-        std::fs::write(dir.join("ours.csv"), csv).expect("write ours.csv");
-        std::fs::write(dir.join("ours.md"), md).expect("write ours.md");
-    }
+    table.write(args.out.as_deref(), "ours");
 }
 
 fn main() {
     let args = Args::parse();
-    let dtype = match args.dtype.as_str() {
-        "f32" => FloatDType::F32,
-        "f16" => FloatDType::F16,
-        "bf16" => FloatDType::BF16,
-        other => panic!("unknown dtype {other}"),
-    };
+    let dtype = common::dtype(&args.dtype);
     match args.backend.as_str() {
         #[cfg(feature = "cuda")]
         "cuda" => run::<burn::backend::Cuda>(&args, dtype),
