@@ -112,6 +112,7 @@ fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
     let mut table = Table::new(
         "impl,mode,product,N,IN,OUT,dtype,ms,tflops",
         "| mode | product | N | IN | OUT | dtype | ms | TFLOP/s |\n|---|---|---|---|---|---|---|---|\n",
+        args.out.as_deref().map(|dir| (dir, "matmul")),
     );
     for shape in list(&args.shapes) {
         let (din, dout) = shape
@@ -134,7 +135,6 @@ fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
             }
         }
     }
-    table.write(args.out.as_deref(), "matmul");
 }
 
 fn main() {

@@ -221,6 +221,7 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
     let mut table = Table::new(
         "impl,op,B,T,H,D,dtype,fwd_ms,fwd_bwd_ms",
         "| op | B | T | H | K=V | dtype | fwd ms | fwd+bwd ms |\n|---|---|---|---|---|---|---|---|\n",
+        args.out.as_deref().map(|dir| (dir, "ours")),
     );
     for t in args
         .seq
@@ -263,7 +264,6 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
             );
         }
     }
-    table.write(args.out.as_deref(), "ours");
 }
 
 fn main() {

@@ -1,7 +1,7 @@
 //! What the benchmark binaries share: METHOD.md's timing (warm-up, then the median of runs each
 //! closed by a device sync), the dtype argument, and the results table.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
@@ -50,19 +50,28 @@ pub fn dtype(name: &str) -> FloatDType {
     }
 }
 
-/// A results table, printed row by row as it fills and written as `NAME.csv` and `NAME.md`.
+/// A results table, printed row by row as it fills and, given a folder, written there as
+/// `NAME.csv` and `NAME.md` after every row (a run cut short by a time limit keeps what it
+/// measured).
 pub struct Table {
     csv: String,
     md: String,
+    out: Option<(PathBuf, String)>,
 }
 
 impl Table {
-    /// `columns` as the CSV header; `md_header` the markdown table's header and rule lines.
-    pub fn new(columns: &str, md_header: &str) -> Self {
+    /// `columns` as the CSV header; `md_header` the markdown table's header and rule lines;
+    /// `out`: the folder (created) and the files' name.
+    pub fn new(columns: &str, md_header: &str, out: Option<(&Path, &str)>) -> Self {
         print!("{md_header}");
+        let out = out.map(|(dir, name)| {
+            std::fs::create_dir_all(dir).expect("output folder");
+            (dir.to_path_buf(), name.to_string())
+        });
         Table {
             csv: format!("{columns}\n"),
             md: md_header.to_string(),
+            out,
         }
     }
 
@@ -73,12 +82,7 @@ impl Table {
         self.md.push('\n');
         self.csv.push_str(csv_row);
         self.csv.push('\n');
-    }
-
-    /// Writes `NAME.csv` and `NAME.md` into `dir` (created), if given.
-    pub fn write(&self, dir: Option<&Path>, name: &str) {
-        if let Some(dir) = dir {
-            std::fs::create_dir_all(dir).expect("output folder");
+        if let Some((dir, name)) = &self.out {
             std::fs::write(dir.join(format!("{name}.csv")), &self.csv).expect("write the CSV");
             std::fs::write(dir.join(format!("{name}.md")), &self.md).expect("write the table");
         }
