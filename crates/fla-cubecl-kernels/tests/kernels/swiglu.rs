@@ -75,6 +75,38 @@ fn saturated_gates() {
     compare(&p, 40.0, 3);
 }
 
+/// Gates far below zero (−10² .. −10³⁶, f32): swish, `du` and `dg` are 0, as in the reference,
+/// not a tiny `σ` scaled back up by the gate (a sigmoid clamped to stay finite would give −18 at
+/// `g = −1e36`).
+#[test]
+fn very_negative_gates_give_zero() {
+    let p = SwigluProblem {
+        len: 35 * 8,
+        dtype: FloatDType::F32,
+    };
+    let g: Vec<f64> = (0..p.len)
+        .map(|i| round_to(p.dtype, -(10f64.powi(2 + (i % 35) as i32))))
+        .collect();
+    let mut rng = Rng::new(5);
+    let (u, dy) = (rng.normals(p.len, p.dtype), rng.normals(p.len, p.dtype));
+    let [y, dg, du] = on_runtime!(run_kernels(&p, [&g, &u, &dy])).expect("valid problem");
+    let (want_dg, want_du) = naive::backward(&g, &u, &dy);
+    // The reference values are 0 or below f32's range (σ(−100) ≈ 4e-44): an absolute check.
+    for (name, out, want) in [
+        ("y", &y, &naive::forward(&g, &u)),
+        ("dg", &dg, &want_dg),
+        ("du", &du, &want_du),
+    ] {
+        for (i, (o, w)) in out.iter().zip(want).enumerate() {
+            assert!(
+                (o - w).abs() <= 1e-30,
+                "{name}[{i}] = {o:e} at g = {:e}, reference {w:e}",
+                g[i]
+            );
+        }
+    }
+}
+
 /// f16 and bf16 where the device computes them; elsewhere the call is refused with the dtype's
 /// name.
 #[rstest]
