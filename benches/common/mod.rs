@@ -7,7 +7,8 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::FloatDType;
 
-pub fn median(mut xs: Vec<f64>) -> f64 {
+/// The upper middle of an even count.
+fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
     xs[xs.len() / 2]
 }

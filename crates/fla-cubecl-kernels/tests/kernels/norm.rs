@@ -128,7 +128,7 @@ fn matches_reference(#[case] rows: usize, #[case] dim: usize, #[values(false, tr
 fn half_precision(
     #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
     #[values(false, true)] gated: bool,
-    // D of 4 and of 8 half-precision entries per 16 bytes.
+    // D = 100 divides into 16-byte vectors of 4 half-precision entries only, D = 128 into 8.
     #[values(100, 128)] dim: usize,
 ) {
     let seed = 3 + gated as u64 + dim as u64;
