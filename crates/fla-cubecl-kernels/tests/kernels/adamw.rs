@@ -89,7 +89,41 @@ fn compare(p: &AdamWProblem, s: &AdamWStep, seed: u64) {
         // The update is a difference of two parameters each rounded to f32: about 1e-7 of the
         // parameter against a 5e-2 step.
         check("update", &step(&param), &step(&want_p), 10.0 * tol);
+    } else {
+        // In half precision the parameter's rounding (2^-8 of it in bf16) is as large as a
+        // wrong update could be, so a relative check cannot see the update. The kernel computes
+        // in f32 and rounds once: each new parameter is the reference's within one unit in the
+        // last place of the dtype (the f32 value may fall on the other side of a rounding
+        // midpoint than the exact one), which an update wrong by a few percent is not.
+        within_one_ulp("param", &param, &want_p, p.dtype);
     }
+}
+
+/// One unit in the last place of `x` in a half-precision dtype (10 or 7 stored mantissa bits;
+/// subnormals share the smallest normal's unit).
+fn ulp(dtype: FloatDType, x: f64) -> f64 {
+    let (mantissa, min_exp) = match dtype {
+        FloatDType::F16 => (10, -14),
+        FloatDType::BF16 => (7, -126),
+        FloatDType::F32 => (23, -126),
+    };
+    let e = (x.abs().log2().floor() as i32).max(min_exp);
+    2f64.powi(e - mantissa)
+}
+
+fn within_one_ulp(name: &str, got: &[f64], want: &[f64], dtype: FloatDType) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let bad = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| !((*g - *w).abs() <= ulp(dtype, g.abs().max(w.abs()))))
+        .take(3)
+        .collect::<Vec<_>>();
+    assert!(
+        bad.is_empty(),
+        "{name}: more than one unit in the last place of {dtype:?} from the reference at (index, (got, want)) {bad:?}"
+    );
 }
 
 fn problem(len: usize, has_state: bool) -> AdamWProblem {

@@ -496,11 +496,25 @@ fn refused_on_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, f
         );
     } else {
         let out = result.expect("a GPU runs long sequences");
-        assert!(out
-            .o
-            .iter()
-            .chain(&out.dq)
-            .chain(&out.dk)
-            .all(|x| x.is_finite()));
+        assert_eq!(
+            (out.ht.is_some(), out.dg.is_some(), out.dh0.is_some()),
+            (c.p.output_final_state, c.p.gated, c.p.has_initial_state),
+            "hT, dg and dh0 come back exactly where the problem asks for them"
+        );
+        let named = [
+            ("o", &out.o),
+            ("dq", &out.dq),
+            ("dk", &out.dk),
+            ("dv", &out.dv),
+            ("dbeta", &out.dbeta),
+        ];
+        let named_opt = [("ht", &out.ht), ("dg", &out.dg), ("dh0", &out.dh0)];
+        for (name, xs) in named.into_iter().chain(
+            named_opt
+                .into_iter()
+                .filter_map(|(n, x)| x.as_ref().map(|x| (n, x))),
+        ) {
+            assert!(xs.iter().all(|x| x.is_finite()), "{name}: NaN or infinity");
+        }
     }
 }
