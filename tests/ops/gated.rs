@@ -231,6 +231,21 @@ fn autodiff_matches_reference(
     against_reference(imp, &c, variant);
 }
 
+/// The fused recurrent form over a long sequence (the tensor-op fallback's 1500-step graph is
+/// left to the shorter cases).
+#[rstest]
+fn recurrent_t1500(#[values(Variant::Retention, Variant::Gla)] variant: Variant) {
+    let c = case(
+        variant,
+        [1, 1500, 1, 60, 100],
+        1.0,
+        false,
+        None,
+        KernelDType::F32,
+    );
+    chunk_or_not_against_reference(Impl::Fusion, &c, variant, GatedMode::FusedRecurrent);
+}
+
 #[rstest]
 fn cube_backend_without_fusion(
     #[values(Variant::LinearAttn, Variant::SimpleGla, Variant::GlaWithValueGate)] variant: Variant,
@@ -269,6 +284,7 @@ fn varlen_with_empty_sequence(
     #[values(
         Variant::LinearAttn,
         Variant::Retention,
+        Variant::SimpleGla,
         Variant::Gla,
         Variant::GlaWithValueGate
     )]
@@ -400,6 +416,24 @@ fn chunk_strong_gates_reverse_and_varlen(
         KernelDType::F32,
     );
     chunk_or_not_against_reference(imp, &c, variant, GatedMode::Chunk);
+}
+
+/// The chunk form of the variants without gates (linear attention) or with fixed ones
+/// (retention) over sequences that start and end mid-chunk, one of them empty.
+#[rstest]
+fn chunk_varlen_ungated_and_fixed_decay(
+    #[values(Variant::LinearAttn, Variant::Retention)] variant: Variant,
+) {
+    let cu = vec![0, 1, 70, 70, 200, 264];
+    let c = case(
+        variant,
+        [1, 264, 2, 60, 16],
+        1.0,
+        false,
+        Some(cu),
+        KernelDType::F32,
+    );
+    chunk_or_not_against_reference(Impl::Fusion, &c, variant, GatedMode::Chunk);
 }
 
 #[rstest]
