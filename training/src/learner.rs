@@ -217,9 +217,15 @@ impl<B: LayerBackend, M: TokenMixer<B> + ModuleDisplay> Trainee<B, M> {
     /// precision the model runs on a copy of its weights cast to the compute dtype (through the
     /// graph, so the gradients reach these weights in their own dtype).
     fn loss(&self, batch: LmBatch<B>) -> Option<Tensor<B, 1>> {
+        // The batches' ids are the tokeniser's, which the model's vocabulary was checked to cover
+        // when the run started: no per-step readback of them.
         let loss = match self.compute {
-            Some(dtype) => self.lm.clone().map(&mut CastParams(dtype)).loss(batch.ids),
-            None => self.lm.loss(batch.ids),
+            Some(dtype) => self
+                .lm
+                .clone()
+                .map(&mut CastParams(dtype))
+                .loss_checked_ids(batch.ids),
+            None => self.lm.loss_checked_ids(batch.ids),
         };
         loss.map_err(|e| self.failure.set(e.to_string())).ok()
     }

@@ -247,6 +247,20 @@ fn unknown_model_is_an_error() {
 }
 
 #[test]
+fn zero_heads_is_an_error() {
+    for model in ["gla", "gated-deltanet", "hgrn2"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
+            .args(["--backend", "ndarray", "--model", model, "--heads", "0"])
+            .args(["--steps", "1"])
+            .output()
+            .expect("fla-train runs");
+        assert!(!out.status.success(), "{model}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--heads 0"), "{model}: {err}");
+    }
+}
+
+#[test]
 fn unknown_backend_is_an_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_fla-train"))
         .args(["--backend", "tpu", "--steps", "1"])

@@ -16,7 +16,7 @@ use fla_burn::{delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaErr
 use serde::{Deserialize, Serialize};
 
 use crate::modules::{
-    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
     ShortConvolutionConfig,
 };
 
@@ -135,6 +135,7 @@ impl DeltaNetLayerConfig {
                 "key dim {kd} and value dim {vd} must divide into {nh} heads"
             )));
         }
+        check_conv_size(self.use_short_conv, self.conv_size)?;
         let linear = |a, b| LinearConfig::new(a, b).with_bias(false).init(device);
         let conv = |d, silu| {
             self.use_short_conv.then(|| {

@@ -17,7 +17,7 @@ use burn::tensor::{Distribution, FloatDType, Tensor};
 use fla_burn::{gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaError};
 
 use crate::modules::{
-    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
     ShortConvolutionConfig,
 };
 
@@ -111,6 +111,7 @@ impl GatedDeltaNetLayerConfig {
         }
         let (dk, dv) = (self.head_dim, self.head_v_dim()?);
         let (key_dim, value_dim) = (nh * dk, nv * dv);
+        check_conv_size(self.use_short_conv, self.conv_size)?;
         let linear = |a, b| LinearConfig::new(a, b).with_bias(false).init(device);
         let conv = |d| {
             self.use_short_conv.then(|| {

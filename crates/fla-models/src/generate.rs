@@ -43,6 +43,36 @@ impl Default for GenerationConfig {
     }
 }
 
+impl GenerationConfig {
+    /// Refuses settings that would silently pick the wrong token: a temperature that is NaN,
+    /// infinite or negative (NaN would skip the greedy branch and sample from nonsense), a
+    /// top-k of 0, a top-p outside (0, 1], a repetition penalty that is not a positive number.
+    pub fn validate(&self) -> Result<(), FlaError> {
+        let bad = |m: String| Err(FlaError::Unsupported(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!(
+                "temperature {} (0 for greedy, or a positive number)",
+                self.temperature
+            ));
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k 0 keeps no token (at least 1, or none)".into());
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad(format!("top_p {p} outside (0, 1]"));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty {} (a positive number; 1 is none)",
+                self.repetition_penalty
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The new tokens and where the time went (the first call's kernel compilation included).
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -53,13 +83,18 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
-/// Chooses the next token from one row of logits.
+/// Chooses the next token from one row of logits (errors on an empty row or a config that
+/// [`GenerationConfig::validate`] refuses).
 pub fn choose(
     logits: &mut [f32],
     seen: &[usize],
     cfg: &GenerationConfig,
     rng: &mut StdRng,
-) -> usize {
+) -> Result<usize, FlaError> {
+    cfg.validate()?;
+    if logits.is_empty() {
+        return Err(FlaError::Empty("no logits to choose a token from".into()));
+    }
     if cfg.repetition_penalty != 1.0 {
         let p = cfg.repetition_penalty as f32;
         for &t in seen {
@@ -81,7 +116,7 @@ pub fn choose(
             .0
     };
     if cfg.temperature <= 0.0 {
-        return argmax(logits);
+        return Ok(argmax(logits));
     }
     let t = cfg.temperature as f32;
     // Candidates, likeliest first.
@@ -115,11 +150,12 @@ pub fn choose(
     let mut u: f64 = rng.random();
     for (i, &q) in order.iter().zip(&probs) {
         if u < q {
-            return *i;
+            return Ok(*i);
         }
         u -= q;
     }
-    *order.last().expect("at least one candidate")
+    // Rounding left a sliver of mass past the last candidate: it is the draw.
+    Ok(*order.last().expect("the row is not empty"))
 }
 
 fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
@@ -145,6 +181,7 @@ pub fn generate<B: LayerBackend, M: TokenMixer<B>>(
     cfg: &GenerationConfig,
     device: &B::Device,
 ) -> Result<Generation, FlaError> {
+    cfg.validate()?;
     if prompt.is_empty() {
         return Err(FlaError::Empty(
             "generation needs a prompt of at least one token".into(),
@@ -160,11 +197,11 @@ pub fn generate<B: LayerBackend, M: TokenMixer<B>>(
     let mut seen = prompt.to_vec();
     let mut tokens = Vec::new();
     let start = Instant::now();
-    let (logits, mut cache) = model.forward(ids(prompt, device), None, true)?;
+    let (logits, mut cache) = model.forward_checked_ids(ids(prompt, device), None, true)?;
     let mut row = last_logits(logits);
     let mut prompt_time = None;
     while tokens.len() < cfg.max_new_tokens {
-        let next = choose(&mut row, &seen, cfg, &mut rng);
+        let next = choose(&mut row, &seen, cfg, &mut rng)?;
         tokens.push(next);
         seen.push(next);
         if prompt_time.is_none() {
@@ -173,7 +210,7 @@ pub fn generate<B: LayerBackend, M: TokenMixer<B>>(
         if Some(next) == cfg.eos_token_id || tokens.len() == cfg.max_new_tokens {
             break;
         }
-        let (logits, c) = model.forward(ids(&[next], device), cache, true)?;
+        let (logits, c) = model.forward_checked_ids(ids(&[next], device), cache, true)?;
         cache = c;
         row = last_logits(logits);
     }

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::modules::{
-    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
     ShortConvolutionConfig,
 };
 
@@ -95,6 +95,7 @@ impl GatedLinearAttentionConfig {
                 self.num_heads
             )));
         }
+        check_conv_size(self.use_short_conv, self.conv_size)?;
         let linear = |a, b, bias| LinearConfig::new(a, b).with_bias(bias).init(device);
         let conv = |d| {
             self.use_short_conv.then(|| {

@@ -15,7 +15,7 @@ use burn::tensor::Tensor;
 use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::modules::{
-    short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
     ShortConvolutionConfig,
 };
 
@@ -72,6 +72,7 @@ impl Hgrn2AttentionConfig {
                 "expand_ratio {e} must divide hidden_size {h}"
             )));
         }
+        check_conv_size(self.use_short_conv, self.conv_size)?;
         let nh = h / e;
         let linear = |a, b| LinearConfig::new(a, b).with_bias(false).init(device);
         let conv = |d| {

@@ -157,9 +157,50 @@ fn layer_bounds<B: Backend>(lower_bounds: Tensor<B, 2>) -> Tensor<B, 2> {
 pub type LmOutput<B, C> = Result<(Tensor<B, 3>, Option<Vec<C>>), FlaError>;
 
 impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
+    /// Errors unless every id is in `0..vocab_size`: on a GPU an id past the embedding table
+    /// reads another row silently, on the CPU it panics. One readback of the ids' least and
+    /// greatest (a device sync).
+    pub fn check_ids(&self, input_ids: &Tensor<B, 2, Int>) -> Result<(), FlaError> {
+        if input_ids.shape().num_elements() == 0 {
+            return Ok(());
+        }
+        let vocab = self.model.embeddings.weight.dims()[0] as i64;
+        let ends = Tensor::cat(
+            vec![
+                input_ids.clone().min().reshape([1]),
+                input_ids.clone().max().reshape([1]),
+            ],
+            0,
+        )
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .map_err(|e| FlaError::DType(format!("token ids: {e:?}")))?;
+        match ends[..] {
+            [lo, hi] if lo >= 0 && hi < vocab => Ok(()),
+            [lo, hi] => Err(FlaError::Shape(format!(
+                "token ids span {lo}..={hi}, outside the vocabulary 0..{vocab}"
+            ))),
+            _ => unreachable!("two values read back"),
+        }
+    }
+
     /// `input_ids: [B, T]` → logits `[B, T, vocab]`; with `use_cache`, also the per-layer caches
-    /// that continue these sequences (pass them back with the next tokens).
+    /// that continue these sequences (pass them back with the next tokens). Ids outside the
+    /// vocabulary are an error ([`Self::check_ids`]).
     pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<Vec<M::Cache>>,
+        use_cache: bool,
+    ) -> LmOutput<B, M::Cache> {
+        self.check_ids(&input_ids)?;
+        self.forward_checked_ids(input_ids, cache, use_cache)
+    }
+
+    /// [`Self::forward`] without the ids' readback, for ids the caller has already checked
+    /// (built on the host from a tokeniser's output, or drawn from the model's own logits).
+    pub fn forward_checked_ids(
         &self,
         input_ids: Tensor<B, 2, Int>,
         cache: Option<Vec<M::Cache>>,
@@ -200,15 +241,24 @@ impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
         Ok((logits, use_cache.then_some(next)))
     }
 
-    /// Mean next-token cross-entropy of `input_ids: [B, T]` (T >= 2).
+    /// Mean next-token cross-entropy of `input_ids: [B, T]` (T >= 2). Ids outside the
+    /// vocabulary are an error ([`Self::check_ids`]).
     pub fn loss(&self, input_ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 1>, FlaError> {
+        self.check_ids(&input_ids)?;
+        self.loss_checked_ids(input_ids)
+    }
+
+    /// [`Self::loss`] without the ids' readback (a device sync a step), for batches whose ids
+    /// the caller checked on the host.
+    pub fn loss_checked_ids(&self, input_ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 1>, FlaError> {
         let [b, t] = input_ids.dims();
         if t < 2 {
             return Err(FlaError::Empty(
                 "a loss needs at least two tokens per row".into(),
             ));
         }
-        let (logits, _) = self.forward(input_ids.clone().narrow(1, 0, t - 1), None, false)?;
+        let (logits, _) =
+            self.forward_checked_ids(input_ids.clone().narrow(1, 0, t - 1), None, false)?;
         let vocab = logits.dims()[2];
         let targets = input_ids.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
         // Fused (FLA's fuse_cross_entropy): the softmax over the vocabulary in f32 whatever the

@@ -144,6 +144,17 @@ pub struct ShortConvolution<B: Backend> {
     pub silu: bool,
 }
 
+/// Refuses a short convolution of fewer than two taps (`conv_size` in FLA's configs): its cache
+/// of `conv_size - 1` inputs would be empty, which the decoding path cannot carry.
+pub fn check_conv_size(use_short_conv: bool, conv_size: usize) -> Result<(), FlaError> {
+    if use_short_conv && conv_size < 2 {
+        return Err(FlaError::Shape(format!(
+            "conv_size {conv_size}: a short convolution needs at least 2 taps"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Config, Debug)]
 pub struct ShortConvolutionConfig {
     pub hidden_size: usize,

@@ -144,7 +144,8 @@ impl AttnProblem {
     /// `j`.
     pub fn visible(&self, i: usize, j: usize, lq: usize, lk: usize) -> bool {
         let pos = i + lk - lq.min(lk);
-        (!self.causal || j <= pos) && self.window.is_none_or(|w| j + w > pos)
+        // Saturating: a window near `usize::MAX` (from a config file) sees every key.
+        (!self.causal || j <= pos) && self.window.is_none_or(|w| j.saturating_add(w) > pos)
     }
 
     /// Element counts `(q, k, v, o, lse)`.

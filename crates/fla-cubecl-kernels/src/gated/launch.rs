@@ -572,6 +572,9 @@ impl<'a, R: Runtime> ChunkCall<'a, R> {
         let c = chunk_layout(client, p, chunk)?;
         let (chunks, first, count) = chunk_tables((0..p.num_seqs()).map(|n| p.bounds(n)), chunk);
         crate::problem::addressable(count * p.heads * p.k_dim * p.v_dim, "the per-chunk states")?;
+        // The pair buffers hold a chunk's worth of entries per token and head (`pairs_len`),
+        // more than the inputs when the chunk exceeds K and V.
+        crate::problem::addressable(p.tokens() * p.heads * chunk, "the chunk pair buffers")?;
         check_grid(client, (1, count, p.heads), "the gated chunk kernels")?;
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));

@@ -333,6 +333,9 @@ pub(crate) fn tiled_backward<R: Runtime>(
     );
     let nv = p.v_dim.div_ceil(l.bv);
     let nk = p.k_dim.div_ceil(l.bk);
+    // One partial `dk` per value block, indexed in 32 bits: the inputs' own check does not
+    // cover `nv` of them.
+    crate::problem::addressable(nv * qk, "the tiled backward's partial dk")?;
     let dq_part = client.empty(4 * qk);
     let dk_part = client.empty(4 * nv * qk);
     let dh0 = if p.has_initial_state {

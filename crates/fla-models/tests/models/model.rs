@@ -154,3 +154,112 @@ fn gla_trains_in_half_precision() {
         ..Default::default()
     });
 }
+
+/// Ids outside the vocabulary (16 here) are an error from `forward` and `loss`, not a panic in
+/// the embedding's gather (CPU) or another row read silently (GPU).
+#[test]
+fn ids_outside_the_vocabulary_are_refused() {
+    let device = Default::default();
+    let model = tiny().init::<B>(&device).unwrap();
+    for bad in [16, 1000, -1] {
+        let x = ids::<B>(&[&[1, 5, bad, 7]], &device);
+        match model.forward(x.clone(), None, false) {
+            Err(fla_burn::FlaError::Shape(msg)) => assert!(msg.contains("vocabulary"), "{msg}"),
+            Err(other) => panic!("{bad}: expected Shape, got {other}"),
+            Ok(_) => panic!("{bad}: id outside the vocabulary accepted"),
+        }
+        assert!(model.loss(x).is_err(), "{bad}: loss accepted it");
+    }
+    let fine = ids::<B>(&[&[0, 15, 3]], &device);
+    assert!(model.loss(fine).is_ok());
+}
+
+/// A short convolution needs two taps at least (its decoding cache holds `conv_size - 1`).
+#[test]
+fn conv_size_below_two_is_refused() {
+    let device = Default::default();
+    for size in [0, 1] {
+        let config = GlaConfig {
+            use_short_conv: true,
+            conv_size: size,
+            ..tiny()
+        };
+        match config.init::<B>(&device) {
+            Err(fla_burn::FlaError::Shape(msg)) => assert!(msg.contains("conv_size"), "{msg}"),
+            Err(other) => panic!("expected Shape, got {other}"),
+            Ok(_) => panic!("conv_size {size} accepted"),
+        }
+    }
+    // Without the convolution the size is not used.
+    let unused = GlaConfig {
+        use_short_conv: false,
+        conv_size: 0,
+        ..tiny()
+    };
+    assert!(unused.init::<B>(&device).is_ok());
+}
+
+/// Sampling settings that would pick tokens silently wrong are refused before anything runs;
+/// the edges that are valid (top_p 1, top_k 1, temperature 0) run.
+#[test]
+fn generation_settings_are_checked() {
+    use fla_models::generate::{generate, GenerationConfig};
+    let device = Default::default();
+    let model = tiny().init::<B>(&device).unwrap();
+    let base = GenerationConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let bad = [
+        GenerationConfig {
+            temperature: f64::NAN,
+            ..base.clone()
+        },
+        GenerationConfig {
+            temperature: -1.0,
+            ..base.clone()
+        },
+        GenerationConfig {
+            top_k: Some(0),
+            temperature: 1.0,
+            ..base.clone()
+        },
+        GenerationConfig {
+            top_p: Some(0.0),
+            temperature: 1.0,
+            ..base.clone()
+        },
+        GenerationConfig {
+            top_p: Some(1.5),
+            temperature: 1.0,
+            ..base.clone()
+        },
+        GenerationConfig {
+            repetition_penalty: 0.0,
+            ..base.clone()
+        },
+        GenerationConfig {
+            repetition_penalty: f64::INFINITY,
+            ..base.clone()
+        },
+    ];
+    for cfg in bad {
+        match generate(&model, &[1, 2], &cfg, &device) {
+            Err(fla_burn::FlaError::Unsupported(_)) => {}
+            Err(other) => panic!("{cfg:?}: expected Unsupported, got {other}"),
+            Ok(_) => panic!("{cfg:?} accepted"),
+        }
+    }
+    let edges = GenerationConfig {
+        temperature: 0.7,
+        top_k: Some(1),
+        top_p: Some(1.0),
+        ..base.clone()
+    };
+    let greedy = generate(&model, &[1, 2], &base, &device).unwrap();
+    // top_k 1 samples the arg max: the greedy tokens.
+    assert_eq!(
+        generate(&model, &[1, 2], &edges, &device).unwrap().tokens,
+        greedy.tokens
+    );
+}
