@@ -14,6 +14,17 @@ pub fn runtime_name() -> &'static str {
     }
 }
 
+/// Whether the tests run on a CPU Vulkan driver (lavapipe), whose per-invocation loop limit the
+/// kernels refuse long sequences for.
+pub fn is_cpu_vulkan() -> bool {
+    #[cfg(feature = "wgpu")]
+    if runtime_name() == "wgpu" {
+        let client = <cubecl::wgpu::WgpuRuntime as cubecl::Runtime>::client(&Default::default());
+        return fla::kernels::gated::is_cpu_vulkan(&client);
+    }
+    false
+}
+
 pub fn tensor<B: Backend, const D: usize>(
     xs: &[f64],
     shape: [usize; D],

@@ -437,3 +437,21 @@ fn unsupported_dtypes<Fused: DeltaRuleBackend>() {
         expect_err(cast(FloatDType::BF16), unsupported, "bf16 on Vulkan");
     }
 }
+
+/// A sequence past what lavapipe runs in one shader invocation, through the fusion stream (which
+/// defers the launch) and autodiff: on lavapipe an error naming the limit from the forward call,
+/// not a panic when the stream executes; on a GPU it runs.
+#[rstest]
+fn long_sequence_on_the_fusion_stream(
+    #[values(DeltaMode::FusedRecurrent, DeltaMode::Chunk)] mode: DeltaMode,
+) {
+    let t = fla::kernels::gated::CPU_VULKAN_MAX_SEQ + 7;
+    let c = case(true, [1, t, 1, 1, 16, 16], None, 1.0);
+    match (common::is_cpu_vulkan(), run_in(Impl::Fusion, &c, mode)) {
+        (true, Err(FlaError::Kernel(msg))) => assert!(msg.contains("lavapipe"), "{msg}"),
+        (true, other) => panic!("expected the loop limit, got {:?}", other.map(|_| ())),
+        (false, r) => {
+            r.expect("a GPU runs long sequences");
+        }
+    }
+}

@@ -709,3 +709,31 @@ fn no_driver_is_an_error() {
         "the child ran no test named {name}: {stdout}"
     );
 }
+
+/// A sequence past what lavapipe runs in one shader invocation, through the fusion stream (which
+/// defers the launch) and autodiff: on lavapipe an error naming the limit from the forward call,
+/// not a panic when the stream executes; on a GPU it runs.
+#[rstest]
+fn long_sequence_on_the_fusion_stream(
+    #[values(GatedMode::FusedRecurrent, GatedMode::Chunk)] mode: GatedMode,
+) {
+    let t = fla::kernels::gated::CPU_VULKAN_MAX_SEQ + 7;
+    let c = case(
+        Variant::Gla,
+        [1, t, 1, 16, 16],
+        1.0,
+        false,
+        None,
+        KernelDType::F32,
+    );
+    match (
+        common::is_cpu_vulkan(),
+        run_mode(Impl::Fusion, &c, Variant::Gla, mode),
+    ) {
+        (true, Err(FlaError::Kernel(msg))) => assert!(msg.contains("lavapipe"), "{msg}"),
+        (true, other) => panic!("expected the loop limit, got {:?}", other.map(|_| ())),
+        (false, r) => {
+            r.expect("a GPU runs long sequences");
+        }
+    }
+}

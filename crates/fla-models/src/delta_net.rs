@@ -202,7 +202,7 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
                 self.v_proj.forward(x.clone()),
             ],
             conv_cache,
-        );
+        )?;
         // With convolutions their SiLU has been applied (to v always, to q and k when it is the
         // activation); without, FLA applies the same to the projections.
         let convolved = self.q_conv1d.is_some();

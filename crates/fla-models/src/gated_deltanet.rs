@@ -187,7 +187,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
                 self.v_proj.forward(x.clone()),
             ],
             conv_cache,
-        );
+        )?;
         // The convolutions end in a SiLU; without them FLA applies it to the projections.
         let [q, k, v] = match conv {
             Some(_) => [q, k, v],

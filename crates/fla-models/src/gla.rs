@@ -160,7 +160,7 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
                 self.v_proj.forward(x.clone()),
             ],
             conv_cache,
-        );
+        )?;
         let gk = self.gk_proj_1.forward(self.gk_proj_0.forward(x.clone()));
         let heads = |y: Tensor<B, 3>| {
             let d = y.dims()[2] / nh;

@@ -147,7 +147,7 @@ impl<B: GatedRecurrentBackend> Hgrn2Attention<B> {
                 self.i_proj.forward(x),
             ],
             conv_cache,
-        );
+        )?;
         let q = silu(q);
         let mut g = log_sigmoid(f);
         if let (Some(lb), true) = (lower_bound, self.layer_idx > 0) {

@@ -206,6 +206,15 @@ impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
         cache: Option<Vec<M::Cache>>,
         use_cache: bool,
     ) -> LmOutput<B, M::Cache> {
+        if let Some(c) = &cache {
+            if c.len() != self.model.layers.len() {
+                return Err(FlaError::Shape(format!(
+                    "{} layer caches for a model of {} layers",
+                    c.len(),
+                    self.model.layers.len()
+                )));
+            }
+        }
         let mut h = self.model.embeddings.forward(input_ids);
         let mut caches = cache.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
         let mut next = Vec::new();

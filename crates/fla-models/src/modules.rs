@@ -192,13 +192,35 @@ impl<B: Backend> ShortConvolution<B> {
 
     /// `x: [B, T, D]`; `cache: [B, W-1, D]`, the inputs before `x` (zeros when absent). Returns
     /// the output and the cache to pass with the next chunk of the same sequences.
+    /// Errors on an empty `x`, a width other than the convolution's, or a cache of another
+    /// shape than `[B, W-1, D]` (a cache from another batch or layer).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cache: Option<Tensor<B, 3>>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 3>), FlaError> {
         let [b, t, d] = x.dims();
         let w = self.kernel_size();
+        let channels = self.weight.dims()[0];
+        if b == 0 || t == 0 {
+            return Err(FlaError::Empty(format!(
+                "short convolution of an empty input [{b}, {t}, {d}]"
+            )));
+        }
+        if d != channels || w < 2 {
+            return Err(FlaError::Shape(format!(
+                "short convolution of {channels} channels and {w} taps given [{b}, {t}, {d}]"
+            )));
+        }
+        if let Some(c) = &cache {
+            if c.dims() != [b, w - 1, d] {
+                return Err(FlaError::Shape(format!(
+                    "short convolution cache {:?}, expected [{b}, {}, {d}]",
+                    c.dims(),
+                    w - 1
+                )));
+            }
+        }
         // Zeros in the input's dtype, which need not be the backend's default (a model run on a
         // half-precision copy of its weights, as mixed-precision training does).
         let past = cache.unwrap_or_else(|| Tensor::zeros([b, w - 1, d], (&x.device(), x.dtype())));
@@ -217,7 +239,7 @@ impl<B: Backend> ShortConvolution<B> {
         let total = t + w - 1;
         let next_cache = padded.narrow(1, total - (w - 1), w - 1);
         let y = if self.silu { silu(y) } else { y };
-        (y, next_cache)
+        Ok((y, next_cache))
     }
 }
 
@@ -251,25 +273,28 @@ pub fn short_convs<B: Backend>(
     convs: [&Option<ShortConvolution<B>>; 3],
     xs: [Tensor<B, 3>; 3],
     cache: Option<[Tensor<B, 3>; 3]>,
-) -> ([Tensor<B, 3>; 3], Option<[Tensor<B, 3>; 3]>) {
+) -> Result<([Tensor<B, 3>; 3], Option<[Tensor<B, 3>; 3]>), FlaError> {
     let [c0, c1, c2] = match cache {
         Some([a, b, c]) => [Some(a), Some(b), Some(c)],
         None => [None, None, None],
     };
-    let run = |layer: &Option<ShortConvolution<B>>, y: Tensor<B, 3>, c| match layer {
-        Some(l) => {
-            let (y, c) = l.forward(y, c);
-            (y, Some(c))
+    type Run<B> = Result<(Tensor<B, 3>, Option<Tensor<B, 3>>), FlaError>;
+    let run = |layer: &Option<ShortConvolution<B>>, y: Tensor<B, 3>, c| -> Run<B> {
+        match layer {
+            Some(l) => {
+                let (y, c) = l.forward(y, c)?;
+                Ok((y, Some(c)))
+            }
+            None => Ok((y, None)),
         }
-        None => (y, None),
     };
     let [x0, x1, x2] = xs;
-    let (y0, n0) = run(convs[0], x0, c0);
-    let (y1, n1) = run(convs[1], x1, c1);
-    let (y2, n2) = run(convs[2], x2, c2);
+    let (y0, n0) = run(convs[0], x0, c0)?;
+    let (y1, n1) = run(convs[1], x1, c1)?;
+    let (y2, n2) = run(convs[2], x2, c2)?;
     let next = match (n0, n1, n2) {
         (Some(a), Some(b), Some(c)) => Some([a, b, c]),
         _ => None,
     };
-    ([y0, y1, y2], next)
+    Ok(([y0, y1, y2], next))
 }

@@ -10,6 +10,7 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use super::{describe, DeltaForward, DeltaGrads, DeltaOptions, DeltaRuleBackend, DeltaTensors};
 use crate::recorded::{autodiff, Outputs};
 use crate::FlaError;
+use fla_cubecl_kernels::delta::DeltaProblem;
 
 impl<B: DeltaRuleBackend, C: CheckpointStrategy> DeltaRuleBackend for Autodiff<B, C> {
     fn delta_rule_forward(
@@ -37,5 +38,9 @@ impl<B: DeltaRuleBackend, C: CheckpointStrategy> DeltaRuleBackend for Autodiff<B
 
     fn delta_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::delta_check_dtype(device, dtype)
+    }
+
+    fn delta_check_device(device: &Self::Device, problem: &DeltaProblem) -> Result<(), FlaError> {
+        B::delta_check_device(device, problem)
     }
 }

@@ -114,4 +114,9 @@ where
         kernel_dtype(dtype)?.check_supported(&client)?;
         Ok(())
     }
+
+    fn delta_check_device(device: &Self::Device, problem: &DeltaProblem) -> Result<(), FlaError> {
+        fla_cubecl_kernels::delta::delta_check_device(&R::client(device), problem)?;
+        Ok(())
+    }
 }

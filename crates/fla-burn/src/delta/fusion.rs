@@ -11,6 +11,7 @@ use super::{
 };
 use crate::recorded::{fusion, Outputs};
 use crate::FlaError;
+use fla_cubecl_kernels::delta::DeltaProblem;
 
 impl<B: FusionBackend + DeltaRuleBackend> DeltaRuleBackend for Fusion<B> {
     fn delta_rule_forward(
@@ -19,6 +20,7 @@ impl<B: FusionBackend + DeltaRuleBackend> DeltaRuleBackend for Fusion<B> {
     ) -> Result<DeltaForward<Self>, FlaError> {
         let p = describe(&x, opts)?;
         B::delta_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        B::delta_check_device(&Self::float_device(&x.q), &p)?;
         let o = vec![p.batch, p.seq_len, p.v_heads, p.v_dim];
         let ht = p
             .output_final_state
@@ -33,13 +35,18 @@ impl<B: FusionBackend + DeltaRuleBackend> DeltaRuleBackend for Fusion<B> {
         d_ht: Option<FusionTensor<B::FusionRuntime>>,
         opts: &DeltaOptions,
     ) -> Result<DeltaGrads<Self>, FlaError> {
-        describe_backward(&x, &d_o, d_ht.as_ref(), opts)?;
+        let p = describe_backward(&x, &d_o, d_ht.as_ref(), opts)?;
         B::delta_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        B::delta_check_device(&Self::float_device(&x.q), &p)?;
         let grads = fusion::backward::<B, _>(opts, x.into_inputs(), None, d_o, d_ht);
         Ok(DeltaGrads::from_inputs(grads))
     }
 
     fn delta_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::delta_check_dtype(device, dtype)
+    }
+
+    fn delta_check_device(device: &Self::Device, problem: &DeltaProblem) -> Result<(), FlaError> {
+        B::delta_check_device(device, problem)
     }
 }

@@ -183,6 +183,13 @@ pub trait DeltaRuleBackend: crate::LayerBackend {
     fn delta_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
         Ok(())
     }
+
+    /// Checks what the device refuses of a described problem in any form and direction (the
+    /// dtype, lavapipe's loop limit, the grid), so that a launch deferred by fusion or recorded
+    /// for the backward cannot fail on it. Backends without such limits accept every problem.
+    fn delta_check_device(_device: &Self::Device, _problem: &DeltaProblem) -> Result<(), FlaError> {
+        Ok(())
+    }
 }
 
 /// How the `Autodiff` and `Fusion` wrappers run this family on an inner backend.

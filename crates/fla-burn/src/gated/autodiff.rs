@@ -12,6 +12,7 @@ use super::{
 };
 use crate::recorded::{autodiff, Outputs};
 use crate::FlaError;
+use fla_cubecl_kernels::gated::GatedProblem;
 
 impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for Autodiff<B, C> {
     fn gated_recurrent_forward(
@@ -55,5 +56,9 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
 
     fn gated_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::gated_check_dtype(device, dtype)
+    }
+
+    fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {
+        B::gated_check_device(device, problem)
     }
 }

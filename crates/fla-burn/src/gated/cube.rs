@@ -147,4 +147,9 @@ where
         kernel_dtype(dtype)?.check_supported(&client)?;
         Ok(())
     }
+
+    fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {
+        fla_cubecl_kernels::gated::check_device(&R::client(device), problem)?;
+        Ok(())
+    }
 }

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::recorded::{fusion, Outputs};
 use crate::FlaError;
+use fla_cubecl_kernels::gated::GatedProblem;
 
 impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<B> {
     fn gated_recurrent_forward(
@@ -21,6 +22,7 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
     ) -> Result<GatedForward<Self>, FlaError> {
         let p = describe(&x, opts)?;
         B::gated_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        B::gated_check_device(&Self::float_device(&x.q), &p)?;
         let o = vec![p.batch, p.seq_len, p.heads, p.v_dim];
         let ht = p
             .output_final_state
@@ -37,8 +39,9 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
         d_ht: Option<FusionTensor<B::FusionRuntime>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
-        describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
+        let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
         B::gated_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        B::gated_check_device(&Self::float_device(&x.q), &p)?;
         let grads =
             fusion::backward::<B, _>(opts, x.into_inputs(), Some(Outputs { o, ht }), d_o, d_ht);
         Ok(GatedGrads::from_inputs(grads))
@@ -46,5 +49,9 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
 
     fn gated_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::gated_check_dtype(device, dtype)
+    }
+
+    fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {
+        B::gated_check_device(device, problem)
     }
 }

@@ -241,6 +241,13 @@ pub trait GatedRecurrentBackend: crate::LayerBackend {
     fn gated_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
         Ok(())
     }
+
+    /// Checks what the device refuses of a described problem in any form and direction (the
+    /// dtype, lavapipe's loop limit, the grid), so that a launch deferred by fusion or recorded
+    /// for the backward cannot fail on it. Backends without such limits accept every problem.
+    fn gated_check_device(_device: &Self::Device, _problem: &GatedProblem) -> Result<(), FlaError> {
+        Ok(())
+    }
 }
 
 /// The float dtype of a Burn dtype (callers have checked that it is a float).

@@ -50,17 +50,27 @@ pub struct DeltaBackwardBuffers<'a> {
     pub dh0: Option<&'a Handle>,
 }
 
-/// Checks shared by both forms: the problem, the dtype on this device, the loop limit, and that
-/// the optional buffers match the problem's flags.
+/// What this device refuses of a problem whatever the form and direction: the problem itself,
+/// the dtype, lavapipe's loop limit. Callers that defer the launch (Burn's fusion stream, the
+/// backward recorded for autodiff) run it first, so the deferred launch does not fail on them.
+pub fn delta_check_device<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &DeltaProblem,
+) -> Result<(), KernelError> {
+    p.validate()?;
+    p.dtype.check_supported(client)?;
+    check_loop_limit(client, p.longest())
+}
+
+/// Checks shared by both forms: [`delta_check_device`], and that the optional buffers match
+/// the problem's flags.
 pub(super) fn check<R: Runtime>(
     client: &ComputeClient<R>,
     p: &DeltaProblem,
     g: Option<&Handle>,
     h0: Option<&Handle>,
 ) -> Result<(), KernelError> {
-    p.validate()?;
-    p.dtype.check_supported(client)?;
-    check_loop_limit(client, p.longest())?;
+    delta_check_device(client, p)?;
     if p.gated != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gated = {} does not match the decay buffer given ({})",

@@ -19,7 +19,9 @@ mod tiled;
 mod tiled_bwd;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
-pub use launch::{delta_backward, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers};
+pub use launch::{
+    delta_backward, delta_check_device, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers,
+};
 pub use recurrent::CHECKPOINT_EVERY;
 pub use tiled::{delta_chunk_on_tensor_cores, delta_takes_tiles};
 

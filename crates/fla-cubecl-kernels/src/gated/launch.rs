@@ -223,12 +223,13 @@ pub(crate) fn check_loop_limit<R: Runtime>(
     Ok(())
 }
 
-fn check_common<R: Runtime>(
+/// What this device refuses of a problem whatever the form and direction: the problem itself,
+/// the dtype, lavapipe's loop limit, the grid. Callers that defer the launch (Burn's fusion
+/// stream, the backward recorded for autodiff) run it first, so the deferred launch does not
+/// fail on them.
+pub fn check_device<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
-    g: Option<&Handle>,
-    gv: Option<&Handle>,
-    h0: Option<&Handle>,
 ) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
@@ -239,7 +240,17 @@ fn check_common<R: Runtime>(
         client,
         (1, p.num_seqs() * p.heads, p.num_seqs()),
         "the gated kernels",
-    )?;
+    )
+}
+
+fn check_common<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    g: Option<&Handle>,
+    gv: Option<&Handle>,
+    h0: Option<&Handle>,
+) -> Result<(), KernelError> {
+    check_device(client, p)?;
     if (p.gate != GateKind::None) != g.is_some() {
         return Err(KernelError::InvalidProblem(format!(
             "gate kind {:?} does not match the gate buffer given ({})",

@@ -42,7 +42,7 @@ fn short_convolution_matches_definition_and_streams() {
         .with_bias(true)
         .init::<B>(&device);
     let x = Tensor::<B, 3>::random([2, 9, 3], Distribution::Normal(0.0, 1.0), &device);
-    let (y, _) = conv.forward(x.clone(), None);
+    let (y, _) = conv.forward(x.clone(), None).unwrap();
     // Definition, element by element.
     let (xs, w, bias) = (
         x.to_data().to_vec::<f32>().unwrap(),
@@ -75,9 +75,41 @@ fn short_convolution_matches_definition_and_streams() {
         Tensor::from_data(TensorData::new(want, [2, 9, 3]), &device),
     );
     // In two pieces through the cache.
-    let (y1, c) = conv.forward(x.clone().narrow(1, 0, 5), None);
-    let (y2, _) = conv.forward(x.narrow(1, 5, 4), Some(c));
+    let (y1, c) = conv.forward(x.clone().narrow(1, 0, 5), None).unwrap();
+    let (y2, _) = conv.forward(x.narrow(1, 5, 4), Some(c)).unwrap();
     close(y, Tensor::cat(vec![y1, y2], 1));
+}
+
+/// A cache from another batch or width, an input of another width, or an empty input is an
+/// error naming the shapes, not a panic inside `cat` or a silently shifted window.
+#[test]
+fn short_convolution_refuses_mismatched_shapes() {
+    let device = Default::default();
+    let conv = ShortConvolutionConfig::new(3)
+        .with_kernel_size(4)
+        .init::<B>(&device);
+    let x = Tensor::<B, 3>::zeros([2, 5, 3], &device);
+    for (cache, what) in [
+        ([1, 3, 3], "another batch"),
+        ([2, 2, 3], "another window"),
+        ([2, 3, 4], "another width"),
+    ] {
+        let c = Tensor::<B, 3>::zeros(cache, &device);
+        match conv.forward(x.clone(), Some(c)) {
+            Err(fla_burn::FlaError::Shape(msg)) => assert!(msg.contains("cache"), "{msg}"),
+            other => panic!("{what}: expected Shape, got {:?}", other.map(|_| ())),
+        }
+    }
+    let wide = Tensor::<B, 3>::zeros([2, 5, 4], &device);
+    assert!(matches!(
+        conv.forward(wide, None),
+        Err(fla_burn::FlaError::Shape(_))
+    ));
+    let empty = Tensor::<B, 3>::zeros([2, 0, 3], &device);
+    assert!(matches!(
+        conv.forward(empty, None),
+        Err(fla_burn::FlaError::Empty(_))
+    ));
 }
 
 #[test]

@@ -174,6 +174,23 @@ fn ids_outside_the_vocabulary_are_refused() {
     assert!(model.loss(fine).is_ok());
 }
 
+/// Caches for fewer (or more) layers than the model has are an error, not layers silently
+/// restarted from an empty state.
+#[test]
+fn caches_must_cover_every_layer() {
+    let device = Default::default();
+    let model = tiny().init::<B>(&device).unwrap();
+    let x = ids::<B>(&[&[1, 5, 3]], &device);
+    let (_, cache) = model.forward(x.clone(), None, true).unwrap();
+    let mut cache = cache.expect("asked for caches");
+    assert_eq!(cache.len(), 2);
+    cache.pop();
+    match model.forward(x.narrow(1, 0, 1), Some(cache), true) {
+        Err(fla_burn::FlaError::Shape(msg)) => assert!(msg.contains("1 layer caches"), "{msg}"),
+        other => panic!("expected Shape, got {:?}", other.map(|_| ())),
+    }
+}
+
 /// A short convolution needs two taps at least (its decoding cache holds `conv_size - 1`).
 #[test]
 fn conv_size_below_two_is_refused() {
