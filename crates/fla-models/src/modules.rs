@@ -266,6 +266,9 @@ impl<B: Backend> LayerCache<B> {
     }
 }
 
+/// The three convolutions' outputs and, when all three exist, their next cache.
+pub type ShortConvsOutput<B> = ([Tensor<B, 3>; 3], Option<[Tensor<B, 3>; 3]>);
+
 /// Runs a layer's q, k and v short convolutions on `xs`, continuing from `cache` (their inputs
 /// of an earlier call). Absent convolutions pass their input through. Returns the outputs and
 /// the convolutions' next cache (`None` unless all three convolutions exist).
@@ -273,7 +276,7 @@ pub fn short_convs<B: Backend>(
     convs: [&Option<ShortConvolution<B>>; 3],
     xs: [Tensor<B, 3>; 3],
     cache: Option<[Tensor<B, 3>; 3]>,
-) -> Result<([Tensor<B, 3>; 3], Option<[Tensor<B, 3>; 3]>), FlaError> {
+) -> Result<ShortConvsOutput<B>, FlaError> {
     let [c0, c1, c2] = match cache {
         Some([a, b, c]) => [Some(a), Some(b), Some(c)],
         None => [None, None, None],
