@@ -323,6 +323,21 @@ fn empty_parameter_falls_back() {
     on_gpu!(fusion, go());
 }
 
+/// The fallback refuses what the fused op refuses: a NaN learning rate on a tensor the fused
+/// op does not take stops the step with its reason (Burn's optimizer trait has no error path)
+/// instead of turning the parameter to NaN.
+#[test]
+#[should_panic(expected = "AdamW step 1")]
+fn fallback_refuses_a_nan_learning_rate() {
+    fn go<B: AdamWBackend>() {
+        let device = B::Device::default();
+        let optim = FusedAdamWConfig::new().build().expect("valid config");
+        let empty = Tensor::<B, 2>::zeros([0, 4], &device);
+        let _ = optim.step(f64::NAN, empty.clone(), empty, None);
+    }
+    on_gpu!(fusion, go());
+}
+
 /// Typed errors, before anything reaches the device.
 #[rstest]
 #[case::shapes([2, 8], [2, 9], hyper(1, None), "grad must be [2, 8]")]

@@ -129,6 +129,23 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             None => (1, None),
         };
         let s = self.hyper(lr, time);
+        // Burn's optimizer trait has no error path, so what the fused op refuses panics here with
+        // its reason, on the tensor-op fallback too (a NaN learning rate would otherwise turn the
+        // parameters to NaN, moments from another model's record broadcast or fail inside Burn).
+        if let Err(e) = check_step(&s, moments.is_some()) {
+            panic!("AdamW step {time}: {e}");
+        }
+        if let Some((m, v)) = &moments {
+            let want = tensor.dims();
+            if m.dims() != want || v.dims() != want {
+                panic!(
+                    "AdamW step {time}: moments {:?} and {:?} for a parameter {want:?} \
+                     (an optimizer record of another model?)",
+                    m.dims(),
+                    v.dims()
+                );
+            }
+        }
         let len = tensor.shape().num_elements();
         let fused = len > 0
             && len <= MAX_ADAMW_LEN
