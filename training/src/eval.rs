@@ -100,7 +100,8 @@ fn scored_log_likelihood<B: LayerBackend, M: TokenMixer<B>>(
         .flat_map(|(r, _)| r.iter().map(|&b| b as i64))
         .collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, len]), device);
-    let (logits, _) = model.forward(ids.clone().narrow(1, 0, len - 1), None, false)?;
+    // The tokeniser's ids, which the model's vocabulary was checked to cover when it loaded.
+    let (logits, _) = model.forward_checked_ids(ids.clone().narrow(1, 0, len - 1), None, false)?;
     let targets = ids.narrow(1, 1, len - 1).unsqueeze_dim::<3>(2);
     // Log-probabilities in f32 whatever the model computes in (as the training loss does).
     let logp = log_softmax(logits.cast(FloatDType::F32), 2)

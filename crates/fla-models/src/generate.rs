@@ -18,7 +18,7 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     /// 0 is greedy (the arg max); otherwise logits are divided by it before sampling.
     pub temperature: f64,
-    /// Sample among the `k` likeliest tokens only.
+    /// Sample among the `k` likeliest tokens only (0, as in transformers, or `None`: all).
     pub top_k: Option<usize>,
     /// Sample among the likeliest tokens whose probabilities sum to at least `p` (nucleus).
     pub top_p: Option<f64>,
@@ -46,7 +46,7 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     /// Refuses settings that would silently pick the wrong token: a temperature that is NaN,
     /// infinite or negative (NaN would skip the greedy branch and sample from nonsense), a
-    /// top-k of 0, a top-p outside (0, 1], a repetition penalty that is not a positive number.
+    /// top-p outside [0, 1] or NaN, a repetition penalty that is not a positive number.
     pub fn validate(&self) -> Result<(), FlaError> {
         let bad = |m: String| Err(FlaError::Unsupported(m));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -55,12 +55,10 @@ impl GenerationConfig {
                 self.temperature
             ));
         }
-        if self.top_k == Some(0) {
-            return bad("top_k 0 keeps no token (at least 1, or none)".into());
-        }
         if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return bad(format!("top_p {p} outside (0, 1]"));
+            // As transformers: 0 keeps the likeliest token alone, 1 keeps every token.
+            if !(0.0..=1.0).contains(&p) {
+                return bad(format!("top_p {p} outside [0, 1]"));
             }
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
@@ -122,10 +120,14 @@ pub fn choose(
     // Candidates, likeliest first.
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = cfg.top_k {
-        order.truncate(k.max(1));
+    if let Some(k) = cfg.top_k.filter(|&k| k > 0) {
+        order.truncate(k);
     }
     let top = logits[order[0]] / t;
+    if !top.is_finite() {
+        // A temperature so small that the scaled logits overflow f32: the limit is greedy.
+        return Ok(order[0]);
+    }
     let mut probs: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] / t - top) as f64).exp())

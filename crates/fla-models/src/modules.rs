@@ -145,7 +145,8 @@ pub struct ShortConvolution<B: Backend> {
 }
 
 /// Refuses a short convolution of fewer than two taps (`conv_size` in FLA's configs): its cache
-/// of `conv_size - 1` inputs would be empty, which the decoding path cannot carry.
+/// of `conv_size - 1` inputs would be empty, which the decoding path cannot carry. (FLA builds
+/// `conv_size` 1, a pointwise convolution; no FLA config we know of uses it.)
 pub fn check_conv_size(use_short_conv: bool, conv_size: usize) -> Result<(), FlaError> {
     if use_short_conv && conv_size < 2 {
         return Err(FlaError::Shape(format!(

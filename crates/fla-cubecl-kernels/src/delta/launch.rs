@@ -51,15 +51,22 @@ pub struct DeltaBackwardBuffers<'a> {
 }
 
 /// What this device refuses of a problem whatever the form and direction: the problem itself,
-/// the dtype, lavapipe's loop limit. Callers that defer the launch (Burn's fusion stream, the
-/// backward recorded for autodiff) run it first, so the deferred launch does not fail on them.
+/// the dtype, lavapipe's loop limit, the grid's sequence axis. Callers that defer the launch
+/// (Burn's fusion stream, the backward recorded for autodiff) run it first, so the deferred
+/// launch does not fail on them.
 pub fn delta_check_device<R: Runtime>(
     client: &ComputeClient<R>,
     p: &DeltaProblem,
 ) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
-    check_loop_limit(client, p.longest())
+    check_loop_limit(client, p.longest())?;
+    // Sequences times value heads on y, in both forms' kernels.
+    check_grid(
+        client,
+        (1, p.num_seqs() * p.v_heads, 1),
+        "the delta-rule kernels",
+    )
 }
 
 /// Checks shared by both forms: [`delta_check_device`], and that the optional buffers match

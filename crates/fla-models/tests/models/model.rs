@@ -237,12 +237,12 @@ fn generation_settings_are_checked() {
             ..base.clone()
         },
         GenerationConfig {
-            top_k: Some(0),
+            top_p: Some(-0.1),
             temperature: 1.0,
             ..base.clone()
         },
         GenerationConfig {
-            top_p: Some(0.0),
+            top_p: Some(f64::NAN),
             temperature: 1.0,
             ..base.clone()
         },
@@ -267,16 +267,33 @@ fn generation_settings_are_checked() {
             Ok(_) => panic!("{cfg:?} accepted"),
         }
     }
-    let edges = GenerationConfig {
-        temperature: 0.7,
-        top_k: Some(1),
-        top_p: Some(1.0),
-        ..base.clone()
-    };
     let greedy = generate(&model, &[1, 2], &base, &device).unwrap();
-    // top_k 1 samples the arg max: the greedy tokens.
-    assert_eq!(
-        generate(&model, &[1, 2], &edges, &device).unwrap().tokens,
-        greedy.tokens
-    );
+    // Each of these samples the arg max, so gives the greedy tokens: top_k 1; top_p 0 (as
+    // transformers, the likeliest token alone; top_k 0 is no limit); a temperature so small
+    // that the scaled logits overflow.
+    let edges = [
+        GenerationConfig {
+            temperature: 0.7,
+            top_k: Some(1),
+            top_p: Some(1.0),
+            ..base.clone()
+        },
+        GenerationConfig {
+            temperature: 0.7,
+            top_k: Some(0),
+            top_p: Some(0.0),
+            ..base.clone()
+        },
+        GenerationConfig {
+            temperature: 1e-300,
+            ..base.clone()
+        },
+    ];
+    for cfg in edges {
+        assert_eq!(
+            generate(&model, &[1, 2], &cfg, &device).unwrap().tokens,
+            greedy.tokens,
+            "{cfg:?}"
+        );
+    }
 }
