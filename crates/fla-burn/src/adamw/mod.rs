@@ -144,6 +144,23 @@ pub(crate) fn tensor_step<B: Backend>(
     [back(p), back(m), back(v)]
 }
 
+/// Checks that the gradient and the moments have the parameter's shape and float dtype;
+/// returns the shape. What the fused op and [`FusedAdamW`]'s tensor-op fallback both require.
+pub(crate) fn check_operands<B: Backend>(
+    param: &FloatTensor<B>,
+    grad: &FloatTensor<B>,
+    moments: Option<&Moments<B>>,
+) -> Result<Vec<usize>, FlaError> {
+    let dtype = shared_float_dtype(("param", param), &[("grad", Some(grad))])?;
+    let shape = param.shape().to_vec();
+    expect_tensor("grad", grad, &shape, dtype)?;
+    if let Some((m, v)) = moments {
+        expect_tensor("moment m", m, &shape, dtype)?;
+        expect_tensor("moment v", v, &shape, dtype)?;
+    }
+    Ok(shape)
+}
+
 /// Validates the tensors against each other and the step's options, and describes the call
 /// (dtype `f32` until a fused backend fills it in).
 pub(crate) fn describe<B: Backend>(
@@ -152,13 +169,7 @@ pub(crate) fn describe<B: Backend>(
     moments: Option<&Moments<B>>,
     s: &AdamWStep,
 ) -> Result<AdamWProblem, FlaError> {
-    let dtype = shared_float_dtype(("param", param), &[("grad", Some(grad))])?;
-    let shape = param.shape().to_vec();
-    expect_tensor("grad", grad, &shape, dtype)?;
-    if let Some((m, v)) = moments {
-        expect_tensor("moment m", m, &shape, dtype)?;
-        expect_tensor("moment v", v, &shape, dtype)?;
-    }
+    let shape = check_operands::<B>(param, grad, moments)?;
     let p = AdamWProblem {
         len: shape.iter().product(),
         dtype: FloatDType::F32,

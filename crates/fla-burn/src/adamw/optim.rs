@@ -11,7 +11,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimiz
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Device, Tensor, TensorPrimitive};
 
-use super::{check_step, tensor_step, AdamWBackend, AdamWStep, GradClip};
+use super::{check_operands, check_step, tensor_step, AdamWBackend, AdamWStep, GradClip};
 use crate::gated::float_dtype;
 use crate::FlaError;
 use burn::grad_clipping::GradientClippingConfig;
@@ -129,23 +129,6 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             None => (1, None),
         };
         let s = self.hyper(lr, time);
-        // Burn's optimizer trait has no error path, so what the fused op refuses panics here with
-        // its reason, on the tensor-op fallback too (a NaN learning rate would otherwise turn the
-        // parameters to NaN, moments from another model's record broadcast or fail inside Burn).
-        if let Err(e) = check_step(&s, moments.is_some()) {
-            panic!("AdamW step {time}: {e}");
-        }
-        if let Some((m, v)) = &moments {
-            let want = tensor.dims();
-            if m.dims() != want || v.dims() != want {
-                panic!(
-                    "AdamW step {time}: moments {:?} and {:?} for a parameter {want:?} \
-                     (an optimizer record of another model?)",
-                    m.dims(),
-                    v.dims()
-                );
-            }
-        }
         let len = tensor.shape().num_elements();
         let fused = len > 0
             && len <= MAX_ADAMW_LEN
@@ -157,6 +140,13 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             B::adamw_step(param, grad, moments, &s)
                 .unwrap_or_else(|e| panic!("fused AdamW step {time}: {e}"))
         } else {
+            // Burn's optimizer trait has no error path, so the fallback panics with the reason
+            // on what the fused op refuses (its `describe`, less the refusal of empty tensors):
+            // a NaN learning rate would otherwise turn the parameters to NaN, moments from
+            // another model's record broadcast or fail inside Burn.
+            check_operands::<B>(&param, &grad, moments.as_ref())
+                .and_then(|_| check_step(&s, moments.is_some()))
+                .unwrap_or_else(|e| panic!("AdamW step {time}: {e}"));
             tensor_step::<B>(param, grad, moments, &s)
         };
         let wrap = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
