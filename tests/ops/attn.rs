@@ -2,7 +2,7 @@
 //! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
 //! and each other, and the typed errors of bad input.
 
-use crate::common::{self, check, tensor, tolerance, values, Impl};
+use crate::common::{self, check, half_tolerance, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::attn::AttnProblem;
@@ -46,16 +46,20 @@ fn case(dims: Dims, opts: &AttnOptions) -> AttnCase {
     AttnCase::new(p, 1.5, seed)
 }
 
-/// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do`.
-fn run<B: AttentionBackend>(c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> {
+/// Forward and backward through `Autodiff<B>` with the loss `Σ o ∘ do`, in `dt`.
+fn run<B: AttentionBackend>(
+    c: &AttnCase,
+    opts: &AttnOptions,
+    dt: FloatDType,
+) -> Result<Run, FlaError> {
     let device = B::Device::default();
     let p = &c.p;
-    let dt = FloatDType::F32;
     let t4 = |x: &[f64], s: [usize; 4]| tensor::<Autodiff<B>, 4>(x, s, dt, &device).require_grad();
     let q = t4(&c.q, [p.batch, p.q_len, p.heads, p.k_dim]);
     let k = t4(&c.k, [p.batch, p.kv_len, p.kv_heads, p.k_dim]);
     let v = t4(&c.v, [p.batch, p.kv_len, p.kv_heads, p.v_dim]);
     let o = parallel_attn(q.clone(), k.clone(), v.clone(), opts.clone())?;
+    assert_eq!(o.dtype(), dt.into());
     let d_o = tensor::<Autodiff<B>, 4>(&c.d_o, [p.batch, p.q_len, p.heads, p.v_dim], dt, &device);
     let grads = (o.clone() * d_o).sum().backward();
     let grad = |x: &Tensor<Autodiff<B>, 4>| values(x.grad(&grads).expect("gradient reached input"));
@@ -69,9 +73,9 @@ fn run<B: AttentionBackend>(c: &AttnCase, opts: &AttnOptions) -> Result<Run, Fla
 
 fn run_on(imp: Impl, c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> {
     match imp {
-        Impl::Fusion => on_gpu!(fusion, run(c, opts)),
-        Impl::Cube => on_gpu!(cube, run(c, opts)),
-        Impl::TensorOps => run::<common::backends::NdArray>(c, opts),
+        Impl::Fusion => on_gpu!(fusion, run(c, opts, FloatDType::F32)),
+        Impl::Cube => on_gpu!(cube, run(c, opts, FloatDType::F32)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, opts, FloatDType::F32),
     }
 }
 
@@ -93,6 +97,7 @@ fn against_reference(imp: Impl, dims: Dims, opts: AttnOptions) {
 #[case::grouped_window([1, 70, 70, 4, 1, 32, 48], AttnOptions::causal().with_window(20))]
 #[case::softcap([1, 40, 40, 2, 2, 32, 32], AttnOptions::causal().with_softcap(3.0))]
 #[case::decoding([2, 3, 50, 2, 2, 32, 32], AttnOptions::causal())]
+#[case::t1500_d60([1, 1500, 1500, 2, 1, 60, 60], AttnOptions::causal())]
 #[case::varlen_empty([1, 81, 81, 2, 1, 32, 32], AttnOptions::causal().with_cu_seqlens(vec![0, 15, 15, 80, 81]))]
 fn autodiff_matches_reference(
     #[case] dims: Dims,
@@ -120,29 +125,30 @@ fn fused_matches_tensor_ops() {
     }
 }
 
-/// Half precision through the fused backend (f16; bf16 too where the device computes it).
+/// Half precision through the fused backend under `Autodiff`, output and every gradient: f16,
+/// and bf16 where the device computes it (elsewhere the typed refusal).
 #[rstest]
 fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
     fn go<B: AttentionBackend>(dtype: FloatDType) {
         let device = B::Device::default();
-        if B::attn_check_dtype(&device, dtype.into()).is_err() {
-            eprintln!("{dtype:?} not computed here: skipped");
-            return;
-        }
         let opts = AttnOptions::causal();
         let c = case([2, 70, 70, 2, 2, 64, 64], &opts);
-        let p = &c.p;
-        let t4 = |x: &[f64], s: [usize; 4]| tensor::<B, 4>(x, s, dtype, &device);
-        let o = parallel_attn(
-            t4(&c.q, [p.batch, p.q_len, p.heads, p.k_dim]),
-            t4(&c.k, [p.batch, p.kv_len, p.kv_heads, p.k_dim]),
-            t4(&c.v, [p.batch, p.kv_len, p.kv_heads, p.v_dim]),
-            opts,
-        )
-        .expect("valid inputs");
-        assert_eq!(o.dtype(), dtype.into());
+        let got = run::<B>(&c, &opts, dtype);
+        if B::attn_check_dtype(&device, dtype.into()).is_err() {
+            assert!(
+                matches!(got, Err(FlaError::UnsupportedDType { .. })),
+                "{dtype:?} is not computed here, and must be refused: {got:?}"
+            );
+            return;
+        }
+        let r = got.expect("valid inputs");
         // The reference sees f32 inputs; the kernel rounds them to half precision.
-        check("o", &values(o), &c.reference().0.o, 1e-2);
+        let (fwd, grads) = c.reference();
+        let tol = half_tolerance(dtype);
+        check("o", &r.o, &fwd.o, tol);
+        check("dq", &r.dq, &grads.dq, tol);
+        check("dk", &r.dk, &grads.dk, tol);
+        check("dv", &r.dv, &grads.dv, tol);
     }
     on_gpu!(fusion, go(dtype));
 }

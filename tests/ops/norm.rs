@@ -3,7 +3,7 @@
 //! reference and each other, inside a larger graph (the gradient reaches inputs through other
 //! ops), half precision, and the typed errors of bad input.
 
-use crate::common::{self, check, tensor, tolerance, values, Impl};
+use crate::common::{self, check, half_tolerance, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::{FloatDType, Tensor};
 use fla::kernels::norm::NormProblem;
@@ -33,10 +33,9 @@ fn case(shape: [usize; 3], gated: bool, eps: f32) -> NormCase {
     NormCase::new(p, 1.0, (b * 1000 + t * 10 + d) as u64 * 2 + gated as u64)
 }
 
-/// Forward and backward through `Autodiff<B>` with the loss `Σ y ∘ dy`, `x: [B, T, D]`.
-fn run<B: NormBackend>(c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError> {
+/// Forward and backward through `Autodiff<B>` with the loss `Σ y ∘ dy`, `x: [B, T, D]`, in `dt`.
+fn run<B: NormBackend>(c: &NormCase, shape: [usize; 3], dt: FloatDType) -> Result<Run, FlaError> {
     let device = B::Device::default();
-    let dt = FloatDType::F32;
     let x = tensor::<Autodiff<B>, 3>(&c.x, shape, dt, &device).require_grad();
     let w = tensor::<Autodiff<B>, 1>(&c.w, [c.p.dim], dt, &device).require_grad();
     let g =
@@ -46,6 +45,7 @@ fn run<B: NormBackend>(c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError>
         Some(g) => rms_norm_gated(x.clone(), g.clone(), w.clone(), c.p.eps as f64)?,
         None => rms_norm(x.clone(), w.clone(), c.p.eps as f64)?,
     };
+    assert_eq!(y.dtype(), dt.into());
     let dy = tensor::<Autodiff<B>, 3>(&c.dy, shape, dt, &device);
     let grads = (y.clone() * dy).sum().backward();
     let dg = g.map_or_else(Vec::new, |g| {
@@ -61,9 +61,9 @@ fn run<B: NormBackend>(c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError>
 
 fn run_on(imp: Impl, c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError> {
     match imp {
-        Impl::Fusion => on_gpu!(fusion, run(c, shape)),
-        Impl::Cube => on_gpu!(cube, run(c, shape)),
-        Impl::TensorOps => run::<common::backends::NdArray>(c, shape),
+        Impl::Fusion => on_gpu!(fusion, run(c, shape, FloatDType::F32)),
+        Impl::Cube => on_gpu!(cube, run(c, shape, FloatDType::F32)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, shape, FloatDType::F32),
     }
 }
 
@@ -72,6 +72,7 @@ fn run_on(imp: Impl, c: &NormCase, shape: [usize; 3]) -> Result<Run, FlaError> {
 #[case::head_dim_60([2, 63, 60])]
 #[case::head_dim_100([3, 65, 100])]
 #[case::hidden([1, 33, 1024])]
+#[case::t1500([1, 1500, 60])]
 fn matches_reference(
     #[case] shape: [usize; 3],
     #[values(false, true)] gated: bool,
@@ -126,28 +127,30 @@ fn matches_burn_rms_norm(#[values(Impl::Fusion, Impl::TensorOps)] imp: Impl) {
     check("dw", &ours.dw, &burn.dw, tol);
 }
 
-/// Half precision through the fused backend: f16, and bf16 where the device computes it
-/// (elsewhere the typed refusal).
+/// Half precision through the fused backend under `Autodiff`, output and every gradient: f16,
+/// and bf16 where the device computes it (elsewhere the typed refusal).
 #[rstest]
 fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
     fn go<B: NormBackend>(dtype: FloatDType) {
         let device = B::Device::default();
         let shape = [2, 40, 100];
         let c = case(shape, true, 1e-5);
-        let t3 = |x: &[f64]| tensor::<B, 3>(x, shape, dtype, &device);
-        let w = tensor::<B, 1>(&c.w, [c.p.dim], dtype, &device);
-        let y = rms_norm_gated(t3(&c.x), t3(&c.g), w, 1e-5);
+        let got = run::<B>(&c, shape, dtype);
         if B::norm_check_dtype(&device, dtype.into()).is_err() {
             assert!(
-                matches!(y, Err(FlaError::UnsupportedDType { .. })),
-                "{dtype:?} is not computed here, and must be refused: {y:?}"
+                matches!(got, Err(FlaError::UnsupportedDType { .. })),
+                "{dtype:?} is not computed here, and must be refused: {got:?}"
             );
             return;
         }
-        let y = y.expect("valid inputs");
-        assert_eq!(y.dtype(), dtype.into());
+        let r = got.expect("valid inputs");
         // The reference sees f32 inputs; the op rounds them to half precision.
-        check("y", &values(y), &c.reference().0.y, 1e-2);
+        let (fwd, grads) = c.reference();
+        let tol = half_tolerance(dtype);
+        check("y", &r.y, &fwd.y, tol);
+        check("dx", &r.dx, &grads.dx, tol);
+        check("dw", &r.dw, &grads.dw, tol);
+        check("dg", &r.dg, &grads.dg, tol);
     }
     on_gpu!(fusion, go(dtype));
 }

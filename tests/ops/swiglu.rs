@@ -2,7 +2,7 @@
 //! fusion) and tensor-op (NdArray) implementations under `Autodiff`, against the f64 reference
 //! and Burn's own `silu(g) * u`, half precision, and the typed errors of bad input.
 
-use crate::common::{self, check, tensor, tolerance, values, Impl};
+use crate::common::{self, check, half_tolerance, tensor, tolerance, values, Impl};
 use burn::backend::Autodiff;
 use burn::tensor::activation::silu;
 use burn::tensor::{FloatDType, Tensor};
@@ -35,11 +35,10 @@ fn case(shape: [usize; 3], seed: u64) -> Case {
     }
 }
 
-/// `y`, `dg`, `du` through `Autodiff<B>` with the loss `Σ y ∘ dy`; `burn` computes Burn's own
-/// `silu(g) * u` instead of the op.
-fn run<B: SwigluBackend>(c: &Case, burn: bool) -> Result<[Vec<f64>; 3], FlaError> {
+/// `y`, `dg`, `du` through `Autodiff<B>` with the loss `Σ y ∘ dy`, in `dt`; `burn` computes
+/// Burn's own `silu(g) * u` instead of the op.
+fn run<B: SwigluBackend>(c: &Case, burn: bool, dt: FloatDType) -> Result<[Vec<f64>; 3], FlaError> {
     let device = B::Device::default();
-    let dt = FloatDType::F32;
     let t = |x: &[f64]| tensor::<Autodiff<B>, 3>(x, c.shape, dt, &device);
     let (g, u) = (t(&c.g).require_grad(), t(&c.u).require_grad());
     let y = if burn {
@@ -47,6 +46,7 @@ fn run<B: SwigluBackend>(c: &Case, burn: bool) -> Result<[Vec<f64>; 3], FlaError
     } else {
         swiglu(g.clone(), u.clone())?
     };
+    assert_eq!(y.dtype(), dt.into());
     let grads = (y.clone() * t(&c.dy)).sum().backward();
     Ok([
         values(y.inner()),
@@ -57,15 +57,15 @@ fn run<B: SwigluBackend>(c: &Case, burn: bool) -> Result<[Vec<f64>; 3], FlaError
 
 fn run_on(imp: Impl, c: &Case, burn: bool) -> Result<[Vec<f64>; 3], FlaError> {
     match imp {
-        Impl::Fusion => on_gpu!(fusion, run(c, burn)),
-        Impl::Cube => on_gpu!(cube, run(c, burn)),
-        Impl::TensorOps => run::<common::backends::NdArray>(c, burn),
+        Impl::Fusion => on_gpu!(fusion, run(c, burn, FloatDType::F32)),
+        Impl::Cube => on_gpu!(cube, run(c, burn, FloatDType::F32)),
+        Impl::TensorOps => run::<common::backends::NdArray>(c, burn, FloatDType::F32),
     }
 }
 
 #[rstest]
 fn matches_reference(
-    #[values([1, 1, 7], [2, 33, 100])] shape: [usize; 3],
+    #[values([1, 1, 7], [2, 33, 100], [1, 1500, 60])] shape: [usize; 3],
     #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
 ) {
     let c = case(shape, shape.iter().product::<usize>() as u64);
@@ -88,25 +88,28 @@ fn matches_burn_silu(#[values(Impl::Fusion, Impl::TensorOps)] imp: Impl) {
     }
 }
 
-/// Half precision through the fused backend: f16, and bf16 where the device computes it
-/// (elsewhere the typed refusal).
+/// Half precision through the fused backend under `Autodiff`, output and gradients: f16, and
+/// bf16 where the device computes it (elsewhere the typed refusal).
 #[rstest]
 fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType) {
     fn go<B: SwigluBackend>(dtype: FloatDType) {
         let device = B::Device::default();
         let c = case([2, 40, 96], 5);
-        let t = |x: &[f64]| tensor::<B, 3>(x, c.shape, dtype, &device);
-        let y = swiglu(t(&c.g), t(&c.u));
+        let got = run::<B>(&c, false, dtype);
         if B::swiglu_check_dtype(&device, dtype.into()).is_err() {
             assert!(
-                matches!(y, Err(FlaError::UnsupportedDType { .. })),
-                "{dtype:?} is not computed here, and must be refused: {y:?}"
+                matches!(got, Err(FlaError::UnsupportedDType { .. })),
+                "{dtype:?} is not computed here, and must be refused: {got:?}"
             );
             return;
         }
-        let y = y.expect("valid inputs");
-        assert_eq!(y.dtype(), dtype.into());
-        check("y", &values(y), &naive::forward(&c.g, &c.u), 1e-2);
+        let [y, dg, du] = got.expect("valid inputs");
+        // The reference sees f32 inputs; the op rounds them to half precision.
+        let (want_dg, want_du) = naive::backward(&c.g, &c.u, &c.dy);
+        let tol = half_tolerance(dtype);
+        check("y", &y, &naive::forward(&c.g, &c.u), tol);
+        check("dg", &dg, &want_dg, tol);
+        check("du", &du, &want_du, tol);
     }
     on_gpu!(fusion, go(dtype));
 }
