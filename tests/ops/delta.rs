@@ -189,10 +189,13 @@ fn grouped_heads_strong_gates_and_varlen(
     );
 }
 
-/// Each form forced (`Auto` takes the recurrent form): a batch shorter than one chunk, and a
-/// varlen batch with an empty sequence and a sequence over one chunk, strong decays in both.
+/// Each form forced (`Auto` takes the recurrent form): a batch shorter than one chunk, odd head
+/// dims (60, 100) at T = 65 and T = 1500 (a partial last chunk), and a varlen batch with an empty
+/// sequence and a sequence over one chunk, strong decays in all.
 #[rstest]
 #[case::short([2, 40, 2, 2, 32, 48], None)]
+#[case::t65_odd_dims([2, 65, 2, 2, 60, 100], None)]
+#[case::t1500_odd_dims([1, 1500, 1, 2, 100, 60], None)]
 #[case::varlen([1, 171, 2, 4, 32, 24], Some(vec![0, 1, 101, 101, 171]))]
 fn forced_modes(
     #[case] dims: [usize; 6],
