@@ -189,3 +189,29 @@ fn bad_input(#[case] dims: Dims, #[case] opts: AttnOptions, #[case] needle: &str
         assert!(err.to_string().contains(needle), "{imp:?}: {err}");
     }
 }
+
+/// A device limit is an error from the call, also through Burn's fusion stream (which defers the
+/// launch) and autodiff (which defers the backward): one query against 2^20 + 32 keys needs
+/// 65,538 blocks of 16 keys in the `dk`/`dv` kernel, past a wgpu grid's 65,535 a dimension on
+/// lavapipe, so even the forward is refused there. GPUs take 64-key blocks (CUDA's grid is
+/// larger still) and compute it, checked against the reference.
+#[rstest]
+fn keys_past_the_grid(#[values(Impl::Fusion, Impl::Cube)] imp: Impl) {
+    let opts = AttnOptions::default();
+    let c = case([1, 1, (1 << 20) + 32, 1, 1, 16, 16], &opts);
+    let got = run_on(imp, &c, &opts);
+    if common::is_cpu_vulkan() {
+        match got {
+            Err(FlaError::Kernel(m)) => assert!(m.contains("grid"), "{m}"),
+            other => panic!("expected the grid's refusal, got {:?}", other.map(|_| ())),
+        }
+        return;
+    }
+    let r = got.expect("the device's grid holds the key blocks");
+    let (fwd, grads) = c.reference();
+    let tol = tolerance(imp);
+    check("o", &r.o, &fwd.o, tol);
+    check("dq", &r.dq, &grads.dq, tol);
+    check("dk", &r.dk, &grads.dk, tol);
+    check("dv", &r.dv, &grads.dv, tol);
+}

@@ -12,4 +12,9 @@ pub enum KernelError {
     InvalidProblem(String),
     #[error("device limit: {0}")]
     DeviceLimit(String),
+    /// A buffer handed to a launcher is shorter than the problem's extents: the kernels index by
+    /// the problem (they are launched unchecked), so it is refused rather than read or written
+    /// past its end.
+    #[error("buffer too small: {0}")]
+    Buffer(String),
 }

@@ -1,5 +1,7 @@
 //! Checks shared by every family's problem description: batch layout, head sizes, `cu_seqlens`.
 
+use cubecl::server::Handle;
+
 use crate::KernelError;
 
 /// Largest head dimension the recurrent kernels hold on chip (state rows per thread are unrolled).
@@ -63,6 +65,31 @@ pub fn addressable(len: usize, what: &str) -> Result<(), KernelError> {
         )));
     }
     Ok(())
+}
+
+/// Checks that buffer `name` holds `elems` elements of `bytes` bytes each. The launchers run
+/// their kernels unchecked, indexing by the problem's extents: a shorter buffer would be read or
+/// written past its end, so it is refused first.
+pub(crate) fn fits(name: &str, h: &Handle, elems: usize, bytes: usize) -> Result<(), KernelError> {
+    let need = (elems as u64).saturating_mul(bytes as u64);
+    let have = h.size_in_used();
+    if have < need {
+        return Err(KernelError::Buffer(format!(
+            "{name} holds {have} bytes; the problem indexes {elems} elements of {bytes} bytes \
+             ({need} bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// [`fits`] for an optional buffer (absent is not checked).
+pub(crate) fn fits_opt(
+    name: &str,
+    h: Option<&Handle>,
+    elems: usize,
+    bytes: usize,
+) -> Result<(), KernelError> {
+    h.map_or(Ok(()), |h| fits(name, h, elems, bytes))
 }
 
 /// Validates `[B, T, H, K, V]` (`K` at most [`MAX_HEAD_DIM`], `V` at most `max_v`, inputs within

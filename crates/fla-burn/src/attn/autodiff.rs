@@ -7,6 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::DType;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
+use fla_cubecl_kernels::attn::AttnProblem;
 
 use super::{describe, AttentionBackend, AttnForward, AttnGrads, AttnOpOptions, AttnTensors};
 use crate::recorded::{autodiff, Outputs};
@@ -53,5 +54,9 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
 
     fn attn_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::attn_check_dtype(device, dtype)
+    }
+
+    fn attn_check_device(device: &Self::Device, problem: &AttnProblem) -> Result<(), FlaError> {
+        B::attn_check_device(device, problem)
     }
 }

@@ -105,4 +105,9 @@ where
         kernel_dtype(dtype)?.check_supported(&client)?;
         Ok(())
     }
+
+    fn attn_check_device(device: &Self::Device, problem: &AttnProblem) -> Result<(), FlaError> {
+        fla_cubecl_kernels::attn::attn_check_device(&R::client(device), problem)?;
+        Ok(())
+    }
 }

@@ -10,16 +10,21 @@ use super::{
     describe, describe_backward, AttentionBackend, AttnForward, AttnGrads, AttnOpOptions,
     AttnTensors,
 };
+use crate::gated::kernel_dtype;
 use crate::recorded::{fusion, Outputs};
 use crate::FlaError;
+use fla_cubecl_kernels::attn::AttnProblem;
 
 impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
     fn attn_forward(
         x: AttnTensors<Self>,
         opts: &AttnOpOptions,
     ) -> Result<AttnForward<Self>, FlaError> {
-        let p = describe(&x, opts)?;
-        B::attn_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        let mut p = describe(&x, opts)?;
+        let device = Self::float_device(&x.q);
+        B::attn_check_dtype(&device, x.q.dtype())?;
+        p.dtype = kernel_dtype(x.q.dtype())?;
+        B::attn_check_device(&device, &p)?;
         let o = vec![p.batch, p.q_len, p.heads, p.v_dim];
         let lse = vec![p.batch, p.q_len, p.heads];
         let Outputs { o, ht } = fusion::forward::<B, _>(opts, x.into_inputs(), o, Some(lse));
@@ -35,8 +40,11 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         d_o: FusionTensor<B::FusionRuntime>,
         opts: &AttnOpOptions,
     ) -> Result<AttnGrads<Self>, FlaError> {
-        describe_backward(&x, &out, &d_o, opts)?;
-        B::attn_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
+        let mut p = describe_backward(&x, &out, &d_o, opts)?;
+        let device = Self::float_device(&x.q);
+        B::attn_check_dtype(&device, x.q.dtype())?;
+        p.dtype = kernel_dtype(x.q.dtype())?;
+        B::attn_check_device(&device, &p)?;
         let out = Outputs {
             o: out.o,
             ht: Some(out.lse),
@@ -52,5 +60,9 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
 
     fn attn_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         B::attn_check_dtype(device, dtype)
+    }
+
+    fn attn_check_device(device: &Self::Device, problem: &AttnProblem) -> Result<(), FlaError> {
+        B::attn_check_device(device, problem)
     }
 }

@@ -109,6 +109,13 @@ pub trait AttentionBackend: crate::LayerBackend {
     fn attn_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
         Ok(())
     }
+
+    /// Checks what the device refuses of a described problem, forward or backward (the dtype, a
+    /// tiling that fits shared memory, the grid), so that a launch deferred by fusion or recorded
+    /// for the backward cannot fail on it. Backends without such limits accept every problem.
+    fn attn_check_device(_device: &Self::Device, _problem: &AttnProblem) -> Result<(), FlaError> {
+        Ok(())
+    }
 }
 
 /// How the `Autodiff` and `Fusion` wrappers run attention on an inner backend: the

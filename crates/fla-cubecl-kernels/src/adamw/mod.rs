@@ -31,6 +31,7 @@ use cubecl::server::Handle;
 use crate::gated::recurrent_bwd::linear_unit;
 use crate::gated::{array, elementwise_grid, ELEMWISE_THREADS};
 use crate::norm::cube_sum;
+use crate::problem::fits;
 use crate::{FloatDType, KernelError};
 
 /// Units per cube of the norm's two reduction kernels.
@@ -311,6 +312,9 @@ pub fn adamw_step<R: Runtime>(
     p.validate()?;
     s.validate(p.has_state)?;
     p.dtype.check_supported(client)?;
+    for (name, h) in [("grad", grad), ("param", param), ("m", m), ("v", v)] {
+        fits(name, h, p.len, p.dtype.size())?;
+    }
     let clip = match s.clip {
         None => ClipKind::None,
         Some(GradClip::Value(_)) => ClipKind::Value,

@@ -13,6 +13,7 @@ use crate::gated::{
     array, check_grid, elementwise_grid, has_cmma, is_cpu_vulkan, upload_cu_seqlens,
     ELEMWISE_THREADS,
 };
+use crate::problem::fits;
 use crate::tile::{TileConfig, FRAG, PLANE};
 use crate::KernelError;
 
@@ -127,8 +128,14 @@ pub fn attn_layout<R: Runtime>(
     )))
 }
 
-/// Validates the problem, the dtype on this device and the sequence lengths' index range.
-fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(), KernelError> {
+/// What this device refuses of a problem, forward or backward: the problem itself, the dtype,
+/// the sequence lengths' index range, a tiling of each kernel that fits shared memory, the grids.
+/// Callers that defer the launch (Burn's fusion stream, the backward recorded for autodiff) run
+/// it first, so the deferred launch does not fail on them.
+pub fn attn_check_device<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+) -> Result<(), KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
     if p.longest().max(p.kv_len) > u32::MAX as usize / 2 {
@@ -137,9 +144,35 @@ fn checked<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> Result<(),
             p.longest()
         )));
     }
+    let fwd = fwd_blocks(p, &attn_layout(client, p, AttnKernel::Forward)?);
+    let dq = dq_blocks(p, &attn_layout(client, p, AttnKernel::Dq)?);
+    let dkv = dkv_blocks(p, &attn_layout(client, p, AttnKernel::Dkv)?);
     // Query or key blocks on x, heads on y, sequences on z.
-    check_grid(client, (1, p.heads, p.num_seqs()), "the attention kernels")?;
-    Ok(())
+    check_grid(
+        client,
+        (fwd.max(dq).max(dkv), p.heads, p.num_seqs()),
+        "the attention kernels",
+    )
+}
+
+/// Cubes on x of the forward: query blocks times value-column blocks.
+fn fwd_blocks(p: &AttnProblem, l: &AttnLayout) -> usize {
+    p.longest().div_ceil(l.bq) * l.ndv()
+}
+
+/// Cubes on x of the `dq` kernel: query blocks times key-column blocks.
+fn dq_blocks(p: &AttnProblem, l: &AttnLayout) -> usize {
+    p.longest().div_ceil(l.bq) * l.nd()
+}
+
+/// Cubes on x of the `dk`/`dv` kernel: key blocks times the wider head's column blocks.
+fn dkv_blocks(p: &AttnProblem, l: &AttnLayout) -> usize {
+    let longest_k = if p.cu_seqlens.is_some() {
+        p.longest()
+    } else {
+        p.kv_len
+    };
+    longest_k.div_ceil(l.bk) * l.nd().max(l.ndv())
 }
 
 fn cube_dim(l: &AttnLayout) -> CubeDim {
@@ -160,12 +193,18 @@ pub fn attn_forward<R: Runtime>(
     p: &AttnProblem,
     b: AttnForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    checked(client, p)?;
+    attn_check_device(client, p)?;
     let l = attn_layout(client, p, AttnKernel::Forward)?;
-    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (nq, nk, nv, no, nl) = p.lens();
+    let e = p.dtype.size();
+    fits("q", b.q, nq, e)?;
+    fits("k", b.k, nk, e)?;
+    fits("v", b.v, nv, e)?;
+    fits("o", b.o, no, e)?;
+    fits("lse", b.lse, nl, 4)?;
+    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (window, cap) = options(p);
-    let blocks = p.longest().div_ceil(l.bq) * l.ndv();
+    let blocks = fwd_blocks(p, &l);
     // Every access is guarded by the kernel's own conditions (rows inside the sequence, columns
     // inside the head).
     unsafe {
@@ -197,11 +236,25 @@ pub fn attn_backward<R: Runtime>(
     p: &AttnProblem,
     b: AttnBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    checked(client, p)?;
+    attn_check_device(client, p)?;
     let lq = attn_layout(client, p, AttnKernel::Dq)?;
     let lkv = attn_layout(client, p, AttnKernel::Dkv)?;
-    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (nq, nk, nv, no, nl) = p.lens();
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("q", b.q, nq),
+        ("k", b.k, nk),
+        ("v", b.v, nv),
+        ("o", b.o, no),
+        ("d_o", b.d_o, no),
+        ("dq", b.dq, nq),
+        ("dk", b.dk, nk),
+        ("dv", b.dv, nv),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    fits("lse", b.lse, nl, 4)?;
+    let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (window, cap) = options(p);
     let delta = client.empty(4 * nl);
     unsafe {
@@ -217,7 +270,7 @@ pub fn attn_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    let dq_blocks = p.longest().div_ceil(lq.bq) * lq.nd();
+    let (dq_blocks, dkv_blocks) = (dq_blocks(p, &lq), dkv_blocks(p, &lkv));
     // Every access is guarded by the kernels' own conditions.
     unsafe {
         attn_dq_kernel::launch_unchecked::<R>(
@@ -241,12 +294,6 @@ pub fn attn_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    let longest_k = if p.cu_seqlens.is_some() {
-        p.longest()
-    } else {
-        p.kv_len
-    };
-    let dkv_blocks = longest_k.div_ceil(lkv.bk) * lkv.nd().max(lkv.ndv());
     unsafe {
         attn_dkv_kernel::launch_unchecked::<R>(
             client,

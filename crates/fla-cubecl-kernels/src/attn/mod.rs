@@ -20,7 +20,8 @@ pub mod naive;
 
 pub use kernels::AttnLayout;
 pub use launch::{
-    attn_backward, attn_forward, attn_layout, AttnBackwardBuffers, AttnForwardBuffers, AttnKernel,
+    attn_backward, attn_check_device, attn_forward, attn_layout, AttnBackwardBuffers,
+    AttnForwardBuffers, AttnKernel,
 };
 
 use crate::problem::{self, MAX_HEAD_DIM};

@@ -26,7 +26,7 @@ use cubecl::server::Handle;
 
 use crate::gated::{array, check_grid, cubes_2d};
 use crate::norm::row_lanes;
-use crate::problem;
+use crate::problem::{self, fits};
 use crate::{FloatDType, KernelError};
 
 /// One call: `rows` rows of `vocab` logits in `dtype`, one `i32` target per row.
@@ -271,6 +271,10 @@ pub fn cross_entropy_forward<R: Runtime>(
     [loss, lse]: [&Handle; 2],
 ) -> Result<(), KernelError> {
     let (l, cubes) = checked(client, p)?;
+    fits("logits", logits, p.len(), p.dtype.size())?;
+    for (name, h) in [("targets", targets), ("loss", loss), ("lse", lse)] {
+        fits(name, h, p.rows, 4)?;
+    }
     // Every access is guarded by the kernel's own bounds (rows, columns, the target's range).
     unsafe {
         cross_entropy_fwd_kernel::launch_unchecked::<R>(
@@ -301,6 +305,11 @@ pub fn cross_entropy_backward<R: Runtime>(
     dlogits: &Handle,
 ) -> Result<(), KernelError> {
     let (l, cubes) = checked(client, p)?;
+    fits("logits", logits, p.len(), p.dtype.size())?;
+    fits("dlogits", dlogits, p.len(), p.dtype.size())?;
+    for (name, h) in [("targets", targets), ("lse", lse), ("dloss", dloss)] {
+        fits(name, h, p.rows, 4)?;
+    }
     unsafe {
         cross_entropy_bwd_kernel::launch_unchecked::<R>(
             client,

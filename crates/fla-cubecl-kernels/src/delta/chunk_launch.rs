@@ -9,7 +9,7 @@ use super::chunk::{
     delta_dk_combine_kernel, delta_dl_pairs_kernel, delta_do_u_pairs_kernel, delta_du_intra_kernel,
     delta_qk_pairs_kernel, delta_solve_kernel, state_smem_len, DeltaChunkLayout,
 };
-use super::launch::check;
+use super::launch::{backward_buffers_fit, check, forward_buffers_fit};
 use super::recurrent::group_sum_kernel;
 use super::tiled::{delta_tiled_layout, tiled_walk, tiled_wy};
 use super::tiled_bwd::{
@@ -398,6 +398,7 @@ pub fn delta_chunk_forward<R: Runtime>(
     b: DeltaForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check(client, p, b.g, b.h0)?;
+    forward_buffers_fit(p, &b)?;
     if p.output_final_state != b.ht.is_some() {
         return Err(KernelError::InvalidProblem(
             "final-state flag and buffer disagree".into(),
@@ -456,6 +457,7 @@ pub fn delta_chunk_backward<R: Runtime>(
     b: DeltaBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check(client, p, b.g, b.h0)?;
+    backward_buffers_fit(p, &b)?;
     let dh0 = if p.has_initial_state {
         Some(need(b.dh0, "dh0")?)
     } else {

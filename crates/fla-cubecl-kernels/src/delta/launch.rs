@@ -12,7 +12,7 @@ use crate::gated::{
     array, check_grid, check_loop_limit, elementwise_grid, need, tiles_for, upload_cu_seqlens,
     ELEMWISE_THREADS,
 };
-use crate::problem::addressable;
+use crate::problem::{addressable, fits, fits_opt};
 use crate::KernelError;
 
 /// Device buffers of a forward call (layouts in the module docs). Inputs are in the problem's
@@ -93,6 +93,55 @@ pub(super) fn check<R: Runtime>(
     Ok(())
 }
 
+/// Every buffer of a forward call holds what the problem indexes (see [`fits`]).
+pub(super) fn forward_buffers_fit(
+    p: &DeltaProblem,
+    b: &DeltaForwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    let (qk, vo, sc) = p.lens();
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("q", b.q, qk),
+        ("k", b.k, qk),
+        ("v", b.v, vo),
+        ("o", b.o, vo),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    fits("beta", b.beta, sc, e)?;
+    fits_opt("g", b.g, sc, e)?;
+    fits_opt("h0", b.h0, p.state_len(), 4)?;
+    fits_opt("ht", b.ht, p.state_len(), 4)
+}
+
+/// Every buffer of a backward call holds what the problem indexes (see [`fits`]).
+pub(super) fn backward_buffers_fit(
+    p: &DeltaProblem,
+    b: &DeltaBackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    let (qk, vo, sc) = p.lens();
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("q", b.q, qk),
+        ("k", b.k, qk),
+        ("v", b.v, vo),
+        ("d_o", b.d_o, vo),
+        ("dq", b.dq, qk),
+        ("dk", b.dk, qk),
+        ("dv", b.dv, vo),
+        ("beta", b.beta, sc),
+        ("dbeta", b.dbeta, sc),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    fits_opt("g", b.g, sc, e)?;
+    fits_opt("dg", b.dg, sc, e)?;
+    for (name, h) in [("h0", b.h0), ("d_ht", b.d_ht), ("dh0", b.dh0)] {
+        fits_opt(name, h, p.state_len(), 4)?;
+    }
+    Ok(())
+}
+
 /// Tiles and layout; `backward` adds the backward's reduction buffers to the shared memory.
 fn layout<R: Runtime>(
     client: &ComputeClient<R>,
@@ -164,6 +213,7 @@ pub fn delta_forward<R: Runtime>(
     b: DeltaForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check(client, p, b.g, b.h0)?;
+    forward_buffers_fit(p, &b)?;
     if p.output_final_state != b.ht.is_some() {
         return Err(KernelError::InvalidProblem(
             "final-state flag and buffer disagree".into(),
@@ -202,6 +252,7 @@ pub fn delta_backward<R: Runtime>(
     b: DeltaBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check(client, p, b.g, b.h0)?;
+    backward_buffers_fit(p, &b)?;
     let c = layout(client, p, true)?;
     let (count, dim) = grid(client, p, &c)?;
     let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());

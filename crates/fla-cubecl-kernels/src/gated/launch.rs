@@ -14,6 +14,7 @@ use super::recurrent_bwd::{
 use super::recurrent_fwd::{recurrent_fwd_kernel, stage_len, RecurrentLayout};
 use super::tiled_launch::{tiled_backward, tiled_forward, tiled_layout};
 use super::{GateKind, GatedProblem};
+use crate::problem::{fits, fits_opt};
 use crate::KernelError;
 
 /// Device buffers of a forward call, in the layouts of the crate docs. Inputs are in the problem's
@@ -179,8 +180,8 @@ pub(crate) fn check_grid<R: Runtime>(
     let (mx, my, mz) = client.properties().hardware.max_cube_count;
     if x > mx as usize || y > my as usize || z > mz as usize {
         return Err(KernelError::DeviceLimit(format!(
-            "{what} needs a grid of ({x}, {y}, {z}) cubes, past this device's ({mx}, {my}, {mz}); \
-             split the batch"
+            "{what}: a grid of ({x}, {y}, {z}) cubes, past this device's ({mx}, {my}, {mz}); \
+             split the batch or the sequence"
         )));
     }
     Ok(())
@@ -271,7 +272,8 @@ fn check_common<R: Runtime>(
     Ok(())
 }
 
-/// [`check_common`] and the final-state buffer of a forward call.
+/// [`check_common`], the final-state buffer of a forward call, and that every buffer holds what
+/// the problem indexes (see [`fits`]).
 fn check_forward<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -282,6 +284,61 @@ fn check_forward<R: Runtime>(
         return Err(KernelError::InvalidProblem(
             "final-state flag and buffer disagree".into(),
         ));
+    }
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("q", b.q, qk),
+        ("k", b.k, qk),
+        ("v", b.v, vo),
+        ("o", b.o, vo),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    fits_opt("g", b.g, p.gate_len(), e)?;
+    fits_opt("gv", b.gv, vo, e)?;
+    fits_opt("h0", b.h0, p.state_len(), 4)?;
+    fits_opt("ht", b.ht, p.state_len(), 4)
+}
+
+/// [`check_common`] and that every buffer of a backward call holds what the problem indexes
+/// (see [`fits`]).
+fn check_backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    b: &BackwardBuffers<'_>,
+) -> Result<(), KernelError> {
+    check_common(client, p, b.g, b.gv, b.h0)?;
+    let (qk, vo) = (
+        p.tokens() * p.heads * p.k_dim,
+        p.tokens() * p.heads * p.v_dim,
+    );
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("q", b.q, qk),
+        ("k", b.k, qk),
+        ("v", b.v, vo),
+        ("d_o", b.d_o, vo),
+        ("dq", b.dq, qk),
+        ("dk", b.dk, qk),
+        ("dv", b.dv, vo),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    for (name, h, n) in [
+        ("g", b.g, p.gate_len()),
+        ("dg", b.dg, p.gate_len()),
+        ("gv", b.gv, vo),
+        ("dgv", b.dgv, vo),
+        ("o", b.o, vo),
+    ] {
+        fits_opt(name, h, n, e)?;
+    }
+    for (name, h) in [("h0", b.h0), ("ht", b.ht), ("d_ht", b.d_ht), ("dh0", b.dh0)] {
+        fits_opt(name, h, p.state_len(), 4)?;
     }
     Ok(())
 }
@@ -327,7 +384,7 @@ pub fn recurrent_backward<R: Runtime>(
     p: &GatedProblem,
     b: BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    check_common(client, p, b.g, b.gv, b.h0)?;
+    check_backward(client, p, &b)?;
     let (block_v, k_split) = tiles(client, p, true)?;
     let c = layout(p, block_v, k_split);
     let (count, dim) = grid(p, block_v, k_split);
@@ -759,7 +816,7 @@ pub fn chunk_backward<R: Runtime>(
     chunk: usize,
     b: BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    check_common(client, p, b.g, b.gv, b.h0)?;
+    check_backward(client, p, &b)?;
     let dh0 = if p.has_initial_state {
         Some(need(b.dh0, "dh0")?)
     } else {

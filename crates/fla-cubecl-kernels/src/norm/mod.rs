@@ -29,7 +29,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use crate::gated::{array, check_grid, cubes_2d};
-use crate::problem;
+use crate::problem::{self, fits};
 use crate::tile::PLANE;
 use crate::{FloatDType, KernelError};
 use kernels::{column_sum_kernel, rms_norm_bwd_kernel, rms_norm_fwd_kernel};
@@ -192,6 +192,12 @@ pub fn norm_forward<R: Runtime>(
 ) -> Result<(), KernelError> {
     checked(client, p)?;
     let g = gate_buffer(b.g, p, b.x, "g")?;
+    let e = p.dtype.size();
+    for (name, h, n) in [("x", b.x, p.len()), ("g", g, p.len()), ("y", b.y, p.len())] {
+        fits(name, h, n, e)?;
+    }
+    fits("w", b.w, p.dim, e)?;
+    fits("rstd", b.rstd, p.rows, 4)?;
     let l = layout(client, p);
     let (gx, gy) = forward_cubes(p, &l);
     let n = p.len();
@@ -227,6 +233,21 @@ pub fn norm_backward<R: Runtime>(
     // Ungated, a buffer of its own (the kernel never writes it): no output is bound twice.
     let unused = client.empty(4);
     let dg = gate_buffer(b.dg, p, &unused, "dg")?;
+    let e = p.dtype.size();
+    for (name, h, n) in [
+        ("x", b.x, p.len()),
+        ("g", g, p.len()),
+        ("dy", b.dy, p.len()),
+    ] {
+        fits(name, h, n, e)?;
+    }
+    fits("dx", b.dx, p.len(), e)?;
+    fits("w", b.w, p.dim, e)?;
+    fits("dw", b.dw, p.dim, e)?;
+    fits("rstd", b.rstd, p.rows, 4)?;
+    if p.gated {
+        fits("dg", dg, p.len(), e)?;
+    }
     let dg_len = if p.gated { p.len() } else { 1 };
     let l = layout(client, p);
     // Each row lane of each cube takes every `blocks · rows`-th row and keeps its share of `dw`

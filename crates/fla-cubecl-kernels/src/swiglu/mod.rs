@@ -14,7 +14,7 @@ use cubecl::server::Handle;
 
 use crate::gated::recurrent_bwd::linear_unit;
 use crate::gated::{array, elementwise_grid, ELEMWISE_THREADS};
-use crate::problem;
+use crate::problem::{self, fits};
 use crate::{FloatDType, KernelError};
 
 /// One call: `len` elements of `g` and `u` (any shape, flat), in `dtype`.
@@ -114,6 +114,9 @@ pub fn swiglu_forward<R: Runtime>(
     y: &Handle,
 ) -> Result<(), KernelError> {
     checked(client, p)?;
+    for (name, h) in [("g", g), ("u", u), ("y", y)] {
+        fits(name, h, p.len, p.dtype.size())?;
+    }
     let n = vector_size(client, p);
     let len = p.len / n;
     // Every access is guarded by the kernel's own bound.
@@ -141,6 +144,9 @@ pub fn swiglu_backward<R: Runtime>(
     [dg, du]: [&Handle; 2],
 ) -> Result<(), KernelError> {
     checked(client, p)?;
+    for (name, h) in [("g", g), ("u", u), ("dy", dy), ("dg", dg), ("du", du)] {
+        fits(name, h, p.len, p.dtype.size())?;
+    }
     let n = vector_size(client, p);
     let len = p.len / n;
     unsafe {

@@ -10,6 +10,7 @@ mod common;
 
 mod adamw;
 mod attn;
+mod buffers;
 mod cross_entropy;
 mod delta;
 mod gated;
