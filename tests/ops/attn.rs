@@ -79,15 +79,19 @@ fn run_on(imp: Impl, c: &AttnCase, opts: &AttnOptions) -> Result<Run, FlaError> 
     }
 }
 
-fn against_reference(imp: Impl, dims: Dims, opts: AttnOptions) {
-    let c = case(dims, &opts);
-    let r = run_on(imp, &c, &opts).expect("valid inputs");
+/// Output and every gradient within `tol` of the f64 reference.
+fn against(r: &Run, c: &AttnCase, tol: f64) {
     let (fwd, grads) = c.reference();
-    let tol = tolerance(imp);
     check("o", &r.o, &fwd.o, tol);
     check("dq", &r.dq, &grads.dq, tol);
     check("dk", &r.dk, &grads.dk, tol);
     check("dv", &r.dv, &grads.dv, tol);
+}
+
+fn against_reference(imp: Impl, dims: Dims, opts: AttnOptions) {
+    let c = case(dims, &opts);
+    let r = run_on(imp, &c, &opts).expect("valid inputs");
+    against(&r, &c, tolerance(imp));
 }
 
 #[rstest]
@@ -143,12 +147,7 @@ fn half_precision(#[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType
         }
         let r = got.expect("valid inputs");
         // The reference sees f32 inputs; the kernel rounds them to half precision.
-        let (fwd, grads) = c.reference();
-        let tol = half_tolerance(dtype);
-        check("o", &r.o, &fwd.o, tol);
-        check("dq", &r.dq, &grads.dq, tol);
-        check("dk", &r.dk, &grads.dk, tol);
-        check("dv", &r.dv, &grads.dv, tol);
+        against(&r, &c, half_tolerance(dtype));
     }
     on_gpu!(fusion, go(dtype));
 }
@@ -208,10 +207,5 @@ fn keys_past_the_grid(#[values(Impl::Fusion, Impl::Cube)] imp: Impl) {
         return;
     }
     let r = got.expect("the device's grid holds the key blocks");
-    let (fwd, grads) = c.reference();
-    let tol = tolerance(imp);
-    check("o", &r.o, &fwd.o, tol);
-    check("dq", &r.dq, &grads.dq, tol);
-    check("dk", &r.dk, &grads.dk, tol);
-    check("dv", &r.dv, &grads.dv, tol);
+    against(&r, &c, tolerance(imp));
 }
