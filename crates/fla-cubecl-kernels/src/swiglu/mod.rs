@@ -9,6 +9,7 @@
 
 pub mod naive;
 
+use cubecl::ir::features::EnumSet;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -35,18 +36,31 @@ impl SwigluProblem {
     }
 }
 
-/// `σ(g)` in `f32` (also the norm's swish gate).
-#[cube]
-pub(crate) fn sigmoid(g: f32) -> f32 {
-    1.0f32 / (1.0f32 + f32::exp(-g))
+/// The floating-point freedoms of [`sigmoid_lanes`]: reduced-precision exponential and division
+/// (CUDA's `__expf`, `__fdividef`: a few instructions each instead of a dozen), which these
+/// element-wise kernels spend most of their instructions on. Their operands are finite: the
+/// exponent is clamped.
+fn fast_sigmoid() -> EnumSet<FastMath> {
+    FastMath::ReducedPrecision
+        | FastMath::NotNaN
+        | FastMath::NotInf
+        | FastMath::AllowReciprocal
+        | FastMath::UnsignedZero
 }
 
-/// `σ` of each lane of a vector, in `f32`.
-#[cube]
-fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+/// `σ` of each lane of a vector, in `f32` (also the norm's swish gate). The exponent is clamped at
+/// 80 (`σ(g) < 2e-35` below `g = −80`, where the exact value rounds to that or to 0 in every
+/// dtype the kernels write), so no lane sees an infinity; a NaN gate still makes the products
+/// that use it (`g σ(g)`, the gradients) NaN.
+#[cube(fast_math = fast_sigmoid())]
+pub(crate) fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(1.0f32);
     // `0 − g`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
-    one / (one + Vector::exp(Vector::<f32, N>::new(0.0f32) - g))
+    let e = <Vector<f32, N> as FloatOps>::min(
+        Vector::<f32, N>::new(0.0f32) - g,
+        Vector::<f32, N>::new(80.0f32),
+    );
+    one / (one + Vector::exp(e))
 }
 
 /// Vectors of `N` neighbouring elements (16-byte loads where `N · size` reaches 16), `len` of
