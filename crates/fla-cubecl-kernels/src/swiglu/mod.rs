@@ -38,8 +38,8 @@ impl SwigluProblem {
 
 /// The floating-point freedoms of [`sigmoid_lanes`]: reduced-precision exponential and division
 /// (CUDA's `__expf`, `__fdividef`: a few instructions each instead of a dozen), which these
-/// element-wise kernels spend most of their instructions on. Their operands are finite: the
-/// exponent is clamped.
+/// element-wise kernels spend most of their instructions on. Finite inputs keep every operand
+/// finite (both exponents are at most 0, the denominator lies in `[1, 2]`).
 fn fast_sigmoid() -> EnumSet<FastMath> {
     FastMath::ReducedPrecision
         | FastMath::NotNaN
@@ -48,19 +48,18 @@ fn fast_sigmoid() -> EnumSet<FastMath> {
         | FastMath::UnsignedZero
 }
 
-/// `σ` of each lane of a vector, in `f32` (also the norm's swish gate). The exponent is clamped at
-/// 80 (`σ(g) < 2e-35` below `g = −80`, where the exact value rounds to that or to 0 in every
-/// dtype the kernels write), so no lane sees an infinity; a NaN gate still makes the products
-/// that use it (`g σ(g)`, the gradients) NaN.
+/// `σ` of each lane of a vector, in `f32` (also the norm's swish gate), in the form whose
+/// exponents are never positive: `σ(g) = exp(min(g, 0)) / (1 + exp(−|g|))`. So no exponential
+/// overflows at any finite gate, and a very negative gate gives 0 (the exponential underflows),
+/// not a tiny constant that `g σ(g)` would scale back up. A NaN gate gives a NaN `σ` (through
+/// `|g|`), and every product that uses it is NaN.
 #[cube(fast_math = fast_sigmoid())]
 pub(crate) fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    let zero = Vector::<f32, N>::new(0.0f32);
     let one = Vector::<f32, N>::new(1.0f32);
-    // `0 − g`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
-    let e = <Vector<f32, N> as FloatOps>::min(
-        Vector::<f32, N>::new(0.0f32) - g,
-        Vector::<f32, N>::new(80.0f32),
-    );
-    one / (one + Vector::exp(e))
+    let low = <Vector<f32, N> as FloatOps>::min(g, zero);
+    // `0 − |g|`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
+    Vector::exp(low) / (one + Vector::exp(zero - Vector::abs(g)))
 }
 
 /// Vectors of `N` neighbouring elements (16-byte loads where `N · size` reaches 16), `len` of
