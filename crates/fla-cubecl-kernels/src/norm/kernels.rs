@@ -7,13 +7,16 @@
 
 use cubecl::prelude::*;
 
-use crate::swiglu::sigmoid;
+use crate::swiglu::sigmoid_lanes;
 
 /// Compile-time shape of a norm launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NormLayout {
-    /// The normalised axis `D`.
+    /// The normalised axis `D`, in entries.
     pub dim: usize,
+    /// Entries per vector (`D` is a multiple): a unit loads `vector` neighbouring entries at
+    /// once, 16 bytes where the device and `D` allow.
+    pub vector: usize,
     /// Units per row, a power of two.
     pub units: usize,
     /// Rows per cube (the cube is `units × rows` units).
@@ -22,9 +25,14 @@ pub struct NormLayout {
 }
 
 impl NormLayout {
-    /// Entries of a row each unit holds.
+    /// Vectors per row.
+    pub fn width(&self) -> usize {
+        self.dim / self.vector
+    }
+
+    /// Vectors of a row each unit holds.
     pub fn per_unit(&self) -> usize {
-        self.dim.div_ceil(self.units)
+        self.width().div_ceil(self.units)
     }
 }
 
@@ -73,14 +81,25 @@ pub(crate) fn cube_sum(
     tree_sum(value, scratch, at, UNIT_POS_X as usize, 1, units)
 }
 
-/// Forward. Cubes: one per `rows` rows over a 2-D grid.
+/// The sum of a vector's `l.vector` entries.
+#[cube]
+fn lane_sum<N: Size>(v: Vector<f32, N>, #[comptime] l: NormLayout) -> f32 {
+    let mut total = 0.0f32;
+    #[unroll]
+    for j in 0..comptime!(l.vector) {
+        total += v[j];
+    }
+    total
+}
+
+/// Forward. Cubes: one per `rows` rows over a 2-D grid. Buffers in vectors of `N` entries.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_fwd_kernel<F: Float>(
-    x: &Array<F>,
-    w: &Array<F>,
-    g: &Array<F>,
-    y: &mut Array<F>,
+pub fn rms_norm_fwd_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    g: &Array<Vector<F, N>>,
+    y: &mut Array<Vector<F, N>>,
     rstd: &mut Array<f32>,
     rows: u32,
     eps: f32,
@@ -95,52 +114,68 @@ pub fn rms_norm_fwd_kernel<F: Float>(
     // computes on zeros and writes nothing, but reaches every barrier.
     let live = row < rows as usize;
     let u = UNIT_POS_X as usize;
-    let base = row * comptime!(l.dim);
-    let mut xs = Array::<f32>::new(comptime!(l.per_unit()));
-    let mut squares = 0.0f32;
+    let base = row * comptime!(l.width());
+    let zero = Vector::<f32, N>::new(0.0f32);
+    let mut xs = Array::<Vector<f32, N>>::new(comptime!(l.per_unit()));
+    // The weight and the gate's swish, loaded with `x`, before the row sum: their loads then
+    // overlap the sum's barriers instead of waiting after them.
+    let mut ws = Array::<Vector<f32, N>>::new(comptime!(l.per_unit()));
+    let mut gs = Array::<Vector<f32, N>>::new(comptime!(if l.gated { l.per_unit() } else { 1 }));
+    let mut squares = zero;
     #[unroll]
     for i in 0..comptime!(l.per_unit()) {
         let col = i * comptime!(l.units) + u;
-        let mut v = 0.0f32;
-        if live && col < comptime!(l.dim) {
-            v = f32::cast_from(x[base + col]);
+        let mut v = zero;
+        let mut gv = zero;
+        let mut wv = zero;
+        if live && col < comptime!(l.width()) {
+            v = Vector::<f32, N>::cast_from(x[base + col]);
+            wv = Vector::<f32, N>::cast_from(w[col]);
+            if comptime!(l.gated) {
+                gv = Vector::<f32, N>::cast_from(g[base + col]);
+            }
         }
         xs[i] = v;
+        ws[i] = wv;
+        if comptime!(l.gated) {
+            gs[i] = gv * sigmoid_lanes(gv);
+        }
         squares += v * v;
     }
-    let r = 1.0f32 / f32::sqrt(cube_sum(squares, &mut scratch, l.units) * inv_dim + eps);
+    let total = cube_sum(lane_sum(squares, l), &mut scratch, l.units);
+    let r = 1.0f32 / f32::sqrt(total * inv_dim + eps);
     if live {
         if u == 0 {
             rstd[row] = r;
         }
+        let rv = Vector::<f32, N>::new(r);
         #[unroll]
         for i in 0..comptime!(l.per_unit()) {
             let col = i * comptime!(l.units) + u;
-            if col < comptime!(l.dim) {
-                let mut out = xs[i] * r * f32::cast_from(w[col]);
+            if col < comptime!(l.width()) {
+                let mut out = xs[i] * rv * ws[i];
                 if comptime!(l.gated) {
-                    let gv = f32::cast_from(g[base + col]);
-                    out *= gv * sigmoid(gv);
+                    out *= gs[i];
                 }
-                y[base + col] = F::cast_from(out);
+                y[base + col] = Vector::<F, N>::cast_from(out);
             }
         }
     }
 }
 
-/// Backward: `dx`, `dg`, and per cube its rows' share of `dw` (`part: [blocks, D]`, summed by
-/// the launcher). Row lane `y` of cube `b` takes rows `b·rows + y`, then strides of
-/// `blocks · rows`.
+/// Backward: `dx`, `dg`, and per cube its rows' share of `dw` (`part: [blocks, D]`, `f32`
+/// entries, summed by the launcher). Row lane `y` of cube `b` takes rows `b·rows + y`, then
+/// strides of `blocks · rows`. Inputs and gradients in vectors of `N` entries.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn rms_norm_bwd_kernel<F: Float>(
-    x: &Array<F>,
-    w: &Array<F>,
-    g: &Array<F>,
+pub fn rms_norm_bwd_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    g: &Array<Vector<F, N>>,
     rstd: &Array<f32>,
-    dy: &Array<F>,
-    dx: &mut Array<F>,
-    dg: &mut Array<F>,
+    dy: &Array<Vector<F, N>>,
+    dx: &mut Array<Vector<F, N>>,
+    dg: &mut Array<Vector<F, N>>,
     part: &mut Array<f32>,
     rows: u32,
     blocks: u32,
@@ -151,24 +186,27 @@ pub fn rms_norm_bwd_kernel<F: Float>(
     let mut scratch = SharedMemory::<f32>::new(comptime!(l.units * l.rows));
     let block = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
     let per = comptime!(l.per_unit());
+    let width = comptime!(l.width());
     let u = UNIT_POS_X as usize;
     let lane = UNIT_POS_Y as usize;
+    let zero = Vector::<f32, N>::new(0.0f32);
+    let one = Vector::<f32, N>::new(1.0f32);
     // Uniform over the cube: a cube past the last block skips its barriers as a whole.
     if block < blocks as usize {
-        let mut ws = Array::<f32>::new(per);
-        let mut dw = Array::<f32>::new(per);
+        let mut ws = Array::<Vector<f32, N>>::new(per);
+        let mut dw = Array::<Vector<f32, N>>::new(per);
         #[unroll]
         for i in 0..per {
             let col = i * comptime!(l.units) + u;
-            let mut v = 0.0f32;
-            if col < comptime!(l.dim) {
-                v = f32::cast_from(w[col]);
+            let mut v = zero;
+            if col < width {
+                v = Vector::<f32, N>::cast_from(w[col]);
             }
             ws[i] = v;
-            dw[i] = 0.0f32;
+            dw[i] = zero;
         }
-        let mut xh = Array::<f32>::new(per);
-        let mut dxh = Array::<f32>::new(per);
+        let mut xh = Array::<Vector<f32, N>>::new(per);
+        let mut dxh = Array::<Vector<f32, N>>::new(per);
         let stride = blocks as usize * comptime!(l.rows);
         // The cube's first row sets the trip count, the same for every unit, so the sums'
         // barriers line up; a lane whose row lies past the end computes on zeros.
@@ -176,25 +214,27 @@ pub fn rms_norm_bwd_kernel<F: Float>(
         while first < rows as usize {
             let row = first + lane;
             let live = row < rows as usize;
-            let base = row * comptime!(l.dim);
+            let base = row * width;
             let mut r = 0.0f32;
             if live {
                 r = rstd[row];
             }
-            let mut dot = 0.0f32;
+            let rv = Vector::<f32, N>::new(r);
+            let mut dot = zero;
             #[unroll]
             for i in 0..per {
                 let col = i * comptime!(l.units) + u;
-                let mut xv = 0.0f32;
-                let mut dn = 0.0f32;
-                if live && col < comptime!(l.dim) {
-                    xv = f32::cast_from(x[base + col]) * r;
-                    dn = f32::cast_from(dy[base + col]);
+                let mut xv = zero;
+                let mut dn = zero;
+                if live && col < width {
+                    xv = Vector::<f32, N>::cast_from(x[base + col]) * rv;
+                    dn = Vector::<f32, N>::cast_from(dy[base + col]);
                     if comptime!(l.gated) {
-                        let gv = f32::cast_from(g[base + col]);
-                        let s = sigmoid(gv);
+                        let gv = Vector::<f32, N>::cast_from(g[base + col]);
+                        let s = sigmoid_lanes(gv);
                         let n = xv * ws[i];
-                        dg[base + col] = F::cast_from(dn * n * s * (1.0f32 + gv * (1.0f32 - s)));
+                        dg[base + col] =
+                            Vector::<F, N>::cast_from(dn * n * s * (one + gv * (one - s)));
                         dn *= gv * s;
                     }
                 }
@@ -203,13 +243,14 @@ pub fn rms_norm_bwd_kernel<F: Float>(
                 dxh[i] = dn * ws[i];
                 dot += dxh[i] * xv;
             }
-            let mean = cube_sum(dot, &mut scratch, l.units) * inv_dim;
+            let mean = cube_sum(lane_sum(dot, l), &mut scratch, l.units) * inv_dim;
             if live {
+                let mv = Vector::<f32, N>::new(mean);
                 #[unroll]
                 for i in 0..per {
                     let col = i * comptime!(l.units) + u;
-                    if col < comptime!(l.dim) {
-                        dx[base + col] = F::cast_from(r * (dxh[i] - xh[i] * mean));
+                    if col < width {
+                        dx[base + col] = Vector::<F, N>::cast_from(rv * (dxh[i] - xh[i] * mv));
                     }
                 }
             }
@@ -220,10 +261,14 @@ pub fn rms_norm_bwd_kernel<F: Float>(
         // not `blocks · rows`: a lane of it adds its rows one dependent load after another).
         #[unroll]
         for i in 0..per {
-            let total = tree_sum(dw[i], &mut scratch, u, lane, comptime!(l.units), l.rows);
             let col = i * comptime!(l.units) + u;
-            if lane == 0 && col < comptime!(l.dim) {
-                part[block * comptime!(l.dim) + col] = total;
+            let share = dw[i];
+            #[unroll]
+            for j in 0..comptime!(l.vector) {
+                let total = tree_sum(share[j], &mut scratch, u, lane, comptime!(l.units), l.rows);
+                if lane == 0 && col < width {
+                    part[block * comptime!(l.dim) + col * comptime!(l.vector) + j] = total;
+                }
             }
         }
     }

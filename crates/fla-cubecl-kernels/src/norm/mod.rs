@@ -131,22 +131,40 @@ pub(crate) fn row_lanes<R: Runtime>(
     width: usize,
     max_lanes: usize,
 ) -> (usize, usize) {
-    let max_units = client.properties().hardware.max_units_per_cube as usize;
-    let cap = 1usize << max_lanes.min(max_units.max(1)).ilog2();
+    let cap = 1usize << max_lanes.min(max_cube_units(client)).ilog2();
     let units = width
         .div_ceil(ENTRIES_PER_UNIT)
         .next_power_of_two()
         .clamp(8.min(cap), cap);
-    (units, (CUBE_UNITS.min(cap) / units).max(1))
+    (units, rows_per_cube(client, units))
 }
 
-/// Up to 1024 lanes a row: each holds its entries in registers.
+fn max_cube_units<R: Runtime>(client: &ComputeClient<R>) -> usize {
+    (client.properties().hardware.max_units_per_cube as usize).max(1)
+}
+
+/// Rows of `units` lanes (a power of two the device's cubes hold) that fill [`CUBE_UNITS`] units.
+fn rows_per_cube<R: Runtime>(client: &ComputeClient<R>, units: usize) -> usize {
+    let cap = 1usize << max_cube_units(client).ilog2();
+    (CUBE_UNITS.min(cap) / units).max(1)
+}
+
+/// Up to 1024 lanes a row: each holds its entries in registers, in vectors of the widest size
+/// the device loads well that divides `D` (16 bytes: 8 half-precision entries, 4 `f32`); no more
+/// lanes than a row has vectors (a lane without one would only idle through the sums).
 fn layout<R: Runtime>(client: &ComputeClient<R>, p: &NormProblem) -> NormLayout {
-    let (units, rows) = row_lanes(client, p.dim, 1024);
+    let vector = client
+        .io_optimized_vector_sizes(p.dtype.size())
+        .filter(|&n| n > 0 && p.dim.is_multiple_of(n))
+        .max()
+        .unwrap_or(1);
+    let (lanes, _) = row_lanes(client, p.dim, 1024);
+    let units = lanes.min((p.dim / vector).next_power_of_two());
     NormLayout {
         dim: p.dim,
+        vector,
         units,
-        rows,
+        rows: rows_per_cube(client, units),
         gated: p.gated,
     }
 }
@@ -200,15 +218,17 @@ pub fn norm_forward<R: Runtime>(
     fits("rstd", b.rstd, p.rows, 4)?;
     let l = layout(client, p);
     let (gx, gy) = forward_cubes(p, &l);
-    let n = p.len();
+    // In vectors of `l.vector` entries.
+    let n = p.len() / l.vector;
     // Every access is guarded by the kernel's own conditions (rows and columns in range).
     unsafe {
         rms_norm_fwd_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(gx as u32, gy as u32, 1),
             CubeDim::new_2d(l.units as u32, l.rows as u32),
+            l.vector,
             array(b.x, n),
-            array(b.w, p.dim),
+            array(b.w, l.width()),
             array(g, n),
             array(b.y, n),
             array(b.rstd, p.rows),
@@ -230,8 +250,10 @@ pub fn norm_backward<R: Runtime>(
 ) -> Result<(), KernelError> {
     checked(client, p)?;
     let g = gate_buffer(b.g, p, b.x, "g")?;
-    // Ungated, a buffer of its own (the kernel never writes it): no output is bound twice.
-    let unused = client.empty(4);
+    let l = layout(client, p);
+    // Ungated, a buffer of its own (the kernel never writes it): no output is bound twice. It
+    // holds the one vector its array declares.
+    let unused = client.empty(64);
     let dg = gate_buffer(b.dg, p, &unused, "dg")?;
     let e = p.dtype.size();
     for (name, h, n) in [
@@ -248,8 +270,7 @@ pub fn norm_backward<R: Runtime>(
     if p.gated {
         fits("dg", dg, p.len(), e)?;
     }
-    let dg_len = if p.gated { p.len() } else { 1 };
-    let l = layout(client, p);
+    let dg_len = if p.gated { p.len() / l.vector } else { 1 };
     // Each row lane of each cube takes every `blocks · rows`-th row and keeps its share of `dw`
     // in registers; the cube sums its lanes' shares and writes them once, as one row of
     // `[blocks, D]` partials.
@@ -259,15 +280,16 @@ pub fn norm_backward<R: Runtime>(
         .min((BACKWARD_THREADS / (l.units * l.rows)).max(1))
         .min(MAX_BLOCKS);
     let (gx, gy) = cubes_2d(blocks);
-    let n = p.len();
+    let n = p.len() / l.vector;
     let part = client.empty(4 * blocks * p.dim);
     unsafe {
         rms_norm_bwd_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(gx as u32, gy as u32, 1),
             CubeDim::new_2d(l.units as u32, l.rows as u32),
+            l.vector,
             array(b.x, n),
-            array(b.w, p.dim),
+            array(b.w, l.width()),
             array(g, n),
             array(b.rstd, p.rows),
             array(b.dy, n),

@@ -9,6 +9,7 @@
 
 pub mod naive;
 
+use cubecl::ir::features::EnumSet;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
@@ -35,18 +36,30 @@ impl SwigluProblem {
     }
 }
 
-/// `σ(g)` in `f32` (also the norm's swish gate).
-#[cube]
-pub(crate) fn sigmoid(g: f32) -> f32 {
-    1.0f32 / (1.0f32 + f32::exp(-g))
+/// The floating-point freedoms of [`sigmoid_lanes`]: reduced-precision exponential and division
+/// (CUDA's `__expf`, `__fdividef`: a few instructions each instead of a dozen), which these
+/// element-wise kernels spend most of their instructions on. Finite inputs keep every operand
+/// finite (both exponents are at most 0, the denominator lies in `[1, 2]`).
+fn fast_sigmoid() -> EnumSet<FastMath> {
+    FastMath::ReducedPrecision
+        | FastMath::NotNaN
+        | FastMath::NotInf
+        | FastMath::AllowReciprocal
+        | FastMath::UnsignedZero
 }
 
-/// `σ` of each lane of a vector, in `f32`.
-#[cube]
-fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+/// `σ` of each lane of a vector, in `f32` (also the norm's swish gate), in the form whose
+/// exponents are never positive: `σ(g) = exp(min(g, 0)) / (1 + exp(−|g|))`. So no exponential
+/// overflows at any finite gate, and a very negative gate gives 0 (the exponential underflows),
+/// not a tiny constant that `g σ(g)` would scale back up. A NaN gate gives a NaN `σ` (through
+/// `|g|`), and every product that uses it is NaN.
+#[cube(fast_math = fast_sigmoid())]
+pub(crate) fn sigmoid_lanes<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    let zero = Vector::<f32, N>::new(0.0f32);
     let one = Vector::<f32, N>::new(1.0f32);
-    // `0 − g`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
-    one / (one + Vector::exp(Vector::<f32, N>::new(0.0f32) - g))
+    let low = <Vector<f32, N> as FloatOps>::min(g, zero);
+    // `0 − |g|`: CubeCL's CUDA code has no unary minus on vectors (nvcc rejected `-g`).
+    Vector::exp(low) / (one + Vector::exp(zero - Vector::abs(g)))
 }
 
 /// Vectors of `N` neighbouring elements (16-byte loads where `N · size` reaches 16), `len` of
