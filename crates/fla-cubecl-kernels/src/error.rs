@@ -12,4 +12,7 @@ pub enum KernelError {
     InvalidProblem(String),
     #[error("device limit: {0}")]
     DeviceLimit(String),
+    /// A vendor library the call went through (cuBLASLt) failed or could not be loaded.
+    #[error("library: {0}")]
+    Library(String),
 }
