@@ -11,7 +11,9 @@
 //! - `plain`: `CubeBackend` without fusion;
 //! - `fusion`: the fused backend, the product alone (nothing to fuse it with);
 //! - `fused_add`: the fused backend, the product followed by an element-wise op (scaled by 0.5),
-//!   which fusion folds into the matmul, as it does with a gradient's accumulation in training.
+//!   which fusion folds into the matmul, as it does with a gradient's accumulation in training;
+//! - `cublaslt` (CUDA only, not in the defaults): cuBLASLt on the plain backend's buffers
+//!   (`fla::ops::blas::matmul`, each call bracketed by host syncs).
 //!
 //! Prints and writes (`--out`) ms and TFLOP/s per product, median after warm-up with a device
 //! sync closing each run. `benches/torch_matmul.py` times torch's (cuBLAS) on the same shapes.
@@ -46,7 +48,8 @@ struct Args {
     /// Comma-separated products: fwd, dx, dw.
     #[arg(long, default_value = "fwd,dx,dw")]
     products: String,
-    /// Comma-separated ways: plain, fusion, fused_add.
+    /// Comma-separated ways: plain, fusion, fused_add; cublaslt (CUDA: cuBLASLt on the plain
+    /// backend's buffers, host-synchronised, `fla::ops::blas`).
     #[arg(long, default_value = "plain,fusion,fused_add")]
     modes: String,
     #[arg(long, default_value_t = 3)]
@@ -81,8 +84,17 @@ fn operands<B: Backend>(
     (a, b, 2.0 * (n * din * dout) as f64)
 }
 
-/// Median ms of one product on backend `B`, with an element-wise op after it when `epilogue`.
+/// A matrix product on backend `B`.
+type Product<B> = fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>;
+
+fn burn_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    a.matmul(b)
+}
+
+/// Median ms of one product (`mul`) on backend `B`, with an element-wise op after it when
+/// `epilogue`.
 fn time_product<B: Backend>(
+    mul: Product<B>,
     product: &str,
     shape: (usize, usize),
     args: &Args,
@@ -92,7 +104,7 @@ fn time_product<B: Backend>(
     let device = B::Device::default();
     let (a, b, flops) = operands::<B>(product, args.tokens, shape, dtype, &device);
     let ms = time::<B, _>(&device, args.warmup, args.iters, || {
-        let y = a.clone().matmul(b.clone());
+        let y = mul(a.clone(), b.clone());
         if epilogue {
             y.mul_scalar(0.5)
         } else {
@@ -102,7 +114,12 @@ fn time_product<B: Backend>(
     (ms, flops / (ms * 1e-3) / 1e12)
 }
 
-fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
+/// `vendor`: the vendor library's product on the plain backend (CUDA: cuBLASLt), if any.
+fn run<Fused: Backend, Plain: Backend>(
+    args: &Args,
+    dtype: FloatDType,
+    vendor: Option<Product<Plain>>,
+) {
     let list = |s: &str| {
         s.split(',')
             .map(str::trim)
@@ -122,9 +139,34 @@ fn run<Fused: Backend, Plain: Backend>(args: &Args, dtype: FloatDType) {
         for product in list(&args.products) {
             for mode in list(&args.modes) {
                 let (ms, tflops) = match mode.as_str() {
-                    "plain" => time_product::<Plain>(&product, (din, dout), args, dtype, false),
-                    "fusion" => time_product::<Fused>(&product, (din, dout), args, dtype, false),
-                    "fused_add" => time_product::<Fused>(&product, (din, dout), args, dtype, true),
+                    "plain" => time_product(
+                        burn_matmul::<Plain>,
+                        &product,
+                        (din, dout),
+                        args,
+                        dtype,
+                        false,
+                    ),
+                    "fusion" => time_product(
+                        burn_matmul::<Fused>,
+                        &product,
+                        (din, dout),
+                        args,
+                        dtype,
+                        false,
+                    ),
+                    "fused_add" => time_product(
+                        burn_matmul::<Fused>,
+                        &product,
+                        (din, dout),
+                        args,
+                        dtype,
+                        true,
+                    ),
+                    "cublaslt" => {
+                        let mul = vendor.expect("cublaslt: CUDA only");
+                        time_product(mul, &product, (din, dout), args, dtype, false)
+                    }
                     other => panic!("unknown mode {other}"),
                 };
                 let (n, dt, be) = (args.tokens, &args.dtype, &args.backend);
@@ -142,15 +184,18 @@ fn main() {
     let dtype = common::dtype(&args.dtype);
     match args.backend.as_str() {
         #[cfg(feature = "cuda")]
-        "cuda" => run::<
-            burn::backend::Cuda,
-            burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>,
-        >(&args, dtype),
+        "cuda" => {
+            type Plain = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+            fn cublaslt(a: Tensor<Plain, 2>, b: Tensor<Plain, 2>) -> Tensor<Plain, 2> {
+                fla::ops::blas::matmul(a, b).expect("cuBLASLt product")
+            }
+            run::<burn::backend::Cuda, Plain>(&args, dtype, Some(cublaslt))
+        }
         #[cfg(feature = "wgpu")]
         "wgpu" => run::<
             burn::backend::Wgpu,
             burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>,
-        >(&args, dtype),
+        >(&args, dtype, None),
         other => panic!("backend {other} not compiled in"),
     }
 }

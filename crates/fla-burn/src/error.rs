@@ -40,7 +40,9 @@ impl From<KernelError> for FlaError {
             KernelError::InvalidProblem(m) if m.contains("cu_seqlens") => FlaError::CuSeqlens(m),
             KernelError::InvalidProblem(m) if m.contains("zero") => FlaError::Empty(m),
             KernelError::InvalidProblem(m) => FlaError::Shape(m),
-            KernelError::DeviceLimit(m) | KernelError::Buffer(m) => FlaError::Kernel(m),
+            KernelError::DeviceLimit(m) | KernelError::Library(m) | KernelError::Buffer(m) => {
+                FlaError::Kernel(m)
+            }
         }
     }
 }

@@ -31,6 +31,8 @@ macro_rules! tensor_op_impl {
 
 pub mod adamw;
 pub mod attn;
+#[cfg(feature = "cuda")]
+pub mod blas;
 mod checks;
 pub mod cross_entropy;
 pub mod delta;

@@ -17,4 +17,7 @@ pub enum KernelError {
     /// past its end.
     #[error("buffer too small: {0}")]
     Buffer(String),
+    /// A vendor library the call went through (cuBLASLt) failed or could not be loaded.
+    #[error("library: {0}")]
+    Library(String),
 }

@@ -19,6 +19,8 @@
 
 pub mod adamw;
 pub mod attn;
+#[cfg(feature = "cuda")]
+pub mod blas;
 pub mod cross_entropy;
 pub mod delta;
 pub mod dtype;

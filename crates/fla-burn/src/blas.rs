@@ -1,0 +1,77 @@
+//! Matrix products of CUDA tensors through cuBLASLt (experimental:
+//! `fla_cubecl_kernels::blas` says why and how it is ordered with CubeCL's work).
+
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
+use cubecl::cuda::CudaRuntime;
+use fla_cubecl_kernels::blas::{cublaslt_gemm, GemmProblem};
+
+use crate::gated::cube::empty;
+use crate::gated::kernel_dtype;
+use crate::FlaError;
+
+type Cuda<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
+
+/// A 2-D tensor as cuBLASLt reads it: row-major (`false`) or a transposed view of a row-major
+/// matrix (`true`), with the distance between its stored rows. Another layout is made contiguous.
+fn oriented(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, bool, usize) {
+    let (dims, strides) = (t.shape().to_vec(), t.meta.strides().to_vec());
+    let (rows, cols) = (dims[0], dims[1]);
+    if strides[1] == 1 && strides[0] >= cols {
+        return (t, false, strides[0]);
+    }
+    if strides[0] == 1 && strides[1] >= rows {
+        return (t, true, strides[1]);
+    }
+    let t = into_contiguous(t);
+    let ld = t.meta.strides()[0];
+    (t, false, ld)
+}
+
+/// `lhs · rhs` for `[m, k]` and `[k, n]` tensors of one float dtype on CUDA, by cuBLASLt.
+/// Blocks until the product is done.
+pub fn matmul<F, I, BT>(
+    lhs: Tensor<Cuda<F, I, BT>, 2>,
+    rhs: Tensor<Cuda<F, I, BT>, 2>,
+) -> Result<Tensor<Cuda<F, I, BT>, 2>, FlaError>
+where
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let (a, b) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    if a.dtype() != b.dtype() {
+        return Err(FlaError::Shape(format!(
+            "matmul of {:?} and {:?}: one dtype expected",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    let dtype = kernel_dtype(a.dtype())?;
+    let ([m, k], [k2, n]) = (
+        [a.shape().to_vec()[0], a.shape().to_vec()[1]],
+        [b.shape().to_vec()[0], b.shape().to_vec()[1]],
+    );
+    if k != k2 {
+        return Err(FlaError::Shape(format!(
+            "matmul of [{m}, {k}] and [{k2}, {n}]: inner sizes differ"
+        )));
+    }
+    let ((a, a_trans, lda), (b, b_trans, ldb)) = (oriented(a), oriented(b));
+    let c = empty(&a, vec![m, n], a.dtype());
+    let p = GemmProblem {
+        m,
+        n,
+        k,
+        a_trans,
+        b_trans,
+        lda,
+        ldb,
+        ldc: c.meta.strides()[0],
+        dtype,
+    };
+    cublaslt_gemm(&a.client, &p, [&a.handle, &b.handle], &c.handle)?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(c)))
+}
