@@ -223,17 +223,12 @@ fn attn<R: Runtime>(client: &ComputeClient<R>) {
         };
         attn_forward(client, &p, b)
     });
+    // The forward's buffers (`o` and `lse` now read), then the gradients.
     let specs = [
-        ("q", nq, F),
-        ("k", nk, F),
-        ("v", nv, F),
-        ("o", no, F),
-        ("lse", nl, 4),
-        ("d_o", no, F),
-        ("dq", nq, F),
-        ("dk", nk, F),
-        ("dv", nv, F),
-    ];
+        &specs[..],
+        &[("d_o", no, F), ("dq", nq, F), ("dk", nk, F), ("dv", nv, F)],
+    ]
+    .concat();
     each_short(client, "attention backward", &specs, |h| {
         let b = AttnBackwardBuffers {
             q: &h[0],
@@ -302,24 +297,21 @@ fn gated<R: Runtime>(client: &ComputeClient<R>) {
         forward(h, false)
     });
     each_short(client, "gated chunk forward", &specs, |h| forward(h, true));
+    // The forward's buffers (`o` and `ht` now read), then the gradients.
     let specs = [
-        ("q", qk, F),
-        ("k", qk, F),
-        ("v", vo, F),
-        ("g", gl, F),
-        ("gv", vo, F),
-        ("h0", st, 4),
-        ("o", vo, F),
-        ("ht", st, 4),
-        ("d_o", vo, F),
-        ("d_ht", st, 4),
-        ("dq", qk, F),
-        ("dk", qk, F),
-        ("dv", vo, F),
-        ("dg", gl, F),
-        ("dgv", vo, F),
-        ("dh0", st, 4),
-    ];
+        &specs[..],
+        &[
+            ("d_o", vo, F),
+            ("d_ht", st, 4),
+            ("dq", qk, F),
+            ("dk", qk, F),
+            ("dv", vo, F),
+            ("dg", gl, F),
+            ("dgv", vo, F),
+            ("dh0", st, 4),
+        ],
+    ]
+    .concat();
     let backward = |h: &[Handle], chunked: bool| {
         let b = BackwardBuffers {
             q: &h[0],
@@ -402,22 +394,21 @@ fn delta<R: Runtime>(client: &ComputeClient<R>) {
         forward(h, false)
     });
     each_short(client, "delta chunk forward", &specs, |h| forward(h, true));
+    // The forward's inputs (its outputs are not read), then the gradients.
     let specs = [
-        ("q", qk, F),
-        ("k", qk, F),
-        ("v", vo, F),
-        ("beta", sc, F),
-        ("g", sc, F),
-        ("h0", st, 4),
-        ("d_o", vo, F),
-        ("d_ht", st, 4),
-        ("dq", qk, F),
-        ("dk", qk, F),
-        ("dv", vo, F),
-        ("dbeta", sc, F),
-        ("dg", sc, F),
-        ("dh0", st, 4),
-    ];
+        &specs[..6],
+        &[
+            ("d_o", vo, F),
+            ("d_ht", st, 4),
+            ("dq", qk, F),
+            ("dk", qk, F),
+            ("dv", vo, F),
+            ("dbeta", sc, F),
+            ("dg", sc, F),
+            ("dh0", st, 4),
+        ],
+    ]
+    .concat();
     let backward = |h: &[Handle], chunked: bool| {
         let b = DeltaBackwardBuffers {
             q: &h[0],
