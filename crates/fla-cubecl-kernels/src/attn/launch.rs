@@ -136,6 +136,15 @@ pub fn attn_check_device<R: Runtime>(
     client: &ComputeClient<R>,
     p: &AttnProblem,
 ) -> Result<(), KernelError> {
+    checked_layouts(client, p).map(|_| ())
+}
+
+/// [`attn_check_device`], returning the layouts it chose for the forward, `dq` and `dk`/`dv`
+/// kernels (the launchers use them rather than choosing again).
+fn checked_layouts<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+) -> Result<[AttnLayout; 3], KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
     if p.longest().max(p.kv_len) > u32::MAX as usize / 2 {
@@ -144,15 +153,21 @@ pub fn attn_check_device<R: Runtime>(
             p.longest()
         )));
     }
-    let fwd = fwd_blocks(p, &attn_layout(client, p, AttnKernel::Forward)?);
-    let dq = dq_blocks(p, &attn_layout(client, p, AttnKernel::Dq)?);
-    let dkv = dkv_blocks(p, &attn_layout(client, p, AttnKernel::Dkv)?);
+    let layouts = [
+        attn_layout(client, p, AttnKernel::Forward)?,
+        attn_layout(client, p, AttnKernel::Dq)?,
+        attn_layout(client, p, AttnKernel::Dkv)?,
+    ];
+    let blocks = fwd_blocks(p, &layouts[0])
+        .max(dq_blocks(p, &layouts[1]))
+        .max(dkv_blocks(p, &layouts[2]));
     // Query or key blocks on x, heads on y, sequences on z.
     check_grid(
         client,
-        (fwd.max(dq).max(dkv), p.heads, p.num_seqs()),
+        (blocks, p.heads, p.num_seqs()),
         "the attention kernels",
-    )
+    )?;
+    Ok(layouts)
 }
 
 /// Cubes on x of the forward: query blocks times value-column blocks.
@@ -193,8 +208,7 @@ pub fn attn_forward<R: Runtime>(
     p: &AttnProblem,
     b: AttnForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    attn_check_device(client, p)?;
-    let l = attn_layout(client, p, AttnKernel::Forward)?;
+    let [l, _, _] = checked_layouts(client, p)?;
     let (nq, nk, nv, no, nl) = p.lens();
     let e = p.dtype.size();
     fits("q", b.q, nq, e)?;
@@ -236,9 +250,7 @@ pub fn attn_backward<R: Runtime>(
     p: &AttnProblem,
     b: AttnBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    attn_check_device(client, p)?;
-    let lq = attn_layout(client, p, AttnKernel::Dq)?;
-    let lkv = attn_layout(client, p, AttnKernel::Dkv)?;
+    let [_, lq, lkv] = checked_layouts(client, p)?;
     let (nq, nk, nv, no, nl) = p.lens();
     let e = p.dtype.size();
     for (name, h, n) in [
