@@ -127,8 +127,7 @@ impl GatedCase {
     pub fn new(p: GatedProblem, strength: f64, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let dt = p.dtype;
-        let qk = p.tokens() * p.heads * p.k_dim;
-        let vo = p.tokens() * p.heads * p.v_dim;
+        let (qk, vo) = p.lens();
         let q = rng.normals(qk, dt);
         let k = rng.normals(qk, dt);
         let v = rng.normals(vo, dt);

@@ -285,10 +285,7 @@ fn check_forward<R: Runtime>(
             "final-state flag and buffer disagree".into(),
         ));
     }
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
+    let (qk, vo) = p.lens();
     let e = p.dtype.size();
     for (name, h, n) in [
         ("q", b.q, qk),
@@ -312,10 +309,7 @@ fn check_backward<R: Runtime>(
     b: &BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_common(client, p, b.g, b.gv, b.h0)?;
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
+    let (qk, vo) = p.lens();
     let e = p.dtype.size();
     for (name, h, n) in [
         ("q", b.q, qk),
@@ -355,8 +349,7 @@ pub fn recurrent_forward<R: Runtime>(
     let (count, dim) = grid(p, block_v, k_split);
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let qk = p.tokens() * p.heads * p.k_dim;
-    let vo = p.tokens() * p.heads * p.v_dim;
+    let (qk, vo) = p.lens();
     recurrent_fwd_kernel::launch::<R>(
         client,
         count,
@@ -391,8 +384,7 @@ pub fn recurrent_backward<R: Runtime>(
     let (cu, cu_len) = cu_seqlens_handle(client, p);
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let tokens = p.tokens();
-    let qk = tokens * p.heads * p.k_dim;
-    let vo = tokens * p.heads * p.v_dim;
+    let (qk, vo) = p.lens();
     let nv = p.v_dim.div_ceil(block_v);
     crate::problem::addressable(nv * qk, "the recurrent backward's partial dq")?;
     let dq_part = client.empty(4 * nv * qk);
@@ -441,7 +433,7 @@ pub(crate) fn finalize_qk_grads<R: Runtime>(
     (dq_part, q_blocks): (&Handle, usize),
     (dk_part, k_blocks): (&Handle, usize),
 ) -> Option<Handle> {
-    let qk = p.tokens() * p.heads * p.k_dim;
+    let (qk, _) = p.lens();
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let key_term = (p.gate != GateKind::None).then(|| client.empty(4 * qk));
     qk_grad_finalize_kernel::launch::<R>(
@@ -476,8 +468,7 @@ fn gate_gradients<R: Runtime>(
 ) -> Result<(), KernelError> {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let tokens = p.tokens();
-    let qk = tokens * p.heads * p.k_dim;
-    let vo = tokens * p.heads * p.v_dim;
+    let (qk, vo) = p.lens();
     let has_dht = b.d_ht.is_some();
     // The final-state term of the identity needs hT whenever a gradient arrives on it.
     let nh = p.num_seqs() * p.heads;

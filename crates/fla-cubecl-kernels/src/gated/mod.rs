@@ -79,6 +79,12 @@ impl GatedProblem {
         crate::problem::bounds(self.seq_len, self.cu_seqlens.as_deref(), n)
     }
 
+    /// Element counts of `q`/`k` (`[B·T, H, K]`) and of `v`/`o` (`[B·T, H, V]`).
+    pub fn lens(&self) -> (usize, usize) {
+        let t = self.tokens();
+        (t * self.heads * self.k_dim, t * self.heads * self.v_dim)
+    }
+
     /// Element count of a state `[N, H, K, V]`.
     pub fn state_len(&self) -> usize {
         self.num_seqs() * self.heads * self.k_dim * self.v_dim

@@ -259,10 +259,7 @@ fn forward_launch<R: Runtime>(
     (cu, cu_len): (&Handle, usize),
 ) {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
+    let (qk, vo) = p.lens();
     // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
     // in K or V); the per-access bounds checks cost a third of the instructions.
     unsafe {
@@ -327,10 +324,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
     (cu, cu_len): (&Handle, usize),
 ) -> Result<Option<Handle>, crate::KernelError> {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
-    let (qk, vo) = (
-        p.tokens() * p.heads * p.k_dim,
-        p.tokens() * p.heads * p.v_dim,
-    );
+    let (qk, vo) = p.lens();
     let nv = p.v_dim.div_ceil(l.bv);
     let nk = p.k_dim.div_ceil(l.bk);
     // One partial `dk` per value block, indexed in 32 bits: the inputs' own check does not
