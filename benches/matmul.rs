@@ -13,7 +13,7 @@
 //! - `fused_add`: the fused backend, the product followed by an element-wise op (scaled by 0.5),
 //!   which fusion folds into the matmul, as it does with a gradient's accumulation in training;
 //! - `cublaslt` (CUDA only, not in the defaults): cuBLASLt on the plain backend's buffers
-//!   (`fla::ops::blas::matmul`, each call bracketed by host syncs).
+//!   (`fla::ops::blas::matmul`, enqueued on CubeCL's stream).
 //!
 //! Prints and writes (`--out`) ms and TFLOP/s per product, median after warm-up with a device
 //! sync closing each run. `benches/torch_matmul.py` times torch's (cuBLAS) on the same shapes.
@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, default_value = "fwd,dx,dw")]
     products: String,
     /// Comma-separated ways: plain, fusion, fused_add; cublaslt (CUDA: cuBLASLt on the plain
-    /// backend's buffers, host-synchronised, `fla::ops::blas`).
+    /// backend's buffers on its stream, `fla::ops::blas`).
     #[arg(long, default_value = "plain,fusion,fused_add")]
     modes: String,
     #[arg(long, default_value_t = 3)]

@@ -102,3 +102,44 @@ fn mismatched_inner_sizes_are_refused() {
     let err = fla::ops::blas::matmul(a, b).expect_err("inner sizes differ");
     assert!(err.to_string().contains("inner sizes differ"), "{err}");
 }
+
+/// Products enqueued on CubeCL's stream without host waits must stay in its order with CubeCL's
+/// own kernels and its reuse of freed memory: a chain of products and element-wise ops, each
+/// intermediate dropped as soon as it is read, against the same chain in f64.
+#[test]
+fn chain_stays_in_stream_order() {
+    assert_eq!(
+        runtime_name(),
+        "cuda",
+        "set FLA_TEST_RUNTIME=cuda: this test runs on CUDA only"
+    );
+    let n = 96;
+    let w = matrix(n, n, 7)
+        .into_iter()
+        .map(|v| v / (n as f64).sqrt())
+        .collect::<Vec<_>>();
+    let mut x = matrix(n, n, 8);
+    let wt = tensor(&w, n, n, FloatDType::F32);
+    let mut xt = tensor(&x, n, n, FloatDType::F32);
+    for step in 0..24 {
+        // CubeCL kernels between the products: a scale and an add, on fresh buffers.
+        xt = fla::ops::blas::matmul(xt, wt.clone()).expect("valid product") * 0.5 + 0.25;
+        x = reference(&x, &w, n, n, n)
+            .into_iter()
+            .map(|v| v * 0.5 + 0.25)
+            .collect();
+        if step % 8 == 7 {
+            // The transposed view of the weight as well, on the same stream.
+            xt = fla::ops::blas::matmul(xt, wt.clone().transpose()).expect("valid product");
+            x = reference(&x, &transpose(&w, n, n), n, n, n);
+        }
+    }
+    let out: Vec<f64> = xt
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    check("chain", &out, &x, 1e-2);
+}

@@ -11,5 +11,6 @@ mod blas;
 mod cross_entropy;
 mod delta;
 mod gated;
+mod linear;
 mod norm;
 mod swiglu;

@@ -1,5 +1,5 @@
-//! Matrix products of CUDA tensors through cuBLASLt (experimental:
-//! `fla_cubecl_kernels::blas` says why and how it is ordered with CubeCL's work).
+//! Matrix products of CUDA tensors through cuBLASLt, the CUDA side of [`crate::matmul`]
+//! (`fla_cubecl_kernels::blas` says why and how it is ordered with CubeCL's work).
 
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
@@ -30,8 +30,9 @@ fn oriented(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, bool, usize
     (t, false, ld)
 }
 
-/// `lhs · rhs` for `[m, k]` and `[k, n]` tensors of one float dtype on CUDA, by cuBLASLt.
-/// Blocks until the product is done.
+/// `lhs · rhs` for `[m, k]` and `[k, n]` tensors of one float dtype on CUDA, by cuBLASLt:
+/// enqueued on CubeCL's stream (no host wait) when the buffers share it. `crate::matmul` is the
+/// differentiable op that models use; this is its CUDA product, callable alone.
 pub fn matmul<F, I, BT>(
     lhs: Tensor<Cuda<F, I, BT>, 2>,
     rhs: Tensor<Cuda<F, I, BT>, 2>,
@@ -41,7 +42,15 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let (a, b) = (lhs.into_primitive().tensor(), rhs.into_primitive().tensor());
+    let c = matmul_tensors(lhs.into_primitive().tensor(), rhs.into_primitive().tensor())?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(c)))
+}
+
+/// The product on CUDA primitives (checked here: the shapes, one float dtype).
+pub(crate) fn matmul_tensors(
+    a: CubeTensor<CudaRuntime>,
+    b: CubeTensor<CudaRuntime>,
+) -> Result<CubeTensor<CudaRuntime>, FlaError> {
     if a.dtype() != b.dtype() {
         return Err(FlaError::Shape(format!(
             "matmul of {:?} and {:?}: one dtype expected",
@@ -50,6 +59,13 @@ where
         )));
     }
     let dtype = kernel_dtype(a.dtype())?;
+    if a.shape().num_dims() != 2 || b.shape().num_dims() != 2 {
+        return Err(FlaError::Shape(format!(
+            "matmul takes two matrices, got {:?} and {:?}",
+            a.shape().to_vec(),
+            b.shape().to_vec()
+        )));
+    }
     let ([m, k], [k2, n]) = (
         [a.shape().to_vec()[0], a.shape().to_vec()[1]],
         [b.shape().to_vec()[0], b.shape().to_vec()[1]],
@@ -73,5 +89,5 @@ where
         dtype,
     };
     cublaslt_gemm(&a.client, &p, [&a.handle, &b.handle], &c.handle)?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(c)))
+    Ok(c)
 }

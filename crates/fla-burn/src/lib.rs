@@ -39,6 +39,7 @@ pub mod delta;
 pub mod device;
 pub mod error;
 pub mod gated;
+pub mod matmul;
 pub mod norm;
 mod recorded;
 pub mod swiglu;
@@ -58,11 +59,12 @@ pub use gated::{
     linear_attn, retention, retention_decay, simple_gla, GateKind, GatedMode, GatedOptions,
     GatedRecurrentBackend, RecurrentOptions, RecurrentOutput,
 };
+pub use matmul::{linear, matmul, MatmulBackend};
 pub use norm::{rms_norm, rms_norm_gated, NormBackend};
 pub use swiglu::{swiglu, SwigluBackend};
 
-/// The fused ops of the modules around every token mixer (its norms and its MLP's activation) and
-/// of the language-model loss.
+/// The fused ops of the modules around every token mixer (its projections, norms and its MLP's
+/// activation) and of the language-model loss.
 /// The family traits require it, so a model generic over one family's trait has them too.
-pub trait LayerBackend: NormBackend + SwigluBackend + CrossEntropyBackend {}
-impl<B: NormBackend + SwigluBackend + CrossEntropyBackend> LayerBackend for B {}
+pub trait LayerBackend: MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend {}
+impl<B: MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend> LayerBackend for B {}

@@ -4,16 +4,18 @@
 //! Hopper's `wgmma`, and reach about a third of the tensor cores' bf16 rate on an H100, where
 //! cuBLAS reaches most of it (`benches/results/README.md`, "Matmuls in a training step").
 //!
-//! How it is ordered with CubeCL's work: CubeCL launches on streams it does not expose, so a
-//! call here waits for this thread's CubeCL stream to finish (`client.sync()`), runs the product
-//! on a stream of its own from the runtime's thread (where CUDA's context is current), and waits
-//! for that stream before returning. Neither side can then touch memory the other is using:
-//! CubeCL's pool reuses freed memory in its own stream order. The two host waits cost a pipeline
-//! drain per call, which the measurement must weigh (`benches/matmul.rs`, mode `cublaslt`).
+//! How it is ordered with CubeCL's work: the buffers' resources name the CUDA stream whose
+//! memory pool owns them (a field our vendored cubecl-cuda adds, `vendor/README.md`). When the
+//! three buffers share one stream, the product is enqueued on it, behind every kernel CubeCL has
+//! launched there and ahead of every later one, with no host wait: CubeCL's pool reuses freed
+//! memory in that same stream order, as it does for its own kernels. Buffers of different
+//! streams (work split across threads) take the slow path: wait for this thread's stream, run
+//! on a stream of our own, wait for it.
 //!
 //! The library is loaded at run time (cudarc's dynamic loading): nothing to link when building,
 //! and a machine without `libcublasLt.so` gets an error at the first call.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use cubecl::cuda::CudaRuntime;
@@ -31,7 +33,7 @@ const WORKSPACE: usize = 32 << 20;
 /// `[m, n]` with rows `ldc` elements apart. `a_trans`: `A` is stored `[k, m]` (rows `lda` apart)
 /// and used transposed, as a transposed view of a row-major tensor is; likewise `b_trans` with
 /// `B` stored `[n, k]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GemmProblem {
     pub m: usize,
     pub n: usize,
@@ -68,12 +70,23 @@ impl GemmProblem {
     }
 }
 
-/// The library's handle, its workspace and the stream the products run on, made once on the
-/// runtime's thread.
+/// One product's cuBLASLt objects and chosen algorithm, made once per problem: a training step
+/// repeats a few dozen shapes hundreds of times, and the heuristic query is a host round trip.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    /// B's, A's and C's layouts (cuBLASLt's operand order, see `plan`).
+    layouts: [sys::cublasLtMatrixLayout_t; 3],
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// The library's handle, the stream of the slow path, one workspace per stream (two streams
+/// must not share one: their products may run at once) and the plans, made on the runtime's
+/// thread.
 struct Blas {
     handle: sys::cublasLtHandle_t,
-    stream: sys::cudaStream_t,
-    workspace: u64,
+    own_stream: sys::cudaStream_t,
+    workspaces: HashMap<usize, u64>,
+    plans: HashMap<GemmProblem, Plan>,
 }
 
 // Used only from CubeCL's runtime thread, under the mutex.
@@ -93,25 +106,11 @@ fn data_type(dtype: FloatDType) -> sys::cudaDataType {
     }
 }
 
-/// Runs the product on the pointers (bytes offsets already applied), on the runtime's thread.
+/// Describes the product to cuBLASLt and asks its heuristic for an algorithm.
 ///
 /// cuBLASLt is column-major: a row-major `C [m, n]` is the column-major `Cᵀ [n, m]`, so it
 /// computes `Cᵀ = op(B)ᵀ · op(A)ᵀ` with `B`'s memory as its first operand.
-fn run_gemm(p: &GemmProblem, [a, b, c]: [u64; 3]) -> Result<(), KernelError> {
-    let mut guard = BLAS.lock().map_err(|e| blas_error("lock", e))?;
-    if guard.is_none() {
-        let handle = lt::create_handle().map_err(|e| blas_error("create", e))?;
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-            .map_err(|e| blas_error("stream", e))?;
-        let workspace =
-            unsafe { drv::malloc_sync(WORKSPACE) }.map_err(|e| blas_error("workspace", e))?;
-        *guard = Some(Blas {
-            handle,
-            stream: stream as sys::cudaStream_t,
-            workspace,
-        });
-    }
-    let blas = guard.as_ref().expect("made above");
+fn plan(handle: sys::cublasLtHandle_t, p: &GemmProblem) -> Result<Plan, KernelError> {
     let ty = data_type(p.dtype);
     let (m, n, k) = (p.m as u64, p.n as u64, p.k as u64);
     // cuBLAS's `cublasOperation_t` (not in cudarc's cuBLASLt bindings): 0 = N, 1 = T.
@@ -133,8 +132,9 @@ fn run_gemm(p: &GemmProblem, [a, b, c]: [u64; 3]) -> Result<(), KernelError> {
         lt::create_matrix_layout(ty, a_rows, a_cols, p.lda as i64),
         lt::create_matrix_layout(ty, n, m, p.ldc as i64),
     ];
-    let pref = lt::create_matmul_pref().map_err(|e| blas_error("preference", e))?;
-    let result = (|| unsafe {
+    let pref = lt::create_matmul_pref().map_err(|e| blas_error("preference", e));
+    let chosen = (|| unsafe {
+        let pref = *pref.as_ref().map_err(|e| e.clone())?;
         let [lb, la, lc] = [&layouts[0], &layouts[1], &layouts[2]]
             .map(|l| l.as_ref().map(|l| *l).map_err(|e| blas_error("layout", e)));
         let (lb, la, lc) = (lb?, la?, lc?);
@@ -150,12 +150,70 @@ fn run_gemm(p: &GemmProblem, [a, b, c]: [u64; 3]) -> Result<(), KernelError> {
             sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES;
         lt::set_matmul_pref_attribute(pref, attr, (&size as *const usize) as *const _, 8)
             .map_err(|e| blas_error("workspace size", e))?;
-        let heuristic = lt::get_matmul_algo_heuristic(blas.handle, desc, lb, la, lc, lc, pref)
+        let heuristic = lt::get_matmul_algo_heuristic(handle, desc, lb, la, lc, lc, pref)
             .map_err(|e| blas_error("no algorithm", e))?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        Ok::<_, KernelError>(([lb, la, lc], heuristic.algo))
+    })();
+    unsafe {
+        if let Ok(pref) = pref {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        if chosen.is_err() {
+            for l in layouts.into_iter().flatten() {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(desc);
+        }
+    }
+    let (layouts, algo) = chosen?;
+    Ok(Plan {
+        desc,
+        layouts,
+        algo,
+    })
+}
+
+/// Runs the product on the pointers (byte offsets already applied), on the runtime's thread:
+/// enqueued on `stream` without waiting, or, without one, on our own stream, waited for.
+fn run_gemm(
+    p: &GemmProblem,
+    [a, b, c]: [u64; 3],
+    stream: Option<sys::cudaStream_t>,
+) -> Result<(), KernelError> {
+    let mut guard = BLAS.lock().map_err(|e| blas_error("lock", e))?;
+    if guard.is_none() {
+        let handle = lt::create_handle().map_err(|e| blas_error("create", e))?;
+        let own = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(|e| blas_error("stream", e))?;
+        *guard = Some(Blas {
+            handle,
+            own_stream: own as sys::cudaStream_t,
+            workspaces: HashMap::new(),
+            plans: HashMap::new(),
+        });
+    }
+    let blas = guard.as_mut().expect("made above");
+    let on = stream.unwrap_or(blas.own_stream);
+    let workspace = match blas.workspaces.get(&(on as usize)) {
+        Some(w) => *w,
+        None => {
+            let w =
+                unsafe { drv::malloc_sync(WORKSPACE) }.map_err(|e| blas_error("workspace", e))?;
+            blas.workspaces.insert(on as usize, w);
+            w
+        }
+    };
+    if !blas.plans.contains_key(p) {
+        let made = plan(blas.handle, p)?;
+        blas.plans.insert(p.clone(), made);
+    }
+    let plan = &blas.plans[p];
+    let [lb, la, lc] = plan.layouts;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    unsafe {
         lt::matmul(
             blas.handle,
-            desc,
+            plan.desc,
             (&alpha as *const f32) as *const _,
             (&beta as *const f32) as *const _,
             b as *const _,
@@ -166,26 +224,22 @@ fn run_gemm(p: &GemmProblem, [a, b, c]: [u64; 3]) -> Result<(), KernelError> {
             lc,
             c as *mut _,
             lc,
-            &heuristic.algo,
-            blas.workspace as *mut _,
+            &plan.algo,
+            workspace as *mut _,
             WORKSPACE,
-            blas.stream,
+            on,
         )
         .map_err(|e| blas_error("matmul", e))?;
-        drv::stream::synchronize(blas.stream as _).map_err(|e| blas_error("stream sync", e))
-    })();
-    unsafe {
-        for l in layouts.into_iter().flatten() {
-            let _ = lt::destroy_matrix_layout(l);
+        if stream.is_none() {
+            drv::stream::synchronize(on as _).map_err(|e| blas_error("stream sync", e))?;
         }
-        let _ = lt::destroy_matmul_pref(pref);
-        let _ = lt::destroy_matmul_desc(desc);
     }
-    result
+    Ok(())
 }
 
 /// `C = op(A) · op(B)` on the CUDA runtime through cuBLASLt; `a`, `b`, `c` hold the problem's
-/// dtype, `c` written in full. Blocks the calling thread until the product is done (module doc).
+/// dtype, `c` written in full. Enqueued on CubeCL's stream when the three buffers share one,
+/// else run between host waits (module doc).
 pub fn cublaslt_gemm(
     client: &ComputeClient<CudaRuntime>,
     p: &GemmProblem,
@@ -199,13 +253,24 @@ pub fn cublaslt_gemm(
             .get_resource(h.clone())
             .map_err(|e| blas_error("buffer", e))
     };
-    // Holding the resources keeps the buffers allocated until the product is done.
+    // Holding the resources keeps the buffers allocated until the product is enqueued; after
+    // that, CubeCL reuses their memory only behind it in the stream's order.
     let (ra, rb, rc) = (resource(a)?, resource(b)?, resource(c)?);
     let ptrs = [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr];
-    cubecl::future::block_on(client.sync()).map_err(|e| blas_error("sync", e))?;
+    let streams = [
+        ra.resource().stream,
+        rb.resource().stream,
+        rc.resource().stream,
+    ];
+    let shared = (streams[0] == streams[1] && streams[1] == streams[2]).then_some(streams[2]);
+    if shared.is_none() {
+        cubecl::future::block_on(client.sync()).map_err(|e| blas_error("sync", e))?;
+    }
     let problem = p.clone();
+    // A raw stream pointer is not `Send`; the runtime thread gets it as an address.
+    let shared = shared.map(|s| s as usize);
     client
-        .exclusive(move || run_gemm(&problem, ptrs))
+        .exclusive(move || run_gemm(&problem, ptrs, shared.map(|s| s as sys::cudaStream_t)))
         .map_err(|e| blas_error("runtime thread", e))??;
     drop((ra, rb, rc));
     Ok(())

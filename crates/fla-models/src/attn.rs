@@ -2,6 +2,7 @@
 //! Transformer++ baseline, on the fused `parallel_attn` op: rotary position embeddings, grouped
 //! key/value heads, an optional sliding window, and a key/value cache for decoding.
 
+use crate::modules::Project;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -152,16 +153,16 @@ impl<B: AttentionBackend> Attention<B> {
         };
         let seen = cache.as_ref().map_or(0, |c| c.seen);
         let q = rotary(
-            heads(self.q_proj.forward(x.clone()), nh),
+            heads(self.q_proj.project(x.clone())?, nh),
             seen,
             self.rope_theta,
         );
         let k = rotary(
-            heads(self.k_proj.forward(x.clone()), nkv),
+            heads(self.k_proj.project(x.clone())?, nkv),
             seen,
             self.rope_theta,
         );
-        let v = heads(self.v_proj.forward(x), nkv);
+        let v = heads(self.v_proj.project(x)?, nkv);
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
             None => (k, v),
@@ -172,7 +173,7 @@ impl<B: AttentionBackend> Attention<B> {
         }
         let o = parallel_attn(q, k.clone(), v.clone(), opts)?;
         let d = o.dims()[3];
-        let y = self.o_proj.forward(o.reshape([b, t, nh * d]));
+        let y = self.o_proj.project(o.reshape([b, t, nh * d]))?;
         let cache = use_cache.then(|| {
             let total = k.dims()[1];
             // A window never looks further back than its width.

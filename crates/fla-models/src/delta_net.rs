@@ -16,8 +16,8 @@ use fla_burn::{delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaErr
 use serde::{Deserialize, Serialize};
 
 use crate::modules::{
-    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
-    ShortConvolutionConfig,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, Project,
+    ShortConvolution, ShortConvolutionConfig,
 };
 
 /// What is applied to q and k after their projection (FLA's `qk_activation`).
@@ -197,9 +197,9 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
         let ([q, k, v], conv) = short_convs(
             [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
             [
-                self.q_proj.forward(x.clone()),
-                self.k_proj.forward(x.clone()),
-                self.v_proj.forward(x.clone()),
+                self.q_proj.project(x.clone())?,
+                self.k_proj.project(x.clone())?,
+                self.v_proj.project(x.clone())?,
             ],
             conv_cache,
         )?;
@@ -230,7 +230,7 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
             (q, k) = (l1(q), l1(k));
         }
         let mut beta = match &self.b_proj {
-            Some(bp) => sigmoid(bp.forward(x.clone())),
+            Some(bp) => sigmoid(bp.project(x.clone())?),
             None => Tensor::ones([b, t, nh], (&x.device(), x.dtype())),
         };
         if self.allow_neg_eigval {
@@ -253,11 +253,11 @@ impl<B: DeltaRuleBackend> DeltaNet<B> {
         }
         let out = delta_rule(q, k, heads(v), beta, opts)?;
         let o = match &self.g_proj {
-            Some(gp) => self.o_norm.forward(out.o, heads(gp.forward(x))),
+            Some(gp) => self.o_norm.forward(out.o, heads(gp.project(x)?)),
             None => self.o_norm.norm.forward(out.o),
         }?;
         let vd = o.dims()[2] * o.dims()[3];
-        let y = self.o_proj.forward(o.reshape([b, t, vd]));
+        let y = self.o_proj.project(o.reshape([b, t, vd]))?;
         let cache = out.final_state.map(|state| LayerCache {
             state,
             conv,

@@ -17,8 +17,8 @@ use burn::tensor::{Distribution, FloatDType, Tensor};
 use fla_burn::{gated_delta_rule, DeltaMode, DeltaRuleBackend, DeltaRuleOptions, FlaError};
 
 use crate::modules::{
-    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
-    ShortConvolutionConfig,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, Project,
+    ShortConvolution, ShortConvolutionConfig,
 };
 
 /// FLA's layer arguments and defaults.
@@ -182,9 +182,9 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         let ([q, k, v], conv) = short_convs(
             [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
             [
-                self.q_proj.forward(x.clone()),
-                self.k_proj.forward(x.clone()),
-                self.v_proj.forward(x.clone()),
+                self.q_proj.project(x.clone())?,
+                self.k_proj.project(x.clone())?,
+                self.v_proj.project(x.clone())?,
             ],
             conv_cache,
         )?;
@@ -197,7 +197,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         let q = q.reshape([b, t, nh, self.head_k_dim]);
         let k = k.reshape([b, t, nh, self.head_k_dim]);
         let v = v.reshape([b, t, nv, self.head_v_dim]);
-        let mut beta = sigmoid(self.b_proj.forward(x.clone()));
+        let mut beta = sigmoid(self.b_proj.project(x.clone())?);
         if self.allow_neg_eigval {
             beta = beta * 2.0;
         }
@@ -207,7 +207,7 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         // finite with a finite gradient for every x (`log(1 + e^x)` is not beyond x ≈ 88 in f32).
         let f32 = |t: Tensor<B, 3>| t.cast(FloatDType::F32);
         let rate = f32(self.a_log.val().reshape([1, 1, nv])).exp();
-        let u = f32(self.a_proj.forward(x.clone())) + f32(self.dt_bias.val().reshape([1, 1, nv]));
+        let u = f32(self.a_proj.project(x.clone())?) + f32(self.dt_bias.val().reshape([1, 1, nv]));
         let dt = u.clone().clamp_min(0.0) + u.abs().neg().exp().log1p();
         let g = (rate * dt).neg().cast(q.dtype());
         let mode = if self.fused_recurrent {
@@ -225,12 +225,14 @@ impl<B: DeltaRuleBackend> GatedDeltaNet<B> {
         let out = gated_delta_rule(q, k, v, g, beta, opts)?;
         let o = match &self.g_proj {
             Some(gp) => {
-                let gate = gp.forward(x).reshape([b, t, nv, self.head_v_dim]);
+                let gate = gp.project(x)?.reshape([b, t, nv, self.head_v_dim]);
                 self.o_norm.forward(out.o, gate)
             }
             None => self.o_norm.norm.forward(out.o),
         }?;
-        let y = self.o_proj.forward(o.reshape([b, t, nv * self.head_v_dim]));
+        let y = self
+            .o_proj
+            .project(o.reshape([b, t, nv * self.head_v_dim]))?;
         let cache = out.final_state.map(|state| LayerCache {
             state,
             conv,

@@ -13,8 +13,8 @@ use burn::tensor::Tensor;
 use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::modules::{
-    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
-    ShortConvolutionConfig,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, Project,
+    ShortConvolution, ShortConvolutionConfig,
 };
 
 /// FLA's layer arguments and defaults.
@@ -155,13 +155,13 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
         let ([q, k, v], conv) = short_convs(
             [&self.q_conv1d, &self.k_conv1d, &self.v_conv1d],
             [
-                self.q_proj.forward(x.clone()),
-                self.k_proj.forward(x.clone()),
-                self.v_proj.forward(x.clone()),
+                self.q_proj.project(x.clone())?,
+                self.k_proj.project(x.clone())?,
+                self.v_proj.project(x.clone())?,
             ],
             conv_cache,
         )?;
-        let gk = self.gk_proj_1.forward(self.gk_proj_0.forward(x.clone()));
+        let gk = self.gk_proj_1.project(self.gk_proj_0.project(x.clone())?)?;
         let heads = |y: Tensor<B, 3>| {
             let d = y.dims()[2] / nh;
             y.reshape([b, t, nh, d])
@@ -184,11 +184,11 @@ impl<B: GatedRecurrentBackend> GatedLinearAttention<B> {
         }
         let out = gla(heads(q), heads(k), heads(v), gk, None, opts)?;
         let o = match &self.g_proj {
-            Some(g) => self.g_norm_swish_gate.forward(out.o, heads(g.forward(x))),
+            Some(g) => self.g_norm_swish_gate.forward(out.o, heads(g.project(x)?)),
             None => self.g_norm_swish_gate.norm.forward(out.o),
         }?;
         let vd = o.dims()[2] * o.dims()[3];
-        let y = self.o_proj.forward(o.reshape([b, t, vd]));
+        let y = self.o_proj.project(o.reshape([b, t, vd]))?;
         let cache = out.final_state.map(|state| LayerCache {
             state,
             conv,

@@ -15,8 +15,8 @@ use burn::tensor::Tensor;
 use fla_burn::{gla, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::modules::{
-    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, ShortConvolution,
-    ShortConvolutionConfig,
+    check_conv_size, short_convs, GatedRmsNorm, GatedRmsNormConfig, LayerCache, Project,
+    ShortConvolution, ShortConvolutionConfig,
 };
 
 /// FLA's `rms_norm_linear` default: HGRN2's output norm takes this epsilon, not the config's.
@@ -142,9 +142,9 @@ impl<B: GatedRecurrentBackend> Hgrn2Attention<B> {
         let ([q, f, i], conv) = short_convs(
             [&self.q_conv1d, &self.f_conv1d, &self.i_conv1d],
             [
-                self.q_proj.forward(x.clone()),
-                self.f_proj.forward(x.clone()),
-                self.i_proj.forward(x),
+                self.q_proj.project(x.clone())?,
+                self.f_proj.project(x.clone())?,
+                self.i_proj.project(x)?,
             ],
             conv_cache,
         )?;
@@ -184,7 +184,7 @@ impl<B: GatedRecurrentBackend> Hgrn2Attention<B> {
         }
         let out = gla(heads(q), heads(k), heads(i), heads(g), None, opts)?;
         let o = self.g_norm.norm.forward(out.o.reshape([b, t, hidden]))?;
-        let y = self.o_proj.forward(o);
+        let y = self.o_proj.project(o)?;
         let cache = out.final_state.map(|state| LayerCache {
             state,
             conv,

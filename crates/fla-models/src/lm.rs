@@ -9,9 +9,9 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use fla_burn::{cross_entropy_mean, FlaError, LayerBackend};
+use fla_burn::{cross_entropy_mean, linear, FlaError, LayerBackend};
 
-use crate::modules::{GatedMlp, GatedMlpConfig, RmsNorm, RmsNormConfig};
+use crate::modules::{GatedMlp, GatedMlpConfig, Project, RmsNorm, RmsNormConfig};
 
 /// A token-mixing layer: a whole sequence, or a continuation from the cache of an earlier call.
 pub trait TokenMixer<B: LayerBackend>: Module<B> {
@@ -241,10 +241,10 @@ impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
         }
         let h = self.model.norm.forward(h)?;
         let logits = match &self.lm_head {
-            Some(head) => tokens_2d(h, |x| Ok(head.forward(x)))?,
+            Some(head) => tokens_2d(h, |x| head.project(x))?,
             None => {
                 let w = self.model.embeddings.weight.val();
-                h.matmul(w.transpose().unsqueeze::<3>())
+                tokens_2d(h, |x| linear(x, w.transpose(), None))?
             }
         };
         Ok((logits, use_cache.then_some(next)))

@@ -6,7 +6,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use fla_burn::{rms_norm, rms_norm_gated, swiglu, FlaError, NormBackend, SwigluBackend};
+use fla_burn::{
+    linear, rms_norm, rms_norm_gated, swiglu, FlaError, MatmulBackend, NormBackend, SwigluBackend,
+};
 
 /// RMSNorm over the last axis (FLA's `RMSNorm`) on the fused op: `x / sqrt(mean(x²) + ε) ∘ γ`,
 /// computed in `f32` and returned in `x`'s dtype. The fields are those of Burn's `RmsNorm`
@@ -121,13 +123,25 @@ impl GatedMlpConfig {
     }
 }
 
-impl<B: SwigluBackend> GatedMlp<B> {
+impl<B: SwigluBackend + MatmulBackend> GatedMlp<B> {
     /// `down(swish(gate(x)) ∘ up(x))`, the activation one fused op.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, FlaError> {
-        let gate = self.gate_proj.forward(x.clone());
-        Ok(self
-            .down_proj
-            .forward(swiglu(gate, self.up_proj.forward(x))?))
+        let gate = self.gate_proj.project(x.clone())?;
+        self.down_proj
+            .project(swiglu(gate, self.up_proj.project(x)?)?)
+    }
+}
+
+/// A Burn `Linear` applied through [`fla_burn::linear`]: cuBLASLt on CUDA, Burn's matmul
+/// elsewhere, with the layer's parameters (and so its checkpoints) unchanged.
+pub trait Project<B: MatmulBackend> {
+    /// `x · weight + bias` for `x [..., d_in]`.
+    fn project<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, FlaError>;
+}
+
+impl<B: MatmulBackend> Project<B> for Linear<B> {
+    fn project<const D: usize>(&self, x: Tensor<B, D>) -> Result<Tensor<B, D>, FlaError> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 

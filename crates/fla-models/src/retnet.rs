@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 use fla_burn::{retention, FlaError, GatedMode, GatedRecurrentBackend, RecurrentOptions};
 
 use crate::attn::rotary;
-use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, LayerCache};
+use crate::modules::{GatedRmsNorm, GatedRmsNormConfig, LayerCache, Project};
 
 /// RetNet's rotary base (FLA's `RotaryEmbedding` default).
 const ROTARY_BASE: f64 = 10000.0;
@@ -157,14 +157,18 @@ impl<B: GatedRecurrentBackend> MultiScaleRetention<B> {
             let d = y.dims()[2] / n;
             y.reshape([b, t, n, d])
         };
-        let q = rotary(heads(self.q_proj.forward(x.clone()), nh), seen, ROTARY_BASE);
+        let q = rotary(
+            heads(self.q_proj.project(x.clone())?, nh),
+            seen,
+            ROTARY_BASE,
+        );
         let k = rotary(
-            heads(self.k_proj.forward(x.clone()), nkv),
+            heads(self.k_proj.project(x.clone())?, nkv),
             seen,
             ROTARY_BASE,
         );
         let k = repeat_heads(k, nh / nkv);
-        let v = repeat_heads(heads(self.v_proj.forward(x.clone()), nkv), nh / nkv);
+        let v = repeat_heads(heads(self.v_proj.project(x.clone())?, nkv), nh / nkv);
         let mode = if self.fused_recurrent {
             GatedMode::FusedRecurrent
         } else {
@@ -186,11 +190,11 @@ impl<B: GatedRecurrentBackend> MultiScaleRetention<B> {
                 FlaError::Unsupported("a retention layer without its output norm".into())
             })?;
         let o = match &self.g_proj {
-            Some(g) => norm.forward(out.o, heads(g.forward(x), nh)),
+            Some(g) => norm.forward(out.o, heads(g.project(x)?, nh)),
             None => norm.norm.forward(out.o),
         }?;
         let vd = o.dims()[2] * o.dims()[3];
-        let y = self.o_proj.forward(o.reshape([b, t, vd]));
+        let y = self.o_proj.project(o.reshape([b, t, vd]))?;
         let cache = out.final_state.map(|state| LayerCache {
             state,
             conv: None,
