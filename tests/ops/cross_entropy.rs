@@ -237,28 +237,40 @@ fn bad_input(#[case] logits: [usize; 2], #[case] rows: usize, #[case] needle: &s
 /// gradient's path back to the half-precision logits.
 #[test]
 fn mean_on_a_half_precision_default() {
-    #[cfg(feature = "wgpu")]
-    type B = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, burn::tensor::f16, i32, u32>;
-    #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
-    type B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, burn::tensor::f16, i32, u8>;
-    let device = Default::default();
-    let c = case(300, 70, 31);
-    let x = tensor::<Autodiff<B>, 2>(&c.logits, [c.rows, c.vocab], FloatDType::F16, &device)
-        .require_grad();
-    let loss = cross_entropy_mean(x.clone(), targets::<Autodiff<B>>(&c.targets, &device))
-        .expect("valid inputs");
-    assert_eq!(loss.dtype(), burn::tensor::DType::F32);
-    let grads = loss.clone().backward();
-    let logits = values(x.clone().inner());
-    let (want, _) = naive::forward(&logits, &c.targets, c.vocab);
-    let mean = want.iter().sum::<f64>() / c.rows as f64;
-    check("mean", &values(loss.inner()), &[mean], 1e-5);
-    let dx = values(x.grad(&grads).expect("gradient reached the logits"));
-    let want_dx = naive::backward(
-        &logits,
-        &c.targets,
-        c.vocab,
-        &vec![1.0 / c.rows as f64; c.rows],
-    );
-    check("dlogits", &dx, &want_dx, 1e-2);
+    fn go<B: CrossEntropyBackend>() {
+        let device = Default::default();
+        let c = case(300, 70, 31);
+        let x = tensor::<Autodiff<B>, 2>(&c.logits, [c.rows, c.vocab], FloatDType::F16, &device)
+            .require_grad();
+        let loss = cross_entropy_mean(x.clone(), targets::<Autodiff<B>>(&c.targets, &device))
+            .expect("valid inputs");
+        assert_eq!(loss.dtype(), burn::tensor::DType::F32);
+        let grads = loss.clone().backward();
+        let logits = values(x.clone().inner());
+        let (want, _) = naive::forward(&logits, &c.targets, c.vocab);
+        let mean = want.iter().sum::<f64>() / c.rows as f64;
+        check("mean", &values(loss.inner()), &[mean], 1e-5);
+        let dx = values(x.grad(&grads).expect("gradient reached the logits"));
+        let want_dx = naive::backward(
+            &logits,
+            &c.targets,
+            c.vocab,
+            &vec![1.0 / c.rows as f64; c.rows],
+        );
+        check("dlogits", &dx, &want_dx, 1e-2);
+    }
+    // The selected runtime's backend with f16 as its default float (on the GPU machine the
+    // tests run CUDA, and no Vulkan driver may be there).
+    match common::runtime_name() {
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            go::<burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, burn::tensor::f16, i32, u8>>()
+        }
+        #[cfg(feature = "wgpu")]
+        _ => {
+            go::<burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, burn::tensor::f16, i32, u32>>()
+        }
+        #[cfg(not(feature = "wgpu"))]
+        other => panic!("runtime {other} not compiled in"),
+    }
 }
