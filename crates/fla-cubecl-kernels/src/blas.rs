@@ -270,7 +270,19 @@ pub fn cublaslt_gemm(
     // A raw stream pointer is not `Send`; the runtime thread gets it as an address.
     let shared = shared.map(|s| s as usize);
     client
-        .exclusive(move || run_gemm(&problem, ptrs, shared.map(|s| s as sys::cudaStream_t)))
+        .exclusive(move || {
+            // cudarc panics where the library cannot be loaded: an error here, not a panic on
+            // the runtime's thread.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_gemm(&problem, ptrs, shared.map(|s| s as sys::cudaStream_t))
+            }))
+            .unwrap_or_else(|_| {
+                Err(blas_error(
+                    "call",
+                    "panicked (is libcublasLt.so installed?)",
+                ))
+            })
+        })
         .map_err(|e| blas_error("runtime thread", e))??;
     drop((ra, rb, rc));
     Ok(())

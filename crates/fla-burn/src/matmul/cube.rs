@@ -34,16 +34,35 @@ where
     }
 }
 
-/// Whether cuBLASLt serves CUDA products: yes unless `FLA_CUBLASLT=0`, read once.
+/// Set when a cuBLASLt call failed (no `libcublasLt.so`, no memory for its workspace, no
+/// algorithm): the products fall back to Burn's matmul from then on, as a fused or recorded op
+/// has no error path left when it runs.
+#[cfg(feature = "cuda")]
+static CUBLASLT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether cuBLASLt serves CUDA products: yes unless `FLA_CUBLASLT=0` (read once) or a call
+/// failed.
 #[cfg(feature = "cuda")]
 fn cublaslt_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLA_CUBLASLT").map_or(true, |v| v != "0"))
+    let on = *ON.get_or_init(|| std::env::var("FLA_CUBLASLT").map_or(true, |v| v != "0"));
+    on && !CUBLASLT_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `t` as a `U` when `T` is `U` (the runtime is a type parameter here, so the CUDA tensors are
+/// recovered by a type check rather than a trait bound every runtime would need).
+#[cfg(feature = "cuda")]
+fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    use std::any::Any;
+    let mut slot = Some(t);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+        Some(u) => Ok(u.take().expect("present")),
+        None => Err(slot.expect("not taken")),
+    }
 }
 
 /// The product through cuBLASLt when `R` is the CUDA runtime (`Ok(c)`); the operands back
-/// otherwise (`Err`), for Burn's matmul. The runtime is a type parameter here, so the CUDA
-/// tensors are recovered by a type check rather than a trait bound every runtime would need.
+/// otherwise (`Err`), for Burn's matmul, and after a cuBLASLt failure, which is reported once.
 #[cfg(feature = "cuda")]
 #[allow(clippy::type_complexity)]
 fn on_cuda<R: CubeRuntime>(
@@ -51,21 +70,27 @@ fn on_cuda<R: CubeRuntime>(
     b: CubeTensor<R>,
 ) -> Result<Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>)>, FlaError> {
     use cubecl::cuda::CudaRuntime;
-    use std::any::Any;
     if !cublaslt_enabled() {
         return Ok(Err((a, b)));
     }
-    let mut slot = Some((a, b));
-    let Some(cuda) = (&mut slot as &mut dyn Any)
-        .downcast_mut::<Option<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>)>>()
-    else {
-        return Ok(Err(slot.expect("not taken")));
+    type Pair<R> = (CubeTensor<R>, CubeTensor<R>);
+    let (a, b) = match same_type::<Pair<R>, Pair<CudaRuntime>>((a, b)) {
+        Ok(cuda) => cuda,
+        Err(ab) => return Ok(Err(ab)),
     };
-    let (a, b) = cuda.take().expect("present");
-    let mut c = Some(crate::blas::matmul_tensors(a, b)?);
-    let c = (&mut c as &mut dyn Any)
-        .downcast_mut::<Option<CubeTensor<R>>>()
-        .and_then(Option::take)
-        .expect("R is CudaRuntime: checked above");
-    Ok(Ok(c))
+    match crate::blas::matmul_tensors(a.clone(), b.clone()) {
+        Ok(c) => Ok(Ok(
+            same_type(c).unwrap_or_else(|_| unreachable!("R is CudaRuntime"))
+        )),
+        Err(e) => {
+            if !CUBLASLT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "fla: cuBLASLt failed ({e}); matrix products use Burn's matmul from now on"
+                );
+            }
+            Ok(Err(
+                same_type((a, b)).unwrap_or_else(|_| unreachable!("R is CudaRuntime"))
+            ))
+        }
+    }
 }

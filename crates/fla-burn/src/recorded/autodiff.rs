@@ -13,7 +13,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{FloatDType, Shape, Slice, TensorMetadata};
+use burn::tensor::{DType, FloatDType, Shape, Slice, TensorMetadata};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
@@ -30,7 +30,12 @@ struct Node<O>(PhantomData<O>);
 struct Saved<B: Backend, O> {
     op: O,
     x: Inputs<B>,
-    o: FloatTensor<B>,
+    /// The output, kept only for an op whose backward reads it ([`StateOp::READS_OUTPUTS`]):
+    /// kept otherwise, it would live until the backward where the graph had freed it (a
+    /// projection's output after the residual add).
+    o: Option<FloatTensor<B>>,
+    o_shape: Shape,
+    o_dtype: DType,
     ht: Option<FloatTensor<B>>,
 }
 
@@ -44,16 +49,19 @@ impl<B: Backend, O: StateOp<B>> Backward<B, 6> for Node<O> {
             None => (packed, None),
             Some(_) if O::SAVED_HT => (packed, None),
             Some(ht) => {
-                let o_shape = s.o.shape();
+                let o_shape = s.o_shape.clone();
                 let n_o = o_shape.num_elements();
                 let n_h = ht.shape().num_elements();
                 let d_o = B::float_slice(packed.clone(), &[Slice::from(0..n_o)]);
-                let d_o = B::float_cast(B::float_reshape(d_o, o_shape), float_dtype(s.o.dtype()));
+                let d_o = B::float_cast(B::float_reshape(d_o, o_shape), float_dtype(s.o_dtype));
                 let d_h = B::float_slice(packed, &[Slice::from(n_o..n_o + n_h)]);
                 (d_o, Some(B::float_reshape(d_h, ht.shape())))
             }
         };
-        let out = O::READS_OUTPUTS.then_some(Outputs { o: s.o, ht: s.ht });
+        let out = match s.o {
+            Some(o) if O::READS_OUTPUTS => Some(Outputs { o, ht: s.ht }),
+            _ => None,
+        };
         let computed =
             s.op.backward(s.x, out, d_o, d_ht)
                 .expect("the forward validated these inputs");
@@ -106,7 +114,9 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
             Saved {
                 op: op.clone(),
                 x: inner,
-                o: out.o.clone(),
+                o: O::READS_OUTPUTS.then(|| out.o.clone()),
+                o_shape: o_shape.clone(),
+                o_dtype: dtype,
                 ht: out.ht.clone(),
             },
             output,
