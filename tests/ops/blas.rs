@@ -8,7 +8,7 @@ use burn::tensor::{FloatDType, Tensor, TensorData};
 use rstest::rstest;
 
 use crate::common::backends::CudaCube;
-use crate::common::{check, runtime_name};
+use crate::common::{check, runtime_name, values};
 
 fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f64> {
     let mut rng = fla::kernels::testing::Rng::new(seed);
@@ -65,15 +65,7 @@ fn matches_reference(
     } else {
         tensor(&b, k, n, dtype)
     };
-    let c = fla::ops::blas::matmul(a_t, b_t).expect("valid product");
-    let out: Vec<f64> = c
-        .cast(FloatDType::F32)
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let out = values(fla::ops::blas::matmul(a_t, b_t).expect("valid product"));
     // The reference sees the inputs as rounded to the dtype.
     let round = |x: &[f64]| {
         x.iter()
@@ -141,13 +133,6 @@ fn chain_stays_in_stream_order() {
         }
     }
     for (step, t, want) in kept {
-        let out: Vec<f64> = t
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        check(&format!("step {step}"), &out, &want, 1e-2);
+        check(&format!("step {step}"), &values(t), &want, 1e-2);
     }
 }
