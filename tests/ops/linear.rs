@@ -172,18 +172,18 @@ fn long_and_half(
     #[values(FloatDType::F32, FloatDType::F16, FloatDType::BF16)] dt: FloatDType,
     #[values(Impl::Fusion, Impl::Cube)] imp: Impl,
 ) {
-    fn check<B: MatmulBackend>(dt: FloatDType) -> Result<(), FlaError> {
+    fn dtype_check<B: MatmulBackend>(dt: FloatDType) -> Result<(), FlaError> {
         B::matmul_check_dtype(&Default::default(), dt.into())
     }
     fn supported<B: MatmulBackend>(dt: FloatDType) -> bool {
-        check::<B>(dt).is_ok()
+        dtype_check::<B>(dt).is_ok()
     }
     let c = case([1, 1500, 60], 100, true, 1500);
     if !on_gpu!(fusion, supported(dt)) && imp == Impl::Cube {
         // The plain backend's refusal, asked directly: it would run the cast to the dtype at
         // once, and a kernel the device cannot compile fails its runtime thread for the whole
         // process (the fused backend defers the cast, and its case below gets the refusal).
-        let refusal = on_gpu!(cube, check(dt));
+        let refusal = on_gpu!(cube, dtype_check(dt));
         assert!(
             matches!(refusal, Err(FlaError::UnsupportedDType { .. })),
             "{dt:?}: {refusal:?}"
