@@ -19,9 +19,9 @@ where
 {
     fn matmul_forward(a: CubeTensor<R>, b: CubeTensor<R>) -> Result<CubeTensor<R>, FlaError> {
         describe::<Self>(&a, &b)?;
-        kernel_dtype(a.dtype())?.check_supported(&a.client)?;
+        Self::matmul_check_dtype(&a.device, a.dtype())?;
         #[cfg(feature = "cuda")]
-        let (a, b) = match on_cuda(a, b)? {
+        let (a, b) = match on_cuda(a, b) {
             Ok(c) => return Ok(c),
             Err(ab) => ab,
         };
@@ -62,35 +62,29 @@ fn same_type<T: 'static, U: 'static>(t: T) -> Result<U, T> {
 }
 
 /// The product through cuBLASLt when `R` is the CUDA runtime (`Ok(c)`); the operands back
-/// otherwise (`Err`), for Burn's matmul, and after a cuBLASLt failure, which is reported once.
+/// (`Err`), for Burn's matmul, otherwise and after a cuBLASLt failure, which is reported once.
 #[cfg(feature = "cuda")]
-#[allow(clippy::type_complexity)]
+// `Err` hands the operands back by value (not an error), once per product.
+#[allow(clippy::result_large_err)]
 fn on_cuda<R: CubeRuntime>(
     a: CubeTensor<R>,
     b: CubeTensor<R>,
-) -> Result<Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>)>, FlaError> {
+) -> Result<CubeTensor<R>, (CubeTensor<R>, CubeTensor<R>)> {
     use cubecl::cuda::CudaRuntime;
     if !cublaslt_enabled() {
-        return Ok(Err((a, b)));
+        return Err((a, b));
     }
     type Pair<R> = (CubeTensor<R>, CubeTensor<R>);
-    let (a, b) = match same_type::<Pair<R>, Pair<CudaRuntime>>((a, b)) {
-        Ok(cuda) => cuda,
-        Err(ab) => return Ok(Err(ab)),
-    };
+    let (a, b) = same_type::<Pair<R>, Pair<CudaRuntime>>((a, b))?;
     match crate::blas::matmul_tensors(a.clone(), b.clone()) {
-        Ok(c) => Ok(Ok(
-            same_type(c).unwrap_or_else(|_| unreachable!("R is CudaRuntime"))
-        )),
+        Ok(c) => Ok(same_type(c).unwrap_or_else(|_| unreachable!("R is CudaRuntime"))),
         Err(e) => {
             if !CUBLASLT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                 eprintln!(
                     "fla: cuBLASLt failed ({e}); matrix products use Burn's matmul from now on"
                 );
             }
-            Ok(Err(
-                same_type((a, b)).unwrap_or_else(|_| unreachable!("R is CudaRuntime"))
-            ))
+            Err(same_type((a, b)).unwrap_or_else(|_| unreachable!("R is CudaRuntime")))
         }
     }
 }
