@@ -46,35 +46,15 @@ where
     Ok(Tensor::from_primitive(TensorPrimitive::Float(c)))
 }
 
-/// The product on CUDA primitives (checked here: the shapes, one float dtype).
+/// The product on CUDA primitives, checked as `crate::matmul`'s forward checks its inputs.
 pub(crate) fn matmul_tensors(
     a: CubeTensor<CudaRuntime>,
     b: CubeTensor<CudaRuntime>,
 ) -> Result<CubeTensor<CudaRuntime>, FlaError> {
-    if a.dtype() != b.dtype() {
-        return Err(FlaError::Shape(format!(
-            "matmul of {:?} and {:?}: one dtype expected",
-            a.dtype(),
-            b.dtype()
-        )));
-    }
+    // The op's own checks (shapes, one float dtype, no empty axis), so a direct call fails as
+    // the differentiable op does; the backend's element types don't enter them.
+    let [m, k, n] = crate::matmul::describe::<Cuda<f32, i32, u8>>(&a, &b)?;
     let dtype = kernel_dtype(a.dtype())?;
-    if a.shape().num_dims() != 2 || b.shape().num_dims() != 2 {
-        return Err(FlaError::Shape(format!(
-            "matmul takes two matrices, got {:?} and {:?}",
-            a.shape().to_vec(),
-            b.shape().to_vec()
-        )));
-    }
-    let ([m, k], [k2, n]) = (
-        [a.shape().to_vec()[0], a.shape().to_vec()[1]],
-        [b.shape().to_vec()[0], b.shape().to_vec()[1]],
-    );
-    if k != k2 {
-        return Err(FlaError::Shape(format!(
-            "matmul of [{m}, {k}] and [{k2}, {n}]: inner sizes differ"
-        )));
-    }
     let ((a, a_trans, lda), (b, b_trans, ldb)) = (oriented(a), oriented(b));
     let c = empty(&a, vec![m, n], a.dtype());
     let p = GemmProblem {
