@@ -8,8 +8,8 @@ use super::chunk::{
     chunk_pairs_kernel, chunk_state_kernel, state_stage_len, ChunkLayout,
 };
 use super::recurrent_bwd::{
-    final_state_sums_kernel, gate_cumsum_kernel, qk_grad_finalize_kernel, recurrent_bwd_kernel,
-    row_sum_kernel, value_term_kernel, GateAxis,
+    final_state_sums_kernel, gate_cumsum_kernel, gate_segment_sums_kernel, qk_grad_finalize_kernel,
+    recurrent_bwd_kernel, row_sum_kernel, value_term_kernel, GateAxis,
 };
 use super::recurrent_fwd::{recurrent_fwd_kernel, stage_len, RecurrentLayout};
 use super::tiled_launch::{tiled_backward, tiled_forward, tiled_layout};
@@ -153,6 +153,10 @@ pub(crate) fn cubes_2d(cubes: usize) -> (usize, usize) {
     let x = cubes.min(65535);
     (x, cubes.div_ceil(x))
 }
+
+/// Shortest segment of the gate gradient's cumulative sum ([`gate_segment_sums_kernel`]), so
+/// short sequences keep a segment or a few (a floor chosen, not measured).
+const GATE_SEGMENT_MIN: usize = 32;
 
 /// Grid for `units` independent threads: 1-D cubes over a 2-D count (each axis ≤ 65535).
 pub(crate) fn elementwise_grid(units: usize) -> CubeCount {
@@ -493,8 +497,29 @@ fn gate_gradients<R: Runtime>(
             p.v_dim as u32,
         );
     }
+    // Segments of about √T steps: as many units as steps per unit, each prefix at most √T long.
+    let seg_len = (p.longest() as f64)
+        .sqrt()
+        .ceil()
+        .max(GATE_SEGMENT_MIN as f64) as usize;
+    let segs = p.longest().div_ceil(seg_len).max(1);
     let cumsum = |term: &Handle, term_len: usize, dg: &Handle, dg_len: usize, axis, width| {
-        let units = p.num_seqs() * p.heads * width;
+        let units = p.num_seqs() * p.heads * segs * width;
+        let seg = client.empty(4 * units);
+        gate_segment_sums_kernel::launch::<R>(
+            client,
+            elementwise_grid(units),
+            CubeDim::new_1d(ELEMWISE_THREADS),
+            array(term, term_len),
+            array(cu, cu_len),
+            array(&seg, units),
+            p.seq_len as u32,
+            units as u32,
+            segs as u32,
+            seg_len as u32,
+            c,
+            axis,
+        );
         gate_cumsum_kernel::launch::<R>(
             client,
             elementwise_grid(units),
@@ -503,9 +528,12 @@ fn gate_gradients<R: Runtime>(
             array(&rows, nh * p.k_dim),
             array(&cols, nh * p.v_dim),
             array(cu, cu_len),
+            array(&seg, units),
             array(dg, dg_len),
             p.seq_len as u32,
             units as u32,
+            segs as u32,
+            seg_len as u32,
             p.k_dim as u32,
             c,
             axis,
