@@ -24,6 +24,7 @@ pub mod blas;
 pub mod cross_entropy;
 pub mod delta;
 pub mod dtype;
+pub mod embedding;
 pub mod error;
 pub mod gated;
 pub mod norm;

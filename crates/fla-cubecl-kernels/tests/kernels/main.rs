@@ -13,6 +13,7 @@ mod attn;
 mod buffers;
 mod cross_entropy;
 mod delta;
+mod embedding;
 mod gated;
 mod norm;
 mod swiglu;
