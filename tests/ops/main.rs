@@ -10,6 +10,7 @@ mod attn;
 mod blas;
 mod cross_entropy;
 mod delta;
+mod embedding;
 mod gated;
 mod linear;
 mod norm;

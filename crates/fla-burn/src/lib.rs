@@ -37,6 +37,7 @@ mod checks;
 pub mod cross_entropy;
 pub mod delta;
 pub mod device;
+pub mod embedding;
 pub mod error;
 pub mod gated;
 pub mod matmul;
@@ -52,6 +53,7 @@ pub use delta::{
     fused_recurrent_gated_delta_rule, gated_delta_rule, DeltaMode, DeltaRuleBackend,
     DeltaRuleOptions,
 };
+pub use embedding::{embedding, EmbeddingBackend};
 pub use error::FlaError;
 pub use gated::{
     chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla, fused_recurrent_gla,
@@ -64,7 +66,13 @@ pub use norm::{rms_norm, rms_norm_gated, NormBackend};
 pub use swiglu::{swiglu, SwigluBackend};
 
 /// The fused ops of the modules around every token mixer (its projections, norms and its MLP's
-/// activation) and of the language-model loss.
+/// activation) and of the language model's embedding and loss.
 /// The family traits require it, so a model generic over one family's trait has them too.
-pub trait LayerBackend: MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend {}
-impl<B: MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend> LayerBackend for B {}
+pub trait LayerBackend:
+    MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend + EmbeddingBackend
+{
+}
+impl<B> LayerBackend for B where
+    B: MatmulBackend + NormBackend + SwigluBackend + CrossEntropyBackend + EmbeddingBackend
+{
+}

@@ -1,7 +1,6 @@
 //! `CubeBackend` (CUDA, wgpu): the fused kernels of `fla-cubecl-kernels`.
 
-use burn::tensor::ops::IntTensorOps;
-use burn::tensor::{DType, IntDType, TensorMetadata};
+use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
@@ -10,7 +9,7 @@ use fla_cubecl_kernels::cross_entropy::{
 };
 
 use super::{describe, describe_backward, CrossEntropyBackend};
-use crate::gated::cube::empty;
+use crate::gated::cube::{empty, i32_ids};
 use crate::gated::kernel_dtype;
 use crate::FlaError;
 
@@ -22,32 +21,6 @@ fn on_device<R: CubeRuntime>(
     p.dtype = kernel_dtype(logits.dtype())?;
     p.dtype.check_supported(&logits.client)?;
     Ok(p)
-}
-
-/// The targets as the kernels read them: contiguous `i32`. Another int type is clamped into
-/// `[-1, vocab]` first (unsigned: to at most `vocab`), so that the cast cannot wrap a target past
-/// the vocabulary into a valid or ignored one: it stays past it, and its row NaN.
-fn i32_targets<R, F, I, BT>(t: CubeTensor<R>, vocab: usize) -> CubeTensor<R>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
-    let t = match t.dtype() {
-        DType::I32 => t,
-        d => {
-            let v = (vocab as i64).into();
-            let t = if d.is_uint() {
-                B::<R, F, I, BT>::int_clamp_max(t, v)
-            } else {
-                B::<R, F, I, BT>::int_clamp(t, (-1i64).into(), v)
-            };
-            B::<R, F, I, BT>::int_cast(t, IntDType::I32)
-        }
-    };
-    into_contiguous(t)
 }
 
 impl<R, F, I, BT> CrossEntropyBackend for CubeBackend<R, F, I, BT>
@@ -65,7 +38,7 @@ where
         // The kernels index flat row-major buffers.
         let (x, t) = (
             into_contiguous(logits),
-            i32_targets::<R, F, I, BT>(targets, p.vocab),
+            i32_ids::<R, F, I, BT>(targets, p.vocab),
         );
         let loss = empty(&x, vec![p.rows], DType::F32);
         let lse = empty(&x, vec![p.rows], DType::F32);
@@ -90,7 +63,7 @@ where
         )?;
         let (x, t) = (
             into_contiguous(logits),
-            i32_targets::<R, F, I, BT>(targets, p.vocab),
+            i32_ids::<R, F, I, BT>(targets, p.vocab),
         );
         let (lse, dloss) = (into_contiguous(lse), into_contiguous(dloss));
         let dx = empty(&x, x.shape().to_vec(), x.dtype());

@@ -1,6 +1,7 @@
 //! `CubeBackend` (CUDA, wgpu): the fused kernels of `fla-cubecl-kernels`.
 
-use burn::tensor::{DType, Shape, TensorMetadata};
+use burn::tensor::ops::IntTensorOps;
+use burn::tensor::{DType, IntDType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -152,4 +153,30 @@ where
         fla_cubecl_kernels::gated::check_device(&R::client(device), problem)?;
         Ok(())
     }
+}
+
+/// Ids (cross-entropy targets, embedding rows) as the kernels read them: contiguous `i32`.
+/// Another int type is clamped into `[-1, vocab]` first (unsigned: to at most `vocab`), so that
+/// the cast cannot wrap an id past the vocabulary into a valid or negative one: it stays past it.
+pub(crate) fn i32_ids<R, F, I, BT>(t: CubeTensor<R>, vocab: usize) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+    let t = match t.dtype() {
+        DType::I32 => t,
+        d => {
+            let v = (vocab as i64).into();
+            let t = if d.is_uint() {
+                B::<R, F, I, BT>::int_clamp_max(t, v)
+            } else {
+                B::<R, F, I, BT>::int_clamp(t, (-1i64).into(), v)
+            };
+            B::<R, F, I, BT>::int_cast(t, IntDType::I32)
+        }
+    };
+    into_contiguous(t)
 }
