@@ -9,7 +9,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
-use fla_burn::{cross_entropy_mean, linear, FlaError, LayerBackend};
+use fla_burn::{cross_entropy_mean, embedding, linear, FlaError, LayerBackend};
 
 use crate::modules::{GatedMlp, GatedMlpConfig, Project, RmsNorm, RmsNormConfig};
 
@@ -215,7 +215,8 @@ impl<B: LayerBackend, M: TokenMixer<B>> ForCausalLM<B, M> {
                 )));
             }
         }
-        let mut h = self.model.embeddings.forward(input_ids);
+        // The lookup through fla-burn for its backward (Burn's is one unit per table column).
+        let mut h = embedding(self.model.embeddings.weight.val(), input_ids)?;
         let mut caches = cache.map(|c| c.into_iter().map(Some).collect::<Vec<_>>());
         let mut next = Vec::new();
         let bounds = self
