@@ -11,6 +11,8 @@ use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 
+use fla_cubecl_kernels::embedding::EmbeddingProblem;
+
 use super::{describe, EmbeddingBackend};
 use crate::FlaError;
 
@@ -38,10 +40,12 @@ impl<B: EmbeddingBackend, C: CheckpointStrategy> EmbeddingBackend for Autodiff<B
         ids: IntTensor<Self>,
     ) -> Result<FloatTensor<Self>, FlaError> {
         let p = describe::<Self>(&weight, &ids)?;
-        // The backward's dtype is the table's: refused now rather than inside the backward pass.
-        B::embedding_check_dtype(
+        // What the backward needs of the device (its dtype is the table's), refused now rather
+        // than inside the backward pass.
+        B::embedding_check(
             &B::float_device(&weight.primitive),
             weight.primitive.dtype(),
+            &p,
         )?;
         let rows = B::embedding_forward(weight.primitive, ids.clone())?;
         Ok(
@@ -63,7 +67,11 @@ impl<B: EmbeddingBackend, C: CheckpointStrategy> EmbeddingBackend for Autodiff<B
         Ok(<Self as AutodiffBackend>::from_inner(dw))
     }
 
-    fn embedding_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
-        B::embedding_check_dtype(device, dtype)
+    fn embedding_check(
+        device: &Self::Device,
+        dtype: DType,
+        p: &EmbeddingProblem,
+    ) -> Result<(), FlaError> {
+        B::embedding_check(device, dtype, p)
     }
 }

@@ -5,7 +5,7 @@ use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use fla_cubecl_kernels::embedding::embedding_backward;
+use fla_cubecl_kernels::embedding::{check_device, embedding_backward, EmbeddingProblem};
 
 use super::{describe_backward, EmbeddingBackend};
 use crate::gated::cube::{empty, i32_ids};
@@ -26,7 +26,6 @@ where
     ) -> Result<CubeTensor<R>, FlaError> {
         let mut p = describe_backward::<Self>(&dy, &ids, vocab)?;
         p.dtype = kernel_dtype(dy.dtype())?;
-        p.dtype.check_supported(&dy.client)?;
         // The kernels index flat row-major buffers.
         let (dy, ids) = (into_contiguous(dy), i32_ids::<R, F, I, BT>(ids, vocab));
         let dw = empty(&dy, vec![vocab, p.dim], dy.dtype());
@@ -34,9 +33,16 @@ where
         Ok(dw)
     }
 
-    fn embedding_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
-        let client = R::client(device);
-        kernel_dtype(dtype)?.check_supported(&client)?;
+    fn embedding_check(
+        device: &Self::Device,
+        dtype: DType,
+        p: &EmbeddingProblem,
+    ) -> Result<(), FlaError> {
+        let p = EmbeddingProblem {
+            dtype: kernel_dtype(dtype)?,
+            ..p.clone()
+        };
+        check_device(&R::client(device), &p)?;
         Ok(())
     }
 }

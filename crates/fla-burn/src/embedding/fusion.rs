@@ -8,6 +8,8 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
+use fla_cubecl_kernels::embedding::EmbeddingProblem;
+
 use super::{describe_backward, EmbeddingBackend};
 use crate::FlaError;
 
@@ -41,7 +43,7 @@ impl<B: FusionBackend + EmbeddingBackend> EmbeddingBackend for Fusion<B> {
         vocab: usize,
     ) -> Result<FTensor<B>, FlaError> {
         let p = describe_backward::<Self>(&dy, &ids, vocab)?;
-        B::embedding_check_dtype(&Self::float_device(&dy), dy.dtype())?;
+        B::embedding_check(&Self::float_device(&dy), dy.dtype(), &p)?;
         let client = dy.client.clone();
         let out = TensorIr::uninit(
             client.create_empty_handle(),
@@ -61,7 +63,11 @@ impl<B: FusionBackend + EmbeddingBackend> EmbeddingBackend for Fusion<B> {
         Ok(dw.pop().expect("registered dw"))
     }
 
-    fn embedding_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
-        B::embedding_check_dtype(device, dtype)
+    fn embedding_check(
+        device: &Self::Device,
+        dtype: DType,
+        p: &EmbeddingProblem,
+    ) -> Result<(), FlaError> {
+        B::embedding_check(device, dtype, p)
     }
 }

@@ -23,11 +23,13 @@ use crate::FlaError;
 /// [`EmbeddingBackend::embedding_weight_grad`] (it keeps the ids only).
 pub trait EmbeddingBackend: Backend {
     /// Rows `ids` of `weight: [V, D]`, as `[N, D]`, for `ids: [N]` of any int dtype (Burn's
-    /// `select`). An id outside `0 .. V` is not checked here (that would read the ids back from
-    /// the device every step): Burn's backends clamp or fail on it, as they do for Burn's own
-    /// `Embedding`. Errors: [`FlaError::Shape`] for a table that is not `[V, D]` or ids that are
-    /// not `[N]`, [`FlaError::DType`] for a non-float table or non-int ids, [`FlaError::Empty`]
-    /// for `N`, `V` or `D` of 0.
+    /// `select`). An id outside `0 .. V` is not checked (that would read the ids back from the
+    /// device every step): Burn's `select` reads it unchecked on CubeCL, as Burn's own `Embedding`
+    /// does. Errors: [`FlaError::Shape`] for a table that is not `[V, D]` or ids that are not
+    /// `[N]`, [`FlaError::DType`] for a non-float table or non-int ids, [`FlaError::Empty`] for
+    /// `N`, `V` or `D` of 0; under `Autodiff`, also what [`EmbeddingBackend::embedding_check`]
+    /// refuses for the backward to come ([`FlaError::UnsupportedDType`], [`FlaError::Kernel`] for a
+    /// device limit).
     fn embedding_forward(
         weight: FloatTensor<Self>,
         ids: IntTensor<Self>,
@@ -67,8 +69,14 @@ pub trait EmbeddingBackend: Backend {
         Ok(dw.into_primitive().tensor())
     }
 
-    /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
-    fn embedding_check_dtype(_device: &Self::Device, _dtype: DType) -> Result<(), FlaError> {
+    /// Checks, before any of it is deferred, that the device can run the backward of `p` (from
+    /// the forward's validation) on a table of `dtype`: the dtype, and the kernels' limits
+    /// (`fla_cubecl_kernels::embedding::check_device`). Backends with no restriction accept all.
+    fn embedding_check(
+        _device: &Self::Device,
+        _dtype: DType,
+        _p: &EmbeddingProblem,
+    ) -> Result<(), FlaError> {
         Ok(())
     }
 }

@@ -498,11 +498,17 @@ fn gate_gradients<R: Runtime>(
         );
     }
     // Segments of about √T steps: as many units as steps per unit, each prefix at most √T long.
-    let seg_len = (p.longest() as f64)
-        .sqrt()
-        .ceil()
-        .max(GATE_SEGMENT_MIN as f64) as usize;
-    let segs = p.longest().div_ceil(seg_len).max(1);
+    // Every sequence gets the longest one's count, so with many short sequences beside a long
+    // one the count is capped at a sixteenth of the mean length: the segment sums then stay
+    // within a sixteenth of the term's size (and its 32-bit indices), as one walk per sequence
+    // (a single segment) always does.
+    let seg_len = (p.longest() as f64).sqrt().ceil() as usize;
+    let cap = (tokens / (16 * p.num_seqs())).max(1);
+    let segs = p
+        .longest()
+        .div_ceil(seg_len.max(GATE_SEGMENT_MIN))
+        .clamp(1, cap);
+    let seg_len = p.longest().div_ceil(segs).max(1);
     let cumsum = |term: &Handle, term_len: usize, dg: &Handle, dg_len: usize, axis, width| {
         let units = p.num_seqs() * p.heads * segs * width;
         let seg = client.empty(4 * units);

@@ -155,3 +155,30 @@ fn empty_input_is_refused(#[case] tokens: usize, #[case] vocab: usize, #[case] d
         "zero-length",
     );
 }
+
+/// On a CPU Vulkan driver (lavapipe), which cuts an invocation off past about 65,536 loop
+/// iterations, a backward whose row sum could run longer (every token on one id) is refused
+/// before launch; a GPU runs it.
+#[test]
+fn past_the_cpu_loop_limit() {
+    let p = EmbeddingProblem {
+        tokens: 70_000,
+        vocab: 10,
+        dim: 4,
+        dtype: FloatDType::F32,
+    };
+    let (dy, ids) = inputs(&p, 10, 21);
+    if on_runtime!(is_cpu_vulkan()) {
+        assert_refused(
+            on_runtime!(run_kernel(&p, &dy, &ids)),
+            Refusal::DeviceLimit,
+            "CPU Vulkan driver (lavapipe)",
+        );
+    } else {
+        compare(&p, &dy, &ids);
+    }
+}
+
+fn is_cpu_vulkan<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    fla_cubecl_kernels::gated::is_cpu_vulkan(client)
+}
