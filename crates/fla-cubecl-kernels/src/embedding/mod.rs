@@ -81,6 +81,8 @@ fn row_id() -> usize {
 /// at `order[slots[b·V + v] + n]` for its `n`-th such token (`write` true: `slots` then hold the
 /// block's starts).
 #[cube(launch)]
+// `write` is comptime and `mine` a runtime value: kept as separate conditions.
+#[allow(clippy::collapsible_if)]
 fn sort_pass_kernel(
     ids: &Array<i32>,
     slots: &mut Array<u32>,
