@@ -255,13 +255,9 @@ pub fn embedding_backward<R: Runtime>(
     fits("dy", dy, p.tokens * p.dim, p.dtype.size())?;
     fits("ids", ids, p.tokens, 4)?;
     fits("dw", dw, p.vocab * p.dim, p.dtype.size())?;
+    // `check_device` has checked this grid.
     let blocks = p.blocks();
     let (x, y) = cubes_2d(p.vocab.div_ceil(UNITS));
-    check_grid(
-        client,
-        (x, y, blocks),
-        "the embedding backward's counting passes",
-    )?;
     let sort_grid = CubeCount::Static(x as u32, y as u32, blocks as u32);
     let slots = client.empty(4 * blocks * p.vocab);
     let starts = client.empty(4 * (p.vocab + 1));
