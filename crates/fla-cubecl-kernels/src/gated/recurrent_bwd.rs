@@ -328,11 +328,11 @@ impl GateAxis {
     }
 }
 
-/// The per-step gate term at `step` of a sequence (steps count backwards in processing order,
-/// the order in which [`gate_cumsum_kernel`] accumulates).
+/// Where the gate's entry at `step` of a sequence lies in the term and in `dg`, which share their
+/// layout (steps count backwards in processing order, the order in which [`gate_cumsum_kernel`]
+/// accumulates).
 #[cube]
-fn gate_term(
-    term: &Array<f32>,
+fn gate_index(
     bos: usize,
     len: usize,
     step: usize,
@@ -340,7 +340,7 @@ fn gate_term(
     col: usize,
     #[comptime] c: RecurrentLayout,
     #[comptime] axis: GateAxis,
-) -> f32 {
+) -> usize {
     let tok = token_at(bos, len, step, !c.reverse);
     let mut at = tok * c.heads + h;
     match comptime!(axis) {
@@ -352,7 +352,7 @@ fn gate_term(
         }
         GateAxis::Scalar => {}
     }
-    term[at]
+    at
 }
 
 /// The first half of the gate's cumulative sum: one unit per (sequence, head, segment of
@@ -389,7 +389,7 @@ pub fn gate_segment_sums_kernel(
         }
         let mut acc = 0.0f32;
         for step in first..end {
-            acc += gate_term(term, bos, len, step, nh % c.heads, col, c, axis);
+            acc += term[gate_index(bos, len, step, nh % c.heads, col, c, axis)];
         }
         seg[u] = acc;
     }
@@ -457,19 +457,9 @@ pub fn gate_cumsum_kernel<F: Float>(
             end = len;
         }
         for step in first..end {
-            acc += gate_term(term, bos, len, step, h, col, c, axis);
-            let tok = token_at(bos, len, step, !c.reverse);
-            match comptime!(axis) {
-                GateAxis::Key => {
-                    dg[(tok * c.heads + h) * c.k + col] = F::cast_from(acc);
-                }
-                GateAxis::Value => {
-                    dg[(tok * c.heads + h) * c.v + col] = F::cast_from(acc);
-                }
-                GateAxis::Scalar => {
-                    dg[tok * c.heads + h] = F::cast_from(acc);
-                }
-            }
+            let at = gate_index(bos, len, step, h, col, c, axis);
+            acc += term[at];
+            dg[at] = F::cast_from(acc);
         }
     }
 }
