@@ -146,6 +146,37 @@ pub struct AdamWLayout {
     pub has_state: bool,
     pub clip: ClipKind,
     pub cautious: bool,
+    /// Whether the parameter, `m` and `v` are read from separate sources ([`Slot::Into`])
+    /// rather than from the buffers the step writes.
+    pub into: [bool; 3],
+}
+
+/// Where one of the step's three results (the parameter, `m`, `v`) goes: over its input, or
+/// into a fresh buffer `to`, the input `from` left as it was. The second is for an input that
+/// another tensor still holds (burn-train's learner keeps the model it hands the optimiser a
+/// clone of): writing the result elsewhere in the same pass saves a copy kernel per tensor.
+#[derive(Debug, Clone, Copy)]
+pub enum Slot<'a> {
+    InPlace(&'a Handle),
+    Into { from: &'a Handle, to: &'a Handle },
+}
+
+impl<'a> Slot<'a> {
+    /// The buffer read (the step's input).
+    fn source(&self) -> &'a Handle {
+        match *self {
+            Slot::InPlace(h) | Slot::Into { from: h, .. } => h,
+        }
+    }
+    /// The buffer written (the step's result).
+    fn target(&self) -> &'a Handle {
+        match *self {
+            Slot::InPlace(h) | Slot::Into { to: h, .. } => h,
+        }
+    }
+    fn fresh(&self) -> bool {
+        matches!(self, Slot::Into { .. })
+    }
 }
 
 /// The smallest positive normal of `dtype`: what Burn adds to the norm before dividing by it.
@@ -213,6 +244,9 @@ fn adamw_kernel<F: Float>(
     grad: &Array<F>,
     m: &mut Array<F>,
     v: &mut Array<F>,
+    param_src: &Array<F>,
+    m_src: &Array<F>,
+    v_src: &Array<F>,
     coef: &Array<f32>,
     len: u32,
     s: Scalars,
@@ -237,15 +271,24 @@ fn adamw_kernel<F: Float>(
         let mut mv = s.factor_1 * g;
         let mut vv = s.factor_2 * g * g;
         if comptime!(l.has_state) {
-            mv += s.beta_1 * f32::cast_from(m[i]);
-            vv += s.beta_2 * f32::cast_from(v[i]);
+            let (m_old, v_old) = if comptime!(l.into[1]) {
+                (m_src[i], v_src[i])
+            } else {
+                (m[i], v[i])
+            };
+            mv += s.beta_1 * f32::cast_from(m_old);
+            vv += s.beta_2 * f32::cast_from(v_old);
         }
         m[i] = F::cast_from(mv);
         v[i] = F::cast_from(vv);
         // From the moments in f32, not as stored: a half-precision `v` underflows to zero
         // for gradients below about 1e-3 (f16), which would turn `δ` into `m / ε`.
         let delta = (mv / s.bias_1) / (f32::sqrt(vv / s.bias_2) + s.epsilon);
-        let p = f32::cast_from(param[i]);
+        let p = if comptime!(l.into[0]) {
+            f32::cast_from(param_src[i])
+        } else {
+            f32::cast_from(param[i])
+        };
         let mut kept = p * s.keep;
         if comptime!(l.cautious) {
             let differ = (p >= 0.0f32) != (mv >= 0.0f32);
@@ -299,21 +342,29 @@ fn scalars<R: Runtime>(s: &AdamWStep) -> ScalarsLaunch<R> {
     )
 }
 
-/// One AdamW step: `param`, `m` and `v` (each `len` elements of the problem's dtype) are updated
-/// in place from `grad`; on the first step (`has_state` false) `m` and `v` are only written.
-/// The four buffers must be distinct.
+/// One AdamW step from `grad`: the parameter, `m` and `v` (each `len` elements of the problem's
+/// dtype) are updated in place or written to fresh buffers ([`Slot`]); on the first step
+/// (`has_state` false) the moments' sources are not read. Every buffer written must be distinct
+/// from every other buffer of the call, and `m` and `v` are both in place or both not.
 pub fn adamw_step<R: Runtime>(
     client: &ComputeClient<R>,
     p: &AdamWProblem,
     s: &AdamWStep,
     grad: &Handle,
-    [param, m, v]: [&Handle; 3],
+    [param, m, v]: [Slot<'_>; 3],
 ) -> Result<(), KernelError> {
     p.validate()?;
     s.validate(p.has_state)?;
     p.dtype.check_supported(client)?;
-    for (name, h) in [("grad", grad), ("param", param), ("m", m), ("v", v)] {
-        fits(name, h, p.len, p.dtype.size())?;
+    fits("grad", grad, p.len, p.dtype.size())?;
+    for (name, slot) in [("param", param), ("m", m), ("v", v)] {
+        fits(name, slot.source(), p.len, p.dtype.size())?;
+        fits(name, slot.target(), p.len, p.dtype.size())?;
+    }
+    if m.fresh() != v.fresh() {
+        return Err(KernelError::InvalidProblem(
+            "AdamW's moments must both be updated in place or both into fresh buffers".into(),
+        ));
     }
     let clip = match s.clip {
         None => ClipKind::None,
@@ -353,16 +404,30 @@ pub fn adamw_step<R: Runtime>(
         has_state: p.has_state,
         clip,
         cautious: s.cautious_weight_decay,
+        into: [param.fresh(), m.fresh(), v.fresh()],
+    };
+    // A source read in place is bound once, as the buffer written: a one-entry placeholder
+    // stands in for it (wgpu refuses a buffer bound twice with one binding writable).
+    let dummy = client.empty(p.dtype.size());
+    let src = |slot: Slot<'_>| {
+        if slot.fresh() {
+            array(slot.source(), p.len)
+        } else {
+            array(&dummy, 1)
+        }
     };
     unsafe {
         adamw_kernel::launch_unchecked::<R>(
             client,
             elementwise_grid(p.len),
             CubeDim::new_1d(ELEMWISE_THREADS),
-            array(param, p.len),
+            array(param.target(), p.len),
             array(grad, p.len),
-            array(m, p.len),
-            array(v, p.len),
+            array(m.target(), p.len),
+            array(v.target(), p.len),
+            src(param),
+            src(m),
+            src(v),
             array(&coef, 1),
             p.len as u32,
             scalars::<R>(s),

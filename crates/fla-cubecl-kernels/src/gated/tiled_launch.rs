@@ -110,16 +110,21 @@ pub fn tiled_layout<R: Runtime>(
             tile,
         };
         let widths = |limit: usize| {
-            [64, 32, 16]
+            [256, 128, 64, 32, 16]
                 .into_iter()
                 .filter(move |&w| w <= limit.max(FRAG))
         };
+        // Blocks wider than 64 are measurement aids for now (`FLA_TILED_BV`, `FLA_TILED_BK`):
+        // each value block's cube sums the vector-gated scores again, so wider blocks do less
+        // of that work in fewer cubes.
         let bv_max = tuning("FLA_TILED_BV").unwrap_or(64);
         let bv = widths(vp.min(bv_max)).find(|&bv| {
             let l = TiledLayout { bv, ..base };
             fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
         });
-        let bk = widths(kp).find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
+        let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
+        let bk = widths(kp.min(bk_max))
+            .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
         if let (Some(bv), Some(bk)) = (bv, bk) {
             // Widest dK column block that still fits beside the rest.
             let nb = [kp, 64, 32, 16]

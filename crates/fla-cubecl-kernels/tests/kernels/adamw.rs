@@ -5,7 +5,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::adamw::{
-    adamw_step, min_positive, naive, AdamWProblem, AdamWStep, GradClip,
+    adamw_step, min_positive, naive, AdamWProblem, AdamWStep, GradClip, Slot,
 };
 use fla_cubecl_kernels::testing::{adamw_step as hyper, decode, encode, round_to, Rng};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -52,32 +52,99 @@ impl Inputs {
     }
 }
 
+/// Where the step writes: over its inputs, or into fresh buffers (the parameter alone, or the
+/// parameter and both moments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    InPlace,
+    FreshParam,
+    FreshAll,
+}
+
 fn run_kernels<R: Runtime>(
     client: &ComputeClient<R>,
     p: &AdamWProblem,
     s: &AdamWStep,
     x: &Inputs,
 ) -> Result<[Vec<f64>; 3], KernelError> {
+    run_into(client, p, s, x, Target::InPlace)
+}
+
+/// The step with its results written as `target` says; with fresh buffers (which start as NaN,
+/// so an entry left unwritten shows) the inputs must come back unchanged.
+fn run_into<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    x: &Inputs,
+    target: Target,
+) -> Result<[Vec<f64>; 3], KernelError> {
     let dt = p.dtype;
     let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
     let down = |h: &Handle| decode(dt, &client.read_one_unchecked(h.clone()));
+    let nan = vec![f64::NAN; p.len];
     let (param, grad) = (up(&x.param), up(&x.grad));
     // Without state the moments start as NaN: the first step must write them without reading.
     let (m, v) = if p.has_state {
         (up(&x.m), up(&x.v))
     } else {
-        let nan = vec![f64::NAN; p.len];
         (up(&nan), up(&nan))
     };
-    adamw_step(client, p, s, &grad, [&param, &m, &v])?;
-    Ok([down(&param), down(&m), down(&v)])
+    let fresh = [up(&nan), up(&nan), up(&nan)];
+    fn slot<'a>(h: &'a Handle, into: bool, fresh: &'a Handle) -> Slot<'a> {
+        if into {
+            Slot::Into { from: h, to: fresh }
+        } else {
+            Slot::InPlace(h)
+        }
+    }
+    let (p_into, m_into) = match target {
+        Target::InPlace => (false, false),
+        Target::FreshParam => (true, false),
+        Target::FreshAll => (true, true),
+    };
+    adamw_step(
+        client,
+        p,
+        s,
+        &grad,
+        [
+            slot(&param, p_into, &fresh[0]),
+            slot(&m, m_into, &fresh[1]),
+            slot(&v, m_into, &fresh[2]),
+        ],
+    )?;
+    let same = |name: &str, got: Vec<f64>, want: &[f64]| {
+        let kept = got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(kept, "{name}: the step wrote over an input it was to leave");
+    };
+    if p_into {
+        same("param", down(&param), &x.param);
+    }
+    if m_into && p.has_state {
+        same("m", down(&m), &x.m);
+        same("v", down(&v), &x.v);
+    }
+    let out = |h: &Handle, into: bool, f: &Handle| down(if into { f } else { h });
+    Ok([
+        out(&param, p_into, &fresh[0]),
+        out(&m, m_into, &fresh[1]),
+        out(&v, m_into, &fresh[2]),
+    ])
 }
 
 /// Runs the step and compares the parameter, the moments and, in `f32`, the update
 /// `p_new − p` on its own (the parameter's own size hides errors in it).
 fn compare(p: &AdamWProblem, s: &AdamWStep, seed: u64) {
+    compare_into(p, s, seed, Target::InPlace)
+}
+
+fn compare_into(p: &AdamWProblem, s: &AdamWStep, seed: u64, target: Target) {
     let x = Inputs::new(p, seed);
-    let [param, m, v] = on_runtime!(run_kernels(p, s, &x)).expect("valid problem");
+    let [param, m, v] = on_runtime!(run_into(p, s, &x, target)).expect("valid problem");
     let [want_p, want_m, want_v] = x.reference(p, s);
     let tol = tolerance(p.dtype);
     check("m", &m, &want_m, tol);
@@ -148,6 +215,19 @@ fn problem(len: usize, has_state: bool) -> AdamWProblem {
 fn matches_reference(#[case] len: usize, #[values(false, true)] has_state: bool) {
     let time = if has_state { 7 } else { 1 };
     compare(&problem(len, has_state), &hyper(time, None), len as u64);
+}
+
+/// Results written into fresh buffers (the parameter of a model another tensor still holds, or
+/// moments too), the inputs left unchanged, with and without clipping and state.
+#[rstest]
+fn into_fresh_buffers(
+    #[values(Target::FreshParam, Target::FreshAll)] target: Target,
+    #[values(false, true)] has_state: bool,
+    #[values(None, Some(GradClip::Norm(1.0)))] clip: Option<GradClip>,
+    #[values(1, 1500)] len: usize,
+) {
+    let time = if has_state { 6 } else { 1 };
+    compare_into(&problem(len, has_state), &hyper(time, clip), 19, target);
 }
 
 /// Clipping by norm when it binds (a norm of about √len against 1) and when it does not, and by

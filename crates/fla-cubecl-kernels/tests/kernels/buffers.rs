@@ -6,7 +6,7 @@
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use fla_cubecl_kernels::adamw::{adamw_step, AdamWProblem, AdamWStep};
+use fla_cubecl_kernels::adamw::{adamw_step, AdamWProblem, AdamWStep, Slot};
 use fla_cubecl_kernels::attn::{
     attn_backward, attn_forward, AttnBackwardBuffers, AttnForwardBuffers, AttnProblem,
 };
@@ -185,7 +185,25 @@ fn adamw<R: Runtime>(client: &ComputeClient<R>) {
     let n = p.len;
     let specs = [("grad", n, F), ("param", n, F), ("m", n, F), ("v", n, F)];
     each_short(client, "adamw", &specs, |h| {
-        adamw_step(client, &p, &s, &h[0], [&h[1], &h[2], &h[3]])
+        let [p_, m, v] = [1, 2, 3].map(|i| Slot::InPlace(&h[i]));
+        adamw_step(client, &p, &s, &h[0], [p_, m, v])
+    });
+    // Results written to fresh buffers: the sources and the targets are both checked.
+    let specs = [
+        ("grad", n, F),
+        ("param", n, F),
+        ("m", n, F),
+        ("v", n, F),
+        ("param", n, F),
+        ("m", n, F),
+        ("v", n, F),
+    ];
+    each_short(client, "adamw into fresh buffers", &specs, |h| {
+        let [p_, m, v] = [1, 2, 3].map(|i| Slot::Into {
+            from: &h[i],
+            to: &h[i + 3],
+        });
+        adamw_step(client, &p, &s, &h[0], [p_, m, v])
     });
 }
 
