@@ -196,6 +196,128 @@ fn optimizer_matches_burn_adamw(
     }
 }
 
+/// `grads` scaled on the host as PyTorch's `clip_grad_norm_(max)` scales them: by
+/// `min(1, max / (‖g‖ + 1e-6))`, `‖g‖` the L2 norm of all of them together (in f64); and
+/// that coefficient.
+fn scaled_by_global_norm<B: AutodiffBackend>(
+    mut grads: GradientsParams,
+    net: &Net<B>,
+    max: f64,
+) -> (GradientsParams, f64) {
+    type I<B> = <B as AutodiffBackend>::InnerBackend;
+    let weights = [net.a.weight.id, net.b.weight.id];
+    let biases = [&net.a.bias, &net.b.bias].map(|b| b.as_ref().expect("bias").id);
+    let squares = |x: Vec<f64>| x.iter().map(|x| x * x).sum::<f64>();
+    let mut total = 0.0;
+    for id in weights {
+        total += squares(values(grads.get::<I<B>, 2>(id).expect("a weight's gradient")));
+    }
+    for id in biases {
+        total += squares(values(grads.get::<I<B>, 1>(id).expect("a bias's gradient")));
+    }
+    let coef = (max / (total.sqrt() + 1e-6)).min(1.0);
+    for id in weights {
+        let g = grads.remove::<I<B>, 2>(id).expect("gradient");
+        grads.register(id, g.mul_scalar(coef));
+    }
+    for id in biases {
+        let g = grads.remove::<I<B>, 1>(id).expect("gradient");
+        grads.register(id, g.mul_scalar(coef));
+    }
+    (grads, coef)
+}
+
+/// Clipping by the global norm: steps of a small model under `FusedAdamW` with
+/// `max_global_norm` against Burn's `AdamW` (no clipping of its own) stepping on the same
+/// gradients scaled on the host by PyTorch's coefficient; with the threshold binding (the
+/// coefficient checked to be well below 1) and not.
+fn global_against_burn<B: AutodiffBackend>(max: f32, binds: bool)
+where
+    B::InnerBackend: AdamWBackend,
+{
+    let device = B::Device::default();
+    B::seed(&device, 5);
+    let net = Net::<B>::new(&device);
+    let batches: Vec<Tensor<B, 2>> = (0..3)
+        .map(|_| Tensor::random([16, 60], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
+    let mut ours = FusedAdamWConfig::new()
+        .with_weight_decay(0.1)
+        .with_max_global_norm(Some(max))
+        .init::<B, Net<B>>()
+        .expect("valid config");
+    let mut burn = AdamWConfig::new()
+        .with_weight_decay(0.1)
+        .init::<B, Net<B>>();
+    let (mut a, mut b) = (net.clone(), net);
+    for (step, x) in batches.iter().enumerate() {
+        let grads = GradientsParams::from_grads(a.loss(x.clone()).backward(), &a);
+        a = ours.step(1e-2, a, grads);
+        let grads = GradientsParams::from_grads(b.loss(x.clone()).backward(), &b);
+        let (grads, coef) = scaled_by_global_norm(grads, &b, max as f64);
+        assert_eq!(coef < 0.5, binds, "step {}: coefficient {coef}", step + 1);
+        b = burn.step(1e-2, b, grads);
+        check(
+            &format!("parameters after step {}", step + 1),
+            &flat(&a),
+            &flat(&b),
+            1e-5,
+        );
+    }
+}
+
+#[rstest]
+#[case::binds(0.01, true)]
+#[case::does_not_bind(1e6, false)]
+fn global_norm_clipping_matches_torch(
+    #[case] max: f32,
+    #[case] binds: bool,
+    #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
+) {
+    match imp {
+        Impl::TensorOps => global_against_burn::<Autodiff<common::backends::NdArray>>(max, binds),
+        Impl::Cube => match common::runtime_name() {
+            #[cfg(feature = "cuda")]
+            "cuda" => global_against_burn::<Autodiff<common::backends::CudaCube>>(max, binds),
+            #[cfg(feature = "wgpu")]
+            _ => global_against_burn::<Autodiff<common::backends::WgpuCube>>(max, binds),
+            #[cfg(not(feature = "wgpu"))]
+            other => panic!("runtime {other} not compiled in"),
+        },
+        _ => match common::runtime_name() {
+            #[cfg(feature = "cuda")]
+            "cuda" => global_against_burn::<Autodiff<common::backends::CudaFused>>(max, binds),
+            #[cfg(feature = "wgpu")]
+            _ => global_against_burn::<Autodiff<common::backends::WgpuFused>>(max, binds),
+            #[cfg(not(feature = "wgpu"))]
+            other => panic!("runtime {other} not compiled in"),
+        },
+    }
+}
+
+/// Clipping per tensor and by the global norm at once, and a global threshold that is not
+/// positive and finite, are refused when the optimiser is made.
+#[rstest]
+#[case::both(Some(GradientClippingConfig::Norm(1.0)), 1.0, "at once")]
+#[case::zero(None, 0.0, "positive finite")]
+#[case::nan(None, f32::NAN, "positive finite")]
+fn bad_global_clipping_is_refused(
+    #[case] per_tensor: Option<GradientClippingConfig>,
+    #[case] max: f32,
+    #[case] what: &str,
+) {
+    type B = Autodiff<common::backends::NdArray>;
+    let made = FusedAdamWConfig::new()
+        .with_grad_clipping(per_tensor)
+        .with_max_global_norm(Some(max))
+        .init::<B, Net<B>>();
+    match made {
+        Err(FlaError::Unsupported(m)) => assert!(m.contains(what), "{m}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("accepted"),
+    }
+}
+
 /// Burn's `AdamW` record, saved after two steps and loaded into `FusedAdamW` (and ours into
 /// Burn's), resumes the same: the third step from either matches Burn's uninterrupted one.
 #[test]

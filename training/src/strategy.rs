@@ -7,14 +7,13 @@
 //! checkpointer and its interrupter, and decides itself when each happens: an "epoch" of the
 //! metrics is one evaluation window.
 
-use fla_burn::{AdamWBackend, FusedAdamW, LayerBackend};
+use fla_burn::{AdamWBackend, FusedAdamWOptimizer, LayerBackend};
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use burn::data::dataloader::Progress;
 use burn::module::{AutodiffModule, ModuleDisplay};
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::GradientsAccumulator;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::store::EventStoreClient;
@@ -29,7 +28,7 @@ use crate::checkpoint::{Checkpoints, LoopState};
 use crate::learner::{scalar, Failure, LmOutput, Trainee, WarmupCosine};
 use crate::precision::{unscale, LossScale};
 
-pub type Optim<B, M> = OptimizerAdaptor<FusedAdamW, Trainee<B, M>, B>;
+pub type Optim<B, M> = FusedAdamWOptimizer<Trainee<B, M>, B>;
 /// The learner's types: backend, schedule, model, optimiser.
 pub type Components<B, M> = LearningComponentsMarker<B, WarmupCosine, Trainee<B, M>, Optim<B, M>>;
 

@@ -134,10 +134,14 @@ struct Args {
     /// last step (FLA's recipes: warmup then cosine); 1 keeps it constant.
     #[arg(long, default_value_t = 0.1)]
     min_lr_ratio: f64,
-    /// Clip each parameter's gradient to this L2 norm (Burn's `GradientClipping::Norm`, per
-    /// tensor, not PyTorch's global norm); 0 turns clipping off.
+    /// Clip the gradients to this L2 norm, taken over all of them together (PyTorch's
+    /// `clip_grad_norm_`, as FLA's and Hugging Face's training clip); 0 turns clipping off.
     #[arg(long, default_value_t = 1.0)]
     clip_grad_norm: f32,
+    /// Clip each parameter's gradient to `--clip-grad-norm` on its own instead (Burn's
+    /// `GradientClipping::Norm`, what fla-train did before 2026-12-06).
+    #[arg(long)]
+    clip_per_tensor: bool,
     /// Micro-batches of `--batch` sequences whose gradients add up to one optimiser step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
@@ -430,13 +434,18 @@ where
     }
     let num_params = model.num_params();
     let failure = Failure::default();
-    let clipping =
-        (args.clip_grad_norm > 0.0).then_some(GradientClippingConfig::Norm(args.clip_grad_norm));
+    let clip = (args.clip_grad_norm > 0.0).then_some(args.clip_grad_norm);
+    let (per_tensor, global) = match args.clip_per_tensor {
+        true => (clip.map(GradientClippingConfig::Norm), None),
+        false => (None, clip),
+    };
     // Burn's AdamW with each parameter's step (clipping included) one fused op: about 27
-    // element-wise kernels per parameter tensor become one (three with clipping by norm).
+    // element-wise kernels per parameter tensor become one. Clipping by the global norm adds
+    // a reduction per gradient and one coefficient, read by every step on the device.
     let optim = FusedAdamWConfig::new()
         .with_weight_decay(0.01)
-        .with_grad_clipping(clipping)
+        .with_grad_clipping(per_tensor)
+        .with_max_global_norm(global)
         .init()?;
     let precision = text.precision;
     let loss_scale = LossScale::new(

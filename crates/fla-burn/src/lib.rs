@@ -45,7 +45,10 @@ pub mod norm;
 mod recorded;
 pub mod swiglu;
 
-pub use adamw::{adamw_step, AdamWBackend, AdamWStep, FusedAdamW, FusedAdamWConfig, GradClip};
+pub use adamw::{
+    adamw_step, AdamWBackend, AdamWStep, FusedAdamW, FusedAdamWConfig, FusedAdamWOptimizer,
+    GradClip,
+};
 pub use attn::{parallel_attn, AttentionBackend, AttnOptions};
 pub use cross_entropy::{cross_entropy, cross_entropy_mean, CrossEntropyBackend};
 pub use delta::{

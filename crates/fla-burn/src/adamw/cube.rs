@@ -6,9 +6,9 @@ use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use fla_cubecl_kernels::adamw::{adamw_step, Slot};
+use fla_cubecl_kernels::adamw::{adamw_step, adamw_step_scaled, Slot};
 
-use super::{describe, AdamWBackend, AdamWStep, Moments};
+use super::{check_scale, describe, AdamWBackend, AdamWStep, Moments};
 use crate::gated::cube::empty;
 use crate::gated::kernel_dtype;
 use crate::FlaError;
@@ -57,7 +57,42 @@ where
         moments: Option<Moments<Self>>,
         s: &AdamWStep,
     ) -> Result<[CubeTensor<R>; 3], FlaError> {
-        let mut p = describe::<Self>(&param, &grad, moments.as_ref(), s)?;
+        step::<R, F, I, BT>(param, grad, moments, s, None)
+    }
+
+    fn adamw_step_scaled(
+        param: CubeTensor<R>,
+        grad: CubeTensor<R>,
+        moments: Option<Moments<Self>>,
+        s: &AdamWStep,
+        scale: CubeTensor<R>,
+    ) -> Result<[CubeTensor<R>; 3], FlaError> {
+        check_scale::<Self>(&scale, s)?;
+        step::<R, F, I, BT>(param, grad, moments, s, Some(scale))
+    }
+
+    fn adamw_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
+        let client = R::client(device);
+        kernel_dtype(dtype)?.check_supported(&client)?;
+        Ok(())
+    }
+}
+
+/// Both steps: the kernels' [`adamw_step`], or [`adamw_step_scaled`] with a scale.
+fn step<R, F, I, BT>(
+    param: CubeTensor<R>,
+    grad: CubeTensor<R>,
+    moments: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    s: &AdamWStep,
+    scale: Option<CubeTensor<R>>,
+) -> Result<[CubeTensor<R>; 3], FlaError>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+        let mut p = describe::<CubeBackend<R, F, I, BT>>(&param, &grad, moments.as_ref(), s)?;
         p.dtype = kernel_dtype(param.dtype())?;
         p.dtype.check_supported(&param.client)?;
         let grad = into_contiguous(grad);
@@ -87,19 +122,11 @@ where
                 )
             }
         };
-        adamw_step(
-            &param.0.client,
-            &p,
-            s,
-            &grad.handle,
-            [slot(&param), slot(&m), slot(&v)],
-        )?;
+        let client = &param.0.client;
+        let slots = [slot(&param), slot(&m), slot(&v)];
+        match scale.map(into_contiguous) {
+            Some(c) => adamw_step_scaled(client, &p, s, &grad.handle, slots, &c.handle)?,
+            None => adamw_step(client, &p, s, &grad.handle, slots)?,
+        }
         Ok([result(param), result(m), result(v)])
-    }
-
-    fn adamw_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
-        let client = R::client(device);
-        kernel_dtype(dtype)?.check_supported(&client)?;
-        Ok(())
-    }
 }

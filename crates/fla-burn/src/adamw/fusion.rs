@@ -7,7 +7,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
-use super::{describe, AdamWBackend, AdamWStep, Moments};
+use super::{check_scale, describe, AdamWBackend, AdamWStep, Moments};
 use crate::FlaError;
 
 type FTensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
@@ -18,22 +18,29 @@ type Handles<B> =
 struct StepOp<B> {
     desc: CustomOpIr,
     step: AdamWStep,
+    /// Whether the third input is a gradient scale ([`AdamWBackend::adamw_step_scaled`]).
+    scaled: bool,
     _b: core::marker::PhantomData<B>,
 }
 
 impl<B: FusionBackend + AdamWBackend> Operation<B::FusionRuntime> for StepOp<B> {
     fn execute(&self, handles: &mut Handles<B>) {
-        // Inputs `[param, grad]` or `[param, grad, m, v]`; a tensor used for the last time
-        // leaves the container here, so the inner step may reuse its buffer.
+        // Inputs `[param, grad]`, then the scale where there is one, then `m, v` where there
+        // are moments; a tensor used for the last time leaves the container here, so the
+        // inner step may reuse its buffer.
         let mut x = self
             .desc
             .inputs
             .iter()
             .map(|ir| handles.get_float_tensor::<B>(ir));
         let (param, grad) = (x.next().expect("param"), x.next().expect("grad"));
+        let scale = self.scaled.then(|| x.next().expect("scale"));
         let moments = x.next().map(|m| (m, x.next().expect("v")));
-        let out = B::adamw_step(param, grad, moments, &self.step)
-            .expect("inputs were validated before the op was registered");
+        let out = match scale {
+            Some(c) => B::adamw_step_scaled(param, grad, moments, &self.step, c),
+            None => B::adamw_step(param, grad, moments, &self.step),
+        }
+        .expect("inputs were validated before the op was registered");
         for (ir, t) in self.desc.outputs.iter().zip(out) {
             handles.register_float_tensor::<B>(&ir.id, t);
         }
@@ -47,14 +54,43 @@ impl<B: FusionBackend + AdamWBackend> AdamWBackend for Fusion<B> {
         moments: Option<Moments<Self>>,
         s: &AdamWStep,
     ) -> Result<[FTensor<B>; 3], FlaError> {
-        describe::<Self>(&param, &grad, moments.as_ref(), s)?;
-        B::adamw_check_dtype(&Self::float_device(&param), param.dtype())?;
+        register::<B>(param, grad, moments, s, None)
+    }
+
+    fn adamw_step_scaled(
+        param: FTensor<B>,
+        grad: FTensor<B>,
+        moments: Option<Moments<Self>>,
+        s: &AdamWStep,
+        scale: FTensor<B>,
+    ) -> Result<[FTensor<B>; 3], FlaError> {
+        check_scale::<Self>(&scale, s)?;
+        register::<B>(param, grad, moments, s, Some(scale))
+    }
+
+    fn adamw_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
+        B::adamw_check_dtype(device, dtype)
+    }
+}
+
+/// Validates a step and registers it in the fusion stream.
+fn register<B: FusionBackend + AdamWBackend>(
+    param: FTensor<B>,
+    grad: FTensor<B>,
+    moments: Option<Moments<Fusion<B>>>,
+    s: &AdamWStep,
+    scale: Option<FTensor<B>>,
+) -> Result<[FTensor<B>; 3], FlaError> {
+        describe::<Fusion<B>>(&param, &grad, moments.as_ref(), s)?;
+        B::adamw_check_dtype(&Fusion::<B>::float_device(&param), param.dtype())?;
         let client = param.client.clone();
         let (shape, dtype) = (Shape::from(param.shape().to_vec()), param.dtype());
         let outputs: Vec<TensorIr> = (0..3)
             .map(|_| TensorIr::uninit(client.create_empty_handle(), shape.clone(), dtype))
             .collect();
+        let scaled = scale.is_some();
         let mut inputs = vec![param, grad];
+        inputs.extend(scale);
         if let Some((m, v)) = moments {
             inputs.extend([m, v]);
         }
@@ -64,14 +100,10 @@ impl<B: FusionBackend + AdamWBackend> AdamWBackend for Fusion<B> {
         let node = StepOp::<B> {
             desc: desc.clone(),
             step: s.clone(),
+            scaled,
             _b: Default::default(),
         };
         let out = client.register(streams, OperationIr::Custom(desc), node);
         let [p, m, v]: [FTensor<B>; 3] = out.try_into().expect("three registered outputs");
         Ok([p, m, v])
-    }
-
-    fn adamw_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
-        B::adamw_check_dtype(device, dtype)
-    }
 }

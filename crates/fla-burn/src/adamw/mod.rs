@@ -20,7 +20,7 @@ use crate::checks::{expect_tensor, shared_float_dtype};
 use crate::gated::float_dtype;
 use crate::FlaError;
 
-pub use optim::{FusedAdamW, FusedAdamWConfig};
+pub use optim::{FusedAdamW, FusedAdamWConfig, FusedAdamWOptimizer, ScaleSlot};
 
 /// A parameter's AdamW moments `(m, v)`, each shaped like it.
 pub type Moments<B> = (FloatTensor<B>, FloatTensor<B>);
@@ -48,7 +48,25 @@ pub trait AdamWBackend: Backend {
         s: &AdamWStep,
     ) -> Result<[FloatTensor<Self>; 3], FlaError> {
         describe::<Self>(&param, &grad, moments.as_ref(), s)?;
-        Ok(tensor_step::<Self>(param, grad, moments, s))
+        Ok(tensor_step::<Self>(param, grad, moments, s, None))
+    }
+
+    /// [`Self::adamw_step`] with the gradient multiplied by `scale` (one `f32` entry, on the
+    /// device) in place of the step's own clipping, which must be none: clipping by the global
+    /// norm of all gradients, whose coefficient the caller computed over all of them first.
+    ///
+    /// Errors: as [`Self::adamw_step`]; [`FlaError::Shape`] or [`FlaError::DType`] for a
+    /// scale that is not one `f32`, [`FlaError::Unsupported`] beside the step's own clipping.
+    fn adamw_step_scaled(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<Moments<Self>>,
+        s: &AdamWStep,
+        scale: FloatTensor<Self>,
+    ) -> Result<[FloatTensor<Self>; 3], FlaError> {
+        describe::<Self>(&param, &grad, moments.as_ref(), s)?;
+        check_scale::<Self>(&scale, s)?;
+        Ok(tensor_step::<Self>(param, grad, moments, s, Some(scale)))
     }
 
     /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
@@ -83,6 +101,7 @@ pub(crate) fn tensor_step<B: Backend>(
     grad: FloatTensor<B>,
     moments: Option<Moments<B>>,
     s: &AdamWStep,
+    scale: Option<FloatTensor<B>>,
 ) -> [FloatTensor<B>; 3] {
     let (dtype, shape) = (param.dtype(), param.shape());
     let wide = match dtype {
@@ -95,6 +114,9 @@ pub(crate) fn tensor_step<B: Backend>(
             .cast(wide)
     };
     let (p, mut g) = (t(param), t(grad));
+    if let Some(c) = scale {
+        g = g * Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(c)).cast(wide);
+    }
     match s.clip {
         None => {}
         Some(GradClip::Value(c)) => {
@@ -183,6 +205,30 @@ pub(crate) fn describe<B: Backend>(
     p.validate()?;
     check_step(s, p.has_state)?;
     Ok(p)
+}
+
+/// Checks the scale of [`AdamWBackend::adamw_step_scaled`]: one `f32` entry, and no clipping
+/// of the step's own beside it.
+pub(crate) fn check_scale<B: Backend>(scale: &FloatTensor<B>, s: &AdamWStep) -> Result<(), FlaError> {
+    if scale.shape().num_elements() != 1 {
+        return Err(FlaError::Shape(format!(
+            "the AdamW step's gradient scale must be one entry, got shape {:?}",
+            scale.shape().to_vec()
+        )));
+    }
+    if scale.dtype() != DType::F32 {
+        return Err(FlaError::DType(format!(
+            "the AdamW step's gradient scale must be f32, got {:?}",
+            scale.dtype()
+        )));
+    }
+    if s.clip.is_some() {
+        return Err(FlaError::Unsupported(
+            "a scaled AdamW step clips by its scale alone: the step's own clipping must be none"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// [`AdamWStep::validate`] with its refusals as [`FlaError::Unsupported`] (an option out of

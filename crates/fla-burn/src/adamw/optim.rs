@@ -1,14 +1,22 @@
 //! [`FusedAdamW`]: Burn's `AdamW`, its per-tensor gradient clipping included, with each
-//! parameter's step one fused op ([`AdamWBackend::adamw_step`]).
+//! parameter's step one fused op ([`AdamWBackend::adamw_step`]); and [`FusedAdamWOptimizer`],
+//! Burn's `Optimizer` around it, which adds clipping by the global norm of all gradients
+//! (PyTorch's `clip_grad_norm_`, what FLA's and Hugging Face's training do).
 //!
-//! It plugs into Burn's `OptimizerAdaptor` as a `SimpleOptimizer`, and its state is Burn's own
-//! `AdamWState`, so optimiser records saved by either load into the other.
+//! `FusedAdamW` plugs into Burn's `OptimizerAdaptor` as a `SimpleOptimizer`, and its state is
+//! Burn's own `AdamWState`, so optimiser records saved by either load into the other.
+
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 use burn::config::Config;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, SimpleOptimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, MultiGradientsParams,
+    Optimizer, SimpleOptimizer,
+};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Device, Tensor, TensorPrimitive};
 
 use super::{check_operands, check_step, tensor_step, AdamWBackend, AdamWStep, GradClip};
@@ -35,6 +43,10 @@ pub struct FusedAdamWConfig {
     pub cautious_weight_decay: bool,
     /// Clipping of each parameter's gradient before its step (per tensor, as Burn's).
     pub grad_clipping: Option<GradientClippingConfig>,
+    /// Clipping by the L2 norm of all of the model's gradients together: each is scaled by
+    /// `min(1, max / (‖g‖ + 1e-6))`, `‖g‖` over every gradient of the step (PyTorch's
+    /// `clip_grad_norm_`). Computed on the device, no read-back. Not with `grad_clipping`.
+    pub max_global_norm: Option<f32>,
 }
 
 impl FusedAdamWConfig {
@@ -51,19 +63,183 @@ impl FusedAdamWConfig {
                 GradientClippingConfig::Value(c) => GradClip::Value(*c),
                 GradientClippingConfig::Norm(c) => GradClip::Norm(*c),
             }),
+            scale: ScaleSlot::default(),
         };
         check_step(&optim.hyper(0.0, 1), false)?;
         Ok(optim)
     }
 
     /// The optimiser for module `M` on backend `B`, as Burn's `AdamWConfig::init` makes it.
-    pub fn init<B, M>(&self) -> Result<OptimizerAdaptor<FusedAdamW, M, B>, FlaError>
+    /// [`FlaError::Unsupported`] as [`Self::build`], and for both clippings at once or a
+    /// global threshold that is not positive and finite.
+    pub fn init<B, M>(&self) -> Result<FusedAdamWOptimizer<M, B>, FlaError>
     where
         B: AutodiffBackend,
         B::InnerBackend: AdamWBackend,
         M: AutodiffModule<B>,
     {
-        Ok(OptimizerAdaptor::from(self.build()?))
+        let optim = self.build()?;
+        if let Some(c) = self.max_global_norm {
+            if self.grad_clipping.is_some() {
+                return Err(FlaError::Unsupported(
+                    "clipping per tensor and by the global norm at once".into(),
+                ));
+            }
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(FlaError::Unsupported(format!(
+                    "clipping by the global norm needs a positive finite threshold, got {c}"
+                )));
+            }
+        }
+        Ok(FusedAdamWOptimizer {
+            adaptor: OptimizerAdaptor::from(optim.clone()),
+            optim,
+            max_global_norm: self.max_global_norm,
+        })
+    }
+}
+
+/// The global-norm coefficient of the step in progress (a `Tensor<B::InnerBackend, 1>`),
+/// shared by [`FusedAdamWOptimizer`] and the [`FusedAdamW`] inside its adaptor: set before the
+/// parameters' steps, taken away after. Each optimiser has its own (see its `Clone`).
+#[derive(Clone, Default)]
+pub struct ScaleSlot(Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl std::fmt::Debug for ScaleSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScaleSlot")
+    }
+}
+
+impl ScaleSlot {
+    fn set(&self, x: Option<Box<dyn Any + Send>>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = x;
+    }
+    fn get<B: Backend>(&self) -> Option<Tensor<B, 1>> {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.as_ref()?.downcast_ref::<Tensor<B, 1>>().cloned()
+    }
+}
+
+/// Burn's `Optimizer` for [`FusedAdamW`]: its `OptimizerAdaptor` (records as Burn's `AdamW`
+/// saves them), with clipping by the global norm of the gradients where configured.
+pub struct FusedAdamWOptimizer<M, B>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: AdamWBackend,
+    M: AutodiffModule<B>,
+{
+    adaptor: OptimizerAdaptor<FusedAdamW, M, B>,
+    optim: FusedAdamW,
+    max_global_norm: Option<f32>,
+}
+
+impl<M, B> Clone for FusedAdamWOptimizer<M, B>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: AdamWBackend,
+    M: AutodiffModule<B>,
+{
+    /// A copy with its own coefficient slot (the adaptor's optimiser is rebuilt around it), so
+    /// that two copies stepping at once cannot read each other's coefficient.
+    fn clone(&self) -> Self {
+        let optim = FusedAdamW {
+            scale: ScaleSlot::default(),
+            ..self.optim.clone()
+        };
+        Self {
+            adaptor: OptimizerAdaptor::from(optim.clone()).load_record(self.adaptor.to_record()),
+            optim,
+            max_global_norm: self.max_global_norm,
+        }
+    }
+}
+
+/// Sums `g²` of every float parameter's gradient, in `f32`, on the device.
+struct SquareSum<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSum<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let sum = g.cast(burn::tensor::FloatDType::F32).square().sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + sum,
+                None => sum,
+            });
+        }
+    }
+}
+
+/// Moves every parameter's gradient out of `multi` (summed over devices, as Burn's adaptor
+/// sums them) into one [`GradientsParams`].
+struct Merge<'a> {
+    multi: &'a mut MultiGradientsParams,
+    out: GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Merge<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some((g, _)) = self.multi.remove::<B::InnerBackend, D>(param.id) {
+            self.out.register::<B::InnerBackend, D>(param.id, g);
+        }
+    }
+}
+
+impl<M, B> Optimizer<M, B> for FusedAdamWOptimizer<M, B>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: AdamWBackend,
+    M: AutodiffModule<B>,
+{
+    type Record = <OptimizerAdaptor<FusedAdamW, M, B> as Optimizer<M, B>>::Record;
+
+    fn step(&mut self, lr: LearningRate, module: M, grads: GradientsParams) -> M {
+        let Some(max) = self.max_global_norm else {
+            return self.adaptor.step(lr, module, grads);
+        };
+        let mut sum = SquareSum::<B> {
+            grads: &grads,
+            total: None,
+        };
+        module.visit(&mut sum);
+        let Some(total) = sum.total else {
+            return self.adaptor.step(lr, module, grads);
+        };
+        // PyTorch's coefficient: `max / (‖g‖ + 1e-6)`, at most 1. A division, not `recip`
+        // (NdArray's reciprocal is approximate).
+        let norm = total.sqrt();
+        let coef = (norm.full_like(max) / norm.add_scalar(1e-6)).clamp_max(1.0);
+        self.optim.scale.set(Some(Box::new(coef)));
+        let module = self.adaptor.step(lr, module, grads);
+        self.optim.scale.set(None);
+        module
+    }
+
+    fn step_multi(&mut self, lr: LearningRate, module: M, grads: MultiGradientsParams) -> M {
+        if self.max_global_norm.is_none() {
+            return self.adaptor.step_multi(lr, module, grads);
+        }
+        // The global norm is over the gradients summed across devices: merge them first.
+        let mut grads = grads;
+        let mut merge = Merge {
+            multi: &mut grads,
+            out: GradientsParams::new(),
+        };
+        module.visit(&mut merge);
+        let merged = merge.out;
+        self.step(lr, module, merged)
+    }
+
+    fn to_record(&self) -> Self::Record {
+        self.adaptor.to_record()
+    }
+
+    fn load_record(mut self, record: Self::Record) -> Self {
+        self.adaptor = self.adaptor.load_record(record);
+        self
     }
 }
 
@@ -82,6 +258,8 @@ pub struct FusedAdamW {
     weight_decay: f32,
     cautious_weight_decay: bool,
     clip: Option<GradClip>,
+    /// The global-norm coefficient, when [`FusedAdamWOptimizer`] clips by it.
+    scale: ScaleSlot,
 }
 
 impl FusedAdamW {
@@ -129,6 +307,7 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             None => (1, None),
         };
         let s = self.hyper(lr, time);
+        let scale = self.scale.get::<B>();
         let len = tensor.shape().num_elements();
         let fused = len > 0
             && len <= MAX_ADAMW_LEN
@@ -136,9 +315,13 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
         let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
         let (param, grad) = (prim(tensor), prim(grad));
         let moments = moments.map(|(m, v)| (prim(m), prim(v)));
+        let scale = scale.map(|c| c.into_primitive().tensor());
         let [p, m, v] = if fused {
-            B::adamw_step(param, grad, moments, &s)
-                .unwrap_or_else(|e| panic!("fused AdamW step {time}: {e}"))
+            match scale {
+                Some(c) => B::adamw_step_scaled(param, grad, moments, &s, c),
+                None => B::adamw_step(param, grad, moments, &s),
+            }
+            .unwrap_or_else(|e| panic!("fused AdamW step {time}: {e}"))
         } else {
             // Burn's optimizer trait has no error path, so the fallback panics with the reason
             // on what the fused op refuses (its `describe`, less the refusal of empty tensors):
@@ -147,7 +330,7 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             check_operands::<B>(&param, &grad, moments.as_ref())
                 .and_then(|_| check_step(&s, moments.is_some()))
                 .unwrap_or_else(|e| panic!("AdamW step {time}: {e}"));
-            tensor_step::<B>(param, grad, moments, &s)
+            tensor_step::<B>(param, grad, moments, &s, scale)
         };
         let wrap = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
         let state = AdamWState::new(AdaptiveMomentumState::new(time, wrap(m), wrap(v)));

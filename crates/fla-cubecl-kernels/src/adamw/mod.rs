@@ -351,7 +351,41 @@ pub fn adamw_step<R: Runtime>(
     p: &AdamWProblem,
     s: &AdamWStep,
     grad: &Handle,
+    slots: [Slot<'_>; 3],
+) -> Result<(), KernelError> {
+    launch(client, p, s, grad, slots, None)
+}
+
+/// [`adamw_step`] with the gradient multiplied by `scale[0]` (one `f32`) instead of clipped by
+/// the step's own options, which must ask for none: clipping by the global norm of all of a
+/// model's gradients, whose coefficient a device reduction over every gradient computed before
+/// the first parameter's step (PyTorch's `clip_grad_norm_`, as FLA's training clips). Read on
+/// the device, so the step needs no read-back.
+pub fn adamw_step_scaled<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    grad: &Handle,
+    slots: [Slot<'_>; 3],
+    scale: &Handle,
+) -> Result<(), KernelError> {
+    if s.clip.is_some() {
+        return Err(KernelError::InvalidProblem(
+            "a scaled AdamW step clips by its scale alone: the step's own clipping must be none"
+                .into(),
+        ));
+    }
+    fits("scale", scale, 1, 4)?;
+    launch(client, p, s, grad, slots, Some(scale))
+}
+
+fn launch<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    grad: &Handle,
     [param, m, v]: [Slot<'_>; 3],
+    scale: Option<&Handle>,
 ) -> Result<(), KernelError> {
     p.validate()?;
     s.validate(p.has_state)?;
@@ -367,11 +401,13 @@ pub fn adamw_step<R: Runtime>(
         ));
     }
     let clip = match s.clip {
+        // The kernel's clipping by norm multiplies by `coef[0]`: here the caller's scale.
+        None if scale.is_some() => ClipKind::Norm,
         None => ClipKind::None,
         Some(GradClip::Value(_)) => ClipKind::Value,
         Some(GradClip::Norm(_)) => ClipKind::Norm,
     };
-    let coef = client.empty(4);
+    let coef = scale.cloned().unwrap_or_else(|| client.empty(4));
     if let Some(GradClip::Norm(max_norm)) = s.clip {
         let parts = p.len.div_ceil(SUM_UNITS).min(MAX_PARTS);
         let part = client.empty(parts * 4);

@@ -5,7 +5,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::adamw::{
-    adamw_step, min_positive, naive, AdamWProblem, AdamWStep, GradClip, Slot,
+    adamw_step, adamw_step_scaled, min_positive, naive, AdamWProblem, AdamWStep, GradClip, Slot,
 };
 use fla_cubecl_kernels::testing::{adamw_step as hyper, decode, encode, round_to, Rng};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -228,6 +228,70 @@ fn into_fresh_buffers(
 ) {
     let time = if has_state { 6 } else { 1 };
     compare_into(&problem(len, has_state), &hyper(time, clip), 19, target);
+}
+
+/// The step with its gradient scaled by a coefficient read on the device (clipping by the
+/// global norm), updating in place.
+fn run_scaled<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AdamWProblem,
+    s: &AdamWStep,
+    x: &Inputs,
+    scale: f32,
+) -> Result<[Vec<f64>; 3], KernelError> {
+    let dt = p.dtype;
+    let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
+    let down = |h: &Handle| decode(dt, &client.read_one_unchecked(h.clone()));
+    let (param, grad, m, v) = (up(&x.param), up(&x.grad), up(&x.m), up(&x.v));
+    let coef = client.create_from_slice(f32::as_bytes(&[scale]));
+    let slots = [&param, &m, &v].map(Slot::InPlace);
+    adamw_step_scaled(client, p, s, &grad, slots, &coef)?;
+    Ok([down(&param), down(&m), down(&v)])
+}
+
+/// A scaled step against the reference's step on the gradient times the scale.
+#[rstest]
+fn scaled_gradient(#[values(0.03, 1.0)] scale: f32, #[values(1, 1500)] len: usize) {
+    let p = problem(len, true);
+    let s = hyper(4, None);
+    let x = Inputs::new(&p, 23);
+    let [param, m, v] = on_runtime!(run_scaled(&p, &s, &x, scale)).expect("valid problem");
+    let scaled = Inputs {
+        grad: x.grad.iter().map(|g| g * scale as f64).collect(),
+        param: x.param.clone(),
+        m: x.m.clone(),
+        v: x.v.clone(),
+    };
+    let [want_p, want_m, want_v] = scaled.reference(&p, &s);
+    let tol = tolerance(p.dtype);
+    check("m", &m, &want_m, tol);
+    check("v", &v, &want_v, tol);
+    check("param", &param, &want_p, tol);
+}
+
+/// A scale beside the step's own clipping, and a scale buffer too short for one f32, are refused.
+#[rstest]
+#[case::with_clipping(Some(GradClip::Norm(1.0)), 4, "its scale alone")]
+#[case::short_scale(None, 2, "scale holds")]
+fn bad_scale_is_refused(#[case] clip: Option<GradClip>, #[case] bytes: usize, #[case] what: &str) {
+    fn go<R: Runtime>(
+        client: &ComputeClient<R>,
+        clip: Option<GradClip>,
+        bytes: usize,
+    ) -> Result<(), KernelError> {
+        let p = AdamWProblem {
+            len: 8,
+            dtype: FloatDType::F32,
+            has_state: true,
+        };
+        let h: Vec<Handle> = (0..4).map(|_| client.empty(8 * 4)).collect();
+        let coef = client.empty(bytes);
+        let slots = [&h[1], &h[2], &h[3]].map(Slot::InPlace);
+        adamw_step_scaled(client, &p, &hyper(2, clip), &h[0], slots, &coef)
+    }
+    let got = on_runtime!(go(clip, bytes));
+    let msg = format!("{got:?}");
+    assert!(got.is_err() && msg.contains(what), "{msg}");
 }
 
 /// Clipping by norm when it binds (a norm of about √len against 1) and when it does not, and by
