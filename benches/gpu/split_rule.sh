@@ -19,8 +19,8 @@ for v in "${VS[@]}"; do
   i=$((i+1))
   (cd /tmp && env $v timeout -k 30 ${TRAIN_S:-150} $R/bin-fla-train --backend cuda --precision bf16 \
      --config /tmp/gla-$L.json --seq-len 2048 --batch 8 --steps ${STEPS:-10} --warmup 1 \
-     --eval-every 1000 --checkpoint-every 0 --metrics $OUT/layers-$L-v$i.csv $EXTRA 2>&1 | tail -1)
-  python3 - $OUT/layers-$L-v$i.csv "$v" <<'PY'
+     --eval-every 1000 --checkpoint-every 0 --metrics $OUT/layers-$L-${TAG}v$i.csv $EXTRA 2>&1 | tail -1)
+  python3 - $OUT/layers-$L-${TAG}v$i.csv "$v" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 vals = [float(r['tokens_per_s']) for r in rows if r['tokens_per_s'] and int(r['step']) >= 3]

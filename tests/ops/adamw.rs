@@ -210,7 +210,9 @@ fn scaled_by_global_norm<B: AutodiffBackend>(
     let squares = |x: Vec<f64>| x.iter().map(|x| x * x).sum::<f64>();
     let mut total = 0.0;
     for id in weights {
-        total += squares(values(grads.get::<I<B>, 2>(id).expect("a weight's gradient")));
+        total += squares(values(
+            grads.get::<I<B>, 2>(id).expect("a weight's gradient"),
+        ));
     }
     for id in biases {
         total += squares(values(grads.get::<I<B>, 1>(id).expect("a bias's gradient")));
@@ -231,7 +233,7 @@ fn scaled_by_global_norm<B: AutodiffBackend>(
 /// `max_global_norm` against Burn's `AdamW` (no clipping of its own) stepping on the same
 /// gradients scaled on the host by PyTorch's coefficient; with the threshold binding (the
 /// coefficient checked to be well below 1) and not.
-fn global_against_burn<B: AutodiffBackend>(max: f32, binds: bool)
+fn global_against_burn<B: AutodiffBackend>(max: f32, binds: bool, tol: f64)
 where
     B::InnerBackend: AdamWBackend,
 {
@@ -241,13 +243,17 @@ where
     let batches: Vec<Tensor<B, 2>> = (0..3)
         .map(|_| Tensor::random([16, 60], Distribution::Normal(0.0, 1.0), &device))
         .collect();
+    // ε = 1 (above √v here): the update is then nearly proportional to the clipped gradient,
+    // where Adam's usual ε leaves it almost blind to a gradient's scale.
     let mut ours = FusedAdamWConfig::new()
         .with_weight_decay(0.1)
+        .with_epsilon(1.0)
         .with_max_global_norm(Some(max))
         .init::<B, Net<B>>()
         .expect("valid config");
     let mut burn = AdamWConfig::new()
         .with_weight_decay(0.1)
+        .with_epsilon(1.0)
         .init::<B, Net<B>>();
     let (mut a, mut b) = (net.clone(), net);
     for (step, x) in batches.iter().enumerate() {
@@ -261,7 +267,7 @@ where
             &format!("parameters after step {}", step + 1),
             &flat(&a),
             &flat(&b),
-            1e-5,
+            tol,
         );
     }
 }
@@ -274,25 +280,71 @@ fn global_norm_clipping_matches_torch(
     #[case] binds: bool,
     #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
 ) {
+    // On a GPU the two models' matmuls may take different kernels while autotune settles
+    // (CUDA's f32 products run on tensor cores at reduced precision): measured on an H100, the
+    // unfused backend's models drift apart by 1.3e-5-1.9e-5 in three steps without clipping.
+    let tol = 1e-4;
     match imp {
-        Impl::TensorOps => global_against_burn::<Autodiff<common::backends::NdArray>>(max, binds),
+        Impl::TensorOps => {
+            global_against_burn::<Autodiff<common::backends::NdArray>>(max, binds, 1e-5)
+        }
         Impl::Cube => match common::runtime_name() {
             #[cfg(feature = "cuda")]
-            "cuda" => global_against_burn::<Autodiff<common::backends::CudaCube>>(max, binds),
+            "cuda" => global_against_burn::<Autodiff<common::backends::CudaCube>>(max, binds, tol),
             #[cfg(feature = "wgpu")]
-            _ => global_against_burn::<Autodiff<common::backends::WgpuCube>>(max, binds),
+            _ => global_against_burn::<Autodiff<common::backends::WgpuCube>>(max, binds, tol),
             #[cfg(not(feature = "wgpu"))]
             other => panic!("runtime {other} not compiled in"),
         },
         _ => match common::runtime_name() {
             #[cfg(feature = "cuda")]
-            "cuda" => global_against_burn::<Autodiff<common::backends::CudaFused>>(max, binds),
+            "cuda" => global_against_burn::<Autodiff<common::backends::CudaFused>>(max, binds, tol),
             #[cfg(feature = "wgpu")]
-            _ => global_against_burn::<Autodiff<common::backends::WgpuFused>>(max, binds),
+            _ => global_against_burn::<Autodiff<common::backends::WgpuFused>>(max, binds, tol),
             #[cfg(not(feature = "wgpu"))]
             other => panic!("runtime {other} not compiled in"),
         },
     }
+}
+
+/// The global norm's coefficient as an op, on every implementation, against f64: gradients of
+/// two ranks and odd sizes, binding and not.
+#[rstest]
+fn global_coefficient_matches_reference(
+    #[values(0.5, 1e6)] max: f32,
+    #[values(Impl::Fusion, Impl::Cube, Impl::TensorOps)] imp: Impl,
+) {
+    fn go<B: AdamWBackend>(max: f32, a: &Case, b: &Case) -> Result<f64, FlaError> {
+        let device = B::Device::default();
+        let t = |c: &Case| tensor::<B, 2>(&c.grad, c.shape, FloatDType::F32, &device);
+        let grads = vec![
+            t(a).into_primitive().tensor(),
+            t(b).into_primitive().tensor(),
+        ];
+        let coef = B::global_clip_coefficient(grads, max)?;
+        Ok(values(Tensor::<B, 1>::from_primitive(
+            burn::tensor::TensorPrimitive::Float(coef),
+        ))[0])
+    }
+    let (a, b) = (case([63, 65], 31), case([1, 1500], 37));
+    let got = match imp {
+        Impl::Fusion => on_gpu!(fusion, go(max, &a, &b)),
+        Impl::Cube => on_gpu!(cube, go(max, &a, &b)),
+        Impl::TensorOps => go::<common::backends::NdArray>(max, &a, &b),
+    }
+    .expect("valid gradients");
+    let norm = a
+        .grad
+        .iter()
+        .chain(&b.grad)
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt();
+    let want = (max as f64 / (norm + 1e-6)).min(1.0);
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "{imp:?}: {got}, want {want}"
+    );
 }
 
 /// Clipping per tensor and by the global norm at once, and a global threshold that is not

@@ -2,13 +2,13 @@
 //! parameter and the moments in place where no other tensor shares their buffers, and writing
 //! them to fresh buffers in the same pass where one does.
 
-use burn::tensor::{DType, TensorMetadata};
+use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use fla_cubecl_kernels::adamw::{adamw_step, adamw_step_scaled, Slot};
+use fla_cubecl_kernels::adamw::{adamw_step, adamw_step_scaled, global_clip_coefficient, Slot};
 
-use super::{check_scale, describe, AdamWBackend, AdamWStep, Moments};
+use super::{check_global, check_scale, describe, AdamWBackend, AdamWStep, Moments};
 use crate::gated::cube::empty;
 use crate::gated::kernel_dtype;
 use crate::FlaError;
@@ -71,6 +71,27 @@ where
         step::<R, F, I, BT>(param, grad, moments, s, Some(scale))
     }
 
+    fn global_clip_coefficient(
+        grads: Vec<CubeTensor<R>>,
+        max_norm: f32,
+    ) -> Result<CubeTensor<R>, FlaError> {
+        let dtype = check_global::<Self>(&grads, max_norm)?;
+        let grads: Vec<CubeTensor<R>> = grads.into_iter().map(into_contiguous).collect();
+        let first = &grads[0];
+        let bufs: Vec<_> = grads
+            .iter()
+            .map(|g| (&g.handle, g.shape().num_elements()))
+            .collect();
+        let handle = global_clip_coefficient(&first.client, &bufs, kernel_dtype(dtype)?, max_norm)?;
+        Ok(CubeTensor::new_contiguous(
+            first.client.clone(),
+            first.device.clone(),
+            Shape::new([1]),
+            handle,
+            DType::F32,
+        ))
+    }
+
     fn adamw_check_dtype(device: &Self::Device, dtype: DType) -> Result<(), FlaError> {
         let client = R::client(device);
         kernel_dtype(dtype)?.check_supported(&client)?;
@@ -92,41 +113,41 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-        let mut p = describe::<CubeBackend<R, F, I, BT>>(&param, &grad, moments.as_ref(), s)?;
-        p.dtype = kernel_dtype(param.dtype())?;
-        p.dtype.check_supported(&param.client)?;
-        let grad = into_contiguous(grad);
-        let param = target(param);
-        let (m, v) = match moments {
-            Some((m, v)) => {
-                let (m, v) = (target(m), target(v));
-                // The kernel takes both moments in place or neither: one shared buffer sends
-                // both to fresh ones.
-                match (m, v) {
-                    ((m, None), (v, Some(fv))) => {
-                        let fm = empty(&m, m.shape().to_vec(), m.dtype());
-                        ((m, Some(fm)), (v, Some(fv)))
-                    }
-                    ((m, Some(fm)), (v, None)) => {
-                        let fv = empty(&v, v.shape().to_vec(), v.dtype());
-                        ((m, Some(fm)), (v, Some(fv)))
-                    }
-                    both => both,
+    let mut p = describe::<CubeBackend<R, F, I, BT>>(&param, &grad, moments.as_ref(), s)?;
+    p.dtype = kernel_dtype(param.dtype())?;
+    p.dtype.check_supported(&param.client)?;
+    let grad = into_contiguous(grad);
+    let param = target(param);
+    let (m, v) = match moments {
+        Some((m, v)) => {
+            let (m, v) = (target(m), target(v));
+            // The kernel takes both moments in place or neither: one shared buffer sends
+            // both to fresh ones.
+            match (m, v) {
+                ((m, None), (v, Some(fv))) => {
+                    let fm = empty(&m, m.shape().to_vec(), m.dtype());
+                    ((m, Some(fm)), (v, Some(fv)))
                 }
+                ((m, Some(fm)), (v, None)) => {
+                    let fv = empty(&v, v.shape().to_vec(), v.dtype());
+                    ((m, Some(fm)), (v, Some(fv)))
+                }
+                both => both,
             }
-            None => {
-                let shape = param.0.shape().to_vec();
-                (
-                    (empty(&param.0, shape.clone(), param.0.dtype()), None),
-                    (empty(&param.0, shape, param.0.dtype()), None),
-                )
-            }
-        };
-        let client = &param.0.client;
-        let slots = [slot(&param), slot(&m), slot(&v)];
-        match scale.map(into_contiguous) {
-            Some(c) => adamw_step_scaled(client, &p, s, &grad.handle, slots, &c.handle)?,
-            None => adamw_step(client, &p, s, &grad.handle, slots)?,
         }
-        Ok([result(param), result(m), result(v)])
+        None => {
+            let shape = param.0.shape().to_vec();
+            (
+                (empty(&param.0, shape.clone(), param.0.dtype()), None),
+                (empty(&param.0, shape, param.0.dtype()), None),
+            )
+        }
+    };
+    let client = &param.0.client;
+    let slots = [slot(&param), slot(&m), slot(&v)];
+    match scale.map(into_contiguous) {
+        Some(c) => adamw_step_scaled(client, &p, s, &grad.handle, slots, &c.handle)?,
+        None => adamw_step(client, &p, s, &grad.handle, slots)?,
+    }
+    Ok([result(param), result(m), result(v)])
 }

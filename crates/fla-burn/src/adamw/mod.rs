@@ -13,6 +13,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
 use fla_cubecl_kernels::adamw::AdamWProblem;
+use fla_cubecl_kernels::adamw::GLOBAL_NORM_EPS;
 pub use fla_cubecl_kernels::adamw::{AdamWStep, GradClip};
 use fla_cubecl_kernels::{FloatDType, KernelError};
 
@@ -67,6 +68,40 @@ pub trait AdamWBackend: Backend {
         describe::<Self>(&param, &grad, moments.as_ref(), s)?;
         check_scale::<Self>(&scale, s)?;
         Ok(tensor_step::<Self>(param, grad, moments, s, Some(scale)))
+    }
+
+    /// The coefficient of clipping by the global norm of `grads` (all of a step's gradients,
+    /// one float dtype): `min(1, max_norm / (‖g‖ + 1e-6))`, `‖g‖` the L2 norm of all of them
+    /// together (PyTorch's `clip_grad_norm_`), as one `f32` on the device, for
+    /// [`Self::adamw_step_scaled`]. The default sums through tensor ops in `f32`; the fused
+    /// backends launch one reduction per gradient into one buffer of partial sums, and one
+    /// more for the coefficient.
+    ///
+    /// Errors: [`FlaError::Empty`] for no gradients or a zero-length one, [`FlaError::DType`]
+    /// where their dtypes differ, [`FlaError::Unsupported`] for a threshold not positive and
+    /// finite.
+    fn global_clip_coefficient(
+        grads: Vec<FloatTensor<Self>>,
+        max_norm: f32,
+    ) -> Result<FloatTensor<Self>, FlaError> {
+        check_global::<Self>(&grads, max_norm)?;
+        let mut total: Option<Tensor<Self, 1>> = None;
+        for g in grads {
+            let n = g.shape().num_elements();
+            let g = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(Self::float_reshape(
+                g,
+                [n].into(),
+            )));
+            let sum = g.cast(burn::tensor::FloatDType::F32).square().sum();
+            total = Some(match total {
+                Some(t) => t + sum,
+                None => sum,
+            });
+        }
+        let norm = total.expect("checked: at least one gradient").sqrt();
+        // A division, not `recip`: NdArray's reciprocal is approximate.
+        let coef = (norm.full_like(max_norm) / norm.add_scalar(GLOBAL_NORM_EPS)).clamp_max(1.0);
+        Ok(coef.into_primitive().tensor())
     }
 
     /// Checks that the device computes `dtype`. Backends with no restriction accept every float.
@@ -207,9 +242,46 @@ pub(crate) fn describe<B: Backend>(
     Ok(p)
 }
 
+/// Checks the gradients and threshold of [`AdamWBackend::global_clip_coefficient`]; returns
+/// their dtype.
+pub(crate) fn check_global<B: Backend>(
+    grads: &[FloatTensor<B>],
+    max_norm: f32,
+) -> Result<DType, FlaError> {
+    let Some(first) = grads.first() else {
+        return Err(FlaError::Empty(
+            "no gradients for the global norm (zero-length list)".into(),
+        ));
+    };
+    let dtype = first.dtype();
+    for g in grads {
+        if g.dtype() != dtype {
+            return Err(FlaError::DType(format!(
+                "the global norm's gradients must share one dtype, got {dtype:?} and {:?}",
+                g.dtype()
+            )));
+        }
+        if g.shape().num_elements() == 0 {
+            return Err(FlaError::Empty(format!(
+                "a zero-length gradient {:?} in the global norm",
+                g.shape().to_vec()
+            )));
+        }
+    }
+    if !(max_norm > 0.0 && max_norm.is_finite()) {
+        return Err(FlaError::Unsupported(format!(
+            "clipping by the global norm needs a positive finite threshold, got {max_norm}"
+        )));
+    }
+    Ok(dtype)
+}
+
 /// Checks the scale of [`AdamWBackend::adamw_step_scaled`]: one `f32` entry, and no clipping
 /// of the step's own beside it.
-pub(crate) fn check_scale<B: Backend>(scale: &FloatTensor<B>, s: &AdamWStep) -> Result<(), FlaError> {
+pub(crate) fn check_scale<B: Backend>(
+    scale: &FloatTensor<B>,
+    s: &AdamWStep,
+) -> Result<(), FlaError> {
     if scale.shape().num_elements() != 1 {
         return Err(FlaError::Shape(format!(
             "the AdamW step's gradient scale must be one entry, got shape {:?}",

@@ -17,7 +17,8 @@ use burn::optim::{
     Optimizer, SimpleOptimizer,
 };
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Device, Tensor, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{Device, Tensor, TensorMetadata, TensorPrimitive};
 
 use super::{check_operands, check_step, tensor_step, AdamWBackend, AdamWStep, GradClip};
 use crate::gated::float_dtype;
@@ -155,20 +156,18 @@ where
     }
 }
 
-/// Sums `g²` of every float parameter's gradient, in `f32`, on the device.
-struct SquareSum<'a, B: AutodiffBackend> {
+/// Every float parameter's gradient (non-empty ones), for the global norm.
+struct Collect<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    total: Option<Tensor<B::InnerBackend, 1>>,
+    out: Vec<FloatTensor<B::InnerBackend>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquareSum<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            let sum = g.cast(burn::tensor::FloatDType::F32).square().sum();
-            self.total = Some(match self.total.take() {
-                Some(t) => t + sum,
-                None => sum,
-            });
+            if g.shape().num_elements() > 0 {
+                self.out.push(g.into_primitive().tensor());
+            }
         }
     }
 }
@@ -200,18 +199,29 @@ where
         let Some(max) = self.max_global_norm else {
             return self.adaptor.step(lr, module, grads);
         };
-        let mut sum = SquareSum::<B> {
+        let mut collect = Collect::<B> {
             grads: &grads,
-            total: None,
+            out: Vec::new(),
         };
-        module.visit(&mut sum);
-        let Some(total) = sum.total else {
+        module.visit(&mut collect);
+        if collect.out.is_empty() {
             return self.adaptor.step(lr, module, grads);
-        };
-        // PyTorch's coefficient: `max / (‖g‖ + 1e-6)`, at most 1. A division, not `recip`
-        // (NdArray's reciprocal is approximate).
-        let norm = total.sqrt();
-        let coef = (norm.full_like(max) / norm.add_scalar(1e-6)).clamp_max(1.0);
+        }
+        // Mixed-precision setups may hand gradients in several float types: the norm is
+        // taken in f32 over all of them.
+        let mut grads_f = collect.out;
+        let dtype = grads_f[0].dtype();
+        if grads_f.iter().any(|g| g.dtype() != dtype) {
+            grads_f = grads_f
+                .into_iter()
+                .map(|g| B::InnerBackend::float_cast(g, burn::tensor::FloatDType::F32))
+                .collect();
+        }
+        // `max` was checked when the optimiser was made, and every gradient is non-empty and
+        // of one dtype: the op has nothing left to refuse.
+        let coef = B::InnerBackend::global_clip_coefficient(grads_f, max)
+            .unwrap_or_else(|e| panic!("clipping by the global norm: {e}"));
+        let coef = Tensor::<B::InnerBackend, 1>::from_primitive(TensorPrimitive::Float(coef));
         self.optim.scale.set(Some(Box::new(coef)));
         let module = self.adaptor.step(lr, module, grads);
         self.optim.scale.set(None);

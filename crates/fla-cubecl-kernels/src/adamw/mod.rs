@@ -193,6 +193,7 @@ pub fn min_positive(dtype: FloatDType) -> f32 {
 fn square_sum_kernel<F: Float>(
     g: &Array<F>,
     part: &mut Array<f32>,
+    offset: u32,
     len: u32,
     #[comptime] units: usize,
     #[define(F)] _dtype: StorageType,
@@ -208,7 +209,7 @@ fn square_sum_kernel<F: Float>(
     }
     let total = cube_sum(acc, &mut scratch, units);
     if UNIT_POS == 0 {
-        part[CUBE_POS_X as usize] = total;
+        part[offset as usize + CUBE_POS_X as usize] = total;
     }
 }
 
@@ -379,6 +380,93 @@ pub fn adamw_step_scaled<R: Runtime>(
     launch(client, p, s, grad, slots, Some(scale))
 }
 
+/// Cubes of one gradient's sum of squares.
+fn sum_parts(len: usize) -> usize {
+    len.div_ceil(SUM_UNITS).min(MAX_PARTS)
+}
+
+/// The coefficient of clipping by the global norm, on the device, for [`adamw_step_scaled`]:
+/// `min(1, max_norm / (‖g‖ + 1e-6))` with `‖g‖` the L2 norm of all the gradients `grads`
+/// (`(buffer, entries)`, each in `dtype`) together, as PyTorch's `clip_grad_norm_` computes it.
+/// One sum-of-squares kernel per gradient, each writing its cubes' partial sums into one
+/// buffer, then one cube totals them: a launch per gradient and one more, where a norm per
+/// gradient tensor took two each. Returns a buffer of one `f32`.
+pub fn global_clip_coefficient<R: Runtime>(
+    client: &ComputeClient<R>,
+    grads: &[(&Handle, usize)],
+    dtype: FloatDType,
+    max_norm: f32,
+) -> Result<Handle, KernelError> {
+    if grads.is_empty() {
+        return Err(KernelError::InvalidProblem(
+            "no gradients for the global norm (zero-length list)".into(),
+        ));
+    }
+    if !(max_norm > 0.0 && max_norm.is_finite()) {
+        return Err(KernelError::InvalidProblem(format!(
+            "gradient clipping needs a positive finite threshold, got {max_norm}"
+        )));
+    }
+    dtype.check_supported(client)?;
+    for &(h, len) in grads {
+        if len == 0 {
+            return Err(KernelError::InvalidProblem(
+                "a zero-length gradient in the global norm".into(),
+            ));
+        }
+        if len > MAX_ADAMW_LEN {
+            return Err(KernelError::DeviceLimit(format!(
+                "{len} entries in one gradient, more than the global norm's {MAX_ADAMW_LEN}"
+            )));
+        }
+        fits("grad", h, len, dtype.size())?;
+    }
+    let total: usize = grads.iter().map(|&(_, len)| sum_parts(len)).sum();
+    if total > u32::MAX as usize {
+        return Err(KernelError::DeviceLimit(format!(
+            "{total} partial sums in the global norm, past 32-bit indices"
+        )));
+    }
+    let part = client.empty(total * 4);
+    let coef = client.empty(4);
+    let mut offset = 0;
+    for &(h, len) in grads {
+        let parts = sum_parts(len);
+        // Every access is guarded by the kernels' own bounds.
+        unsafe {
+            square_sum_kernel::launch_unchecked::<R>(
+                client,
+                CubeCount::Static(parts as u32, 1, 1),
+                CubeDim::new_1d(SUM_UNITS as u32),
+                array(h, len),
+                array(&part, total),
+                offset as u32,
+                len as u32,
+                SUM_UNITS,
+                dtype.storage(),
+            );
+        }
+        offset += parts;
+    }
+    unsafe {
+        clip_coef_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(SUM_UNITS as u32),
+            array(&part, total),
+            array(&coef, 1),
+            total as u32,
+            max_norm,
+            GLOBAL_NORM_EPS,
+            SUM_UNITS,
+        );
+    }
+    Ok(coef)
+}
+
+/// What PyTorch's `clip_grad_norm_` adds to the global norm before dividing by it.
+pub const GLOBAL_NORM_EPS: f32 = 1e-6;
+
 fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     p: &AdamWProblem,
@@ -409,7 +497,7 @@ fn launch<R: Runtime>(
     };
     let coef = scale.cloned().unwrap_or_else(|| client.empty(4));
     if let Some(GradClip::Norm(max_norm)) = s.clip {
-        let parts = p.len.div_ceil(SUM_UNITS).min(MAX_PARTS);
+        let parts = sum_parts(p.len);
         let part = client.empty(parts * 4);
         // Every access is guarded by the kernels' own bounds.
         unsafe {
@@ -419,6 +507,7 @@ fn launch<R: Runtime>(
                 CubeDim::new_1d(SUM_UNITS as u32),
                 array(grad, p.len),
                 array(&part, parts),
+                0,
                 p.len as u32,
                 SUM_UNITS,
                 p.dtype.storage(),

@@ -5,7 +5,8 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::adamw::{
-    adamw_step, adamw_step_scaled, min_positive, naive, AdamWProblem, AdamWStep, GradClip, Slot,
+    adamw_step, adamw_step_scaled, global_clip_coefficient, min_positive, naive, AdamWProblem,
+    AdamWStep, GradClip, Slot,
 };
 use fla_cubecl_kernels::testing::{adamw_step as hyper, decode, encode, round_to, Rng};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -292,6 +293,58 @@ fn bad_scale_is_refused(#[case] clip: Option<GradClip>, #[case] bytes: usize, #[
     let got = on_runtime!(go(clip, bytes));
     let msg = format!("{got:?}");
     assert!(got.is_err() && msg.contains(what), "{msg}");
+}
+
+/// The global norm's coefficient over several gradients of odd lengths (past one cube's and
+/// one grid's worth of partial sums) against f64: `min(1, max / (‖g‖ + 1e-6))`.
+fn run_global<R: Runtime>(
+    client: &ComputeClient<R>,
+    grads: &[Vec<f64>],
+    dtype: FloatDType,
+    max: f32,
+) -> Result<f64, KernelError> {
+    let handles: Vec<Handle> = grads
+        .iter()
+        // An empty gradient still gets a buffer (of one entry): the call must refuse its length.
+        .map(|g| client.create_from_slice(&encode(dtype, if g.is_empty() { &[0.0] } else { g })))
+        .collect();
+    let bufs: Vec<(&Handle, usize)> = handles
+        .iter()
+        .zip(grads)
+        .map(|(h, g)| (h, g.len()))
+        .collect();
+    let coef = global_clip_coefficient(client, &bufs, dtype, max)?;
+    Ok(decode(FloatDType::F32, &client.read_one_unchecked(coef))[0])
+}
+
+#[rstest]
+fn global_coefficient(#[values(0.5, 1e6)] max: f32) {
+    let dtype = base_dtype();
+    let mut rng = Rng::new(29);
+    let grads: Vec<Vec<f64>> = [1, 63, 1500, 300_007]
+        .into_iter()
+        .map(|n| rng.normals(n, dtype))
+        .collect();
+    let got = on_runtime!(run_global(&grads, dtype, max)).expect("valid gradients");
+    let norm = grads.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+    let want = (max as f64 / (norm + 1e-6)).min(1.0);
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "coefficient {got}, want {want} (norm {norm})"
+    );
+}
+
+#[rstest]
+#[case::no_gradients(vec![], 1.0, "no gradients")]
+#[case::empty_gradient(vec![vec![1.0], vec![]], 1.0, "zero-length")]
+#[case::zero_threshold(vec![vec![1.0]], 0.0, "threshold")]
+#[case::nan_threshold(vec![vec![1.0]], f32::NAN, "threshold")]
+fn bad_global_input_is_refused(#[case] grads: Vec<Vec<f64>>, #[case] max: f32, #[case] what: &str) {
+    assert_refused(
+        on_runtime!(run_global(&grads, FloatDType::F32, max)),
+        Refusal::InvalidProblem,
+        what,
+    );
 }
 
 /// Clipping by norm when it binds (a norm of about √len against 1) and when it does not, and by
