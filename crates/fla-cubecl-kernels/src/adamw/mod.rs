@@ -431,37 +431,60 @@ pub fn global_clip_coefficient<R: Runtime>(
     let coef = client.empty(4);
     let mut offset = 0;
     for &(h, len) in grads {
-        let parts = sum_parts(len);
-        // Every access is guarded by the kernels' own bounds.
-        unsafe {
-            square_sum_kernel::launch_unchecked::<R>(
-                client,
-                CubeCount::Static(parts as u32, 1, 1),
-                CubeDim::new_1d(SUM_UNITS as u32),
-                array(h, len),
-                array(&part, total),
-                offset as u32,
-                len as u32,
-                SUM_UNITS,
-                dtype.storage(),
-            );
-        }
-        offset += parts;
+        square_sums(client, (h, len), dtype, (&part, total), offset);
+        offset += sum_parts(len);
     }
+    coefficient(client, (&part, total), &coef, max_norm, GLOBAL_NORM_EPS);
+    Ok(coef)
+}
+
+/// Writes the partial sums of `g²` of gradient `grad` (`len` entries) into `part[offset ..
+/// offset + sum_parts(len)]` (a buffer of `total`).
+fn square_sums<R: Runtime>(
+    client: &ComputeClient<R>,
+    (grad, len): (&Handle, usize),
+    dtype: FloatDType,
+    (part, total): (&Handle, usize),
+    offset: usize,
+) {
+    // Every access is guarded by the kernel's own bounds.
+    unsafe {
+        square_sum_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(sum_parts(len) as u32, 1, 1),
+            CubeDim::new_1d(SUM_UNITS as u32),
+            array(grad, len),
+            array(part, total),
+            offset as u32,
+            len as u32,
+            SUM_UNITS,
+            dtype.storage(),
+        );
+    }
+}
+
+/// `coef[0] = min(1, max_norm / (√Σ part + tiny))` over the `total` partial sums.
+fn coefficient<R: Runtime>(
+    client: &ComputeClient<R>,
+    (part, total): (&Handle, usize),
+    coef: &Handle,
+    max_norm: f32,
+    tiny: f32,
+) {
+    // Every access is guarded by the kernel's own bounds.
     unsafe {
         clip_coef_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(1, 1, 1),
             CubeDim::new_1d(SUM_UNITS as u32),
-            array(&part, total),
-            array(&coef, 1),
+            array(part, total),
+            array(coef, 1),
             total as u32,
             max_norm,
-            GLOBAL_NORM_EPS,
+            tiny,
             SUM_UNITS,
         );
     }
-    Ok(coef)
 }
 
 /// What PyTorch's `clip_grad_norm_` adds to the global norm before dividing by it.
@@ -499,31 +522,14 @@ fn launch<R: Runtime>(
     if let Some(GradClip::Norm(max_norm)) = s.clip {
         let parts = sum_parts(p.len);
         let part = client.empty(parts * 4);
-        // Every access is guarded by the kernels' own bounds.
-        unsafe {
-            square_sum_kernel::launch_unchecked::<R>(
-                client,
-                CubeCount::Static(parts as u32, 1, 1),
-                CubeDim::new_1d(SUM_UNITS as u32),
-                array(grad, p.len),
-                array(&part, parts),
-                0,
-                p.len as u32,
-                SUM_UNITS,
-                p.dtype.storage(),
-            );
-            clip_coef_kernel::launch_unchecked::<R>(
-                client,
-                CubeCount::Static(1, 1, 1),
-                CubeDim::new_1d(SUM_UNITS as u32),
-                array(&part, parts),
-                array(&coef, 1),
-                parts as u32,
-                max_norm,
-                min_positive(p.dtype),
-                SUM_UNITS,
-            );
-        }
+        square_sums(client, (grad, p.len), p.dtype, (&part, parts), 0);
+        coefficient(
+            client,
+            (&part, parts),
+            &coef,
+            max_norm,
+            min_positive(p.dtype),
+        );
     }
     let l = AdamWLayout {
         has_state: p.has_state,
