@@ -210,6 +210,16 @@ where
         // Mixed-precision setups may hand gradients in several float types: the norm is
         // taken in f32 over all of them.
         let mut grads_f = collect.out;
+        // Gradients merged from several devices (`step_multi`) may sit on different ones: the
+        // norm's kernels run on the first's.
+        let device = B::InnerBackend::float_device(&grads_f[0]);
+        grads_f = grads_f
+            .into_iter()
+            .map(|g| match B::InnerBackend::float_device(&g) == device {
+                true => g,
+                false => B::InnerBackend::float_to_device(g, &device),
+            })
+            .collect();
         let dtype = grads_f[0].dtype();
         if grads_f.iter().any(|g| g.dtype() != dtype) {
             grads_f = grads_f
@@ -317,7 +327,8 @@ impl<B: AdamWBackend> SimpleOptimizer<B> for FusedAdamW {
             None => (1, None),
         };
         let s = self.hyper(lr, time);
-        let scale = self.scale.get::<B>();
+        // On this parameter's device (a no-op on one device).
+        let scale = self.scale.get::<B>().map(|c| c.to_device(&tensor.device()));
         let len = tensor.shape().num_elements();
         let fused = len > 0
             && len <= MAX_ADAMW_LEN
