@@ -19,9 +19,9 @@ use crate::FlaError;
 /// every parameter goes to a fresh buffer and only the moments update in place; the kernel
 /// reads the old values and writes the new in one pass (a copy kernel per parameter tensor
 /// before, 300 of them a step at FLA's 340M recipe).
-fn target<R: CubeRuntime>(t: CubeTensor<R>) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
-    let t = into_contiguous(t);
-    if t.can_mut() {
+/// `fresh` asks for a fresh buffer whatever `t`'s.
+fn target<R: CubeRuntime>(t: CubeTensor<R>, fresh: bool) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+    if !fresh && t.can_mut() {
         (t, None)
     } else {
         let fresh = empty(&t, t.shape().to_vec(), t.dtype());
@@ -117,23 +117,14 @@ where
     p.dtype = kernel_dtype(param.dtype())?;
     p.dtype.check_supported(&param.client)?;
     let grad = into_contiguous(grad);
-    let param = target(param);
+    let param = target(into_contiguous(param), false);
     let (m, v) = match moments {
         Some((m, v)) => {
-            let (m, v) = (target(m), target(v));
+            let (m, v) = (into_contiguous(m), into_contiguous(v));
             // The kernel takes both moments in place or neither: one shared buffer sends
             // both to fresh ones.
-            match (m, v) {
-                ((m, None), (v, Some(fv))) => {
-                    let fm = empty(&m, m.shape().to_vec(), m.dtype());
-                    ((m, Some(fm)), (v, Some(fv)))
-                }
-                ((m, Some(fm)), (v, None)) => {
-                    let fv = empty(&v, v.shape().to_vec(), v.dtype());
-                    ((m, Some(fm)), (v, Some(fv)))
-                }
-                both => both,
-            }
+            let fresh = !(m.can_mut() && v.can_mut());
+            (target(m, fresh), target(v, fresh))
         }
         None => {
             let shape = param.0.shape().to_vec();
