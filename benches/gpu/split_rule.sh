@@ -6,11 +6,12 @@
 # cubes fill less than half of the SMs; at this shape the walk has V/64 · H · B = 128 cubes,
 # about one per SM, so it walks, and each of a head's four value blocks sums the vector-gated
 # scores again. Each VARIANT (environment settings, `;`-separated) trains the recipe cut to
-# LAYERS (default 4) layers for STEPS steps: median tokens/s of steps 3 on.
+# LAYERS (default 4) layers for STEPS steps: median tokens/s of steps 3 on. BIN_DIR: another
+# extracted payload's folder (a baseline build) in place of .gpu's.
 set -x
 bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
-R=/tmp/gpu-run
+R=${BIN_DIR:-/tmp/gpu-run}
 L=${LAYERS:-4}
 python3 -c "import json; c = json.load(open('training/configs/gla-340M.json')); c['num_hidden_layers'] = $L; json.dump(c, open('/tmp/gla-$L.json', 'w'))"
 IFS=';' read -ra VS <<< "${VARIANTS:-FLA_TILED_SPLIT=0;FLA_TILED_SPLIT=1}"

@@ -464,6 +464,7 @@ pub(crate) fn tiled_walk<R: Runtime>(
             array(q, qk),
             array(k, qk),
             array(&dummy, 1),
+            array(&dummy, 1),
             array(w, tokens * p.k_dim),
             array(ut, tokens * p.v_dim),
             array(g.unwrap_or(&dummy), if p.gated { sc } else { 1 }),

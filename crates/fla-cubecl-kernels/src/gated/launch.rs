@@ -806,8 +806,7 @@ pub fn chunk_forward<R: Runtime>(
     check_forward(client, p, &b)?;
     if let Some(l) = tiled_layout(client, p, chunk) {
         let (cu, cu_len) = cu_seqlens_handle(client, p);
-        tiled_forward(client, p, l, &b, (&cu, cu_len));
-        return Ok(());
+        return tiled_forward(client, p, l, &b, (&cu, cu_len));
     }
     let call = ChunkCall::new(client, p, chunk, b.g)?;
     let states = call.state_pass(b.k, b.v, b.h0, b.ht, false);

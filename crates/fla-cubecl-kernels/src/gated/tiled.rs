@@ -26,7 +26,11 @@
 //! and the in-chunk terms of `dq` and `dk` are summed entry by entry, every exponent at most 0
 //! (FLA's sub-chunks of 16 do the same on their diagonal blocks); the gates move to the key
 //! columns of `q̃ = scale · q ∘ exp(Λ_r)`, `k̃ = k ∘ exp(Λ_C − Λ_s)` and of the state's decay
-//! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`.
+//! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`. Those entry-by-entry
+//! sums are done once, not once per block of a walk: the scores by a kernel of their own
+//! ([`vector_scores_kernel`], every chunk in parallel) whose `[B·T, H, C]` output the forward and
+//! `dk`/`dv` walks read as a tile, and `dk`'s in-chunk term by the `dq` walk, which holds the
+//! whole `dA = dO Vᵀ` and writes it as one more partial of `dk`.
 //!
 //! Each walk can also be split ([`TiledLayout::span`], [`TiledLayout::states`]; where it is
 //! taken: `tiled_launch::split_forward`): a states pass, the forward walk (or, for `G`, the
@@ -181,17 +185,15 @@ pub fn fwd_smem(l: &TiledLayout, e: usize) -> usize {
         + half_state
         + w
         + key_gates_bytes(l, kp)
-        + score_bytes(l)
         + 8 * c
 }
 
-/// Shared-memory bytes of the partial scores under vector gates ([`score_scratch`]).
-fn score_bytes(l: &TiledLayout) -> usize {
-    if l.vector_gate && !l.states {
-        4 * score_split(l) * score_entries(l)
-    } else {
-        0
-    }
+/// Shared-memory bytes of [`vector_scores_kernel`].
+pub fn scores_smem(l: &TiledLayout, e: usize) -> usize {
+    2 * tile_bytes(l.chunk, l.kp, e)
+        + tile_bytes(l.chunk, l.chunk, e)
+        + key_gates_bytes(l, l.kp)
+        + 4 * score_split(l) * score_entries(l)
 }
 
 /// Shared-memory bytes of the cumulated vector gates `Λ` (`C × cols`, `f32`), 0 without them.
@@ -219,7 +221,17 @@ pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(bk, vp, 4)
         + half_state
         + key_gates_bytes(l, bk)
+        + dk_intra_bytes(l, e)
         + 8 * c
+}
+
+/// The `dq` walk's query tile and in-chunk `dk` tile under vector gates (0 without them).
+fn dk_intra_bytes(l: &TiledLayout, e: usize) -> usize {
+    if l.vector_gate {
+        tile_bytes(l.chunk, l.bk, e) + tile_bytes(l.chunk, l.bk, 4)
+    } else {
+        0
+    }
 }
 
 /// Shared-memory bytes of the `dk`/`dv` kernel.
@@ -243,7 +255,6 @@ pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(kp, bv, 4)
         + half_state
         + key_gates_bytes(l, kp)
-        + score_bytes(l)
         + 8 * c
 }
 
@@ -727,18 +738,17 @@ pub(crate) fn key_gated_dq<F: Float>(
     }
 }
 
-/// `dk` under vector gates, in place over `out` (`C × cols` `f32` for key columns
-/// `col0 .. col0 + cols`, holding `V Gᵀ`): `out[s, j] ← exp(Λ_{C−1,i} − Λ_si) out[s, j]
-/// + factor · Σ_{r ≥ s} dA_rs q_ri exp(Λ_ri − Λ_si)`, key column `i = col0 + j`, with
-/// `dA = dO Vᵀ` unmasked in `da` and `q` the `C × kp` query tile.
+/// The in-chunk term of `dk` under vector gates, for the `cols` key columns of the tiles given:
+/// `out[s, j] = factor · Σ_{r ≥ s} dA_rs q_rj exp(Λ_rj − Λ_sj)` (`C × cols` `f32`), with
+/// `dA = dO Vᵀ` over every value column, unmasked, in `da` (`C × C` `f32`), `q` the `C × cols`
+/// query tile and `lam` its `C × cols` gates. The `dq` walk computes it beside `dq` (it holds the
+/// whole `dA`), once per key column; the `dk`/`dv` walk adds the state's term per value block.
 #[cube(fast_math = fast_exp())]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dk<F: Float>(
     da: &SharedMemory<f32>,
     q: &SharedMemory<F>,
     lam: &SharedMemory<f32>,
     out: &mut SharedMemory<f32>,
-    col0: usize,
     factor: f32,
     #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
@@ -746,31 +756,65 @@ pub(crate) fn key_gated_dk<F: Float>(
     let threads = comptime!(l.tile.threads());
     let c = comptime!(l.chunk);
     let entries = comptime!(c * cols);
-    let (lda, ldq, ldl, ldo) = comptime!((c + PAD_F, l.kp + l.ph, l.kp + PAD_F, cols + PAD_F));
+    // `out` and `lam` are both `C × cols` f32 tiles: one leading dimension.
+    let (lda, ldq, ldl) = comptime!((c + PAD_F, cols + l.ph, cols + PAD_F));
     #[unroll]
     for r in 0..comptime!(entries.div_ceil(threads)) {
         let (row, j) = tile_entry(r, cols, l.tile);
         if row < c {
-            let kc = col0 + j;
-            let ls = lam[row * ldl + kc];
-            let last = lam[comptime!(c - 1) * ldl + kc];
-            let mut x = (last - ls).exp() * out[row * ldo + j];
+            let ls = lam[row * ldl + j];
+            let mut x = 0.0f32;
             if comptime!(l.tile.unroll) {
                 #[unroll]
                 for u in 0..c {
                     if u >= row {
-                        let decay = (lam[u * ldl + kc] - ls).exp();
-                        x += factor * da[u * lda + row] * f32::cast_from(q[u * ldq + kc]) * decay;
+                        let decay = (lam[u * ldl + j] - ls).exp();
+                        x += da[u * lda + row] * f32::cast_from(q[u * ldq + j]) * decay;
                     }
                 }
             } else {
                 // As in `key_gated_dq`: the causal bound instead of the mask.
                 for u in row..c {
-                    let decay = (lam[u * ldl + kc] - ls).exp();
-                    x += factor * da[u * lda + row] * f32::cast_from(q[u * ldq + kc]) * decay;
+                    let decay = (lam[u * ldl + j] - ls).exp();
+                    x += da[u * lda + row] * f32::cast_from(q[u * ldq + j]) * decay;
                 }
             }
-            out[row * ldo + j] = x;
+            out[row * ldl + j] = x * factor;
+        }
+    }
+}
+
+/// Stores rows `< cl` of the `dk`/`dv` walk's `C × cols` `f32` tile of `V Gᵀ` (key columns
+/// `col0 ..`) as `dk`'s state term under vector gates, `exp(Λ_{C−1,i} − Λ_si) (V Gᵀ)_si` (key
+/// `i = col0 + j`; `lam` is `C × kp`): [`store_tile`] with the decay folded in.
+#[cube(fast_math = fast_exp())]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_keys_decayed(
+    src: &SharedMemory<f32>,
+    lam: &SharedMemory<f32>,
+    dst: &mut Array<f32>,
+    offset: usize,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(l.chunk * cols);
+    let (ld, ldl) = comptime!((cols + PAD_F, l.kp + PAD_F));
+    let last = comptime!((l.chunk - 1) * (l.kp + PAD_F));
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let (row, c) = tile_entry(r, cols, l.tile);
+        let col = col0 + c;
+        if row < cl && col < l.k {
+            let decay = (lam[last + col] - lam[row * ldl + col]).exp();
+            let tok = token_at(bos, len, p0 + row, l.reverse);
+            dst[offset + (tok * l.heads + h) * l.k + col] = src[row * ld + c] * decay;
         }
     }
 }
@@ -965,12 +1009,90 @@ pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -
 }
 
 /// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
+/// The in-chunk scores under vector gates, for every chunk of every sequence:
+/// `a[tok, h, s] = scale · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)` for `s ≤ r` and 0 above the diagonal
+/// (input dtype, `[B·T, H, C]`), where `tok` is the token at position `r` of its chunk (processing
+/// order) and `s` a position of the same chunk. They depend on neither the state nor the values,
+/// so they are summed here once per head and read by the forward and `dk`/`dv` walks, where each
+/// value block's cube used to sum them again (four times a head at FLA's 340M shape), as FLA's
+/// intra-chunk kernel does before its output kernel. Cubes `(x, head, sequence)`: cube `x` takes
+/// chunks `x, x + X, …` (`X` cubes along x).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn vector_scores_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    g: &Array<F>,
+    cu_seqlens: &Array<u32>,
+    a: &mut Array<F>,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, kp) = comptime!((l.chunk, l.kp));
+    let (cc, ldd) = comptime!((l.chunk * l.chunk, l.chunk + l.ph));
+    let threads = comptime!(l.tile.threads());
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let unit = UNIT_POS as usize;
+
+    let mut sq = tile_h::<F>(c, kp, l);
+    let mut sk = tile_h::<F>(c, kp, l);
+    let mut sa = tile_h::<F>(c, c, l);
+    let mut lamk = key_gates_tile(kp, l);
+    let mut spart = score_scratch(l);
+    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
+
+    let chunks = len.div_ceil(c);
+    let x = CUBE_POS_X as usize;
+    let stride = CUBE_COUNT_X as usize;
+    let mut rounds = 0;
+    if x < chunks {
+        rounds = (chunks - x + stride - 1) / stride;
+    }
+    // Uniform over the cube: its barriers are reached by every unit.
+    for round in 0..rounds {
+        let p0 = (x + round * stride) * c;
+        let cl = chunk_len(len, p0, c);
+        fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, 0, kp, l);
+        stage_tile::<F>(&rq, &mut sq, kp, l);
+        stage_tile::<F>(&rk, &mut sk, kp, l);
+        stage_key_gates(&rg, &mut lamk, kp, l);
+        sync_cube();
+        cumulate_key_gates(&mut lamk, kp, l);
+        sync_cube();
+        key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
+        sync_cube();
+        #[unroll]
+        for r in 0..comptime!(cc.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < cc {
+                let (row, col) = (e / c, e % c);
+                if row < cl {
+                    let tok = token_at(bos, len, p0 + row, l.reverse);
+                    a[(tok * l.heads + h) * c + col] = sa[row * ldd + col];
+                }
+            }
+        }
+        // The next round overwrites the tiles.
+        sync_cube();
+    }
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_fwd_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
     v: &Array<F>,
+    a: &Array<F>,
     w: &Array<f32>,
     ut: &Array<f32>,
     g: &Array<F>,
@@ -1019,7 +1141,6 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(kp, l);
-    let mut spart = score_scratch(l);
 
     // Without h0 the slice is read from row K on: all outside, all zeros. A span starts from
     // the state the states pass left for it in `hs`, given here as `h0`.
@@ -1036,12 +1157,18 @@ pub fn tiled_fwd_kernel<F: Float>(
     let mut rw = Array::<F>::new(comptime!(tile_regs(&l, dk)));
     let mut ru = Array::<f32>::new(comptime!(tile_regs(&l, dv)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
+    // The in-chunk scores under vector gates, from `vector_scores_kernel`.
+    let scores = comptime!(l.vector_gate && !l.states);
+    let mut ra = Array::<F>::new(comptime!(if scores { tile_regs(&l, c) } else { 1 }));
     let (first, end) = chunk_range(len, span, l);
     if first < end {
         let p0 = first * c;
         let cl = chunk_len(len, p0, c);
         if comptime!(!l.states) {
             fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, hq, 0, l.k, kp, lq);
+        }
+        if comptime!(scores) {
+            fetch_tile::<F, F>(a, &mut ra, bos, len, p0, cl, h, 0, c, c, l);
         }
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, hq, 0, l.k, kp, lq);
         fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, 0, kp, l);
@@ -1057,6 +1184,9 @@ pub fn tiled_fwd_kernel<F: Float>(
         let cl = chunk_len(len, p0, c);
         if comptime!(!l.states) {
             stage_tile::<F>(&rq, &mut sq, kp, l);
+        }
+        if comptime!(scores) {
+            stage_tile::<F>(&ra, &mut sah, c, l);
         }
         stage_tile::<F>(&rk, &mut sk, kp, l);
         if comptime!(l.delta) {
@@ -1094,6 +1224,9 @@ pub fn tiled_fwd_kernel<F: Float>(
             if comptime!(!l.states) {
                 fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
             }
+            if comptime!(scores) {
+                fetch_tile::<F, F>(a, &mut ra, bos, len, p1, cl1, h, 0, c, c, l);
+            }
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
             fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, 0, kp, l);
             if comptime!(l.delta) {
@@ -1113,9 +1246,9 @@ pub fn tiled_fwd_kernel<F: Float>(
             sync_cube();
         } else {
             if comptime!(l.vector_gate) {
+                // The scores were staged with the chunk's tiles, so the product with them
+                // below shares this phase (it reads neither `q` nor the gates).
                 cumulate_key_gates(&mut lamk, kp, l);
-                sync_cube();
-                key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
                 sync_cube();
                 scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
             } else {
@@ -1134,8 +1267,8 @@ pub fn tiled_fwd_kernel<F: Float>(
                 sync_cube();
                 masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
                 scale_rows::<F>(&mut sq, &lam, scale, kp, false, l);
+                sync_cube();
             }
-            sync_cube();
             // O = (A ∘ D ∘ M) V + q̃ S
             mma::<F, F>(
                 &sah,
@@ -1190,6 +1323,9 @@ pub fn tiled_dq_kernel<F: Float>(
     cu_seqlens: &Array<u32>,
     d_o: &Array<F>,
     dq: &mut Array<f32>,
+    q: &Array<F>,
+    dk_part: &mut Array<f32>,
+    dk_slot: u32,
     seq_len: u32,
     spans: u32,
     scale: f32,
@@ -1197,6 +1333,9 @@ pub fn tiled_dq_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
+    // Under vector gates this walk also writes `dk`'s in-chunk term for its key columns (it
+    // holds the whole `dA`), into `dk_part` from `dk_slot` on; one tile entry each otherwise.
+    let vg = comptime!(if l.vector_gate { c } else { 1 });
     let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
     let (bkf, vf, cf) = comptime!((bk + PAD_F, vp + PAD_F, c + PAD_F));
     let (kb, span) = block_and_span(comptime!(l.k.div_ceil(bk)), l);
@@ -1222,6 +1361,8 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(bk, l);
+    let mut sq = tile_h::<F>(vg, bk, l);
+    let mut sdk = tile_f(vg, bk);
 
     let mut first_row = k0;
     if comptime!(!l.has_h0 && l.span == 0) {
@@ -1233,12 +1374,16 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, bk)));
+    let mut rq = Array::<F>::new(comptime!(if l.vector_gate { tile_regs(&l, bk) } else { 1 }));
     let (first, end) = chunk_range(len, span, l);
     if first < end {
         let p0 = first * c;
         let cl = chunk_len(len, p0, c);
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, k0, l.k, bk, l);
         fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, k0, bk, l);
+        if comptime!(l.vector_gate) {
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, k0, l.k, bk, l);
+        }
         fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, h, 0, l.v, vp, l);
         fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p0, cl, h, 0, l.v, vp, l);
     }
@@ -1248,6 +1393,9 @@ pub fn tiled_dq_kernel<F: Float>(
         stage_tile::<F>(&rk, &mut sk, bk, l);
         stage_tile::<F>(&rv, &mut sv, vp, l);
         stage_tile::<F>(&rdo, &mut sdo, vp, l);
+        if comptime!(l.vector_gate) {
+            stage_tile::<F>(&rq, &mut sq, bk, l);
+        }
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         stage_key_gates(&rg, &mut lamk, bk, l);
         round_state::<F>(&ss, &mut ssh, bk, vp, l);
@@ -1257,6 +1405,9 @@ pub fn tiled_dq_kernel<F: Float>(
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
             fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, k0, bk, l);
+            if comptime!(l.vector_gate) {
+                fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, h, k0, l.k, bk, l);
+            }
             fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
         }
@@ -1278,7 +1429,10 @@ pub fn tiled_dq_kernel<F: Float>(
             mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
             sync_cube();
             key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, l);
+            key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, l);
             sync_cube();
+            let slot = dk_slot as usize;
+            store_tile::<f32>(&sdk, dk_part, slot, bos, len, p0, cl, h, k0, l.k, bk, l);
         } else {
             cumulate_gates(&gl, &mut lam, l);
             sync_cube();
@@ -1328,6 +1482,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
     v: &Array<F>,
+    a: &Array<F>,
     g: &Array<F>,
     cu_seqlens: &Array<u32>,
     d_o: &Array<F>,
@@ -1372,7 +1527,6 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(kp, l);
-    let mut spart = score_scratch(l);
 
     // `dhT`, or with spans the gradient at the span's end that the states pass left in `hs`
     // (given here as `d_ht`).
@@ -1389,6 +1543,9 @@ pub fn tiled_dkv_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, if l.states { 1 } else { bv })));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
+    // The in-chunk scores under vector gates, from `vector_scores_kernel`.
+    let scores = comptime!(l.vector_gate && !l.states);
+    let mut ra = Array::<F>::new(comptime!(if scores { tile_regs(&l, c) } else { 1 }));
     let (first, end) = chunk_range(len, span, l);
     // The last chunk first: it starts at (end − 1)·C and holds the rest of the sequence or of
     // the span.
@@ -1399,6 +1556,9 @@ pub fn tiled_dkv_kernel<F: Float>(
         if comptime!(!l.states) {
             fetch_tile::<F, F>(k, &mut rk, bos, len, plast, cl_last, h, 0, l.k, kp, l);
             fetch_tile::<F, F>(v, &mut rv, bos, len, plast, cl_last, h, v0, l.v, bv, l);
+        }
+        if comptime!(scores) {
+            fetch_tile::<F, F>(a, &mut ra, bos, len, plast, cl_last, h, 0, c, c, l);
         }
         fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
         fetch_key_gates::<F>(g, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
@@ -1411,6 +1571,9 @@ pub fn tiled_dkv_kernel<F: Float>(
         if comptime!(!l.states) {
             stage_tile::<F>(&rk, &mut sk, kp, l);
             stage_tile::<F>(&rv, &mut sv, bv, l);
+        }
+        if comptime!(scores) {
+            stage_tile::<F>(&ra, &mut sah, c, l);
         }
         stage_tile::<F>(&rdo, &mut sdo, bv, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
@@ -1430,6 +1593,9 @@ pub fn tiled_dkv_kernel<F: Float>(
             if comptime!(!l.states) {
                 fetch_tile::<F, F>(k, &mut rk, bos, len, p1, c, h, 0, l.k, kp, l);
                 fetch_tile::<F, F>(v, &mut rv, bos, len, p1, c, h, v0, l.v, bv, l);
+            }
+            if comptime!(scores) {
+                fetch_tile::<F, F>(a, &mut ra, bos, len, p1, c, h, 0, c, c, l);
             }
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
             fetch_key_gates::<F>(g, &mut rg, bos, len, p1, c, h, 0, kp, l);
@@ -1453,20 +1619,9 @@ pub fn tiled_dkv_kernel<F: Float>(
             }
             sync_cube();
         } else if comptime!(l.vector_gate) {
+            // The scores were staged with the chunk's tiles; `dk`'s in-chunk term is the `dq`
+            // walk's.
             cumulate_key_gates(&mut lamk, kp, l);
-            // dA = dO Vᵀ (this value block's part), gated per key in dK below.
-            mma::<F, F>(
-                &sdo,
-                0,
-                &sv,
-                0,
-                &mut sa,
-                0,
-                comptime!(nt(c, c, bv, vh, vh, cf)),
-                l.tile,
-            );
-            sync_cube();
-            key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sah, scale, l);
             sync_cube();
             scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
             // dV = (scale · A ∘ M)ᵀ dO + k̃ G
@@ -1485,16 +1640,14 @@ pub fn tiled_dkv_kernel<F: Float>(
             mma_state::<F>(&sk, &sg, &sgh, 0, &mut sdv, 0, s, bv, l);
             sync_cube();
             store_tile::<F>(&sdv, dv, 0, bos, len, p0, cl, h, v0, l.v, bv, l);
-            // dK = exp(Λ_C − Λ) ∘ (V Gᵀ) + the chunk's own term, `nb` key columns at a time.
+            // dK's state term, exp(Λ_C − Λ) ∘ (V Gᵀ), `nb` key columns at a time.
             #[unroll]
             for kb in 0..comptime!(kp / nb) {
                 let col0 = kb * nb;
                 let s = comptime!(nt(c, nb, bv, vh, 0, nf));
                 mma_state::<F>(&sv, &sg, &sgh, col0, &mut sdk, 0, s, bv, l);
                 sync_cube();
-                key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, col0, scale, nb, l);
-                sync_cube();
-                store_tile::<f32>(&sdk, dk_part, part, bos, len, p0, cl, h, col0, l.k, nb, l);
+                store_keys_decayed(&sdk, &lamk, dk_part, part, bos, len, p0, cl, h, col0, nb, l);
                 sync_cube();
             }
             if update {

@@ -9,7 +9,8 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, fwd_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, TiledLayout,
+    dkv_smem, dq_smem, fwd_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel,
+    vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::tile::{TileConfig, FRAG, PLANE};
@@ -80,8 +81,12 @@ pub fn tiled_layout<R: Runtime>(
     // Vector gates take chunks of one fragment: their intra-chunk terms are computed entry by
     // entry (`C` multiply-adds and exponentials per key per position), so a short chunk keeps
     // them as cheap per position as the tile products, and it needs no sub-chunking.
+    // `FLA_TILED_VCHUNK` (a multiple of 16 up to 64) overrides that, a measurement aid: longer
+    // chunks trade more entry-by-entry work per position for fewer steps of the walk.
     let mut c = if p.gate == GateKind::Vector {
-        FRAG
+        tuning("FLA_TILED_VCHUNK")
+            .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
+            .unwrap_or(FRAG)
     } else {
         chunk.min(MAX_TILED_CHUNK)
     };
@@ -125,7 +130,8 @@ pub fn tiled_layout<R: Runtime>(
         let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
         let bk = widths(kp.min(bk_max))
             .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
-        if let (Some(bv), Some(bk)) = (bv, bk) {
+        let scores_fit = !base.vector_gate || scores_smem(&base, elem) <= max_smem;
+        if let (Some(bv), Some(bk), true) = (bv, bk, scores_fit) {
             // Widest dK column block that still fits beside the rest.
             let nb = [kp, 64, 32, 16]
                 .into_iter()
@@ -259,6 +265,7 @@ fn forward_launch<R: Runtime>(
     l: TiledLayout,
     blocks: usize,
     b: &ForwardBuffers<'_>,
+    a: &Handle,
     (h0, h0_len): (&Handle, usize),
     (hs, hs_len, spans): (&Handle, usize, usize),
     (cu, cu_len): (&Handle, usize),
@@ -275,6 +282,7 @@ fn forward_launch<R: Runtime>(
             array(b.q, qk),
             array(b.k, qk),
             array(b.v, vo),
+            array(a, scores_len(p, &l)),
             array(&dummy, 1),
             array(&dummy, 1),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
@@ -292,28 +300,87 @@ fn forward_launch<R: Runtime>(
     };
 }
 
+/// Elements of the in-chunk scores under vector gates (`[B·T, H, C]`), 1 without them.
+fn scores_len(p: &GatedProblem, l: &TiledLayout) -> usize {
+    if l.vector_gate {
+        p.tokens() * p.heads * l.chunk
+    } else {
+        1
+    }
+}
+
+/// The in-chunk scores under vector gates ([`vector_scores_kernel`]), for the forward and
+/// `dk`/`dv` walks to read; a placeholder without them.
+fn vector_scores<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+    (q, k, g): (&Handle, &Handle, Option<&Handle>),
+    (cu, cu_len): (&Handle, usize),
+) -> Result<Handle, crate::KernelError> {
+    let len = scores_len(p, l);
+    if !l.vector_gate {
+        return Ok(client.create_from_slice(f32::as_bytes(&[0.0])));
+    }
+    crate::problem::addressable(len, "the in-chunk scores")?;
+    let g = need(g, "the vector gates")?;
+    let a = client.empty(len * p.dtype.size());
+    let l = TiledLayout {
+        span: 0,
+        states: false,
+        ..*l
+    };
+    let (qk, _) = p.lens();
+    // One cube per chunk of the longest sequence, as far as the grid goes; past that, each cube
+    // takes every X-th chunk.
+    let x = p.longest().div_ceil(l.chunk).max(1);
+    let x = x.min(device_size(client).max_x as usize) as u32;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
+    unsafe {
+        vector_scores_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&l),
+            array(q, qk),
+            array(k, qk),
+            array(g, p.gate_len()),
+            array(cu, cu_len),
+            array(&a, len),
+            p.seq_len as u32,
+            p.scale,
+            l,
+            p.dtype.storage(),
+        )
+    };
+    Ok(a)
+}
+
 /// The forward through the tiled kernel (checks done by the caller): the split of
-/// [`split_forward`] where it applies, the fused walk elsewhere.
+/// [`split_forward`] where it applies, the fused walk elsewhere; under vector gates, the
+/// in-chunk scores first.
 pub(crate) fn tiled_forward<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     l: TiledLayout,
     b: &ForwardBuffers<'_>,
     cu: (&Handle, usize),
-) {
+) -> Result<(), crate::KernelError> {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let nv = p.v_dim.div_ceil(l.bv);
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
+    let a = vector_scores(client, p, &l, (b.q, b.k, b.g), cu)?;
     match split_forward(p, &l, device_size(client)) {
         Some(s) => {
             let hs = client.empty(4 * s.hs_len);
             let states = (&hs, s.hs_len, s.spans);
-            forward_launch(client, p, s.walk, nv, b, h0, states, cu);
+            forward_launch(client, p, s.walk, nv, b, &dummy, h0, states, cu);
             let (blocks, h0) = (nv * s.spans, (&hs, s.hs_len));
-            forward_launch(client, p, s.out, blocks, b, h0, (&dummy, 1, s.spans), cu);
+            let states = (&dummy, 1, s.spans);
+            forward_launch(client, p, s.out, blocks, b, &a, h0, states, cu);
         }
-        None => forward_launch(client, p, l, nv, b, h0, (&dummy, 1, 1), cu),
+        None => forward_launch(client, p, l, nv, b, &a, h0, (&dummy, 1, 1), cu),
     }
+    Ok(())
 }
 
 /// The backward through the tiled kernels: `dv`, `dh0`, and `dq`, `dk` with the key gate's term
@@ -332,11 +399,13 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let (qk, vo) = p.lens();
     let nv = p.v_dim.div_ceil(l.bv);
     let nk = p.k_dim.div_ceil(l.bk);
-    // One partial `dk` per value block, indexed in 32 bits: the inputs' own check does not
-    // cover `nv` of them.
-    crate::problem::addressable(nv * qk, "the tiled backward's partial dk")?;
+    // One partial `dk` per value block, and under vector gates one more for the in-chunk term
+    // (the `dq` walk's), indexed in 32 bits: the inputs' own check does not cover them.
+    let dk_blocks = nv + usize::from(l.vector_gate);
+    crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
     let dq_part = client.empty(4 * qk);
-    let dk_part = client.empty(4 * nv * qk);
+    let dk_part = client.empty(4 * dk_blocks * qk);
+    let a = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?
     } else {
@@ -358,6 +427,9 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(cu, cu_len),
             array(b.d_o, vo),
             array(&dq_part, qk),
+            array(b.q, qk),
+            array(&dk_part, dk_blocks * qk),
+            (nv * qk) as u32,
             p.seq_len as u32,
             spans as u32,
             p.scale,
@@ -377,11 +449,12 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.q, qk),
             array(b.k, qk),
             array(b.v, vo),
+            array(&a, scores_len(p, &l)),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
             array(cu, cu_len),
             array(b.d_o, vo),
             array(d_ht, p.state_len().max(hs_len)),
-            array(&dk_part, nv * qk),
+            array(&dk_part, dk_blocks * qk),
             array(b.dv, vo),
             array(dh0, p.state_len()),
             array(hs, hs_len),
@@ -419,7 +492,17 @@ pub(crate) fn tiled_backward<R: Runtime>(
             };
             let states = (&hs, hs_len, spans);
             let h0 = (h0, p.state_len());
-            forward_launch(client, p, walk, nv, &inputs, h0, states, (cu, cu_len));
+            forward_launch(
+                client,
+                p,
+                walk,
+                nv,
+                &inputs,
+                &dummy,
+                h0,
+                states,
+                (cu, cu_len),
+            );
             dq(out, nk * spans, (&hs, hs_len), spans);
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
@@ -435,6 +518,6 @@ pub(crate) fn tiled_backward<R: Runtime>(
             dkv(l, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1);
         }
     }
-    let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, nv));
+    let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, dk_blocks));
     Ok(key_term)
 }

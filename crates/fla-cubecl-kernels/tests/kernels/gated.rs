@@ -613,6 +613,71 @@ fn fused_walk_cases() {
     }
 }
 
+/// Vector gates in chunks longer than 16 (`FLA_TILED_VCHUNK`, a measurement aid the kernels
+/// read at each call): the in-chunk scores and terms summed entry by entry over 32 and 64
+/// positions. Run in child processes of this test binary, as [`chunk_fused_walk_past_one_span`]
+/// is, so that the setting reaches no other test.
+#[rstest]
+fn chunk_vector_gates_in_longer_chunks(#[values("32", "64")] chunk: &str) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(exe)
+        .args(["--ignored", "--exact", "gated::longer_vector_chunk_cases"])
+        .env("FLA_TILED_VCHUNK", chunk)
+        .output()
+        .expect("the test binary runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("1 passed"), "the cases did not run: {log}");
+}
+
+/// The cases of [`chunk_vector_gates_in_longer_chunks`] (ignored otherwise: they need
+/// `FLA_TILED_VCHUNK` set for their whole process): chunk boundaries, both directions and a
+/// variable-length batch with an empty sequence.
+#[test]
+#[ignore = "run by chunk_vector_gates_in_longer_chunks, in a process of its own"]
+fn longer_vector_chunk_cases() {
+    assert!(std::env::var("FLA_TILED_VCHUNK").is_ok());
+    for (t, k, v, reverse) in [
+        (1, 16, 16, false),
+        (65, 60, 100, false),
+        (130, 48, 32, true),
+    ] {
+        let c = make_case(
+            Variant::Gla,
+            2,
+            t,
+            2,
+            k,
+            v,
+            1.0,
+            reverse,
+            None,
+            true,
+            FloatDType::F32,
+        );
+        on_runtime!(compare_mode(&c, CHUNK));
+    }
+    let cu = vec![0, 1, 70, 70, 200];
+    let c = make_case(
+        Variant::Gla,
+        1,
+        200,
+        2,
+        64,
+        60,
+        1.0,
+        false,
+        Some(cu),
+        true,
+        FloatDType::F32,
+    );
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
 #[rstest]
 fn chunk_gate_strength_and_direction(
     #[values(0.1, 1.0, 10.0)] strength: f64,
