@@ -4,10 +4,11 @@
 # fla-models -p training --features cuda` here; carry [".gpu"] (GPU_DIR names another folder).
 # `split_forward` takes the split (a states pass, then every span in parallel) where the walk's
 # cubes fill less than half of the SMs; at this shape the walk has V/64 · H · B = 128 cubes,
-# about one per SM, so it walks, and each of a head's four value blocks sums the vector-gated
-# scores again. Each VARIANT (environment settings, `;`-separated) trains the recipe cut to
-# LAYERS (default 4) layers for STEPS steps: median tokens/s of steps 3 on. BIN_DIR: another
-# extracted payload's folder (a baseline build) in place of .gpu's.
+# about one per SM, so it walks (each of a head's four value blocks summed the vector-gated
+# scores again until 2026-12-06; vector_scores_kernel now sums them once). Each VARIANT
+# (environment settings, `;`-separated) trains the recipe cut to LAYERS (default 4) layers for
+# STEPS steps: median tokens/s of steps 3 on. BIN_DIR: another extracted payload's folder (a
+# baseline build) in place of .gpu's.
 set -x
 bash ${GPU_DIR:-.gpu}/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib

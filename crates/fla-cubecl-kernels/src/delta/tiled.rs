@@ -468,6 +468,7 @@ pub(crate) fn tiled_walk<R: Runtime>(
             array(w, tokens * p.k_dim),
             array(ut, tokens * p.v_dim),
             array(g.unwrap_or(&dummy), if p.gated { sc } else { 1 }),
+            array(&dummy, 1),
             array(h0.unwrap_or(&dummy), p.state_len()),
             array(cu, cu_len),
             array(o, vo),

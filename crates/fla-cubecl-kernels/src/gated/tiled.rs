@@ -516,11 +516,15 @@ pub fn key_gate_regs(l: &TiledLayout, cols: usize) -> usize {
     }
 }
 
-/// Fetches the chunk's raw vector log gates, columns `col0 .. col0 + cols` (see [`fetch_tile`]).
+/// Fetches the chunk's vector gates, columns `col0 .. col0 + cols` (see [`fetch_tile`]): in a
+/// states pass the raw log gates (it cumulates them over its own, longer chunks), elsewhere `Λ`,
+/// cumulated from the chunk start by [`vector_scores_kernel`], so that the walks spend neither
+/// the serial cumulation nor its barrier on every chunk.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fetch_key_gates<F: Float>(
     g: &Array<F>,
+    lam: &Array<f32>,
     regs: &mut Array<f32>,
     bos: usize,
     len: usize,
@@ -532,11 +536,33 @@ pub(crate) fn fetch_key_gates<F: Float>(
     #[comptime] l: TiledLayout,
 ) {
     if comptime!(l.vector_gate) {
-        fetch_tile::<F, f32>(g, regs, bos, len, p0, cl, h, col0, l.k, cols, l);
+        if comptime!(l.states) {
+            fetch_tile::<F, f32>(g, regs, bos, len, p0, cl, h, col0, l.k, cols, l);
+        } else {
+            // Rows past the sequence repeat its last (as `cumulate_key_gates` leaves them), so
+            // row `C − 1` holds the chunk's total decay whatever its length (`cl ≥ 1`).
+            let threads = comptime!(l.tile.threads());
+            let entries = comptime!(l.chunk * cols);
+            #[unroll]
+            for r in 0..comptime!(entries.div_ceil(threads)) {
+                let (row, c) = tile_entry(r, cols, l.tile);
+                let col = col0 + c;
+                let mut x = 0.0f32;
+                if row < l.chunk && col < l.k {
+                    let mut at = row;
+                    if at >= cl {
+                        at = cl - 1;
+                    }
+                    let tok = token_at(bos, len, p0 + at, l.reverse);
+                    x = lam[(tok * l.heads + h) * l.k + col];
+                }
+                regs[r] = x;
+            }
+        }
     }
 }
 
-/// Writes the fetched raw gates into `lam` (rows past the sequence hold 0).
+/// Writes the fetched gates into `lam` (rows past the sequence hold 0).
 #[cube]
 pub(crate) fn stage_key_gates(
     regs: &Array<f32>,
@@ -1008,7 +1034,6 @@ pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -
     (first, end)
 }
 
-/// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
 /// The in-chunk scores under vector gates, for every chunk of every sequence:
 /// `a[tok, h, s] = scale · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)` for `s ≤ r` and 0 above the diagonal
 /// (input dtype, `[B·T, H, C]`), where `tok` is the token at position `r` of its chunk (processing
@@ -1025,12 +1050,14 @@ pub fn vector_scores_kernel<F: Float>(
     g: &Array<F>,
     cu_seqlens: &Array<u32>,
     a: &mut Array<F>,
+    gates_cum: &mut Array<f32>,
     seq_len: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
+    let (ck, ldl) = comptime!((l.chunk * l.k, l.kp + PAD_F));
     let (cc, ldd) = comptime!((l.chunk * l.chunk, l.chunk + l.ph));
     let threads = comptime!(l.tile.threads());
     let h = CUBE_POS_Y as usize;
@@ -1061,13 +1088,26 @@ pub fn vector_scores_kernel<F: Float>(
         let cl = chunk_len(len, p0, c);
         fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
-        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, 0, kp, l);
+        // The raw log gates (this layout is not a states pass's).
+        fetch_tile::<F, f32>(g, &mut rg, bos, len, p0, cl, h, 0, l.k, kp, l);
         stage_tile::<F>(&rq, &mut sq, kp, l);
         stage_tile::<F>(&rk, &mut sk, kp, l);
         stage_key_gates(&rg, &mut lamk, kp, l);
         sync_cube();
         cumulate_key_gates(&mut lamk, kp, l);
         sync_cube();
+        // `Λ` for the walks, beside the scores (both only read `lamk`).
+        #[unroll]
+        for r in 0..comptime!(ck.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < ck {
+                let (row, col) = (e / l.k, e % l.k);
+                if row < cl {
+                    let tok = token_at(bos, len, p0 + row, l.reverse);
+                    gates_cum[(tok * l.heads + h) * l.k + col] = lamk[row * ldl + col];
+                }
+            }
+        }
         key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
         sync_cube();
         #[unroll]
@@ -1086,6 +1126,8 @@ pub fn vector_scores_kernel<F: Float>(
     }
 }
 
+/// Forward: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)`, `(32, planes)` units.
+/// Under vector gates the in-chunk scores come from [`vector_scores_kernel`] (`a`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_fwd_kernel<F: Float>(
@@ -1096,6 +1138,7 @@ pub fn tiled_fwd_kernel<F: Float>(
     w: &Array<f32>,
     ut: &Array<f32>,
     g: &Array<F>,
+    gates_cum: &Array<f32>,
     h0: &mut Array<f32>,
     cu_seqlens: &Array<u32>,
     o: &mut Array<F>,
@@ -1171,7 +1214,7 @@ pub fn tiled_fwd_kernel<F: Float>(
             fetch_tile::<F, F>(a, &mut ra, bos, len, p0, cl, h, 0, c, c, l);
         }
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, hq, 0, l.k, kp, lq);
-        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, 0, kp, l);
+        fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p0, cl, h, 0, kp, l);
         if comptime!(l.delta) {
             fetch_tile::<f32, F>(w, &mut rw, bos, len, p0, cl, h, 0, l.k, kp, l);
             fetch_tile::<f32, f32>(ut, &mut ru, bos, len, p0, cl, h, v0, l.v, bv, l);
@@ -1228,7 +1271,7 @@ pub fn tiled_fwd_kernel<F: Float>(
                 fetch_tile::<F, F>(a, &mut ra, bos, len, p1, cl1, h, 0, c, c, l);
             }
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, hq, 0, l.k, kp, lq);
-            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, 0, kp, l);
+            fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p1, cl1, h, 0, kp, l);
             if comptime!(l.delta) {
                 fetch_tile::<f32, F>(w, &mut rw, bos, len, p1, cl1, h, 0, l.k, kp, l);
                 fetch_tile::<f32, f32>(ut, &mut ru, bos, len, p1, cl1, h, v0, l.v, bv, l);
@@ -1246,10 +1289,8 @@ pub fn tiled_fwd_kernel<F: Float>(
             sync_cube();
         } else {
             if comptime!(l.vector_gate) {
-                // The scores were staged with the chunk's tiles, so the product with them
-                // below shares this phase (it reads neither `q` nor the gates).
-                cumulate_key_gates(&mut lamk, kp, l);
-                sync_cube();
+                // The scores and `Λ` were staged with the chunk's tiles, so the product with the
+                // scores below shares this phase (it reads neither `q` nor the gates).
                 scale_keys::<F>(&mut sq, &lamk, scale, kp, false, l);
             } else {
                 cumulate_gates(&gl, &mut lam, l);
@@ -1313,12 +1354,15 @@ pub fn tiled_fwd_kernel<F: Float>(
 }
 
 /// Backward, `dq` (as an `f32` buffer `[B·T, H, K]`). Cubes `(key block, head, sequence)`.
+/// Under vector gates also `dk`'s in-chunk term for the block's keys, into `dk_part` from
+/// `dk_slot` on (the partial after the `dk`/`dv` walk's value blocks).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dq_kernel<F: Float>(
     k: &Array<F>,
     v: &Array<F>,
     g: &Array<F>,
+    gates_cum: &Array<f32>,
     h0: &mut Array<f32>,
     cu_seqlens: &Array<u32>,
     d_o: &Array<F>,
@@ -1380,7 +1424,7 @@ pub fn tiled_dq_kernel<F: Float>(
         let p0 = first * c;
         let cl = chunk_len(len, p0, c);
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, k0, l.k, bk, l);
-        fetch_key_gates::<F>(g, &mut rg, bos, len, p0, cl, h, k0, bk, l);
+        fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p0, cl, h, k0, bk, l);
         if comptime!(l.vector_gate) {
             fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, k0, l.k, bk, l);
         }
@@ -1404,7 +1448,7 @@ pub fn tiled_dq_kernel<F: Float>(
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
-            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, cl1, h, k0, bk, l);
+            fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p1, cl1, h, k0, bk, l);
             if comptime!(l.vector_gate) {
                 fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, h, k0, l.k, bk, l);
             }
@@ -1423,8 +1467,7 @@ pub fn tiled_dq_kernel<F: Float>(
             l.tile,
         );
         if comptime!(l.vector_gate) {
-            cumulate_key_gates(&mut lamk, bk, l);
-            // dO Sᵀ, gated per key below.
+            // dO Sᵀ, gated per key below (`Λ` was staged with the chunk's tiles).
             let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
             mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
             sync_cube();
@@ -1475,7 +1518,9 @@ pub fn tiled_dq_kernel<F: Float>(
 }
 
 /// Backward, `dv`, the value block's partial of `dk` (`f32`, `[blocks, B·T, H, K]`) and `dh0`.
-/// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`.
+/// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`. Under vector
+/// gates the partial is the state's term alone (the `dq` walk writes the in-chunk one) and the
+/// scores come from [`vector_scores_kernel`] (`a`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dkv_kernel<F: Float>(
@@ -1484,6 +1529,7 @@ pub fn tiled_dkv_kernel<F: Float>(
     v: &Array<F>,
     a: &Array<F>,
     g: &Array<F>,
+    gates_cum: &Array<f32>,
     cu_seqlens: &Array<u32>,
     d_o: &Array<F>,
     d_ht: &mut Array<f32>,
@@ -1561,7 +1607,7 @@ pub fn tiled_dkv_kernel<F: Float>(
             fetch_tile::<F, F>(a, &mut ra, bos, len, plast, cl_last, h, 0, c, c, l);
         }
         fetch_tile::<F, F>(d_o, &mut rdo, bos, len, plast, cl_last, h, v0, l.v, bv, l);
-        fetch_key_gates::<F>(g, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
+        fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, plast, cl_last, h, 0, kp, l);
     }
     for ci in first..end {
         let cr = ci - first;
@@ -1598,7 +1644,7 @@ pub fn tiled_dkv_kernel<F: Float>(
                 fetch_tile::<F, F>(a, &mut ra, bos, len, p1, c, h, 0, c, c, l);
             }
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, c, h, v0, l.v, bv, l);
-            fetch_key_gates::<F>(g, &mut rg, bos, len, p1, c, h, 0, kp, l);
+            fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p1, c, h, 0, kp, l);
         }
         // The gradient before the first chunk is needed only as `dh0` (uniform over the cube).
         let mut update = ci + 1 < end;
@@ -1619,10 +1665,8 @@ pub fn tiled_dkv_kernel<F: Float>(
             }
             sync_cube();
         } else if comptime!(l.vector_gate) {
-            // The scores were staged with the chunk's tiles; `dk`'s in-chunk term is the `dq`
-            // walk's.
-            cumulate_key_gates(&mut lamk, kp, l);
-            sync_cube();
+            // The scores and `Λ` were staged with the chunk's tiles; `dk`'s in-chunk term is
+            // the `dq` walk's.
             scale_keys::<F>(&mut sk, &lamk, 1.0f32, kp, true, l);
             // dV = (scale · A ∘ M)ᵀ dO + k̃ G
             mma::<F, F>(

@@ -120,8 +120,7 @@ pub fn tiled_layout<R: Runtime>(
                 .filter(move |&w| w <= limit.max(FRAG))
         };
         // Blocks wider than 64 are measurement aids for now (`FLA_TILED_BV`, `FLA_TILED_BK`):
-        // each value block's cube sums the vector-gated scores again, so wider blocks do less
-        // of that work in fewer cubes.
+        // fewer, wider cubes, each walking more of the state.
         let bv_max = tuning("FLA_TILED_BV").unwrap_or(64);
         let bv = widths(vp.min(bv_max)).find(|&bv| {
             let l = TiledLayout { bv, ..base };
@@ -265,7 +264,7 @@ fn forward_launch<R: Runtime>(
     l: TiledLayout,
     blocks: usize,
     b: &ForwardBuffers<'_>,
-    a: &Handle,
+    (a, cum): (&Handle, &Handle),
     (h0, h0_len): (&Handle, usize),
     (hs, hs_len, spans): (&Handle, usize, usize),
     (cu, cu_len): (&Handle, usize),
@@ -286,6 +285,7 @@ fn forward_launch<R: Runtime>(
             array(&dummy, 1),
             array(&dummy, 1),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
+            array(cum, cum_len(p, &l)),
             array(h0, h0_len),
             array(cu, cu_len),
             array(b.o, vo),
@@ -309,22 +309,34 @@ fn scores_len(p: &GatedProblem, l: &TiledLayout) -> usize {
     }
 }
 
-/// The in-chunk scores under vector gates ([`vector_scores_kernel`]), for the forward and
-/// `dk`/`dv` walks to read; a placeholder without them.
+/// Elements of the vector gates cumulated from each chunk's start (`[B·T, H, K]` `f32`), 1
+/// without them.
+fn cum_len(p: &GatedProblem, l: &TiledLayout) -> usize {
+    if l.vector_gate {
+        p.gate_len()
+    } else {
+        1
+    }
+}
+
+/// The in-chunk scores and the gates cumulated from each chunk's start, under vector gates
+/// ([`vector_scores_kernel`]), for the walks to read; placeholders without them.
 fn vector_scores<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     l: &TiledLayout,
     (q, k, g): (&Handle, &Handle, Option<&Handle>),
     (cu, cu_len): (&Handle, usize),
-) -> Result<Handle, crate::KernelError> {
+) -> Result<(Handle, Handle), crate::KernelError> {
     let len = scores_len(p, l);
     if !l.vector_gate {
-        return Ok(client.create_from_slice(f32::as_bytes(&[0.0])));
+        let dummy = || client.create_from_slice(f32::as_bytes(&[0.0]));
+        return Ok((dummy(), dummy()));
     }
     crate::problem::addressable(len, "the in-chunk scores")?;
     let g = need(g, "the vector gates")?;
     let a = client.empty(len * p.dtype.size());
+    let cum = client.empty(4 * cum_len(p, l));
     let l = TiledLayout {
         span: 0,
         states: false,
@@ -346,13 +358,14 @@ fn vector_scores<R: Runtime>(
             array(g, p.gate_len()),
             array(cu, cu_len),
             array(&a, len),
+            array(&cum, cum_len(p, &l)),
             p.seq_len as u32,
             p.scale,
             l,
             p.dtype.storage(),
         )
     };
-    Ok(a)
+    Ok((a, cum))
 }
 
 /// The forward through the tiled kernel (checks done by the caller): the split of
@@ -368,17 +381,19 @@ pub(crate) fn tiled_forward<R: Runtime>(
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let nv = p.v_dim.div_ceil(l.bv);
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
-    let a = vector_scores(client, p, &l, (b.q, b.k, b.g), cu)?;
+    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), cu)?;
+    let scores = (&a, &cum);
     match split_forward(p, &l, device_size(client)) {
         Some(s) => {
             let hs = client.empty(4 * s.hs_len);
             let states = (&hs, s.hs_len, s.spans);
-            forward_launch(client, p, s.walk, nv, b, &dummy, h0, states, cu);
+            // The states pass reads the raw gates (its chunks are longer).
+            forward_launch(client, p, s.walk, nv, b, (&dummy, &dummy), h0, states, cu);
             let (blocks, h0) = (nv * s.spans, (&hs, s.hs_len));
             let states = (&dummy, 1, s.spans);
-            forward_launch(client, p, s.out, blocks, b, &a, h0, states, cu);
+            forward_launch(client, p, s.out, blocks, b, scores, h0, states, cu);
         }
-        None => forward_launch(client, p, l, nv, b, &a, h0, (&dummy, 1, 1), cu),
+        None => forward_launch(client, p, l, nv, b, scores, h0, (&dummy, 1, 1), cu),
     }
     Ok(())
 }
@@ -405,7 +420,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
     let dq_part = client.empty(4 * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
-    let a = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
+    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?
     } else {
@@ -423,6 +438,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.k, qk),
             array(b.v, vo),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
+            array(&cum, cum_len(p, &l)),
             array(h0, h0_len),
             array(cu, cu_len),
             array(b.d_o, vo),
@@ -451,6 +467,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.v, vo),
             array(&a, scores_len(p, &l)),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
+            array(&cum, cum_len(p, &l)),
             array(cu, cu_len),
             array(b.d_o, vo),
             array(d_ht, p.state_len().max(hs_len)),
@@ -498,7 +515,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 walk,
                 nv,
                 &inputs,
-                &dummy,
+                (&dummy, &dummy),
                 h0,
                 states,
                 (cu, cu_len),
