@@ -19,6 +19,17 @@ use crate::FloatDType;
 /// Largest chunk the tiled kernels take (shared memory grows with its square).
 const MAX_TILED_CHUNK: usize = 64;
 
+/// Positions per chunk under vector gates. Their in-chunk terms are summed entry by entry (`C`
+/// multiply-adds and exponentials per key per position) by `vector_scores_kernel` and the `dq`
+/// walk, once per head; a longer chunk makes that work grow while the walks' steps (the state's
+/// decay and rounding, about ten barriers each) become fewer. Measured on an H100 (2026-12-06,
+/// `benches/gpu/gla_scores.sh`): 32 against 16 gave 1.07x on FLA's 340M recipe cut to 4 layers
+/// (494,400 against 463,100 tokens/s in one call, 498,200 against 465,700 in another) and 1.02x
+/// on `chunk_gla` at B = 8,
+/// H = 16, K = V = 128, T = 4096 (11.74 against 11.97 ms forward+backward); 64 matched 32 on the
+/// recipe but took 16.8 ms there.
+const VECTOR_CHUNK: usize = 32;
+
 /// Whether the tiled kernels run 16×16×16 tensor-core products of `dtype` into `f32` on this
 /// device. CUDA by default. Vulkan reports cooperative matrices too (VK_KHR_cooperative_matrix
 /// on NVIDIA's driver), but the tiled kernels' `cmma` path has been tested on CUDA alone, so wgpu
@@ -48,8 +59,8 @@ pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> boo
 /// The tiled kernels' layout for this call, or `None` where they do not apply: a value gate (the
 /// chunk form has none), a chunk size that is not a multiple of 16, or a device whose shared
 /// memory holds no tiling (the plain chunk kernels take those calls). The chunk is the requested
-/// one, or the largest multiple of 16 below it that fits, and 16 for vector gates (the result
-/// differs only by rounding).
+/// one, or the largest multiple of 16 below it that fits, and [`VECTOR_CHUNK`] for vector gates
+/// (the result differs only by rounding).
 pub fn tiled_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -78,15 +89,12 @@ pub fn tiled_layout<R: Runtime>(
         p.v_dim.next_multiple_of(FRAG),
     );
     let elem = p.dtype.size();
-    // Vector gates take chunks of one fragment: their intra-chunk terms are computed entry by
-    // entry (`C` multiply-adds and exponentials per key per position), so a short chunk keeps
-    // them as cheap per position as the tile products, and it needs no sub-chunking.
-    // `FLA_TILED_VCHUNK` (a multiple of 16 up to 64) overrides that, a measurement aid: longer
-    // chunks trade more entry-by-entry work per position for fewer steps of the walk.
+    // Vector gates take chunks of `VECTOR_CHUNK` whatever the size asked (`FLA_TILED_VCHUNK`, a
+    // multiple of 16 up to 64, overrides it: a measurement aid).
     let mut c = if p.gate == GateKind::Vector {
         tuning("FLA_TILED_VCHUNK")
             .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
-            .unwrap_or(FRAG)
+            .unwrap_or(VECTOR_CHUNK)
     } else {
         chunk.min(MAX_TILED_CHUNK)
     };

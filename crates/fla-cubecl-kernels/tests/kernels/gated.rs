@@ -613,15 +613,15 @@ fn fused_walk_cases() {
     }
 }
 
-/// Vector gates in chunks longer than 16 (`FLA_TILED_VCHUNK`, a measurement aid the kernels
-/// read at each call): the in-chunk scores and terms summed entry by entry over 32 and 64
-/// positions. Run in child processes of this test binary, as [`chunk_fused_walk_past_one_span`]
-/// is, so that the setting reaches no other test.
+/// Vector gates in chunks other than their default of 32 (`FLA_TILED_VCHUNK`, a measurement aid
+/// the kernels read at each call): the in-chunk scores and terms summed entry by entry over 16
+/// and 64 positions. Run in child processes of this test binary, as
+/// [`chunk_fused_walk_past_one_span`] is, so that the setting reaches no other test.
 #[rstest]
-fn chunk_vector_gates_in_longer_chunks(#[values("32", "64")] chunk: &str) {
+fn chunk_vector_gates_in_other_chunks(#[values("16", "64")] chunk: &str) {
     let exe = std::env::current_exe().expect("the test binary's path");
     let out = std::process::Command::new(exe)
-        .args(["--ignored", "--exact", "gated::longer_vector_chunk_cases"])
+        .args(["--ignored", "--exact", "gated::other_vector_chunk_cases"])
         .env("FLA_TILED_VCHUNK", chunk)
         .output()
         .expect("the test binary runs");
@@ -634,12 +634,12 @@ fn chunk_vector_gates_in_longer_chunks(#[values("32", "64")] chunk: &str) {
     assert!(log.contains("1 passed"), "the cases did not run: {log}");
 }
 
-/// The cases of [`chunk_vector_gates_in_longer_chunks`] (ignored otherwise: they need
+/// The cases of [`chunk_vector_gates_in_other_chunks`] (ignored otherwise: they need
 /// `FLA_TILED_VCHUNK` set for their whole process): chunk boundaries, both directions and a
 /// variable-length batch with an empty sequence.
 #[test]
-#[ignore = "run by chunk_vector_gates_in_longer_chunks, in a process of its own"]
-fn longer_vector_chunk_cases() {
+#[ignore = "run by chunk_vector_gates_in_other_chunks, in a process of its own"]
+fn other_vector_chunk_cases() {
     assert!(std::env::var("FLA_TILED_VCHUNK").is_ok());
     for (t, k, v, reverse) in [
         (1, 16, 16, false),
@@ -745,7 +745,7 @@ fn chunk_without_states(
 }
 
 /// Chunk sizes other than the default: 16, 32 and 48 take the tiled kernels (vector gates in
-/// chunks of 16 whatever the size asked), 50 (not a multiple of 16) the plain chunk kernels.
+/// chunks of 32 whatever the size asked), 50 (not a multiple of 16) the plain chunk kernels.
 #[rstest]
 fn chunk_other_sizes(
     #[values(16, 32, 48, 50)] size: usize,
