@@ -26,7 +26,7 @@ pub use launch::{
     recurrent_forward, BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 pub use tiled::TiledLayout;
-pub use tiled_launch::{has_cmma, tiled_layout};
+pub use tiled_launch::{has_cmma, tiled_layout, VECTOR_CHUNK};
 
 use crate::{FloatDType, KernelError};
 

@@ -28,7 +28,7 @@ const MAX_TILED_CHUNK: usize = 64;
 /// on `chunk_gla` at B = 8,
 /// H = 16, K = V = 128, T = 4096 (11.74 against 11.97 ms forward+backward); 64 matched 32 on the
 /// recipe but took 16.8 ms there.
-const VECTOR_CHUNK: usize = 32;
+pub const VECTOR_CHUNK: usize = 32;
 
 /// Whether the tiled kernels run 16×16×16 tensor-core products of `dtype` into `f32` on this
 /// device. CUDA by default. Vulkan reports cooperative matrices too (VK_KHR_cooperative_matrix
@@ -59,8 +59,8 @@ pub fn has_cmma<R: Runtime>(client: &ComputeClient<R>, dtype: FloatDType) -> boo
 /// The tiled kernels' layout for this call, or `None` where they do not apply: a value gate (the
 /// chunk form has none), a chunk size that is not a multiple of 16, or a device whose shared
 /// memory holds no tiling (the plain chunk kernels take those calls). The chunk is the requested
-/// one, or the largest multiple of 16 below it that fits, and [`VECTOR_CHUNK`] for vector gates
-/// (the result differs only by rounding).
+/// one, or the largest multiple of 16 below it that fits, and at most [`VECTOR_CHUNK`] for vector
+/// gates (the result differs only by rounding).
 pub fn tiled_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -89,12 +89,12 @@ pub fn tiled_layout<R: Runtime>(
         p.v_dim.next_multiple_of(FRAG),
     );
     let elem = p.dtype.size();
-    // Vector gates take chunks of `VECTOR_CHUNK` whatever the size asked (`FLA_TILED_VCHUNK`, a
-    // multiple of 16 up to 64, overrides it: a measurement aid).
+    // Vector gates take chunks of `VECTOR_CHUNK`, or of the size asked where it is shorter
+    // (`FLA_TILED_VCHUNK`, a multiple of 16 up to 64, overrides both: a measurement aid).
     let mut c = if p.gate == GateKind::Vector {
         tuning("FLA_TILED_VCHUNK")
             .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
-            .unwrap_or(VECTOR_CHUNK)
+            .unwrap_or(VECTOR_CHUNK.min(chunk))
     } else {
         chunk.min(MAX_TILED_CHUNK)
     };
