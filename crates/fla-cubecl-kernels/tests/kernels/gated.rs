@@ -572,10 +572,17 @@ fn chunk_sizes(
 /// so this test runs [`fused_walk_cases`] in a child process of this test binary.
 #[test]
 fn chunk_fused_walk_past_one_span() {
+    run_in_child("gated::fused_walk_cases", "FLA_TILED_SPLIT", "0");
+}
+
+/// Runs the ignored test `name` alone in a child process of this test binary with `var=value`
+/// set, for kernel settings read from the environment at each call, which would otherwise reach
+/// the tests running beside it; fails unless it ran and passed.
+fn run_in_child(name: &str, var: &str, value: &str) {
     let exe = std::env::current_exe().expect("the test binary's path");
     let out = std::process::Command::new(exe)
-        .args(["--ignored", "--exact", "gated::fused_walk_cases"])
-        .env("FLA_TILED_SPLIT", "0")
+        .args(["--ignored", "--exact", name])
+        .env(var, value)
         .output()
         .expect("the test binary runs");
     let log = format!(
@@ -619,19 +626,7 @@ fn fused_walk_cases() {
 /// [`chunk_fused_walk_past_one_span`] is, so that the setting reaches no other test.
 #[rstest]
 fn chunk_vector_gates_in_other_chunks(#[values("16", "64")] chunk: &str) {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let out = std::process::Command::new(exe)
-        .args(["--ignored", "--exact", "gated::other_vector_chunk_cases"])
-        .env("FLA_TILED_VCHUNK", chunk)
-        .output()
-        .expect("the test binary runs");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("1 passed"), "the cases did not run: {log}");
+    run_in_child("gated::other_vector_chunk_cases", "FLA_TILED_VCHUNK", chunk);
 }
 
 /// The cases of [`chunk_vector_gates_in_other_chunks`] (ignored otherwise: they need
