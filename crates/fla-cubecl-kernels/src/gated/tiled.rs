@@ -293,6 +293,27 @@ pub(crate) fn fetch_tile<S: Float, F: Float>(
     #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
 ) {
+    fetch_rows::<S, F>(src, regs, bos, len, p0, cl, h, col0, width, cols, false, l);
+}
+
+/// [`fetch_tile`], where with `repeat_last` the rows past the sequence repeat its last row
+/// (`cl ≥ 1`) instead of reading as zeros.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_rows<S: Float, F: Float>(
+    src: &Array<S>,
+    regs: &mut Array<F>,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] width: usize,
+    #[comptime] cols: usize,
+    #[comptime] repeat_last: bool,
+    #[comptime] l: TiledLayout,
+) {
     let threads = comptime!(l.tile.threads());
     let entries = comptime!(l.chunk * cols);
     #[unroll]
@@ -300,8 +321,16 @@ pub(crate) fn fetch_tile<S: Float, F: Float>(
         let (row, c) = tile_entry(r, cols, l.tile);
         let col = col0 + c;
         let mut x = F::cast_from(0.0f32);
-        if row < cl && col < width {
-            let tok = token_at(bos, len, p0 + row, l.reverse);
+        let mut at = row;
+        let mut inside = row < cl;
+        if comptime!(repeat_last) {
+            inside = row < l.chunk;
+            if at >= cl {
+                at = cl - 1;
+            }
+        }
+        if inside && col < width {
+            let tok = token_at(bos, len, p0 + at, l.reverse);
             x = F::cast_from(src[(tok * l.heads + h) * width + col]);
         }
         regs[r] = x;
@@ -540,24 +569,8 @@ pub(crate) fn fetch_key_gates<F: Float>(
             fetch_tile::<F, f32>(g, regs, bos, len, p0, cl, h, col0, l.k, cols, l);
         } else {
             // Rows past the sequence repeat its last (as `cumulate_key_gates` leaves them), so
-            // row `C − 1` holds the chunk's total decay whatever its length (`cl ≥ 1`).
-            let threads = comptime!(l.tile.threads());
-            let entries = comptime!(l.chunk * cols);
-            #[unroll]
-            for r in 0..comptime!(entries.div_ceil(threads)) {
-                let (row, c) = tile_entry(r, cols, l.tile);
-                let col = col0 + c;
-                let mut x = 0.0f32;
-                if row < l.chunk && col < l.k {
-                    let mut at = row;
-                    if at >= cl {
-                        at = cl - 1;
-                    }
-                    let tok = token_at(bos, len, p0 + at, l.reverse);
-                    x = lam[(tok * l.heads + h) * l.k + col];
-                }
-                regs[r] = x;
-            }
+            // row `C − 1` holds the chunk's total decay whatever its length.
+            fetch_rows::<f32, f32>(lam, regs, bos, len, p0, cl, h, col0, l.k, cols, true, l);
         }
     }
 }
@@ -1059,7 +1072,6 @@ pub fn vector_scores_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
-    let (ck, ldl) = comptime!((l.chunk * l.k, l.kp + PAD_F));
     let (cc, ldd) = comptime!((l.chunk * l.chunk, l.chunk + l.ph));
     let threads = comptime!(l.tile.threads());
     let h = CUBE_POS_Y as usize;
@@ -1099,17 +1111,7 @@ pub fn vector_scores_kernel<F: Float>(
         cumulate_key_gates(&mut lamk, kp, l);
         sync_cube();
         // `Λ` for the walks, beside the scores (both only read `lamk`).
-        #[unroll]
-        for r in 0..comptime!(ck.div_ceil(threads)) {
-            let e = unit + r * threads;
-            if e < ck {
-                let (row, col) = (e / l.k, e % l.k);
-                if row < cl {
-                    let tok = token_at(bos, len, p0 + row, l.reverse);
-                    gates_cum[(tok * l.heads + h) * l.k + col] = lamk[row * ldl + col];
-                }
-            }
-        }
+        store_tile::<f32>(&lamk, gates_cum, 0, bos, len, p0, cl, h, 0, l.k, kp, l);
         key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
         sync_cube();
         #[unroll]

@@ -25,9 +25,8 @@ const MAX_TILED_CHUNK: usize = 64;
 /// decay and rounding, about ten barriers each) become fewer. Measured on an H100 (2026-12-06,
 /// `benches/gpu/gla_scores.sh`): 32 against 16 gave 1.07x on FLA's 340M recipe cut to 4 layers
 /// (494,400 against 463,100 tokens/s in one call, 498,200 against 465,700 in another) and 1.02x
-/// on `chunk_gla` at B = 8,
-/// H = 16, K = V = 128, T = 4096 (11.74 against 11.97 ms forward+backward); 64 matched 32 on the
-/// recipe but took 16.8 ms there.
+/// on `chunk_gla` at B = 8, H = 16, K = V = 128, T = 4096 (11.74 against 11.97 ms
+/// forward+backward); 64 matched 32 on the recipe but took 16.8 ms there.
 pub const VECTOR_CHUNK: usize = 32;
 
 /// Whether the tiled kernels run 16×16×16 tensor-core products of `dtype` into `f32` on this
