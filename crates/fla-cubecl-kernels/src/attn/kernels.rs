@@ -127,7 +127,7 @@ fn shape(m: usize, n: usize, k: usize, lda: usize, ldb: usize, ldo: usize) -> Mm
 }
 
 #[cube]
-fn tile_h<F: Float>(
+pub(super) fn tile_h<F: Float>(
     #[comptime] rows: usize,
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
@@ -175,7 +175,7 @@ fn fetch<F: Float>(
 /// [`fetch`] then [`put_tile`]: a tile staged at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage<F: Float>(
+pub(super) fn stage<F: Float>(
     src: &Array<F>,
     dst: &mut SharedMemory<F>,
     row0: usize,
@@ -287,7 +287,7 @@ fn store<O: Float>(
 
 /// Whether the query at key position `pos` sees key `j`.
 #[cube]
-fn sees(pos: usize, j: usize, window: u32, #[comptime] l: AttnLayout) -> bool {
+pub(super) fn sees(pos: usize, j: usize, window: u32, #[comptime] l: AttnLayout) -> bool {
     let mut ok = true;
     if comptime!(l.causal) {
         ok = j <= pos;
@@ -310,7 +310,7 @@ fn smaller(a: usize, b: usize) -> usize {
 /// Keys `[lo, hi)` that any of the `rows` queries from key position `pos0` on can see: up to the
 /// last query's position (causal), from the first query's window start (window).
 #[cube]
-fn key_range(
+pub(super) fn key_range(
     pos0: usize,
     rows: usize,
     lk: usize,
@@ -333,7 +333,7 @@ fn key_range(
 /// Key position of a sequence's first query: its queries are the last `lq` of `lk` positions
 /// (0 when there are more queries than keys, which only non-causal, unwindowed calls allow).
 #[cube]
-fn key_offset(lq: usize, lk: usize) -> usize {
+pub(super) fn key_offset(lq: usize, lk: usize) -> usize {
     let mut off = 0usize;
     if lk > lq {
         off = lk - lq;
@@ -343,7 +343,7 @@ fn key_offset(lq: usize, lk: usize) -> usize {
 
 /// The score after scale and cap.
 #[cube]
-fn capped(s: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) -> f32 {
+pub(super) fn capped(s: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) -> f32 {
     let mut x = s * scale;
     if comptime!(l.softcap) {
         x = cap * (x / cap).tanh();
@@ -364,7 +364,7 @@ fn cap_grad(x: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) -> f32 {
 
 /// `(first query row, queries, first key row, keys)` of sequence `n`.
 #[cube]
-fn bounds(
+pub(super) fn bounds(
     cu_seqlens: &Array<u32>,
     n: usize,
     q_len: u32,

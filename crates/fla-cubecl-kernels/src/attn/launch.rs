@@ -3,6 +3,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use super::frag::{attn_fwd_frag_kernel, frag_fwd_smem, FRAG_M};
 use super::kernels::{
     attn_delta_kernel, attn_dkv_kernel, attn_dq_kernel, attn_fwd_kernel, dkv_smem, dq_smem,
     fwd_smem, AttnLayout,
@@ -15,7 +16,8 @@ use crate::gated::{
 };
 use crate::problem::fits;
 use crate::tile::{TileConfig, FRAG, PLANE};
-use crate::KernelError;
+use crate::{FloatDType, KernelError};
+use cubecl::ir::features::MmaConfig;
 
 /// Device buffers of a forward call: `q: [B·T_q, H, K]`, `k: [B·T_k, HK, K]`,
 /// `v: [B·T_k, HK, V]` in the problem's dtype; outputs `o: [B·T_q, H, V]` (same dtype) and
@@ -139,6 +141,69 @@ pub fn attn_check_device<R: Runtime>(
     checked_layouts(client, p).map(|_| ())
 }
 
+/// The layout of the forward that keeps its accumulators in registers
+/// ([`super::frag::attn_fwd_frag_kernel`]), where it applies: CUDA with `mma.sync` for the dtype
+/// (f16, bf16), head dims of at most 128 (the output's registers), and shared memory for a key
+/// and a value block; `None` elsewhere, where the shared-memory forward runs. `FLA_ATTN_FRAG=0`
+/// turns it off; `FLA_ATTN_FRAG_PLANES` (16 query rows each) and `FLA_ATTN_FRAG_BK` (keys per
+/// block) override its tile sizes, for measuring.
+pub fn attn_fwd_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+) -> Option<AttnLayout> {
+    let props = client.properties();
+    let mma = MmaConfig {
+        a_type: p.dtype.storage(),
+        b_type: p.dtype.storage(),
+        cd_type: FloatDType::F32.storage(),
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    let (dp, dvp) = (
+        p.k_dim.next_multiple_of(FRAG),
+        p.v_dim.next_multiple_of(FRAG),
+    );
+    if !R::name(client).contains("cuda")
+        || !props.features.matmul.mma.contains(&mma)
+        || dp > 128
+        || dvp > 128
+        || tuning("FLA_ATTN_FRAG") == Some(0)
+    {
+        return None;
+    }
+    let max_units = props.hardware.max_units_per_cube as usize;
+    let planes = tuning("FLA_ATTN_FRAG_PLANES")
+        .unwrap_or(4)
+        .clamp(1, max_units / PLANE);
+    let bk = tuning("FLA_ATTN_FRAG_BK")
+        .unwrap_or(64)
+        .next_multiple_of(FRAG)
+        .clamp(FRAG, 128);
+    let l = AttnLayout {
+        heads: p.heads,
+        kv_heads: p.kv_heads,
+        d: p.k_dim,
+        dv: p.v_dim,
+        bq: FRAG_M * planes,
+        bk,
+        bd: dp,
+        bdv: dvp,
+        ph: 16 / p.dtype.size(),
+        causal: p.causal,
+        window: p.window.is_some(),
+        softcap: p.softcap.is_some(),
+        varlen: p.cu_seqlens.is_some(),
+        fetch_ahead: false,
+        tile: TileConfig {
+            cmma: true,
+            planes,
+            unroll: false,
+        },
+    };
+    (frag_fwd_smem(&l, p.dtype.size()) <= props.hardware.max_shared_memory_size).then_some(l)
+}
+
 /// [`attn_check_device`], returning the layouts it chose for the forward, `dq` and `dk`/`dv`
 /// kernels (the launchers use them rather than choosing again).
 fn checked_layouts<R: Runtime>(
@@ -158,7 +223,9 @@ fn checked_layouts<R: Runtime>(
         attn_layout(client, p, AttnKernel::Dq)?,
         attn_layout(client, p, AttnKernel::Dkv)?,
     ];
+    let frag = attn_fwd_registers(client, p).map_or(0, |l| fwd_blocks(p, &l));
     let blocks = fwd_blocks(p, &layouts[0])
+        .max(frag)
         .max(dq_blocks(p, &layouts[1]))
         .max(dkv_blocks(p, &layouts[2]));
     // Query or key blocks on x, heads on y, sequences on z.
@@ -218,28 +285,52 @@ pub fn attn_forward<R: Runtime>(
     fits("lse", b.lse, nl, 4)?;
     let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (window, cap) = options(p);
+    let frag = attn_fwd_registers(client, p);
+    let l = frag.unwrap_or(l);
     let blocks = fwd_blocks(p, &l);
-    // Every access is guarded by the kernel's own conditions (rows inside the sequence, columns
+    let grid = CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32);
+    // Every access is guarded by the kernels' own conditions (rows inside the sequence, columns
     // inside the head).
     unsafe {
-        attn_fwd_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32),
-            cube_dim(&l),
-            array(b.q, nq),
-            array(b.k, nk),
-            array(b.v, nv),
-            array(&cu, cu_len),
-            array(b.o, no),
-            array(b.lse, nl),
-            p.q_len as u32,
-            p.kv_len as u32,
-            p.scale,
-            window,
-            cap,
-            l,
-            p.dtype.storage(),
-        )
+        if frag.is_some() {
+            attn_fwd_frag_kernel::launch_unchecked::<R>(
+                client,
+                grid,
+                cube_dim(&l),
+                array(b.q, nq),
+                array(b.k, nk),
+                array(b.v, nv),
+                array(&cu, cu_len),
+                array(b.o, no),
+                array(b.lse, nl),
+                p.q_len as u32,
+                p.kv_len as u32,
+                p.scale,
+                window,
+                cap,
+                l,
+                p.dtype.storage(),
+            )
+        } else {
+            attn_fwd_kernel::launch_unchecked::<R>(
+                client,
+                grid,
+                cube_dim(&l),
+                array(b.q, nq),
+                array(b.k, nk),
+                array(b.v, nv),
+                array(&cu, cu_len),
+                array(b.o, no),
+                array(b.lse, nl),
+                p.q_len as u32,
+                p.kv_len as u32,
+                p.scale,
+                window,
+                cap,
+                l,
+                p.dtype.storage(),
+            )
+        }
     };
     Ok(())
 }

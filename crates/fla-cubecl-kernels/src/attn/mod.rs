@@ -14,14 +14,15 @@
 //! (`cu_seqlens`, `B = 1`, the same boundaries for queries and keys) never attend across
 //! sequences.
 
+mod frag;
 mod kernels;
 mod launch;
 pub mod naive;
 
 pub use kernels::AttnLayout;
 pub use launch::{
-    attn_backward, attn_check_device, attn_forward, attn_layout, AttnBackwardBuffers,
-    AttnForwardBuffers, AttnKernel,
+    attn_backward, attn_check_device, attn_forward, attn_fwd_registers, attn_layout,
+    AttnBackwardBuffers, AttnForwardBuffers, AttnKernel,
 };
 
 use crate::problem::{self, MAX_HEAD_DIM};

@@ -9,7 +9,8 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::attn::{
-    attn_backward, attn_forward, AttnBackwardBuffers, AttnForwardBuffers, AttnProblem,
+    attn_backward, attn_forward, attn_fwd_registers, AttnBackwardBuffers, AttnForwardBuffers,
+    AttnProblem,
 };
 use fla_cubecl_kernels::testing::{decode, encode, AttnCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -239,6 +240,34 @@ fn half_precision(
 ) {
     on_runtime!(compare(&case([2, 130, 130, 2, 1, 64, 64], o, dtype)));
     on_runtime!(compare(&case([1, 65, 65, 2, 2, 100, 100], o, dtype)));
+}
+
+/// Which forward a call takes: on CUDA in f16/bf16 with head dims of at most 128, the one that
+/// holds its accumulators in registers (so every CUDA half-precision case above tests it);
+/// elsewhere (Vulkan, lavapipe, f32, wider heads) the shared-memory one.
+#[rstest]
+fn forward_kernel_choice(
+    #[values(FloatDType::F32, FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(60, 128, 256)] d: usize,
+) {
+    let p = problem([1, 8, 8, 2, 2, d, d], CAUSAL, None, dtype);
+    on_runtime!(expect_forward_choice(&p));
+}
+
+fn expect_forward_choice<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) {
+    let l = attn_fwd_registers(client, p);
+    let registers = runtime_name() == "cuda" && p.dtype != FloatDType::F32 && p.k_dim <= 128;
+    assert_eq!(
+        l.is_some(),
+        registers,
+        "{:?}, K = {}: {l:?}",
+        p.dtype,
+        p.k_dim
+    );
+    if let Some(l) = l {
+        assert_eq!(l.bq, 16 * l.tile.planes, "16 query rows per plane: {l:?}");
+        assert!(l.bd >= p.k_dim && l.bd % 16 == 0 && l.bk % 16 == 0, "{l:?}");
+    }
 }
 
 /// Bad problems are refused before anything is launched.
