@@ -1,45 +1,74 @@
-//! The attention forward with its running output in registers, on CUDA's `mma.sync` tensor-core
-//! instructions (m16n8k16, `f32` accumulators).
+//! The attention kernels with their accumulators in registers, on CUDA's `mma.sync` tensor-core
+//! instructions (m16n8k16, `f32` accumulators): forward, `dq`, and `dk`/`dv`.
 //!
-//! [`super::kernels::attn_fwd_kernel`] goes through shared memory for every product: scores,
-//! probabilities and the output accumulator are tiles that each key block reads and writes
-//! again, which bounds it far below the tensor cores. Here each plane (warp) owns 16 query rows
-//! and keeps them in registers through the whole key loop: its queries (the `A` operand of
-//! `S = Q Kᵀ`), the block's scores, and the output `O`. The online softmax runs on the score
-//! registers in place (a row's maximum and sum gathered across the four lanes that hold it), and
-//! the probabilities become the `A` operand of `O += P V` without leaving the registers: the
-//! accumulators of two adjacent 8-key tiles are laid out as one 16-key `A` fragment. Only the
-//! key and value blocks pass through shared memory, staged once per block for all planes.
+//! The kernels of [`super::kernels`] go through shared memory for every product: scores,
+//! probabilities and accumulators are tiles that each block reads and writes again, which bounds
+//! them far below the tensor cores. Here each plane (warp) owns 16 rows of the block its cube
+//! keeps (query rows in the forward and `dq`, key rows in `dk`/`dv`) and holds their scores and
+//! accumulators in registers through the whole loop over the other side's blocks. The softmax
+//! and its gradient run on the score registers in place (a row's maximum and sum gathered across
+//! the four lanes that hold it), and probabilities and score gradients become the `A` operand of
+//! the next product without leaving the registers: the accumulators of two adjacent 8-column
+//! tiles are laid out as one 16-column `A` fragment. Only the blocks of the loop pass through
+//! shared memory, staged once per block for all planes.
 //!
 //! The register layout is PTX's for `mma.m16n8k16` with 16-bit inputs, which CubeCL's
 //! `MmaDefinition::position_of_nth` also reports on CUDA (lane `l`, `g = l / 4`, `t = l % 4`;
-//! pairs of adjacent columns share a 32-bit register):
-//! - `A` (16×16, row-major pairs): `[g][2t..]`, `[g+8][2t..]`, `[g][2t+8..]`, `[g+8][2t+8..]`;
+//! pairs of adjacent entries share a 32-bit register):
+//! - `A` (16×16, pairs along a row): `[g][2t..]`, `[g+8][2t..]`, `[g][2t+8..]`, `[g+8][2t+8..]`;
 //! - `B` (16×8, pairs down a column): `[2t..][g]`, `[2t+8..][g]`;
-//! - accumulator (16×8): `[g][2t..]`, `[g+8][2t..]`.
+//! - accumulator (16×8, pairs along a row): `[g][2t..]`, `[g+8][2t..]`.
 //!
-//! CubeCL compiles manual MMA only for CUDA (SPIR-V has no such instruction), so Vulkan and
-//! lavapipe run the shared-memory kernel; both compute the same thing, and the attention tests
-//! run this one wherever the device has it.
+//! Fragments come from shared memory by `ldmatrix` (four 8×8 matrices per instruction, `.trans`
+//! for operands stored the other way round), and the tiles are staged in vectors of up to eight
+//! elements (16 bytes) from global memory into shared memory.
+//!
+//! CubeCL compiles manual MMA and `ldmatrix` only for CUDA (SPIR-V has no such instructions), so
+//! Vulkan and lavapipe run the shared-memory kernels; both compute the same thing, and the
+//! attention tests run these wherever the device has them.
+
+#![allow(clippy::collapsible_if)]
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::kernels::{bounds, capped, key_offset, key_range, sees, stage, tile_h, AttnLayout};
+use super::kernels::{bounds, cap_grad, capped, key_offset, key_range, sees, smaller, AttnLayout};
 use crate::gated::chunk::chunk_len;
 
-/// Rows of a plane's query block, and the `m`, `n`, `k` of one instruction.
+/// Rows a plane owns, and the `m`, `n`, `k` of one instruction.
 pub const FRAG_M: usize = 16;
 pub const FRAG_N: usize = 8;
 pub const FRAG_K: usize = 16;
 
-/// Shared memory of the kernel: the key block (also the query block, staged once before the
-/// loop) and the value block, input dtype, rows padded by `l.ph` elements.
-pub fn frag_fwd_smem(l: &AttnLayout, e: usize) -> usize {
-    l.bq.max(l.bk) * (l.bd + l.ph) * e + l.bk * (l.bdv + l.ph) * e
+/// Bytes of a padded input-dtype tile.
+fn tile_bytes(rows: usize, cols: usize, l: &AttnLayout, e: usize) -> usize {
+    rows * (cols + l.ph) * e
 }
 
-/// The row maximum of `x` over the four lanes of a quad (the lanes holding one row's columns).
+/// Shared memory of the forward: the key block (also the query block, staged once before the
+/// loop) and the value block.
+pub fn frag_fwd_smem(l: &AttnLayout, e: usize) -> usize {
+    let rows = l.bq.max(l.bk);
+    tile_bytes(rows, l.bd, l, e) + tile_bytes(rows, l.bdv, l, e)
+}
+
+/// Shared memory of `dq`: as the forward's (queries and `d_o` pass through the key and value
+/// tiles first).
+pub fn frag_dq_smem(l: &AttnLayout, e: usize) -> usize {
+    frag_fwd_smem(l, e)
+}
+
+/// Shared memory of `dk`/`dv`: the cube's key and value block, the loop's query and `d_o` block,
+/// and its rows' log-sum-exp and `δ`.
+pub fn frag_dkv_smem(l: &AttnLayout, e: usize) -> usize {
+    tile_bytes(l.bk, l.bd, l, e)
+        + tile_bytes(l.bk, l.bdv, l, e)
+        + tile_bytes(l.bq, l.bd, l, e)
+        + tile_bytes(l.bq, l.bdv, l, e)
+        + 8 * l.bq
+}
+
+/// A row's value gathered over the four lanes of a quad (the lanes holding its columns).
 #[cube]
 fn quad_max(x: f32) -> f32 {
     let a = max(x, plane_shuffle_xor(x, 1u32));
@@ -52,15 +81,269 @@ fn quad_sum(x: f32) -> f32 {
     a + plane_shuffle_xor(a, 2u32)
 }
 
+/// `g` and `t` of this lane.
+#[cube]
+fn lane_gt() -> (usize, usize) {
+    let lane = UNIT_POS_PLANE as usize;
+    (lane / 4, lane % 4)
+}
+
+/// A padded tile of `rows × cols` input-dtype entries in slots of `l.vector` (16-byte rows
+/// aligned for `ldmatrix`).
+#[cube]
+fn tile_v<F: Float, N: Size>(
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) -> SharedMemory<Vector<F, N>> {
+    SharedMemory::<Vector<F, N>>::new_aligned(comptime!(rows * (cols + l.ph) / l.vector), 64usize)
+}
+
+/// Stages rows `row0 ..` (those below `valid`) of head `h` of a `[tokens, heads, width]` tensor,
+/// read in vectors of `l.vector`, into a `rows × cols` tile (zeros past `valid` and `width`, so
+/// partial blocks and padded head dims need no other care).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_v<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    #[comptime] heads: usize,
+    #[comptime] width: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) {
+    let (wv, cv, ld) = comptime!((width / l.vector, cols / l.vector, (cols + l.ph) / l.vector));
+    let threads = comptime!(l.tile.threads());
+    let slots = comptime!(rows * cv);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(slots.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < slots {
+            let row = e / cv;
+            let c = e % cv;
+            let mut x = Vector::<F, N>::cast_from(0.0f32);
+            if row < valid && c < wv {
+                x = src[((row0 + row) * heads + h) * wv + c];
+            }
+            dst[row * ld + c] = x;
+        }
+    }
+}
+
+/// Four 8×8 matrices by `ldmatrix` (`.trans` with `trans`): matrix `m` has rows `row0 + 8·(m % 2)
+/// ..` and columns `col0 + 8·(m / 2) ..` of a padded tile (`swap` exchanges the two offsets).
+/// This gives an `A` fragment at `(row0, col0)`; with `swap`, the two `B` fragments `(k, n) =
+/// t[n0 + n][k0 + k]` of columns `n0 = row0` and `n0 + 8`; with `trans`, the two `B` fragments
+/// `(k, n) = t[k0 + k][n0 + n]` of `k0 = row0` and columns `n0 = col0`, `n0 + 8`.
+#[cube]
+fn ldm4<F: Float, N: Size, NO: Size>(
+    t: &SharedMemory<Vector<F, N>>,
+    row0: usize,
+    col0: usize,
+    #[comptime] cols: usize,
+    #[comptime] swap: bool,
+    #[comptime] trans: bool,
+    #[comptime] l: AttnLayout,
+) -> Array<Vector<F, NO>> {
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+    let lane = UNIT_POS_PLANE as usize;
+    let m = lane / 8;
+    let mut dr = (m % 2) * 8;
+    let mut dc = (m / 2) * 8;
+    if comptime!(swap) {
+        dr = (m / 2) * 8;
+        dc = (m % 2) * 8;
+    }
+    let at = ((row0 + dr + lane % 8) * comptime!(cols + l.ph) + col0 + dc) / comptime!(l.vector);
+    let row = t.slice(at, at + comptime!(8 / l.vector));
+    def.load_matrix::<Vector<F, N>, NO>(&row, MatrixIdent::A, 4usize, trans)
+}
+
+/// Registers `2i`, `2i + 1` of a four-register load: one `B` fragment.
+#[cube]
+fn half_of<F: Float, NB: Size>(
+    r: &Array<Vector<F, NB>>,
+    #[comptime] i: usize,
+) -> Array<Vector<F, NB>> {
+    let mut b = Array::<Vector<F, NB>>::new(2usize);
+    b[0] = r[2 * i];
+    b[1] = r[2 * i + 1];
+    b
+}
+
+/// The `A` fragment of columns `16 s ..` of a row of accumulator tiles (tiles `2s` and `2s + 1`),
+/// rounded to the input dtype (as FlashAttention rounds `P` and `dS`).
+#[cube]
+fn a_from_acc<F: Float, NA: Size, NC: Size>(
+    acc: &Array<Vector<f32, NC>>,
+    s: usize,
+) -> Array<Vector<F, NA>> {
+    let mut a = Array::<Vector<F, NA>>::new(4usize);
+    #[unroll]
+    for r in 0..4usize {
+        let x = acc[s * 4 + r];
+        let mut y = Vector::<F, NA>::empty();
+        y[0] = F::cast_from(x[0]);
+        y[1] = F::cast_from(x[1]);
+        a[r] = y;
+    }
+    a
+}
+
+/// Accumulator tile `j` of `acc` (entries `2j`, `2j + 1`) `+= a · b`.
+#[cube]
+fn mma_acc<F: Float, NA: Size, NB: Size, NC: Size>(
+    a: &Array<Vector<F, NA>>,
+    b: &Array<Vector<F, NB>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    j: usize,
+) {
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+    let mut c = Array::<Vector<f32, NC>>::new(2usize);
+    c[0] = acc[j * 2];
+    c[1] = acc[j * 2 + 1];
+    let d = def.execute(a, b, &c);
+    acc[j * 2] = d[0];
+    acc[j * 2 + 1] = d[1];
+}
+
+/// `tiles` zeroed accumulator tiles.
+#[cube]
+fn zeros<NC: Size>(#[comptime] tiles: usize) -> Array<Vector<f32, NC>> {
+    let mut acc = Array::<Vector<f32, NC>>::new(comptime!(tiles * 2));
+    #[unroll]
+    for j in 0..comptime!(tiles * 2) {
+        acc[j] = Vector::<f32, NC>::cast_from(0.0f32);
+    }
+    acc
+}
+
+/// `acc = A Bᵀ` for the 16 rows `r0 ..` of tile `a` against the `n` rows of tile `b` (`n / 8`
+/// accumulator tiles), over `width` columns (both tiles `width` wide): the scores `Q Kᵀ` and
+/// their kin, with `A` read from shared memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scores_tiles<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    a: &SharedMemory<Vector<F, N>>,
+    r0: usize,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] n: usize,
+    #[comptime] width: usize,
+    #[comptime] l: AttnLayout,
+) {
+    #[unroll]
+    for s in 0..comptime!(width / FRAG_K) {
+        let fa = ldm4::<F, N, NA>(a, r0, s * FRAG_K, width, false, false, l);
+        scores_step::<F, N, NA, NB, NC>(&fa, b, acc, s, n, width, l);
+    }
+}
+
+/// One 16-column step `s` of [`scores_tiles`] with the `A` fragment given.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn scores_step<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    fa: &Array<Vector<F, NA>>,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    s: usize,
+    #[comptime] n: usize,
+    #[comptime] width: usize,
+    #[comptime] l: AttnLayout,
+) {
+    #[unroll]
+    for j in 0..comptime!(n / FRAG_K) {
+        let r = ldm4::<F, N, NB>(b, j * FRAG_K, s * FRAG_K, width, true, false, l);
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
+    }
+}
+
+/// `acc += X · B` for `X` the accumulator tiles `x` (16 rows, `k` columns, rounded) and `B`
+/// rows `..k` of tile `b`, `width` columns (`width / 8` accumulator tiles).
+#[cube]
+fn acc_times_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    x: &Array<Vector<f32, NC>>,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] k: usize,
+    #[comptime] width: usize,
+    #[comptime] l: AttnLayout,
+) {
+    #[unroll]
+    for s in 0..comptime!(k / FRAG_K) {
+        let fa = a_from_acc::<F, NA, NC>(x, s);
+        #[unroll]
+        for j in 0..comptime!(width / FRAG_K) {
+            let r = ldm4::<F, N, NB>(b, s * FRAG_K, j * FRAG_K, width, false, true, l);
+            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
+            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
+        }
+    }
+}
+
+/// Writes accumulator tiles (16 rows from `row0` of the `valid` in the block, `width / 8` tiles)
+/// times `1 / z` per row half (`z0` for rows `g`, `z1` for `g + 8`; 0 where `z` is 0 when
+/// `normalise`) to head `h` of a `[tokens, heads, cols]` tensor, columns below `cols`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_acc<F: Float, NC: Size>(
+    acc: &Array<Vector<f32, NC>>,
+    dst: &mut Array<F>,
+    tok0: usize,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    z0: f32,
+    z1: f32,
+    #[comptime] normalise: bool,
+    #[comptime] heads: usize,
+    #[comptime] cols: usize,
+    #[comptime] width: usize,
+) {
+    let (g, q) = lane_gt();
+    #[unroll]
+    for half in 0..2usize {
+        let row = row0 + g + half * 8;
+        let mut z = z0;
+        if half == 1 {
+            z = z1;
+        }
+        if row < valid {
+            let at = ((tok0 + row) * heads + h) * cols;
+            #[unroll]
+            for j in 0..comptime!(width / FRAG_N) {
+                let x = acc[j * 2 + half];
+                #[unroll]
+                for e in 0..2usize {
+                    let col = j * FRAG_N + 2 * q + e;
+                    if col < cols {
+                        let mut y = x[e];
+                        if comptime!(normalise) {
+                            y = select(z > 0.0f32, y / z, 0.0f32);
+                        }
+                        dst[at + col] = F::cast_from(y);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Forward: `o` and the rows' log-sum-exp, as [`super::kernels::attn_fwd_kernel`] computes them.
 /// Cubes `(query block, head, sequence)` of `(32, planes)` units; `l.bq = 16 · planes`, `l.bd`
 /// and `l.bdv` the head dims rounded up to 16 (whole heads), `l.bk` a multiple of 16.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_fwd_frag_kernel<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
+pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
     cu_seqlens: &Array<u32>,
     o: &mut Array<F>,
     lse: &mut Array<f32>,
@@ -73,10 +356,7 @@ pub fn attn_fwd_frag_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (bq, bk, dp, dvp) = comptime!((l.bq, l.bk, l.bd, l.bdv));
-    let (ldk, ldv) = comptime!((dp + l.ph, dvp + l.ph));
-    // Instruction tiles: key tiles of 8 in a block, 16-column steps of the head dims, 8-column
-    // output tiles, 16-key steps of `P V`.
-    let (nkt, ndk, nvt, nks) = comptime!((bk / FRAG_N, dp / FRAG_K, dvp / FRAG_N, bk / FRAG_K));
+    let (nkt, ndk) = comptime!((bk / FRAG_N, dp / FRAG_K));
     let qb = CUBE_POS_X as usize;
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -91,37 +371,26 @@ pub fn attn_fwd_frag_kernel<F: Float>(
         let size!(NA) = def.vector_size(MatrixIdent::A);
         let size!(NB) = def.vector_size(MatrixIdent::B);
         let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-        let lane = UNIT_POS_PLANE as usize;
-        let g = lane / 4;
-        let t = lane % 4;
-        // This plane's first row in the block, and its two rows' places in the sequence.
+        let (g, t) = lane_gt();
+        // This plane's first row in the block.
         let pr = UNIT_POS_Y as usize * FRAG_M;
-        let mut sk = tile_h::<F>(comptime!(bq.max(bk)), dp, l);
-        let mut sv = tile_h::<F>(bk, dvp, l);
+        let mut sk = tile_v::<F, N>(comptime!(bq.max(bk)), dp, l);
+        let mut sv = tile_v::<F, N>(comptime!(bq.max(bk)), dvp, l);
 
         // The queries, staged through the key tile, then held as `A` fragments per 16 columns.
-        stage::<F>(q, &mut sk, q0 + i0, rows, h, 0, l.heads, l.d, bq, dp, l);
+        stage_v::<F, N>(q, &mut sk, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
         sync_cube();
         let mut qa = Array::<Vector<F, NA>>::new(comptime!(ndk * 4));
         #[unroll]
         for s in 0..ndk {
+            let a = ldm4::<F, N, NA>(&sk, pr, s * FRAG_K, dp, false, false, l);
             #[unroll]
             for r in 0..4usize {
-                let row = pr + g + (r % 2) * 8;
-                let col = s * FRAG_K + 2 * t + (r / 2) * 8;
-                let mut x = Vector::empty();
-                x[0] = sk[row * ldk + col];
-                x[1] = sk[row * ldk + col + 1];
-                qa[s * 4 + r] = x;
+                qa[s * 4 + r] = a[r];
             }
         }
 
-        let zero = Vector::<f32, NC>::cast_from(0.0f32);
-        let mut oacc = Array::<Vector<f32, NC>>::new(comptime!(nvt * 2));
-        #[unroll]
-        for j in 0..comptime!(nvt * 2) {
-            oacc[j] = zero;
-        }
+        let mut oacc = zeros::<NC>(comptime!(dvp / FRAG_N));
         // Running maximum and this lane's part of the running sum, for rows g and g + 8.
         let mut m0 = f32::new(-1.0e30);
         let mut m1 = f32::new(-1.0e30);
@@ -137,39 +406,20 @@ pub fn attn_fwd_frag_kernel<F: Float>(
             let kr = chunk_len(lk, j0, bk);
             // Every plane is done with the previous block (and, first, with the queries).
             sync_cube();
-            stage::<F>(k, &mut sk, k0 + j0, kr, hk, 0, l.kv_heads, l.d, bk, dp, l);
-            stage::<F>(v, &mut sv, k0 + j0, kr, hk, 0, l.kv_heads, l.dv, bk, dvp, l);
+            stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+            stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
             sync_cube();
 
-            // S = Q Kᵀ, one 16 × 8 accumulator per 8 keys.
-            let mut sacc = Array::<Vector<f32, NC>>::new(comptime!(nkt * 2));
+            // S = Q Kᵀ, one 16 × 8 accumulator tile per 8 keys.
+            let mut sacc = zeros::<NC>(nkt);
             #[unroll]
-            for j in 0..nkt {
-                let mut c = Array::<Vector<f32, NC>>::new(2usize);
-                c[0] = zero;
-                c[1] = zero;
+            for s in 0..ndk {
+                let mut a = Array::<Vector<F, NA>>::new(4usize);
                 #[unroll]
-                for s in 0..ndk {
-                    let mut a = Array::<Vector<F, NA>>::new(4usize);
-                    #[unroll]
-                    for r in 0..4usize {
-                        a[r] = qa[s * 4 + r];
-                    }
-                    let mut b = Array::<Vector<F, NB>>::new(2usize);
-                    #[unroll]
-                    for r in 0..2usize {
-                        let at = (j * FRAG_N + g) * ldk + s * FRAG_K + 2 * t + r * 8;
-                        let mut x = Vector::empty();
-                        x[0] = sk[at];
-                        x[1] = sk[at + 1];
-                        b[r] = x;
-                    }
-                    let d = def.execute(&a, &b, &c);
-                    c[0] = d[0];
-                    c[1] = d[1];
+                for r in 0..4usize {
+                    a[r] = qa[s * 4 + r];
                 }
-                sacc[j * 2] = c[0];
-                sacc[j * 2 + 1] = c[1];
+                scores_step::<F, N, NA, NB, NC>(&a, &sk, &mut sacc, s, bk, dp, l);
             }
 
             // Scale, cap and mask; the rows' new maxima.
@@ -216,7 +466,7 @@ pub fn attn_fwd_frag_kernel<F: Float>(
                     #[unroll]
                     for e in 0..2usize {
                         let y = x[e];
-                        let mut p = 0.0f32;
+                        let mut p = f32::new(0.0);
                         if half == 0 {
                             if y > -1.0e30f32 {
                                 p = (y - n0).exp();
@@ -236,7 +486,7 @@ pub fn attn_fwd_frag_kernel<F: Float>(
             l0 = l0 * alpha0 + p0;
             l1 = l1 * alpha1 + p1;
             #[unroll]
-            for j in 0..nvt {
+            for j in 0..comptime!(dvp / FRAG_N) {
                 let mut x = oacc[j * 2];
                 x[0] *= alpha0;
                 x[1] *= alpha0;
@@ -247,74 +497,372 @@ pub fn attn_fwd_frag_kernel<F: Float>(
                 oacc[j * 2 + 1] = y;
             }
 
-            // O += P V: the probabilities of keys 16s .. 16s + 15 are the accumulators of key
-            // tiles 2s and 2s + 1, rounded to the input dtype (as FlashAttention does).
-            #[unroll]
-            for s in 0..nks {
-                let mut a = Array::<Vector<F, NA>>::new(4usize);
-                #[unroll]
-                for r in 0..4usize {
-                    let x = sacc[s * 4 + r];
-                    let mut y = Vector::empty();
-                    y[0] = F::cast_from(x[0]);
-                    y[1] = F::cast_from(x[1]);
-                    a[r] = y;
-                }
-                #[unroll]
-                for j in 0..nvt {
-                    let mut b = Array::<Vector<F, NB>>::new(2usize);
-                    #[unroll]
-                    for r in 0..2usize {
-                        let key = s * FRAG_K + 2 * t + r * 8;
-                        let col = j * FRAG_N + g;
-                        let mut x = Vector::empty();
-                        x[0] = sv[key * ldv + col];
-                        x[1] = sv[(key + 1) * ldv + col];
-                        b[r] = x;
-                    }
-                    let mut c = Array::<Vector<f32, NC>>::new(2usize);
-                    c[0] = oacc[j * 2];
-                    c[1] = oacc[j * 2 + 1];
-                    let d = def.execute(&a, &b, &c);
-                    oacc[j * 2] = d[0];
-                    oacc[j * 2 + 1] = d[1];
-                }
-            }
+            // O += P V.
+            acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sv, &mut oacc, bk, dvp, l);
         }
 
         // The rows' sums over their four lanes; the normalised output and the log-sum-exp.
         let z0 = quad_sum(l0);
         let z1 = quad_sum(l1);
-        #[unroll]
-        for half in 0..2usize {
-            let row = pr + g + half * 8;
-            let mut z = z0;
-            let mut m = m0;
-            if half == 1 {
-                z = z1;
-                m = m1;
-            }
-            if row < rows {
-                let at = (q0 + i0 + row) * l.heads + h;
-                #[unroll]
-                for j in 0..nvt {
-                    let x = oacc[j * 2 + half];
-                    #[unroll]
-                    for e in 0..2usize {
-                        let col = j * FRAG_N + 2 * t + e;
-                        if col < l.dv {
-                            o[at * l.dv + col] = F::cast_from(select(z > 0.0f32, x[e] / z, 0.0f32));
-                        }
-                    }
+        store_acc::<F, NC>(
+            &oacc,
+            o,
+            q0 + i0,
+            pr,
+            rows,
+            h,
+            z0,
+            z1,
+            true,
+            l.heads,
+            l.dv,
+            dvp,
+        );
+        if t == 0 {
+            #[unroll]
+            for half in 0..2usize {
+                let row = pr + g + half * 8;
+                let mut z = z0;
+                let mut m = m0;
+                if half == 1 {
+                    z = z1;
+                    m = m1;
                 }
-                if t == 0 {
-                    let mut x = 0.0f32;
+                if row < rows {
+                    let mut x = f32::new(0.0);
                     if z > 0.0f32 {
                         x = m + z.ln();
                     }
-                    lse[at] = x;
+                    lse[(q0 + i0 + row) * l.heads + h] = x;
                 }
             }
         }
+    }
+}
+
+/// Backward `dq`. Cubes `(query block, head, sequence)` of `(32, planes)` units, the forward's
+/// layout; each plane keeps its 16 rows' queries, `d_o` and `dq` in registers over the key
+/// blocks.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_dq_frag_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    d_o: &Array<Vector<F, N>>,
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    cu_seqlens: &Array<u32>,
+    dq: &mut Array<F>,
+    q_len: u32,
+    kv_len: u32,
+    scale: f32,
+    window: u32,
+    cap: f32,
+    #[comptime] l: AttnLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (bq, bk, dp, dvp) = comptime!((l.bq, l.bk, l.bd, l.bdv));
+    let (nkt, ndk, ndv) = comptime!((bk / FRAG_N, dp / FRAG_K, dvp / FRAG_K));
+    let qb = CUBE_POS_X as usize;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let hk = h / comptime!(l.heads / l.kv_heads);
+    let (q0, lq, k0, lk) = bounds(cu_seqlens, n, q_len, kv_len, l.varlen);
+    let i0 = qb * bq;
+    if i0 < lq {
+        let rows = chunk_len(lq, i0, bq);
+        let off = key_offset(lq, lk);
+        let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+        let size!(NA) = def.vector_size(MatrixIdent::A);
+        let size!(NB) = def.vector_size(MatrixIdent::B);
+        let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+        let (g, t) = lane_gt();
+        let pr = UNIT_POS_Y as usize * FRAG_M;
+        let mut sk = tile_v::<F, N>(comptime!(bq.max(bk)), dp, l);
+        let mut sv = tile_v::<F, N>(comptime!(bq.max(bk)), dvp, l);
+
+        // Queries and `d_o` through the key and value tiles into registers.
+        stage_v::<F, N>(q, &mut sk, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
+        stage_v::<F, N>(d_o, &mut sv, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
+        sync_cube();
+        let mut qa = Array::<Vector<F, NA>>::new(comptime!(ndk * 4));
+        #[unroll]
+        for s in 0..ndk {
+            let a = ldm4::<F, N, NA>(&sk, pr, s * FRAG_K, dp, false, false, l);
+            #[unroll]
+            for r in 0..4usize {
+                qa[s * 4 + r] = a[r];
+            }
+        }
+        let mut doa = Array::<Vector<F, NA>>::new(comptime!(ndv * 4));
+        #[unroll]
+        for s in 0..ndv {
+            let a = ldm4::<F, N, NA>(&sv, pr, s * FRAG_K, dvp, false, false, l);
+            #[unroll]
+            for r in 0..4usize {
+                doa[s * 4 + r] = a[r];
+            }
+        }
+        // Log-sum-exp and δ of rows g and g + 8 (0 past the block's rows, which are masked).
+        let mut lse0 = f32::new(0.0);
+        let mut lse1 = f32::new(0.0);
+        let mut del0 = f32::new(0.0);
+        let mut del1 = f32::new(0.0);
+        let r0 = pr + g;
+        if r0 < rows {
+            lse0 = lse[(q0 + i0 + r0) * l.heads + h];
+            del0 = delta[(q0 + i0 + r0) * l.heads + h];
+        }
+        if r0 + 8 < rows {
+            lse1 = lse[(q0 + i0 + r0 + 8) * l.heads + h];
+            del1 = delta[(q0 + i0 + r0 + 8) * l.heads + h];
+        }
+        let pos0 = i0 + r0 + off;
+        let mut dqacc = zeros::<NC>(comptime!(dp / FRAG_N));
+
+        let (j_lo, j_hi) = key_range(i0 + off, rows, lk, window, l);
+        let kb_lo = j_lo / bk;
+        let kb_hi = j_hi.div_ceil(bk);
+        for kb in kb_lo..kb_hi {
+            let j0 = kb * bk;
+            let kr = chunk_len(lk, j0, bk);
+            sync_cube();
+            stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+            stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            sync_cube();
+
+            // S = Q Kᵀ and dP = dO Vᵀ.
+            let mut sacc = zeros::<NC>(nkt);
+            let mut pacc = zeros::<NC>(nkt);
+            #[unroll]
+            for s in 0..ndk {
+                let mut a = Array::<Vector<F, NA>>::new(4usize);
+                #[unroll]
+                for r in 0..4usize {
+                    a[r] = qa[s * 4 + r];
+                }
+                scores_step::<F, N, NA, NB, NC>(&a, &sk, &mut sacc, s, bk, dp, l);
+            }
+            #[unroll]
+            for s in 0..ndv {
+                let mut a = Array::<Vector<F, NA>>::new(4usize);
+                #[unroll]
+                for r in 0..4usize {
+                    a[r] = doa[s * 4 + r];
+                }
+                scores_step::<F, N, NA, NB, NC>(&a, &sv, &mut pacc, s, bk, dvp, l);
+            }
+            // dS = P ∘ (dP − δ) · ∂x/∂s, in place of S.
+            #[unroll]
+            for j in 0..nkt {
+                #[unroll]
+                for half in 0..2usize {
+                    let row = r0 + half * 8;
+                    let mut m = lse0;
+                    let mut d = del0;
+                    if half == 1 {
+                        m = lse1;
+                        d = del1;
+                    }
+                    let mut x = sacc[j * 2 + half];
+                    let dpv = pacc[j * 2 + half];
+                    #[unroll]
+                    for e in 0..2usize {
+                        let col = j * FRAG_N + 2 * t + e;
+                        let y = capped(x[e], scale, cap, l);
+                        let mut p = f32::new(0.0);
+                        if row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l) {
+                            p = (y - m).exp();
+                        }
+                        x[e] = p * (dpv[e] - d) * cap_grad(y, scale, cap, l);
+                    }
+                    sacc[j * 2 + half] = x;
+                }
+            }
+            // dQ += dS K.
+            acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sk, &mut dqacc, bk, dp, l);
+        }
+        store_acc::<F, NC>(
+            &dqacc,
+            dq,
+            q0 + i0,
+            pr,
+            rows,
+            h,
+            1.0f32,
+            1.0f32,
+            false,
+            l.heads,
+            l.d,
+            dp,
+        );
+    }
+}
+
+/// Backward `dk`, `dv`, summed over the query heads of a group. Cubes `(key block, key/value
+/// head, sequence)` of `(32, planes)` units, `l.bk = 16 · planes` keys, the loop over query
+/// blocks of `l.bq` rows; each plane keeps its 16 keys' `dk` and `dv` in registers, and reads
+/// its keys and values from the block staged once.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    d_o: &Array<Vector<F, N>>,
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    cu_seqlens: &Array<u32>,
+    dk: &mut Array<F>,
+    dv: &mut Array<F>,
+    q_len: u32,
+    kv_len: u32,
+    scale: f32,
+    window: u32,
+    cap: f32,
+    #[comptime] l: AttnLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (bq, bk, dp, dvp) = comptime!((l.bq, l.bk, l.bd, l.bdv));
+    let nqt = comptime!(bq / FRAG_N);
+    let kb = CUBE_POS_X as usize;
+    let hk = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let group = comptime!(l.heads / l.kv_heads);
+    let (q0, lq, k0, lk) = bounds(cu_seqlens, n, q_len, kv_len, l.varlen);
+    let j0 = kb * bk;
+    if j0 < lk {
+        let kr = chunk_len(lk, j0, bk);
+        let off = key_offset(lq, lk);
+        let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+        let size!(NA) = def.vector_size(MatrixIdent::A);
+        let size!(NB) = def.vector_size(MatrixIdent::B);
+        let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+        let (g, t) = lane_gt();
+        // This plane's first key in the block.
+        let pk = UNIT_POS_Y as usize * FRAG_M;
+        let mut sk = tile_v::<F, N>(bk, dp, l);
+        let mut sv = tile_v::<F, N>(bk, dvp, l);
+        let mut sq = tile_v::<F, N>(bq, dp, l);
+        let mut sdo = tile_v::<F, N>(bq, dvp, l);
+        let mut slse = SharedMemory::<f32>::new(bq);
+        let mut sdel = SharedMemory::<f32>::new(bq);
+        stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+        stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+
+        // Queries that see any key of the block: positions from its first key (causal) up to
+        // its last key plus the window.
+        let mut i_lo = 0usize;
+        if comptime!(l.causal) {
+            if j0 > off {
+                i_lo = j0 - off;
+            }
+        }
+        let mut i_hi = lq;
+        if comptime!(l.window) {
+            let reach = j0 + kr - 1 + window as usize;
+            i_hi = 0;
+            if reach > off {
+                i_hi = smaller(lq, reach - off);
+            }
+        }
+        let mut qb_lo = i_lo / bq;
+        let qb_hi = i_hi.div_ceil(bq);
+        if i_lo >= i_hi {
+            qb_lo = qb_hi;
+        }
+        let mut dkacc = zeros::<NC>(comptime!(dp / FRAG_N));
+        let mut dvacc = zeros::<NC>(comptime!(dvp / FRAG_N));
+        // The keys of rows g and g + 8 of this plane.
+        let key0 = pk + g;
+        let unit = UNIT_POS as usize;
+        let threads = comptime!(l.tile.threads());
+        for gi in 0..group {
+            let h = hk * group + gi;
+            for qb in qb_lo..qb_hi {
+                let i0 = qb * bq;
+                let rows = chunk_len(lq, i0, bq);
+                // Every plane is done with the previous block.
+                sync_cube();
+                stage_v::<F, N>(q, &mut sq, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
+                stage_v::<F, N>(d_o, &mut sdo, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
+                #[unroll]
+                for r in 0..comptime!(bq.div_ceil(threads)) {
+                    let row = unit + r * threads;
+                    if row < bq {
+                        let mut a = f32::new(0.0);
+                        let mut b = f32::new(0.0);
+                        if row < rows {
+                            a = lse[(q0 + i0 + row) * l.heads + h];
+                            b = delta[(q0 + i0 + row) * l.heads + h];
+                        }
+                        slse[row] = a;
+                        sdel[row] = b;
+                    }
+                }
+                sync_cube();
+
+                // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (keys down, queries across).
+                let mut sacc = zeros::<NC>(nqt);
+                let mut pacc = zeros::<NC>(nqt);
+                scores_tiles::<F, N, NA, NB, NC>(&sk, pk, &sq, &mut sacc, bq, dp, l);
+                scores_tiles::<F, N, NA, NB, NC>(&sv, pk, &sdo, &mut pacc, bq, dvp, l);
+                // Pᵀ in place of Sᵀ, dSᵀ in place of dPᵀ.
+                #[unroll]
+                for j in 0..nqt {
+                    #[unroll]
+                    for half in 0..2usize {
+                        let key = key0 + half * 8;
+                        let mut x = sacc[j * 2 + half];
+                        let mut y = pacc[j * 2 + half];
+                        #[unroll]
+                        for e in 0..2usize {
+                            let col = j * FRAG_N + 2 * t + e;
+                            let s = capped(x[e], scale, cap, l);
+                            let mut p = f32::new(0.0);
+                            if key < kr && col < rows && sees(i0 + col + off, j0 + key, window, l) {
+                                p = (s - slse[col]).exp();
+                            }
+                            x[e] = p;
+                            y[e] = p * (y[e] - sdel[col]) * cap_grad(s, scale, cap, l);
+                        }
+                        sacc[j * 2 + half] = x;
+                        pacc[j * 2 + half] = y;
+                    }
+                }
+                // dV += Pᵀ dO, dK += dSᵀ Q.
+                acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sdo, &mut dvacc, bq, dvp, l);
+                acc_times_rows::<F, N, NA, NB, NC>(&pacc, &sq, &mut dkacc, bq, dp, l);
+            }
+        }
+        store_acc::<F, NC>(
+            &dkacc,
+            dk,
+            k0 + j0,
+            pk,
+            kr,
+            hk,
+            1.0f32,
+            1.0f32,
+            false,
+            l.kv_heads,
+            l.d,
+            dp,
+        );
+        store_acc::<F, NC>(
+            &dvacc,
+            dv,
+            k0 + j0,
+            pk,
+            kr,
+            hk,
+            1.0f32,
+            1.0f32,
+            false,
+            l.kv_heads,
+            l.dv,
+            dvp,
+        );
     }
 }

@@ -29,6 +29,9 @@ pub struct AttnLayout {
     /// Query rows and key rows per block (multiples of 16).
     pub bq: usize,
     pub bk: usize,
+    /// Entries per load of the register kernels ([`super::frag`]): 8, 4, 2 or 1, the widest that
+    /// divides both head dims; the shared-memory kernels read single entries (1).
+    pub vector: usize,
     /// Columns per staged chunk of `q`/`k` and of `v`/`d_o` (multiples of 16).
     pub bd: usize,
     pub bdv: usize,
@@ -299,7 +302,7 @@ pub(super) fn sees(pos: usize, j: usize, window: u32, #[comptime] l: AttnLayout)
 }
 
 #[cube]
-fn smaller(a: usize, b: usize) -> usize {
+pub(super) fn smaller(a: usize, b: usize) -> usize {
     let mut m = a;
     if b < a {
         m = b;
@@ -353,7 +356,7 @@ pub(super) fn capped(s: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) ->
 
 /// `∂x/∂s` of [`capped`] from its result `x`: `scale · (1 − tanh²)`, `tanh = x / cap`.
 #[cube]
-fn cap_grad(x: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) -> f32 {
+pub(super) fn cap_grad(x: f32, scale: f32, cap: f32, #[comptime] l: AttnLayout) -> f32 {
     let mut g = scale;
     if comptime!(l.softcap) {
         let t = x / cap;

@@ -3,7 +3,10 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::frag::{attn_fwd_frag_kernel, frag_fwd_smem, FRAG_M};
+use super::frag::{
+    attn_dkv_frag_kernel, attn_dq_frag_kernel, attn_fwd_frag_kernel, frag_dkv_smem, frag_dq_smem,
+    frag_fwd_smem, FRAG_K, FRAG_M, FRAG_N,
+};
 use super::kernels::{
     attn_delta_kernel, attn_dkv_kernel, attn_dq_kernel, attn_fwd_kernel, dkv_smem, dq_smem,
     fwd_smem, AttnLayout,
@@ -109,6 +112,7 @@ pub fn attn_layout<R: Runtime>(
                 dv: p.v_dim,
                 bq,
                 bk,
+                vector: 1,
                 bd: dp.min(width),
                 bdv: dvp.min(width),
                 ph: 16 / elem,
@@ -141,54 +145,56 @@ pub fn attn_check_device<R: Runtime>(
     checked_layouts(client, p).map(|_| ())
 }
 
-/// The layout of the forward that keeps its accumulators in registers
-/// ([`super::frag::attn_fwd_frag_kernel`]), where it applies: CUDA with `mma.sync` for the dtype
-/// (f16, bf16), head dims of at most 128 (the output's registers), and shared memory for a key
-/// and a value block; `None` elsewhere, where the shared-memory forward runs. `FLA_ATTN_FRAG=0`
-/// turns it off; `FLA_ATTN_FRAG_PLANES` (16 query rows each) and `FLA_ATTN_FRAG_BK` (keys per
-/// block) override its tile sizes, for measuring.
-pub fn attn_fwd_registers<R: Runtime>(
-    client: &ComputeClient<R>,
-    p: &AttnProblem,
-) -> Option<AttnLayout> {
-    let props = client.properties();
+/// Whether the kernels that keep their accumulators in registers ([`super::frag`]) run this
+/// problem: CUDA with `mma.sync` and `ldmatrix` for the dtype (f16, bf16) and head dims of at most 128 (the
+/// accumulators' registers); `FLA_ATTN_FRAG=0` turns them off, for measuring.
+fn frag_applies<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> bool {
     let mma = MmaConfig {
         a_type: p.dtype.storage(),
         b_type: p.dtype.storage(),
         cd_type: FloatDType::F32.storage(),
-        m: 16,
-        n: 8,
-        k: 16,
+        m: FRAG_M as u32,
+        n: FRAG_N as u32,
+        k: FRAG_K as u32,
     };
-    let (dp, dvp) = (
-        p.k_dim.next_multiple_of(FRAG),
-        p.v_dim.next_multiple_of(FRAG),
-    );
-    if !R::name(client).contains("cuda")
-        || !props.features.matmul.mma.contains(&mma)
-        || dp > 128
-        || dvp > 128
-        || tuning("FLA_ATTN_FRAG") == Some(0)
-    {
-        return None;
-    }
-    let max_units = props.hardware.max_units_per_cube as usize;
-    let planes = tuning("FLA_ATTN_FRAG_PLANES")
-        .unwrap_or(4)
-        .clamp(1, max_units / PLANE);
-    let bk = tuning("FLA_ATTN_FRAG_BK")
-        .unwrap_or(64)
-        .next_multiple_of(FRAG)
-        .clamp(FRAG, 128);
+    R::name(client).contains("cuda")
+        && client.properties().features.matmul.mma.contains(&mma)
+        && client
+            .properties()
+            .features
+            .matmul
+            .ldmatrix
+            .contains(&p.dtype.storage())
+        && p.k_dim.next_multiple_of(FRAG) <= 128
+        && p.v_dim.next_multiple_of(FRAG) <= 128
+        && tuning("FLA_ATTN_FRAG") != Some(0)
+}
+
+/// A register kernel's layout: whole heads (rounded up to 16), `planes` planes of 16 rows,
+/// `bq` query rows and `bk` key rows per block; `None` when `smem` of it does not fit.
+fn frag_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+    planes: usize,
+    bq: usize,
+    bk: usize,
+    smem: fn(&AttnLayout, usize) -> usize,
+) -> Option<AttnLayout> {
+    // Loads in vectors of up to 16 bytes: the widest that divides both head dims.
+    let vector = [8, 4, 2, 1]
+        .into_iter()
+        .find(|&v| p.k_dim.is_multiple_of(v) && p.v_dim.is_multiple_of(v))
+        .unwrap_or(1);
     let l = AttnLayout {
         heads: p.heads,
         kv_heads: p.kv_heads,
         d: p.k_dim,
         dv: p.v_dim,
-        bq: FRAG_M * planes,
+        bq,
         bk,
-        bd: dp,
-        bdv: dvp,
+        vector,
+        bd: p.k_dim.next_multiple_of(FRAG),
+        bdv: p.v_dim.next_multiple_of(FRAG),
         ph: 16 / p.dtype.size(),
         causal: p.causal,
         window: p.window.is_some(),
@@ -201,7 +207,74 @@ pub fn attn_fwd_registers<R: Runtime>(
             unroll: false,
         },
     };
-    (frag_fwd_smem(&l, p.dtype.size()) <= props.hardware.max_shared_memory_size).then_some(l)
+    (smem(&l, p.dtype.size()) <= client.properties().hardware.max_shared_memory_size).then_some(l)
+}
+
+/// Planes of a register kernel (`var` overrides `planes`) and a block length (`len_var`
+/// overrides `len`), a multiple of 16 up to 128.
+fn frag_sizes<R: Runtime>(
+    client: &ComputeClient<R>,
+    var: &str,
+    len_var: &str,
+    len: usize,
+    planes: usize,
+) -> (usize, usize) {
+    let max_planes = client.properties().hardware.max_units_per_cube as usize / PLANE;
+    let planes = tuning(var).unwrap_or(planes).clamp(1, max_planes);
+    let len = tuning(len_var)
+        .unwrap_or(len)
+        .next_multiple_of(FRAG)
+        .clamp(FRAG, 128);
+    (planes, len)
+}
+
+/// The layout of the forward that keeps its accumulators in registers
+/// ([`super::frag::attn_fwd_frag_kernel`]: 16 query rows per plane), where it applies
+/// ([`frag_applies`], and shared memory for a key and a value block); `None` elsewhere, where the
+/// shared-memory forward runs. `FLA_ATTN_FRAG_PLANES` and `FLA_ATTN_FRAG_BK` (keys per block)
+/// override its sizes, for measuring.
+pub fn attn_fwd_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+) -> Option<AttnLayout> {
+    if !frag_applies(client, p) {
+        return None;
+    }
+    // 8 planes (128 query rows): H100, bf16, B = 8, H = 16, D = 128, causal, T = 4096, with the
+    // fragments read entry by entry: 6.9 ms against 9.0 at 4 planes (keys and values are staged
+    // once for twice the rows).
+    let (planes, bk) = frag_sizes(client, "FLA_ATTN_FRAG_PLANES", "FLA_ATTN_FRAG_BK", 64, 8);
+    frag_layout(client, p, planes, FRAG_M * planes, bk, frag_fwd_smem)
+}
+
+/// The layouts of the backward kernels that keep their accumulators in registers, `dq` (16 query
+/// rows per plane, key blocks of 32) and `dk`/`dv` (16 key rows per plane, query blocks of 32),
+/// where they apply (as [`attn_fwd_registers`]); `None` elsewhere. `FLA_ATTN_FRAG_BWD_PLANES`,
+/// `FLA_ATTN_FRAG_DQ_BK` and `FLA_ATTN_FRAG_DKV_BQ` override their sizes, for measuring.
+pub fn attn_bwd_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &AttnProblem,
+) -> Option<[AttnLayout; 2]> {
+    if !frag_applies(client, p) {
+        return None;
+    }
+    let (planes, bk) = frag_sizes(
+        client,
+        "FLA_ATTN_FRAG_BWD_PLANES",
+        "FLA_ATTN_FRAG_DQ_BK",
+        32,
+        4,
+    );
+    let dq = frag_layout(client, p, planes, FRAG_M * planes, bk, frag_dq_smem)?;
+    let (_, bq) = frag_sizes(
+        client,
+        "FLA_ATTN_FRAG_BWD_PLANES",
+        "FLA_ATTN_FRAG_DKV_BQ",
+        32,
+        4,
+    );
+    let dkv = frag_layout(client, p, planes, bq, FRAG_M * planes, frag_dkv_smem)?;
+    Some([dq, dkv])
 }
 
 /// [`attn_check_device`], returning the layouts it chose for the forward, `dq` and `dk`/`dv`
@@ -223,9 +296,12 @@ fn checked_layouts<R: Runtime>(
         attn_layout(client, p, AttnKernel::Dq)?,
         attn_layout(client, p, AttnKernel::Dkv)?,
     ];
-    let frag = attn_fwd_registers(client, p).map_or(0, |l| fwd_blocks(p, &l));
+    let frag_fwd = attn_fwd_registers(client, p).map_or(0, |l| fwd_blocks(p, &l));
+    let frag_bwd = attn_bwd_registers(client, p)
+        .map_or(0, |[dq, dkv]| dq_blocks(p, &dq).max(dkv_blocks(p, &dkv)));
     let blocks = fwd_blocks(p, &layouts[0])
-        .max(frag)
+        .max(frag_fwd)
+        .max(frag_bwd)
         .max(dq_blocks(p, &layouts[1]))
         .max(dkv_blocks(p, &layouts[2]));
     // Query or key blocks on x, heads on y, sequences on z.
@@ -291,47 +367,38 @@ pub fn attn_forward<R: Runtime>(
     let grid = CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32);
     // Every access is guarded by the kernels' own conditions (rows inside the sequence, columns
     // inside the head).
-    unsafe {
-        if frag.is_some() {
-            attn_fwd_frag_kernel::launch_unchecked::<R>(
-                client,
-                grid,
-                cube_dim(&l),
-                array(b.q, nq),
-                array(b.k, nk),
-                array(b.v, nv),
-                array(&cu, cu_len),
-                array(b.o, no),
-                array(b.lse, nl),
-                p.q_len as u32,
-                p.kv_len as u32,
-                p.scale,
-                window,
-                cap,
-                l,
-                p.dtype.storage(),
-            )
-        } else {
-            attn_fwd_kernel::launch_unchecked::<R>(
-                client,
-                grid,
-                cube_dim(&l),
-                array(b.q, nq),
-                array(b.k, nk),
-                array(b.v, nv),
-                array(&cu, cu_len),
-                array(b.o, no),
-                array(b.lse, nl),
-                p.q_len as u32,
-                p.kv_len as u32,
-                p.scale,
-                window,
-                cap,
-                l,
-                p.dtype.storage(),
-            )
-        }
-    };
+    // The register kernels read `q`, `k`, `v` (and `d_o`) in vectors of `l.vector` entries.
+    let vs = l.vector;
+    macro_rules! launch {
+        ($kernel:ident $(, $vector:expr)?) => {
+            unsafe {
+                $kernel::launch_unchecked::<R>(
+                    client,
+                    grid,
+                    cube_dim(&l),
+                    $($vector,)?
+                    array(b.q, nq / vs),
+                    array(b.k, nk / vs),
+                    array(b.v, nv / vs),
+                    array(&cu, cu_len),
+                    array(b.o, no),
+                    array(b.lse, nl),
+                    p.q_len as u32,
+                    p.kv_len as u32,
+                    p.scale,
+                    window,
+                    cap,
+                    l,
+                    p.dtype.storage(),
+                )
+            }
+        };
+    }
+    if frag.is_some() {
+        launch!(attn_fwd_frag_kernel, vs);
+    } else {
+        launch!(attn_fwd_kernel);
+    }
     Ok(())
 }
 
@@ -342,6 +409,8 @@ pub fn attn_backward<R: Runtime>(
     b: AttnBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     let [_, lq, lkv] = checked_layouts(client, p)?;
+    let frag = attn_bwd_registers(client, p);
+    let [lq, lkv] = frag.unwrap_or([lq, lkv]);
     let (nq, nk, nv, no, nl) = p.lens();
     let e = p.dtype.size();
     for (name, h, n) in [
@@ -374,51 +443,70 @@ pub fn attn_backward<R: Runtime>(
         )
     };
     let (dq_blocks, dkv_blocks) = (dq_blocks(p, &lq), dkv_blocks(p, &lkv));
+    let dq_grid = CubeCount::Static(dq_blocks as u32, p.heads as u32, p.num_seqs() as u32);
+    let dkv_grid = CubeCount::Static(dkv_blocks as u32, p.kv_heads as u32, p.num_seqs() as u32);
     // Every access is guarded by the kernels' own conditions.
-    unsafe {
-        attn_dq_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(dq_blocks as u32, p.heads as u32, p.num_seqs() as u32),
-            cube_dim(&lq),
-            array(b.q, nq),
-            array(b.k, nk),
-            array(b.v, nv),
-            array(b.d_o, no),
-            array(b.lse, nl),
-            array(&delta, nl),
-            array(&cu, cu_len),
-            array(b.dq, nq),
-            p.q_len as u32,
-            p.kv_len as u32,
-            p.scale,
-            window,
-            cap,
-            lq,
-            p.dtype.storage(),
-        )
-    };
-    unsafe {
-        attn_dkv_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(dkv_blocks as u32, p.kv_heads as u32, p.num_seqs() as u32),
-            cube_dim(&lkv),
-            array(b.q, nq),
-            array(b.k, nk),
-            array(b.v, nv),
-            array(b.d_o, no),
-            array(b.lse, nl),
-            array(&delta, nl),
-            array(&cu, cu_len),
-            array(b.dk, nk),
-            array(b.dv, nv),
-            p.q_len as u32,
-            p.kv_len as u32,
-            p.scale,
-            window,
-            cap,
-            lkv,
-            p.dtype.storage(),
-        )
-    };
+    macro_rules! launch_dq {
+        ($kernel:ident $(, $vector:expr)?) => {
+            unsafe {
+                $kernel::launch_unchecked::<R>(
+                    client,
+                    dq_grid,
+                    cube_dim(&lq),
+                    $($vector,)?
+                    array(b.q, nq / lq.vector),
+                    array(b.k, nk / lq.vector),
+                    array(b.v, nv / lq.vector),
+                    array(b.d_o, no / lq.vector),
+                    array(b.lse, nl),
+                    array(&delta, nl),
+                    array(&cu, cu_len),
+                    array(b.dq, nq),
+                    p.q_len as u32,
+                    p.kv_len as u32,
+                    p.scale,
+                    window,
+                    cap,
+                    lq,
+                    p.dtype.storage(),
+                )
+            }
+        };
+    }
+    macro_rules! launch_dkv {
+        ($kernel:ident $(, $vector:expr)?) => {
+            unsafe {
+                $kernel::launch_unchecked::<R>(
+                    client,
+                    dkv_grid,
+                    cube_dim(&lkv),
+                    $($vector,)?
+                    array(b.q, nq / lkv.vector),
+                    array(b.k, nk / lkv.vector),
+                    array(b.v, nv / lkv.vector),
+                    array(b.d_o, no / lkv.vector),
+                    array(b.lse, nl),
+                    array(&delta, nl),
+                    array(&cu, cu_len),
+                    array(b.dk, nk),
+                    array(b.dv, nv),
+                    p.q_len as u32,
+                    p.kv_len as u32,
+                    p.scale,
+                    window,
+                    cap,
+                    lkv,
+                    p.dtype.storage(),
+                )
+            }
+        };
+    }
+    if frag.is_some() {
+        launch_dq!(attn_dq_frag_kernel, lq.vector);
+        launch_dkv!(attn_dkv_frag_kernel, lkv.vector);
+    } else {
+        launch_dq!(attn_dq_kernel);
+        launch_dkv!(attn_dkv_kernel);
+    }
     Ok(())
 }

@@ -21,8 +21,8 @@ pub mod naive;
 
 pub use kernels::AttnLayout;
 pub use launch::{
-    attn_backward, attn_check_device, attn_forward, attn_fwd_registers, attn_layout,
-    AttnBackwardBuffers, AttnForwardBuffers, AttnKernel,
+    attn_backward, attn_bwd_registers, attn_check_device, attn_forward, attn_fwd_registers,
+    attn_layout, AttnBackwardBuffers, AttnForwardBuffers, AttnKernel,
 };
 
 use crate::problem::{self, MAX_HEAD_DIM};

@@ -9,8 +9,8 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::attn::{
-    attn_backward, attn_forward, attn_fwd_registers, AttnBackwardBuffers, AttnForwardBuffers,
-    AttnProblem,
+    attn_backward, attn_bwd_registers, attn_forward, attn_fwd_registers, AttnBackwardBuffers,
+    AttnForwardBuffers, AttnProblem,
 };
 use fla_cubecl_kernels::testing::{decode, encode, AttnCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -242,9 +242,9 @@ fn half_precision(
     on_runtime!(compare(&case([1, 65, 65, 2, 2, 100, 100], o, dtype)));
 }
 
-/// Which forward a call takes: on CUDA in f16/bf16 with head dims of at most 128, the one that
-/// holds its accumulators in registers (so every CUDA half-precision case above tests it);
-/// elsewhere (Vulkan, lavapipe, f32, wider heads) the shared-memory one.
+/// Which kernels a call takes: on CUDA in f16/bf16 with head dims of at most 128, the ones that
+/// hold their accumulators in registers, forward and backward (so every CUDA half-precision case
+/// above tests them); elsewhere (Vulkan, lavapipe, f32, wider heads) the shared-memory ones.
 #[rstest]
 fn forward_kernel_choice(
     #[values(FloatDType::F32, FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
@@ -264,9 +264,28 @@ fn expect_forward_choice<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem)
         p.dtype,
         p.k_dim
     );
-    if let Some(l) = l {
+    let bwd = attn_bwd_registers(client, p);
+    assert_eq!(bwd.is_some(), registers, "backward: {bwd:?}");
+    if let (Some(l), Some([dq, dkv])) = (l, bwd) {
         assert_eq!(l.bq, 16 * l.tile.planes, "16 query rows per plane: {l:?}");
-        assert!(l.bd >= p.k_dim && l.bd % 16 == 0 && l.bk % 16 == 0, "{l:?}");
+        assert_eq!(
+            dq.bq,
+            16 * dq.tile.planes,
+            "16 query rows per plane: {dq:?}"
+        );
+        assert_eq!(
+            dkv.bk,
+            16 * dkv.tile.planes,
+            "16 key rows per plane: {dkv:?}"
+        );
+        for l in [l, dq, dkv] {
+            assert!(l.bd >= p.k_dim && l.bd % 16 == 0, "whole heads: {l:?}");
+            assert!(l.bq % 16 == 0 && l.bk % 16 == 0, "{l:?}");
+            assert!(
+                p.k_dim.is_multiple_of(l.vector) && p.v_dim.is_multiple_of(l.vector),
+                "{l:?}"
+            );
+        }
     }
 }
 
