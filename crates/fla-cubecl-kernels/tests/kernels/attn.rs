@@ -149,7 +149,8 @@ fn case(dims: Dims, o: Opts, dtype: FloatDType) -> AttnCase {
     AttnCase::new(problem(dims, o, None, dtype), 1.0, seed)
 }
 
-/// Odd and round lengths and head dims, causal and not.
+/// Odd and round lengths and head dims, causal and not (K = 17 with V = 34: loads of single
+/// entries in the register kernels, whose loads are as wide as both head dims allow).
 #[rstest]
 #[case::t1([2, 1, 1, 2, 2, 64, 64])]
 #[case::t63([2, 63, 63, 2, 2, 64, 64])]
@@ -157,6 +158,7 @@ fn case(dims: Dims, o: Opts, dtype: FloatDType) -> AttnCase {
 #[case::t64_k60_v100([1, 64, 64, 1, 1, 60, 100])]
 #[case::t17_d128([1, 17, 17, 2, 2, 128, 128])]
 #[case::t33_d16([2, 33, 33, 3, 3, 16, 16])]
+#[case::t20_k17_v34([1, 20, 20, 2, 1, 17, 34])]
 fn sizes(#[case] dims: Dims, #[values(CAUSAL, FULL)] o: Opts) {
     on_runtime!(compare(&case(dims, o, base_dtype())));
 }
