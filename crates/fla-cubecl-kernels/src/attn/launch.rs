@@ -146,8 +146,8 @@ pub fn attn_check_device<R: Runtime>(
 }
 
 /// Whether the kernels that keep their accumulators in registers ([`super::frag`]) run this
-/// problem: CUDA with `mma.sync` and `ldmatrix` for the dtype (f16, bf16) and head dims of at most 128 (the
-/// accumulators' registers); `FLA_ATTN_FRAG=0` turns them off, for measuring.
+/// problem: CUDA with `mma.sync` and `ldmatrix` for the dtype (f16, bf16) and head dims of at
+/// most 128 (the accumulators' registers); `FLA_ATTN_FRAG=0` turns them off, for measuring.
 fn frag_applies<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> bool {
     let mma = MmaConfig {
         a_type: p.dtype.storage(),
