@@ -32,7 +32,9 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use super::kernels::{bounds, cap_grad, capped, key_offset, key_range, sees, smaller, AttnLayout};
+use super::kernels::{
+    bounds, cap_grad, capped, h_bytes, key_offset, key_range, query_blocks, sees, AttnLayout,
+};
 use crate::gated::chunk::chunk_len;
 
 /// Rows a plane owns, and the `m`, `n`, `k` of one instruction.
@@ -40,16 +42,11 @@ pub const FRAG_M: usize = 16;
 pub const FRAG_N: usize = 8;
 pub const FRAG_K: usize = 16;
 
-/// Bytes of a padded input-dtype tile.
-fn tile_bytes(rows: usize, cols: usize, l: &AttnLayout, e: usize) -> usize {
-    rows * (cols + l.ph) * e
-}
-
 /// Shared memory of the forward: the key block (also the query block, staged once before the
 /// loop) and the value block.
 pub fn frag_fwd_smem(l: &AttnLayout, e: usize) -> usize {
     let rows = l.bq.max(l.bk);
-    tile_bytes(rows, l.bd, l, e) + tile_bytes(rows, l.bdv, l, e)
+    h_bytes(rows, l.bd, l, e) + h_bytes(rows, l.bdv, l, e)
 }
 
 /// Shared memory of `dq`: as the forward's (queries and `d_o` pass through the key and value
@@ -61,10 +58,10 @@ pub fn frag_dq_smem(l: &AttnLayout, e: usize) -> usize {
 /// Shared memory of `dk`/`dv`: the cube's key and value block, the loop's query and `d_o` block,
 /// and its rows' log-sum-exp and `δ`.
 pub fn frag_dkv_smem(l: &AttnLayout, e: usize) -> usize {
-    tile_bytes(l.bk, l.bd, l, e)
-        + tile_bytes(l.bk, l.bdv, l, e)
-        + tile_bytes(l.bq, l.bd, l, e)
-        + tile_bytes(l.bq, l.bdv, l, e)
+    h_bytes(l.bk, l.bd, l, e)
+        + h_bytes(l.bk, l.bdv, l, e)
+        + h_bytes(l.bq, l.bd, l, e)
+        + h_bytes(l.bq, l.bdv, l, e)
         + 8 * l.bq
 }
 
@@ -162,6 +159,27 @@ fn ldm4<F: Float, N: Size, NO: Size>(
     let at = ((row0 + dr + lane % 8) * comptime!(cols + l.ph) + col0 + dc) / comptime!(l.vector);
     let row = t.slice(at, at + comptime!(8 / l.vector));
     def.load_matrix::<Vector<F, N>, NO>(&row, MatrixIdent::A, 4usize, trans)
+}
+
+/// The `A` fragments of this plane's 16 rows `r0 ..` of a `width`-column tile, 16 columns each
+/// (fragment `s` in entries `4s .. 4s + 4`): operands a kernel holds through its loop.
+#[cube]
+fn hold_rows<F: Float, N: Size, NA: Size>(
+    t: &SharedMemory<Vector<F, N>>,
+    r0: usize,
+    #[comptime] width: usize,
+    #[comptime] l: AttnLayout,
+) -> Array<Vector<F, NA>> {
+    let mut held = Array::<Vector<F, NA>>::new(comptime!(width / FRAG_K * 4));
+    #[unroll]
+    for s in 0..comptime!(width / FRAG_K) {
+        let a = ldm4::<F, N, NA>(t, r0, s * FRAG_K, width, false, false, l);
+        #[unroll]
+        for r in 0..4usize {
+            held[s * 4 + r] = a[r];
+        }
+    }
+    held
 }
 
 /// Registers `2i`, `2i + 1` of a four-register load: one `B` fragment.
@@ -380,15 +398,7 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
         // The queries, staged through the key tile, then held as `A` fragments per 16 columns.
         stage_v::<F, N>(q, &mut sk, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
         sync_cube();
-        let mut qa = Array::<Vector<F, NA>>::new(comptime!(ndk * 4));
-        #[unroll]
-        for s in 0..ndk {
-            let a = ldm4::<F, N, NA>(&sk, pr, s * FRAG_K, dp, false, false, l);
-            #[unroll]
-            for r in 0..4usize {
-                qa[s * 4 + r] = a[r];
-            }
-        }
+        let qa = hold_rows::<F, N, NA>(&sk, pr, dp, l);
 
         let mut oacc = zeros::<NC>(comptime!(dvp / FRAG_N));
         // Running maximum and this lane's part of the running sum, for rows g and g + 8.
@@ -586,24 +596,8 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
         stage_v::<F, N>(q, &mut sk, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
         stage_v::<F, N>(d_o, &mut sv, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
         sync_cube();
-        let mut qa = Array::<Vector<F, NA>>::new(comptime!(ndk * 4));
-        #[unroll]
-        for s in 0..ndk {
-            let a = ldm4::<F, N, NA>(&sk, pr, s * FRAG_K, dp, false, false, l);
-            #[unroll]
-            for r in 0..4usize {
-                qa[s * 4 + r] = a[r];
-            }
-        }
-        let mut doa = Array::<Vector<F, NA>>::new(comptime!(ndv * 4));
-        #[unroll]
-        for s in 0..ndv {
-            let a = ldm4::<F, N, NA>(&sv, pr, s * FRAG_K, dvp, false, false, l);
-            #[unroll]
-            for r in 0..4usize {
-                doa[s * 4 + r] = a[r];
-            }
-        }
+        let qa = hold_rows::<F, N, NA>(&sk, pr, dp, l);
+        let doa = hold_rows::<F, N, NA>(&sv, pr, dvp, l);
         // Log-sum-exp and δ of rows g and g + 8 (0 past the block's rows, which are masked).
         let mut lse0 = f32::new(0.0);
         let mut lse1 = f32::new(0.0);
@@ -751,27 +745,7 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
         stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
         stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
 
-        // Queries that see any key of the block: positions from its first key (causal) up to
-        // its last key plus the window.
-        let mut i_lo = 0usize;
-        if comptime!(l.causal) {
-            if j0 > off {
-                i_lo = j0 - off;
-            }
-        }
-        let mut i_hi = lq;
-        if comptime!(l.window) {
-            let reach = j0 + kr - 1 + window as usize;
-            i_hi = 0;
-            if reach > off {
-                i_hi = smaller(lq, reach - off);
-            }
-        }
-        let mut qb_lo = i_lo / bq;
-        let qb_hi = i_hi.div_ceil(bq);
-        if i_lo >= i_hi {
-            qb_lo = qb_hi;
-        }
+        let (qb_lo, qb_hi) = query_blocks(j0, kr, off, lq, window, l);
         let mut dkacc = zeros::<NC>(comptime!(dp / FRAG_N));
         let mut dvacc = zeros::<NC>(comptime!(dvp / FRAG_N));
         // The keys of rows g and g + 8 of this plane.

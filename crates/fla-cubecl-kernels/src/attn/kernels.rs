@@ -71,7 +71,8 @@ pub const PAD_F: usize = 4;
 // A masked score is written as -1e30 (literal in the kernels: cube code takes no `const`):
 // finite, so no `inf − inf` arises, and far below any real score.
 
-fn h_bytes(rows: usize, cols: usize, l: &AttnLayout, e: usize) -> usize {
+/// Bytes of a padded input-dtype tile.
+pub(super) fn h_bytes(rows: usize, cols: usize, l: &AttnLayout, e: usize) -> usize {
     rows * (cols + l.ph) * e
 }
 fn f_bytes(rows: usize, cols: usize) -> usize {
@@ -342,6 +343,40 @@ pub(super) fn key_offset(lq: usize, lk: usize) -> usize {
         off = lk - lq;
     }
     off
+}
+
+/// Query blocks `[lo, hi)` (of `l.bq` rows) holding a query that sees any key of the key block
+/// `j0 ..` (`kr` keys): positions from its first key (causal) up to its last key plus the
+/// window; empty when none does.
+#[cube]
+pub(super) fn query_blocks(
+    j0: usize,
+    kr: usize,
+    off: usize,
+    lq: usize,
+    window: u32,
+    #[comptime] l: AttnLayout,
+) -> (usize, usize) {
+    let mut i_lo = 0usize;
+    if comptime!(l.causal) {
+        if j0 > off {
+            i_lo = j0 - off;
+        }
+    }
+    let mut i_hi = lq;
+    if comptime!(l.window) {
+        let reach = j0 + kr - 1 + window as usize;
+        i_hi = 0;
+        if reach > off {
+            i_hi = smaller(lq, reach - off);
+        }
+    }
+    let mut qb_lo = i_lo / l.bq;
+    let qb_hi = i_hi.div_ceil(l.bq);
+    if i_lo >= i_hi {
+        qb_lo = qb_hi;
+    }
+    (qb_lo, qb_hi)
 }
 
 /// The score after scale and cap.
@@ -1039,22 +1074,6 @@ pub fn attn_dkv_kernel<F: Float>(
         let mut slse = SharedMemory::<f32>::new(bq);
         let mut sdel = SharedMemory::<f32>::new(bq);
 
-        // Queries that see any key of the block: positions from its first key (causal) up to
-        // its last key plus the window.
-        let mut i_lo = 0usize;
-        if comptime!(l.causal) {
-            if j0 > off {
-                i_lo = j0 - off;
-            }
-        }
-        let mut i_hi = lq;
-        if comptime!(l.window) {
-            let reach = j0 + kr - 1 + window as usize;
-            i_hi = 0;
-            if reach > off {
-                i_hi = smaller(lq, reach - off);
-            }
-        }
         fill_f(&mut sdk, 0.0f32, bk, bd, threads);
         fill_f(&mut sdv, 0.0f32, bk, bdv, threads);
         if comptime!(nd == 1) {
@@ -1063,11 +1082,7 @@ pub fn attn_dkv_kernel<F: Float>(
         if comptime!(ndv == 1) {
             stage::<F>(v, &mut sv, k0 + j0, kr, hk, 0, l.kv_heads, l.dv, bk, bdv, l);
         }
-        let mut qb_lo = i_lo / bq;
-        let qb_hi = i_hi.div_ceil(bq);
-        if i_lo >= i_hi {
-            qb_lo = qb_hi;
-        }
+        let (qb_lo, qb_hi) = query_blocks(j0, kr, off, lq, window, l);
         let pre = comptime!(l.prefetch());
         let mut rq = Array::<F>::new(comptime!(pair_regs(bq, false, &l)));
         let mut rdo = Array::<F>::new(comptime!(pair_regs(bq, true, &l)));

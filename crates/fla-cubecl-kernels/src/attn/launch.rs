@@ -157,14 +157,10 @@ fn frag_applies<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> bool 
         n: FRAG_N as u32,
         k: FRAG_K as u32,
     };
+    let matmul = &client.properties().features.matmul;
     R::name(client).contains("cuda")
-        && client.properties().features.matmul.mma.contains(&mma)
-        && client
-            .properties()
-            .features
-            .matmul
-            .ldmatrix
-            .contains(&p.dtype.storage())
+        && matmul.mma.contains(&mma)
+        && matmul.ldmatrix.contains(&p.dtype.storage())
         && p.k_dim.next_multiple_of(FRAG) <= 128
         && p.v_dim.next_multiple_of(FRAG) <= 128
         && tuning("FLA_ATTN_FRAG") != Some(0)
@@ -280,12 +276,22 @@ pub fn attn_bwd_registers<R: Runtime>(
     Some([dq, dkv])
 }
 
+/// The layouts the launchers use, chosen once by [`checked_layouts`]: the register kernels'
+/// where they apply (`frag_fwd`, `frag_bwd`), the shared-memory kernels' elsewhere.
+struct Chosen {
+    fwd: AttnLayout,
+    dq: AttnLayout,
+    dkv: AttnLayout,
+    frag_fwd: bool,
+    frag_bwd: bool,
+}
+
 /// [`attn_check_device`], returning the layouts it chose for the forward, `dq` and `dk`/`dv`
 /// kernels (the launchers use them rather than choosing again).
 fn checked_layouts<R: Runtime>(
     client: &ComputeClient<R>,
     p: &AttnProblem,
-) -> Result<[AttnLayout; 3], KernelError> {
+) -> Result<Chosen, KernelError> {
     p.validate()?;
     p.dtype.check_supported(client)?;
     if p.longest().max(p.kv_len) > u32::MAX as usize / 2 {
@@ -294,26 +300,32 @@ fn checked_layouts<R: Runtime>(
             p.longest()
         )));
     }
-    let layouts = [
+    let [fwd, dq, dkv] = [
         attn_layout(client, p, AttnKernel::Forward)?,
         attn_layout(client, p, AttnKernel::Dq)?,
         attn_layout(client, p, AttnKernel::Dkv)?,
     ];
-    let frag_fwd = attn_fwd_registers(client, p).map_or(0, |l| fwd_blocks(p, &l));
-    let frag_bwd = attn_bwd_registers(client, p)
-        .map_or(0, |[dq, dkv]| dq_blocks(p, &dq).max(dkv_blocks(p, &dkv)));
-    let blocks = fwd_blocks(p, &layouts[0])
-        .max(frag_fwd)
-        .max(frag_bwd)
-        .max(dq_blocks(p, &layouts[1]))
-        .max(dkv_blocks(p, &layouts[2]));
+    let frag_fwd = attn_fwd_registers(client, p);
+    let frag_bwd = attn_bwd_registers(client, p);
+    let blocks = fwd_blocks(p, &fwd)
+        .max(frag_fwd.map_or(0, |l| fwd_blocks(p, &l)))
+        .max(frag_bwd.map_or(0, |[dq, dkv]| dq_blocks(p, &dq).max(dkv_blocks(p, &dkv))))
+        .max(dq_blocks(p, &dq))
+        .max(dkv_blocks(p, &dkv));
     // Query or key blocks on x, heads on y, sequences on z.
     check_grid(
         client,
         (blocks, p.heads, p.num_seqs()),
         "the attention kernels",
     )?;
-    Ok(layouts)
+    let [dq, dkv] = frag_bwd.unwrap_or([dq, dkv]);
+    Ok(Chosen {
+        fwd: frag_fwd.unwrap_or(fwd),
+        dq,
+        dkv,
+        frag_fwd: frag_fwd.is_some(),
+        frag_bwd: frag_bwd.is_some(),
+    })
 }
 
 /// Cubes on x of the forward: query blocks times value-column blocks.
@@ -354,7 +366,8 @@ pub fn attn_forward<R: Runtime>(
     p: &AttnProblem,
     b: AttnForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    let [l, _, _] = checked_layouts(client, p)?;
+    let chosen = checked_layouts(client, p)?;
+    let l = chosen.fwd;
     let (nq, nk, nv, no, nl) = p.lens();
     let e = p.dtype.size();
     fits("q", b.q, nq, e)?;
@@ -364,8 +377,6 @@ pub fn attn_forward<R: Runtime>(
     fits("lse", b.lse, nl, 4)?;
     let (cu, cu_len) = upload_cu_seqlens(client, p.cu_seqlens.as_deref());
     let (window, cap) = options(p);
-    let frag = attn_fwd_registers(client, p);
-    let l = frag.unwrap_or(l);
     let blocks = fwd_blocks(p, &l);
     let grid = CubeCount::Static(blocks as u32, p.heads as u32, p.num_seqs() as u32);
     // Every access is guarded by the kernels' own conditions (rows inside the sequence, columns
@@ -397,7 +408,7 @@ pub fn attn_forward<R: Runtime>(
             }
         };
     }
-    if frag.is_some() {
+    if chosen.frag_fwd {
         launch!(attn_fwd_frag_kernel, vs);
     } else {
         launch!(attn_fwd_kernel);
@@ -411,9 +422,8 @@ pub fn attn_backward<R: Runtime>(
     p: &AttnProblem,
     b: AttnBackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
-    let [_, lq, lkv] = checked_layouts(client, p)?;
-    let frag = attn_bwd_registers(client, p);
-    let [lq, lkv] = frag.unwrap_or([lq, lkv]);
+    let chosen = checked_layouts(client, p)?;
+    let (lq, lkv) = (chosen.dq, chosen.dkv);
     let (nq, nk, nv, no, nl) = p.lens();
     let e = p.dtype.size();
     for (name, h, n) in [
@@ -504,7 +514,7 @@ pub fn attn_backward<R: Runtime>(
             }
         };
     }
-    if frag.is_some() {
+    if chosen.frag_bwd {
         launch_dq!(attn_dq_frag_kernel, lq.vector);
         launch_dkv!(attn_dkv_frag_kernel, lkv.vector);
     } else {
