@@ -96,9 +96,70 @@ fn tile_v<F: Float, N: Size>(
     SharedMemory::<Vector<F, N>>::new_aligned(comptime!(rows * (cols + l.ph) / l.vector), 64usize)
 }
 
-/// Stages rows `row0 ..` (those below `valid`) of head `h` of a `[tokens, heads, width]` tensor,
-/// read in vectors of `l.vector`, into a `rows × cols` tile (zeros past `valid` and `width`, so
-/// partial blocks and padded head dims need no other care).
+/// Slots (vectors of `l.vector`) of a `rows × cols` tile that one unit stages.
+pub(super) fn slots_per_unit(rows: usize, cols: usize, l: &AttnLayout) -> usize {
+    (rows * cols / l.vector).div_ceil(l.tile.threads())
+}
+
+/// Fetches this unit's slots of rows `row0 ..` (those below `valid`) of head `h` of a
+/// `[tokens, heads, width]` tensor, read in vectors of `l.vector`, for a `rows × cols` tile
+/// (zeros past `valid` and `width`, so partial blocks and padded head dims need no other care).
+/// [`put_v`] writes them; loops fetch their next block before the current block's products, so
+/// the loads are in flight during them.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_v<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    dst: &mut Array<Vector<F, N>>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    #[comptime] heads: usize,
+    #[comptime] width: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) {
+    let (wv, cv) = comptime!((width / l.vector, cols / l.vector));
+    let threads = comptime!(l.tile.threads());
+    let slots = comptime!(rows * cv);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(slots_per_unit(rows, cols, &l)) {
+        let e = unit + r * threads;
+        let row = e / cv;
+        let c = e % cv;
+        let mut x = Vector::<F, N>::cast_from(0.0f32);
+        if e < slots && row < valid && c < wv {
+            x = src[((row0 + row) * heads + h) * wv + c];
+        }
+        dst[r] = x;
+    }
+}
+
+/// Writes the slots [`fetch_v`] fetched into a padded `rows × cols` tile.
+#[cube]
+fn put_v<F: Float, N: Size>(
+    src: &Array<Vector<F, N>>,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: AttnLayout,
+) {
+    let (cv, ld) = comptime!((cols / l.vector, (cols + l.ph) / l.vector));
+    let threads = comptime!(l.tile.threads());
+    let slots = comptime!(rows * cv);
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(slots_per_unit(rows, cols, &l)) {
+        let e = unit + r * threads;
+        if e < slots {
+            dst[(e / cv) * ld + e % cv] = src[r];
+        }
+    }
+}
+
+/// [`fetch_v`] then [`put_v`]: a tile staged at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_v<F: Float, N: Size>(
@@ -113,23 +174,44 @@ fn stage_v<F: Float, N: Size>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let (wv, cv, ld) = comptime!((width / l.vector, cols / l.vector, (cols + l.ph) / l.vector));
-    let threads = comptime!(l.tile.threads());
-    let slots = comptime!(rows * cv);
-    let unit = UNIT_POS as usize;
-    #[unroll]
-    for r in 0..comptime!(slots.div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < slots {
-            let row = e / cv;
-            let c = e % cv;
-            let mut x = Vector::<F, N>::cast_from(0.0f32);
-            if row < valid && c < wv {
-                x = src[((row0 + row) * heads + h) * wv + c];
-            }
-            dst[row * ld + c] = x;
-        }
+    let mut held = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(rows, cols, &l)));
+    fetch_v::<F, N>(src, &mut held, row0, valid, h, heads, width, rows, cols, l);
+    put_v::<F, N>(&held, dst, rows, cols, l);
+}
+
+/// Registers of a prefetched tile (one placeholder when the kernel does not fetch ahead).
+pub(super) fn ahead_slots(rows: usize, cols: usize, l: &AttnLayout) -> usize {
+    if l.fetch_ahead {
+        slots_per_unit(rows, cols, l)
+    } else {
+        1
     }
+}
+
+/// Whether every query row of a block (`i0 + off ..`, `bq` of them) sees every key of a key
+/// block (`j0 ..`, `bk` of them): then the scores need no mask. Rows past a sequence's end
+/// compute on zeros and are never written, so only keys past it (`kr < bk`) and the causal and
+/// window bounds count.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn whole_block(
+    i0: usize,
+    off: usize,
+    j0: usize,
+    kr: usize,
+    window: u32,
+    #[comptime] bq: usize,
+    #[comptime] bk: usize,
+    #[comptime] l: AttnLayout,
+) -> bool {
+    let mut full = kr == bk;
+    if comptime!(l.causal) {
+        full = full && j0 + bk <= i0 + off + 1;
+    }
+    if comptime!(l.window) {
+        full = full && j0 + window as usize + 1 > i0 + off + bq;
+    }
+    full
 }
 
 /// Four 8×8 matrices by `ldmatrix` (`.trans` with `trans`): matrix `m` has rows `row0 + 8·(m % 2)
@@ -353,11 +435,60 @@ fn store_acc<F: Float, NC: Size>(
     }
 }
 
+/// The forward's scores of one key block in place: scaled and capped, and with `masked`, -1e30
+/// where a row does not see a key (or lies past the block's `rows`, or the key past `kr`).
+/// Returns this lane's maxima of rows `g` and `g + 8`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fwd_scores<NC: Size>(
+    sacc: &mut Array<Vector<f32, NC>>,
+    pr: usize,
+    rows: usize,
+    pos0: usize,
+    j0: usize,
+    kr: usize,
+    scale: f32,
+    window: u32,
+    cap: f32,
+    #[comptime] masked: bool,
+    #[comptime] l: AttnLayout,
+) -> (f32, f32) {
+    let (g, t) = lane_gt();
+    let mut mx0 = f32::new(-1.0e30);
+    let mut mx1 = f32::new(-1.0e30);
+    #[unroll]
+    for j in 0..comptime!(l.bk / FRAG_N) {
+        #[unroll]
+        for half in 0..2usize {
+            let row = pr + g + half * 8;
+            let mut x = sacc[j * 2 + half];
+            #[unroll]
+            for e in 0..2usize {
+                let col = j * FRAG_N + 2 * t + e;
+                let mut y = capped(x[e], scale, cap, l);
+                if comptime!(masked) {
+                    if !(row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l)) {
+                        y = -1.0e30f32;
+                    }
+                }
+                x[e] = y;
+                if half == 0 {
+                    mx0 = max(mx0, y);
+                } else {
+                    mx1 = max(mx1, y);
+                }
+            }
+            sacc[j * 2 + half] = x;
+        }
+    }
+    (mx0, mx1)
+}
+
 /// Forward: `o` and the rows' log-sum-exp, as [`super::kernels::attn_fwd_kernel`] computes them.
 /// Cubes `(query block, head, sequence)` of `(32, planes)` units; `l.bq = 16 · planes`, `l.bd`
 /// and `l.bdv` the head dims rounded up to 16 (whole heads), `l.bk` a multiple of 16.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
 pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
     q: &Array<Vector<F, N>>,
     k: &Array<Vector<F, N>>,
@@ -411,13 +542,34 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
         let (j_lo, j_hi) = key_range(i0 + off, rows, lk, window, l);
         let kb_lo = j_lo / bk;
         let kb_hi = j_hi.div_ceil(bk);
+        let mut rk = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bk, dp, &l)));
+        let mut rv = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bk, dvp, &l)));
+        if comptime!(l.fetch_ahead) {
+            if kb_lo < kb_hi {
+                let j0 = kb_lo * bk;
+                let kr = chunk_len(lk, j0, bk);
+                fetch_v::<F, N>(k, &mut rk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+                fetch_v::<F, N>(v, &mut rv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            }
+        }
         for kb in kb_lo..kb_hi {
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
             // Every plane is done with the previous block (and, first, with the queries).
             sync_cube();
-            stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
-            stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            if comptime!(l.fetch_ahead) {
+                put_v::<F, N>(&rk, &mut sk, bk, dp, l);
+                put_v::<F, N>(&rv, &mut sv, bk, dvp, l);
+                if kb + 1 < kb_hi {
+                    let j1 = j0 + bk;
+                    let kr1 = chunk_len(lk, j1, bk);
+                    fetch_v::<F, N>(k, &mut rk, k0 + j1, kr1, hk, l.kv_heads, l.d, bk, dp, l);
+                    fetch_v::<F, N>(v, &mut rv, k0 + j1, kr1, hk, l.kv_heads, l.dv, bk, dvp, l);
+                }
+            } else {
+                stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+                stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            }
             sync_cube();
 
             // S = Q Kᵀ, one 16 × 8 accumulator tile per 8 keys.
@@ -432,31 +584,22 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
                 scores_step::<F, N, NA, NB, NC>(&a, &sk, &mut sacc, s, bk, dp, l);
             }
 
-            // Scale, cap and mask; the rows' new maxima.
+            // Scale, cap and mask (not where every row sees every key); the rows' new maxima.
+            // (Both branches set them; a cube variable needs a value first.)
             let mut mx0 = f32::new(-1.0e30);
             let mut mx1 = f32::new(-1.0e30);
-            #[unroll]
-            for j in 0..nkt {
-                #[unroll]
-                for half in 0..2usize {
-                    let row = pr + g + half * 8;
-                    let mut x = sacc[j * 2 + half];
-                    #[unroll]
-                    for e in 0..2usize {
-                        let col = j * FRAG_N + 2 * t + e;
-                        let mut y = capped(x[e], scale, cap, l);
-                        if !(row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l)) {
-                            y = -1.0e30f32;
-                        }
-                        x[e] = y;
-                        if half == 0 {
-                            mx0 = max(mx0, y);
-                        } else {
-                            mx1 = max(mx1, y);
-                        }
-                    }
-                    sacc[j * 2 + half] = x;
-                }
+            if whole_block(i0, off, j0, kr, window, bq, bk, l) {
+                let (a0, a1) = fwd_scores::<NC>(
+                    &mut sacc, pr, rows, pos0, j0, kr, scale, window, cap, false, l,
+                );
+                mx0 = a0;
+                mx1 = a1;
+            } else {
+                let (a0, a1) = fwd_scores::<NC>(
+                    &mut sacc, pr, rows, pos0, j0, kr, scale, window, cap, true, l,
+                );
+                mx0 = a0;
+                mx1 = a1;
             }
             let n0 = max(m0, quad_max(mx0));
             let n1 = max(m1, quad_max(mx1));
@@ -472,20 +615,18 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
             for j in 0..nkt {
                 #[unroll]
                 for half in 0..2usize {
+                    let mut n = n0;
+                    if half == 1 {
+                        n = n1;
+                    }
                     let mut x = sacc[j * 2 + half];
                     #[unroll]
                     for e in 0..2usize {
-                        let y = x[e];
-                        let mut p = f32::new(0.0);
+                        // Masked scores (-1e30) give 0, also while a row has seen no key.
+                        let p = select(x[e] > -1.0e30f32, (x[e] - n).exp(), 0.0f32);
                         if half == 0 {
-                            if y > -1.0e30f32 {
-                                p = (y - n0).exp();
-                            }
                             p0 += p;
                         } else {
-                            if y > -1.0e30f32 {
-                                p = (y - n1).exp();
-                            }
                             p1 += p;
                         }
                         x[e] = p;
@@ -550,6 +691,60 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
     }
 }
 
+/// `dq`'s score gradients of one key block in place of the scores `sacc`, from `dP` (`pacc`):
+/// `dS = P ∘ (dP − δ) · ∂x/∂s`, `P = exp(x − lse)`; with `masked`, 0 where a row does not see a
+/// key (or lies past `rows`, or the key past `kr`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn dq_grads<NC: Size>(
+    sacc: &mut Array<Vector<f32, NC>>,
+    pacc: &Array<Vector<f32, NC>>,
+    r0: usize,
+    rows: usize,
+    pos0: usize,
+    j0: usize,
+    kr: usize,
+    lse0: f32,
+    lse1: f32,
+    del0: f32,
+    del1: f32,
+    scale: f32,
+    window: u32,
+    cap: f32,
+    #[comptime] masked: bool,
+    #[comptime] l: AttnLayout,
+) {
+    let (_, t) = lane_gt();
+    #[unroll]
+    for j in 0..comptime!(l.bk / FRAG_N) {
+        #[unroll]
+        for half in 0..2usize {
+            let row = r0 + half * 8;
+            let mut m = lse0;
+            let mut d = del0;
+            if half == 1 {
+                m = lse1;
+                d = del1;
+            }
+            let mut x = sacc[j * 2 + half];
+            let dpv = pacc[j * 2 + half];
+            #[unroll]
+            for e in 0..2usize {
+                let col = j * FRAG_N + 2 * t + e;
+                let y = capped(x[e], scale, cap, l);
+                let mut p = (y - m).exp();
+                if comptime!(masked) {
+                    if !(row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l)) {
+                        p = 0.0f32;
+                    }
+                }
+                x[e] = p * (dpv[e] - d) * cap_grad(y, scale, cap, l);
+            }
+            sacc[j * 2 + half] = x;
+        }
+    }
+}
+
 /// Backward `dq`. Cubes `(query block, head, sequence)` of `(32, planes)` units, the forward's
 /// layout; each plane keeps its 16 rows' queries, `d_o` and `dq` in registers over the key
 /// blocks.
@@ -587,7 +782,7 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
         let size!(NA) = def.vector_size(MatrixIdent::A);
         let size!(NB) = def.vector_size(MatrixIdent::B);
         let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-        let (g, t) = lane_gt();
+        let (g, _) = lane_gt();
         let pr = UNIT_POS_Y as usize * FRAG_M;
         let mut sk = tile_v::<F, N>(comptime!(bq.max(bk)), dp, l);
         let mut sv = tile_v::<F, N>(comptime!(bq.max(bk)), dvp, l);
@@ -618,12 +813,33 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
         let (j_lo, j_hi) = key_range(i0 + off, rows, lk, window, l);
         let kb_lo = j_lo / bk;
         let kb_hi = j_hi.div_ceil(bk);
+        let mut rk = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bk, dp, &l)));
+        let mut rv = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bk, dvp, &l)));
+        if comptime!(l.fetch_ahead) {
+            if kb_lo < kb_hi {
+                let j0 = kb_lo * bk;
+                let kr = chunk_len(lk, j0, bk);
+                fetch_v::<F, N>(k, &mut rk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+                fetch_v::<F, N>(v, &mut rv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            }
+        }
         for kb in kb_lo..kb_hi {
             let j0 = kb * bk;
             let kr = chunk_len(lk, j0, bk);
             sync_cube();
-            stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
-            stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            if comptime!(l.fetch_ahead) {
+                put_v::<F, N>(&rk, &mut sk, bk, dp, l);
+                put_v::<F, N>(&rv, &mut sv, bk, dvp, l);
+                if kb + 1 < kb_hi {
+                    let j1 = j0 + bk;
+                    let kr1 = chunk_len(lk, j1, bk);
+                    fetch_v::<F, N>(k, &mut rk, k0 + j1, kr1, hk, l.kv_heads, l.d, bk, dp, l);
+                    fetch_v::<F, N>(v, &mut rv, k0 + j1, kr1, hk, l.kv_heads, l.dv, bk, dvp, l);
+                }
+            } else {
+                stage_v::<F, N>(k, &mut sk, k0 + j0, kr, hk, l.kv_heads, l.d, bk, dp, l);
+                stage_v::<F, N>(v, &mut sv, k0 + j0, kr, hk, l.kv_heads, l.dv, bk, dvp, l);
+            }
             sync_cube();
 
             // S = Q Kᵀ and dP = dO Vᵀ.
@@ -647,32 +863,17 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
                 }
                 scores_step::<F, N, NA, NB, NC>(&a, &sv, &mut pacc, s, bk, dvp, l);
             }
-            // dS = P ∘ (dP − δ) · ∂x/∂s, in place of S.
-            #[unroll]
-            for j in 0..nkt {
-                #[unroll]
-                for half in 0..2usize {
-                    let row = r0 + half * 8;
-                    let mut m = lse0;
-                    let mut d = del0;
-                    if half == 1 {
-                        m = lse1;
-                        d = del1;
-                    }
-                    let mut x = sacc[j * 2 + half];
-                    let dpv = pacc[j * 2 + half];
-                    #[unroll]
-                    for e in 0..2usize {
-                        let col = j * FRAG_N + 2 * t + e;
-                        let y = capped(x[e], scale, cap, l);
-                        let mut p = f32::new(0.0);
-                        if row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l) {
-                            p = (y - m).exp();
-                        }
-                        x[e] = p * (dpv[e] - d) * cap_grad(y, scale, cap, l);
-                    }
-                    sacc[j * 2 + half] = x;
-                }
+            // dS = P ∘ (dP − δ) · ∂x/∂s, in place of S (no mask where every row sees every key).
+            if whole_block(i0, off, j0, kr, window, bq, bk, l) {
+                dq_grads::<NC>(
+                    &mut sacc, &pacc, r0, rows, pos0, j0, kr, lse0, lse1, del0, del1, scale,
+                    window, cap, false, l,
+                );
+            } else {
+                dq_grads::<NC>(
+                    &mut sacc, &pacc, r0, rows, pos0, j0, kr, lse0, lse1, del0, del1, scale,
+                    window, cap, true, l,
+                );
             }
             // dQ += dS K.
             acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sk, &mut dqacc, bk, dp, l);
@@ -691,6 +892,77 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
             l.d,
             dp,
         );
+    }
+}
+
+/// The log-sum-exp and δ of row `UNIT_POS` of a query block (rows `row0 ..`, 0 past `valid`),
+/// for the units below the block's length.
+#[cube]
+fn row_stats(
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    #[comptime] heads: usize,
+) -> (f32, f32) {
+    let row = UNIT_POS as usize;
+    let mut a = f32::new(0.0);
+    let mut b = f32::new(0.0);
+    if row < valid {
+        a = lse[(row0 + row) * heads + h];
+        b = delta[(row0 + row) * heads + h];
+    }
+    (a, b)
+}
+
+/// `dk`/`dv`'s probabilities and score gradients of one query block, transposed (keys down,
+/// queries across), in place: `Pᵀ` of `Sᵀ` (`sacc`) and `dSᵀ = Pᵀ ∘ (dPᵀ − δ) · ∂x/∂s` of `dPᵀ`
+/// (`pacc`); with `masked`, 0 where a query does not see a key (or lies past `rows`, or the key
+/// past `kr`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn dkv_grads<NC: Size>(
+    sacc: &mut Array<Vector<f32, NC>>,
+    pacc: &mut Array<Vector<f32, NC>>,
+    slse: &SharedMemory<f32>,
+    sdel: &SharedMemory<f32>,
+    key0: usize,
+    kr: usize,
+    rows: usize,
+    i0: usize,
+    off: usize,
+    j0: usize,
+    scale: f32,
+    window: u32,
+    cap: f32,
+    #[comptime] masked: bool,
+    #[comptime] l: AttnLayout,
+) {
+    let (_, t) = lane_gt();
+    #[unroll]
+    for j in 0..comptime!(l.bq / FRAG_N) {
+        #[unroll]
+        for half in 0..2usize {
+            let key = key0 + half * 8;
+            let mut x = sacc[j * 2 + half];
+            let mut y = pacc[j * 2 + half];
+            #[unroll]
+            for e in 0..2usize {
+                let col = j * FRAG_N + 2 * t + e;
+                let s = capped(x[e], scale, cap, l);
+                let mut p = (s - slse[col]).exp();
+                if comptime!(masked) {
+                    if !(key < kr && col < rows && sees(i0 + col + off, j0 + key, window, l)) {
+                        p = 0.0f32;
+                    }
+                }
+                x[e] = p;
+                y[e] = p * (y[e] - sdel[col]) * cap_grad(s, scale, cap, l);
+            }
+            sacc[j * 2 + half] = x;
+            pacc[j * 2 + half] = y;
+        }
     }
 }
 
@@ -733,7 +1005,7 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
         let size!(NA) = def.vector_size(MatrixIdent::A);
         let size!(NB) = def.vector_size(MatrixIdent::B);
         let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-        let (g, t) = lane_gt();
+        let (g, _) = lane_gt();
         // This plane's first key in the block.
         let pk = UNIT_POS_Y as usize * FRAG_M;
         let mut sk = tile_v::<F, N>(bk, dp, l);
@@ -751,7 +1023,23 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
         // The keys of rows g and g + 8 of this plane.
         let key0 = pk + g;
         let unit = UNIT_POS as usize;
-        let threads = comptime!(l.tile.threads());
+        // The next block's queries, `d_o`, and (unit `i`) its row `i`'s log-sum-exp and δ.
+        let mut rq = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bq, dp, &l)));
+        let mut rdo = Array::<Vector<F, N>>::new(comptime!(ahead_slots(bq, dvp, &l)));
+        let mut rl = f32::new(0.0);
+        let mut rd = f32::new(0.0);
+        if comptime!(l.fetch_ahead) {
+            if qb_lo < qb_hi {
+                let i0 = qb_lo * bq;
+                let rows = chunk_len(lq, i0, bq);
+                let h = hk * group;
+                fetch_v::<F, N>(q, &mut rq, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
+                fetch_v::<F, N>(d_o, &mut rdo, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
+                let (a, b) = row_stats(lse, delta, q0 + i0, rows, h, l.heads);
+                rl = a;
+                rd = b;
+            }
+        }
         for gi in 0..group {
             let h = hk * group + gi;
             for qb in qb_lo..qb_hi {
@@ -759,20 +1047,49 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
                 let rows = chunk_len(lq, i0, bq);
                 // Every plane is done with the previous block.
                 sync_cube();
-                stage_v::<F, N>(q, &mut sq, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
-                stage_v::<F, N>(d_o, &mut sdo, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
-                #[unroll]
-                for r in 0..comptime!(bq.div_ceil(threads)) {
-                    let row = unit + r * threads;
-                    if row < bq {
-                        let mut a = f32::new(0.0);
-                        let mut b = f32::new(0.0);
-                        if row < rows {
-                            a = lse[(q0 + i0 + row) * l.heads + h];
-                            b = delta[(q0 + i0 + row) * l.heads + h];
-                        }
-                        slse[row] = a;
-                        sdel[row] = b;
+                if comptime!(l.fetch_ahead) {
+                    put_v::<F, N>(&rq, &mut sq, bq, dp, l);
+                    put_v::<F, N>(&rdo, &mut sdo, bq, dvp, l);
+                    if unit < bq {
+                        slse[unit] = rl;
+                        sdel[unit] = rd;
+                    }
+                    // The next block: this head's next, or the group's next head's first.
+                    let mut nh = h;
+                    let mut nqb = qb + 1;
+                    let mut more = true;
+                    if nqb >= qb_hi {
+                        nh = h + 1;
+                        nqb = qb_lo;
+                        more = gi + 1 < group;
+                    }
+                    if more {
+                        let i1 = nqb * bq;
+                        let rows1 = chunk_len(lq, i1, bq);
+                        fetch_v::<F, N>(q, &mut rq, q0 + i1, rows1, nh, l.heads, l.d, bq, dp, l);
+                        fetch_v::<F, N>(
+                            d_o,
+                            &mut rdo,
+                            q0 + i1,
+                            rows1,
+                            nh,
+                            l.heads,
+                            l.dv,
+                            bq,
+                            dvp,
+                            l,
+                        );
+                        let (a, b) = row_stats(lse, delta, q0 + i1, rows1, nh, l.heads);
+                        rl = a;
+                        rd = b;
+                    }
+                } else {
+                    stage_v::<F, N>(q, &mut sq, q0 + i0, rows, h, l.heads, l.d, bq, dp, l);
+                    stage_v::<F, N>(d_o, &mut sdo, q0 + i0, rows, h, l.heads, l.dv, bq, dvp, l);
+                    let (a, b) = row_stats(lse, delta, q0 + i0, rows, h, l.heads);
+                    if unit < bq {
+                        slse[unit] = a;
+                        sdel[unit] = b;
                     }
                 }
                 sync_cube();
@@ -782,28 +1099,18 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
                 let mut pacc = zeros::<NC>(nqt);
                 scores_tiles::<F, N, NA, NB, NC>(&sk, pk, &sq, &mut sacc, bq, dp, l);
                 scores_tiles::<F, N, NA, NB, NC>(&sv, pk, &sdo, &mut pacc, bq, dvp, l);
-                // Pᵀ in place of Sᵀ, dSᵀ in place of dPᵀ.
-                #[unroll]
-                for j in 0..nqt {
-                    #[unroll]
-                    for half in 0..2usize {
-                        let key = key0 + half * 8;
-                        let mut x = sacc[j * 2 + half];
-                        let mut y = pacc[j * 2 + half];
-                        #[unroll]
-                        for e in 0..2usize {
-                            let col = j * FRAG_N + 2 * t + e;
-                            let s = capped(x[e], scale, cap, l);
-                            let mut p = f32::new(0.0);
-                            if key < kr && col < rows && sees(i0 + col + off, j0 + key, window, l) {
-                                p = (s - slse[col]).exp();
-                            }
-                            x[e] = p;
-                            y[e] = p * (y[e] - sdel[col]) * cap_grad(s, scale, cap, l);
-                        }
-                        sacc[j * 2 + half] = x;
-                        pacc[j * 2 + half] = y;
-                    }
+                // Pᵀ in place of Sᵀ, dSᵀ in place of dPᵀ (no mask where every query sees every
+                // key).
+                if whole_block(i0, off, j0, kr, window, bq, bk, l) {
+                    dkv_grads::<NC>(
+                        &mut sacc, &mut pacc, &slse, &sdel, key0, kr, rows, i0, off, j0, scale,
+                        window, cap, false, l,
+                    );
+                } else {
+                    dkv_grads::<NC>(
+                        &mut sacc, &mut pacc, &slse, &sdel, key0, kr, rows, i0, off, j0, scale,
+                        window, cap, true, l,
+                    );
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q.
                 acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sdo, &mut dvacc, bq, dvp, l);

@@ -196,7 +196,9 @@ fn frag_layout<R: Runtime>(
         window: p.window.is_some(),
         softcap: p.softcap.is_some(),
         varlen: p.cu_seqlens.is_some(),
-        fetch_ahead: false,
+        // Each loop fetches its next block into registers during the current block's products
+        // (`FLA_ATTN_FRAG_PREFETCH=0` stages each block after the barrier instead).
+        fetch_ahead: tuning("FLA_ATTN_FRAG_PREFETCH") != Some(0),
         tile: TileConfig {
             cmma: true,
             planes,
@@ -272,6 +274,10 @@ pub fn attn_bwd_registers<R: Runtime>(
         32,
         4,
     );
+    // The `dk`/`dv` kernel reads a query block's log-sum-exp and δ one row per unit.
+    if bq > planes * PLANE {
+        return None;
+    }
     let dkv = frag_layout(client, p, planes, bq, FRAG_M * planes, frag_dkv_smem)?;
     Some([dq, dkv])
 }
