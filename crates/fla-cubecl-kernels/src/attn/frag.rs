@@ -36,6 +36,7 @@ use super::kernels::{
     bounds, cap_grad, capped, h_bytes, key_offset, key_range, query_blocks, sees, AttnLayout,
 };
 use crate::gated::chunk::chunk_len;
+use crate::tile::fast_exp;
 
 /// Rows a plane owns, and the `m`, `n`, `k` of one instruction.
 pub const FRAG_M: usize = 16;
@@ -76,6 +77,15 @@ fn quad_max(x: f32) -> f32 {
 fn quad_sum(x: f32) -> f32 {
     let a = x + plane_shuffle_xor(x, 1u32);
     a + plane_shuffle_xor(a, 2u32)
+}
+
+/// `exp(x)` in CUDA's two-instruction form, for exponents at most 0 wherever the result is kept
+/// (a score less its row's maximum or log-sum-exp, the change of a running maximum; masked pairs
+/// are set to 0 after): the exponentials are a large share of the instructions between two
+/// blocks' products, and their error is far below bf16's rounding.
+#[cube(fast_math = fast_exp())]
+fn exp_le0(x: f32) -> f32 {
+    x.exp()
 }
 
 /// `g` and `t` of this lane.
@@ -603,8 +613,8 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
             }
             let n0 = max(m0, quad_max(mx0));
             let n1 = max(m1, quad_max(mx1));
-            let alpha0 = (m0 - n0).exp();
-            let alpha1 = (m1 - n1).exp();
+            let alpha0 = exp_le0(m0 - n0);
+            let alpha1 = exp_le0(m1 - n1);
             m0 = n0;
             m1 = n1;
 
@@ -623,7 +633,7 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
                     #[unroll]
                     for e in 0..2usize {
                         // Masked scores (-1e30) give 0, also while a row has seen no key.
-                        let p = select(x[e] > -1.0e30f32, (x[e] - n).exp(), 0.0f32);
+                        let p = select(x[e] > -1.0e30f32, exp_le0(x[e] - n), 0.0f32);
                         if half == 0 {
                             p0 += p;
                         } else {
@@ -732,7 +742,7 @@ fn dq_grads<NC: Size>(
             for e in 0..2usize {
                 let col = j * FRAG_N + 2 * t + e;
                 let y = capped(x[e], scale, cap, l);
-                let mut p = (y - m).exp();
+                let mut p = exp_le0(y - m);
                 if comptime!(masked) {
                     if !(row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l)) {
                         p = 0.0f32;
@@ -951,7 +961,7 @@ fn dkv_grads<NC: Size>(
             for e in 0..2usize {
                 let col = j * FRAG_N + 2 * t + e;
                 let s = capped(x[e], scale, cap, l);
-                let mut p = (s - slse[col]).exp();
+                let mut p = exp_le0(s - slse[col]);
                 if comptime!(masked) {
                     if !(key < kr && col < rows && sees(i0 + col + off, j0 + key, window, l)) {
                         p = 0.0f32;

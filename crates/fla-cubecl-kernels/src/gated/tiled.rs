@@ -46,18 +46,11 @@
 
 #![allow(clippy::collapsible_if)]
 
-use cubecl::ir::features::EnumSet;
 use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
-use crate::tile::{mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig, FRAG};
-
-/// The floating-point freedoms of the helpers that take exponentials (module doc): reduced
-/// precision (CUDA's `__expf`), with finite, non-NaN operands.
-fn fast_exp() -> EnumSet<FastMath> {
-    FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
-}
+use crate::tile::{fast_exp, mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig, FRAG};
 
 /// Compile-time shape of a tiled chunk launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
