@@ -26,6 +26,7 @@ pub mod delta;
 pub mod dtype;
 pub mod embedding;
 pub mod error;
+pub mod frag;
 pub mod gated;
 pub mod norm;
 mod problem;

@@ -22,6 +22,14 @@ pub(crate) fn fast_exp() -> EnumSet<FastMath> {
     FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 }
 
+/// `exp(x)` in the form [`fast_exp`] allows, for exponents at most 0 wherever the result is kept
+/// (a cumulated log gate, a score less its row's maximum or log-sum-exp, the change of a running
+/// maximum; masked entries are set to 0 after).
+#[cube(fast_math = fast_exp())]
+pub(crate) fn exp_le0(x: f32) -> f32 {
+    x.exp()
+}
+
 /// Rows and columns of one tensor-core fragment (16×16×16 for f16/bf16 into f32).
 pub const FRAG: usize = 16;
 /// Units per plane the tile kernels are laid out for (cube dim x).

@@ -12,16 +12,7 @@
 //! tiles are laid out as one 16-column `A` fragment. Only the blocks of the loop pass through
 //! shared memory, staged once per block for all planes.
 //!
-//! The register layout is PTX's for `mma.m16n8k16` with 16-bit inputs, which CubeCL's
-//! `MmaDefinition::position_of_nth` also reports on CUDA (lane `l`, `g = l / 4`, `t = l % 4`;
-//! pairs of adjacent entries share a 32-bit register):
-//! - `A` (16×16, pairs along a row): `[g][2t..]`, `[g+8][2t..]`, `[g][2t+8..]`, `[g+8][2t+8..]`;
-//! - `B` (16×8, pairs down a column): `[2t..][g]`, `[2t+8..][g]`;
-//! - accumulator (16×8, pairs along a row): `[g][2t..]`, `[g+8][2t..]`.
-//!
-//! Fragments come from shared memory by `ldmatrix` (four 8×8 matrices per instruction, `.trans`
-//! for operands stored the other way round), and the tiles are staged in vectors of up to eight
-//! elements (16 bytes) from global memory into shared memory.
+//! The register layout, the `ldmatrix` loads and the staging of tiles are [`crate::frag`]'s.
 //!
 //! CubeCL compiles manual MMA and `ldmatrix` only for CUDA (SPIR-V has no such instructions), so
 //! Vulkan and lavapipe run the shared-memory kernels; both compute the same thing, and the
@@ -32,16 +23,14 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
+use crate::frag::{a_from_acc, half_of, lane_gt, mma_acc, zeros, Staging};
+pub use crate::frag::{FRAG_K, FRAG_M, FRAG_N};
+
 use super::kernels::{
     bounds, cap_grad, capped, h_bytes, key_offset, key_range, query_blocks, sees, AttnLayout,
 };
 use crate::gated::chunk::chunk_len;
-use crate::tile::fast_exp;
-
-/// Rows a plane owns, and the `m`, `n`, `k` of one instruction.
-pub const FRAG_M: usize = 16;
-pub const FRAG_N: usize = 8;
-pub const FRAG_K: usize = 16;
+use crate::tile::exp_le0;
 
 /// Shared memory of the forward: the key block (also the query block, staged once before the
 /// loop) and the value block.
@@ -79,43 +68,31 @@ fn quad_sum(x: f32) -> f32 {
     a + plane_shuffle_xor(a, 2u32)
 }
 
-/// `exp(x)` in CUDA's two-instruction form, for exponents at most 0 wherever the result is kept
-/// (a score less its row's maximum or log-sum-exp, the change of a running maximum; masked pairs
-/// are set to 0 after): the exponentials are a large share of the instructions between two
-/// blocks' products, and their error is far below bf16's rounding.
-#[cube(fast_math = fast_exp())]
-fn exp_le0(x: f32) -> f32 {
-    x.exp()
+/// How this layout's kernels stage tiles ([`crate::frag::Staging`]).
+pub(super) fn staging(l: &AttnLayout) -> Staging {
+    Staging {
+        vector: l.vector,
+        ph: l.ph,
+        threads: l.tile.threads(),
+    }
 }
 
-/// `g` and `t` of this lane.
-#[cube]
-fn lane_gt() -> (usize, usize) {
-    let lane = UNIT_POS_PLANE as usize;
-    (lane / 4, lane % 4)
-}
-
-/// A padded tile of `rows × cols` input-dtype entries in slots of `l.vector` (16-byte rows
-/// aligned for `ldmatrix`).
+/// A padded tile of `rows × cols` input-dtype entries in slots of `l.vector`.
 #[cube]
 fn tile_v<F: Float, N: Size>(
     #[comptime] rows: usize,
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) -> SharedMemory<Vector<F, N>> {
-    SharedMemory::<Vector<F, N>>::new_aligned(comptime!(rows * (cols + l.ph) / l.vector), 64usize)
+    crate::frag::tile_slots::<F, N>(rows, cols, comptime!(staging(&l)))
 }
 
 /// Slots (vectors of `l.vector`) of a `rows × cols` tile that one unit stages.
 pub(super) fn slots_per_unit(rows: usize, cols: usize, l: &AttnLayout) -> usize {
-    (rows * cols / l.vector).div_ceil(l.tile.threads())
+    crate::frag::slots_per_unit(rows, cols, &staging(l))
 }
 
-/// Fetches this unit's slots of rows `row0 ..` (those below `valid`) of head `h` of a
-/// `[tokens, heads, width]` tensor, read in vectors of `l.vector`, for a `rows × cols` tile
-/// (zeros past `valid` and `width`, so partial blocks and padded head dims need no other care).
-/// [`put_v`] writes them; loops fetch their next block before the current block's products, so
-/// the loads are in flight during them.
+/// [`crate::frag::fetch_slots`] in this layout: rows `row0 ..` below `valid` of head `h`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn fetch_v<F: Float, N: Size>(
@@ -130,24 +107,22 @@ fn fetch_v<F: Float, N: Size>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let (wv, cv) = comptime!((width / l.vector, cols / l.vector));
-    let threads = comptime!(l.tile.threads());
-    let slots = comptime!(rows * cv);
-    let unit = UNIT_POS as usize;
-    #[unroll]
-    for r in 0..comptime!(slots_per_unit(rows, cols, &l)) {
-        let e = unit + r * threads;
-        let row = e / cv;
-        let c = e % cv;
-        let mut x = Vector::<F, N>::cast_from(0.0f32);
-        if e < slots && row < valid && c < wv {
-            x = src[((row0 + row) * heads + h) * wv + c];
-        }
-        dst[r] = x;
-    }
+    crate::frag::fetch_slots::<F, N>(
+        src,
+        dst,
+        row0,
+        valid,
+        h,
+        0usize,
+        heads,
+        width,
+        rows,
+        cols,
+        comptime!(staging(&l)),
+    );
 }
 
-/// Writes the slots [`fetch_v`] fetched into a padded `rows × cols` tile.
+/// [`crate::frag::put_slots`] in this layout.
 #[cube]
 fn put_v<F: Float, N: Size>(
     src: &Array<Vector<F, N>>,
@@ -156,17 +131,7 @@ fn put_v<F: Float, N: Size>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let (cv, ld) = comptime!((cols / l.vector, (cols + l.ph) / l.vector));
-    let threads = comptime!(l.tile.threads());
-    let slots = comptime!(rows * cv);
-    let unit = UNIT_POS as usize;
-    #[unroll]
-    for r in 0..comptime!(slots_per_unit(rows, cols, &l)) {
-        let e = unit + r * threads;
-        if e < slots {
-            dst[(e / cv) * ld + e % cv] = src[r];
-        }
-    }
+    crate::frag::put_slots::<F, N>(src, dst, rows, cols, comptime!(staging(&l)));
 }
 
 /// [`fetch_v`] then [`put_v`]: a tile staged at once.
@@ -224,11 +189,7 @@ fn whole_block(
     full
 }
 
-/// Four 8×8 matrices by `ldmatrix` (`.trans` with `trans`): matrix `m` has rows `row0 + 8·(m % 2)
-/// ..` and columns `col0 + 8·(m / 2) ..` of a padded tile (`swap` exchanges the two offsets).
-/// This gives an `A` fragment at `(row0, col0)`; with `swap`, the two `B` fragments `(k, n) =
-/// t[n0 + n][k0 + k]` of columns `n0 = row0` and `n0 + 8`; with `trans`, the two `B` fragments
-/// `(k, n) = t[k0 + k][n0 + n]` of `k0 = row0` and columns `n0 = col0`, `n0 + 8`.
+/// [`crate::frag::ldm4`] on a padded tile of `cols` columns of this layout.
 #[cube]
 fn ldm4<F: Float, N: Size, NO: Size>(
     t: &SharedMemory<Vector<F, N>>,
@@ -239,18 +200,7 @@ fn ldm4<F: Float, N: Size, NO: Size>(
     #[comptime] trans: bool,
     #[comptime] l: AttnLayout,
 ) -> Array<Vector<F, NO>> {
-    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
-    let lane = UNIT_POS_PLANE as usize;
-    let m = lane / 8;
-    let mut dr = (m % 2) * 8;
-    let mut dc = (m / 2) * 8;
-    if comptime!(swap) {
-        dr = (m / 2) * 8;
-        dc = (m % 2) * 8;
-    }
-    let at = ((row0 + dr + lane % 8) * comptime!(cols + l.ph) + col0 + dc) / comptime!(l.vector);
-    let row = t.slice(at, at + comptime!(8 / l.vector));
-    def.load_matrix::<Vector<F, N>, NO>(&row, MatrixIdent::A, 4usize, trans)
+    crate::frag::ldm4::<F, N, NO>(t, row0, col0, comptime!(cols + l.ph), l.vector, swap, trans)
 }
 
 /// The `A` fragments of this plane's 16 rows `r0 ..` of a `width`-column tile, 16 columns each
@@ -272,65 +222,6 @@ fn hold_rows<F: Float, N: Size, NA: Size>(
         }
     }
     held
-}
-
-/// Registers `2i`, `2i + 1` of a four-register load: one `B` fragment.
-#[cube]
-fn half_of<F: Float, NB: Size>(
-    r: &Array<Vector<F, NB>>,
-    #[comptime] i: usize,
-) -> Array<Vector<F, NB>> {
-    let mut b = Array::<Vector<F, NB>>::new(2usize);
-    b[0] = r[2 * i];
-    b[1] = r[2 * i + 1];
-    b
-}
-
-/// The `A` fragment of columns `16 s ..` of a row of accumulator tiles (tiles `2s` and `2s + 1`),
-/// rounded to the input dtype (as FlashAttention rounds `P` and `dS`).
-#[cube]
-fn a_from_acc<F: Float, NA: Size, NC: Size>(
-    acc: &Array<Vector<f32, NC>>,
-    s: usize,
-) -> Array<Vector<F, NA>> {
-    let mut a = Array::<Vector<F, NA>>::new(4usize);
-    #[unroll]
-    for r in 0..4usize {
-        let x = acc[s * 4 + r];
-        let mut y = Vector::<F, NA>::empty();
-        y[0] = F::cast_from(x[0]);
-        y[1] = F::cast_from(x[1]);
-        a[r] = y;
-    }
-    a
-}
-
-/// Accumulator tile `j` of `acc` (entries `2j`, `2j + 1`) `+= a · b`.
-#[cube]
-fn mma_acc<F: Float, NA: Size, NB: Size, NC: Size>(
-    a: &Array<Vector<F, NA>>,
-    b: &Array<Vector<F, NB>>,
-    acc: &mut Array<Vector<f32, NC>>,
-    j: usize,
-) {
-    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
-    let mut c = Array::<Vector<f32, NC>>::new(2usize);
-    c[0] = acc[j * 2];
-    c[1] = acc[j * 2 + 1];
-    let d = def.execute(a, b, &c);
-    acc[j * 2] = d[0];
-    acc[j * 2 + 1] = d[1];
-}
-
-/// `tiles` zeroed accumulator tiles.
-#[cube]
-fn zeros<NC: Size>(#[comptime] tiles: usize) -> Array<Vector<f32, NC>> {
-    let mut acc = Array::<Vector<f32, NC>>::new(comptime!(tiles * 2));
-    #[unroll]
-    for j in 0..comptime!(tiles * 2) {
-        acc[j] = Vector::<f32, NC>::cast_from(0.0f32);
-    }
-    acc
 }
 
 /// `acc = A Bᵀ` for the 16 rows `r0 ..` of tile `a` against the `n` rows of tile `b` (`n / 8`

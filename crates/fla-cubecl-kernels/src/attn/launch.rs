@@ -5,7 +5,7 @@ use cubecl::server::Handle;
 
 use super::frag::{
     attn_dkv_frag_kernel, attn_dq_frag_kernel, attn_fwd_frag_kernel, frag_dkv_smem, frag_dq_smem,
-    frag_fwd_smem, FRAG_K, FRAG_M, FRAG_N,
+    frag_fwd_smem, FRAG_M,
 };
 use super::kernels::{
     attn_delta_kernel, attn_dkv_kernel, attn_dq_kernel, attn_fwd_kernel, dkv_smem, dq_smem,
@@ -19,8 +19,7 @@ use crate::gated::{
 };
 use crate::problem::fits;
 use crate::tile::{TileConfig, FRAG, PLANE};
-use crate::{FloatDType, KernelError};
-use cubecl::ir::features::MmaConfig;
+use crate::KernelError;
 
 /// Device buffers of a forward call: `q: [B·T_q, H, K]`, `k: [B·T_k, HK, K]`,
 /// `v: [B·T_k, HK, V]` in the problem's dtype; outputs `o: [B·T_q, H, V]` (same dtype) and
@@ -149,18 +148,7 @@ pub fn attn_check_device<R: Runtime>(
 /// problem: CUDA with `mma.sync` and `ldmatrix` for the dtype (f16, bf16) and head dims of at
 /// most 128 (the accumulators' registers); `FLA_ATTN_FRAG=0` turns them off, for measuring.
 fn frag_applies<R: Runtime>(client: &ComputeClient<R>, p: &AttnProblem) -> bool {
-    let mma = MmaConfig {
-        a_type: p.dtype.storage(),
-        b_type: p.dtype.storage(),
-        cd_type: FloatDType::F32.storage(),
-        m: FRAG_M as u32,
-        n: FRAG_N as u32,
-        k: FRAG_K as u32,
-    };
-    let matmul = &client.properties().features.matmul;
-    R::name(client).contains("cuda")
-        && matmul.mma.contains(&mma)
-        && matmul.ldmatrix.contains(&p.dtype.storage())
+    crate::frag::registers_available(client, p.dtype)
         && p.k_dim.next_multiple_of(FRAG) <= 128
         && p.v_dim.next_multiple_of(FRAG) <= 128
         && tuning("FLA_ATTN_FRAG") != Some(0)

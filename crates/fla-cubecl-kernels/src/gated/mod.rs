@@ -10,6 +10,7 @@
 //! - `gla`: [`GateKind::Vector`], `gk: [B, T, H, K]`, optionally a value gate `gv: [B, T, H, V]`.
 
 pub(crate) mod chunk;
+pub mod frag;
 pub(crate) mod launch;
 pub mod naive;
 pub(crate) mod recurrent_bwd;

@@ -5,6 +5,7 @@ use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use super::frag::{gla_frag_fwd_smem, gla_fwd_frag_kernel, GlaFragLayout};
 use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
@@ -13,6 +14,7 @@ use super::tiled::{
     vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
+use crate::frag::{registers_available, widest_vector, Staging};
 use crate::tile::{TileConfig, FRAG, PLANE};
 use crate::FloatDType;
 
@@ -400,9 +402,113 @@ pub(crate) fn tiled_forward<R: Runtime>(
             let states = (&dummy, 1, s.spans);
             forward_launch(client, p, s.out, blocks, b, scores, h0, states, cu);
         }
-        None => forward_launch(client, p, l, nv, b, scores, h0, (&dummy, 1, 1), cu),
+        None => match gla_fwd_registers(client, p, &l) {
+            Some(fl) => gla_frag_forward(client, p, fl, b, scores, h0, cu),
+            None => forward_launch(client, p, l, nv, b, scores, h0, (&dummy, 1, 1), cu),
+        },
     }
     Ok(())
+}
+
+/// The layout of GLA's forward walk with the state in tensor-core registers
+/// ([`super::frag::gla_fwd_frag_kernel`]) for a call the fused walk `l` takes, where it applies:
+/// vector gates walked forwards (no split, no delta rule), CUDA with `mma.sync` and `ldmatrix`
+/// for the dtype, and a tiling that fits. Not yet run on a GPU, so only `FLA_GLA_FRAG=1` turns it
+/// on; `FLA_GLA_FRAG_PLANES` and `FLA_GLA_FRAG_BV` override its planes (4, 8 past K = 128) and
+/// value block (64), for measuring.
+pub fn gla_fwd_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+) -> Option<GlaFragLayout> {
+    if tuning("FLA_GLA_FRAG") != Some(1)
+        || !l.vector_gate
+        || l.delta
+        || l.reverse
+        || l.states
+        || l.span > 0
+        || !registers_available(client, p.dtype)
+    {
+        return None;
+    }
+    // Planes share the output's 16-row groups evenly, and each owns at most two of the state's
+    // (16 × bv accumulators each: 64 registers a lane at bv = 64).
+    let groups = l.chunk / FRAG;
+    let planes = tuning("FLA_GLA_FRAG_PLANES").unwrap_or(if l.kp > 128 { 8 } else { 4 });
+    let max_planes = client.properties().hardware.max_units_per_cube as usize / PLANE;
+    if planes == 0 || !planes.is_multiple_of(groups) || planes > max_planes {
+        return None;
+    }
+    let staging = Staging {
+        vector: widest_vector(&[p.k_dim, p.v_dim, l.chunk]),
+        ph: l.ph,
+        threads: planes * PLANE,
+    };
+    let bv_max = tuning("FLA_GLA_FRAG_BV").unwrap_or(64).min(l.vp);
+    let smem = client.properties().hardware.max_shared_memory_size;
+    [256, 128, 64, 32, 16]
+        .into_iter()
+        .filter(|&bv| bv <= bv_max.max(FRAG))
+        .map(|bv| GlaFragLayout {
+            heads: p.heads,
+            k: p.k_dim,
+            v: p.v_dim,
+            kp: l.kp,
+            chunk: l.chunk,
+            bv,
+            planes,
+            ow: bv * groups / planes,
+            varlen: l.varlen,
+            has_h0: l.has_h0,
+            has_ht: l.has_ht,
+            staging,
+        })
+        .find(|fl| {
+            fl.ow >= FRAG
+                && (fl.bv * groups).is_multiple_of(planes * FRAG)
+                && gla_frag_fwd_smem(fl, p.dtype.size()) <= smem
+        })
+}
+
+/// The forward walk with the state in registers (the scores and cumulated gates computed).
+#[allow(clippy::too_many_arguments)]
+fn gla_frag_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    fl: GlaFragLayout,
+    b: &ForwardBuffers<'_>,
+    (a, cum): (&Handle, &Handle),
+    (h0, h0_len): (&Handle, usize),
+    (cu, cu_len): (&Handle, usize),
+) {
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let (qk, vo) = p.lens();
+    let vs = fl.staging.vector;
+    let blocks = p.v_dim.div_ceil(fl.bv) as u32;
+    let scores = p.tokens() * p.heads * fl.chunk;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in
+    // K or V); `q`, `k`, `v` and the scores are read in vectors of `vs` entries.
+    unsafe {
+        gla_fwd_frag_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(blocks, p.heads as u32, p.num_seqs() as u32),
+            CubeDim::new_2d(PLANE as u32, fl.planes as u32),
+            vs,
+            array(b.q, qk / vs),
+            array(b.k, qk / vs),
+            array(b.v, vo / vs),
+            array(a, scores / vs),
+            array(cum, p.gate_len()),
+            array(h0, h0_len),
+            array(cu, cu_len),
+            array(b.o, vo),
+            array(b.ht.unwrap_or(&dummy), p.state_len()),
+            p.seq_len as u32,
+            p.scale,
+            fl,
+            p.dtype.storage(),
+        )
+    };
 }
 
 /// The backward through the tiled kernels: `dv`, `dh0`, and `dq`, `dk` with the key gate's term

@@ -771,6 +771,43 @@ fn chunk_half_precision(
     on_runtime!(half_or_refused(&c, CHUNK));
 }
 
+/// GLA's chunk form in half precision on odd and round sizes, with and without states, and a
+/// variable-length batch with an empty sequence: every tensor-core path of the chunk walks (the
+/// tiled kernels' `cmma`; on CUDA with `FLA_GLA_FRAG=1` the forward with the state in registers)
+/// against the f64 recurrence, at the half-precision tolerances. K = 128, V = 256 is FLA's 340M
+/// recipe's head; K = 256 takes twice the state's row groups per plane.
+#[rstest]
+#[case::t1(1, 1, 16, 16, None)]
+#[case::t63_k60_v100(2, 63, 60, 100, None)]
+#[case::t65_k100_v60(2, 65, 100, 60, None)]
+#[case::t130_k128_v256(1, 130, 128, 256, None)]
+#[case::t97_k256_v32(1, 97, 256, 32, None)]
+#[case::varlen_empty(1, 111, 64, 64, Some(vec![0, 40, 40, 111]))]
+fn chunk_gla_half_sizes(
+    #[case] batch: usize,
+    #[case] t: usize,
+    #[case] k: usize,
+    #[case] v: usize,
+    #[case] cu: Option<Vec<usize>>,
+    #[values(FloatDType::F16, FloatDType::BF16)] dtype: FloatDType,
+    #[values(true, false)] states: bool,
+) {
+    let c = make_case(
+        Variant::Gla,
+        batch,
+        t,
+        2,
+        k,
+        v,
+        1.0,
+        false,
+        cu,
+        states,
+        dtype,
+    );
+    on_runtime!(half_or_refused(&c, CHUNK));
+}
+
 #[test]
 fn chunk_refuses_value_gate() {
     let c = make_case(

@@ -1,0 +1,485 @@
+//! GLA's chunk walk (vector gates) with the state in tensor-core registers, on CUDA's `mma.sync`
+//! ([`crate::frag`]): the forward.
+//!
+//! The walk of [`super::tiled`] keeps the state `S[K, BV]` in shared memory and runs every
+//! product through `cmma` fragments that go back to shared memory after each product, with 32
+//! planes per cube and about ten barriers a chunk; Nsight Compute counted ~1,300 instructions per
+//! warp per chunk, the index arithmetic and guards of element-wise passes as much as the products.
+//! Here each plane owns 16-row groups of the state's keys and holds their `S` in accumulator
+//! registers through the whole walk: the decay `diag(exp(Λ_C)) S` scales a lane's own rows, the
+//! update `k̃ᵀ V` accumulates into them, and only the state's rounded copy (the `B` operand of
+//! `q̃ S`) goes through shared memory, written once a chunk. A chunk costs three barriers.
+//!
+//! Per chunk of `C` positions (the math of [`super::tiled`], vector gates):
+//! - `q̃ = scale · q ∘ exp(Λ_r)`, `k̃ = k ∘ exp(Λ_C − Λ_s)` in place in the staged tiles;
+//! - `O = q̃ S + A V`, `A` the in-chunk scores of [`super::tiled::vector_scores_kernel`] (0 above
+//!   the diagonal, so only the blocks on or below it are multiplied); each plane computes a
+//!   16-row, `ow`-column piece and writes it from its registers;
+//! - `S ← diag(exp(Λ_C)) S + k̃ᵀ V`.
+
+#![allow(clippy::collapsible_if)]
+
+use cubecl::cmma::{MatrixIdent, MmaDefinition};
+use cubecl::prelude::*;
+
+use super::chunk::chunk_len;
+use super::recurrent_fwd::{seq_length, seq_start};
+use crate::frag::{
+    fetch_slots, half_of, lane_gt, ldm4, mma_acc, put_slots, slots_per_unit, tile_slots, zeros,
+    Staging, FRAG_K, FRAG_M, FRAG_N,
+};
+use crate::tile::{exp_le0, fast_exp};
+
+/// Padding of an `f32` tile row (16 bytes).
+const PAD_F: usize = 4;
+
+/// Compile-time shape of a register walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GlaFragLayout {
+    pub heads: usize,
+    pub k: usize,
+    pub v: usize,
+    /// `K` rounded up to 16.
+    pub kp: usize,
+    /// Positions per chunk (a multiple of 16).
+    pub chunk: usize,
+    /// Value columns per cube (a multiple of 16).
+    pub bv: usize,
+    /// Planes per cube; plane `p` owns the state's row groups `p, p + planes, …`.
+    pub planes: usize,
+    /// Output columns per plane: `bv · (chunk / 16) / planes`, a multiple of 16.
+    pub ow: usize,
+    pub varlen: bool,
+    pub has_h0: bool,
+    pub has_ht: bool,
+    pub staging: Staging,
+}
+
+impl GlaFragLayout {
+    /// Row groups of 16 keys of the state.
+    pub fn groups(&self) -> usize {
+        self.kp / FRAG_M
+    }
+    /// Row groups each plane owns (the last planes may own one fewer).
+    pub fn groups_per_plane(&self) -> usize {
+        self.groups().div_ceil(self.planes)
+    }
+}
+
+/// Shared memory of the forward: `q̃`, `k̃` (`C × kp`), `v` (`C × bv`), the scores (`C × C`) in
+/// the input dtype, `Λ` (`C × kp`, `f32`) and the state's rounded copy (`kp × bv`).
+pub fn gla_frag_fwd_smem(l: &GlaFragLayout, e: usize) -> usize {
+    let ph = l.staging.ph;
+    let h = |rows: usize, cols: usize| (rows * (cols + ph) * e).next_multiple_of(64);
+    2 * h(l.chunk, l.kp)
+        + h(l.chunk, l.bv)
+        + h(l.chunk, l.chunk)
+        + (l.chunk * (l.kp + PAD_F) * 4).next_multiple_of(64)
+        + h(l.kp, l.bv)
+}
+
+/// `Λ` entries (`C × kp`) each unit fetches.
+pub fn gate_entries(l: &GlaFragLayout) -> usize {
+    (l.chunk * l.kp).div_ceil(l.staging.threads)
+}
+
+/// Fetches this unit's entries of the chunk's cumulated gates `Λ` (rows `p0 ..` of the sequence
+/// at `bos`; rows past its end repeat its last, so row `C − 1` holds the chunk's total decay
+/// whatever its length; columns past `K` read 0).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_gates(
+    lam: &Array<f32>,
+    dst: &mut Array<f32>,
+    bos: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    #[comptime] l: GlaFragLayout,
+) {
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(gate_entries(&l)) {
+        let e = unit + r * comptime!(l.staging.threads);
+        let row = e / l.kp;
+        let col = e % l.kp;
+        let mut x = 0.0f32;
+        if row < l.chunk && col < l.k {
+            let mut at = row;
+            if at >= cl {
+                at = cl - 1;
+            }
+            x = lam[((bos + p0 + at) * l.heads + h) * l.k + col];
+        }
+        dst[r] = x;
+    }
+}
+
+/// Writes what [`fetch_gates`] fetched into the padded `C × kp` tile.
+#[cube]
+fn put_gates(src: &Array<f32>, dst: &mut SharedMemory<f32>, #[comptime] l: GlaFragLayout) {
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(gate_entries(&l)) {
+        let e = unit + r * comptime!(l.staging.threads);
+        let row = e / l.kp;
+        if row < l.chunk {
+            dst[row * comptime!(l.kp + PAD_F) + e % l.kp] = src[r];
+        }
+    }
+}
+
+/// Scales entry `(r, j)` of the staged `C × kp` tile by `factor · exp(Λ_rj)` (`from_end =
+/// false`: `q̃`) or by `exp(Λ_{C−1,j} − Λ_rj)` (`from_end`: `k̃`), each unit its own vectors.
+#[cube(fast_math = fast_exp())]
+fn scale_by_gates<F: Float, N: Size>(
+    t: &mut SharedMemory<Vector<F, N>>,
+    lam: &SharedMemory<f32>,
+    factor: f32,
+    #[comptime] from_end: bool,
+    #[comptime] l: GlaFragLayout,
+) {
+    let s = l.staging;
+    let (cv, ld, ldl) = comptime!((l.kp / s.vector, (l.kp + s.ph) / s.vector, l.kp + PAD_F));
+    let slots = comptime!(l.chunk * cv);
+    let last = comptime!((l.chunk - 1) * (l.kp + PAD_F));
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(slots_per_unit(l.chunk, l.kp, &s)) {
+        let e = unit + r * comptime!(s.threads);
+        if e < slots {
+            let row = e / cv;
+            let c0 = (e % cv) * comptime!(s.vector);
+            let at = row * ld + e % cv;
+            let mut x = t[at];
+            #[unroll]
+            for i in 0..comptime!(s.vector) {
+                let mut ex = lam[row * ldl + c0 + i];
+                if comptime!(from_end) {
+                    ex = lam[last + c0 + i] - ex;
+                }
+                x[i] = F::cast_from(f32::cast_from(x[i]) * factor * ex.exp());
+            }
+            t[at] = x;
+        }
+    }
+}
+
+/// Reads (`load`, zeros outside `K × V` and without `h0`) or writes this plane's rows of the
+/// state's slice `[kp, bv]` at column `v0` of `[N, H, K, V]` into or from its accumulators.
+#[cube]
+fn state_io<NC: Size>(
+    acc: &mut Array<Vector<f32, NC>>,
+    global: &mut Array<f32>,
+    base: usize,
+    v0: usize,
+    #[comptime] load: bool,
+    #[comptime] l: GlaFragLayout,
+) {
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+    let nt = comptime!(l.bv / FRAG_N);
+    #[unroll]
+    for gi in 0..comptime!(l.groups_per_plane()) {
+        let grp = plane + gi * comptime!(l.planes);
+        #[unroll]
+        for j in 0..nt {
+            #[unroll]
+            for half in 0..2usize {
+                let row = grp * FRAG_M + g + half * 8;
+                let slot = (gi * nt + j) * 2 + half;
+                let mut x = acc[slot];
+                #[unroll]
+                for e in 0..2usize {
+                    let col = v0 + j * FRAG_N + 2 * t + e;
+                    let inside = grp < comptime!(l.groups()) && row < l.k && col < l.v;
+                    if comptime!(load) {
+                        let mut y = 0.0f32;
+                        if inside {
+                            y = global[base + row * l.v + col];
+                        }
+                        x[e] = y;
+                    } else if inside {
+                        global[base + row * l.v + col] = x[e];
+                    }
+                }
+                if comptime!(load) {
+                    acc[slot] = x;
+                }
+            }
+        }
+    }
+}
+
+/// Forward, vector gates: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)` of
+/// `(32, planes)` units. `a` holds the in-chunk scores and `gates_cum` the gates cumulated from
+/// each chunk's start, both from [`super::tiled::vector_scores_kernel`] at the same chunk.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    a: &Array<Vector<F, N>>,
+    gates_cum: &Array<f32>,
+    h0: &mut Array<f32>,
+    cu_seqlens: &Array<u32>,
+    o: &mut Array<F>,
+    ht: &mut Array<f32>,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: GlaFragLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let (ldk, ldv, ldc) = comptime!((kp + st.ph, bv + st.ph, c + st.ph));
+    let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
+    let v0 = CUBE_POS_X as usize * bv;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+    let size!(NA) = def.vector_size(MatrixIdent::A);
+    let size!(NB) = def.vector_size(MatrixIdent::B);
+    let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+
+    let mut sq = tile_slots::<F, N>(c, kp, st);
+    let mut sk = tile_slots::<F, N>(c, kp, st);
+    let mut sv = tile_slots::<F, N>(c, bv, st);
+    let mut sa = tile_slots::<F, N>(c, c, st);
+    let mut slam = SharedMemory::<f32>::new(comptime!(c * (kp + PAD_F)));
+    // The state rounded to the input dtype, written in pairs from the accumulators.
+    let mut ssh = SharedMemory::<Vector<F, NA>>::new_aligned(comptime!(kp * ldv / 2), 64usize);
+
+    // This plane's state rows, `groups_per_plane` groups of 16 × bv.
+    let mut sacc = zeros::<NC>(comptime!(l.groups_per_plane() * nt));
+    if comptime!(l.has_h0) {
+        state_io::<NC>(&mut sacc, h0, base, v0, true, l);
+    }
+    // This plane's output piece: rows `16 · orow ..`, columns `ocol ..` of the block.
+    let orow = plane % rgs;
+    let ocol = (plane / rgs) * l.ow;
+
+    let mut rq = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, kp, &st)));
+    let mut rk = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, kp, &st)));
+    let mut rv = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, bv, &st)));
+    let mut ra = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, c, &st)));
+    let mut rl = Array::<f32>::new(comptime!(gate_entries(&l)));
+    let chunks = len.div_ceil(c);
+    if chunks > 0 {
+        let cl = chunk_len(len, 0, c);
+        fetch_slots::<F, N>(q, &mut rq, bos, cl, h, 0usize, l.heads, l.k, c, kp, st);
+        fetch_slots::<F, N>(k, &mut rk, bos, cl, h, 0usize, l.heads, l.k, c, kp, st);
+        fetch_slots::<F, N>(v, &mut rv, bos, cl, h, v0, l.heads, l.v, c, bv, st);
+        fetch_slots::<F, N>(a, &mut ra, bos, cl, h, 0usize, l.heads, c, c, c, st);
+        fetch_gates(gates_cum, &mut rl, bos, 0, cl, h, l);
+    }
+    for ci in 0..chunks {
+        let p0 = ci * c;
+        let cl = chunk_len(len, p0, c);
+        // Every plane is done with the previous chunk's tiles.
+        sync_cube();
+        put_slots::<F, N>(&rq, &mut sq, c, kp, st);
+        put_slots::<F, N>(&rk, &mut sk, c, kp, st);
+        put_slots::<F, N>(&rv, &mut sv, c, bv, st);
+        put_slots::<F, N>(&ra, &mut sa, c, c, st);
+        put_gates(&rl, &mut slam, l);
+        if ci + 1 < chunks {
+            let p1 = p0 + c;
+            let cl1 = chunk_len(len, p1, c);
+            fetch_slots::<F, N>(
+                q,
+                &mut rq,
+                bos + p1,
+                cl1,
+                h,
+                0usize,
+                l.heads,
+                l.k,
+                c,
+                kp,
+                st,
+            );
+            fetch_slots::<F, N>(
+                k,
+                &mut rk,
+                bos + p1,
+                cl1,
+                h,
+                0usize,
+                l.heads,
+                l.k,
+                c,
+                kp,
+                st,
+            );
+            fetch_slots::<F, N>(v, &mut rv, bos + p1, cl1, h, v0, l.heads, l.v, c, bv, st);
+            fetch_slots::<F, N>(a, &mut ra, bos + p1, cl1, h, 0usize, l.heads, c, c, c, st);
+            fetch_gates(gates_cum, &mut rl, bos, p1, cl1, h, l);
+        }
+        // The state's rounded copy, each plane its rows.
+        #[unroll]
+        for gi in 0..comptime!(l.groups_per_plane()) {
+            let grp = plane + gi * comptime!(l.planes);
+            if grp < comptime!(l.groups()) {
+                #[unroll]
+                for j in 0..nt {
+                    #[unroll]
+                    for half in 0..2usize {
+                        let x = sacc[(gi * nt + j) * 2 + half];
+                        let mut y = Vector::<F, NA>::empty();
+                        y[0] = F::cast_from(x[0]);
+                        y[1] = F::cast_from(x[1]);
+                        let row = grp * FRAG_M + g + half * 8;
+                        ssh[(row * ldv + j * FRAG_N + 2 * t) / 2] = y;
+                    }
+                }
+            }
+        }
+        sync_cube();
+        scale_by_gates::<F, N>(&mut sq, &slam, scale, false, l);
+        scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
+        sync_cube();
+
+        // O = q̃ S + A V for this plane's piece.
+        let mut oacc = zeros::<NC>(comptime!(l.ow / FRAG_N));
+        #[unroll]
+        for s in 0..comptime!(kp / FRAG_K) {
+            let fa = ldm4::<F, N, NA>(&sq, orow * FRAG_M, s * FRAG_K, ldk, st.vector, false, false);
+            #[unroll]
+            for j in 0..comptime!(l.ow / FRAG_K) {
+                let r = ldm4::<F, NA, NB>(
+                    &ssh,
+                    s * FRAG_K,
+                    ocol + j * FRAG_K,
+                    ldv,
+                    2usize,
+                    false,
+                    true,
+                );
+                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut oacc, 2 * j);
+                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut oacc, 2 * j + 1);
+            }
+        }
+        #[unroll]
+        for s in 0..rgs {
+            // The scores are 0 above the diagonal.
+            if s <= orow {
+                let fa =
+                    ldm4::<F, N, NA>(&sa, orow * FRAG_M, s * FRAG_K, ldc, st.vector, false, false);
+                #[unroll]
+                for j in 0..comptime!(l.ow / FRAG_K) {
+                    let r = ldm4::<F, N, NB>(
+                        &sv,
+                        s * FRAG_K,
+                        ocol + j * FRAG_K,
+                        ldv,
+                        st.vector,
+                        false,
+                        true,
+                    );
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut oacc, 2 * j);
+                    mma_acc::<F, NA, NB, NC>(
+                        &fa,
+                        &half_of::<F, NB>(&r, 1usize),
+                        &mut oacc,
+                        2 * j + 1,
+                    );
+                }
+            }
+        }
+        #[unroll]
+        for half in 0..2usize {
+            let row = orow * FRAG_M + g + half * 8;
+            if row < cl {
+                let at = ((bos + p0 + row) * l.heads + h) * l.v;
+                #[unroll]
+                for j in 0..comptime!(l.ow / FRAG_N) {
+                    let x = oacc[j * 2 + half];
+                    #[unroll]
+                    for e in 0..2usize {
+                        let col = v0 + ocol + j * FRAG_N + 2 * t + e;
+                        if col < l.v {
+                            o[at + col] = F::cast_from(x[e]);
+                        }
+                    }
+                }
+            }
+        }
+
+        // S ← diag(exp(Λ_C)) S + k̃ᵀ V, each plane its rows (needed after the last chunk only
+        // as `ht`; uniform over the cube).
+        let mut update = ci + 1 < chunks;
+        if comptime!(l.has_ht) {
+            update = true;
+        }
+        if update {
+            let last = comptime!((c - 1) * (kp + PAD_F));
+            #[unroll]
+            for gi in 0..comptime!(l.groups_per_plane()) {
+                let grp = plane + gi * comptime!(l.planes);
+                if grp < comptime!(l.groups()) {
+                    let d0 = exp_le0(slam[last + grp * FRAG_M + g]);
+                    let d1 = exp_le0(slam[last + grp * FRAG_M + g + 8]);
+                    #[unroll]
+                    for j in 0..nt {
+                        let mut x = sacc[(gi * nt + j) * 2];
+                        x[0] *= d0;
+                        x[1] *= d0;
+                        sacc[(gi * nt + j) * 2] = x;
+                        let mut y = sacc[(gi * nt + j) * 2 + 1];
+                        y[0] *= d1;
+                        y[1] *= d1;
+                        sacc[(gi * nt + j) * 2 + 1] = y;
+                    }
+                    #[unroll]
+                    for s in 0..rgs {
+                        // `A = k̃ᵀ`: keys `16 grp ..` down, positions `16 s ..` across.
+                        let fa = ldm4::<F, N, NA>(
+                            &sk,
+                            s * FRAG_K,
+                            grp * FRAG_M,
+                            ldk,
+                            st.vector,
+                            true,
+                            true,
+                        );
+                        #[unroll]
+                        for j in 0..comptime!(bv / FRAG_K) {
+                            let r = ldm4::<F, N, NB>(
+                                &sv,
+                                s * FRAG_K,
+                                j * FRAG_K,
+                                ldv,
+                                st.vector,
+                                false,
+                                true,
+                            );
+                            let tile = gi * nt + 2 * j;
+                            mma_acc::<F, NA, NB, NC>(
+                                &fa,
+                                &half_of::<F, NB>(&r, 0usize),
+                                &mut sacc,
+                                tile,
+                            );
+                            mma_acc::<F, NA, NB, NC>(
+                                &fa,
+                                &half_of::<F, NB>(&r, 1usize),
+                                &mut sacc,
+                                tile + 1,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if comptime!(l.has_ht) {
+        state_io::<NC>(&mut sacc, ht, base, v0, false, l);
+    }
+}
