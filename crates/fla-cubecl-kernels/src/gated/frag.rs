@@ -211,6 +211,92 @@ fn state_io<NC: Size>(
     }
 }
 
+/// Writes this plane's rows of the state (or of its gradient) in accumulators, rounded to the
+/// input dtype, into the pair tile `dst` (`kp × bv`, rows `ld` entries apart): the `B` operand of
+/// the products with the state.
+#[cube]
+fn round_rows<F: Float, NA: Size, NC: Size>(
+    acc: &Array<Vector<f32, NC>>,
+    dst: &mut SharedMemory<Vector<F, NA>>,
+    #[comptime] ld: usize,
+    #[comptime] l: GlaFragLayout,
+) {
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+    let nt = comptime!(l.bv / FRAG_N);
+    #[unroll]
+    for gi in 0..comptime!(l.groups_per_plane()) {
+        let grp = plane + gi * comptime!(l.planes);
+        if grp < comptime!(l.groups()) {
+            #[unroll]
+            for j in 0..nt {
+                #[unroll]
+                for half in 0..2usize {
+                    let x = acc[(gi * nt + j) * 2 + half];
+                    let mut y = Vector::<F, NA>::empty();
+                    y[0] = F::cast_from(x[0]);
+                    y[1] = F::cast_from(x[1]);
+                    let row = grp * FRAG_M + g + half * 8;
+                    dst[(row * ld + j * FRAG_N + 2 * t) / 2] = y;
+                }
+            }
+        }
+    }
+}
+
+/// `acc ← diag(exp(Λ_C)) acc + Xᵀ Y` for this plane's row groups of the state (or its
+/// gradient): the decay of each key row by the chunk's total gate (row `C − 1` of `lam`), then
+/// the product of the staged `X` (`C × kp`, `k̃` or `q̃`, read transposed) and `Y` (`C × bv`,
+/// `v` or `d_o`).
+#[cube]
+fn update_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    acc: &mut Array<Vector<f32, NC>>,
+    lam: &SharedMemory<f32>,
+    x: &SharedMemory<Vector<F, N>>,
+    y: &SharedMemory<Vector<F, N>>,
+    #[comptime] l: GlaFragLayout,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let (ldk, ldv) = comptime!((kp + st.ph, bv + st.ph));
+    let nt = comptime!(bv / FRAG_N);
+    let last = comptime!((c - 1) * (kp + PAD_F));
+    let (g, _) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+    #[unroll]
+    for gi in 0..comptime!(l.groups_per_plane()) {
+        let grp = plane + gi * comptime!(l.planes);
+        if grp < comptime!(l.groups()) {
+            let d0 = exp_le0(lam[last + grp * FRAG_M + g]);
+            let d1 = exp_le0(lam[last + grp * FRAG_M + g + 8]);
+            #[unroll]
+            for j in 0..nt {
+                let mut u = acc[(gi * nt + j) * 2];
+                u[0] *= d0;
+                u[1] *= d0;
+                acc[(gi * nt + j) * 2] = u;
+                let mut w = acc[(gi * nt + j) * 2 + 1];
+                w[0] *= d1;
+                w[1] *= d1;
+                acc[(gi * nt + j) * 2 + 1] = w;
+            }
+            #[unroll]
+            for s in 0..comptime!(c / FRAG_K) {
+                // `A = Xᵀ`: keys `16 grp ..` down, positions `16 s ..` across.
+                let fa = ldm4::<F, N, NA>(x, s * FRAG_K, grp * FRAG_M, ldk, st.vector, true, true);
+                #[unroll]
+                for j in 0..comptime!(bv / FRAG_K) {
+                    let r =
+                        ldm4::<F, N, NB>(y, s * FRAG_K, j * FRAG_K, ldv, st.vector, false, true);
+                    let tile = gi * nt + 2 * j;
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), acc, tile);
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), acc, tile + 1);
+                }
+            }
+        }
+    }
+}
+
 /// Forward, vector gates: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)` of
 /// `(32, planes)` units. `a` holds the in-chunk scores and `gates_cum` the gates cumulated from
 /// each chunk's start, both from [`super::tiled::vector_scores_kernel`] at the same chunk.
@@ -323,24 +409,7 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
             fetch_gates(gates_cum, &mut rl, bos, p1, cl1, h, l);
         }
         // The state's rounded copy, each plane its rows.
-        #[unroll]
-        for gi in 0..comptime!(l.groups_per_plane()) {
-            let grp = plane + gi * comptime!(l.planes);
-            if grp < comptime!(l.groups()) {
-                #[unroll]
-                for j in 0..nt {
-                    #[unroll]
-                    for half in 0..2usize {
-                        let x = sacc[(gi * nt + j) * 2 + half];
-                        let mut y = Vector::<F, NA>::empty();
-                        y[0] = F::cast_from(x[0]);
-                        y[1] = F::cast_from(x[1]);
-                        let row = grp * FRAG_M + g + half * 8;
-                        ssh[(row * ldv + j * FRAG_N + 2 * t) / 2] = y;
-                    }
-                }
-            }
-        }
+        round_rows::<F, NA, NC>(&sacc, &mut ssh, ldv, l);
         sync_cube();
         scale_by_gates::<F, N>(&mut sq, &slam, scale, false, l);
         scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
@@ -419,67 +488,259 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
             update = true;
         }
         if update {
-            let last = comptime!((c - 1) * (kp + PAD_F));
+            update_rows::<F, N, NA, NB, NC>(&mut sacc, &slam, &sk, &sv, l);
+        }
+    }
+    if comptime!(l.has_ht) {
+        state_io::<NC>(&mut sacc, ht, base, v0, false, l);
+    }
+}
+
+/// Shared memory of the `dk`/`dv` walk: `q̃`, `k̃` (`C × kp`), `v`, `d_o` (`C × bv`), the scores
+/// (`C × C`), `Λ` (`C × kp`, `f32`) and the state gradient's rounded copy (`kp × bv`).
+pub fn gla_frag_dkv_smem(l: &GlaFragLayout, e: usize) -> usize {
+    let ph = l.staging.ph;
+    gla_frag_fwd_smem(l, e) + (l.chunk * (l.bv + ph) * e).next_multiple_of(64)
+}
+
+/// Backward under vector gates, walking the chunks backwards from `dhT` with the state's gradient
+/// `G[kp, bv]` in accumulator registers: `dv`, this value block's partial of `dk` (the state's
+/// term, `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`, `f32` into `dk_part` from `vb · dk_len` on; the in-chunk
+/// term is the `dq` walk's) and `dh0`, as [`super::tiled::tiled_dkv_kernel`] computes them:
+/// - `dV = Aᵀ dO + k̃ G`, each plane a 16-row, `ow`-column piece (only the score blocks on or
+///   below the diagonal);
+/// - `dK` in 16 × 16 pieces shared round-robin by the planes;
+/// - `G ← diag(exp(Λ_C)) G + q̃ᵀ dO`.
+///
+/// Cubes `(value block, head, sequence)` of `(32, planes)` units.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    a: &Array<Vector<F, N>>,
+    gates_cum: &Array<f32>,
+    cu_seqlens: &Array<u32>,
+    d_o: &Array<Vector<F, N>>,
+    d_ht: &mut Array<f32>,
+    dk_part: &mut Array<f32>,
+    dv: &mut Array<F>,
+    dh0: &mut Array<f32>,
+    seq_len: u32,
+    dk_len: u32,
+    scale: f32,
+    #[comptime] l: GlaFragLayout,
+    #[comptime] has_dht: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let (ldk, ldv, ldc, ldl) = comptime!((kp + st.ph, bv + st.ph, c + st.ph, kp + PAD_F));
+    let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
+    let vb = CUBE_POS_X as usize;
+    let v0 = vb * bv;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+    let part = vb * dk_len as usize;
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+    let size!(NA) = def.vector_size(MatrixIdent::A);
+    let size!(NB) = def.vector_size(MatrixIdent::B);
+    let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+
+    let mut sq = tile_slots::<F, N>(c, kp, st);
+    let mut sk = tile_slots::<F, N>(c, kp, st);
+    let mut sv = tile_slots::<F, N>(c, bv, st);
+    let mut sdo = tile_slots::<F, N>(c, bv, st);
+    let mut sa = tile_slots::<F, N>(c, c, st);
+    let mut slam = SharedMemory::<f32>::new(comptime!(c * (kp + PAD_F)));
+    let mut sgh = SharedMemory::<Vector<F, NA>>::new_aligned(comptime!(kp * ldv / 2), 64usize);
+
+    let mut gacc = zeros::<NC>(comptime!(l.groups_per_plane() * nt));
+    if comptime!(has_dht) {
+        state_io::<NC>(&mut gacc, d_ht, base, v0, true, l);
+    }
+    let orow = plane % rgs;
+    let ocol = (plane / rgs) * l.ow;
+
+    let mut rq = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, kp, &st)));
+    let mut rk = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, kp, &st)));
+    let mut rv = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, bv, &st)));
+    let mut rdo = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, bv, &st)));
+    let mut ra = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, c, &st)));
+    let mut rl = Array::<f32>::new(comptime!(gate_entries(&l)));
+    let chunks = len.div_ceil(c);
+    // The last chunk first: it holds the rest of the sequence.
+    if chunks > 0 {
+        let p0 = (chunks - 1) * c;
+        let cl = chunk_len(len, p0, c);
+        let r0 = bos + p0;
+        fetch_slots::<F, N>(q, &mut rq, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
+        fetch_slots::<F, N>(k, &mut rk, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
+        fetch_slots::<F, N>(v, &mut rv, r0, cl, h, v0, l.heads, l.v, c, bv, st);
+        fetch_slots::<F, N>(d_o, &mut rdo, r0, cl, h, v0, l.heads, l.v, c, bv, st);
+        fetch_slots::<F, N>(a, &mut ra, r0, cl, h, 0usize, l.heads, c, c, c, st);
+        fetch_gates(gates_cum, &mut rl, bos, p0, cl, h, l);
+    }
+    for cr in 0..chunks {
+        let ci = chunks - 1 - cr;
+        let p0 = ci * c;
+        let cl = chunk_len(len, p0, c);
+        sync_cube();
+        put_slots::<F, N>(&rq, &mut sq, c, kp, st);
+        put_slots::<F, N>(&rk, &mut sk, c, kp, st);
+        put_slots::<F, N>(&rv, &mut sv, c, bv, st);
+        put_slots::<F, N>(&rdo, &mut sdo, c, bv, st);
+        put_slots::<F, N>(&ra, &mut sa, c, c, st);
+        put_gates(&rl, &mut slam, l);
+        if ci > 0 {
+            // Every chunk before the last is full.
+            let p1 = p0 - c;
+            let r1 = bos + p1;
+            fetch_slots::<F, N>(q, &mut rq, r1, c, h, 0usize, l.heads, l.k, c, kp, st);
+            fetch_slots::<F, N>(k, &mut rk, r1, c, h, 0usize, l.heads, l.k, c, kp, st);
+            fetch_slots::<F, N>(v, &mut rv, r1, c, h, v0, l.heads, l.v, c, bv, st);
+            fetch_slots::<F, N>(d_o, &mut rdo, r1, c, h, v0, l.heads, l.v, c, bv, st);
+            fetch_slots::<F, N>(a, &mut ra, r1, c, h, 0usize, l.heads, c, c, c, st);
+            fetch_gates(gates_cum, &mut rl, bos, p1, c, h, l);
+        }
+        round_rows::<F, NA, NC>(&gacc, &mut sgh, ldv, l);
+        sync_cube();
+        scale_by_gates::<F, N>(&mut sq, &slam, scale, false, l);
+        scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
+        sync_cube();
+
+        // dV = Aᵀ dO + k̃ G for this plane's piece.
+        let mut vacc = zeros::<NC>(comptime!(l.ow / FRAG_N));
+        #[unroll]
+        for s in 0..rgs {
+            // `Aᵀ` is 0 below its diagonal block (`A` above).
+            if s >= orow {
+                let fa =
+                    ldm4::<F, N, NA>(&sa, s * FRAG_K, orow * FRAG_M, ldc, st.vector, true, true);
+                #[unroll]
+                for j in 0..comptime!(l.ow / FRAG_K) {
+                    let col = ocol + j * FRAG_K;
+                    let r = ldm4::<F, N, NB>(&sdo, s * FRAG_K, col, ldv, st.vector, false, true);
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut vacc, 2 * j);
+                    mma_acc::<F, NA, NB, NC>(
+                        &fa,
+                        &half_of::<F, NB>(&r, 1usize),
+                        &mut vacc,
+                        2 * j + 1,
+                    );
+                }
+            }
+        }
+        #[unroll]
+        for s in 0..comptime!(kp / FRAG_K) {
+            let fa = ldm4::<F, N, NA>(&sk, orow * FRAG_M, s * FRAG_K, ldk, st.vector, false, false);
             #[unroll]
-            for gi in 0..comptime!(l.groups_per_plane()) {
-                let grp = plane + gi * comptime!(l.planes);
-                if grp < comptime!(l.groups()) {
-                    let d0 = exp_le0(slam[last + grp * FRAG_M + g]);
-                    let d1 = exp_le0(slam[last + grp * FRAG_M + g + 8]);
+            for j in 0..comptime!(l.ow / FRAG_K) {
+                let r = ldm4::<F, NA, NB>(
+                    &sgh,
+                    s * FRAG_K,
+                    ocol + j * FRAG_K,
+                    ldv,
+                    2usize,
+                    false,
+                    true,
+                );
+                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut vacc, 2 * j);
+                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut vacc, 2 * j + 1);
+            }
+        }
+        #[unroll]
+        for half in 0..2usize {
+            let row = orow * FRAG_M + g + half * 8;
+            if row < cl {
+                let at = ((bos + p0 + row) * l.heads + h) * l.v;
+                #[unroll]
+                for j in 0..comptime!(l.ow / FRAG_N) {
+                    let x = vacc[j * 2 + half];
                     #[unroll]
-                    for j in 0..nt {
-                        let mut x = sacc[(gi * nt + j) * 2];
-                        x[0] *= d0;
-                        x[1] *= d0;
-                        sacc[(gi * nt + j) * 2] = x;
-                        let mut y = sacc[(gi * nt + j) * 2 + 1];
-                        y[0] *= d1;
-                        y[1] *= d1;
-                        sacc[(gi * nt + j) * 2 + 1] = y;
-                    }
-                    #[unroll]
-                    for s in 0..rgs {
-                        // `A = k̃ᵀ`: keys `16 grp ..` down, positions `16 s ..` across.
-                        let fa = ldm4::<F, N, NA>(
-                            &sk,
-                            s * FRAG_K,
-                            grp * FRAG_M,
-                            ldk,
-                            st.vector,
-                            true,
-                            true,
-                        );
-                        #[unroll]
-                        for j in 0..comptime!(bv / FRAG_K) {
-                            let r = ldm4::<F, N, NB>(
-                                &sv,
-                                s * FRAG_K,
-                                j * FRAG_K,
-                                ldv,
-                                st.vector,
-                                false,
-                                true,
-                            );
-                            let tile = gi * nt + 2 * j;
-                            mma_acc::<F, NA, NB, NC>(
-                                &fa,
-                                &half_of::<F, NB>(&r, 0usize),
-                                &mut sacc,
-                                tile,
-                            );
-                            mma_acc::<F, NA, NB, NC>(
-                                &fa,
-                                &half_of::<F, NB>(&r, 1usize),
-                                &mut sacc,
-                                tile + 1,
-                            );
+                    for e in 0..2usize {
+                        let col = v0 + ocol + j * FRAG_N + 2 * t + e;
+                        if col < l.v {
+                            dv[at + col] = F::cast_from(x[e]);
                         }
                     }
                 }
             }
         }
+
+        // dK's state term, exp(Λ_C − Λ_s) ∘ (V Gᵀ), in 16 × 16 pieces (`B = Gᵀ`: the rounded
+        // gradient read with rows and columns exchanged).
+        let kgroups = comptime!(kp / FRAG_K);
+        let last = comptime!((c - 1) * ldl);
+        #[unroll]
+        for pi in 0..comptime!((rgs * kgroups).div_ceil(l.planes)) {
+            let piece = plane + pi * comptime!(l.planes);
+            if piece < comptime!(rgs * kgroups) {
+                let prow = piece % rgs;
+                let pcol = piece / rgs;
+                let mut kacc = zeros::<NC>(2usize);
+                #[unroll]
+                for s in 0..comptime!(bv / FRAG_K) {
+                    let fa = ldm4::<F, N, NA>(
+                        &sv,
+                        prow * FRAG_M,
+                        s * FRAG_K,
+                        ldv,
+                        st.vector,
+                        false,
+                        false,
+                    );
+                    let r = ldm4::<F, NA, NB>(
+                        &sgh,
+                        pcol * FRAG_K,
+                        s * FRAG_K,
+                        ldv,
+                        2usize,
+                        true,
+                        false,
+                    );
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut kacc, 0usize);
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut kacc, 1usize);
+                }
+                #[unroll]
+                for half in 0..2usize {
+                    let row = prow * FRAG_M + g + half * 8;
+                    if row < cl {
+                        let at = part + ((bos + p0 + row) * l.heads + h) * l.k;
+                        #[unroll]
+                        for j in 0..2usize {
+                            let x = kacc[j * 2 + half];
+                            #[unroll]
+                            for e in 0..2usize {
+                                let key = pcol * FRAG_K + j * FRAG_N + 2 * t + e;
+                                if key < l.k {
+                                    let d = exp_le0(slam[last + key] - slam[row * ldl + key]);
+                                    dk_part[at + key] = x[e] * d;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // G ← diag(exp(Λ_C)) G + q̃ᵀ dO (needed before the first chunk only as `dh0`; uniform
+        // over the cube).
+        let mut update = ci > 0;
+        if comptime!(l.has_h0) {
+            update = true;
+        }
+        if update {
+            update_rows::<F, N, NA, NB, NC>(&mut gacc, &slam, &sq, &sdo, l);
+        }
     }
-    if comptime!(l.has_ht) {
-        state_io::<NC>(&mut sacc, ht, base, v0, false, l);
+    if comptime!(l.has_h0) {
+        state_io::<NC>(&mut gacc, dh0, base, v0, false, l);
     }
 }

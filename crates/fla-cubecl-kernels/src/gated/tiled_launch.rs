@@ -5,7 +5,9 @@ use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::frag::{gla_frag_fwd_smem, gla_fwd_frag_kernel, GlaFragLayout};
+use super::frag::{
+    gla_dkv_frag_kernel, gla_frag_dkv_smem, gla_frag_fwd_smem, gla_fwd_frag_kernel, GlaFragLayout,
+};
 use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
@@ -411,17 +413,46 @@ pub(crate) fn tiled_forward<R: Runtime>(
 }
 
 /// The layout of GLA's forward walk with the state in tensor-core registers
-/// ([`super::frag::gla_fwd_frag_kernel`]) for a call the fused walk `l` takes, where it applies:
-/// vector gates walked forwards (no split, no delta rule), CUDA with `mma.sync` and `ldmatrix`
-/// for the dtype, and a tiling that fits. Not yet run on a GPU, so only `FLA_GLA_FRAG=1` turns it
-/// on; `FLA_GLA_FRAG_PLANES` and `FLA_GLA_FRAG_BV` override its planes (4, 8 past K = 128) and
-/// value block (64), for measuring.
+/// ([`super::frag::gla_fwd_frag_kernel`]) for a call the fused walk `l` takes, where it applies
+/// ([`gla_frag_layout`]); value blocks of 64 (`FLA_GLA_FRAG_BV` overrides, for measuring).
 pub fn gla_fwd_registers<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     l: &TiledLayout,
 ) -> Option<GlaFragLayout> {
-    if tuning("FLA_GLA_FRAG") != Some(1)
+    let bv_max = tuning("FLA_GLA_FRAG_BV").unwrap_or(64).min(l.vp);
+    let widths: Vec<usize> = [256, 128, 64, 32, 16]
+        .into_iter()
+        .filter(|&bv| bv <= bv_max.max(FRAG))
+        .collect();
+    gla_frag_layout(client, p, l, 1, &widths, gla_frag_fwd_smem)
+}
+
+/// The layout of GLA's `dk`/`dv` walk with the state's gradient in registers
+/// ([`super::frag::gla_dkv_frag_kernel`]), where it applies ([`gla_frag_layout`]): the fused
+/// walk's value blocks, as the partial `dk` buffer has one partial per block.
+pub fn gla_dkv_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+) -> Option<GlaFragLayout> {
+    gla_frag_layout(client, p, l, 2, &[l.bv], gla_frag_dkv_smem)
+}
+
+/// A register walk's layout, the first of the value blocks `widths` that tiles and fits: vector
+/// gates walked forwards (no split, no delta rule, no reversed sequences), CUDA with `mma.sync`
+/// and `ldmatrix` for the dtype. Not yet run on a GPU, so only `FLA_GLA_FRAG` turns them on, a
+/// bit per walk (`which`: 1 the forward, 2 `dk`/`dv`; 3 both); `FLA_GLA_FRAG_PLANES` overrides
+/// their planes (4, 8 past K = 128), for measuring.
+fn gla_frag_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+    which: usize,
+    widths: &[usize],
+    smem_of: fn(&GlaFragLayout, usize) -> usize,
+) -> Option<GlaFragLayout> {
+    if tuning("FLA_GLA_FRAG").unwrap_or(0) & which == 0
         || !l.vector_gate
         || l.delta
         || l.reverse
@@ -444,12 +475,10 @@ pub fn gla_fwd_registers<R: Runtime>(
         ph: l.ph,
         threads: planes * PLANE,
     };
-    let bv_max = tuning("FLA_GLA_FRAG_BV").unwrap_or(64).min(l.vp);
     let smem = client.properties().hardware.max_shared_memory_size;
-    [256, 128, 64, 32, 16]
-        .into_iter()
-        .filter(|&bv| bv <= bv_max.max(FRAG))
-        .map(|bv| GlaFragLayout {
+    widths
+        .iter()
+        .map(|&bv| GlaFragLayout {
             heads: p.heads,
             k: p.k_dim,
             v: p.v_dim,
@@ -466,7 +495,7 @@ pub fn gla_fwd_registers<R: Runtime>(
         .find(|fl| {
             fl.ow >= FRAG
                 && (fl.bv * groups).is_multiple_of(planes * FRAG)
-                && gla_frag_fwd_smem(fl, p.dtype.size()) <= smem
+                && smem_of(fl, p.dtype.size()) <= smem
         })
 }
 
@@ -645,9 +674,73 @@ pub(crate) fn tiled_backward<R: Runtime>(
         }
         None => {
             dq(l, nk, (h0, p.state_len()), 1);
-            dkv(l, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1);
+            match gla_dkv_registers(client, p, &l) {
+                Some(fl) => {
+                    let (a, cum) = (&a, &cum);
+                    let d_ht = (d_ht, b.d_ht.is_some());
+                    gla_frag_dkv(
+                        client,
+                        p,
+                        fl,
+                        b,
+                        (a, cum),
+                        d_ht,
+                        (&dk_part, dk_blocks),
+                        dh0,
+                        (cu, cu_len),
+                    );
+                }
+                None => dkv(l, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1),
+            }
         }
     }
     let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, dk_blocks));
     Ok(key_term)
+}
+
+/// The `dk`/`dv` walk with the state's gradient in registers (the scores and cumulated gates
+/// computed; `dk_part` holds one partial per value block of `fl`, the fused walk's).
+#[allow(clippy::too_many_arguments)]
+fn gla_frag_dkv<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    fl: GlaFragLayout,
+    b: &BackwardBuffers<'_>,
+    (a, cum): (&Handle, &Handle),
+    (d_ht, has_dht): (&Handle, bool),
+    (dk_part, dk_blocks): (&Handle, usize),
+    dh0: &Handle,
+    (cu, cu_len): (&Handle, usize),
+) {
+    let (qk, vo) = p.lens();
+    let vs = fl.staging.vector;
+    let blocks = p.v_dim.div_ceil(fl.bv) as u32;
+    let scores = p.tokens() * p.heads * fl.chunk;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in
+    // K or V); `q`, `k`, `v`, `d_o` and the scores are read in vectors of `vs` entries.
+    unsafe {
+        gla_dkv_frag_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(blocks, p.heads as u32, p.num_seqs() as u32),
+            CubeDim::new_2d(PLANE as u32, fl.planes as u32),
+            vs,
+            array(b.q, qk / vs),
+            array(b.k, qk / vs),
+            array(b.v, vo / vs),
+            array(a, scores / vs),
+            array(cum, p.gate_len()),
+            array(cu, cu_len),
+            array(b.d_o, vo / vs),
+            array(d_ht, p.state_len()),
+            array(dk_part, dk_blocks * qk),
+            array(b.dv, vo),
+            array(dh0, p.state_len()),
+            p.seq_len as u32,
+            qk as u32,
+            p.scale,
+            fl,
+            has_dht,
+            p.dtype.storage(),
+        )
+    };
 }
