@@ -284,17 +284,156 @@ fn update_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
             for s in 0..comptime!(c / FRAG_K) {
                 // `A = Xᵀ`: keys `16 grp ..` down, positions `16 s ..` across.
                 let fa = ldm4::<F, N, NA>(x, s * FRAG_K, grp * FRAG_M, ldk, st.vector, true, true);
+                times_rows::<F, N, NA, NB, NC>(
+                    &fa,
+                    y,
+                    s * FRAG_K,
+                    0usize,
+                    acc,
+                    gi * nt,
+                    bv,
+                    ldv,
+                    st.vector,
+                );
+            }
+        }
+    }
+}
+
+/// `acc += A · B` for the `A` fragment `fa` (16 rows) and `B` rows `k0 .. k0 + 16`, columns
+/// `col0 .. col0 + width` of a padded tile (`ld` entries a row, in vectors of `vector`): `width /
+/// 8` accumulator tiles from tile `t0` on.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn times_rows<F: Float, NT: Size, NA: Size, NB: Size, NC: Size>(
+    fa: &Array<Vector<F, NA>>,
+    b: &SharedMemory<Vector<F, NT>>,
+    k0: usize,
+    col0: usize,
+    acc: &mut Array<Vector<f32, NC>>,
+    t0: usize,
+    #[comptime] width: usize,
+    #[comptime] ld: usize,
+    #[comptime] vector: usize,
+) {
+    #[unroll]
+    for j in 0..comptime!(width / FRAG_K) {
+        let r = ldm4::<F, NT, NB>(b, k0, col0 + j * FRAG_K, ld, vector, false, true);
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 0usize), acc, t0 + 2 * j);
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 1usize), acc, t0 + 2 * j + 1);
+    }
+}
+
+/// `acc += X · S` for this plane's piece: rows `16 orow ..` of the staged `C × kp` tile `x` times
+/// the rounded state (or gradient) `sh`, columns `ocol .. ocol + ow` (`q̃ S`, `k̃ G`).
+#[cube]
+fn rows_times_state<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    x: &SharedMemory<Vector<F, N>>,
+    sh: &SharedMemory<Vector<F, NA>>,
+    orow: usize,
+    ocol: usize,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] l: GlaFragLayout,
+) {
+    let st = l.staging;
+    let (ldk, ldv) = comptime!((l.kp + st.ph, l.bv + st.ph));
+    #[unroll]
+    for s in 0..comptime!(l.kp / FRAG_K) {
+        let fa = ldm4::<F, N, NA>(x, orow * FRAG_M, s * FRAG_K, ldk, st.vector, false, false);
+        times_rows::<F, NA, NA, NB, NC>(&fa, sh, s * FRAG_K, ocol, acc, 0usize, l.ow, ldv, 2usize);
+    }
+}
+
+/// Writes this plane's piece (rows `16 orow ..` below `valid` of the chunk starting at token
+/// `tok0`, block columns `col0 ..`, `l.ow` of them, those below `V`) of `o` or `dv`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_piece<F: Float, NC: Size>(
+    acc: &Array<Vector<f32, NC>>,
+    dst: &mut Array<F>,
+    tok0: usize,
+    valid: usize,
+    h: usize,
+    orow: usize,
+    col0: usize,
+    #[comptime] l: GlaFragLayout,
+) {
+    let (g, t) = lane_gt();
+    #[unroll]
+    for half in 0..2usize {
+        let row = orow * FRAG_M + g + half * 8;
+        if row < valid {
+            let at = ((tok0 + row) * l.heads + h) * l.v;
+            #[unroll]
+            for j in 0..comptime!(l.ow / FRAG_N) {
+                let x = acc[j * 2 + half];
                 #[unroll]
-                for j in 0..comptime!(bv / FRAG_K) {
-                    let r =
-                        ldm4::<F, N, NB>(y, s * FRAG_K, j * FRAG_K, ldv, st.vector, false, true);
-                    let tile = gi * nt + 2 * j;
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), acc, tile);
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), acc, tile + 1);
+                for e in 0..2usize {
+                    let col = col0 + j * FRAG_N + 2 * t + e;
+                    if col < l.v {
+                        dst[at + col] = F::cast_from(x[e]);
+                    }
                 }
             }
         }
     }
+}
+
+/// Fetches a chunk's `q`, `k`, `v` (columns `v0 ..`), scores and `Λ` (rows `p0 ..` of the
+/// sequence at `bos`, `cl` of them) into this unit's registers, for [`put_chunk`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_chunk<F: Float, N: Size>(
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    a: &Array<Vector<F, N>>,
+    gates_cum: &Array<f32>,
+    rq: &mut Array<Vector<F, N>>,
+    rk: &mut Array<Vector<F, N>>,
+    rv: &mut Array<Vector<F, N>>,
+    ra: &mut Array<Vector<F, N>>,
+    rl: &mut Array<f32>,
+    bos: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    v0: usize,
+    #[comptime] l: GlaFragLayout,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let r0 = bos + p0;
+    fetch_slots::<F, N>(q, rq, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
+    fetch_slots::<F, N>(k, rk, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
+    fetch_slots::<F, N>(v, rv, r0, cl, h, v0, l.heads, l.v, c, bv, st);
+    fetch_slots::<F, N>(a, ra, r0, cl, h, 0usize, l.heads, c, c, c, st);
+    fetch_gates(gates_cum, rl, bos, p0, cl, h, l);
+}
+
+/// Writes what [`fetch_chunk`] fetched into the tiles.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn put_chunk<F: Float, N: Size>(
+    rq: &Array<Vector<F, N>>,
+    rk: &Array<Vector<F, N>>,
+    rv: &Array<Vector<F, N>>,
+    ra: &Array<Vector<F, N>>,
+    rl: &Array<f32>,
+    sq: &mut SharedMemory<Vector<F, N>>,
+    sk: &mut SharedMemory<Vector<F, N>>,
+    sv: &mut SharedMemory<Vector<F, N>>,
+    sa: &mut SharedMemory<Vector<F, N>>,
+    slam: &mut SharedMemory<f32>,
+    #[comptime] l: GlaFragLayout,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    put_slots::<F, N>(rq, sq, c, kp, st);
+    put_slots::<F, N>(rk, sk, c, kp, st);
+    put_slots::<F, N>(rv, sv, c, bv, st);
+    put_slots::<F, N>(ra, sa, c, c, st);
+    put_gates(rl, slam, l);
 }
 
 /// Forward, vector gates: `o` and, when asked, `ht`. Cubes `(value block, head, sequence)` of
@@ -319,7 +458,7 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
 ) {
     let st = l.staging;
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
-    let (ldk, ldv, ldc) = comptime!((kp + st.ph, bv + st.ph, c + st.ph));
+    let (ldv, ldc) = comptime!((bv + st.ph, c + st.ph));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
     let v0 = CUBE_POS_X as usize * bv;
     let h = CUBE_POS_Y as usize;
@@ -331,7 +470,6 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
     let size!(NA) = def.vector_size(MatrixIdent::A);
     let size!(NB) = def.vector_size(MatrixIdent::B);
     let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-    let (g, t) = lane_gt();
     let plane = UNIT_POS_Y as usize;
 
     let mut sq = tile_slots::<F, N>(c, kp, st);
@@ -359,54 +497,26 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
     let chunks = len.div_ceil(c);
     if chunks > 0 {
         let cl = chunk_len(len, 0, c);
-        fetch_slots::<F, N>(q, &mut rq, bos, cl, h, 0usize, l.heads, l.k, c, kp, st);
-        fetch_slots::<F, N>(k, &mut rk, bos, cl, h, 0usize, l.heads, l.k, c, kp, st);
-        fetch_slots::<F, N>(v, &mut rv, bos, cl, h, v0, l.heads, l.v, c, bv, st);
-        fetch_slots::<F, N>(a, &mut ra, bos, cl, h, 0usize, l.heads, c, c, c, st);
-        fetch_gates(gates_cum, &mut rl, bos, 0, cl, h, l);
+        fetch_chunk::<F, N>(
+            q, k, v, a, gates_cum, &mut rq, &mut rk, &mut rv, &mut ra, &mut rl, bos, 0, cl, h, v0,
+            l,
+        );
     }
     for ci in 0..chunks {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
         // Every plane is done with the previous chunk's tiles.
         sync_cube();
-        put_slots::<F, N>(&rq, &mut sq, c, kp, st);
-        put_slots::<F, N>(&rk, &mut sk, c, kp, st);
-        put_slots::<F, N>(&rv, &mut sv, c, bv, st);
-        put_slots::<F, N>(&ra, &mut sa, c, c, st);
-        put_gates(&rl, &mut slam, l);
+        put_chunk::<F, N>(
+            &rq, &rk, &rv, &ra, &rl, &mut sq, &mut sk, &mut sv, &mut sa, &mut slam, l,
+        );
         if ci + 1 < chunks {
             let p1 = p0 + c;
             let cl1 = chunk_len(len, p1, c);
-            fetch_slots::<F, N>(
-                q,
-                &mut rq,
-                bos + p1,
-                cl1,
-                h,
-                0usize,
-                l.heads,
-                l.k,
-                c,
-                kp,
-                st,
+            fetch_chunk::<F, N>(
+                q, k, v, a, gates_cum, &mut rq, &mut rk, &mut rv, &mut ra, &mut rl, bos, p1, cl1,
+                h, v0, l,
             );
-            fetch_slots::<F, N>(
-                k,
-                &mut rk,
-                bos + p1,
-                cl1,
-                h,
-                0usize,
-                l.heads,
-                l.k,
-                c,
-                kp,
-                st,
-            );
-            fetch_slots::<F, N>(v, &mut rv, bos + p1, cl1, h, v0, l.heads, l.v, c, bv, st);
-            fetch_slots::<F, N>(a, &mut ra, bos + p1, cl1, h, 0usize, l.heads, c, c, c, st);
-            fetch_gates(gates_cum, &mut rl, bos, p1, cl1, h, l);
         }
         // The state's rounded copy, each plane its rows.
         round_rows::<F, NA, NC>(&sacc, &mut ssh, ldv, l);
@@ -415,71 +525,28 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
         scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
         sync_cube();
 
-        // O = q̃ S + A V for this plane's piece.
+        // O = q̃ S + A V for this plane's piece (the scores are 0 above the diagonal).
         let mut oacc = zeros::<NC>(comptime!(l.ow / FRAG_N));
-        #[unroll]
-        for s in 0..comptime!(kp / FRAG_K) {
-            let fa = ldm4::<F, N, NA>(&sq, orow * FRAG_M, s * FRAG_K, ldk, st.vector, false, false);
-            #[unroll]
-            for j in 0..comptime!(l.ow / FRAG_K) {
-                let r = ldm4::<F, NA, NB>(
-                    &ssh,
-                    s * FRAG_K,
-                    ocol + j * FRAG_K,
-                    ldv,
-                    2usize,
-                    false,
-                    true,
-                );
-                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut oacc, 2 * j);
-                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut oacc, 2 * j + 1);
-            }
-        }
+        rows_times_state::<F, N, NA, NB, NC>(&sq, &ssh, orow, ocol, &mut oacc, l);
         #[unroll]
         for s in 0..rgs {
-            // The scores are 0 above the diagonal.
             if s <= orow {
                 let fa =
                     ldm4::<F, N, NA>(&sa, orow * FRAG_M, s * FRAG_K, ldc, st.vector, false, false);
-                #[unroll]
-                for j in 0..comptime!(l.ow / FRAG_K) {
-                    let r = ldm4::<F, N, NB>(
-                        &sv,
-                        s * FRAG_K,
-                        ocol + j * FRAG_K,
-                        ldv,
-                        st.vector,
-                        false,
-                        true,
-                    );
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut oacc, 2 * j);
-                    mma_acc::<F, NA, NB, NC>(
-                        &fa,
-                        &half_of::<F, NB>(&r, 1usize),
-                        &mut oacc,
-                        2 * j + 1,
-                    );
-                }
+                times_rows::<F, N, NA, NB, NC>(
+                    &fa,
+                    &sv,
+                    s * FRAG_K,
+                    ocol,
+                    &mut oacc,
+                    0usize,
+                    l.ow,
+                    ldv,
+                    st.vector,
+                );
             }
         }
-        #[unroll]
-        for half in 0..2usize {
-            let row = orow * FRAG_M + g + half * 8;
-            if row < cl {
-                let at = ((bos + p0 + row) * l.heads + h) * l.v;
-                #[unroll]
-                for j in 0..comptime!(l.ow / FRAG_N) {
-                    let x = oacc[j * 2 + half];
-                    #[unroll]
-                    for e in 0..2usize {
-                        let col = v0 + ocol + j * FRAG_N + 2 * t + e;
-                        if col < l.v {
-                            o[at + col] = F::cast_from(x[e]);
-                        }
-                    }
-                }
-            }
-        }
+        store_piece::<F, NC>(&oacc, o, bos + p0, cl, h, orow, v0 + ocol, l);
 
         // S ← diag(exp(Λ_C)) S + k̃ᵀ V, each plane its rows (needed after the last chunk only
         // as `ht`; uniform over the cube).
@@ -536,7 +603,7 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
 ) {
     let st = l.staging;
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
-    let (ldk, ldv, ldc, ldl) = comptime!((kp + st.ph, bv + st.ph, c + st.ph, kp + PAD_F));
+    let (ldv, ldc, ldl) = comptime!((bv + st.ph, c + st.ph, kp + PAD_F));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
     let vb = CUBE_POS_X as usize;
     let v0 = vb * bv;
@@ -579,35 +646,29 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
     if chunks > 0 {
         let p0 = (chunks - 1) * c;
         let cl = chunk_len(len, p0, c);
-        let r0 = bos + p0;
-        fetch_slots::<F, N>(q, &mut rq, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
-        fetch_slots::<F, N>(k, &mut rk, r0, cl, h, 0usize, l.heads, l.k, c, kp, st);
-        fetch_slots::<F, N>(v, &mut rv, r0, cl, h, v0, l.heads, l.v, c, bv, st);
-        fetch_slots::<F, N>(d_o, &mut rdo, r0, cl, h, v0, l.heads, l.v, c, bv, st);
-        fetch_slots::<F, N>(a, &mut ra, r0, cl, h, 0usize, l.heads, c, c, c, st);
-        fetch_gates(gates_cum, &mut rl, bos, p0, cl, h, l);
+        fetch_chunk::<F, N>(
+            q, k, v, a, gates_cum, &mut rq, &mut rk, &mut rv, &mut ra, &mut rl, bos, p0, cl, h, v0,
+            l,
+        );
+        fetch_slots::<F, N>(d_o, &mut rdo, bos + p0, cl, h, v0, l.heads, l.v, c, bv, st);
     }
     for cr in 0..chunks {
         let ci = chunks - 1 - cr;
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
         sync_cube();
-        put_slots::<F, N>(&rq, &mut sq, c, kp, st);
-        put_slots::<F, N>(&rk, &mut sk, c, kp, st);
-        put_slots::<F, N>(&rv, &mut sv, c, bv, st);
+        put_chunk::<F, N>(
+            &rq, &rk, &rv, &ra, &rl, &mut sq, &mut sk, &mut sv, &mut sa, &mut slam, l,
+        );
         put_slots::<F, N>(&rdo, &mut sdo, c, bv, st);
-        put_slots::<F, N>(&ra, &mut sa, c, c, st);
-        put_gates(&rl, &mut slam, l);
         if ci > 0 {
             // Every chunk before the last is full.
             let p1 = p0 - c;
-            let r1 = bos + p1;
-            fetch_slots::<F, N>(q, &mut rq, r1, c, h, 0usize, l.heads, l.k, c, kp, st);
-            fetch_slots::<F, N>(k, &mut rk, r1, c, h, 0usize, l.heads, l.k, c, kp, st);
-            fetch_slots::<F, N>(v, &mut rv, r1, c, h, v0, l.heads, l.v, c, bv, st);
-            fetch_slots::<F, N>(d_o, &mut rdo, r1, c, h, v0, l.heads, l.v, c, bv, st);
-            fetch_slots::<F, N>(a, &mut ra, r1, c, h, 0usize, l.heads, c, c, c, st);
-            fetch_gates(gates_cum, &mut rl, bos, p1, c, h, l);
+            fetch_chunk::<F, N>(
+                q, k, v, a, gates_cum, &mut rq, &mut rk, &mut rv, &mut ra, &mut rl, bos, p1, c, h,
+                v0, l,
+            );
+            fetch_slots::<F, N>(d_o, &mut rdo, bos + p1, c, h, v0, l.heads, l.v, c, bv, st);
         }
         round_rows::<F, NA, NC>(&gacc, &mut sgh, ldv, l);
         sync_cube();
@@ -615,64 +676,28 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
         scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
         sync_cube();
 
-        // dV = Aᵀ dO + k̃ G for this plane's piece.
+        // dV = Aᵀ dO + k̃ G for this plane's piece (`Aᵀ` is 0 below its diagonal block).
         let mut vacc = zeros::<NC>(comptime!(l.ow / FRAG_N));
         #[unroll]
         for s in 0..rgs {
-            // `Aᵀ` is 0 below its diagonal block (`A` above).
             if s >= orow {
                 let fa =
                     ldm4::<F, N, NA>(&sa, s * FRAG_K, orow * FRAG_M, ldc, st.vector, true, true);
-                #[unroll]
-                for j in 0..comptime!(l.ow / FRAG_K) {
-                    let col = ocol + j * FRAG_K;
-                    let r = ldm4::<F, N, NB>(&sdo, s * FRAG_K, col, ldv, st.vector, false, true);
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut vacc, 2 * j);
-                    mma_acc::<F, NA, NB, NC>(
-                        &fa,
-                        &half_of::<F, NB>(&r, 1usize),
-                        &mut vacc,
-                        2 * j + 1,
-                    );
-                }
-            }
-        }
-        #[unroll]
-        for s in 0..comptime!(kp / FRAG_K) {
-            let fa = ldm4::<F, N, NA>(&sk, orow * FRAG_M, s * FRAG_K, ldk, st.vector, false, false);
-            #[unroll]
-            for j in 0..comptime!(l.ow / FRAG_K) {
-                let r = ldm4::<F, NA, NB>(
-                    &sgh,
+                times_rows::<F, N, NA, NB, NC>(
+                    &fa,
+                    &sdo,
                     s * FRAG_K,
-                    ocol + j * FRAG_K,
+                    ocol,
+                    &mut vacc,
+                    0usize,
+                    l.ow,
                     ldv,
-                    2usize,
-                    false,
-                    true,
+                    st.vector,
                 );
-                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut vacc, 2 * j);
-                mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut vacc, 2 * j + 1);
             }
         }
-        #[unroll]
-        for half in 0..2usize {
-            let row = orow * FRAG_M + g + half * 8;
-            if row < cl {
-                let at = ((bos + p0 + row) * l.heads + h) * l.v;
-                #[unroll]
-                for j in 0..comptime!(l.ow / FRAG_N) {
-                    let x = vacc[j * 2 + half];
-                    #[unroll]
-                    for e in 0..2usize {
-                        let col = v0 + ocol + j * FRAG_N + 2 * t + e;
-                        if col < l.v {
-                            dv[at + col] = F::cast_from(x[e]);
-                        }
-                    }
-                }
-            }
-        }
+        rows_times_state::<F, N, NA, NB, NC>(&sk, &sgh, orow, ocol, &mut vacc, l);
+        store_piece::<F, NC>(&vacc, dv, bos + p0, cl, h, orow, v0 + ocol, l);
 
         // dK's state term, exp(Λ_C − Λ_s) ∘ (V Gᵀ), in 16 × 16 pieces (`B = Gᵀ`: the rounded
         // gradient read with rows and columns exchanged).
