@@ -68,6 +68,20 @@ fn quad_sum(x: f32) -> f32 {
     a + plane_shuffle_xor(a, 2u32)
 }
 
+/// `exp(x)` for an exponent at most 0 wherever the result is kept: [`exp_le0`] (CUDA's
+/// two-instruction form) with the layout's second round, the precise one without.
+#[cube]
+#[allow(unused_assignments)]
+fn exp_kept(x: f32, #[comptime] l: AttnLayout) -> f32 {
+    let mut y = f32::new(0.0);
+    if comptime!(l.fast_paths) {
+        y = exp_le0(x);
+    } else {
+        y = x.exp();
+    }
+    y
+}
+
 /// How this layout's kernels stage tiles ([`crate::frag::Staging`]).
 pub(super) fn staging(l: &AttnLayout) -> Staging {
     Staging {
@@ -180,6 +194,9 @@ fn whole_block(
     #[comptime] l: AttnLayout,
 ) -> bool {
     let mut full = kr == bk;
+    if comptime!(!l.fast_paths) {
+        full = false;
+    }
     if comptime!(l.causal) {
         full = full && j0 + bk <= i0 + off + 1;
     }
@@ -504,8 +521,8 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
             }
             let n0 = max(m0, quad_max(mx0));
             let n1 = max(m1, quad_max(mx1));
-            let alpha0 = exp_le0(m0 - n0);
-            let alpha1 = exp_le0(m1 - n1);
+            let alpha0 = exp_kept(m0 - n0, l);
+            let alpha1 = exp_kept(m1 - n1, l);
             m0 = n0;
             m1 = n1;
 
@@ -524,7 +541,7 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
                     #[unroll]
                     for e in 0..2usize {
                         // Masked scores (-1e30) give 0, also while a row has seen no key.
-                        let p = select(x[e] > -1.0e30f32, exp_le0(x[e] - n), 0.0f32);
+                        let p = select(x[e] > -1.0e30f32, exp_kept(x[e] - n, l), 0.0f32);
                         if half == 0 {
                             p0 += p;
                         } else {
@@ -633,7 +650,7 @@ fn dq_grads<NC: Size>(
             for e in 0..2usize {
                 let col = j * FRAG_N + 2 * t + e;
                 let y = capped(x[e], scale, cap, l);
-                let mut p = exp_le0(y - m);
+                let mut p = exp_kept(y - m, l);
                 if comptime!(masked) {
                     if !(row < rows && col < kr && sees(pos0 + half * 8, j0 + col, window, l)) {
                         p = 0.0f32;
@@ -852,7 +869,7 @@ fn dkv_grads<NC: Size>(
             for e in 0..2usize {
                 let col = j * FRAG_N + 2 * t + e;
                 let s = capped(x[e], scale, cap, l);
-                let mut p = exp_le0(s - slse[col]);
+                let mut p = exp_kept(s - slse[col], l);
                 if comptime!(masked) {
                     if !(key < kr && col < rows && sees(i0 + col + off, j0 + key, window, l)) {
                         p = 0.0f32;

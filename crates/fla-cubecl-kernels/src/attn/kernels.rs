@@ -44,6 +44,11 @@ pub struct AttnLayout {
     /// Fetch each loop's next block into registers during the current block's products (where
     /// a head fits one column chunk, see [`AttnLayout::prefetch`]).
     pub fetch_ahead: bool,
+    /// The register kernels' second round ([`super::frag`]): each loop fetching its next block
+    /// into registers (with `fetch_ahead`), blocks where every query sees every key taking the
+    /// scores without a mask, exponentials in CUDA's two-instruction form. Off (the first
+    /// round, tested on CUDA) unless `FLA_ATTN_FRAG_FAST=1`, until its CUDA tests run.
+    pub fast_paths: bool,
     pub tile: TileConfig,
 }
 

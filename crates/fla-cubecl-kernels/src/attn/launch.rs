@@ -120,6 +120,7 @@ pub fn attn_layout<R: Runtime>(
                 softcap: p.softcap.is_some(),
                 varlen: p.cu_seqlens.is_some(),
                 fetch_ahead,
+                fast_paths: false,
                 tile,
             };
             if smem(&l) <= max_smem {
@@ -165,10 +166,8 @@ fn frag_layout<R: Runtime>(
     smem: fn(&AttnLayout, usize) -> usize,
 ) -> Option<AttnLayout> {
     // Loads in vectors of up to 16 bytes: the widest that divides both head dims.
-    let vector = [8, 4, 2, 1]
-        .into_iter()
-        .find(|&v| p.k_dim.is_multiple_of(v) && p.v_dim.is_multiple_of(v))
-        .unwrap_or(1);
+    let vector = crate::frag::widest_vector(&[p.k_dim, p.v_dim]);
+    let fast = tuning("FLA_ATTN_FRAG_FAST") == Some(1);
     let l = AttnLayout {
         heads: p.heads,
         kv_heads: p.kv_heads,
@@ -184,9 +183,10 @@ fn frag_layout<R: Runtime>(
         window: p.window.is_some(),
         softcap: p.softcap.is_some(),
         varlen: p.cu_seqlens.is_some(),
-        // Each loop fetches its next block into registers during the current block's products
-        // (`FLA_ATTN_FRAG_PREFETCH=0` stages each block after the barrier instead).
-        fetch_ahead: tuning("FLA_ATTN_FRAG_PREFETCH") != Some(0),
+        // With the second round, each loop fetches its next block into registers during the
+        // current block's products (`FLA_ATTN_FRAG_PREFETCH=0` stages it after the barrier).
+        fetch_ahead: fast && tuning("FLA_ATTN_FRAG_PREFETCH") != Some(0),
+        fast_paths: fast,
         tile: TileConfig {
             cmma: true,
             planes,
