@@ -69,13 +69,15 @@ fn quad_sum(x: f32) -> f32 {
 }
 
 /// `exp(x)` for an exponent at most 0 wherever the result is kept: [`exp_le0`] (CUDA's
-/// two-instruction form) with the layout's second round, the precise one without.
+/// two-instruction form) with the layout's second round, the precise one without. The
+/// backward's masked pairs (set to 0 after) can have exponents far above 0, so the fast form
+/// takes `min(x, 0)`: it promises finite operands and results.
 #[cube]
 #[allow(unused_assignments)]
 fn exp_kept(x: f32, #[comptime] l: AttnLayout) -> f32 {
     let mut y = f32::new(0.0);
     if comptime!(l.fast_paths) {
-        y = exp_le0(x);
+        y = exp_le0(min(x, 0.0f32));
     } else {
         y = x.exp();
     }
