@@ -493,8 +493,11 @@ fn gla_frag_layout<R: Runtime>(
             staging,
         })
         .find(|fl| {
+            // At most 64 accumulator registers a lane for the state (two groups at bv = 64):
+            // more would spill.
             fl.ow >= FRAG
                 && (fl.bv * groups).is_multiple_of(planes * FRAG)
+                && fl.groups_per_plane() * fl.bv <= 128
                 && smem_of(fl, p.dtype.size()) <= smem
         })
 }

@@ -773,15 +773,16 @@ fn chunk_half_precision(
 
 /// GLA's chunk form in half precision on odd and round sizes, with and without states, and a
 /// variable-length batch with an empty sequence: every tensor-core path of the chunk walks (the
-/// tiled kernels' `cmma`; on CUDA with `FLA_GLA_FRAG=1` the forward with the state in registers)
+/// tiled kernels' `cmma`; on CUDA with `FLA_GLA_FRAG=3 FLA_TILED_SPLIT=0` the forward and `dk`/`dv`
+/// walks with the state in registers, where their tiling applies: not at T = 1, K = V = 16)
 /// against the f64 recurrence, at the half-precision tolerances. K = 128, V = 256 is FLA's 340M
-/// recipe's head; K = 256 takes twice the state's row groups per plane.
+/// recipe's head; K = 256 takes the register walks' 8-plane layout.
 #[rstest]
 #[case::t1(1, 1, 16, 16, None)]
 #[case::t63_k60_v100(2, 63, 60, 100, None)]
 #[case::t65_k100_v60(2, 65, 100, 60, None)]
 #[case::t130_k128_v256(1, 130, 128, 256, None)]
-#[case::t97_k256_v32(1, 97, 256, 32, None)]
+#[case::t97_k256_v128(1, 97, 256, 128, None)]
 #[case::varlen_empty(1, 111, 64, 64, Some(vec![0, 40, 40, 111]))]
 fn chunk_gla_half_sizes(
     #[case] batch: usize,
