@@ -27,7 +27,9 @@ pub use launch::{
     recurrent_forward, BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
 };
 pub use tiled::TiledLayout;
-pub use tiled_launch::{has_cmma, tiled_layout, VECTOR_CHUNK};
+pub use tiled_launch::{
+    gla_dkv_registers, gla_fwd_registers, has_cmma, tiled_layout, VECTOR_CHUNK,
+};
 
 use crate::{FloatDType, KernelError};
 

@@ -995,6 +995,29 @@ fn expect_kernel_choice<R: Runtime>(
             assert_eq!(l.chunk, size, "a CUDA GPU holds a full chunk: {l:?}");
         }
     }
+    // GLA's walks with the state in registers: CUDA's (manual MMA), in half precision, and off
+    // until `FLA_GLA_FRAG` asks for them (a bit per walk: 1 the forward, 2 `dk`/`dv`).
+    let asked = |bit: usize| {
+        std::env::var("FLA_GLA_FRAG")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|v| v & bit != 0)
+    };
+    for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
+        let mut p = c.p.clone();
+        p.dtype = dtype;
+        if dtype.check_supported(client).is_err() {
+            continue;
+        }
+        if let Some(l) = fla_cubecl_kernels::gated::tiled_layout(client, &p, size) {
+            let registers =
+                runtime_name() == "cuda" && dtype != FloatDType::F32 && variant == Variant::Gla;
+            let fwd = fla_cubecl_kernels::gated::gla_fwd_registers(client, &p, &l);
+            let dkv = fla_cubecl_kernels::gated::gla_dkv_registers(client, &p, &l);
+            assert_eq!(fwd.is_some(), registers && asked(1), "{dtype:?}: {fwd:?}");
+            assert_eq!(dkv.is_some(), registers && asked(2), "{dtype:?}: {dkv:?}");
+        }
+    }
     if runtime_name() == "cuda" {
         // Every GPU the CUDA runtime runs on since Volta has f16/bf16 tensor cores.
         for dtype in [FloatDType::F16, FloatDType::BF16] {
