@@ -87,9 +87,9 @@ pub fn slots_per_unit(rows: usize, cols: usize, s: &Staging) -> usize {
 
 /// Fetches this unit's vectors of rows `row0 ..` (those below `valid`) and columns `col0 ..` (a
 /// whole vector) of head `h` of a `[tokens, heads, width]` tensor for a `rows × cols` tile, zeros
-/// past `valid` and `width` (so partial blocks and padded head dims need no other care). [`put_slots`] writes them; loops
-/// fetch their next block before the current block's products, so the loads are in flight
-/// during them.
+/// past `valid` and `width` (so partial blocks and padded head dims need no other care).
+/// [`put_slots`] writes them; loops fetch their next block before the current block's products,
+/// so the loads are in flight during them.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn fetch_slots<F: Float, N: Size>(

@@ -27,7 +27,8 @@ use crate::frag::{a_from_acc, half_of, lane_gt, mma_acc, zeros, Staging};
 pub use crate::frag::{FRAG_K, FRAG_M, FRAG_N};
 
 use super::kernels::{
-    bounds, cap_grad, capped, h_bytes, key_offset, key_range, query_blocks, sees, AttnLayout,
+    bounds, cap_grad, capped, h_bytes, key_offset, key_range, next_query_block, query_blocks, sees,
+    AttnLayout,
 };
 use crate::gated::chunk::chunk_len;
 use crate::tile::exp_le0;
@@ -974,15 +975,7 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
                         slse[unit] = rl;
                         sdel[unit] = rd;
                     }
-                    // The next block: this head's next, or the group's next head's first.
-                    let mut nh = h;
-                    let mut nqb = qb + 1;
-                    let mut more = true;
-                    if nqb >= qb_hi {
-                        nh = h + 1;
-                        nqb = qb_lo;
-                        more = gi + 1 < group;
-                    }
+                    let (nh, nqb, more) = next_query_block(h, qb, qb_lo, qb_hi, gi, group);
                     if more {
                         let i1 = nqb * bq;
                         let rows1 = chunk_len(lq, i1, bq);

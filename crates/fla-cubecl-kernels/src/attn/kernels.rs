@@ -350,6 +350,29 @@ pub(super) fn key_offset(lq: usize, lk: usize) -> usize {
     off
 }
 
+/// The `dk`/`dv` loop's block after query block `qb` of head `h` (head `gi` of a group of
+/// `group`, blocks `qb_lo .. qb_hi` each): this head's next, or the group's next head's first;
+/// `false` after the group's last block.
+#[cube]
+pub(super) fn next_query_block(
+    h: usize,
+    qb: usize,
+    qb_lo: usize,
+    qb_hi: usize,
+    gi: usize,
+    group: usize,
+) -> (usize, usize, bool) {
+    let mut nh = h;
+    let mut nqb = qb + 1;
+    let mut more = true;
+    if nqb >= qb_hi {
+        nh = h + 1;
+        nqb = qb_lo;
+        more = gi + 1 < group;
+    }
+    (nh, nqb, more)
+}
+
 /// Query blocks `[lo, hi)` (of `l.bq` rows) holding a query that sees any key of the key block
 /// `j0 ..` (`kr` keys): positions from its first key (causal) up to its last key plus the
 /// window; empty when none does.
@@ -1108,15 +1131,7 @@ pub fn attn_dkv_kernel<F: Float>(
                 if comptime!(pre) {
                     put_tile::<F>(&rq, &mut sq, bq, bd, l.ph, l.tile);
                     put_tile::<F>(&rdo, &mut sdo, bq, bdv, l.ph, l.tile);
-                    // The next block: this head's next, or the group's next head's first.
-                    let mut nh = h;
-                    let mut nqb = qb + 1;
-                    let mut more = true;
-                    if nqb >= qb_hi {
-                        nh = h + 1;
-                        nqb = qb_lo;
-                        more = g + 1 < group;
-                    }
+                    let (nh, nqb, more) = next_query_block(h, qb, qb_lo, qb_hi, g, group);
                     if more {
                         let i1 = nqb * bq;
                         let rows1 = chunk_len(lq, i1, bq);

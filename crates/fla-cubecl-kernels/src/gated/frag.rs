@@ -24,14 +24,12 @@ use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start};
+use super::tiled::{tile_bytes, PAD_F};
 use crate::frag::{
     fetch_slots, half_of, lane_gt, ldm4, mma_acc, put_slots, slots_per_unit, tile_slots, zeros,
     Staging, FRAG_K, FRAG_M, FRAG_N,
 };
 use crate::tile::{exp_le0, fast_exp};
-
-/// Padding of an `f32` tile row (16 bytes).
-const PAD_F: usize = 4;
 
 /// Compile-time shape of a register walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,15 +65,15 @@ impl GlaFragLayout {
 }
 
 /// Shared memory of the forward: `q̃`, `k̃` (`C × kp`), `v` (`C × bv`), the scores (`C × C`) in
-/// the input dtype, `Λ` (`C × kp`, `f32`) and the state's rounded copy (`kp × bv`).
+/// the input dtype, `Λ` (`C × kp`, `f32`) and the state's rounded copy (`kp × bv`). The tiles are
+/// the tiled kernels' ([`tile_bytes`]: rows padded by 16 bytes, the `ph` of the 16-bit dtypes
+/// these kernels take).
 pub fn gla_frag_fwd_smem(l: &GlaFragLayout, e: usize) -> usize {
-    let ph = l.staging.ph;
-    let h = |rows: usize, cols: usize| (rows * (cols + ph) * e).next_multiple_of(64);
-    2 * h(l.chunk, l.kp)
-        + h(l.chunk, l.bv)
-        + h(l.chunk, l.chunk)
-        + (l.chunk * (l.kp + PAD_F) * 4).next_multiple_of(64)
-        + h(l.kp, l.bv)
+    2 * tile_bytes(l.chunk, l.kp, e)
+        + tile_bytes(l.chunk, l.bv, e)
+        + tile_bytes(l.chunk, l.chunk, e)
+        + tile_bytes(l.chunk, l.kp, 4)
+        + tile_bytes(l.kp, l.bv, e)
 }
 
 /// `Λ` entries (`C × kp`) each unit fetches.
@@ -566,8 +564,7 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
 /// Shared memory of the `dk`/`dv` walk: `q̃`, `k̃` (`C × kp`), `v`, `d_o` (`C × bv`), the scores
 /// (`C × C`), `Λ` (`C × kp`, `f32`) and the state gradient's rounded copy (`kp × bv`).
 pub fn gla_frag_dkv_smem(l: &GlaFragLayout, e: usize) -> usize {
-    let ph = l.staging.ph;
-    gla_frag_fwd_smem(l, e) + (l.chunk * (l.bv + ph) * e).next_multiple_of(64)
+    gla_frag_fwd_smem(l, e) + tile_bytes(l.chunk, l.bv, e)
 }
 
 /// Backward under vector gates, walking the chunks backwards from `dhT` with the state's gradient

@@ -502,6 +502,12 @@ fn gla_frag_layout<R: Runtime>(
         })
 }
 
+/// The register walks' cubes: `(value block, head, sequence)`.
+fn frag_grid(p: &GatedProblem, fl: &GlaFragLayout) -> CubeCount {
+    let blocks = p.v_dim.div_ceil(fl.bv) as u32;
+    CubeCount::Static(blocks, p.heads as u32, p.num_seqs() as u32)
+}
+
 /// The forward walk with the state in registers (the scores and cumulated gates computed).
 #[allow(clippy::too_many_arguments)]
 fn gla_frag_forward<R: Runtime>(
@@ -516,14 +522,13 @@ fn gla_frag_forward<R: Runtime>(
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let (qk, vo) = p.lens();
     let vs = fl.staging.vector;
-    let blocks = p.v_dim.div_ceil(fl.bv) as u32;
     let scores = p.tokens() * p.heads * fl.chunk;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in
     // K or V); `q`, `k`, `v` and the scores are read in vectors of `vs` entries.
     unsafe {
         gla_fwd_frag_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(blocks, p.heads as u32, p.num_seqs() as u32),
+            frag_grid(p, &fl),
             CubeDim::new_2d(PLANE as u32, fl.planes as u32),
             vs,
             array(b.q, qk / vs),
@@ -717,14 +722,13 @@ fn gla_frag_dkv<R: Runtime>(
 ) {
     let (qk, vo) = p.lens();
     let vs = fl.staging.vector;
-    let blocks = p.v_dim.div_ceil(fl.bv) as u32;
     let scores = p.tokens() * p.heads * fl.chunk;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in
     // K or V); `q`, `k`, `v`, `d_o` and the scores are read in vectors of `vs` entries.
     unsafe {
         gla_dkv_frag_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(blocks, p.heads as u32, p.num_seqs() as u32),
+            frag_grid(p, &fl),
             CubeDim::new_2d(PLANE as u32, fl.planes as u32),
             vs,
             array(b.q, qk / vs),
