@@ -2,9 +2,9 @@
 //! the device has them), in two kernels:
 //!
 //! - the WY factors of every chunk at once, one cube per (chunk, value head): `K Kᵀ` as a tile
-//!   product, `L_rs = β_r exp(Λ_r − Λ_s) k_r·k_s` (`s < r`), the inverse `T = (I + L)⁻¹` by forward
-//!   substitution in shared memory (a unit lower-triangular `C × C` matrix, one row per step),
-//!   then `W = T (β γ ∘ K)` and `Ũ = T (β ∘ V)` as tile products. `L`, `W`, `Ũ` are written in
+//!   product, `L_rs = β_r exp(Λ_r − Λ_s) k_r·k_s` (`s < r`), the inverse `T = (I + L)⁻¹` in `f32` (a unit lower-triangular
+//!   `C × C` matrix: its 16 × 16 diagonal blocks by substitution, one unit per column, then the
+//!   blocks below them by products, as FLA's `solve_tril` merges its blocks), then `W = T (β γ ∘ K)` and `Ũ = T (β ∘ V)` as tile products. `L`, `W`, `Ũ` are written in
 //!   `f32`, the form the plain chunk kernels read, so the backward takes them too;
 //! - the walk over a sequence's chunks with the state on chip: the gated family's tiled forward
 //!   ([`crate::gated::tiled::tiled_fwd_kernel`]) with its values replaced by `U = Ũ − W S`.
@@ -27,6 +27,22 @@ use crate::gated::tiled::{
 use crate::gated::tiled_launch::{cube_dim, has_cmma, tuning};
 use crate::tile::{mma, TileConfig, FRAG, PLANE};
 
+/// Levels of merging 16-row blocks into the chunk's inverse (`⌈log2(C / 16)⌉`).
+fn merge_levels(c: usize) -> usize {
+    let mut levels = 0;
+    while FRAG << levels < c {
+        levels += 1;
+    }
+    levels
+}
+
+/// Columns of the WY kernel's `f32` scratch tile: the wider of the factors `W`, `Ũ` and the
+/// inverse's merge products (`m` columns, up to 32 for chunks past 32).
+fn scratch_cols(l: &TiledLayout) -> usize {
+    let merge = if l.chunk > 2 * FRAG { 2 * FRAG } else { FRAG };
+    l.kp.max(l.vp).max(merge)
+}
+
 /// Shared-memory bytes of the WY kernel.
 pub fn wy_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, vp) = (l.chunk, l.kp, l.vp);
@@ -34,7 +50,7 @@ pub fn wy_smem(l: &TiledLayout, e: usize) -> usize {
         + tile_bytes(c, vp, e)
         + 2 * tile_bytes(c, c, 4)
         + tile_bytes(c, c, e)
-        + tile_bytes(c, kp.max(vp), 4)
+        + tile_bytes(c, scratch_cols(l), 4)
         + 8 * c
 }
 
@@ -58,7 +74,7 @@ pub fn delta_wy_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp, vp) = comptime!((l.chunk, l.kp, l.vp));
-    let xp = comptime!(kp.max(vp));
+    let xp = comptime!(scratch_cols(&l));
     let (kh, vh, ch) = comptime!((kp + l.ph, vp + l.ph, c + l.ph));
     let (cf, xf) = comptime!((c + PAD_F, xp + PAD_F));
     let threads = comptime!(l.tile.threads());
@@ -127,7 +143,8 @@ pub fn delta_wy_kernel<F: Float>(
                     x *= (lam[row] - lam[col]).exp();
                 }
             }
-            sa[row * cf + col] = x;
+            // Kept negated: every step of the inverse below multiplies by `−L`.
+            sa[row * cf + col] = -x;
             let mut one = 0.0f32;
             if row == col {
                 one = 1.0;
@@ -139,17 +156,83 @@ pub fn delta_wy_kernel<F: Float>(
         }
     }
     sync_cube();
-    // T_r = e_r − Σ_{s<r} L_rs T_s, one row per step; entry (r, j) needs rows j..r−1 only.
-    for r in 1..c {
-        #[unroll]
-        for q in 0..comptime!(c.div_ceil(threads)) {
-            let col = unit + q * threads;
-            if col < r {
+    // T = (I + L)⁻¹, blocked: each 16 × 16 diagonal block by substitution, one unit per column
+    // (a column of a unit lower-triangular inverse needs only itself: no barrier), then adjacent
+    // blocks merged, 16 + 16 and 32 + 16 or 32 + 32, by `T_BA = T_BB (−L_BA) T_AA`. In `f32` on
+    // plain products: the serial depth is ~120 + 4·48 multiply-adds and seven barriers, where
+    // one row per step took 63 barriers and ~2,000 dependent multiply-adds.
+    #[unroll]
+    for q in 0..comptime!(c.div_ceil(threads)) {
+        let col = unit + q * threads;
+        if col < c {
+            let block_end = (col / FRAG + 1) * FRAG;
+            for r in col + 1..block_end {
                 let mut acc = 0.0f32;
                 for s in col..r {
                     acc += sa[r * cf + s] * st[s * cf + col];
                 }
-                st[r * cf + col] = -acc;
+                st[r * cf + col] = acc;
+            }
+        }
+    }
+    sync_cube();
+    let plain = comptime!(TileConfig {
+        cmma: false,
+        ..l.tile
+    });
+    #[unroll]
+    for level in 0..comptime!(merge_levels(c)) {
+        let m = comptime!(FRAG << level);
+        // X = (−L_BA) T_AA for every pair (A, B) of adjacent blocks of m rows (B may be shorter
+        // at the end of the chunk), into `sx`'s rows of B.
+        #[unroll]
+        for pair in 0..comptime!(c.div_ceil(2 * m)) {
+            let (a0, b0) = comptime!((2 * m * pair, 2 * m * pair + m));
+            if comptime!(b0 < c) {
+                let mb = comptime!((c - b0).min(m));
+                let s = comptime!(nn(mb, m, m, cf, cf, xf));
+                mma::<f32, f32>(
+                    &sa,
+                    b0 * cf + a0,
+                    &st,
+                    a0 * cf + a0,
+                    &mut sx,
+                    b0 * xf,
+                    s,
+                    plain,
+                );
+            }
+        }
+        sync_cube();
+        // T_BA = T_BB X, into `sa`'s block of `−L_BA` (no longer needed), then into `T`.
+        #[unroll]
+        for pair in 0..comptime!(c.div_ceil(2 * m)) {
+            let (a0, b0) = comptime!((2 * m * pair, 2 * m * pair + m));
+            if comptime!(b0 < c) {
+                let mb = comptime!((c - b0).min(m));
+                let s = comptime!(nn(mb, m, mb, cf, xf, cf));
+                mma::<f32, f32>(
+                    &st,
+                    b0 * cf + b0,
+                    &sx,
+                    b0 * xf,
+                    &mut sa,
+                    b0 * cf + a0,
+                    s,
+                    plain,
+                );
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for r in 0..comptime!((c * c).div_ceil(threads)) {
+            let e = unit + r * threads;
+            let (row, col) = (e / c, e % c);
+            // Entry (row, col) lies in a block T_BA of this level when the blocks of 2m rows
+            // hold both, and row is in the lower half and col in the upper.
+            if row < c && row / (2 * m) == col / (2 * m) && (row / m) % 2 == 1 && (col / m) % 2 == 0
+            {
+                st[row * cf + col] = sa[row * cf + col];
             }
         }
         sync_cube();
@@ -221,7 +304,7 @@ pub fn delta_wy_kernel<F: Float>(
     store_rows(&sx, ut, bos, p0, cl, hv, l.v, vp, l);
 }
 
-/// Rows `< cl`, columns `< width` of the `f32` tile `sx` (leading dimension `max(kp, vp) + 4`)
+/// Rows `< cl`, columns `< width` of the `f32` tile `sx` (leading dimension [`scratch_cols`] + 4)
 /// into `[B·T, HV, width]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -237,7 +320,7 @@ fn store_rows(
     #[comptime] l: TiledLayout,
 ) {
     let threads = comptime!(l.tile.threads());
-    let xf = comptime!(l.kp.max(l.vp) + PAD_F);
+    let xf = comptime!(scratch_cols(&l) + PAD_F);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!((l.chunk * cols).div_ceil(threads)) {

@@ -317,15 +317,34 @@ fn tiled_path_odd_dims_varlen_without_states() {
         FloatDType::F32,
     );
     let c = DeltaCase::new(p, 1.0, 17);
-    on_runtime!(compare_on_tiles(&c));
+    on_runtime!(compare_on_tiles(&c, 16));
 }
 
-fn compare_on_tiles<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase) {
+/// The WY kernel's inverse merges its 16-row diagonal blocks once at chunk 32, twice at 48 (the
+/// second merge with a shorter lower block) and at 64 (the default on a GPU). Lavapipe's 32 KB of
+/// shared memory holds the tiles of chunk 32 at these dims, not those of 48 or 64 (it computes
+/// them on the plain kernels, which must agree as well); a GPU takes the tiles at all three.
+/// T = 100 ends mid-chunk at each size.
+#[rstest]
+fn tiled_inverse_merges(#[values(32, 48, 64)] chunk: usize, #[values(false, true)] gated: bool) {
+    let c = case(gated, [1, 100, 1, 2, 16, 16], 1.0, true, FloatDType::F32);
+    on_runtime!(compare_merges(&c, chunk));
+}
+
+fn compare_merges<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, chunk: usize) {
+    if chunk == 32 || !is_cpu_vulkan(client) {
+        compare_on_tiles(client, c, chunk);
+    } else {
+        compare(client, c, Form::Chunk(chunk));
+    }
+}
+
+fn compare_on_tiles<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, chunk: usize) {
     assert!(
-        delta_takes_tiles(client, &c.p, 16),
-        "chunk 16 must take the tile-product path"
+        delta_takes_tiles(client, &c.p, chunk),
+        "chunk {chunk} must take the tile-product path"
     );
-    compare(client, c, Form::Chunk(16));
+    compare(client, c, Form::Chunk(chunk));
 }
 
 #[rstest]
