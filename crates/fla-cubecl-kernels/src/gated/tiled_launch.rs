@@ -12,8 +12,8 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, fwd_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel,
-    vector_scores_kernel, TiledLayout,
+    dkv_smem, dq_smem, fwd_smem, grads_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel,
+    tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -138,8 +138,10 @@ pub fn tiled_layout<R: Runtime>(
             fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
         });
         let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
-        let bk = widths(kp.min(bk_max))
-            .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
+        let bk = widths(kp.min(bk_max)).find(|&bk| {
+            let l = TiledLayout { bk, ..base };
+            dq_smem(&l, elem) <= max_smem && grads_smem(&l, elem) <= max_smem
+        });
         let scores_fit = !base.vector_gate || scores_smem(&base, elem) <= max_smem;
         if let (Some(bv), Some(bk), true) = (bv, bk, scores_fit) {
             // Widest dK column block that still fits beside the rest.
@@ -379,6 +381,59 @@ fn vector_scores<R: Runtime>(
     Ok((a, cum))
 }
 
+/// The in-chunk terms of `dq` and `dk` under vector gates ([`vector_grads_kernel`]), every chunk
+/// in parallel, into the second partial of `dq_part` and the partial of `dk_part` after the
+/// `dk`/`dv` walk's `nv` value blocks; nothing without vector gates.
+#[allow(clippy::too_many_arguments)]
+fn vector_grads<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+    b: &BackwardBuffers<'_>,
+    cum: &Handle,
+    (dq_part, dk_part): (&Handle, &Handle),
+    nv: usize,
+    (cu, cu_len): (&Handle, usize),
+) {
+    if !l.vector_gate {
+        return;
+    }
+    let l = TiledLayout {
+        span: 0,
+        states: false,
+        ..*l
+    };
+    let (qk, vo) = p.lens();
+    let nk = p.k_dim.div_ceil(l.bk);
+    // One cube per chunk of the longest sequence and key block, as far as the grid goes; past
+    // that, each cube takes every X-th chunk of its block.
+    let x = p.longest().div_ceil(l.chunk).max(1);
+    let x = x.min(device_size(client).max_x as usize / nk).max(1);
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
+    // or V).
+    unsafe {
+        vector_grads_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static((x * nk) as u32, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&l),
+            array(b.q, qk),
+            array(b.k, qk),
+            array(b.v, vo),
+            array(b.d_o, vo),
+            array(cum, cum_len(p, &l)),
+            array(cu, cu_len),
+            array(dq_part, 2 * qk),
+            array(dk_part, (nv + 1) * qk),
+            qk as u32,
+            (nv * qk) as u32,
+            p.seq_len as u32,
+            p.scale,
+            l,
+            p.dtype.storage(),
+        )
+    };
+}
+
 /// The forward through the tiled kernel (checks done by the caller): the split of
 /// [`split_forward`] where it applies, the fused walk elsewhere; under vector gates, the
 /// in-chunk scores first.
@@ -564,11 +619,13 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let (qk, vo) = p.lens();
     let nv = p.v_dim.div_ceil(l.bv);
     let nk = p.k_dim.div_ceil(l.bk);
-    // One partial `dk` per value block, and under vector gates one more for the in-chunk term
-    // (the `dq` walk's), indexed in 32 bits: the inputs' own check does not cover them.
+    // One partial `dk` per value block, and under vector gates one more of each for the in-chunk
+    // terms (`vector_grads_kernel`'s), indexed in 32 bits: the inputs' own check does not cover
+    // them.
     let dk_blocks = nv + usize::from(l.vector_gate);
+    let dq_blocks = 1 + usize::from(l.vector_gate);
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
-    let dq_part = client.empty(4 * qk);
+    let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
     let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
     let dh0 = if p.has_initial_state {
@@ -592,10 +649,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(h0, h0_len),
             array(cu, cu_len),
             array(b.d_o, vo),
-            array(&dq_part, qk),
-            array(b.q, qk),
-            array(&dk_part, dk_blocks * qk),
-            (nv * qk) as u32,
+            array(&dq_part, dq_blocks * qk),
             p.seq_len as u32,
             spans as u32,
             p.scale,
@@ -671,6 +725,16 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 (cu, cu_len),
             );
             dq(out, nk * spans, (&hs, hs_len), spans);
+            vector_grads(
+                client,
+                p,
+                &l,
+                b,
+                &cum,
+                (&dq_part, &dk_part),
+                nv,
+                (cu, cu_len),
+            );
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
             dkv(walk, nv, (d_ht, b.d_ht.is_some()), (&hs, hs_len), spans);
@@ -682,6 +746,16 @@ pub(crate) fn tiled_backward<R: Runtime>(
         }
         None => {
             dq(l, nk, (h0, p.state_len()), 1);
+            vector_grads(
+                client,
+                p,
+                &l,
+                b,
+                &cum,
+                (&dq_part, &dk_part),
+                nv,
+                (cu, cu_len),
+            );
             match gla_dkv_registers(client, p, &l) {
                 Some(fl) => {
                     let (a, cum) = (&a, &cum);
@@ -702,7 +776,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             }
         }
     }
-    let key_term = finalize_qk_grads(client, p, b, (&dq_part, 1), (&dk_part, dk_blocks));
+    let key_term = finalize_qk_grads(client, p, b, (&dq_part, dq_blocks), (&dk_part, dk_blocks));
     Ok(key_term)
 }
 
