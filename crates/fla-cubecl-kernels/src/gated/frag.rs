@@ -766,3 +766,164 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
         state_io::<NC>(&mut gacc, dh0, base, v0, false, l);
     }
 }
+
+/// Shared memory of the `dq` walk: `k̃` (`C × kp`), `v`, `d_o` (`C × bv`), `Λ` (`C × kp`,
+/// `f32`) and the state's rounded copy (`kp × bv`).
+pub fn gla_frag_dq_smem(l: &GlaFragLayout, e: usize) -> usize {
+    tile_bytes(l.chunk, l.kp, e)
+        + 2 * tile_bytes(l.chunk, l.bv, e)
+        + tile_bytes(l.chunk, l.kp, 4)
+        + tile_bytes(l.kp, l.bv, e)
+}
+
+/// Backward under vector gates, `dq`'s state term, walking the chunks forwards with this value
+/// block's state `S[kp, bv]` in accumulator registers (the forward's recurrence,
+/// `S ← diag(exp(Λ_C)) S + k̃ᵀ V`): `dq_r = scale · exp(Λ_r) ∘ (dO_r Sᵀ)` over the block's value
+/// columns, in 16 × 16 pieces shared round-robin by the planes (`B = Sᵀ`: the rounded state read
+/// with rows and columns exchanged), one `f32` partial per value block into `dq_part` from
+/// `vb · dq_len` on. The in-chunk term is [`super::tiled::vector_grads_kernel`]'s partial.
+///
+/// Cubes `(value block, head, sequence)` of `(32, planes)` units.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gla_dq_frag_kernel<F: Float, N: Size>(
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    gates_cum: &Array<f32>,
+    h0: &mut Array<f32>,
+    cu_seqlens: &Array<u32>,
+    d_o: &Array<Vector<F, N>>,
+    dq_part: &mut Array<f32>,
+    seq_len: u32,
+    dq_len: u32,
+    scale: f32,
+    #[comptime] l: GlaFragLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let st = l.staging;
+    let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
+    let (ldv, ldl) = comptime!((bv + st.ph, kp + PAD_F));
+    let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
+    let vb = CUBE_POS_X as usize;
+    let v0 = vb * bv;
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let base = (n * l.heads + h) * l.k * l.v;
+    let part = vb * dq_len as usize;
+    let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
+    let size!(NA) = def.vector_size(MatrixIdent::A);
+    let size!(NB) = def.vector_size(MatrixIdent::B);
+    let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+
+    let mut sk = tile_slots::<F, N>(c, kp, st);
+    let mut sv = tile_slots::<F, N>(c, bv, st);
+    let mut sdo = tile_slots::<F, N>(c, bv, st);
+    let mut slam = SharedMemory::<f32>::new(comptime!(c * (kp + PAD_F)));
+    let mut ssh = SharedMemory::<Vector<F, NA>>::new_aligned(comptime!(kp * ldv / 2), 64usize);
+
+    let mut sacc = zeros::<NC>(comptime!(l.groups_per_plane() * nt));
+    if comptime!(l.has_h0) {
+        state_io::<NC>(&mut sacc, h0, base, v0, true, l);
+    }
+
+    let mut rk = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, kp, &st)));
+    let mut rv = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, bv, &st)));
+    let mut rdo = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(c, bv, &st)));
+    let mut rl = Array::<f32>::new(comptime!(gate_entries(&l)));
+    let chunks = len.div_ceil(c);
+    if chunks > 0 {
+        let cl = chunk_len(len, 0, c);
+        fetch_slots::<F, N>(k, &mut rk, bos, cl, h, 0usize, l.heads, l.k, c, kp, st);
+        fetch_slots::<F, N>(v, &mut rv, bos, cl, h, v0, l.heads, l.v, c, bv, st);
+        fetch_slots::<F, N>(d_o, &mut rdo, bos, cl, h, v0, l.heads, l.v, c, bv, st);
+        fetch_gates(gates_cum, &mut rl, bos, 0, cl, h, l);
+    }
+    let kgroups = comptime!(kp / FRAG_K);
+    for ci in 0..chunks {
+        let p0 = ci * c;
+        let cl = chunk_len(len, p0, c);
+        // Every plane is done with the previous chunk's tiles.
+        sync_cube();
+        put_slots::<F, N>(&rk, &mut sk, c, kp, st);
+        put_slots::<F, N>(&rv, &mut sv, c, bv, st);
+        put_slots::<F, N>(&rdo, &mut sdo, c, bv, st);
+        put_gates(&rl, &mut slam, l);
+        if ci + 1 < chunks {
+            let p1 = p0 + c;
+            let cl1 = chunk_len(len, p1, c);
+            let r1 = bos + p1;
+            fetch_slots::<F, N>(k, &mut rk, r1, cl1, h, 0usize, l.heads, l.k, c, kp, st);
+            fetch_slots::<F, N>(v, &mut rv, r1, cl1, h, v0, l.heads, l.v, c, bv, st);
+            fetch_slots::<F, N>(d_o, &mut rdo, r1, cl1, h, v0, l.heads, l.v, c, bv, st);
+            fetch_gates(gates_cum, &mut rl, bos, p1, cl1, h, l);
+        }
+        round_rows::<F, NA, NC>(&sacc, &mut ssh, ldv, l);
+        sync_cube();
+
+        // dQ's state term in 16 × 16 pieces: rows `16 prow ..` of dO times keys `16 pcol ..` of
+        // Sᵀ, gated by `scale · exp(Λ_r)` per key as it is stored.
+        #[unroll]
+        for pi in 0..comptime!((rgs * kgroups).div_ceil(l.planes)) {
+            let piece = plane + pi * comptime!(l.planes);
+            if piece < comptime!(rgs * kgroups) {
+                let prow = piece % rgs;
+                let pcol = piece / rgs;
+                let mut qacc = zeros::<NC>(2usize);
+                #[unroll]
+                for s in 0..comptime!(bv / FRAG_K) {
+                    let fa = ldm4::<F, N, NA>(
+                        &sdo,
+                        prow * FRAG_M,
+                        s * FRAG_K,
+                        ldv,
+                        st.vector,
+                        false,
+                        false,
+                    );
+                    let r = ldm4::<F, NA, NB>(
+                        &ssh,
+                        pcol * FRAG_K,
+                        s * FRAG_K,
+                        ldv,
+                        2usize,
+                        true,
+                        false,
+                    );
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut qacc, 0usize);
+                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut qacc, 1usize);
+                }
+                #[unroll]
+                for half in 0..2usize {
+                    let row = prow * FRAG_M + g + half * 8;
+                    if row < cl {
+                        let at = part + ((bos + p0 + row) * l.heads + h) * l.k;
+                        #[unroll]
+                        for j in 0..2usize {
+                            let x = qacc[j * 2 + half];
+                            #[unroll]
+                            for e in 0..2usize {
+                                let key = pcol * FRAG_K + j * FRAG_N + 2 * t + e;
+                                if key < l.k {
+                                    let d = exp_le0(slam[row * ldl + key]);
+                                    dq_part[at + key] = x[e] * scale * d;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // S ← diag(exp(Λ_C)) S + k̃ᵀ V, each plane its rows (no chunk after the last needs it;
+        // uniform over the cube).
+        if ci + 1 < chunks {
+            scale_by_gates::<F, N>(&mut sk, &slam, 1.0f32, true, l);
+            sync_cube();
+            update_rows::<F, N, NA, NB, NC>(&mut sacc, &slam, &sk, &sv, l);
+        }
+    }
+}

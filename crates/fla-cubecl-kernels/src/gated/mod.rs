@@ -28,7 +28,7 @@ pub use launch::{
 };
 pub use tiled::TiledLayout;
 pub use tiled_launch::{
-    gla_dkv_registers, gla_fwd_registers, has_cmma, tiled_layout, VECTOR_CHUNK,
+    gla_dkv_registers, gla_dq_registers, gla_fwd_registers, has_cmma, tiled_layout, VECTOR_CHUNK,
 };
 
 use crate::{FloatDType, KernelError};

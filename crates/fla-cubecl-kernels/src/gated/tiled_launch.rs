@@ -6,7 +6,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::frag::{
-    gla_dkv_frag_kernel, gla_frag_dkv_smem, gla_frag_fwd_smem, gla_fwd_frag_kernel, GlaFragLayout,
+    gla_dkv_frag_kernel, gla_dq_frag_kernel, gla_frag_dkv_smem, gla_frag_dq_smem,
+    gla_frag_fwd_smem, gla_fwd_frag_kernel, GlaFragLayout,
 };
 use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
@@ -382,8 +383,8 @@ fn vector_scores<R: Runtime>(
 }
 
 /// The in-chunk terms of `dq` and `dk` under vector gates ([`vector_grads_kernel`]), every chunk
-/// in parallel, into the second partial of `dq_part` and the partial of `dk_part` after the
-/// `dk`/`dv` walk's `nv` value blocks; nothing without vector gates.
+/// in parallel, into partial `dq_slot` of `dq_part` (`dq_blocks` partials) and the partial of
+/// `dk_part` after the `dk`/`dv` walk's `nv` value blocks; nothing without vector gates.
 #[allow(clippy::too_many_arguments)]
 fn vector_grads<R: Runtime>(
     client: &ComputeClient<R>,
@@ -391,8 +392,8 @@ fn vector_grads<R: Runtime>(
     l: &TiledLayout,
     b: &BackwardBuffers<'_>,
     cum: &Handle,
-    (dq_part, dk_part): (&Handle, &Handle),
-    nv: usize,
+    (dq_part, dq_blocks, dq_slot): (&Handle, usize, usize),
+    (dk_part, nv): (&Handle, usize),
     (cu, cu_len): (&Handle, usize),
 ) {
     if !l.vector_gate {
@@ -422,9 +423,9 @@ fn vector_grads<R: Runtime>(
             array(b.d_o, vo),
             array(cum, cum_len(p, &l)),
             array(cu, cu_len),
-            array(dq_part, 2 * qk),
+            array(dq_part, dq_blocks * qk),
             array(dk_part, (nv + 1) * qk),
-            qk as u32,
+            (dq_slot * qk) as u32,
             (nv * qk) as u32,
             p.seq_len as u32,
             p.scale,
@@ -475,12 +476,28 @@ pub fn gla_fwd_registers<R: Runtime>(
     p: &GatedProblem,
     l: &TiledLayout,
 ) -> Option<GlaFragLayout> {
+    gla_frag_layout(client, p, l, 1, &frag_widths(l), gla_frag_fwd_smem)
+}
+
+/// The layout of GLA's `dq` walk with the state in registers
+/// ([`super::frag::gla_dq_frag_kernel`]), where it applies ([`gla_frag_layout`]): value blocks
+/// as the forward's.
+pub fn gla_dq_registers<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+) -> Option<GlaFragLayout> {
+    gla_frag_layout(client, p, l, 4, &frag_widths(l), gla_frag_dq_smem)
+}
+
+/// Value blocks the forward and `dq` register walks try, widest first: 64 at most
+/// (`FLA_GLA_FRAG_BV` overrides, for measuring).
+fn frag_widths(l: &TiledLayout) -> Vec<usize> {
     let bv_max = tuning("FLA_GLA_FRAG_BV").unwrap_or(64).min(l.vp);
-    let widths: Vec<usize> = [256, 128, 64, 32, 16]
+    [256, 128, 64, 32, 16]
         .into_iter()
         .filter(|&bv| bv <= bv_max.max(FRAG))
-        .collect();
-    gla_frag_layout(client, p, l, 1, &widths, gla_frag_fwd_smem)
+        .collect()
 }
 
 /// The layout of GLA's `dk`/`dv` walk with the state's gradient in registers
@@ -497,7 +514,7 @@ pub fn gla_dkv_registers<R: Runtime>(
 /// A register walk's layout, the first of the value blocks `widths` that tiles and fits: vector
 /// gates walked forwards (no split, no delta rule, no reversed sequences), CUDA with `mma.sync`
 /// and `ldmatrix` for the dtype. Not yet run on a GPU, so only `FLA_GLA_FRAG` turns them on, a
-/// bit per walk (`which`: 1 the forward, 2 `dk`/`dv`; 3 both); `FLA_GLA_FRAG_PLANES` overrides
+/// bit per walk (`which`: 1 the forward, 2 `dk`/`dv`, 4 `dq`; 7 all); `FLA_GLA_FRAG_PLANES` overrides
 /// their planes (4, 8 past K = 128), for measuring.
 fn gla_frag_layout<R: Runtime>(
     client: &ComputeClient<R>,
@@ -619,12 +636,20 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let (qk, vo) = p.lens();
     let nv = p.v_dim.div_ceil(l.bv);
     let nk = p.k_dim.div_ceil(l.bk);
-    // One partial `dk` per value block, and under vector gates one more of each for the in-chunk
-    // terms (`vector_grads_kernel`'s), indexed in 32 bits: the inputs' own check does not cover
-    // them.
+    let split = split_forward(p, &l, device_size(client));
+    // The `dq` walk with the state in registers writes one partial per value block of its own.
+    let dq_frag = split
+        .is_none()
+        .then(|| gla_dq_registers(client, p, &l))
+        .flatten();
+    let dq_walks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv));
+    // One partial `dk` per value block (`dq` per block of its register walk, one otherwise), and
+    // under vector gates one more of each for the in-chunk terms (`vector_grads_kernel`'s),
+    // indexed in 32 bits: the inputs' own check does not cover them.
     let dk_blocks = nv + usize::from(l.vector_gate);
-    let dq_blocks = 1 + usize::from(l.vector_gate);
+    let dq_blocks = dq_walks + usize::from(l.vector_gate);
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
+    crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
     let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
@@ -688,7 +713,11 @@ pub(crate) fn tiled_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    match split_forward(p, &l, device_size(client)) {
+    let grads = |dq_slot: usize| {
+        let parts = (&dq_part, dq_blocks, dq_slot);
+        vector_grads(client, p, &l, b, &cum, parts, (&dk_part, nv), (cu, cu_len));
+    };
+    match split {
         Some(Split {
             walk,
             out,
@@ -725,16 +754,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 (cu, cu_len),
             );
             dq(out, nk * spans, (&hs, hs_len), spans);
-            vector_grads(
-                client,
-                p,
-                &l,
-                b,
-                &cum,
-                (&dq_part, &dk_part),
-                nv,
-                (cu, cu_len),
-            );
+            grads(1);
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
             dkv(walk, nv, (d_ht, b.d_ht.is_some()), (&hs, hs_len), spans);
@@ -745,17 +765,23 @@ pub(crate) fn tiled_backward<R: Runtime>(
             dkv(out, nv * spans, (&hs, true), (&dummy, 1), spans);
         }
         None => {
-            dq(l, nk, (h0, p.state_len()), 1);
-            vector_grads(
-                client,
-                p,
-                &l,
-                b,
-                &cum,
-                (&dq_part, &dk_part),
-                nv,
-                (cu, cu_len),
-            );
+            match dq_frag {
+                Some(fl) => {
+                    let h0 = (h0, p.state_len());
+                    gla_frag_dq(
+                        client,
+                        p,
+                        fl,
+                        b,
+                        &cum,
+                        h0,
+                        (&dq_part, dq_blocks),
+                        (cu, cu_len),
+                    );
+                }
+                None => dq(l, nk, (h0, p.state_len()), 1),
+            }
+            grads(dq_walks);
             match gla_dkv_registers(client, p, &l) {
                 Some(fl) => {
                     let (a, cum) = (&a, &cum);
@@ -778,6 +804,45 @@ pub(crate) fn tiled_backward<R: Runtime>(
     }
     let key_term = finalize_qk_grads(client, p, b, (&dq_part, dq_blocks), (&dk_part, dk_blocks));
     Ok(key_term)
+}
+
+/// The `dq` walk with the state in registers (its state term, one partial per value block of
+/// `fl` into `dq_part`; the cumulated gates computed).
+#[allow(clippy::too_many_arguments)]
+fn gla_frag_dq<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    fl: GlaFragLayout,
+    b: &BackwardBuffers<'_>,
+    cum: &Handle,
+    (h0, h0_len): (&Handle, usize),
+    (dq_part, dq_blocks): (&Handle, usize),
+    (cu, cu_len): (&Handle, usize),
+) {
+    let (qk, vo) = p.lens();
+    let vs = fl.staging.vector;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in
+    // K or V); `k`, `v` and `d_o` are read in vectors of `vs` entries.
+    unsafe {
+        gla_dq_frag_kernel::launch_unchecked::<R>(
+            client,
+            frag_grid(p, &fl),
+            CubeDim::new_2d(PLANE as u32, fl.planes as u32),
+            vs,
+            array(b.k, qk / vs),
+            array(b.v, vo / vs),
+            array(cum, p.gate_len()),
+            array(h0, h0_len),
+            array(cu, cu_len),
+            array(b.d_o, vo / vs),
+            array(dq_part, dq_blocks * qk),
+            p.seq_len as u32,
+            qk as u32,
+            p.scale,
+            fl,
+            p.dtype.storage(),
+        )
+    };
 }
 
 /// The `dk`/`dv` walk with the state's gradient in registers (the scores and cumulated gates

@@ -773,8 +773,8 @@ fn chunk_half_precision(
 
 /// GLA's chunk form in half precision on odd and round sizes, with and without states, and a
 /// variable-length batch with an empty sequence: every tensor-core path of the chunk walks (the
-/// tiled kernels' `cmma`; on CUDA with `FLA_GLA_FRAG=3 FLA_TILED_SPLIT=0` the forward and `dk`/`dv`
-/// walks with the state in registers, where their tiling applies: not at T = 1, K = V = 16)
+/// tiled kernels' `cmma`; on CUDA with `FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0` the forward, `dk`/`dv`
+/// and `dq` walks with the state in registers, where their tiling applies: not at K = V = 16)
 /// against the f64 recurrence, at the half-precision tolerances. K = 128, V = 256 is FLA's 340M
 /// recipe's head; K = 256 takes the register walks' 8-plane layout.
 #[rstest]
@@ -996,7 +996,7 @@ fn expect_kernel_choice<R: Runtime>(
         }
     }
     // GLA's walks with the state in registers: CUDA's (manual MMA), in half precision, and off
-    // until `FLA_GLA_FRAG` asks for them (a bit per walk: 1 the forward, 2 `dk`/`dv`).
+    // until `FLA_GLA_FRAG` asks for them (a bit per walk: 1 the forward, 2 `dk`/`dv`, 4 `dq`).
     let asked = |bit: usize| {
         std::env::var("FLA_GLA_FRAG")
             .ok()
@@ -1014,8 +1014,10 @@ fn expect_kernel_choice<R: Runtime>(
                 runtime_name() == "cuda" && dtype != FloatDType::F32 && variant == Variant::Gla;
             let fwd = fla_cubecl_kernels::gated::gla_fwd_registers(client, &p, &l);
             let dkv = fla_cubecl_kernels::gated::gla_dkv_registers(client, &p, &l);
+            let dq = fla_cubecl_kernels::gated::gla_dq_registers(client, &p, &l);
             assert_eq!(fwd.is_some(), registers && asked(1), "{dtype:?}: {fwd:?}");
             assert_eq!(dkv.is_some(), registers && asked(2), "{dtype:?}: {dkv:?}");
+            assert_eq!(dq.is_some(), registers && asked(4), "{dtype:?}: {dq:?}");
         }
     }
     if runtime_name() == "cuda" {
