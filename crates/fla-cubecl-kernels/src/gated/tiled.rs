@@ -206,17 +206,25 @@ pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
     } else {
         0
     };
-    // `dA` and its decayed copy, one row of each under vector gates (unused there).
-    let ca = if l.vector_gate { 1 } else { c };
     tile_bytes(c, bk, e)
         + 2 * tile_bytes(c, vp, e)
-        + tile_bytes(ca, c, 4)
-        + tile_bytes(ca, c, e)
+        + tile_bytes(c, c, 4)
+        + tile_bytes(c, c, e)
         + tile_bytes(c, bk, 4)
         + tile_bytes(bk, vp, 4)
         + half_state
         + key_gates_bytes(l, bk)
+        + dk_intra_bytes(l, e)
         + 8 * c
+}
+
+/// The `dq` walk's query tile and in-chunk `dk` tile under vector gates (0 without them).
+fn dk_intra_bytes(l: &TiledLayout, e: usize) -> usize {
+    if l.vector_gate {
+        tile_bytes(l.chunk, l.bk, e) + tile_bytes(l.chunk, l.bk, 4)
+    } else {
+        0
+    }
 }
 
 /// Shared-memory bytes of [`vector_grads_kernel`]: key and query tiles (`C × bk`), value and
@@ -732,9 +740,9 @@ pub(crate) fn key_gated_scores<F: Float>(
 
 /// `dq` under vector gates, in place over `out` (`C × cols` `f32`): with `state_term`, `out`
 /// holds `dO Sᵀ` and becomes `factor · exp(Λ_rj) out[r, j]` (the `dq` walk's term); with `intra`,
-/// `factor · Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj)` is added (or, alone, written), with
-/// `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the `C × cols` key tile
-/// ([`vector_grads_kernel`]'s term; neither tile is read without it).
+/// `factor · Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj)` is added (or, alone, written: the term of
+/// [`vector_grads_kernel`]), with `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the
+/// `C × cols` key tile (neither tile is read without it).
 #[cube(fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dq<F: Float>(
@@ -787,9 +795,9 @@ pub(crate) fn key_gated_dq<F: Float>(
 /// The in-chunk term of `dk` under vector gates, for the `cols` key columns of the tiles given:
 /// `out[s, j] = factor · Σ_{r ≥ s} dA_rs q_rj exp(Λ_rj − Λ_sj)` (`C × cols` `f32`), with
 /// `dA = dO Vᵀ` over every value column, unmasked, in `da` (`C × C` `f32`), `q` the `C × cols`
-/// query tile and `lam` its `C × cols` gates. [`vector_grads_kernel`] computes it beside `dq`'s
-/// in-chunk term (it holds the whole `dA`), once per key column; the `dk`/`dv` walk adds the
-/// state's term per value block.
+/// query tile and `lam` its `C × cols` gates. The tiled `dq` walk (or, beside the `dq` register
+/// walk, [`vector_grads_kernel`]) computes it beside `dq`'s in-chunk term (it holds the whole
+/// `dA`), once per key column; the `dk`/`dv` walk adds the state's term per value block.
 #[cube(fast_math = fast_exp())]
 pub(crate) fn key_gated_dk<F: Float>(
     da: &SharedMemory<f32>,
@@ -1141,10 +1149,13 @@ pub fn vector_scores_kernel<F: Float>(
 /// The in-chunk terms of `dq` and `dk` under vector gates, for every chunk of every sequence:
 /// `dq_r = scale · Σ_{s ≤ r} dA_rs k_s ∘ exp(Λ_r − Λ_s)` and
 /// `dk_s = scale · Σ_{r ≥ s} dA_rs q_r ∘ exp(Λ_r − Λ_s)`, `dA = dO Vᵀ` over every value column
-/// (`f32`, as partials of `[B·T, H, K]` at element offsets `dq_slot`, `dk_slot`). They depend on
-/// no state, so they are summed here, every chunk in parallel, and not in the `dq` walk's chain
-/// of chunks (where they were about half of each step); entry by entry, every exponent at most 0,
-/// as [`vector_scores_kernel`] sums the scores. `Λ` from [`vector_scores_kernel`]. Cubes
+/// (`f32`, as partials of `[B·T, H, K]` at element offsets `dq_slot`, `dk_slot`), entry by
+/// entry, every exponent at most 0, as [`vector_scores_kernel`] sums the scores. They depend on
+/// no state: the `dq` walk with the state in registers ([`super::frag::gla_dq_frag_kernel`])
+/// leaves them to this kernel, every chunk in parallel. The tiled `dq` walk sums them itself:
+/// taking them out of it measured slower on an H100 (2026-12-07, `chunk_gla` at T = 4096,
+/// forward+backward 12.87 ms against 11.74 in an earlier call, the forward 3.46 against 3.61),
+/// as its chain of chunks is bound by latency, where the extra arithmetic costs little. Cubes
 /// `(x · key blocks, head, sequence)`: key block `CUBE_POS_X % blocks` of the chunks
 /// `x, x + X, …` (`X = CUBE_COUNT_X / blocks`).
 #[cube(launch_unchecked)]
@@ -1464,9 +1475,8 @@ pub fn tiled_fwd_kernel<F: Float>(
 }
 
 /// Backward, `dq` (as an `f32` buffer `[B·T, H, K]`). Cubes `(key block, head, sequence)`.
-/// Under vector gates only the state's term `scale · exp(Λ_r) ∘ (dO Sᵀ)`: the in-chunk terms
-/// of `dq` and `dk` depend on no state, so [`vector_grads_kernel`] sums them for every chunk in
-/// parallel instead of in this chain of chunks.
+/// Under vector gates also `dk`'s in-chunk term for the block's keys, into `dk_part` from
+/// `dk_slot` on (the partial after the `dk`/`dv` walk's value blocks).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dq_kernel<F: Float>(
@@ -1478,6 +1488,9 @@ pub fn tiled_dq_kernel<F: Float>(
     cu_seqlens: &Array<u32>,
     d_o: &Array<F>,
     dq: &mut Array<f32>,
+    q: &Array<F>,
+    dk_part: &mut Array<f32>,
+    dk_slot: u32,
     seq_len: u32,
     spans: u32,
     scale: f32,
@@ -1485,8 +1498,9 @@ pub fn tiled_dq_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
-    // `dA = dO Vᵀ` and its decayed copy: scalar gates only (one row otherwise).
-    let ca = comptime!(if l.vector_gate { 1 } else { c });
+    // Under vector gates this walk also writes `dk`'s in-chunk term for its key columns (it
+    // holds the whole `dA`), into `dk_part` from `dk_slot` on; one tile entry each otherwise.
+    let vg = comptime!(if l.vector_gate { c } else { 1 });
     let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
     let (bkf, vf, cf) = comptime!((bk + PAD_F, vp + PAD_F, c + PAD_F));
     let (kb, span) = block_and_span(comptime!(l.k.div_ceil(bk)), l);
@@ -1504,14 +1518,16 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut sk = tile_h::<F>(c, bk, l);
     let mut sv = tile_h::<F>(c, vp, l);
     let mut sdo = tile_h::<F>(c, vp, l);
-    let mut sa = tile_f(ca, c);
-    let mut sah = tile_h::<F>(ca, c, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
     let mut sdq = tile_f(c, bk);
     let mut ss = tile_f(bk, vp);
     let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { bk } else { 1 }), vp, l);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut lamk = key_gates_tile(bk, l);
+    let mut sq = tile_h::<F>(vg, bk, l);
+    let mut sdk = tile_f(vg, bk);
 
     let mut first_row = k0;
     if comptime!(!l.has_h0 && l.span == 0) {
@@ -1523,12 +1539,16 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, bk)));
+    let mut rq = Array::<F>::new(comptime!(if l.vector_gate { tile_regs(&l, bk) } else { 1 }));
     let (first, end) = chunk_range(len, span, l);
     if first < end {
         let p0 = first * c;
         let cl = chunk_len(len, p0, c);
         fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, k0, l.k, bk, l);
         fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p0, cl, h, k0, bk, l);
+        if comptime!(l.vector_gate) {
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, k0, l.k, bk, l);
+        }
         fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, h, 0, l.v, vp, l);
         fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p0, cl, h, 0, l.v, vp, l);
     }
@@ -1538,6 +1558,9 @@ pub fn tiled_dq_kernel<F: Float>(
         stage_tile::<F>(&rk, &mut sk, bk, l);
         stage_tile::<F>(&rv, &mut sv, vp, l);
         stage_tile::<F>(&rdo, &mut sdo, vp, l);
+        if comptime!(l.vector_gate) {
+            stage_tile::<F>(&rq, &mut sq, bk, l);
+        }
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         stage_key_gates(&rg, &mut lamk, bk, l);
         round_state::<F>(&ss, &mut ssh, bk, vp, l);
@@ -1547,28 +1570,34 @@ pub fn tiled_dq_kernel<F: Float>(
             let cl1 = chunk_len(len, p1, c);
             fetch_tile::<F, F>(k, &mut rk, bos, len, p1, cl1, h, k0, l.k, bk, l);
             fetch_key_gates::<F>(g, gates_cum, &mut rg, bos, len, p1, cl1, h, k0, bk, l);
+            if comptime!(l.vector_gate) {
+                fetch_tile::<F, F>(q, &mut rq, bos, len, p1, cl1, h, k0, l.k, bk, l);
+            }
             fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
         }
+        // dA = dO Vᵀ
+        mma::<F, F>(
+            &sdo,
+            0,
+            &sv,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, vp, vh, vh, cf)),
+            l.tile,
+        );
         if comptime!(l.vector_gate) {
             // dO Sᵀ, gated per key below (`Λ` was staged with the chunk's tiles).
             let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
             mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
             sync_cube();
-            key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, true, false, l);
+            key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, true, true, l);
+            key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, l);
             sync_cube();
+            let slot = dk_slot as usize;
+            store_tile::<f32>(&sdk, dk_part, slot, bos, len, p0, cl, h, k0, l.k, bk, l);
         } else {
-            // dA = dO Vᵀ
-            mma::<F, F>(
-                &sdo,
-                0,
-                &sv,
-                0,
-                &mut sa,
-                0,
-                comptime!(nt(c, c, vp, vh, vh, cf)),
-                l.tile,
-            );
             cumulate_gates(&gl, &mut lam, l);
             sync_cube();
             masked_decay::<F>(&sa, &mut sah, &lam, scale, l);

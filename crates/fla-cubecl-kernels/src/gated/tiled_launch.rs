@@ -642,12 +642,12 @@ pub(crate) fn tiled_backward<R: Runtime>(
         .is_none()
         .then(|| gla_dq_registers(client, p, &l))
         .flatten();
-    let dq_walks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv));
-    // One partial `dk` per value block (`dq` per block of its register walk, one otherwise), and
-    // under vector gates one more of each for the in-chunk terms (`vector_grads_kernel`'s),
-    // indexed in 32 bits: the inputs' own check does not cover them.
+    // One partial `dk` per value block and, under vector gates, one more for the in-chunk term
+    // (the tiled `dq` walk's, or `vector_grads_kernel`'s beside the `dq` register walk, which
+    // writes one partial of `dq` per value block of its own and leaves `dq`'s in-chunk term to
+    // one more), indexed in 32 bits: the inputs' own check does not cover them.
     let dk_blocks = nv + usize::from(l.vector_gate);
-    let dq_blocks = dq_walks + usize::from(l.vector_gate);
+    let dq_blocks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv) + 1);
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
@@ -675,6 +675,9 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(cu, cu_len),
             array(b.d_o, vo),
             array(&dq_part, dq_blocks * qk),
+            array(b.q, qk),
+            array(&dk_part, dk_blocks * qk),
+            (nv * qk) as u32,
             p.seq_len as u32,
             spans as u32,
             p.scale,
@@ -713,10 +716,6 @@ pub(crate) fn tiled_backward<R: Runtime>(
             p.dtype.storage(),
         )
     };
-    let grads = |dq_slot: usize| {
-        let parts = (&dq_part, dq_blocks, dq_slot);
-        vector_grads(client, p, &l, b, &cum, parts, (&dk_part, nv), (cu, cu_len));
-    };
     match split {
         Some(Split {
             walk,
@@ -754,7 +753,6 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 (cu, cu_len),
             );
             dq(out, nk * spans, (&hs, hs_len), spans);
-            grads(1);
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
             dkv(walk, nv, (d_ht, b.d_ht.is_some()), (&hs, hs_len), spans);
@@ -778,10 +776,11 @@ pub(crate) fn tiled_backward<R: Runtime>(
                         (&dq_part, dq_blocks),
                         (cu, cu_len),
                     );
+                    let parts = (&dq_part, dq_blocks, dq_blocks - 1);
+                    vector_grads(client, p, &l, b, &cum, parts, (&dk_part, nv), (cu, cu_len));
                 }
                 None => dq(l, nk, (h0, p.state_len()), 1),
             }
-            grads(dq_walks);
             match gla_dkv_registers(client, p, &l) {
                 Some(fl) => {
                     let (a, cum) = (&a, &cum);
