@@ -342,6 +342,30 @@ fn rows_times_state<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     }
 }
 
+/// One 16 × 16 piece of `X Sᵀ` (`V Gᵀ` for `dk`, `dO Sᵀ` for `dq`): rows `16 prow ..` of the
+/// staged `C × bv` tile `x` times keys `16 pcol ..` of the rounded state (or gradient) `sh`, read
+/// with rows and columns exchanged (`B = Sᵀ`), over the block's `bv` columns.
+#[cube]
+fn piece_times_state_t<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    x: &SharedMemory<Vector<F, N>>,
+    sh: &SharedMemory<Vector<F, NA>>,
+    prow: usize,
+    pcol: usize,
+    #[comptime] l: GlaFragLayout,
+) -> Array<Vector<f32, NC>> {
+    let st = l.staging;
+    let ldv = comptime!(l.bv + st.ph);
+    let mut acc = zeros::<NC>(2usize);
+    #[unroll]
+    for s in 0..comptime!(l.bv / FRAG_K) {
+        let fa = ldm4::<F, N, NA>(x, prow * FRAG_M, s * FRAG_K, ldv, st.vector, false, false);
+        let r = ldm4::<F, NA, NB>(sh, pcol * FRAG_K, s * FRAG_K, ldv, 2usize, true, false);
+        mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut acc, 0usize);
+        mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut acc, 1usize);
+    }
+    acc
+}
+
 /// Writes this plane's piece (rows `16 orow ..` below `valid` of the chunk starting at token
 /// `tok0`, block columns `col0 ..`, `l.ow` of them, those below `V`) of `o` or `dv`.
 #[cube]
@@ -706,30 +730,7 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
             if piece < comptime!(rgs * kgroups) {
                 let prow = piece % rgs;
                 let pcol = piece / rgs;
-                let mut kacc = zeros::<NC>(2usize);
-                #[unroll]
-                for s in 0..comptime!(bv / FRAG_K) {
-                    let fa = ldm4::<F, N, NA>(
-                        &sv,
-                        prow * FRAG_M,
-                        s * FRAG_K,
-                        ldv,
-                        st.vector,
-                        false,
-                        false,
-                    );
-                    let r = ldm4::<F, NA, NB>(
-                        &sgh,
-                        pcol * FRAG_K,
-                        s * FRAG_K,
-                        ldv,
-                        2usize,
-                        true,
-                        false,
-                    );
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut kacc, 0usize);
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut kacc, 1usize);
-                }
+                let kacc = piece_times_state_t::<F, N, NA, NB, NC>(&sv, &sgh, prow, pcol, l);
                 #[unroll]
                 for half in 0..2usize {
                     let row = prow * FRAG_M + g + half * 8;
@@ -872,30 +873,7 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
             if piece < comptime!(rgs * kgroups) {
                 let prow = piece % rgs;
                 let pcol = piece / rgs;
-                let mut qacc = zeros::<NC>(2usize);
-                #[unroll]
-                for s in 0..comptime!(bv / FRAG_K) {
-                    let fa = ldm4::<F, N, NA>(
-                        &sdo,
-                        prow * FRAG_M,
-                        s * FRAG_K,
-                        ldv,
-                        st.vector,
-                        false,
-                        false,
-                    );
-                    let r = ldm4::<F, NA, NB>(
-                        &ssh,
-                        pcol * FRAG_K,
-                        s * FRAG_K,
-                        ldv,
-                        2usize,
-                        true,
-                        false,
-                    );
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), &mut qacc, 0usize);
-                    mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), &mut qacc, 1usize);
-                }
+                let qacc = piece_times_state_t::<F, N, NA, NB, NC>(&sdo, &ssh, prow, pcol, l);
                 #[unroll]
                 for half in 0..2usize {
                     let row = prow * FRAG_M + g + half * 8;
