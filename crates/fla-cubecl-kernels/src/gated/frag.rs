@@ -1,5 +1,6 @@
-//! GLA's chunk walk (vector gates) with the state in tensor-core registers, on CUDA's `mma.sync`
-//! ([`crate::frag`]): the forward.
+//! GLA's chunk walks (vector gates) with the state in tensor-core registers, on CUDA's `mma.sync`
+//! ([`crate::frag`]): the forward, and the backward's `dk`/`dv` and `dq` walks. What follows
+//! describes the forward; the backward walks are built the same way.
 //!
 //! The walk of [`super::tiled`] keeps the state `S[K, BV]` in shared memory and runs every
 //! product through `cmma` fragments that go back to shared memory after each product, with 32

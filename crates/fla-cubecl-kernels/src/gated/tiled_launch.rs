@@ -513,9 +513,11 @@ pub fn gla_dkv_registers<R: Runtime>(
 
 /// A register walk's layout, the first of the value blocks `widths` that tiles and fits: vector
 /// gates walked forwards (no split, no delta rule, no reversed sequences), CUDA with `mma.sync`
-/// and `ldmatrix` for the dtype. Not yet run on a GPU, so only `FLA_GLA_FRAG` turns them on, a
-/// bit per walk (`which`: 1 the forward, 2 `dk`/`dv`, 4 `dq`; 7 all); `FLA_GLA_FRAG_PLANES` overrides
-/// their planes (4, 8 past K = 128), for measuring.
+/// and `ldmatrix` for the dtype. Off until their whole CUDA test set has run (on an H100 the
+/// forward and `dk`/`dv` walks passed the 12 cases reached, 1.14x / 1.05x faster on `chunk_gla`;
+/// the `dq` walk has not run): `FLA_GLA_FRAG` turns them on, a bit per walk (`which`: 1 the
+/// forward, 2 `dk`/`dv`, 4 `dq`; 7 all); `FLA_GLA_FRAG_PLANES` overrides their planes (4, 8 past
+/// K = 128), for measuring.
 fn gla_frag_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
