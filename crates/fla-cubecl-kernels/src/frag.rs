@@ -227,6 +227,56 @@ pub fn mma_acc<F: Float, NA: Size, NB: Size, NC: Size>(
     acc[j * 2 + 1] = d[1];
 }
 
+/// Writes accumulator tiles (16 rows from `row0` of the `valid` in the block, `width / 8` tiles
+/// from column `col0`) times `1 / z` per row half (`z0` for rows `g`, `z1` for `g + 8`; 0 where
+/// `z` is 0 when `normalise`) to head `h` of a `[tokens, heads, cols]` tensor, columns below
+/// `cols`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn store_acc<F: Float, NC: Size>(
+    acc: &Array<Vector<f32, NC>>,
+    dst: &mut Array<F>,
+    tok0: usize,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    col0: usize,
+    z0: f32,
+    z1: f32,
+    #[comptime] normalise: bool,
+    #[comptime] heads: usize,
+    #[comptime] cols: usize,
+    #[comptime] width: usize,
+) {
+    let (g, q) = lane_gt();
+    #[unroll]
+    for half in 0..2usize {
+        let row = row0 + g + half * 8;
+        let mut z = z0;
+        if half == 1 {
+            z = z1;
+        }
+        if row < valid {
+            let at = ((tok0 + row) * heads + h) * cols;
+            #[unroll]
+            for j in 0..comptime!(width / FRAG_N) {
+                let x = acc[j * 2 + half];
+                #[unroll]
+                for e in 0..2usize {
+                    let col = col0 + j * FRAG_N + 2 * q + e;
+                    if col < cols {
+                        let mut y = x[e];
+                        if comptime!(normalise) {
+                            y = select(z > 0.0f32, y / z, 0.0f32);
+                        }
+                        dst[at + col] = F::cast_from(y);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `tiles` zeroed accumulator tiles.
 #[cube]
 pub fn zeros<NC: Size>(#[comptime] tiles: usize) -> Array<Vector<f32, NC>> {

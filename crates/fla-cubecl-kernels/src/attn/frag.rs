@@ -23,7 +23,7 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use crate::frag::{a_from_acc, half_of, lane_gt, mma_acc, zeros, Staging};
+use crate::frag::{a_from_acc, half_of, lane_gt, mma_acc, store_acc, zeros, Staging};
 pub use crate::frag::{FRAG_K, FRAG_M, FRAG_N};
 
 use super::kernels::{
@@ -308,54 +308,6 @@ fn acc_times_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     }
 }
 
-/// Writes accumulator tiles (16 rows from `row0` of the `valid` in the block, `width / 8` tiles)
-/// times `1 / z` per row half (`z0` for rows `g`, `z1` for `g + 8`; 0 where `z` is 0 when
-/// `normalise`) to head `h` of a `[tokens, heads, cols]` tensor, columns below `cols`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_acc<F: Float, NC: Size>(
-    acc: &Array<Vector<f32, NC>>,
-    dst: &mut Array<F>,
-    tok0: usize,
-    row0: usize,
-    valid: usize,
-    h: usize,
-    z0: f32,
-    z1: f32,
-    #[comptime] normalise: bool,
-    #[comptime] heads: usize,
-    #[comptime] cols: usize,
-    #[comptime] width: usize,
-) {
-    let (g, q) = lane_gt();
-    #[unroll]
-    for half in 0..2usize {
-        let row = row0 + g + half * 8;
-        let mut z = z0;
-        if half == 1 {
-            z = z1;
-        }
-        if row < valid {
-            let at = ((tok0 + row) * heads + h) * cols;
-            #[unroll]
-            for j in 0..comptime!(width / FRAG_N) {
-                let x = acc[j * 2 + half];
-                #[unroll]
-                for e in 0..2usize {
-                    let col = j * FRAG_N + 2 * q + e;
-                    if col < cols {
-                        let mut y = x[e];
-                        if comptime!(normalise) {
-                            y = select(z > 0.0f32, y / z, 0.0f32);
-                        }
-                        dst[at + col] = F::cast_from(y);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// The forward's scores of one key block in place: scaled and capped, and with `masked`, -1e30
 /// where a row does not see a key (or lies past the block's `rows`, or the key past `kr`).
 /// Returns this lane's maxima of rows `g` and `g + 8`.
@@ -583,6 +535,7 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
             pr,
             rows,
             h,
+            0usize,
             z0,
             z1,
             true,
@@ -806,6 +759,7 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
             pr,
             rows,
             h,
+            0usize,
             1.0f32,
             1.0f32,
             false,
@@ -1037,6 +991,7 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
             pk,
             kr,
             hk,
+            0usize,
             1.0f32,
             1.0f32,
             false,
@@ -1051,6 +1006,7 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
             pk,
             kr,
             hk,
+            0usize,
             1.0f32,
             1.0f32,
             false,

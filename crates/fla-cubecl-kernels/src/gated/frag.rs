@@ -27,8 +27,8 @@ use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start};
 use super::tiled::{tile_bytes, PAD_F};
 use crate::frag::{
-    fetch_slots, half_of, lane_gt, ldm4, mma_acc, put_slots, slots_per_unit, tile_slots, zeros,
-    Staging, FRAG_K, FRAG_M, FRAG_N,
+    fetch_slots, half_of, lane_gt, ldm4, mma_acc, put_slots, slots_per_unit, store_acc, tile_slots,
+    zeros, Staging, FRAG_K, FRAG_M, FRAG_N,
 };
 use crate::tile::{exp_le0, fast_exp};
 
@@ -162,6 +162,27 @@ fn scale_by_gates<F: Float, N: Size>(
             t[at] = x;
         }
     }
+}
+
+/// Where a walk's cube `(value block, head, sequence)` walks: its value block, head, its
+/// sequence's first token and length, and the offset of its state `[K, V]` in `[N, H, K, V]`.
+#[cube]
+fn walk_place(
+    cu_seqlens: &Array<u32>,
+    seq_len: u32,
+    #[comptime] l: GlaFragLayout,
+) -> (usize, usize, usize, usize, usize) {
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    (
+        CUBE_POS_X as usize,
+        h,
+        bos,
+        len,
+        (n * l.heads + h) * l.k * l.v,
+    )
 }
 
 /// Reads (`load`, zeros outside `K × V` and without `h0`) or writes this plane's rows of the
@@ -367,41 +388,6 @@ fn piece_times_state_t<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     acc
 }
 
-/// Writes this plane's piece (rows `16 orow ..` below `valid` of the chunk starting at token
-/// `tok0`, block columns `col0 ..`, `l.ow` of them, those below `V`) of `o` or `dv`.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn store_piece<F: Float, NC: Size>(
-    acc: &Array<Vector<f32, NC>>,
-    dst: &mut Array<F>,
-    tok0: usize,
-    valid: usize,
-    h: usize,
-    orow: usize,
-    col0: usize,
-    #[comptime] l: GlaFragLayout,
-) {
-    let (g, t) = lane_gt();
-    #[unroll]
-    for half in 0..2usize {
-        let row = orow * FRAG_M + g + half * 8;
-        if row < valid {
-            let at = ((tok0 + row) * l.heads + h) * l.v;
-            #[unroll]
-            for j in 0..comptime!(l.ow / FRAG_N) {
-                let x = acc[j * 2 + half];
-                #[unroll]
-                for e in 0..2usize {
-                    let col = col0 + j * FRAG_N + 2 * t + e;
-                    if col < l.v {
-                        dst[at + col] = F::cast_from(x[e]);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Fetches a chunk's `q`, `k`, `v` (columns `v0 ..`), scores and `Λ` (rows `p0 ..` of the
 /// sequence at `bos`, `cl` of them) into this unit's registers, for [`put_chunk`].
 #[cube]
@@ -483,12 +469,8 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
     let (ldv, ldc) = comptime!((bv + st.ph, c + st.ph));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
-    let v0 = CUBE_POS_X as usize * bv;
-    let h = CUBE_POS_Y as usize;
-    let n = CUBE_POS_Z as usize;
-    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let base = (n * l.heads + h) * l.k * l.v;
+    let (vb, h, bos, len, base) = walk_place(cu_seqlens, seq_len, l);
+    let v0 = vb * bv;
     let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
     let size!(NA) = def.vector_size(MatrixIdent::A);
     let size!(NB) = def.vector_size(MatrixIdent::B);
@@ -569,7 +551,23 @@ pub fn gla_fwd_frag_kernel<F: Float, N: Size>(
                 );
             }
         }
-        store_piece::<F, NC>(&oacc, o, bos + p0, cl, h, orow, v0 + ocol, l);
+        // This plane's piece: rows `16 orow ..`, block columns `ocol ..`, `ow` of them.
+        let (r0, c0) = (orow * FRAG_M, v0 + ocol);
+        store_acc::<F, NC>(
+            &oacc,
+            o,
+            bos + p0,
+            r0,
+            cl,
+            h,
+            c0,
+            1.0f32,
+            1.0f32,
+            false,
+            l.heads,
+            l.v,
+            l.ow,
+        );
 
         // S ← diag(exp(Λ_C)) S + k̃ᵀ V, each plane its rows (needed after the last chunk only
         // as `ht`; uniform over the cube).
@@ -627,13 +625,8 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
     let (ldv, ldc, ldl) = comptime!((bv + st.ph, c + st.ph, kp + PAD_F));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
-    let vb = CUBE_POS_X as usize;
+    let (vb, h, bos, len, base) = walk_place(cu_seqlens, seq_len, l);
     let v0 = vb * bv;
-    let h = CUBE_POS_Y as usize;
-    let n = CUBE_POS_Z as usize;
-    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let base = (n * l.heads + h) * l.k * l.v;
     let part = vb * dk_len as usize;
     let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
     let size!(NA) = def.vector_size(MatrixIdent::A);
@@ -719,7 +712,22 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
             }
         }
         rows_times_state::<F, N, NA, NB, NC>(&sk, &sgh, orow, ocol, &mut vacc, l);
-        store_piece::<F, NC>(&vacc, dv, bos + p0, cl, h, orow, v0 + ocol, l);
+        let (r0, c0) = (orow * FRAG_M, v0 + ocol);
+        store_acc::<F, NC>(
+            &vacc,
+            dv,
+            bos + p0,
+            r0,
+            cl,
+            h,
+            c0,
+            1.0f32,
+            1.0f32,
+            false,
+            l.heads,
+            l.v,
+            l.ow,
+        );
 
         // dK's state term, exp(Λ_C − Λ_s) ∘ (V Gᵀ), in 16 × 16 pieces (`B = Gᵀ`: the rounded
         // gradient read with rows and columns exchanged).
@@ -806,13 +814,8 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
     let (ldv, ldl) = comptime!((bv + st.ph, kp + PAD_F));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
-    let vb = CUBE_POS_X as usize;
+    let (vb, h, bos, len, base) = walk_place(cu_seqlens, seq_len, l);
     let v0 = vb * bv;
-    let h = CUBE_POS_Y as usize;
-    let n = CUBE_POS_Z as usize;
-    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
-    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let base = (n * l.heads + h) * l.k * l.v;
     let part = vb * dq_len as usize;
     let def = MmaDefinition::<F, F, f32>::new(FRAG_M, FRAG_N, FRAG_K);
     let size!(NA) = def.vector_size(MatrixIdent::A);

@@ -227,20 +227,6 @@ fn dk_intra_bytes(l: &TiledLayout, e: usize) -> usize {
     }
 }
 
-/// Shared-memory bytes of [`vector_grads_kernel`]: key and query tiles (`C × bk`), value and
-/// output-gradient tiles (`C × vp`), `dA` (`C × C`, `f32`), the gates and the two in-chunk
-/// terms (`C × bk`, `f32`); 0 without vector gates (it is not launched).
-pub fn grads_smem(l: &TiledLayout, e: usize) -> usize {
-    let (c, vp, bk) = (l.chunk, l.vp, l.bk);
-    if !l.vector_gate {
-        return 0;
-    }
-    2 * tile_bytes(c, bk, e)
-        + 2 * tile_bytes(c, vp, e)
-        + tile_bytes(c, c, 4)
-        + 3 * tile_bytes(c, bk, 4)
-}
-
 /// Shared-memory bytes of the `dk`/`dv` kernel.
 pub fn dkv_smem(l: &TiledLayout, e: usize) -> usize {
     let (c, kp, bv) = (l.chunk, l.kp, l.bv);
@@ -1063,6 +1049,20 @@ pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -
     (first, end)
 }
 
+/// How many of the chunks `x, x + stride, …` below `chunks` a cube of the all-chunks kernels
+/// ([`vector_scores_kernel`], [`vector_grads_kernel`]) takes.
+#[cube]
+// `manual_div_ceil`: the count divides by a runtime stride, spelled out as the kernel tested on
+// CUDA has it.
+#[allow(clippy::manual_div_ceil)]
+fn chunk_rounds(chunks: usize, x: usize, stride: usize) -> usize {
+    let mut rounds = 0;
+    if x < chunks {
+        rounds = (chunks - x + stride - 1) / stride;
+    }
+    rounds
+}
+
 /// The in-chunk scores under vector gates, for every chunk of every sequence:
 /// `a[tok, h, s] = scale · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)` for `s ≤ r` and 0 above the diagonal
 /// (input dtype, `[B·T, H, C]`), where `tok` is the token at position `r` of its chunk (processing
@@ -1072,9 +1072,7 @@ pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -
 /// intra-chunk kernel does before its output kernel. Cubes `(x, head, sequence)`: cube `x` takes
 /// chunks `x, x + X, …` (`X` cubes along x).
 #[cube(launch_unchecked)]
-// `manual_div_ceil`: the rounds' count divides by a runtime stride, spelled out as the kernel
-// tested on CUDA has it.
-#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+#[allow(clippy::too_many_arguments)]
 pub fn vector_scores_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
@@ -1105,13 +1103,9 @@ pub fn vector_scores_kernel<F: Float>(
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
 
-    let chunks = len.div_ceil(c);
     let x = CUBE_POS_X as usize;
     let stride = CUBE_COUNT_X as usize;
-    let mut rounds = 0;
-    if x < chunks {
-        rounds = (chunks - x + stride - 1) / stride;
-    }
+    let rounds = chunk_rounds(len.div_ceil(c), x, stride);
     // Uniform over the cube: its barriers are reached by every unit.
     for round in 0..rounds {
         let p0 = (x + round * stride) * c;
@@ -1155,12 +1149,13 @@ pub fn vector_scores_kernel<F: Float>(
 /// leaves them to this kernel, every chunk in parallel. The tiled `dq` walk sums them itself:
 /// taking them out of it measured slower on an H100 (2026-12-07, `chunk_gla` at T = 4096,
 /// forward+backward 12.87 ms against 11.74 in an earlier call, the forward 3.46 against 3.61),
-/// as its chain of chunks is bound by latency, where the extra arithmetic costs little. Cubes
+/// as its chain of chunks is bound by latency, where the extra arithmetic costs little. Its tiles
+/// are a subset of the tiled `dq` walk's at the same layout (`dq_smem`), so they fit where the
+/// layout does. Cubes
 /// `(x · key blocks, head, sequence)`: key block `CUBE_POS_X % blocks` of the chunks
 /// `x, x + X, …` (`X = CUBE_COUNT_X / blocks`).
 #[cube(launch_unchecked)]
-// `manual_div_ceil`: as in `vector_scores_kernel`.
-#[allow(clippy::too_many_arguments, clippy::manual_div_ceil)]
+#[allow(clippy::too_many_arguments)]
 pub fn vector_grads_kernel<F: Float>(
     q: &Array<F>,
     k: &Array<F>,
@@ -1200,13 +1195,9 @@ pub fn vector_grads_kernel<F: Float>(
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, bk)));
 
-    let chunks = len.div_ceil(c);
     let x = CUBE_POS_X as usize / blocks;
     let stride = CUBE_COUNT_X as usize / blocks;
-    let mut rounds = 0;
-    if x < chunks {
-        rounds = (chunks - x + stride - 1) / stride;
-    }
+    let rounds = chunk_rounds(len.div_ceil(c), x, stride);
     // Uniform over the cube: its barriers are reached by every unit.
     for round in 0..rounds {
         let p0 = (x + round * stride) * c;

@@ -13,8 +13,8 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, fwd_smem, grads_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel,
-    tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
+    dkv_smem, dq_smem, fwd_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel,
+    vector_grads_kernel, vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -139,10 +139,8 @@ pub fn tiled_layout<R: Runtime>(
             fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
         });
         let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
-        let bk = widths(kp.min(bk_max)).find(|&bk| {
-            let l = TiledLayout { bk, ..base };
-            dq_smem(&l, elem) <= max_smem && grads_smem(&l, elem) <= max_smem
-        });
+        let bk = widths(kp.min(bk_max))
+            .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
         let scores_fit = !base.vector_gate || scores_smem(&base, elem) <= max_smem;
         if let (Some(bv), Some(bk), true) = (bv, bk, scores_fit) {
             // Widest dK column block that still fits beside the rest.
@@ -357,10 +355,7 @@ fn vector_scores<R: Runtime>(
         ..*l
     };
     let (qk, _) = p.lens();
-    // One cube per chunk of the longest sequence, as far as the grid goes; past that, each cube
-    // takes every X-th chunk.
-    let x = p.longest().div_ceil(l.chunk).max(1);
-    let x = x.min(device_size(client).max_x as usize) as u32;
+    let x = chunk_cubes(client, p, &l, 1) as u32;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
     unsafe {
         vector_scores_kernel::launch_unchecked::<R>(
@@ -382,9 +377,23 @@ fn vector_scores<R: Runtime>(
     Ok((a, cum))
 }
 
+/// Cubes along x per block of an all-chunks kernel (`blocks` of them along x too): one per chunk
+/// of the longest sequence, as far as the grid goes; past that, each cube takes every X-th chunk
+/// of its block.
+fn chunk_cubes<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+    blocks: usize,
+) -> usize {
+    let x = p.longest().div_ceil(l.chunk).max(1);
+    x.min(device_size(client).max_x as usize / blocks).max(1)
+}
+
 /// The in-chunk terms of `dq` and `dk` under vector gates ([`vector_grads_kernel`]), every chunk
 /// in parallel, into partial `dq_slot` of `dq_part` (`dq_blocks` partials) and the partial of
-/// `dk_part` after the `dk`/`dv` walk's `nv` value blocks; nothing without vector gates.
+/// `dk_part` after the `dk`/`dv` walk's `nv` value blocks (beside the `dq` register walk, which
+/// takes vector gates only).
 #[allow(clippy::too_many_arguments)]
 fn vector_grads<R: Runtime>(
     client: &ComputeClient<R>,
@@ -396,9 +405,6 @@ fn vector_grads<R: Runtime>(
     (dk_part, nv): (&Handle, usize),
     (cu, cu_len): (&Handle, usize),
 ) {
-    if !l.vector_gate {
-        return;
-    }
     let l = TiledLayout {
         span: 0,
         states: false,
@@ -406,10 +412,7 @@ fn vector_grads<R: Runtime>(
     };
     let (qk, vo) = p.lens();
     let nk = p.k_dim.div_ceil(l.bk);
-    // One cube per chunk of the longest sequence and key block, as far as the grid goes; past
-    // that, each cube takes every X-th chunk of its block.
-    let x = p.longest().div_ceil(l.chunk).max(1);
-    let x = x.min(device_size(client).max_x as usize / nk).max(1);
+    let x = chunk_cubes(client, p, &l, nk);
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
     // or V).
     unsafe {
