@@ -364,6 +364,64 @@ fn rows_times_state<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
     }
 }
 
+/// `X Sᵀ` over the chunk (`C × kp`, `X` the staged `C × bv` tile, `S` the rounded state or
+/// gradient) in 16 × 16 pieces shared round-robin by the planes, stored in `f32` (rows below
+/// `cl`, keys below `K`, token `tok0 + r`, from `offset` on), entry `(r, j)` times
+/// `factor · exp(Λ_rj)` (`dq`'s state term from `dO Sᵀ`) or, `from_end`, times
+/// `factor · exp(Λ_{C−1,j} − Λ_rj)` (`dk`'s from `V Gᵀ`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn state_t_pieces<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    x: &SharedMemory<Vector<F, N>>,
+    sh: &SharedMemory<Vector<F, NA>>,
+    lam: &SharedMemory<f32>,
+    dst: &mut Array<f32>,
+    offset: usize,
+    tok0: usize,
+    cl: usize,
+    h: usize,
+    factor: f32,
+    #[comptime] from_end: bool,
+    #[comptime] l: GlaFragLayout,
+) {
+    let (g, t) = lane_gt();
+    let plane = UNIT_POS_Y as usize;
+    let (rgs, kgroups) = comptime!((l.chunk / FRAG_M, l.kp / FRAG_K));
+    let ldl = comptime!(l.kp + PAD_F);
+    let last = comptime!((l.chunk - 1) * (l.kp + PAD_F));
+    #[unroll]
+    for pi in 0..comptime!((rgs * kgroups).div_ceil(l.planes)) {
+        let piece = plane + pi * comptime!(l.planes);
+        if piece < comptime!(rgs * kgroups) {
+            let prow = piece % rgs;
+            let pcol = piece / rgs;
+            let acc = piece_times_state_t::<F, N, NA, NB, NC>(x, sh, prow, pcol, l);
+            #[unroll]
+            for half in 0..2usize {
+                let row = prow * FRAG_M + g + half * 8;
+                if row < cl {
+                    let at = offset + ((tok0 + row) * l.heads + h) * l.k;
+                    #[unroll]
+                    for j in 0..2usize {
+                        let y = acc[j * 2 + half];
+                        #[unroll]
+                        for e in 0..2usize {
+                            let key = pcol * FRAG_K + j * FRAG_N + 2 * t + e;
+                            if key < l.k {
+                                let mut ex = lam[row * ldl + key];
+                                if comptime!(from_end) {
+                                    ex = lam[last + key] - ex;
+                                }
+                                dst[at + key] = y[e] * factor * exp_le0(ex);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One 16 × 16 piece of `X Sᵀ` (`V Gᵀ` for `dk`, `dO Sᵀ` for `dq`): rows `16 prow ..` of the
 /// staged `C × bv` tile `x` times keys `16 pcol ..` of the rounded state (or gradient) `sh`, read
 /// with rows and columns exchanged (`B = Sᵀ`), over the block's `bv` columns.
@@ -623,7 +681,7 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
 ) {
     let st = l.staging;
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
-    let (ldv, ldc, ldl) = comptime!((bv + st.ph, c + st.ph, kp + PAD_F));
+    let (ldv, ldc) = comptime!((bv + st.ph, c + st.ph));
     let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
     let (vb, h, bos, len, base) = walk_place(cu_seqlens, seq_len, l);
     let v0 = vb * bv;
@@ -632,7 +690,6 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
     let size!(NA) = def.vector_size(MatrixIdent::A);
     let size!(NB) = def.vector_size(MatrixIdent::B);
     let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-    let (g, t) = lane_gt();
     let plane = UNIT_POS_Y as usize;
 
     let mut sq = tile_slots::<F, N>(c, kp, st);
@@ -729,38 +786,11 @@ pub fn gla_dkv_frag_kernel<F: Float, N: Size>(
             l.ow,
         );
 
-        // dK's state term, exp(Λ_C − Λ_s) ∘ (V Gᵀ), in 16 × 16 pieces (`B = Gᵀ`: the rounded
-        // gradient read with rows and columns exchanged).
-        let kgroups = comptime!(kp / FRAG_K);
-        let last = comptime!((c - 1) * ldl);
-        #[unroll]
-        for pi in 0..comptime!((rgs * kgroups).div_ceil(l.planes)) {
-            let piece = plane + pi * comptime!(l.planes);
-            if piece < comptime!(rgs * kgroups) {
-                let prow = piece % rgs;
-                let pcol = piece / rgs;
-                let kacc = piece_times_state_t::<F, N, NA, NB, NC>(&sv, &sgh, prow, pcol, l);
-                #[unroll]
-                for half in 0..2usize {
-                    let row = prow * FRAG_M + g + half * 8;
-                    if row < cl {
-                        let at = part + ((bos + p0 + row) * l.heads + h) * l.k;
-                        #[unroll]
-                        for j in 0..2usize {
-                            let x = kacc[j * 2 + half];
-                            #[unroll]
-                            for e in 0..2usize {
-                                let key = pcol * FRAG_K + j * FRAG_N + 2 * t + e;
-                                if key < l.k {
-                                    let d = exp_le0(slam[last + key] - slam[row * ldl + key]);
-                                    dk_part[at + key] = x[e] * d;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // dK's state term, exp(Λ_C − Λ_s) ∘ (V Gᵀ).
+        let tok0 = bos + p0;
+        state_t_pieces::<F, N, NA, NB, NC>(
+            &sv, &sgh, &slam, dk_part, part, tok0, cl, h, 1.0f32, true, l,
+        );
 
         // G ← diag(exp(Λ_C)) G + q̃ᵀ dO (needed before the first chunk only as `dh0`; uniform
         // over the cube).
@@ -812,8 +842,8 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
 ) {
     let st = l.staging;
     let (c, kp, bv) = comptime!((l.chunk, l.kp, l.bv));
-    let (ldv, ldl) = comptime!((bv + st.ph, kp + PAD_F));
-    let (rgs, nt) = comptime!((c / FRAG_M, bv / FRAG_N));
+    let ldv = comptime!(bv + st.ph);
+    let nt = comptime!(bv / FRAG_N);
     let (vb, h, bos, len, base) = walk_place(cu_seqlens, seq_len, l);
     let v0 = vb * bv;
     let part = vb * dq_len as usize;
@@ -821,8 +851,6 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
     let size!(NA) = def.vector_size(MatrixIdent::A);
     let size!(NB) = def.vector_size(MatrixIdent::B);
     let size!(NC) = def.vector_size(MatrixIdent::Accumulator);
-    let (g, t) = lane_gt();
-    let plane = UNIT_POS_Y as usize;
 
     let mut sk = tile_slots::<F, N>(c, kp, st);
     let mut sv = tile_slots::<F, N>(c, bv, st);
@@ -847,7 +875,6 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
         fetch_slots::<F, N>(d_o, &mut rdo, bos, cl, h, v0, l.heads, l.v, c, bv, st);
         fetch_gates(gates_cum, &mut rl, bos, 0, cl, h, l);
     }
-    let kgroups = comptime!(kp / FRAG_K);
     for ci in 0..chunks {
         let p0 = ci * c;
         let cl = chunk_len(len, p0, c);
@@ -869,36 +896,11 @@ pub fn gla_dq_frag_kernel<F: Float, N: Size>(
         round_rows::<F, NA, NC>(&sacc, &mut ssh, ldv, l);
         sync_cube();
 
-        // dQ's state term in 16 × 16 pieces: rows `16 prow ..` of dO times keys `16 pcol ..` of
-        // Sᵀ, gated by `scale · exp(Λ_r)` per key as it is stored.
-        #[unroll]
-        for pi in 0..comptime!((rgs * kgroups).div_ceil(l.planes)) {
-            let piece = plane + pi * comptime!(l.planes);
-            if piece < comptime!(rgs * kgroups) {
-                let prow = piece % rgs;
-                let pcol = piece / rgs;
-                let qacc = piece_times_state_t::<F, N, NA, NB, NC>(&sdo, &ssh, prow, pcol, l);
-                #[unroll]
-                for half in 0..2usize {
-                    let row = prow * FRAG_M + g + half * 8;
-                    if row < cl {
-                        let at = part + ((bos + p0 + row) * l.heads + h) * l.k;
-                        #[unroll]
-                        for j in 0..2usize {
-                            let x = qacc[j * 2 + half];
-                            #[unroll]
-                            for e in 0..2usize {
-                                let key = pcol * FRAG_K + j * FRAG_N + 2 * t + e;
-                                if key < l.k {
-                                    let d = exp_le0(slam[row * ldl + key]);
-                                    dq_part[at + key] = x[e] * scale * d;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        // dQ's state term, scale · exp(Λ_r) ∘ (dO Sᵀ).
+        let tok0 = bos + p0;
+        state_t_pieces::<F, N, NA, NB, NC>(
+            &sdo, &ssh, &slam, dq_part, part, tok0, cl, h, scale, false, l,
+        );
 
         // S ← diag(exp(Λ_C)) S + k̃ᵀ V, each plane its rows (no chunk after the last needs it;
         // uniform over the cube).
