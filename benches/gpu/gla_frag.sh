@@ -2,7 +2,8 @@
 # GLA's chunk walks with the state in tensor-core registers (crates/fla-cubecl-kernels/src/gated/
 # frag.rs, opt-in FLA_GLA_FRAG: 1 the forward, 2 dk/dv, 4 dq, 7 all) and the attention register
 # kernels' second round (FLA_ATTN_FRAG_FAST=1: fetching ahead, mask-free whole blocks, fast
-# exponentials): their CUDA tests, then timings beside the defaults, FLA and SDPA, then ncu.
+# exponentials): their CUDA tests (PART=tests), then timings beside the defaults, FLA and SDPA,
+# per-kernel profiles and memory (PART=times).
 # After `bash ../shared/gpu/pack.sh -p fla -p fla-cubecl-kernels --features cuda` here (.gpu
 # trimmed to test-kernels, test-ops, test-table); carry [".gpu", ".whl"]. Steps that would start
 # after DEADLINE seconds (default 330) are skipped, so a call with little device time left still
@@ -15,7 +16,7 @@ R=/tmp/gpu-run
 nvidia-smi --query-gpu=name --format=csv,noheader
 t() { # name, test filter, env...
   local name=$1 filter=$2; shift 2
-  env FLA_TEST_RUNTIME=cuda "$@" timeout ${TS:-90} $R/test-kernels $filter --test-threads 16 > $OUT/t-$name.log 2>&1
+  env FLA_TEST_RUNTIME=cuda "$@" timeout ${TS:-90} $R/${BIN:-test-kernels} $filter --test-threads 16 > $OUT/t-$name.log 2>&1
   echo "$name (t=$SECONDS): $(grep -c '\.\.\. ok' $OUT/t-$name.log) ok, $(grep -c 'FAILED\|panicked' $OUT/t-$name.log) failed/panicked"
   grep -E 'test result|panicked|FAILED' $OUT/t-$name.log | head -8
 }
@@ -27,25 +28,55 @@ tab() { # label, ops, env...
 }
 # Measured 2026-12-07 on an H100 (benches/results/h100-bf16-frag-20261207.md): each test step
 # stopped at its limit before its set was done (12, 46, 40 and 46 cases, none failed), so the
-# limits below are longer and the steps the next call owes come first: the register walks' whole
-# set (now with the dq walk, bit 4), the default attention kernels' set, then the timings.
-# The split (small grids) would bypass the register walks: force the fused walk.
-TS=${TS_FRAG:-240} t gla-frag "chunk_gla_half_sizes chunk_half_precision chunk_kernel_choice" FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0
-go attn && TS=200 t attn attn:: FLA_TEST_DTYPE=bf16
-go tab && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
-go tab && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
-go tab && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
-go delta && TS=150 t delta "delta::tiled delta::half delta::sizes"
-go tab && tab delta chunk_delta_rule,chunk_gated_delta_rule
-if go ref; then
-  pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -1
-  PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout 240 python3 benches/fla_gated.py --seq 4096,8192 --ops ${REF_OPS:-chunk_gla,sdpa,chunk_gated_delta_rule,parallel_attn,chunk_delta_rule} --out $OUT 2>&1 | grep -v Warning | tail -10
-fi
-if go ncu; then
-  FLA_GLA_FRAG=7 FLA_ATTN_FRAG_FAST=1 timeout 60 ncu --clock-control none -k regex:"frag" --launch-count 7 --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_gla,parallel_attn --warmup 0 --iters 1 > $OUT/ncu.txt 2>&1
-  echo "ncu rc $?"; grep -E "frag_kernel|Duration|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy" $OUT/ncu.txt | head -40
-fi
-go more && TS=40 t gla-frag-p8 chunk_gla_half_sizes FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0 FLA_GLA_FRAG_PLANES=8
-go more && TS=40 t gla-frag-c64 chunk_gla_half_sizes FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0 FLA_TILED_VCHUNK=64
-go more && TS=150 t attn-f16 attn:: FLA_TEST_DTYPE=f16
+# tests and the timings are now two calls: `PART=tests` (the register walks' whole set with the
+# dq walk, bit 4; the default attention set; the delta rule's tiled and half-precision cases)
+# and `PART=times` (the tables, FLA and SDPA in the same call, per-kernel profiles, Burn's own
+# attention and T = 65536 memory).
+case ${PART:-tests} in
+tests)
+  # The split (small grids) would bypass the register walks: force the fused walk.
+  TS=${TS_FRAG:-200} t gla-frag "chunk_gla_half_sizes chunk_half_precision chunk_kernel_choice" FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0
+  go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
+  # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
+  [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
+  go delta && TS=${TS_DELTA:-130} t delta "delta::tiled delta::half delta::sizes"
+  ;;
+times)
+  go tab && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
+  go tab && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
+  go tab && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
+  go tab && tab delta chunk_delta_rule,chunk_gated_delta_rule
+  go tab && tab attn parallel_attn
+  if go burn-attn; then
+    echo "== Burn's own attention under Autodiff, T = 4096 (t=$SECONDS)"
+    timeout 60 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops attention --warmup 2 --iters 5 2>&1 | grep -E "^\| attention|panicked|rror" | head -3
+  fi
+  if go ref; then
+    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -1
+    PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout ${REF_S:-200} python3 benches/fla_gated.py --seq 4096,8192 --ops ${REF_OPS:-sdpa,parallel_attn,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule} --out $OUT 2>&1 | grep -v Warning | tail -12
+  fi
+  if go prof; then
+    # Per-kernel times of one forward+backward at T = 4096 (CubeCL's profiler).
+    printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
+    FLA_GLA_FRAG=7 timeout 60 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 1 --iters 1 > $OUT/profile.log 2>&1
+    rm -f cubecl.toml
+    python3 - $OUT/profile.log <<'PY'
+import re, sys, collections
+U = {"ns": 1e-3, "µs": 1.0, "ms": 1e3, "s": 1e6}
+tot = collections.Counter(); n = collections.Counter()
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"^\| ([\d.]+)(ns|µs|ms|s)\s+\| (.*)", line)
+    if m:
+        k = m.group(3).split("|")[0].strip()[:70]; tot[k] += float(m.group(1)) * U[m.group(2)]; n[k] += 1
+for k, v in tot.most_common(30): print(f"{v/1e3:9.3f} ms {n[k]:5d}x {k}")
+PY
+  fi
+  if go mem; then
+    (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.2; done) > /tmp/mem.txt &
+    MP=$!
+    timeout 90 $R/test-table --backend cuda --dtype bf16 --batch 1 --seq 65536 --ops parallel_attn --warmup 1 --iters 2 2>&1 | grep -E "^\| parallel_attn|panicked|rror" | head -3
+    kill $MP; echo "peak MiB during T=65536 attention: $(sort -n /tmp/mem.txt | tail -1) (before: $(head -1 /tmp/mem.txt))"
+  fi
+  ;;
+esac
 echo "done t=$SECONDS"
