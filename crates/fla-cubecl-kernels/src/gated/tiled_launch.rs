@@ -471,6 +471,13 @@ pub(crate) fn tiled_forward<R: Runtime>(
     Ok(())
 }
 
+/// The register walks GLA's chunk form takes by default (bits of `FLA_GLA_FRAG`): the forward
+/// (1) and `dk`/`dv` (2). On an H100 (bf16, B = 8, H = 16, K = V = 128, T = 4096, one call) they
+/// took `chunk_gla` from 3.459 / 11.796 ms (forward / forward+backward, tiled walks) to 3.075 /
+/// 10.499, and their whole CUDA test set passed. The `dq` walk (4) passed too but was slower
+/// (11.558 with all three): it stays off. `FLA_GLA_FRAG=0` turns them all off.
+pub const DEFAULT_GLA_FRAG: usize = 3;
+
 /// The layout of GLA's forward walk with the state in tensor-core registers
 /// ([`super::frag::gla_fwd_frag_kernel`]) for a call the fused walk `l` takes, where it applies
 /// ([`gla_frag_layout`]); value blocks of 64 (`FLA_GLA_FRAG_BV` overrides, for measuring).
@@ -516,11 +523,9 @@ pub fn gla_dkv_registers<R: Runtime>(
 
 /// A register walk's layout, the first of the value blocks `widths` that tiles and fits: vector
 /// gates walked forwards (no split, no delta rule, no reversed sequences), CUDA with `mma.sync`
-/// and `ldmatrix` for the dtype. Off until their whole CUDA test set has run (on an H100 the
-/// forward and `dk`/`dv` walks passed the 12 cases reached, 1.14x / 1.05x faster on `chunk_gla`;
-/// the `dq` walk has not run): `FLA_GLA_FRAG` turns them on, a bit per walk (`which`: 1 the
-/// forward, 2 `dk`/`dv`, 4 `dq`; 7 all); `FLA_GLA_FRAG_PLANES` overrides their planes (4, 8 past
-/// K = 128), for measuring.
+/// and `ldmatrix` for the dtype. `FLA_GLA_FRAG` picks the walks, a bit per walk (`which`: 1 the
+/// forward, 2 `dk`/`dv`, 4 `dq`); the default is [`DEFAULT_GLA_FRAG`]. `FLA_GLA_FRAG_PLANES`
+/// overrides their planes (4, 8 past K = 128), for measuring.
 fn gla_frag_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -529,7 +534,7 @@ fn gla_frag_layout<R: Runtime>(
     widths: &[usize],
     smem_of: fn(&GlaFragLayout, usize) -> usize,
 ) -> Option<GlaFragLayout> {
-    if tuning("FLA_GLA_FRAG").unwrap_or(0) & which == 0
+    if tuning("FLA_GLA_FRAG").unwrap_or(DEFAULT_GLA_FRAG) & which == 0
         || !l.vector_gate
         || l.delta
         || l.reverse

@@ -995,13 +995,16 @@ fn expect_kernel_choice<R: Runtime>(
             assert_eq!(l.chunk, size, "a CUDA GPU holds a full chunk: {l:?}");
         }
     }
-    // GLA's walks with the state in registers: CUDA's (manual MMA), in half precision, and off
-    // until `FLA_GLA_FRAG` asks for them (a bit per walk: 1 the forward, 2 `dk`/`dv`, 4 `dq`).
+    // GLA's walks with the state in registers: CUDA's (manual MMA), in half precision, the walks
+    // `FLA_GLA_FRAG` asks for (a bit per walk: 1 the forward, 2 `dk`/`dv`, 4 `dq`), by default
+    // the forward and `dk`/`dv`.
     let asked = |bit: usize| {
         std::env::var("FLA_GLA_FRAG")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .is_some_and(|v| v & bit != 0)
+            .unwrap_or(fla_cubecl_kernels::gated::DEFAULT_GLA_FRAG)
+            & bit
+            != 0
     };
     for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
         let mut p = c.p.clone();
