@@ -105,6 +105,26 @@ pub fn fetch_slots<F: Float, N: Size>(
     #[comptime] cols: usize,
     #[comptime] s: Staging,
 ) {
+    fetch_cast::<F, F, N>(src, dst, row0, valid, h, col0, heads, width, rows, cols, s);
+}
+
+/// [`fetch_slots`] from a tensor of another float type (the `f32` intermediates a backward
+/// reads), each vector converted to the tile's dtype (a no-op where the types agree).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_cast<S: Float, F: Float, N: Size>(
+    src: &Array<Vector<S, N>>,
+    dst: &mut Array<Vector<F, N>>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] heads: usize,
+    #[comptime] width: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] s: Staging,
+) {
     let (wv, cv) = comptime!((width / s.vector, cols / s.vector));
     let c0 = col0 / comptime!(s.vector);
     let slots = comptime!(rows * cv);
@@ -116,7 +136,7 @@ pub fn fetch_slots<F: Float, N: Size>(
         let c = c0 + e % cv;
         let mut x = Vector::<F, N>::cast_from(0.0f32);
         if e < slots && row < valid && c < wv {
-            x = src[((row0 + row) * heads + h) * wv + c];
+            x = Vector::<F, N>::cast_from(src[((row0 + row) * heads + h) * wv + c]);
         }
         dst[r] = x;
     }
@@ -286,4 +306,92 @@ pub fn zeros<NC: Size>(#[comptime] tiles: usize) -> Array<Vector<f32, NC>> {
         acc[j] = Vector::<f32, NC>::cast_from(0.0f32);
     }
     acc
+}
+
+/// `acc = A Bᵀ` for the 16 rows `r0 ..` of tile `a` against the `n` rows of tile `b` (`n / 8`
+/// accumulator tiles), over `width` columns (both tiles `width` wide, staged as `s` says): scores
+/// `Q Kᵀ` and their kin, with `A` read from shared memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn scores_tiles<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    a: &SharedMemory<Vector<F, N>>,
+    r0: usize,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] n: usize,
+    #[comptime] width: usize,
+    #[comptime] s: Staging,
+) {
+    #[unroll]
+    for k in 0..comptime!(width / FRAG_K) {
+        let fa = ldm4::<F, N, NA>(
+            a,
+            r0,
+            k * FRAG_K,
+            comptime!(width + s.ph),
+            s.vector,
+            false,
+            false,
+        );
+        scores_step::<F, N, NA, NB, NC>(&fa, b, acc, k, n, width, s);
+    }
+}
+
+/// One 16-column step `k` of [`scores_tiles`] with the `A` fragment given.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn scores_step<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    fa: &Array<Vector<F, NA>>,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    k: usize,
+    #[comptime] n: usize,
+    #[comptime] width: usize,
+    #[comptime] s: Staging,
+) {
+    #[unroll]
+    for j in 0..comptime!(n / FRAG_K) {
+        let r = ldm4::<F, N, NB>(
+            b,
+            j * FRAG_K,
+            k * FRAG_K,
+            comptime!(width + s.ph),
+            s.vector,
+            true,
+            false,
+        );
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
+        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
+    }
+}
+
+/// `acc += X · B` for `X` the accumulator tiles `x` (16 rows, `k` columns, rounded) and `B`
+/// rows `..k` of tile `b`, `width` columns (`width / 8` accumulator tiles).
+#[cube]
+pub fn acc_times_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
+    x: &Array<Vector<f32, NC>>,
+    b: &SharedMemory<Vector<F, N>>,
+    acc: &mut Array<Vector<f32, NC>>,
+    #[comptime] k: usize,
+    #[comptime] width: usize,
+    #[comptime] s: Staging,
+) {
+    #[unroll]
+    for i in 0..comptime!(k / FRAG_K) {
+        let fa = a_from_acc::<F, NA, NC>(x, i);
+        #[unroll]
+        for j in 0..comptime!(width / FRAG_K) {
+            let r = ldm4::<F, N, NB>(
+                b,
+                i * FRAG_K,
+                j * FRAG_K,
+                comptime!(width + s.ph),
+                s.vector,
+                false,
+                true,
+            );
+            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
+            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
+        }
+    }
 }

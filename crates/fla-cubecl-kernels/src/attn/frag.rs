@@ -23,7 +23,7 @@
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
 
-use crate::frag::{a_from_acc, half_of, lane_gt, mma_acc, store_acc, zeros, Staging};
+use crate::frag::{acc_times_rows, lane_gt, scores_step, scores_tiles, store_acc, zeros, Staging};
 pub use crate::frag::{FRAG_K, FRAG_M, FRAG_N};
 
 use super::kernels::{
@@ -244,70 +244,6 @@ fn hold_rows<F: Float, N: Size, NA: Size>(
     held
 }
 
-/// `acc = A Bᵀ` for the 16 rows `r0 ..` of tile `a` against the `n` rows of tile `b` (`n / 8`
-/// accumulator tiles), over `width` columns (both tiles `width` wide): the scores `Q Kᵀ` and
-/// their kin, with `A` read from shared memory.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn scores_tiles<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
-    a: &SharedMemory<Vector<F, N>>,
-    r0: usize,
-    b: &SharedMemory<Vector<F, N>>,
-    acc: &mut Array<Vector<f32, NC>>,
-    #[comptime] n: usize,
-    #[comptime] width: usize,
-    #[comptime] l: AttnLayout,
-) {
-    #[unroll]
-    for s in 0..comptime!(width / FRAG_K) {
-        let fa = ldm4::<F, N, NA>(a, r0, s * FRAG_K, width, false, false, l);
-        scores_step::<F, N, NA, NB, NC>(&fa, b, acc, s, n, width, l);
-    }
-}
-
-/// One 16-column step `s` of [`scores_tiles`] with the `A` fragment given.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn scores_step<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
-    fa: &Array<Vector<F, NA>>,
-    b: &SharedMemory<Vector<F, N>>,
-    acc: &mut Array<Vector<f32, NC>>,
-    s: usize,
-    #[comptime] n: usize,
-    #[comptime] width: usize,
-    #[comptime] l: AttnLayout,
-) {
-    #[unroll]
-    for j in 0..comptime!(n / FRAG_K) {
-        let r = ldm4::<F, N, NB>(b, j * FRAG_K, s * FRAG_K, width, true, false, l);
-        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
-        mma_acc::<F, NA, NB, NC>(fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
-    }
-}
-
-/// `acc += X · B` for `X` the accumulator tiles `x` (16 rows, `k` columns, rounded) and `B`
-/// rows `..k` of tile `b`, `width` columns (`width / 8` accumulator tiles).
-#[cube]
-fn acc_times_rows<F: Float, N: Size, NA: Size, NB: Size, NC: Size>(
-    x: &Array<Vector<f32, NC>>,
-    b: &SharedMemory<Vector<F, N>>,
-    acc: &mut Array<Vector<f32, NC>>,
-    #[comptime] k: usize,
-    #[comptime] width: usize,
-    #[comptime] l: AttnLayout,
-) {
-    #[unroll]
-    for s in 0..comptime!(k / FRAG_K) {
-        let fa = a_from_acc::<F, NA, NC>(x, s);
-        #[unroll]
-        for j in 0..comptime!(width / FRAG_K) {
-            let r = ldm4::<F, N, NB>(b, s * FRAG_K, j * FRAG_K, width, false, true, l);
-            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 0usize), acc, 2 * j);
-            mma_acc::<F, NA, NB, NC>(&fa, &half_of::<F, NB>(&r, 1usize), acc, 2 * j + 1);
-        }
-    }
-}
-
 /// The forward's scores of one key block in place: scaled and capped, and with `masked`, -1e30
 /// where a row does not see a key (or lies past the block's `rows`, or the key past `kr`).
 /// Returns this lane's maxima of rows `g` and `g + 8`.
@@ -454,7 +390,15 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
                 for r in 0..4usize {
                     a[r] = qa[s * 4 + r];
                 }
-                scores_step::<F, N, NA, NB, NC>(&a, &sk, &mut sacc, s, bk, dp, l);
+                scores_step::<F, N, NA, NB, NC>(
+                    &a,
+                    &sk,
+                    &mut sacc,
+                    s,
+                    bk,
+                    dp,
+                    comptime!(staging(&l)),
+                );
             }
 
             // Scale, cap and mask (not where every row sees every key); the rows' new maxima.
@@ -522,7 +466,14 @@ pub fn attn_fwd_frag_kernel<F: Float, N: Size>(
             }
 
             // O += P V.
-            acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sv, &mut oacc, bk, dvp, l);
+            acc_times_rows::<F, N, NA, NB, NC>(
+                &sacc,
+                &sv,
+                &mut oacc,
+                bk,
+                dvp,
+                comptime!(staging(&l)),
+            );
         }
 
         // The rows' sums over their four lanes; the normalised output and the log-sum-exp.
@@ -726,7 +677,15 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
                 for r in 0..4usize {
                     a[r] = qa[s * 4 + r];
                 }
-                scores_step::<F, N, NA, NB, NC>(&a, &sk, &mut sacc, s, bk, dp, l);
+                scores_step::<F, N, NA, NB, NC>(
+                    &a,
+                    &sk,
+                    &mut sacc,
+                    s,
+                    bk,
+                    dp,
+                    comptime!(staging(&l)),
+                );
             }
             #[unroll]
             for s in 0..ndv {
@@ -735,7 +694,15 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
                 for r in 0..4usize {
                     a[r] = doa[s * 4 + r];
                 }
-                scores_step::<F, N, NA, NB, NC>(&a, &sv, &mut pacc, s, bk, dvp, l);
+                scores_step::<F, N, NA, NB, NC>(
+                    &a,
+                    &sv,
+                    &mut pacc,
+                    s,
+                    bk,
+                    dvp,
+                    comptime!(staging(&l)),
+                );
             }
             // dS = P ∘ (dP − δ) · ∂x/∂s, in place of S (no mask where every row sees every key).
             if whole_block(i0, off, j0, kr, window, bq, bk, l) {
@@ -750,7 +717,14 @@ pub fn attn_dq_frag_kernel<F: Float, N: Size>(
                 );
             }
             // dQ += dS K.
-            acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sk, &mut dqacc, bk, dp, l);
+            acc_times_rows::<F, N, NA, NB, NC>(
+                &sacc,
+                &sk,
+                &mut dqacc,
+                bk,
+                dp,
+                comptime!(staging(&l)),
+            );
         }
         store_acc::<F, NC>(
             &dqacc,
@@ -964,8 +938,24 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
                 // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (keys down, queries across).
                 let mut sacc = zeros::<NC>(nqt);
                 let mut pacc = zeros::<NC>(nqt);
-                scores_tiles::<F, N, NA, NB, NC>(&sk, pk, &sq, &mut sacc, bq, dp, l);
-                scores_tiles::<F, N, NA, NB, NC>(&sv, pk, &sdo, &mut pacc, bq, dvp, l);
+                scores_tiles::<F, N, NA, NB, NC>(
+                    &sk,
+                    pk,
+                    &sq,
+                    &mut sacc,
+                    bq,
+                    dp,
+                    comptime!(staging(&l)),
+                );
+                scores_tiles::<F, N, NA, NB, NC>(
+                    &sv,
+                    pk,
+                    &sdo,
+                    &mut pacc,
+                    bq,
+                    dvp,
+                    comptime!(staging(&l)),
+                );
                 // Pᵀ in place of Sᵀ, dSᵀ in place of dPᵀ (no mask where every query sees every
                 // key).
                 if whole_block(i0, off, j0, kr, window, bq, bk, l) {
@@ -980,8 +970,22 @@ pub fn attn_dkv_frag_kernel<F: Float, N: Size>(
                     );
                 }
                 // dV += Pᵀ dO, dK += dSᵀ Q.
-                acc_times_rows::<F, N, NA, NB, NC>(&sacc, &sdo, &mut dvacc, bq, dvp, l);
-                acc_times_rows::<F, N, NA, NB, NC>(&pacc, &sq, &mut dkacc, bq, dp, l);
+                acc_times_rows::<F, N, NA, NB, NC>(
+                    &sacc,
+                    &sdo,
+                    &mut dvacc,
+                    bq,
+                    dvp,
+                    comptime!(staging(&l)),
+                );
+                acc_times_rows::<F, N, NA, NB, NC>(
+                    &pacc,
+                    &sq,
+                    &mut dkacc,
+                    bq,
+                    dp,
+                    comptime!(staging(&l)),
+                );
             }
         }
         store_acc::<F, NC>(

@@ -9,6 +9,7 @@ use super::chunk::{
     delta_dk_combine_kernel, delta_dl_pairs_kernel, delta_do_u_pairs_kernel, delta_du_intra_kernel,
     delta_qk_pairs_kernel, delta_solve_kernel, state_smem_len, DeltaChunkLayout,
 };
+use super::frag::{dqk_registers, frag_dqk};
 use super::launch::{backward_buffers_fit, check, forward_buffers_fit};
 use super::recurrent::group_sum_kernel;
 use super::tiled::{delta_tiled_layout, tiled_walk, tiled_wy};
@@ -527,7 +528,18 @@ pub fn delta_chunk_backward<R: Runtime>(
     let dq_hv = call.f32_buffer(kd);
     let dk_minus = call.f32_buffer(kd);
     let dw = call.f32_buffer(kd);
-    if let Some(l) = call.tiled.and_then(|l| dqk_layout(client, p, l)) {
+    if let Some(fl) = call.tiled.and_then(|l| dqk_registers(client, p, l)) {
+        frag_dqk(
+            client,
+            p,
+            fl,
+            (b.q, b.k, b.d_o, &call.gc),
+            (&u, &du, &states, &d_states),
+            (&call.chunks, call.count),
+            (&call.cu, call.cu_len),
+            (&dq_hv, &dk_minus, &dw),
+        );
+    } else if let Some(l) = call.tiled.and_then(|l| dqk_layout(client, p, l)) {
         tiled_dqk(
             client,
             p,

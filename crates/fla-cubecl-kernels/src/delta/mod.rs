@@ -12,6 +12,7 @@
 
 mod chunk;
 mod chunk_launch;
+mod frag;
 mod launch;
 pub mod naive;
 mod recurrent;
@@ -19,6 +20,7 @@ mod tiled;
 mod tiled_bwd;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
+pub use frag::delta_dqk_in_registers;
 pub use launch::{
     delta_backward, delta_check_device, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers,
 };

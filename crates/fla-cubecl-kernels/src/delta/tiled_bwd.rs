@@ -36,7 +36,7 @@ use crate::tile::{mma, put_tile, tile_entry};
 /// past its end repeat the last (`Λ_C`), and it is 0 without a decay. Synchronise before reading.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_lam(
+pub(super) fn load_lam(
     gc: &Array<f32>,
     lam: &mut SharedMemory<f32>,
     bos: usize,

@@ -8,8 +8,9 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::delta::{
-    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_forward, delta_takes_tiles,
-    DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem, CHECKPOINT_EVERY,
+    delta_backward, delta_chunk_backward, delta_chunk_forward, delta_dqk_in_registers,
+    delta_forward, delta_takes_tiles, DeltaBackwardBuffers, DeltaForwardBuffers, DeltaProblem,
+    CHECKPOINT_EVERY,
 };
 use fla_cubecl_kernels::gated::{is_cpu_vulkan, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK};
 use fla_cubecl_kernels::testing::{decode, encode, rel_rmse, DeltaCase};
@@ -355,6 +356,35 @@ fn half_precision(
 ) {
     let c = case(gated, [2, 200, 2, 2, 64, 64], 1.0, true, dtype);
     on_runtime!(half_or_refused(&c, form));
+}
+
+/// The backward's `dq`/`dk⁻`/`dW` kernel with its accumulators in registers is CUDA's (manual
+/// MMA) in half precision, and off until `FLA_DELTA_FRAG` has bit 1: then the half-precision
+/// cases above (and every other chunk case in f16/bf16) run through it on CUDA.
+#[test]
+fn dqk_register_kernel_choice() {
+    on_runtime!(check_dqk_choice());
+}
+
+fn check_dqk_choice<R: Runtime>(client: &ComputeClient<R>) {
+    let asked = std::env::var("FLA_DELTA_FRAG")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|v| v & 1 != 0);
+    for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
+        if dtype.check_supported(client).is_err() {
+            continue;
+        }
+        for gated in [false, true] {
+            let p = problem(gated, [2, 200, 2, 2, 64, 64], None, true, dtype);
+            let expected = runtime_name() == "cuda" && dtype != FloatDType::F32 && asked;
+            assert_eq!(
+                delta_dqk_in_registers(client, &p),
+                expected,
+                "{dtype:?}, gated {gated}"
+            );
+        }
+    }
 }
 
 /// Where the device computes the dtype the kernels must match the reference; where it cannot
