@@ -39,6 +39,11 @@ tests)
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
   [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
+  # The delta rule's dq/dk⁻/dW kernel in registers (FLA_DELTA_FRAG=1, not yet run): the chunk
+  # cases in half precision and the choice test, then (time allowing) the default set alone, with
+  # its whole output (one f16 case failed once at 16 threads beside others, 2026-12-07, and
+  # passed alone).
+  go delta-frag && TS=${TS_DELTA:-150} t delta-frag "delta::half delta::chunk_half_sizes delta::dqk_register" FLA_DELTA_FRAG=1
   go delta && TS=${TS_DELTA:-130} t delta "delta::tiled delta::half delta::sizes"
   ;;
 times)
@@ -46,19 +51,20 @@ times)
   go tab && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
   go tab && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
   go tab && tab delta chunk_delta_rule,chunk_gated_delta_rule
+  go tab && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=1
   go tab && tab attn parallel_attn
   if go burn-attn; then
     echo "== Burn's own attention under Autodiff, T = 4096 (t=$SECONDS)"
-    timeout 60 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops attention --warmup 2 --iters 5 2>&1 | grep -E "^\| attention|panicked|rror" | head -3
+    timeout 100 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops attention --warmup 1 --iters 3 2>&1 | grep -E "^\| attention|panicked|rror" | head -3
   fi
   if go ref; then
     pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -1
-    PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout ${REF_S:-200} python3 benches/fla_gated.py --seq 4096,8192 --ops ${REF_OPS:-sdpa,parallel_attn,chunk_gla,chunk_delta_rule,chunk_gated_delta_rule} --out $OUT 2>&1 | grep -v Warning | tail -12
+    PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout ${REF_S:-200} python3 benches/fla_gated.py --seq 4096,8192 --ops ${REF_OPS:-chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,sdpa,parallel_attn} --out $OUT 2>&1 | grep -v Warning | tail -12
   fi
   if go prof; then
     # Per-kernel times of one forward+backward at T = 4096 (CubeCL's profiler).
     printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
-    FLA_GLA_FRAG=7 timeout 60 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 1 --iters 1 > $OUT/profile.log 2>&1
+    FLA_DELTA_FRAG=1 timeout 80 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 2 --iters 1 > $OUT/profile.log 2>&1
     rm -f cubecl.toml
     python3 - $OUT/profile.log <<'PY'
 import re, sys, collections

@@ -358,6 +358,26 @@ fn half_precision(
     on_runtime!(half_or_refused(&c, form));
 }
 
+/// The chunk form in f16 on odd and round sizes, grouped value heads and a variable-length batch
+/// with an empty sequence, against the f64 recurrence at the half-precision tolerances: every
+/// tensor-core path of the chunk kernels where the device has them (on CUDA with
+/// `FLA_DELTA_FRAG=1` the backward's `dq`/`dk⁻`/`dW` kernel in registers: K = 256 takes two key
+/// blocks of 128, K = 60 and 100 zero-padded blocks).
+#[rstest]
+#[case::t1([1, 1, 1, 1, 16, 16], None, false)]
+#[case::t63_k60_v100_grouped([1, 63, 1, 2, 60, 100], None, true)]
+#[case::t65_k100_v60([1, 65, 2, 2, 100, 60], None, false)]
+#[case::t130_k256([1, 130, 1, 1, 256, 128], None, true)]
+#[case::varlen_empty([1, 134, 2, 4, 64, 60], Some(vec![0, 1, 34, 34, 134]), true)]
+fn chunk_half_sizes(#[case] dims: Dims, #[case] cu: Option<Vec<usize>>, #[case] gated: bool) {
+    let p = problem(gated, dims, cu, true, FloatDType::F16);
+    let seed = dims
+        .iter()
+        .fold(gated as u64 + 7, |a, &d| a * 31 + d as u64);
+    let c = DeltaCase::new(p, 1.0, seed);
+    on_runtime!(half_or_refused(&c, CHUNK));
+}
+
 /// The backward's `dq`/`dk⁻`/`dW` kernel with its accumulators in registers is CUDA's (manual
 /// MMA) in half precision, and off until `FLA_DELTA_FRAG` has bit 1: then the half-precision
 /// cases above (and every other chunk case in f16/bf16) run through it on CUDA.
