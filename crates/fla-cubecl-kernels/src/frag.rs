@@ -1,6 +1,7 @@
 //! Building blocks of the kernels that keep their accumulators in tensor-core registers (CUDA's
 //! `mma.sync`, m16n8k16, 16-bit inputs, `f32` accumulators, through CubeCL's manual MMA): the
-//! attention kernels ([`crate::attn`]) and the gated family's chunk walks ([`crate::gated`]).
+//! attention kernels ([`crate::attn`]), the gated family's chunk walks ([`crate::gated`]) and the
+//! delta rule's backward `dq`/`dk⁻`/`dW` kernel ([`crate::delta`]).
 //!
 //! The register layout is PTX's for `mma.m16n8k16` with 16-bit inputs, which CubeCL's
 //! `MmaDefinition::position_of_nth` also reports on CUDA (lane `l`, `g = l / 4`, `t = l % 4`;

@@ -10,7 +10,12 @@
 //! up to 128 key columns, so at `K ≤ 128` the chunk's `dO`, `U`, `dU` are read once.
 //!
 //! Off by default until its CUDA tests have run (`FLA_DELTA_FRAG=1` turns it on): Vulkan and
-//! lavapipe have no such instructions and keep the tiled kernel.
+//! lavapipe have no such instructions and keep the tiled kernel. Two things only a GPU run will
+//! settle: the `f32` intermediates are read in vectors of up to eight (32 bytes; the other
+//! register kernels read 16-bit tensors only), and a cube has one plane per 16 rows (4 at chunk
+//! 64) with ~104 KB of shared memory at K = V = 128, two cubes a multiprocessor, where the tiled
+//! kernel gained from 32 planes; fetching `Q` and `dS_C` during the first products, as the
+//! attention kernels fetch ahead, is the next step if it is latency-bound.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
@@ -307,7 +312,7 @@ pub(crate) fn dqk_registers<R: Runtime>(
     let sizes = || {
         [128, 64, 32, 16]
             .into_iter()
-            .filter(|&bk| bk <= l.kp.max(16) && tuning("FLA_DQK_BK").is_none_or(|t| bk <= t))
+            .filter(|&bk| bk <= l.kp && tuning("FLA_DQK_BK").is_none_or(|t| bk <= t))
     };
     let fits = |bk: usize, budget: usize| {
         let cand = layout(bk);
