@@ -164,6 +164,30 @@ pub fn put_slots<F: Float, N: Size>(
     }
 }
 
+/// [`fetch_cast`] then [`put_slots`]: rows `row0 ..` (below `valid`), columns `col0 ..` of head `h`
+/// of a `[rows, heads, width]` tensor of `S`s staged at once as a `rows × cols` tile of `F`s.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn stage_cast<S: Float, F: Float, N: Size>(
+    src: &Array<Vector<S, N>>,
+    dst: &mut SharedMemory<Vector<F, N>>,
+    row0: usize,
+    valid: usize,
+    h: usize,
+    col0: usize,
+    #[comptime] heads: usize,
+    #[comptime] width: usize,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] s: Staging,
+) {
+    let mut held = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(rows, cols, &s)));
+    fetch_cast::<S, F, N>(
+        src, &mut held, row0, valid, h, col0, heads, width, rows, cols, s,
+    );
+    put_slots::<F, N>(&held, dst, rows, cols, s);
+}
+
 /// Four 8×8 matrices by `ldmatrix` (`.trans` with `trans`) from a padded tile of `cols` columns
 /// (`ld = cols + ph` entries a row, in vectors of `vector`): matrix `m` has rows
 /// `row0 + 8·(m % 2) ..` and columns `col0 + 8·(m / 2) ..` (`swap` exchanges the two offsets).

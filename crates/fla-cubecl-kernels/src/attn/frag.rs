@@ -151,7 +151,7 @@ fn put_v<F: Float, N: Size>(
     crate::frag::put_slots::<F, N>(src, dst, rows, cols, comptime!(staging(&l)));
 }
 
-/// [`fetch_v`] then [`put_v`]: a tile staged at once.
+/// [`crate::frag::stage_cast`] in this layout: a tile staged at once.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_v<F: Float, N: Size>(
@@ -166,9 +166,19 @@ fn stage_v<F: Float, N: Size>(
     #[comptime] cols: usize,
     #[comptime] l: AttnLayout,
 ) {
-    let mut held = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(rows, cols, &l)));
-    fetch_v::<F, N>(src, &mut held, row0, valid, h, heads, width, rows, cols, l);
-    put_v::<F, N>(&held, dst, rows, cols, l);
+    crate::frag::stage_cast::<F, F, N>(
+        src,
+        dst,
+        row0,
+        valid,
+        h,
+        0usize,
+        heads,
+        width,
+        rows,
+        cols,
+        comptime!(staging(&l)),
+    );
 }
 
 /// Registers of a prefetched tile (one placeholder when the kernel does not fetch ahead).

@@ -24,8 +24,8 @@ use cubecl::server::Handle;
 use super::tiled_bwd::load_lam;
 use super::DeltaProblem;
 use crate::frag::{
-    acc_times_rows, fetch_cast, lane_gt, put_slots, registers_available, scores_tiles,
-    slots_per_unit, store_acc, tile_slots, widest_vector, zeros, Staging, FRAG_K, FRAG_M, FRAG_N,
+    acc_times_rows, lane_gt, registers_available, scores_tiles, stage_cast, store_acc, tile_slots,
+    widest_vector, zeros, Staging, FRAG_K, FRAG_M, FRAG_N,
 };
 use crate::gated::chunk::place_of_chunk;
 use crate::gated::launch::array;
@@ -130,30 +130,6 @@ fn scale_acc_rows<NC: Size>(
             acc[j * 2 + half] = acc[j * 2 + half] * Vector::<f32, NC>::cast_from(f);
         }
     }
-}
-
-/// Stages rows `row0 ..` (below `valid`) of head `h` of a `[rows, heads, width]` tensor of `S`s
-/// (the input dtype or `f32`) as a `rows × cols` tile of the input dtype.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn stage_cast<S: Float, F: Float, N: Size>(
-    src: &Array<Vector<S, N>>,
-    dst: &mut SharedMemory<Vector<F, N>>,
-    row0: usize,
-    valid: usize,
-    h: usize,
-    col0: usize,
-    #[comptime] heads: usize,
-    #[comptime] width: usize,
-    #[comptime] rows: usize,
-    #[comptime] cols: usize,
-    #[comptime] s: Staging,
-) {
-    let mut held = Array::<Vector<F, N>>::new(comptime!(slots_per_unit(rows, cols, &s)));
-    fetch_cast::<S, F, N>(
-        src, &mut held, row0, valid, h, col0, heads, width, rows, cols, s,
-    );
-    put_slots::<F, N>(&held, dst, rows, cols, s);
 }
 
 /// The products of [`super::tiled_bwd::delta_dqk_tiled_kernel`] for key columns `k0 .. k0 + bk`
