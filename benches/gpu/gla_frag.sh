@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GLA's chunk walks with the state in tensor-core registers (crates/fla-cubecl-kernels/src/gated/
-# frag.rs, opt-in FLA_GLA_FRAG: 1 the forward, 2 dk/dv, 4 dq, 7 all) and the attention register
+# frag.rs, FLA_GLA_FRAG: 1 the forward, 2 dk/dv, 4 dq; 3 by default since 2026-12-07, 0 none), the
+# delta rule's dq/dk-/dW kernel in registers (opt-in FLA_DELTA_FRAG=1) and the attention register
 # kernels' second round (FLA_ATTN_FRAG_FAST=1: fetching ahead, mask-free whole blocks, fast
 # exponentials): their CUDA tests (PART=tests), then timings beside the defaults, FLA and SDPA,
 # per-kernel profiles and memory (PART=times).
