@@ -104,15 +104,21 @@ pub fn delta_wy_kernel<F: Float>(
     fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, hv, 0, l.v, vp, l);
     stage_tile::<F>(&rv, &mut sv, vp, l);
     if unit < c {
-        // Rows past the chunk's end get β = 0: their rows of L, W and Ũ are zero.
+        // Rows past the chunk's end get β = 0: their rows of L, W and Ũ are zero. Their `Λ`
+        // repeats the last row's, so that every `exp(Λ_r − Λ_s)` (`s < r`) stays at most 1: with
+        // 0 there, a strongly decaying partial chunk (`Λ_s` below about −88) made it overflow,
+        // and `0 · inf` put NaN into rows the blocked inverse's products then carry.
         let mut b = 0.0f32;
-        let mut g = 0.0f32;
         if unit < cl {
-            let tok = bos + p0 + unit;
-            b = f32::cast_from(beta[tok * l.heads + hv]);
-            if comptime!(l.scalar_gate) {
-                g = gc[tok * l.heads + hv];
+            b = f32::cast_from(beta[(bos + p0 + unit) * l.heads + hv]);
+        }
+        let mut g = 0.0f32;
+        if comptime!(l.scalar_gate) {
+            let mut row = unit;
+            if row >= cl {
+                row = cl - 1;
             }
+            g = gc[(bos + p0 + row) * l.heads + hv];
         }
         bl[unit] = b;
         lam[unit] = g;

@@ -341,6 +341,11 @@ pub fn delta_dstate_tiled_kernel<F: Float>(
                 }
             }
             red[unit] = part;
+            // Every unit has read `K̃ G` from `sdu` before the product below adds to it in place
+            // (without this, a plane that finished its tile first changed entries a slower plane
+            // had still to read: the decay term, and `dg`, came out wrong now and then on CUDA
+            // under load).
+            sync_cube();
         }
         let s = comptime!(accum(tn(c, bv, c, ch, vh, vf)));
         mma::<F, F>(&sah, 0, &sdo, 0, &mut sdu, 0, s, l.tile);

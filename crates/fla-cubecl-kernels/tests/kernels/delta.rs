@@ -332,6 +332,17 @@ fn tiled_inverse_merges(#[values(32, 48, 64)] chunk: usize, #[values(false, true
     on_runtime!(compare_merges(&c, chunk));
 }
 
+/// Strong decays (20x FLA's gate initialisation: `Λ` falls past −88 within 16 steps) in a chunk
+/// that ends part-way through its second 16-row block (T = 52 at chunk 32: 20 rows), on the tile
+/// products: the WY kernel's rows past the chunk's end must not turn `exp(Λ_r − Λ_s)` into an
+/// overflow (`0 · inf` is NaN, which the blocked inverse's merge carries into the block's rows
+/// inside the chunk through the zeros above its diagonal).
+#[rstest]
+fn strong_gates_in_a_partial_chunk_on_tiles(#[values(false, true)] states: bool) {
+    let c = case(true, [1, 52, 1, 2, 16, 16], 20.0, states, FloatDType::F32);
+    on_runtime!(compare_on_tiles(&c, 32));
+}
+
 fn compare_merges<R: Runtime>(client: &ComputeClient<R>, c: &DeltaCase, chunk: usize) {
     if chunk == 32 || !is_cpu_vulkan(client) {
         compare_on_tiles(client, c, chunk);
