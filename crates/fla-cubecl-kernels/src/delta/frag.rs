@@ -102,8 +102,10 @@ fn mask_decay_acc<NC: Size>(
 }
 
 /// Rows `r0 ..` of accumulator tiles (`n` columns) times `factor · exp(Λ_r)`, or with
-/// `from_end` times `factor · exp(Λ_C − Λ_r)`.
+/// `from_end` times `factor · exp(Λ_C − Λ_r)` (`Λ_C` the last of the chunk's `c` rows); times
+/// `factor` alone without a decay.
 #[cube(fast_math = fast_exp())]
+#[allow(clippy::too_many_arguments)]
 fn scale_acc_rows<NC: Size>(
     acc: &mut Array<Vector<f32, NC>>,
     lam: &SharedMemory<f32>,
@@ -111,16 +113,17 @@ fn scale_acc_rows<NC: Size>(
     factor: f32,
     #[comptime] n: usize,
     #[comptime] from_end: bool,
-    #[comptime] l: TiledLayout,
+    #[comptime] c: usize,
+    #[comptime] gated: bool,
 ) {
     let (g, _) = lane_gt();
     #[unroll]
     for half in 0..2usize {
         let row = r0 + g + half * 8;
         let mut f = factor;
-        if comptime!(l.scalar_gate) {
+        if comptime!(gated) {
             if comptime!(from_end) {
-                f *= exp_le0(lam[comptime!(l.chunk - 1)] - lam[row]);
+                f *= exp_le0(lam[comptime!(c - 1)] - lam[row]);
             } else {
                 f *= exp_le0(lam[row]);
             }
@@ -206,7 +209,7 @@ pub fn delta_dqk_frag_kernel<F: Float, N: Size>(
     // dq = scale · γ ∘ (dO Sᵀ) + B K
     let mut acc = zeros::<NC>(comptime!(bk / FRAG_N));
     scores_tiles::<F, N, NA, NB, NC>(&sdo, pr, &ss, &mut acc, bk, vp, st);
-    scale_acc_rows::<NC>(&mut acc, &lam, pr, scale, bk, false, t);
+    scale_acc_rows::<NC>(&mut acc, &lam, pr, scale, bk, false, c, t.scalar_gate);
     acc_times_rows::<F, N, NA, NB, NC>(&b, &sx, &mut acc, c, bk, st);
     store_acc::<f32, NC>(
         &acc, dq, tok0, pr, cl, hv, k0, 1.0f32, 1.0f32, false, t.heads, t.k, bk,
@@ -214,15 +217,7 @@ pub fn delta_dqk_frag_kernel<F: Float, N: Size>(
     // dW = −dU Sᵀ
     let mut acc = zeros::<NC>(comptime!(bk / FRAG_N));
     scores_tiles::<F, N, NA, NB, NC>(&sdu, pr, &ss, &mut acc, bk, vp, st);
-    scale_acc_rows::<NC>(
-        &mut acc,
-        &lam,
-        pr,
-        -1.0f32,
-        bk,
-        false,
-        comptime!(ungated(t)),
-    );
+    scale_acc_rows::<NC>(&mut acc, &lam, pr, -1.0f32, bk, false, c, false);
     store_acc::<f32, NC>(
         &acc, dw, tok0, pr, cl, hv, k0, 1.0f32, 1.0f32, false, t.heads, t.k, bk,
     );
@@ -241,19 +236,11 @@ pub fn delta_dqk_frag_kernel<F: Float, N: Size>(
     mask_decay_acc::<NC>(&mut bt, &lam, pr, scale, c, true, t.scalar_gate);
     let mut acc = zeros::<NC>(comptime!(bk / FRAG_N));
     scores_tiles::<F, N, NA, NB, NC>(&su, pr, &ss, &mut acc, bk, vp, st);
-    scale_acc_rows::<NC>(&mut acc, &lam, pr, 1.0f32, bk, true, t);
+    scale_acc_rows::<NC>(&mut acc, &lam, pr, 1.0f32, bk, true, c, t.scalar_gate);
     acc_times_rows::<F, N, NA, NB, NC>(&bt, &sx, &mut acc, c, bk, st);
     store_acc::<f32, NC>(
         &acc, dk_minus, tok0, pr, cl, hv, k0, 1.0f32, 1.0f32, false, t.heads, t.k, bk,
     );
-}
-
-/// `t` without its decay (a plain factor for [`scale_acc_rows`]).
-fn ungated(t: TiledLayout) -> TiledLayout {
-    TiledLayout {
-        scalar_gate: false,
-        ..t
-    }
 }
 
 /// The register kernel's layout for a backward whose tiled layout is `l`, or `None` where it

@@ -17,6 +17,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use super::tiled_bwd::load_lam;
 use super::DeltaProblem;
 use crate::gated::chunk::place_of_chunk;
 use crate::gated::launch::{array, is_cpu_vulkan};
@@ -103,26 +104,18 @@ pub fn delta_wy_kernel<F: Float>(
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
     fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, hv, 0, l.v, vp, l);
     stage_tile::<F>(&rv, &mut sv, vp, l);
+    // Rows past the chunk's end get β = 0: their rows of L, W and Ũ are zero. Their `Λ` repeats
+    // the last row's (as `load_lam` gives it), so that every `exp(Λ_r − Λ_s)` (`s < r`) stays at
+    // most 1: with 0 there, a strongly decaying partial chunk (`Λ_s` below about −88) made it
+    // overflow, and `0 · inf` put NaN into rows the blocked inverse's products then carry.
     if unit < c {
-        // Rows past the chunk's end get β = 0: their rows of L, W and Ũ are zero. Their `Λ`
-        // repeats the last row's, so that every `exp(Λ_r − Λ_s)` (`s < r`) stays at most 1: with
-        // 0 there, a strongly decaying partial chunk (`Λ_s` below about −88) made it overflow,
-        // and `0 · inf` put NaN into rows the blocked inverse's products then carry.
         let mut b = 0.0f32;
         if unit < cl {
             b = f32::cast_from(beta[(bos + p0 + unit) * l.heads + hv]);
         }
-        let mut g = 0.0f32;
-        if comptime!(l.scalar_gate) {
-            let mut row = unit;
-            if row >= cl {
-                row = cl - 1;
-            }
-            g = gc[(bos + p0 + row) * l.heads + hv];
-        }
         bl[unit] = b;
-        lam[unit] = g;
     }
+    load_lam(gc, &mut lam, bos, p0, cl, hv, l);
     sync_cube();
     // K Kᵀ
     mma::<F, F>(
