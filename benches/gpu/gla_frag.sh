@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GLA's chunk walks with the state in tensor-core registers (crates/fla-cubecl-kernels/src/gated/
 # frag.rs, FLA_GLA_FRAG: 1 the forward, 2 dk/dv, 4 dq; 3 by default since 2026-12-07, 0 none), the
-# delta rule's dq/dk-/dW kernel in registers (opt-in FLA_DELTA_FRAG=1) and the attention register
+# delta rule's dq/dk-/dW kernel in registers (default since 2026-12-07; FLA_DELTA_FRAG=0 takes
+# the tiled kernel) and the attention register
 # kernels' second round (FLA_ATTN_FRAG_FAST=1: fetching ahead, mask-free whole blocks, fast
 # exponentials): their CUDA tests (PART=tests), then timings beside the defaults, FLA and SDPA,
 # per-kernel profiles and memory (PART=times).
@@ -10,7 +11,11 @@
 # after DEADLINE seconds (default 330) are skipped, so a call with little device time left still
 # returns the tests.
 D=${DEADLINE:-330}
-go() { [ $SECONDS -lt $D ] || { echo "skipped (t=$SECONDS): $*"; return 1; }; }
+# ONLY=a,b: only the steps of those names (the names `go` is given below); all by default.
+go() {
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$1,"* ]]; then return 1; fi
+  [ $SECONDS -lt $D ] || { echo "skipped (t=$SECONDS): $*"; return 1; }
+}
 bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
@@ -35,25 +40,31 @@ tab() { # label, ops, env...
 # attention and T = 65536 memory).
 case ${PART:-tests} in
 tests)
+  # FIXTURES=transformer: fla-models' parity fixtures of those families made by FLA here
+  # (make_fixtures.py, into the tree the parity tests below read, and copied to $OUT/fixtures).
+  if [ -n "${FIXTURES:-}" ] && go fixtures; then
+    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -1
+    (cd crates/fla-models/tests/fixtures && PYTHONPATH=/tmp/site timeout 150 python3 make_fixtures.py --out . --families $FIXTURES 2>&1 | grep -v Warning | tail -8)
+    for f in ${FIXTURES//,/ }; do mkdir -p $OUT/fixtures/$f && cp crates/fla-models/tests/fixtures/$f/* $OUT/fixtures/$f/; done
+  fi
   # The split (small grids) would bypass the register walks: force the fused walk.
-  TS=${TS_FRAG:-200} t gla-frag "chunk_gla_half_sizes chunk_half_precision chunk_kernel_choice" FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0
+  go gla-frag && TS=${TS_FRAG:-200} t gla-frag "chunk_gla_half_sizes chunk_half_precision chunk_kernel_choice" FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
   [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
-  # The delta rule's dq/dk⁻/dW kernel in registers (FLA_DELTA_FRAG=1, not yet run): the chunk
-  # cases in half precision and the choice test, then (time allowing) the default set alone, with
-  # its whole output (one f16 case failed once at 16 threads beside others, 2026-12-07, and
-  # passed alone).
-  go delta-frag && TS=${TS_DELTA:-150} t delta-frag "delta::half delta::chunk_half_sizes delta::dqk_register" FLA_DELTA_FRAG=1
-  go delta && TS=${TS_DELTA:-130} t delta "delta::tiled delta::half delta::sizes"
+  # The delta rule's half-precision chunk cases and the kernel-choice test, through the dq/dk⁻/dW
+  # kernel in registers (the default; 22 of 22 passed on an H100, 2026-12-07), then the tiled
+  # kernel's set (FLA_DELTA_FRAG=0).
+  go delta-frag && TS=${TS_DELTA:-150} t delta-frag "delta::half delta::chunk_half_sizes delta::dqk_register"
+  go delta && TS=${TS_DELTA:-130} t delta "delta::tiled delta::half delta::sizes" FLA_DELTA_FRAG=0
   ;;
 times)
-  go tab && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
-  go tab && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
-  go tab && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
-  go tab && tab delta chunk_delta_rule,chunk_gated_delta_rule
-  go tab && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=1
-  go tab && tab attn parallel_attn
+  go gla-tiled && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
+  go gla && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
+  go gla-all && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
+  go delta-tiled && tab delta-tiled chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=0
+  go delta && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule
+  go attn && tab attn parallel_attn
   if go burn-attn; then
     echo "== Burn's own attention under Autodiff, T = 4096 (t=$SECONDS)"
     timeout 100 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops attention --warmup 1 --iters 3 2>&1 | grep -E "^\| attention|panicked|rror" | head -3
@@ -65,7 +76,7 @@ times)
   if go prof; then
     # Per-kernel times of one forward+backward at T = 4096 (CubeCL's profiler).
     printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
-    FLA_DELTA_FRAG=1 timeout 80 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 2 --iters 1 > $OUT/profile.log 2>&1
+    timeout 80 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 2 --iters 1 > $OUT/profile.log 2>&1
     rm -f cubecl.toml
     python3 - $OUT/profile.log <<'PY'
 import re, sys, collections

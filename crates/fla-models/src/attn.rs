@@ -1,8 +1,9 @@
 //! FLA's softmax `Attention` token mixer (`fla.layers.attn.Attention`), for hybrid models and the
 //! Transformer++ baseline, on the fused `parallel_attn` op: rotary position embeddings, grouped
-//! key/value heads, an optional sliding window, and a key/value cache for decoding.
+//! key/value heads, optional query/key norms, an optional sliding window, and a key/value cache
+//! for decoding.
 
-use crate::modules::Project;
+use crate::modules::{Project, RmsNorm, RmsNormConfig};
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
@@ -22,6 +23,10 @@ pub struct AttentionConfig {
     pub num_kv_heads: Option<usize>,
     #[config(default = false)]
     pub qkv_bias: bool,
+    /// RMSNorm of each head's query and key (weights of the head dim, eps 1e-5) before the
+    /// rotary embedding, as FLA's `qk_norm` (Qwen3's layout).
+    #[config(default = false)]
+    pub qk_norm: bool,
     /// Sliding window: each token sees the last `window_size` tokens, itself included.
     #[config(default = "None")]
     pub window_size: Option<usize>,
@@ -44,6 +49,8 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub window_size: Option<usize>,
@@ -82,6 +89,8 @@ impl AttentionConfig {
             k_proj: linear(h, nkv * d),
             v_proj: linear(h, nkv * d),
             o_proj: LinearConfig::new(nh * d, h).with_bias(false).init(device),
+            q_norm: self.qk_norm.then(|| RmsNormConfig::new(d).init(device)),
+            k_norm: self.qk_norm.then(|| RmsNormConfig::new(d).init(device)),
             num_heads: nh,
             num_kv_heads: nkv,
             window_size: self.window_size,
@@ -151,17 +160,15 @@ impl<B: AttentionBackend> Attention<B> {
             let d = y.dims()[2] / n;
             y.reshape([b, t, n, d])
         };
+        let norm = |y: Tensor<B, 4>, n: &Option<RmsNorm<B>>| match n {
+            Some(n) => n.forward(y),
+            None => Ok(y),
+        };
         let seen = cache.as_ref().map_or(0, |c| c.seen);
-        let q = rotary(
-            heads(self.q_proj.project(x.clone())?, nh),
-            seen,
-            self.rope_theta,
-        );
-        let k = rotary(
-            heads(self.k_proj.project(x.clone())?, nkv),
-            seen,
-            self.rope_theta,
-        );
+        let q = norm(heads(self.q_proj.project(x.clone())?, nh), &self.q_norm)?;
+        let k = norm(heads(self.k_proj.project(x.clone())?, nkv), &self.k_norm)?;
+        let q = rotary(q, seen, self.rope_theta);
+        let k = rotary(k, seen, self.rope_theta);
         let v = heads(self.v_proj.project(x)?, nkv);
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),

@@ -31,7 +31,7 @@ use crate::lm::ConfigError;
 /// FLA's names → ours, applied in order.
 const FROM_FLA: [(&str, &str); 4] = [
     (
-        r"^(.*\.)?(attn_norm|mlp_norm|norm)\.weight$",
+        r"^(.*\.)?(attn_norm|mlp_norm|norm|q_norm|k_norm)\.weight$",
         "${1}${2}.gamma",
     ),
     (
@@ -50,7 +50,7 @@ const TO_FLA: [(&str, &str); 4] = [
         ".${1}.weight",
     ),
     (
-        r"^(.*\.)?(attn_norm|mlp_norm|norm)\.gamma$",
+        r"^(.*\.)?(attn_norm|mlp_norm|norm|q_norm|k_norm)\.gamma$",
         "${1}${2}.weight",
     ),
     (r"\.gk_proj_([0-9]+)\.", ".gk_proj.${1}."),

@@ -37,7 +37,12 @@ pub struct TransformerConfig {
     pub fuse_norm: bool,
     pub fuse_swiglu: bool,
     pub fuse_cross_entropy: bool,
+    pub fuse_linear_cross_entropy: bool,
+    pub use_l2warp: bool,
     pub vocab_size: usize,
+    /// FLA's attention residuals (a learned mix of earlier layers' outputs in place of the
+    /// plain residual stream): not built here, so a config that sets it is refused.
+    pub attnres_block_size: Option<usize>,
     pub model_type: String,
 }
 
@@ -67,7 +72,10 @@ impl Default for TransformerConfig {
             fuse_norm: true,
             fuse_swiglu: true,
             fuse_cross_entropy: true,
+            fuse_linear_cross_entropy: false,
+            use_l2warp: false,
             vocab_size: 32000,
+            attnres_block_size: None,
             model_type: "transformer".into(),
         }
     }
@@ -90,14 +98,16 @@ pub type TransformerForCausalLM<B> = ForCausalLM<B, Attention<B>>;
 pub type TransformerCache<B> = Vec<KvCache<B>>;
 
 impl TransformerConfig {
-    /// Errors for options this port does not build (q/k norms) rather than building a
-    /// different model.
+    /// Errors for options this port does not build (attention residuals) rather than building
+    /// a different model.
     pub fn init<B: AttentionBackend>(
         &self,
         device: &B::Device,
     ) -> Result<TransformerForCausalLM<B>, FlaError> {
-        if self.qk_norm {
-            return Err(FlaError::Unsupported("qk_norm".into()));
+        if self.attnres_block_size.is_some() {
+            return Err(FlaError::Unsupported(
+                "attnres_block_size (attention residuals)".into(),
+            ));
         }
         if !matches!(self.hidden_act.as_str(), "swish" | "silu") {
             return Err(FlaError::Unsupported(format!(
@@ -115,6 +125,7 @@ impl TransformerConfig {
             .with_num_heads(self.num_heads)
             .with_num_kv_heads(self.num_kv_heads)
             .with_qkv_bias(self.qkv_bias)
+            .with_qk_norm(self.qk_norm)
             .with_window_size(self.window_size)
             .with_rope_theta(self.rope_theta);
         let shape = lm_shape!(self);

@@ -9,13 +9,12 @@
 //! `K`/`Q` and of the states) pass through shared memory, staged once for all planes. A cube takes
 //! up to 128 key columns, so at `K ≤ 128` the chunk's `dO`, `U`, `dU` are read once.
 //!
-//! Off by default until its CUDA tests have run (`FLA_DELTA_FRAG=1` turns it on): Vulkan and
-//! lavapipe have no such instructions and keep the tiled kernel. Two things only a GPU run will
-//! settle: the `f32` intermediates are read in vectors of up to eight (32 bytes; the other
-//! register kernels read 16-bit tensors only), and a cube has one plane per 16 rows (4 at chunk
-//! 64) with ~104 KB of shared memory at K = V = 128, two cubes a multiprocessor, where the tiled
-//! kernel gained from 32 planes; fetching `Q` and `dS_C` during the first products, as the
-//! attention kernels fetch ahead, is the next step if it is latency-bound.
+//! On by default on CUDA in half precision ([`DEFAULT_DELTA_FRAG`]; `FLA_DELTA_FRAG=0` turns it
+//! off): Vulkan and lavapipe have no such instructions, and `f32` inputs have no 16-bit
+//! products, so they keep the tiled kernel. A cube has one plane per 16 rows (4 at chunk 64)
+//! with ~104 KB of shared memory at K = V = 128, two cubes a multiprocessor; fetching `Q` and
+//! `dS_C` during the first products, as the attention kernels fetch ahead, is the next step if
+//! it is latency-bound.
 
 use cubecl::cmma::{MatrixIdent, MmaDefinition};
 use cubecl::prelude::*;
@@ -243,8 +242,16 @@ pub fn delta_dqk_frag_kernel<F: Float, N: Size>(
     );
 }
 
+/// Whether the backward takes [`delta_dqk_frag_kernel`] where it applies (bit 1 of
+/// `FLA_DELTA_FRAG`, which overrides it). On an H100 (bf16, B = 8, H = 16, K = V = 128, one call,
+/// 2026-12-07) it took `chunk_delta_rule` forward+backward from 16.30 to 13.39 ms at T = 4096
+/// (25.32 against 31.04 at 8192) and `chunk_gated_delta_rule` from 17.99 to 14.92 (27.90
+/// against 34.92), and its CUDA half-precision tests (odd sizes, K = 256, grouped heads, a
+/// variable-length batch with an empty sequence, T = 4096) passed, 22 of 22.
+pub const DEFAULT_DELTA_FRAG: usize = 1;
+
 /// The register kernel's layout for a backward whose tiled layout is `l`, or `None` where it
-/// does not apply: off unless `FLA_DELTA_FRAG` has bit 1 (until its CUDA tests have run), and
+/// does not apply: off where `FLA_DELTA_FRAG` lacks bit 1 ([`DEFAULT_DELTA_FRAG`] has it), and
 /// only on CUDA with `mma.sync`/`ldmatrix` for the dtype. Key blocks of 128 columns (the chunk's
 /// `dO`, `U`, `dU` staged once at `K ≤ 128`), else 64, 32 or 16, the widest that fits twice on a
 /// multiprocessor, or once.
@@ -253,7 +260,9 @@ pub(crate) fn dqk_registers<R: Runtime>(
     p: &DeltaProblem,
     l: TiledLayout,
 ) -> Option<DeltaFragLayout> {
-    if tuning("FLA_DELTA_FRAG").unwrap_or(0) & 1 == 0 || !registers_available(client, p.dtype) {
+    if tuning("FLA_DELTA_FRAG").unwrap_or(DEFAULT_DELTA_FRAG) & 1 == 0
+        || !registers_available(client, p.dtype)
+    {
         return None;
     }
     let planes = l.chunk / FRAG_M;

@@ -20,7 +20,7 @@ mod tiled;
 mod tiled_bwd;
 
 pub use chunk_launch::{delta_chunk_backward, delta_chunk_forward};
-pub use frag::delta_dqk_in_registers;
+pub use frag::{delta_dqk_in_registers, DEFAULT_DELTA_FRAG};
 pub use launch::{
     delta_backward, delta_check_device, delta_forward, DeltaBackwardBuffers, DeltaForwardBuffers,
 };

@@ -371,9 +371,9 @@ fn half_precision(
 
 /// The chunk form in f16 on odd and round sizes, grouped value heads and a variable-length batch
 /// with an empty sequence, against the f64 recurrence at the half-precision tolerances: every
-/// tensor-core path of the chunk kernels where the device has them (on CUDA with
-/// `FLA_DELTA_FRAG=1` the backward's `dq`/`dk⁻`/`dW` kernel in registers: K = 256 takes two key
-/// blocks of 128, K = 60 and 100 zero-padded blocks).
+/// tensor-core path of the chunk kernels where the device has them (on CUDA, by default, the
+/// backward's `dq`/`dk⁻`/`dW` kernel in registers: K = 256 takes two key blocks of 128, K = 60
+/// and 100 zero-padded blocks; `FLA_DELTA_FRAG=0` tests the tiled kernel there instead).
 #[rstest]
 #[case::t1([1, 1, 1, 1, 16, 16], None, false)]
 #[case::t63_k60_v100_grouped([1, 63, 1, 2, 60, 100], None, true)]
@@ -390,8 +390,9 @@ fn chunk_half_sizes(#[case] dims: Dims, #[case] cu: Option<Vec<usize>>, #[case] 
 }
 
 /// The backward's `dq`/`dk⁻`/`dW` kernel with its accumulators in registers is CUDA's (manual
-/// MMA) in half precision, and off until `FLA_DELTA_FRAG` has bit 1: then the half-precision
-/// cases above (and every other chunk case in f16/bf16) run through it on CUDA.
+/// MMA) in half precision, on by default and off where `FLA_DELTA_FRAG` lacks bit 1: by
+/// default the half-precision cases above (and every other chunk case in f16/bf16) run through
+/// it on CUDA.
 #[test]
 fn dqk_register_kernel_choice() {
     on_runtime!(check_dqk_choice());
@@ -401,7 +402,9 @@ fn check_dqk_choice<R: Runtime>(client: &ComputeClient<R>) {
     let asked = std::env::var("FLA_DELTA_FRAG")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|v| v & 1 != 0);
+        .unwrap_or(fla_cubecl_kernels::delta::DEFAULT_DELTA_FRAG)
+        & 1
+        != 0;
     for dtype in [FloatDType::F32, FloatDType::F16, FloatDType::BF16] {
         if dtype.check_supported(client).is_err() {
             continue;

@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_store::{ModuleStore, SafetensorsStore};
 use fla_burn::{AttentionBackend, LayerBackend};
+use fla_models::attn::{Attention, KvCache};
 use fla_models::checkpoint::{CheckpointError, Pretrained, PretrainedError};
 use fla_models::delta_net::DeltaNet;
 use fla_models::gated_deltanet::GatedDeltaNet;
@@ -118,6 +119,12 @@ impl<B: Backend> RecurrentState<B> for LayerCache<B> {
     }
 }
 
+impl<B: Backend> RecurrentState<B> for KvCache<B> {
+    fn recurrent_state(self) -> Option<Tensor<B, 4>> {
+        None
+    }
+}
+
 impl<B: AttentionBackend> RecurrentState<B> for HybridCache<B, LayerCache<B>> {
     fn recurrent_state(self) -> Option<Tensor<B, 4>> {
         match self {
@@ -212,6 +219,7 @@ macro_rules! for_family {
             "gla_hybrid" => {
                 $f::<$B, Hybrid<$B, GatedLinearAttention<$B>>>($family, &Default::default())
             }
+            "transformer" => $f::<$B, Attention<$B>>($family, &Default::default()),
             other => panic!("no family {other:?}"),
         }
     };
@@ -244,7 +252,16 @@ macro_rules! dispatch {
 
 #[rstest]
 fn whole_sequence_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+    #[values(
+        "gla",
+        "gated_deltanet",
+        "delta_net",
+        "retnet",
+        "hgrn2",
+        "gla_hybrid",
+        "transformer"
+    )]
+    family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(whole, family, backend);
@@ -252,7 +269,16 @@ fn whole_sequence_matches_fla(
 
 #[rstest]
 fn token_by_token_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+    #[values(
+        "gla",
+        "gated_deltanet",
+        "delta_net",
+        "retnet",
+        "hgrn2",
+        "gla_hybrid",
+        "transformer"
+    )]
+    family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(stepwise, family, backend);
@@ -260,7 +286,16 @@ fn token_by_token_matches_fla(
 
 #[rstest]
 fn greedy_generation_matches_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+    #[values(
+        "gla",
+        "gated_deltanet",
+        "delta_net",
+        "retnet",
+        "hgrn2",
+        "gla_hybrid",
+        "transformer"
+    )]
+    family: &str,
     #[values("ndarray", "fused")] backend: &str,
 ) {
     dispatch!(greedy, family, backend);
@@ -313,7 +348,16 @@ where
 
 #[rstest]
 fn save_pretrained_round_trip(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+    #[values(
+        "gla",
+        "gated_deltanet",
+        "delta_net",
+        "retnet",
+        "hgrn2",
+        "gla_hybrid",
+        "transformer"
+    )]
+    family: &str,
 ) {
     for_family!(round_trip, family, NdArray);
 }
@@ -514,7 +558,16 @@ where
 
 #[rstest]
 fn export_for_fla(
-    #[values("gla", "gated_deltanet", "delta_net", "retnet", "hgrn2", "gla_hybrid")] family: &str,
+    #[values(
+        "gla",
+        "gated_deltanet",
+        "delta_net",
+        "retnet",
+        "hgrn2",
+        "gla_hybrid",
+        "transformer"
+    )]
+    family: &str,
 ) {
     for_family!(export, family, NdArray);
 }

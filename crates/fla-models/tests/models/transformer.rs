@@ -192,7 +192,7 @@ fn unsupported_options_are_refused() {
     let device = Default::default();
     for bad in [
         TransformerConfig {
-            qk_norm: true,
+            attnres_block_size: Some(2),
             ..tiny()
         },
         TransformerConfig {
