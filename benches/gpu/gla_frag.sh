@@ -49,6 +49,13 @@ tests)
   fi
   # The split (small grids) would bypass the register walks: force the fused walk.
   go gla-frag && TS=${TS_FRAG:-200} t gla-frag "chunk_gla_half_sizes chunk_half_precision chunk_kernel_choice" FLA_GLA_FRAG=7 FLA_TILED_SPLIT=0
+  # GLA's forward keeping its scores for the backward (off on CUDA until this runs): the chunk
+  # kernel tests with it on, and the Burn op's (its Autodiff and Fusion plumbing).
+  go gla-keep && TS=${TS_KEEP:-150} t gla-keep "gated::chunk" FLA_GLA_KEEP_SCORES=1
+  # GLA's scores with their off-diagonal blocks on tensor cores (FLA_GLA_SCORES_TC=1, opt-in,
+  # passed on lavapipe only so far).
+  go gla-tc && TS=${TS_KEEP:-150} t gla-tc "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_KEEP_SCORES=1
+  go gla-keep-ops && BIN=test-ops TS=${TS_KEEP:-150} t gla-keep-ops "gated::chunk" FLA_GLA_KEEP_SCORES=1
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
   [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
@@ -62,6 +69,9 @@ times)
   go gla-tiled && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
   go gla && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
   go gla-all && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
+  go gla-keep && tab gla-keep-scores chunk_gla FLA_GLA_KEEP_SCORES=1
+  go gla-tc && tab gla-scores-tc chunk_gla FLA_GLA_SCORES_TC=1
+  go gla-tc && tab gla-scores-tc-kept chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_KEEP_SCORES=1
   go delta-tiled && tab delta-tiled chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=0
   go delta && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule
   go attn && tab attn parallel_attn

@@ -21,7 +21,7 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
         opts: &AttnOpOptions,
     ) -> Result<AttnForward<Self>, FlaError> {
         describe(&x, opts)?;
-        let Outputs { o, ht } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
+        let Outputs { o, ht, .. } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
         let lse = ht.ok_or_else(|| FlaError::Shape("the forward returned no lse".into()))?;
         Ok(AttnForward { o, lse })
     }

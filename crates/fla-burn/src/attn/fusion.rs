@@ -27,7 +27,7 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         B::attn_check_device(&device, &p)?;
         let o = vec![p.batch, p.q_len, p.heads, p.v_dim];
         let lse = vec![p.batch, p.q_len, p.heads];
-        let Outputs { o, ht } = fusion::forward::<B, _>(opts, x.into_inputs(), o, Some(lse));
+        let Outputs { o, ht, .. } = fusion::forward::<B, _>(opts, x.into_inputs(), o, Some(lse));
         Ok(AttnForward {
             o,
             lse: ht.expect("registered lse"),
@@ -48,6 +48,7 @@ impl<B: FusionBackend + AttentionBackend> AttentionBackend for Fusion<B> {
         let out = Outputs {
             o: out.o,
             ht: Some(out.lse),
+            aux: None,
         };
         let g = fusion::backward::<B, _>(opts, x.into_inputs(), Some(out), d_o, None);
         let x = AttnTensors::<Self>::from_inputs(g);

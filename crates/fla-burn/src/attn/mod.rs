@@ -131,6 +131,7 @@ impl<B: AttentionBackend> StateOp<B> for AttnOpOptions {
         Ok(Outputs {
             o: out.o,
             ht: Some(out.lse),
+            aux: None,
         })
     }
 
@@ -141,7 +142,10 @@ impl<B: AttentionBackend> StateOp<B> for AttnOpOptions {
         d_o: FloatTensor<B>,
         _d_ht: Option<FloatTensor<B>>,
     ) -> Result<Inputs<B>, FlaError> {
-        let Some(Outputs { o, ht: Some(lse) }) = out else {
+        let Some(Outputs {
+            o, ht: Some(lse), ..
+        }) = out
+        else {
             return Err(FlaError::Shape(
                 "the attention backward needs the forward's o and lse".into(),
             ));

@@ -18,7 +18,7 @@ impl<B: DeltaRuleBackend, C: CheckpointStrategy> DeltaRuleBackend for Autodiff<B
         opts: &DeltaOptions,
     ) -> Result<DeltaForward<Self>, FlaError> {
         describe(&x, opts)?;
-        let Outputs { o, ht } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
+        let Outputs { o, ht, .. } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
         Ok(DeltaForward { o, ht })
     }
 

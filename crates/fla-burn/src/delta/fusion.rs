@@ -25,7 +25,7 @@ impl<B: FusionBackend + DeltaRuleBackend> DeltaRuleBackend for Fusion<B> {
         let ht = p
             .output_final_state
             .then(|| vec![p.num_seqs(), p.v_heads, p.k_dim, p.v_dim]);
-        let Outputs { o, ht } = fusion::forward::<B, _>(opts, x.into_inputs(), o, ht);
+        let Outputs { o, ht, .. } = fusion::forward::<B, _>(opts, x.into_inputs(), o, ht);
         Ok(DeltaForward { o, ht })
     }
 

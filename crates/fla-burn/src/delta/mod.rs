@@ -203,6 +203,7 @@ impl<B: DeltaRuleBackend> StateOp<B> for DeltaOptions {
         Ok(Outputs {
             o: out.o,
             ht: out.ht,
+            aux: None,
         })
     }
 

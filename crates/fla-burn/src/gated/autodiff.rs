@@ -20,8 +20,12 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
         opts: &GatedOptions,
     ) -> Result<GatedForward<Self>, FlaError> {
         describe(&x, opts)?;
-        let Outputs { o, ht } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
-        Ok(GatedForward { o, ht })
+        let Outputs { o, ht, .. } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
+        Ok(GatedForward {
+            o,
+            ht,
+            scores: None,
+        })
     }
 
     /// Runs the inner backend's backward on the primitives: gradients of gradients are not
@@ -30,6 +34,7 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
         x: GatedTensors<Self>,
         o: FloatTensor<Self>,
         ht: Option<FloatTensor<Self>>,
+        scores: Option<FloatTensor<Self>>,
         d_o: FloatTensor<Self>,
         d_ht: Option<FloatTensor<Self>>,
         opts: &GatedOptions,
@@ -39,6 +44,7 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
             inner,
             o.primitive,
             ht.map(|t| t.primitive),
+            scores.map(|t| t.primitive),
             d_o.primitive,
             d_ht.map(|t| t.primitive),
             opts,
@@ -60,5 +66,13 @@ impl<B: GatedRecurrentBackend, C: CheckpointStrategy> GatedRecurrentBackend for 
 
     fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {
         B::gated_check_device(device, problem)
+    }
+
+    fn gated_scores_shape(
+        device: &Self::Device,
+        problem: &GatedProblem,
+        opts: &GatedOptions,
+    ) -> Option<[usize; 3]> {
+        B::gated_scores_shape(device, problem, opts)
     }
 }

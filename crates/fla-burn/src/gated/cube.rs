@@ -7,8 +7,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use fla_cubecl_kernels::gated::{
-    chunk_backward, chunk_forward, recurrent_backward, recurrent_forward, BackwardBuffers,
-    ForwardBuffers, GatedProblem,
+    chunk_backward, chunk_forward, chunk_scores_shape, recurrent_backward, recurrent_forward,
+    BackwardBuffers, ForwardBuffers, GatedProblem,
 };
 
 use super::{
@@ -44,6 +44,19 @@ pub(crate) fn empty<R: CubeRuntime>(
     )
 }
 
+/// The shape of the in-chunk scores the forward of `p` keeps (the chunk form under vector gates
+/// on the tiled path), `None` where it keeps none.
+fn scores_shape<R: CubeRuntime>(
+    client: &cubecl::prelude::ComputeClient<R>,
+    p: &GatedProblem,
+    opts: &GatedOptions,
+) -> Option<[usize; 3]> {
+    match opts.mode.resolve(p) {
+        GatedMode::Chunk => chunk_scores_shape(client, p, CHUNK_SIZE),
+        _ => None,
+    }
+}
+
 /// Fills in the kernels' dtype of a validated problem and checks the device computes it.
 fn on_device<R: CubeRuntime>(
     mut p: GatedProblem,
@@ -71,6 +84,7 @@ where
         let o = empty(&q, vec![p.batch, p.seq_len, p.heads, p.v_dim], dtype);
         let state = vec![p.num_seqs(), p.heads, p.k_dim, p.v_dim];
         let ht = p.output_final_state.then(|| empty(&q, state, DType::F32));
+        let scores = scores_shape(&q.client, &p, opts).map(|d| empty(&q, d.to_vec(), dtype));
         let buffers = ForwardBuffers {
             q: &q.handle,
             k: &k.handle,
@@ -80,24 +94,31 @@ where
             h0: h0.as_ref().map(|t| &t.handle),
             o: &o.handle,
             ht: ht.as_ref().map(|t| &t.handle),
+            scores: scores.as_ref().map(|t| &t.handle),
         };
         match opts.mode.resolve(&p) {
             GatedMode::Chunk => chunk_forward(&q.client, &p, CHUNK_SIZE, buffers)?,
             _ => recurrent_forward(&q.client, &p, buffers)?,
         }
-        Ok(GatedForward { o, ht })
+        Ok(GatedForward { o, ht, scores })
     }
 
     fn gated_recurrent_backward(
         x: GatedTensors<Self>,
         o: CubeTensor<R>,
         ht: Option<CubeTensor<R>>,
+        scores: Option<CubeTensor<R>>,
         d_o: CubeTensor<R>,
         d_ht: Option<CubeTensor<R>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
         let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
         let p = on_device(p, &x.q)?;
+        // Scores of another shape than this problem's are not this forward's: summed again.
+        let want = scores_shape(&x.q.client, &p, opts);
+        let scores = scores
+            .filter(|s| want.is_some_and(|d| s.shape().to_vec() == d && s.dtype() == x.q.dtype()))
+            .map(into_contiguous);
         let dtype = x.q.dtype();
         let GatedTensors { q, k, v, g, gv, h0 } = contiguous(x);
         let (o, d_o) = (into_contiguous(o), into_contiguous(d_o));
@@ -128,6 +149,7 @@ where
             dg: dg.as_ref().map(|t| &t.handle),
             dgv: dgv.as_ref().map(|t| &t.handle),
             dh0: dh0.as_ref().map(|t| &t.handle),
+            scores: scores.as_ref().map(|t| &t.handle),
         };
         match opts.mode.resolve(&p) {
             GatedMode::Chunk => chunk_backward(&q.client, &p, CHUNK_SIZE, buffers)?,
@@ -147,6 +169,14 @@ where
         let client = R::client(device);
         kernel_dtype(dtype)?.check_supported(&client)?;
         Ok(())
+    }
+
+    fn gated_scores_shape(
+        device: &Self::Device,
+        problem: &GatedProblem,
+        opts: &GatedOptions,
+    ) -> Option<[usize; 3]> {
+        scores_shape(&R::client(device), problem, opts)
     }
 
     fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {

@@ -203,6 +203,7 @@ pub fn forward<B: Backend>(
     Ok(GatedForward {
         o: unwrap(o, dtype),
         ht,
+        scores: None,
     })
 }
 

@@ -8,8 +8,8 @@ use burn::tensor::{DType, TensorMetadata};
 use burn_fusion::{Fusion, FusionBackend, FusionTensor};
 
 use super::{
-    describe, describe_backward, GatedForward, GatedGrads, GatedOptions, GatedRecurrentBackend,
-    GatedTensors,
+    describe, describe_backward, kernel_dtype, GatedForward, GatedGrads, GatedOptions,
+    GatedRecurrentBackend, GatedTensors,
 };
 use crate::recorded::{fusion, Outputs};
 use crate::FlaError;
@@ -27,14 +27,22 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
         let ht = p
             .output_final_state
             .then(|| vec![p.num_seqs(), p.heads, p.k_dim, p.v_dim]);
-        let Outputs { o, ht } = fusion::forward::<B, _>(opts, x.into_inputs(), o, ht);
-        Ok(GatedForward { o, ht })
+        // The tiling, and so the scores' chunk, depends on the dtype (checked above).
+        let p = GatedProblem {
+            dtype: kernel_dtype(x.q.dtype())?,
+            ..p
+        };
+        let scores = B::gated_scores_shape(&Self::float_device(&x.q), &p, opts).map(Vec::from);
+        let Outputs { o, ht, aux } =
+            fusion::forward_keeping::<B, _>(opts, x.into_inputs(), o, ht, scores);
+        Ok(GatedForward { o, ht, scores: aux })
     }
 
     fn gated_recurrent_backward(
         x: GatedTensors<Self>,
         o: FusionTensor<B::FusionRuntime>,
         ht: Option<FusionTensor<B::FusionRuntime>>,
+        scores: Option<FusionTensor<B::FusionRuntime>>,
         d_o: FusionTensor<B::FusionRuntime>,
         d_ht: Option<FusionTensor<B::FusionRuntime>>,
         opts: &GatedOptions,
@@ -42,8 +50,8 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
         let p = describe_backward(&x, &o, ht.as_ref(), &d_o, d_ht.as_ref(), opts)?;
         B::gated_check_dtype(&Self::float_device(&x.q), x.q.dtype())?;
         B::gated_check_device(&Self::float_device(&x.q), &p)?;
-        let grads =
-            fusion::backward::<B, _>(opts, x.into_inputs(), Some(Outputs { o, ht }), d_o, d_ht);
+        let out = Outputs { o, ht, aux: scores };
+        let grads = fusion::backward::<B, _>(opts, x.into_inputs(), Some(out), d_o, d_ht);
         Ok(GatedGrads::from_inputs(grads))
     }
 
@@ -53,5 +61,13 @@ impl<B: FusionBackend + GatedRecurrentBackend> GatedRecurrentBackend for Fusion<
 
     fn gated_check_device(device: &Self::Device, problem: &GatedProblem) -> Result<(), FlaError> {
         B::gated_check_device(device, problem)
+    }
+
+    fn gated_scores_shape(
+        device: &Self::Device,
+        problem: &GatedProblem,
+        opts: &GatedOptions,
+    ) -> Option<[usize; 3]> {
+        B::gated_scores_shape(device, problem, opts)
     }
 }

@@ -121,6 +121,7 @@ impl<B: GatedRecurrentBackend> StateOp<B> for GatedOptions {
         Ok(Outputs {
             o: out.o,
             ht: out.ht,
+            aux: out.scores,
         })
     }
 
@@ -135,7 +136,8 @@ impl<B: GatedRecurrentBackend> StateOp<B> for GatedOptions {
             FlaError::Shape("the gated backward needs the forward's outputs".into())
         })?;
         let x = GatedTensors::from_inputs(x);
-        Ok(B::gated_recurrent_backward(x, out.o, out.ht, d_o, d_ht, self)?.into_inputs())
+        let grads = B::gated_recurrent_backward(x, out.o, out.ht, out.aux, d_o, d_ht, self)?;
+        Ok(grads.into_inputs())
     }
 }
 
@@ -183,11 +185,15 @@ pub struct GatedOptions {
     pub mode: GatedMode,
 }
 
-/// Forward results: `o: [B, T, H, V]` in the dtype of `q`; `ht: [N, H, K, V]` in `f32`.
+/// Forward results: `o: [B, T, H, V]` in the dtype of `q`; `ht: [N, H, K, V]` in `f32`;
+/// `scores`, where the forward summed GLA's in-chunk scores (the fused chunk form under vector
+/// gates, [`GatedRecurrentBackend::gated_scores_shape`]), for the backward to read instead of
+/// summing them again (`None` elsewhere, and under `Autodiff`, which keeps them in its graph).
 #[derive(Debug)]
 pub struct GatedForward<B: Backend> {
     pub o: FloatTensor<B>,
     pub ht: Option<FloatTensor<B>>,
+    pub scores: Option<FloatTensor<B>>,
 }
 
 /// Gradients, each in the shape and dtype of its input.
@@ -224,17 +230,31 @@ pub trait GatedRecurrentBackend: crate::LayerBackend {
 
     /// Gradients of a loss given `d_o = ∂L/∂o` and `d_ht = ∂L/∂hT` (absent: zero). `o` and `ht`
     /// are the forward's outputs (`o` enters the value-gate gradient, `ht` the gate gradients
-    /// when `d_ht` is given). Same errors as the forward. Not itself differentiable.
+    /// when `d_ht` is given), `scores` the forward's [`GatedForward::scores`] or `None` (then
+    /// summed again where needed). Same errors as the forward. Not itself differentiable.
     #[allow(clippy::too_many_arguments)]
     fn gated_recurrent_backward(
         x: GatedTensors<Self>,
         o: FloatTensor<Self>,
         ht: Option<FloatTensor<Self>>,
+        scores: Option<FloatTensor<Self>>,
         d_o: FloatTensor<Self>,
         d_ht: Option<FloatTensor<Self>>,
         opts: &GatedOptions,
     ) -> Result<GatedGrads<Self>, FlaError> {
+        let _ = scores;
         fallback::backward::<Self>(x, o, ht, d_o, d_ht, opts)
+    }
+
+    /// The shape of the [`GatedForward::scores`] a forward of `problem` (described, with the
+    /// kernels' dtype filled in) returns on this device, `None` where it returns none (fusion
+    /// declares the output before the kernels run). The tensor-op fallback sums no scores.
+    fn gated_scores_shape(
+        _device: &Self::Device,
+        _problem: &GatedProblem,
+        _opts: &GatedOptions,
+    ) -> Option<[usize; 3]> {
+        None
     }
 
     /// Checks that the device computes `dtype`. Backends with no restriction accept every float.

@@ -126,6 +126,7 @@ impl<B: MatmulBackend> StateOp<B> for MatmulOp {
         Ok(Outputs {
             o: B::matmul_forward(a, b)?,
             ht: None,
+            aux: None,
         })
     }
 

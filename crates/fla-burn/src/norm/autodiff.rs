@@ -20,7 +20,7 @@ impl<B: NormBackend, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         opts: &NormOpOptions,
     ) -> Result<NormForward<Self>, FlaError> {
         describe(&x, opts)?;
-        let Outputs { o, ht } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
+        let Outputs { o, ht, .. } = autodiff::forward::<B, C, _>(opts, x.into_inputs())?;
         let rstd = ht.ok_or_else(|| FlaError::Shape("the forward returned no rstd".into()))?;
         Ok(NormForward { y: o, rstd })
     }

@@ -20,7 +20,7 @@ impl<B: FusionBackend + NormBackend> NormBackend for Fusion<B> {
         let p = describe(&x, opts)?;
         B::norm_check_dtype(&Self::float_device(&x.x), x.x.dtype())?;
         let y = x.x.shape().to_vec();
-        let Outputs { o, ht } =
+        let Outputs { o, ht, .. } =
             fusion::forward::<B, _>(opts, x.into_inputs(), y, Some(vec![p.rows]));
         Ok(NormForward {
             y: o,
@@ -41,6 +41,7 @@ impl<B: FusionBackend + NormBackend> NormBackend for Fusion<B> {
         let out = Outputs {
             o: dy.clone(),
             ht: Some(rstd),
+            aux: None,
         };
         let g = fusion::backward::<B, _>(opts, x.into_inputs(), Some(out), dy, None);
         let x = NormTensors::<Self>::from_inputs(g);

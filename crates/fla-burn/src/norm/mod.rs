@@ -118,6 +118,7 @@ impl<B: NormBackend> StateOp<B> for NormOpOptions {
         Ok(Outputs {
             o: out.y,
             ht: Some(out.rstd),
+            aux: None,
         })
     }
 

@@ -37,6 +37,8 @@ struct Saved<B: Backend, O> {
     o_shape: Shape,
     o_dtype: DType,
     ht: Option<FloatTensor<B>>,
+    /// The intermediate the forward kept for the backward ([`Outputs::aux`]).
+    aux: Option<FloatTensor<B>>,
 }
 
 impl<B: Backend, O: StateOp<B>> Backward<B, 6> for Node<O> {
@@ -59,7 +61,11 @@ impl<B: Backend, O: StateOp<B>> Backward<B, 6> for Node<O> {
             }
         };
         let out = match s.o {
-            Some(o) if O::READS_OUTPUTS => Some(Outputs { o, ht: s.ht }),
+            Some(o) if O::READS_OUTPUTS => Some(Outputs {
+                o,
+                ht: s.ht,
+                aux: s.aux,
+            }),
             _ => None,
         };
         let computed =
@@ -118,6 +124,7 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
                 o_shape: o_shape.clone(),
                 o_dtype: dtype,
                 ht: out.ht.clone(),
+                aux: out.aux,
             },
             output,
         ),
@@ -125,11 +132,16 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
     };
     type A<B, C> = Autodiff<B, C>;
     match out.ht {
-        None => Ok(Outputs { o: node, ht: None }),
+        None => Ok(Outputs {
+            o: node,
+            ht: None,
+            aux: None,
+        }),
         // A saved intermediate comes back as a constant: no gradient flows through it.
         Some(ht) if O::SAVED_HT => Ok(Outputs {
             o: node,
             ht: Some(<A<B, C> as burn::tensor::backend::AutodiffBackend>::from_inner(ht)),
+            aux: None,
         }),
         Some(ht) => {
             let n_o = o_shape.num_elements();
@@ -142,6 +154,7 @@ pub(crate) fn forward<B: Backend, C: CheckpointStrategy, O: StateOp<B>>(
             Ok(Outputs {
                 o,
                 ht: Some(A::<B, C>::float_reshape(h, h_shape)),
+                aux: None,
             })
         }
     }

@@ -47,9 +47,17 @@ impl<B: FusionBackend, O: StateOp<B>> Operation<B::FusionRuntime> for ForwardOp<
             .op
             .forward(x)
             .expect("inputs were validated before the op was registered");
-        handles.register_float_tensor::<B>(&self.desc.outputs[0].id, out.o);
+        let mut ids = self.desc.outputs.iter().map(|t| &t.id);
+        handles.register_float_tensor::<B>(ids.next().expect("o"), out.o);
         if let Some(ht) = out.ht {
-            handles.register_float_tensor::<B>(&self.desc.outputs[1].id, ht);
+            handles.register_float_tensor::<B>(ids.next().expect("hT listed"), ht);
+        }
+        // Listed exactly where the inner backend said it keeps one (`forward_keeping`).
+        if let Some(id) = ids.next() {
+            let aux = out
+                .aux
+                .expect("the inner forward keeps the intermediate it announced");
+            handles.register_float_tensor::<B>(id, aux);
         }
     }
 }
@@ -62,15 +70,32 @@ pub(crate) fn forward<B: FusionBackend, O: StateOp<B>>(
     o_dims: Vec<usize>,
     ht_dims: Option<Vec<usize>>,
 ) -> Outputs<burn_fusion::Fusion<B>> {
+    forward_keeping(op, x, o_dims, ht_dims, None)
+}
+
+/// [`forward`], where the inner forward also keeps an intermediate for the backward
+/// ([`Outputs::aux`]) of shape `aux_dims` in the first input's dtype. The inner backend must
+/// return one exactly when `aux_dims` is given.
+pub(crate) fn forward_keeping<B: FusionBackend, O: StateOp<B>>(
+    op: &O,
+    x: Inputs<burn_fusion::Fusion<B>>,
+    o_dims: Vec<usize>,
+    ht_dims: Option<Vec<usize>>,
+    aux_dims: Option<Vec<usize>>,
+) -> Outputs<burn_fusion::Fusion<B>> {
     let first = x[0].clone().expect("the first input is required");
     let client = first.client.clone();
     let present = x.each_ref().map(|t| t.is_some());
     let inputs: Vec<FTensor<B>> = x.into_iter().flatten().collect();
     let mut outputs = vec![uninit::<B>(&first, o_dims, first.dtype())];
+    let has_ht = ht_dims.is_some();
     if let Some(dims) = ht_dims {
         outputs.push(uninit::<B>(&first, dims, DType::F32));
     }
-    let has_ht = outputs.len() == 2;
+    let has_aux = aux_dims.is_some();
+    if let Some(dims) = aux_dims {
+        outputs.push(uninit::<B>(&first, dims, first.dtype()));
+    }
     let streams = OperationStreams::with_inputs(&inputs);
     let input_ir: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(O::FORWARD, &input_ir, &outputs);
@@ -81,9 +106,10 @@ pub(crate) fn forward<B: FusionBackend, O: StateOp<B>>(
         _b: Default::default(),
     };
     let mut out = client.register(streams, OperationIr::Custom(desc), node);
+    let aux = has_aux.then(|| out.pop().expect("registered aux"));
     let ht = has_ht.then(|| out.pop().expect("registered hT"));
     let o = out.pop().expect("registered o");
-    Outputs { o, ht }
+    Outputs { o, ht, aux }
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +119,7 @@ struct BackwardOp<B, O> {
     present: Present,
     has_out: bool,
     has_ht: bool,
+    has_aux: bool,
     has_dht: bool,
     _b: core::marker::PhantomData<B>,
 }
@@ -108,7 +135,8 @@ impl<B: FusionBackend, O: StateOp<B>> Operation<B::FusionRuntime> for BackwardOp
         let out = self.has_out.then(|| {
             let o = next();
             let ht = self.has_ht.then(&mut next);
-            Outputs { o, ht }
+            let aux = self.has_aux.then(&mut next);
+            Outputs { o, ht, aux }
         });
         let d_o = next();
         let d_ht = self.has_dht.then(&mut next);
@@ -142,11 +170,13 @@ pub(crate) fn backward<B: FusionBackend, O: StateOp<B>>(
         .collect();
     let has_out = out.is_some();
     let has_ht = out.as_ref().is_some_and(|o| o.ht.is_some());
+    let has_aux = out.as_ref().is_some_and(|o| o.aux.is_some());
     let has_dht = d_ht.is_some();
     let mut inputs: Vec<FTensor<B>> = x.into_iter().flatten().collect();
     if let Some(out) = out {
         inputs.push(out.o);
         inputs.extend(out.ht);
+        inputs.extend(out.aux);
     }
     inputs.push(d_o);
     inputs.extend(d_ht);
@@ -159,6 +189,7 @@ pub(crate) fn backward<B: FusionBackend, O: StateOp<B>>(
         present,
         has_out,
         has_ht,
+        has_aux,
         has_dht,
         _b: Default::default(),
     };

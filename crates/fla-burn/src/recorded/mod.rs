@@ -19,11 +19,14 @@ use crate::FlaError;
 /// Inputs in a family's fixed order; `None` where an optional input is absent.
 pub(crate) type Inputs<B> = [Option<FloatTensor<B>>; 6];
 
-/// Forward results: `o` in the inputs' dtype, `hT` in `f32` when requested.
+/// Forward results: `o` in the inputs' dtype, `hT` in `f32` when requested, and an intermediate
+/// the backward reads where the forward kept one (`aux`: GLA's in-chunk scores), never a result
+/// of the op: recorded, it is saved for the backward and not returned.
 #[derive(Debug)]
 pub(crate) struct Outputs<B: Backend> {
     pub o: FloatTensor<B>,
     pub ht: Option<FloatTensor<B>>,
+    pub aux: Option<FloatTensor<B>>,
 }
 
 /// One family's op on backend `B`, as the wrappers call it. Inputs reaching these methods have
@@ -42,7 +45,7 @@ pub(crate) trait StateOp<B: Backend>: Clone + Debug + Send + Sync + 'static {
 
     /// Gradients for `d_o` and `d_ht` (absent: zero), one per present input, in input order.
     /// `out` is the forward's outputs, for families whose backward reads them (the wrappers
-    /// pass them when [`StateOp::READS_OUTPUTS`] says so).
+    /// pass them, `aux` included, when [`StateOp::READS_OUTPUTS`] says so).
     fn backward(
         &self,
         x: Inputs<B>,

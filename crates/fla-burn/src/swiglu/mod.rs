@@ -102,6 +102,7 @@ impl<B: SwigluBackend> StateOp<B> for SwigluOp {
         Ok(Outputs {
             o: B::swiglu_forward(g, u)?,
             ht: None,
+            aux: None,
         })
     }
 

@@ -12,7 +12,7 @@ use super::recurrent_bwd::{
     recurrent_bwd_kernel, row_sum_kernel, value_term_kernel, GateAxis,
 };
 use super::recurrent_fwd::{recurrent_fwd_kernel, stage_len, RecurrentLayout};
-use super::tiled_launch::{tiled_backward, tiled_forward, tiled_layout};
+use super::tiled_launch::{tiled_backward, tiled_forward, tiled_layout, tuning};
 use super::{GateKind, GatedProblem};
 use crate::problem::{fits, fits_opt};
 use crate::KernelError;
@@ -30,6 +30,10 @@ pub struct ForwardBuffers<'a> {
     pub o: &'a Handle,
     /// Output `[N, H, K, V]`, when the problem asks for the final state.
     pub ht: Option<&'a Handle>,
+    /// Output, optional: the chunk form's in-chunk scores under vector gates, for the backward
+    /// to read instead of summing them again (FLA's chunk GLA keeps them too), in the input
+    /// dtype with the shape [`chunk_scores_shape`] gives. Ignored where that is `None`.
+    pub scores: Option<&'a Handle>,
 }
 
 /// Device buffers of a backward call. `o` is needed with a value gate and `ht` with `d_ht` (both
@@ -52,6 +56,35 @@ pub struct BackwardBuffers<'a> {
     pub dg: Option<&'a Handle>,
     pub dgv: Option<&'a Handle>,
     pub dh0: Option<&'a Handle>,
+    /// The scores a chunk forward of the same problem wrote to its
+    /// [`ForwardBuffers::scores`], when it was given one: the backward then reads them instead
+    /// of summing them again. Ignored where [`chunk_scores_shape`] is `None`.
+    pub scores: Option<&'a Handle>,
+}
+
+/// The shape `[B·T, H, C]` of the in-chunk scores the chunk form at `chunk` sums on this device
+/// (vector gates on the tiled path: `C` is that path's chunk), which a forward can keep for its
+/// backward ([`ForwardBuffers::scores`]); `None` where it sums none, or where keeping them is
+/// off: `FLA_GLA_KEEP_SCORES=0` turns it off, `=1` on, and on CUDA it is off by default until
+/// its CUDA tests have run (the backward that reads kept scores launches the scores kernel
+/// without its sums, a variant lavapipe alone has run).
+pub fn chunk_scores_shape<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+) -> Option<[usize; 3]> {
+    let default = !R::name(client).contains("cuda");
+    if !tuning("FLA_GLA_KEEP_SCORES").map_or(default, |v| v == 1) {
+        return None;
+    }
+    tiled_layout(client, p, chunk)
+        .filter(|l| l.vector_gate)
+        .map(|l| [p.tokens(), p.heads, l.chunk])
+}
+
+/// Elements of the scores a chunk call of `p` at `chunk` reads or writes (0 where none).
+fn scores_elems<R: Runtime>(client: &ComputeClient<R>, p: &GatedProblem, chunk: usize) -> usize {
+    chunk_scores_shape(client, p, chunk).map_or(0, |d| d.iter().product())
 }
 
 /// Threads per cube for the recurrent kernels: enough to hide latency, few enough that a
@@ -804,6 +837,12 @@ pub fn chunk_forward<R: Runtime>(
     b: ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_forward(client, p, &b)?;
+    fits_opt(
+        "scores",
+        b.scores,
+        scores_elems(client, p, chunk),
+        p.dtype.size(),
+    )?;
     if let Some(l) = tiled_layout(client, p, chunk) {
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         return tiled_forward(client, p, l, &b, (&cu, cu_len));
@@ -841,6 +880,12 @@ pub fn chunk_backward<R: Runtime>(
     b: BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_backward(client, p, &b)?;
+    fits_opt(
+        "scores",
+        b.scores,
+        scores_elems(client, p, chunk),
+        p.dtype.size(),
+    )?;
     let dh0 = if p.has_initial_state {
         Some(need(b.dh0, "dh0")?)
     } else {

@@ -23,8 +23,9 @@ pub(crate) use launch::{
     upload_cu_seqlens, CPU_VULKAN_MAX_ITERATIONS, ELEMWISE_THREADS,
 };
 pub use launch::{
-    check_device, chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward,
-    recurrent_forward, BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK,
+    check_device, chunk_backward, chunk_forward, chunk_scores_shape, is_cpu_vulkan,
+    recurrent_backward, recurrent_forward, BackwardBuffers, ForwardBuffers, CPU_VULKAN_MAX_SEQ,
+    DEFAULT_CHUNK,
 };
 pub use tiled::TiledLayout;
 pub use tiled_launch::{

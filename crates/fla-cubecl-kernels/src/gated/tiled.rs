@@ -29,8 +29,9 @@
 //! `diag(exp(Λ_C))`, and `dk`'s state term is `exp(Λ_C − Λ_s) ∘ (V Gᵀ)`. Those entry-by-entry
 //! sums are done once, not once per block of a walk: the scores by a kernel of their own
 //! ([`vector_scores_kernel`], every chunk in parallel) whose `[B·T, H, C]` output the forward and
-//! `dk`/`dv` walks read as a tile, and `dk`'s in-chunk term by the `dq` walk, which holds the
-//! whole `dA = dO Vᵀ` and writes it as one more partial of `dk`.
+//! `dk`/`dv` walks read as a tile (and which a forward can keep for its backward, as FLA's chunk
+//! GLA keeps its `A`: the backward then only cumulates the gates), and `dk`'s in-chunk term by
+//! the `dq` walk, which holds the whole `dA = dO Vᵀ` and writes it as one more partial of `dk`.
 //!
 //! Each walk can also be split ([`TiledLayout::span`], [`TiledLayout::states`]; where it is
 //! taken: `tiled_launch::split_forward`): a states pass, the forward walk (or, for `G`, the
@@ -186,7 +187,8 @@ pub fn scores_smem(l: &TiledLayout, e: usize) -> usize {
     2 * tile_bytes(l.chunk, l.kp, e)
         + tile_bytes(l.chunk, l.chunk, e)
         + key_gates_bytes(l, l.kp)
-        + 4 * score_split(l) * score_entries(l)
+        + 4 * score_scratch_len(l, factored_scores_on())
+        + factored_smem(l)
 }
 
 /// Shared-memory bytes of the cumulated vector gates `Λ` (`C × cols`, `f32`), 0 without them.
@@ -654,14 +656,59 @@ pub(crate) fn triangle_index(row: usize, col: usize, #[comptime] c: usize) -> us
     e
 }
 
-/// Scratch for the partial scores of [`key_gated_scores`] (one entry without vector gates).
+/// Scratch for the partial scores of [`key_gated_scores`] or [`factored_scores`] (one entry
+/// without vector gates).
 #[cube]
-pub(crate) fn score_scratch(#[comptime] l: TiledLayout) -> SharedMemory<f32> {
-    SharedMemory::<f32>::new(comptime!(if l.vector_gate && !l.states {
-        score_split(&l) * score_entries(&l)
+pub(crate) fn score_scratch(
+    #[comptime] l: TiledLayout,
+    #[comptime] factored: bool,
+) -> SharedMemory<f32> {
+    SharedMemory::<f32>::new(comptime!(score_scratch_len(&l, factored)))
+}
+
+fn score_scratch_len(l: &TiledLayout, factored: bool) -> usize {
+    match (l.vector_gate && !l.states, factored) {
+        (false, _) => 1,
+        (true, false) => score_split(l) * score_entries(l),
+        (true, true) => diag_split(l) * diag_entries(l),
+    }
+}
+
+/// Rows of the sub-chunks of [`factored_scores`]: one tensor-core fragment.
+const SUB: usize = FRAG;
+/// Scores on or below the diagonal of one `SUB × SUB` block.
+const SUB_TRI: usize = SUB * (SUB + 1) / 2;
+
+/// Scores [`factored_scores`] sums entry by entry: the lower triangles of the chunk's diagonal
+/// `SUB × SUB` blocks.
+fn diag_entries(l: &TiledLayout) -> usize {
+    l.chunk / SUB * SUB_TRI
+}
+
+/// [`score_split`] for the [`diag_entries`].
+fn diag_split(l: &TiledLayout) -> usize {
+    let mut split = 1;
+    while 2 * split * diag_entries(l) <= l.tile.threads() && (l.kp / FRAG).is_multiple_of(2 * split)
+    {
+        split *= 2;
+    }
+    split
+}
+
+/// Whether the scores kernel takes [`factored_scores`] (`FLA_GLA_SCORES_TC=1`; off by default
+/// until a GPU has run and timed it).
+pub fn factored_scores_on() -> bool {
+    std::env::var("FLA_GLA_SCORES_TC").is_ok_and(|v| v == "1")
+}
+
+/// Shared-memory bytes [`factored_scores`] adds to the scores kernel: its `C × C` `f32` tile of
+/// the off-diagonal blocks.
+fn factored_smem(l: &TiledLayout) -> usize {
+    if factored_scores_on() {
+        tile_bytes(l.chunk, l.chunk, 4)
     } else {
-        1
-    }))
+        0
+    }
 }
 
 /// The chunk's scores under vector gates, `dst[r, s] = factor · Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)`
@@ -686,7 +733,7 @@ pub(crate) fn key_gated_scores<F: Float>(
     let tri = comptime!(score_entries(&l));
     let split = comptime!(score_split(&l));
     let slice = comptime!(l.kp / split);
-    let (ldh, ldl, ldd) = comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph));
+    let ldd = comptime!(l.chunk + l.ph);
     let unit = UNIT_POS as usize;
     #[unroll]
     for r in 0..comptime!((tri * split).div_ceil(l.tile.threads())) {
@@ -695,14 +742,7 @@ pub(crate) fn key_gated_scores<F: Float>(
             let e = u % tri;
             let j0 = (u / tri) * slice;
             let (row, col) = triangle_entry(e, c);
-            let mut x = 0.0f32;
-            #[unroll(l.tile.unroll)]
-            for jj in 0..slice {
-                let j = j0 + jj;
-                let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
-                x += f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
-            }
-            part[u] = x;
+            part[u] = decayed_dot::<F>(q, k, lam, row, col, j0, slice, l);
         }
     }
     sync_cube();
@@ -722,6 +762,156 @@ pub(crate) fn key_gated_scores<F: Float>(
             dst[row * ldd + col] = F::cast_from(x * factor);
         }
     }
+}
+
+/// One score's sum over the keys `j0 .. j0 + slice`: `Σ_j q_rj k_sj exp(Λ_rj − Λ_sj)` from the
+/// staged query and key tiles and their gates (`row` = `r`, `col` = `s ≤ r`).
+#[cube(fast_math = fast_exp())]
+fn decayed_dot<F: Float>(
+    q: &SharedMemory<F>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    row: usize,
+    col: usize,
+    j0: usize,
+    #[comptime] slice: usize,
+    #[comptime] l: TiledLayout,
+) -> f32 {
+    let (ldh, ldl) = comptime!((l.kp + l.ph, l.kp + PAD_F));
+    let mut x = 0.0f32;
+    #[unroll(l.tile.unroll)]
+    for jj in 0..slice {
+        let j = j0 + jj;
+        let decay = (lam[row * ldl + j] - lam[col * ldl + j]).exp();
+        x += f32::cast_from(q[row * ldh + j]) * f32::cast_from(k[col * ldh + j]) * decay;
+    }
+    x
+}
+
+/// [`key_gated_scores`] with the off-diagonal blocks on tensor cores, as FLA's chunk GLA sums
+/// them: for the rows `r` of the `SUB`-row block `I` and a key position `s` before it,
+/// `exp(Λ_r − Λ_s) = exp(Λ_r − Λ_b) · exp(Λ_b − Λ_s)` with `b = SUB·I`, the block's first row,
+/// both exponents at most 0 (the gates' logs are at most 0, so `Λ` falls along the chunk), so
+/// `A[I, < b] = (q ∘ exp(Λ − Λ_b))[I] · (k ∘ exp(Λ_b − Λ))[< b]ᵀ` is one product of tiles
+/// (operands rounded to the input dtype, as FLA rounds them). Only the lower triangles of the
+/// diagonal blocks are summed entry by entry (`C / SUB · SUB (SUB + 1) / 2` scores instead of
+/// `C (C + 1) / 2`, each `K` exponentials). `q` and `k` come staged (their tiles, which this
+/// overwrites) and in this unit's registers as [`fetch_tile`] left them; `lam` is `Λ`; `part`
+/// holds the diagonal blocks' partial sums and `off` (`C × C` `f32`) the products. Writes
+/// `dst` as [`key_gated_scores`] does (the caller synchronises before reading it).
+#[cube(fast_math = fast_exp())]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn factored_scores<F: Float>(
+    q: &mut SharedMemory<F>,
+    rq: &Array<F>,
+    k: &mut SharedMemory<F>,
+    rk: &Array<F>,
+    lam: &SharedMemory<f32>,
+    part: &mut SharedMemory<f32>,
+    off: &mut SharedMemory<f32>,
+    dst: &mut SharedMemory<F>,
+    factor: f32,
+    #[comptime] l: TiledLayout,
+) {
+    let c = comptime!(l.chunk);
+    let (sub, sub_tri) = comptime!((SUB, SUB_TRI));
+    let threads = comptime!(l.tile.threads());
+    let diag = comptime!(diag_entries(&l));
+    let split = comptime!(diag_split(&l));
+    let slice = comptime!(l.kp / split);
+    let (ldh, ldl, ldd, ldo) =
+        comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph, l.chunk + PAD_F));
+    let unit = UNIT_POS as usize;
+    // The diagonal blocks, entry by entry, from the raw tiles.
+    #[unroll]
+    for r in 0..comptime!((diag * split).div_ceil(threads)) {
+        let u = unit + r * threads;
+        if u < diag * split {
+            let e = u % diag;
+            let j0 = (u / diag) * slice;
+            let base = (e / sub_tri) * sub;
+            let (rr, cc) = triangle_entry(e % sub_tri, SUB);
+            part[u] = decayed_dot::<F>(q, k, lam, base + rr, base + cc, j0, slice, l);
+        }
+    }
+    sync_cube();
+    // `q ∘ exp(Λ − Λ_b)` over the query tile, each row against its own block's first row.
+    #[unroll]
+    for r in 0..comptime!(regs_for(l.chunk, l.kp, &l.tile)) {
+        let (row, j) = tile_entry(r, comptime!(l.kp), l.tile);
+        if row < c {
+            let b = (row / sub) * sub;
+            let decay = (lam[row * ldl + j] - lam[b * ldl + j]).exp();
+            q[row * ldh + j] = F::cast_from(f32::cast_from(rq[r]) * decay);
+        }
+    }
+    // Each later block against the keys before it (chunks of at most 64: blocks 1 to 3).
+    if comptime!(c > SUB) {
+        off_diagonal_block::<F>(q, k, rk, lam, off, 1usize, l);
+    }
+    if comptime!(c > 2 * SUB) {
+        off_diagonal_block::<F>(q, k, rk, lam, off, 2usize, l);
+    }
+    if comptime!(c > 3 * SUB) {
+        off_diagonal_block::<F>(q, k, rk, lam, off, 3usize, l);
+    }
+    #[unroll]
+    for r in 0..comptime!((l.chunk * l.chunk).div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < comptime!(l.chunk * l.chunk) {
+            let (row, col) = (e / c, e % c);
+            let base = (row / sub) * sub;
+            let mut x = 0.0f32;
+            if col < base {
+                x = off[row * ldo + col];
+            } else if col <= row {
+                let t = (row / sub) * sub_tri + triangle_index(row - base, col - base, SUB);
+                #[unroll]
+                for p in 0..split {
+                    x += part[p * diag + t];
+                }
+            }
+            dst[row * ldd + col] = F::cast_from(x * factor);
+        }
+    }
+}
+
+/// Block `i`'s scores against the keys before it, for [`factored_scores`]: the keys scaled to
+/// the block's first row `b`, `k ∘ exp(Λ_b − Λ)` (rows `< b`, over the key tile, from this
+/// unit's registers `rk`), then `off[b.., ..b] = q̃[b..b + SUB] · k̃[..b]ᵀ` (`q̃` already in `q`).
+/// Synchronises before and after the product.
+#[cube(fast_math = fast_exp())]
+fn off_diagonal_block<F: Float>(
+    q: &SharedMemory<F>,
+    k: &mut SharedMemory<F>,
+    rk: &Array<F>,
+    lam: &SharedMemory<f32>,
+    off: &mut SharedMemory<f32>,
+    #[comptime] i: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let b = comptime!(i * SUB);
+    let (ldh, ldl, ldo) = comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + PAD_F));
+    #[unroll]
+    for r in 0..comptime!(regs_for(l.chunk, l.kp, &l.tile)) {
+        let (row, j) = tile_entry(r, comptime!(l.kp), l.tile);
+        if row < b {
+            let decay = (lam[b * ldl + j] - lam[row * ldl + j]).exp();
+            k[row * ldh + j] = F::cast_from(f32::cast_from(rk[r]) * decay);
+        }
+    }
+    sync_cube();
+    mma::<F, F>(
+        q,
+        comptime!(b * ldh),
+        k,
+        0,
+        off,
+        comptime!(b * ldo),
+        comptime!(nt(SUB, b, l.kp, ldh, ldh, ldo)),
+        l.tile,
+    );
+    sync_cube();
 }
 
 /// `dq` under vector gates, in place over `out` (`C × cols` `f32`): with `state_term`, `out`
@@ -1069,7 +1259,8 @@ fn chunk_rounds(chunks: usize, x: usize, stride: usize) -> usize {
 /// order) and `s` a position of the same chunk. They depend on neither the state nor the values,
 /// so they are summed here once per head and read by the forward and `dk`/`dv` walks, where each
 /// value block's cube used to sum them again (four times a head at FLA's 340M shape), as FLA's
-/// intra-chunk kernel does before its output kernel. Cubes `(x, head, sequence)`: cube `x` takes
+/// intra-chunk kernel does before its output kernel. Without `sum` only `Λ` is written: the
+/// backward of a forward that kept its scores. Cubes `(x, head, sequence)`: cube `x` takes
 /// chunks `x, x + X, …` (`X` cubes along x).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -1083,6 +1274,8 @@ pub fn vector_scores_kernel<F: Float>(
     seq_len: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
+    #[comptime] sum: bool,
+    #[comptime] factored: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
@@ -1098,7 +1291,11 @@ pub fn vector_scores_kernel<F: Float>(
     let mut sk = tile_h::<F>(c, kp, l);
     let mut sa = tile_h::<F>(c, c, l);
     let mut lamk = key_gates_tile(kp, l);
-    let mut spart = score_scratch(l);
+    let mut spart = score_scratch(l, factored);
+    let mut soff = tile_f(
+        comptime!(if factored { c } else { 1 }),
+        comptime!(if factored { c } else { 1 }),
+    );
     let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rg = Array::<f32>::new(comptime!(key_gate_regs(&l, kp)));
@@ -1110,28 +1307,40 @@ pub fn vector_scores_kernel<F: Float>(
     for round in 0..rounds {
         let p0 = (x + round * stride) * c;
         let cl = chunk_len(len, p0, c);
-        fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
-        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        if comptime!(sum) {
+            fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
+            fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        }
         // The raw log gates (this layout is not a states pass's).
         fetch_tile::<F, f32>(g, &mut rg, bos, len, p0, cl, h, 0, l.k, kp, l);
-        stage_tile::<F>(&rq, &mut sq, kp, l);
-        stage_tile::<F>(&rk, &mut sk, kp, l);
+        if comptime!(sum) {
+            stage_tile::<F>(&rq, &mut sq, kp, l);
+            stage_tile::<F>(&rk, &mut sk, kp, l);
+        }
         stage_key_gates(&rg, &mut lamk, kp, l);
         sync_cube();
         cumulate_key_gates(&mut lamk, kp, l);
         sync_cube();
         // `Λ` for the walks, beside the scores (both only read `lamk`).
         store_tile::<f32>(&lamk, gates_cum, 0, bos, len, p0, cl, h, 0, l.k, kp, l);
-        key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
-        sync_cube();
-        #[unroll]
-        for r in 0..comptime!(cc.div_ceil(threads)) {
-            let e = unit + r * threads;
-            if e < cc {
-                let (row, col) = (e / c, e % c);
-                if row < cl {
-                    let tok = token_at(bos, len, p0 + row, l.reverse);
-                    a[(tok * l.heads + h) * c + col] = sa[row * ldd + col];
+        if comptime!(sum) {
+            if comptime!(factored) {
+                factored_scores::<F>(
+                    &mut sq, &rq, &mut sk, &rk, &lamk, &mut spart, &mut soff, &mut sa, scale, l,
+                );
+            } else {
+                key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
+            }
+            sync_cube();
+            #[unroll]
+            for r in 0..comptime!(cc.div_ceil(threads)) {
+                let e = unit + r * threads;
+                if e < cc {
+                    let (row, col) = (e / c, e % c);
+                    if row < cl {
+                        let tok = token_at(bos, len, p0 + row, l.reverse);
+                        a[(tok * l.heads + h) * c + col] = sa[row * ldd + col];
+                    }
                 }
             }
         }

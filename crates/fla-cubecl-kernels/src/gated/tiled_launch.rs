@@ -13,8 +13,8 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, fwd_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel,
-    vector_grads_kernel, vector_scores_kernel, TiledLayout,
+    dkv_smem, dq_smem, factored_scores_on, fwd_smem, scores_smem, tiled_dkv_kernel,
+    tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -331,6 +331,26 @@ fn cum_len(p: &GatedProblem, l: &TiledLayout) -> usize {
     }
 }
 
+/// What [`vector_scores`] does with the in-chunk scores: sums them into a buffer of its own
+/// (`Temporary`) or into the caller's (`Into`, a forward keeping them for its backward), or
+/// takes those a forward kept (`Kept`) and only cumulates the gates.
+#[derive(Clone, Copy)]
+enum Scores<'a> {
+    Temporary,
+    Into(&'a Handle),
+    Kept(&'a Handle),
+}
+
+impl<'a> Scores<'a> {
+    fn from(buffer: Option<&'a Handle>, kept: bool) -> Self {
+        match (buffer, kept) {
+            (None, _) => Scores::Temporary,
+            (Some(h), false) => Scores::Into(h),
+            (Some(h), true) => Scores::Kept(h),
+        }
+    }
+}
+
 /// The in-chunk scores and the gates cumulated from each chunk's start, under vector gates
 /// ([`vector_scores_kernel`]), for the walks to read; placeholders without them.
 fn vector_scores<R: Runtime>(
@@ -339,6 +359,7 @@ fn vector_scores<R: Runtime>(
     l: &TiledLayout,
     (q, k, g): (&Handle, &Handle, Option<&Handle>),
     (cu, cu_len): (&Handle, usize),
+    scores: Scores<'_>,
 ) -> Result<(Handle, Handle), crate::KernelError> {
     let len = scores_len(p, l);
     if !l.vector_gate {
@@ -347,7 +368,11 @@ fn vector_scores<R: Runtime>(
     }
     crate::problem::addressable(len, "the in-chunk scores")?;
     let g = need(g, "the vector gates")?;
-    let a = client.empty(len * p.dtype.size());
+    let (a, sum) = match scores {
+        Scores::Temporary => (client.empty(len * p.dtype.size()), true),
+        Scores::Into(h) => (h.clone(), true),
+        Scores::Kept(h) => (h.clone(), false),
+    };
     let cum = client.empty(4 * cum_len(p, l));
     let l = TiledLayout {
         span: 0,
@@ -371,6 +396,8 @@ fn vector_scores<R: Runtime>(
             p.seq_len as u32,
             p.scale,
             l,
+            sum,
+            sum && factored_scores_on(),
             p.dtype.storage(),
         )
     };
@@ -451,7 +478,8 @@ pub(crate) fn tiled_forward<R: Runtime>(
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let nv = p.v_dim.div_ceil(l.bv);
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
-    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), cu)?;
+    let kept = Scores::from(b.scores, false);
+    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), cu, kept)?;
     let scores = (&a, &cum);
     match split_forward(p, &l, device_size(client)) {
         Some(s) => {
@@ -662,7 +690,8 @@ pub(crate) fn tiled_backward<R: Runtime>(
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
-    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len))?;
+    let kept = Scores::from(b.scores, true);
+    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?;
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?
     } else {
@@ -748,6 +777,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 h0: b.h0,
                 o: &dummy,
                 ht: None,
+                scores: None,
             };
             let states = (&hs, hs_len, spans);
             let h0 = (h0, p.state_len());

@@ -304,6 +304,7 @@ fn gated<R: Runtime>(client: &ComputeClient<R>) {
             h0: Some(&h[5]),
             o: &h[6],
             ht: Some(&h[7]),
+            scores: None,
         };
         if chunked {
             chunk_forward(client, &p, 64, b)
@@ -348,6 +349,7 @@ fn gated<R: Runtime>(client: &ComputeClient<R>) {
             dg: Some(&h[13]),
             dgv: Some(&h[14]),
             dh0: Some(&h[15]),
+            scores: None,
         };
         if chunked {
             chunk_backward(client, &p, 64, b)

@@ -8,8 +8,9 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
-    chunk_backward, chunk_forward, is_cpu_vulkan, recurrent_backward, recurrent_forward,
-    BackwardBuffers, ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK, VECTOR_CHUNK,
+    chunk_backward, chunk_forward, chunk_scores_shape, is_cpu_vulkan, recurrent_backward,
+    recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ,
+    DEFAULT_CHUNK, VECTOR_CHUNK,
 };
 use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -85,10 +86,22 @@ struct Outputs {
     dh0: Option<Vec<f64>>,
 }
 
+/// Runs the forward then the backward. The chunk form keeps its in-chunk scores for the backward
+/// where it sums any (vector gates on the tiled path), as the Burn ops do.
 fn run_kernels<R: Runtime>(
     client: &ComputeClient<R>,
     c: &Case,
     mode: Mode,
+) -> Result<Outputs, KernelError> {
+    run_kernels_keeping(client, c, mode, true)
+}
+
+/// [`run_kernels`], keeping the chunk form's scores for the backward or not (`keep`).
+fn run_kernels_keeping<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &Case,
+    mode: Mode,
+    keep: bool,
 ) -> Result<Outputs, KernelError> {
     let dt = c.p.dtype;
     let up = |xs: &[f64]| client.create_from_slice(&encode(dt, xs));
@@ -105,6 +118,13 @@ fn run_kernels<R: Runtime>(
     let ht =
         c.p.output_final_state
             .then(|| poison(c.p.state_len(), FloatDType::F32));
+    // Poisoned too: a score the forward leaves unwritten reaches the backward's results as NaN.
+    let scores = match mode {
+        Mode::Chunk(size) if keep => {
+            chunk_scores_shape(client, &c.p, size).map(|d| poison(d.iter().product(), dt))
+        }
+        _ => None,
+    };
     let fwd = ForwardBuffers {
         q: &q,
         k: &k,
@@ -114,6 +134,7 @@ fn run_kernels<R: Runtime>(
         h0: h0.as_ref(),
         o: &o,
         ht: ht.as_ref(),
+        scores: scores.as_ref(),
     };
     match mode {
         Mode::Recurrent => recurrent_forward(client, &c.p, fwd)?,
@@ -146,6 +167,7 @@ fn run_kernels<R: Runtime>(
         dg: dg.as_ref(),
         dgv: dgv.as_ref(),
         dh0: dh0.as_ref(),
+        scores: scores.as_ref(),
     };
     match mode {
         Mode::Recurrent => recurrent_backward(client, &c.p, bwd)?,
@@ -656,20 +678,7 @@ fn other_vector_chunk_cases() {
         );
         on_runtime!(compare_mode(&c, CHUNK));
     }
-    let cu = vec![0, 1, 70, 70, 200];
-    let c = make_case(
-        Variant::Gla,
-        1,
-        200,
-        2,
-        64,
-        60,
-        1.0,
-        false,
-        Some(cu),
-        true,
-        FloatDType::F32,
-    );
+    let c = varlen_case(Variant::Gla, false, vec![0, 1, 70, 70, 200]);
     on_runtime!(compare_mode(&c, CHUNK));
 }
 
@@ -702,11 +711,17 @@ fn chunk_varlen_with_empty_sequence(
     #[values(false, true)] reverse: bool,
 ) {
     // Lengths 1, 69, 0 (empty), 130, 64.
-    let cu = vec![0, 1, 70, 70, 200, 264];
-    let c = make_case(
+    let c = varlen_case(variant, reverse, vec![0, 1, 70, 70, 200, 264]);
+    on_runtime!(compare_mode(&c, CHUNK));
+}
+
+/// An f32 batch of the sequences `cu` bounds (`B = 1`), 2 heads, K = 64, V = 60, with states.
+fn varlen_case(variant: Variant, reverse: bool, cu: Vec<usize>) -> Case {
+    let t = *cu.last().expect("cu_seqlens ends at T");
+    make_case(
         variant,
         1,
-        264,
+        t,
         2,
         64,
         60,
@@ -715,8 +730,69 @@ fn chunk_varlen_with_empty_sequence(
         Some(cu),
         true,
         FloatDType::F32,
+    )
+}
+
+/// The backward reading the scores its forward kept gives the gradients it gives summing them
+/// again, bit for bit (the same kernel sums them either way), on sequences that start and end
+/// mid-chunk with an empty one; only vector gates on the tiled path keep any. Keeping them is on
+/// by default except on CUDA, where `FLA_GLA_KEEP_SCORES=1` turns it on until its CUDA tests
+/// have run (this test among them); the choice itself is checked on every runtime.
+#[test]
+fn chunk_kept_scores_match_recomputed() {
+    // Lengths 1, 69, 0 (empty), 130, 64.
+    let c = varlen_case(Variant::Gla, false, vec![0, 1, 70, 70, 200, 264]);
+    on_runtime!(kept_matches_recomputed(&c));
+}
+
+fn kept_matches_recomputed<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    let shape = chunk_scores_shape(client, &c.p, DEFAULT_CHUNK);
+    let asked = std::env::var("FLA_GLA_KEEP_SCORES").ok();
+    let keeps = match asked.as_deref() {
+        Some("1") => true,
+        Some(_) => false,
+        None => runtime_name() != "cuda",
+    };
+    assert_eq!(
+        shape.map(|d| [d[0], d[1]]),
+        keeps.then(|| [c.p.tokens(), c.p.heads]),
+        "kept scores where the runtime keeps them (FLA_GLA_KEEP_SCORES={asked:?})"
     );
-    on_runtime!(compare_mode(&c, CHUNK));
+    if !keeps {
+        return;
+    }
+    let kept = run_kernels_keeping(client, c, CHUNK, true).expect("kernels launch");
+    let again = run_kernels_keeping(client, c, CHUNK, false).expect("kernels launch");
+    assert_eq!(kept.o, again.o, "o");
+    assert_eq!(kept.dq, again.dq, "dq");
+    assert_eq!(kept.dk, again.dk, "dk");
+    assert_eq!(kept.dv, again.dv, "dv");
+    assert_eq!(kept.dg, again.dg, "dg");
+    assert_eq!(kept.dh0, again.dh0, "dh0");
+    // Past the buffer's end is refused, not read.
+    let short = client.create_from_slice(&encode(FloatDType::F32, &[0.0; 8]));
+    let o = client.create_from_slice(&encode(FloatDType::F32, &vec![0.0; c.v.len()]));
+    let [q, k, v] = [&c.q, &c.k, &c.v].map(|x| client.create_from_slice(&encode(c.p.dtype, x)));
+    let g = client.create_from_slice(&encode(c.p.dtype, c.g.as_deref().unwrap()));
+    let h0 =
+        c.h0.as_deref()
+            .map(|x| client.create_from_slice(&encode(FloatDType::F32, x)));
+    let ht = client.create_from_slice(&encode(FloatDType::F32, &vec![0.0; c.p.state_len()]));
+    let fwd = ForwardBuffers {
+        q: &q,
+        k: &k,
+        v: &v,
+        g: Some(&g),
+        gv: None,
+        h0: h0.as_ref(),
+        o: &o,
+        ht: Some(&ht),
+        scores: Some(&short),
+    };
+    match chunk_forward(client, &c.p, DEFAULT_CHUNK, fwd) {
+        Err(KernelError::Buffer(m)) => assert!(m.contains("scores"), "{m}"),
+        other => panic!("expected a buffer error naming the scores, got {other:?}"),
+    }
 }
 
 #[rstest]
