@@ -82,9 +82,20 @@ pub fn chunk_scores_shape<R: Runtime>(
         .map(|l| [p.tokens(), p.heads, l.chunk])
 }
 
-/// Elements of the scores a chunk call of `p` at `chunk` reads or writes (0 where none).
-fn scores_elems<R: Runtime>(client: &ComputeClient<R>, p: &GatedProblem, chunk: usize) -> usize {
-    chunk_scores_shape(client, p, chunk).map_or(0, |d| d.iter().product())
+/// The caller's scores buffer where the chunk form at `chunk` keeps scores
+/// ([`chunk_scores_shape`]), checked to hold them; `None` elsewhere, whatever was given (the
+/// buffers' "ignored": a buffer given where keeping is off is neither written nor read).
+fn kept_scores<'a, R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+    given: Option<&'a Handle>,
+) -> Result<Option<&'a Handle>, KernelError> {
+    let Some((given, shape)) = given.zip(chunk_scores_shape(client, p, chunk)) else {
+        return Ok(None);
+    };
+    fits("scores", given, shape.iter().product(), p.dtype.size())?;
+    Ok(Some(given))
 }
 
 /// Threads per cube for the recurrent kernels: enough to hide latency, few enough that a
@@ -837,12 +848,10 @@ pub fn chunk_forward<R: Runtime>(
     b: ForwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_forward(client, p, &b)?;
-    fits_opt(
-        "scores",
-        b.scores,
-        scores_elems(client, p, chunk),
-        p.dtype.size(),
-    )?;
+    let b = ForwardBuffers {
+        scores: kept_scores(client, p, chunk, b.scores)?,
+        ..b
+    };
     if let Some(l) = tiled_layout(client, p, chunk) {
         let (cu, cu_len) = cu_seqlens_handle(client, p);
         return tiled_forward(client, p, l, &b, (&cu, cu_len));
@@ -880,12 +889,10 @@ pub fn chunk_backward<R: Runtime>(
     b: BackwardBuffers<'_>,
 ) -> Result<(), KernelError> {
     check_backward(client, p, &b)?;
-    fits_opt(
-        "scores",
-        b.scores,
-        scores_elems(client, p, chunk),
-        p.dtype.size(),
-    )?;
+    let b = BackwardBuffers {
+        scores: kept_scores(client, p, chunk, b.scores)?,
+        ..b
+    };
     let dh0 = if p.has_initial_state {
         Some(need(b.dh0, "dh0")?)
     } else {

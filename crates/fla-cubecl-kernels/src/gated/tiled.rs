@@ -1287,9 +1287,12 @@ pub fn vector_scores_kernel<F: Float>(
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
     let unit = UNIT_POS as usize;
 
-    let mut sq = tile_h::<F>(c, kp, l);
-    let mut sk = tile_h::<F>(c, kp, l);
-    let mut sa = tile_h::<F>(c, c, l);
+    // Without `sum` the query, key and score tiles go unused: one entry each, so that the
+    // gates' cumsum alone does not hold their shared memory.
+    let (sr, sqc, sac) = comptime!(if sum { (c, kp, c) } else { (1, 1, 1) });
+    let mut sq = tile_h::<F>(sr, sqc, l);
+    let mut sk = tile_h::<F>(sr, sqc, l);
+    let mut sa = tile_h::<F>(sr, sac, l);
     let mut lamk = key_gates_tile(kp, l);
     let mut spart = score_scratch(l, factored);
     let mut soff = tile_f(

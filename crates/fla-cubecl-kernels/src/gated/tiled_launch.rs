@@ -341,16 +341,6 @@ enum Scores<'a> {
     Kept(&'a Handle),
 }
 
-impl<'a> Scores<'a> {
-    fn from(buffer: Option<&'a Handle>, kept: bool) -> Self {
-        match (buffer, kept) {
-            (None, _) => Scores::Temporary,
-            (Some(h), false) => Scores::Into(h),
-            (Some(h), true) => Scores::Kept(h),
-        }
-    }
-}
-
 /// The in-chunk scores and the gates cumulated from each chunk's start, under vector gates
 /// ([`vector_scores_kernel`]), for the walks to read; placeholders without them.
 fn vector_scores<R: Runtime>(
@@ -478,8 +468,8 @@ pub(crate) fn tiled_forward<R: Runtime>(
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let nv = p.v_dim.div_ceil(l.bv);
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
-    let kept = Scores::from(b.scores, false);
-    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), cu, kept)?;
+    let into = b.scores.map_or(Scores::Temporary, Scores::Into);
+    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), cu, into)?;
     let scores = (&a, &cum);
     match split_forward(p, &l, device_size(client)) {
         Some(s) => {
@@ -690,7 +680,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
-    let kept = Scores::from(b.scores, true);
+    let kept = b.scores.map_or(Scores::Temporary, Scores::Kept);
     let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?;
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?

@@ -758,8 +758,16 @@ fn kept_matches_recomputed<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
         keeps.then(|| [c.p.tokens(), c.p.heads]),
         "kept scores where the runtime keeps them (FLA_GLA_KEEP_SCORES={asked:?})"
     );
+    // Eight entries, far fewer than the scores: refused where they are kept, ignored (neither
+    // written nor refused) where they are not.
+    let short = forward_with_short_scores(client, c);
     if !keeps {
+        short.expect("a scores buffer is ignored where none is kept");
         return;
+    }
+    match short {
+        Err(KernelError::Buffer(m)) => assert!(m.contains("scores"), "{m}"),
+        other => panic!("expected a buffer error naming the scores, got {other:?}"),
     }
     let kept = run_kernels_keeping(client, c, CHUNK, true).expect("kernels launch");
     let again = run_kernels_keeping(client, c, CHUNK, false).expect("kernels launch");
@@ -769,7 +777,13 @@ fn kept_matches_recomputed<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
     assert_eq!(kept.dv, again.dv, "dv");
     assert_eq!(kept.dg, again.dg, "dg");
     assert_eq!(kept.dh0, again.dh0, "dh0");
-    // Past the buffer's end is refused, not read.
+}
+
+/// The chunk forward of `c` (vector gates, with states) given a scores buffer of 8 entries.
+fn forward_with_short_scores<R: Runtime>(
+    client: &ComputeClient<R>,
+    c: &Case,
+) -> Result<(), KernelError> {
     let short = client.create_from_slice(&encode(FloatDType::F32, &[0.0; 8]));
     let o = client.create_from_slice(&encode(FloatDType::F32, &vec![0.0; c.v.len()]));
     let [q, k, v] = [&c.q, &c.k, &c.v].map(|x| client.create_from_slice(&encode(c.p.dtype, x)));
@@ -789,10 +803,7 @@ fn kept_matches_recomputed<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
         ht: Some(&ht),
         scores: Some(&short),
     };
-    match chunk_forward(client, &c.p, DEFAULT_CHUNK, fwd) {
-        Err(KernelError::Buffer(m)) => assert!(m.contains("scores"), "{m}"),
-        other => panic!("expected a buffer error naming the scores, got {other:?}"),
-    }
+    chunk_forward(client, &c.p, DEFAULT_CHUNK, fwd)
 }
 
 #[rstest]
