@@ -55,10 +55,25 @@ tests)
   # GLA's scores with their off-diagonal blocks on tensor cores (FLA_GLA_SCORES_TC=1, opt-in,
   # passed on lavapipe only so far).
   go gla-tc && TS=${TS_KEEP:-150} t gla-tc "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_KEEP_SCORES=1
+  # Both in-chunk gradient terms of the `dq` walk with their off-diagonal blocks on tensor cores
+  # too (FLA_GLA_GRADS_TC=1), at the default chunk (32) and at FLA's (64).
+  go gla-fact && TS=${TS_KEEP:-150} t gla-fact "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1
+  go gla-fact64 && TS=${TS_KEEP:-150} t gla-fact64 "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1 FLA_TILED_VCHUNK=64
   go gla-keep-ops && BIN=test-ops TS=${TS_KEEP:-150} t gla-keep-ops "gated::chunk" FLA_GLA_KEEP_SCORES=1
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
   [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
+  # Issue 6's round trip: our exports of the families in RT (all by default), loaded by FLA here
+  # and compared with our logits (make_fixtures.py --check-ours), RT_S seconds for FLA's side.
+  if [ -x $R/test-models ] && go roundtrip; then
+    BIN=test-models TS=90 t export export_for_fla
+    pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING | tail -1
+    rm -rf /tmp/rt && mkdir -p /tmp/rt
+    for f in $(ls /work/main/target/fla-export); do
+      if [ -z "${RT:-}" ] || [[ ",$RT," == *",$f,"* ]]; then ln -s /work/main/target/fla-export/$f /tmp/rt/$f; fi
+    done
+    (cd crates/fla-models/tests/fixtures && PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout ${RT_S:-150} python3 make_fixtures.py --check-ours /tmp/rt 2>&1 | grep -v Warning | tail -10)
+  fi
   # The delta rule's half-precision chunk cases and the kernel-choice test, through the dq/dk⁻/dW
   # kernel in registers (the default; 22 of 22 passed on an H100, 2026-12-07), then the tiled
   # kernel's set (FLA_DELTA_FRAG=0).
@@ -72,6 +87,8 @@ times)
   go gla-keep && tab gla-keep-scores chunk_gla FLA_GLA_KEEP_SCORES=1
   go gla-tc && tab gla-scores-tc chunk_gla FLA_GLA_SCORES_TC=1
   go gla-tc && tab gla-scores-tc-kept chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_KEEP_SCORES=1
+  go gla-fact && tab gla-factored chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1
+  go gla-fact64 && tab gla-factored-c64 chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1 FLA_TILED_VCHUNK=64
   go delta-tiled && tab delta-tiled chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=0
   go delta && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule
   go attn && tab attn parallel_attn

@@ -217,6 +217,7 @@ pub fn dq_smem(l: &TiledLayout, e: usize) -> usize {
         + half_state
         + key_gates_bytes(l, bk)
         + dk_intra_bytes(l, e)
+        + factored_grads_smem(l, bk, e)
         + 8 * c
 }
 
@@ -701,6 +702,24 @@ pub fn factored_scores_on() -> bool {
     std::env::var("FLA_GLA_SCORES_TC").is_ok_and(|v| v == "1")
 }
 
+/// Whether the `dq` walk (and [`vector_grads_kernel`]) take the in-chunk terms of `dq` and `dk`
+/// with their off-diagonal blocks on tensor cores ([`factored_grads`]; `FLA_GLA_GRADS_TC=1`, off
+/// by default until a GPU has run and timed it).
+pub fn factored_grads_on() -> bool {
+    std::env::var("FLA_GLA_GRADS_TC").is_ok_and(|v| v == "1")
+}
+
+/// Shared-memory bytes [`factored_grads`] adds to the `dq` walk and [`vector_grads_kernel`]:
+/// the scaled keys and queries (`C × cols`, input dtype) and the `dq` products (`C × cols`,
+/// `f32`; the `dk` ones go to the walk's own `dk` tile).
+fn factored_grads_smem(l: &TiledLayout, cols: usize, e: usize) -> usize {
+    if l.vector_gate && factored_grads_on() {
+        2 * tile_bytes(l.chunk, cols, e) + tile_bytes(l.chunk, cols, 4)
+    } else {
+        0
+    }
+}
+
 /// Shared-memory bytes [`factored_scores`] adds to the scores kernel: its `C × C` `f32` tile of
 /// the off-diagonal blocks.
 fn factored_smem(l: &TiledLayout) -> usize {
@@ -914,27 +933,143 @@ fn off_diagonal_block<F: Float>(
     sync_cube();
 }
 
+/// The off-diagonal blocks of `dq`'s and `dk`'s in-chunk terms under vector gates on tensor
+/// cores, as [`factored_scores`] takes the scores' (FLA's chunk GLA backward splits them the
+/// same way). With `b = SUB·I` the first row of block `I`, `exp(Λ_r − Λ_s) = exp(Λ_r − Λ_b) ·
+/// exp(Λ_b − Λ_s)` for `s < b ≤ r`, both exponents at most 0, so
+/// - `dq`: block `I`'s rows against the keys before it are `offq[I] = dA[I, < b] ·
+///   (k ∘ exp(Λ_b − Λ))[< b]`;
+/// - `dk`: block `I − 1`'s keys against the queries from `b` on are `offk[I − 1] =
+///   dA[≥ b, I − 1]ᵀ · (q ∘ exp(Λ − Λ_b))[≥ b]`;
+///
+/// operands rounded to the input dtype (`dA` into `dah`), as FLA rounds them. The rest, the
+/// diagonal blocks entry by entry and the factors `exp(Λ_r − Λ_b)`, `exp(Λ_b − Λ_s)`, is
+/// [`key_gated_dq`]'s and [`key_gated_dk`]'s with `factored`. `q`, `k` are the raw `C × cols`
+/// tiles and `lam` their gates, `da` the unmasked `dO Vᵀ` (`C × C` `f32`); `x`, `y` hold the
+/// scaled keys and queries. Block 0's rows of `offq` and the last block's of `offk` are not
+/// written. Synchronises after each block (the caller, before: `da` must be complete).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn factored_grads<F: Float>(
+    da: &SharedMemory<f32>,
+    dah: &mut SharedMemory<F>,
+    q: &SharedMemory<F>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    x: &mut SharedMemory<F>,
+    y: &mut SharedMemory<F>,
+    offq: &mut SharedMemory<f32>,
+    offk: &mut SharedMemory<f32>,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let c = comptime!(l.chunk);
+    let threads = comptime!(l.tile.threads());
+    let (ldf, ldh) = comptime!((l.chunk + PAD_F, l.chunk + l.ph));
+    let unit = UNIT_POS as usize;
+    // `dA` in the input dtype, the products' `A` operand (read after the first block's barrier).
+    #[unroll]
+    for r in 0..comptime!((c * c).div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < comptime!(c * c) {
+            let (row, col) = (e / c, e % c);
+            dah[row * ldh + col] = F::cast_from(da[row * ldf + col]);
+        }
+    }
+    // Chunks of at most 64: boundaries 1 to 3.
+    if comptime!(c > SUB) {
+        grads_block::<F>(dah, q, k, lam, x, y, offq, offk, 1usize, cols, l);
+    }
+    if comptime!(c > 2 * SUB) {
+        grads_block::<F>(dah, q, k, lam, x, y, offq, offk, 2usize, cols, l);
+    }
+    if comptime!(c > 3 * SUB) {
+        grads_block::<F>(dah, q, k, lam, x, y, offq, offk, 3usize, cols, l);
+    }
+}
+
+/// Boundary `i` of [`factored_grads`]: the keys before `b = SUB·i` and the queries from it on,
+/// scaled; a barrier; the two products; a barrier.
+#[cube(fast_math = fast_exp())]
+#[allow(clippy::too_many_arguments)]
+fn grads_block<F: Float>(
+    dah: &SharedMemory<F>,
+    q: &SharedMemory<F>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    x: &mut SharedMemory<F>,
+    y: &mut SharedMemory<F>,
+    offq: &mut SharedMemory<f32>,
+    offk: &mut SharedMemory<f32>,
+    #[comptime] i: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let (c, b) = comptime!((l.chunk, i * SUB));
+    let (ldk, ldl, ldc) = comptime!((cols + l.ph, cols + PAD_F, l.chunk + l.ph));
+    #[unroll]
+    for r in 0..comptime!(regs_for(l.chunk, cols, &l.tile)) {
+        let (row, j) = tile_entry(r, cols, l.tile);
+        if row < c {
+            let diff = lam[row * ldl + j] - lam[b * ldl + j];
+            if row < b {
+                x[row * ldk + j] = F::cast_from(f32::cast_from(k[row * ldk + j]) * (-diff).exp());
+            } else {
+                y[row * ldk + j] = F::cast_from(f32::cast_from(q[row * ldk + j]) * diff.exp());
+            }
+        }
+    }
+    sync_cube();
+    mma::<F, F>(
+        dah,
+        comptime!(b * ldc),
+        x,
+        0,
+        offq,
+        comptime!(b * ldl),
+        comptime!(nn(SUB, cols, b, ldc, ldk, ldl)),
+        l.tile,
+    );
+    mma::<F, F>(
+        dah,
+        comptime!(b * ldc + b - SUB),
+        y,
+        comptime!(b * ldk),
+        offk,
+        comptime!((b - SUB) * ldl),
+        comptime!(tn(SUB, cols, c - b, ldc, ldk, ldl)),
+        l.tile,
+    );
+    sync_cube();
+}
+
 /// `dq` under vector gates, in place over `out` (`C × cols` `f32`): with `state_term`, `out`
 /// holds `dO Sᵀ` and becomes `factor · exp(Λ_rj) out[r, j]` (the `dq` walk's term); with `intra`,
 /// `factor · Σ_{s ≤ r} dA_rs k_sj exp(Λ_rj − Λ_sj)` is added (or, alone, written: the term of
 /// [`vector_grads_kernel`]), with `dA = dO Vᵀ` unmasked in `da` (`C × C` `f32`) and `k` the
-/// `C × cols` key tile (neither tile is read without it).
+/// `C × cols` key tile (neither tile is read without it). With `factored`, only the keys of
+/// `r`'s own block are summed here and `exp(Λ_r − Λ_b) · off[r]` adds the rest
+/// ([`factored_grads`]; `off` is not read otherwise).
 #[cube(fast_math = fast_exp())]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dq<F: Float>(
     da: &SharedMemory<f32>,
     k: &SharedMemory<F>,
     lam: &SharedMemory<f32>,
+    off: &SharedMemory<f32>,
     out: &mut SharedMemory<f32>,
     factor: f32,
     #[comptime] cols: usize,
     #[comptime] state_term: bool,
     #[comptime] intra: bool,
+    #[comptime] factored: bool,
     #[comptime] l: TiledLayout,
 ) {
     let threads = comptime!(l.tile.threads());
     let c = comptime!(l.chunk);
     let entries = comptime!(c * cols);
+    // The blocks summed entry by entry: `SUB` rows with `factored`, the whole chunk otherwise.
+    let blk = comptime!(if factored { SUB } else { l.chunk });
     // `out` and `lam` are both `C × cols` f32 tiles: one leading dimension.
     let (lda, ldk, ldl) = comptime!((c + PAD_F, cols + l.ph, cols + PAD_F));
     #[unroll]
@@ -946,11 +1081,18 @@ pub(crate) fn key_gated_dq<F: Float>(
             if comptime!(state_term) {
                 x = lr.exp() * out[row * ldl + j];
             }
+            // The first key summed here: the block's first with `factored`, 0 otherwise.
+            let first = (row / blk) * blk;
+            if comptime!(factored) {
+                if first > 0 {
+                    x += (lr - lam[first * ldl + j]).exp() * off[row * ldl + j];
+                }
+            }
             if comptime!(intra && l.tile.unroll) {
                 // Compile-time bounds for lavapipe (see `crate::tile`), the mask inside.
                 #[unroll]
                 for s in 0..c {
-                    if s <= row {
+                    if s <= row && s >= first {
                         let decay = (lr - lam[s * ldl + j]).exp();
                         x += da[row * lda + s] * f32::cast_from(k[s * ldk + j]) * decay;
                     }
@@ -958,7 +1100,7 @@ pub(crate) fn key_gated_dq<F: Float>(
             } else if comptime!(intra) {
                 // A plane's units share `row` (tiles as wide as a plane or wider), so the
                 // causal bound costs no divergence and skips the masked half.
-                for s in 0..row + 1 {
+                for s in first..row + 1 {
                     let decay = (lr - lam[s * ldl + j]).exp();
                     x += da[row * lda + s] * f32::cast_from(k[s * ldk + j]) * decay;
                 }
@@ -973,8 +1115,12 @@ pub(crate) fn key_gated_dq<F: Float>(
 /// `dA = dO Vᵀ` over every value column, unmasked, in `da` (`C × C` `f32`), `q` the `C × cols`
 /// query tile and `lam` its `C × cols` gates. The tiled `dq` walk (or, beside the `dq` register
 /// walk, [`vector_grads_kernel`]) computes it beside `dq`'s in-chunk term (it holds the whole
-/// `dA`), once per key column; the `dk`/`dv` walk adds the state's term per value block.
+/// `dA`), once per key column; the `dk`/`dv` walk adds the state's term per value block. With
+/// `factored`, `out` comes holding [`factored_grads`]'s products: only the queries of `s`'s own
+/// block are summed here and `exp(Λ_b − Λ_s) · out[s]` (`b` the next block's first row) adds
+/// the rest.
 #[cube(fast_math = fast_exp())]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn key_gated_dk<F: Float>(
     da: &SharedMemory<f32>,
     q: &SharedMemory<F>,
@@ -982,11 +1128,14 @@ pub(crate) fn key_gated_dk<F: Float>(
     out: &mut SharedMemory<f32>,
     factor: f32,
     #[comptime] cols: usize,
+    #[comptime] factored: bool,
     #[comptime] l: TiledLayout,
 ) {
     let threads = comptime!(l.tile.threads());
     let c = comptime!(l.chunk);
     let entries = comptime!(c * cols);
+    // The blocks summed entry by entry: `SUB` rows with `factored`, the whole chunk otherwise.
+    let blk = comptime!(if factored { SUB } else { l.chunk });
     // `out` and `lam` are both `C × cols` f32 tiles: one leading dimension.
     let (lda, ldq, ldl) = comptime!((c + PAD_F, cols + l.ph, cols + PAD_F));
     #[unroll]
@@ -995,17 +1144,25 @@ pub(crate) fn key_gated_dk<F: Float>(
         if row < c {
             let ls = lam[row * ldl + j];
             let mut x = 0.0f32;
+            // One past the last query summed here: the block's end with `factored`, the
+            // chunk's otherwise (`row < C`).
+            let end = (row / blk + 1) * blk;
+            if comptime!(factored) {
+                if end < c {
+                    x = (lam[end * ldl + j] - ls).exp() * out[row * ldl + j];
+                }
+            }
             if comptime!(l.tile.unroll) {
                 #[unroll]
                 for u in 0..c {
-                    if u >= row {
+                    if u >= row && u < end {
                         let decay = (lam[u * ldl + j] - ls).exp();
                         x += da[u * lda + row] * f32::cast_from(q[u * ldq + j]) * decay;
                     }
                 }
             } else {
                 // As in `key_gated_dq`: the causal bound instead of the mask.
-                for u in row..c {
+                for u in row..end {
                     let decay = (lam[u * ldl + j] - ls).exp();
                     x += da[u * lda + row] * f32::cast_from(q[u * ldq + j]) * decay;
                 }
@@ -1382,10 +1539,13 @@ pub fn vector_grads_kernel<F: Float>(
     seq_len: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
+    #[comptime] factored: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
     let (vh, cf) = comptime!((vp + l.ph, c + PAD_F));
+    // [`factored_grads`]'s tiles, one entry each without it.
+    let fc = comptime!(if factored { c } else { 1 });
     let blocks = comptime!(l.k.div_ceil(l.bk));
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -1401,6 +1561,10 @@ pub fn vector_grads_kernel<F: Float>(
     let mut lamk = key_gates_tile(bk, l);
     let mut sdq = tile_f(c, bk);
     let mut sdk = tile_f(c, bk);
+    let mut sah = tile_h::<F>(fc, c, l);
+    let mut sx = tile_h::<F>(fc, bk, l);
+    let mut sy = tile_h::<F>(fc, bk, l);
+    let mut soff = tile_f(fc, bk);
     let mut rq = Array::<F>::new(comptime!(tile_regs(&l, bk)));
     let mut rk = Array::<F>::new(comptime!(tile_regs(&l, bk)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, vp)));
@@ -1439,8 +1603,15 @@ pub fn vector_grads_kernel<F: Float>(
             l.tile,
         );
         sync_cube();
-        key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, false, true, l);
-        key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, l);
+        if comptime!(factored) {
+            factored_grads::<F>(
+                &sa, &mut sah, &sq, &sk, &lamk, &mut sx, &mut sy, &mut soff, &mut sdk, bk, l,
+            );
+        }
+        key_gated_dq::<F>(
+            &sa, &sk, &lamk, &soff, &mut sdq, scale, bk, false, true, factored, l,
+        );
+        key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, factored, l);
         sync_cube();
         let (qs, ks) = (dq_slot as usize, dk_slot as usize);
         store_tile::<f32>(&sdq, dq_part, qs, bos, len, p0, cl, h, k0, l.k, bk, l);
@@ -1698,12 +1869,16 @@ pub fn tiled_dq_kernel<F: Float>(
     spans: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
+    #[comptime] factored: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
     // Under vector gates this walk also writes `dk`'s in-chunk term for its key columns (it
     // holds the whole `dA`), into `dk_part` from `dk_slot` on; one tile entry each otherwise.
     let vg = comptime!(if l.vector_gate { c } else { 1 });
+    // [`factored_grads`]'s tiles (vector gates only), one entry each without it.
+    let factored = comptime!(factored && l.vector_gate);
+    let fc = comptime!(if factored { c } else { 1 });
     let (bkh, vh, ch) = comptime!((bk + l.ph, vp + l.ph, c + l.ph));
     let (bkf, vf, cf) = comptime!((bk + PAD_F, vp + PAD_F, c + PAD_F));
     let (kb, span) = block_and_span(comptime!(l.k.div_ceil(bk)), l);
@@ -1731,6 +1906,9 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut lamk = key_gates_tile(bk, l);
     let mut sq = tile_h::<F>(vg, bk, l);
     let mut sdk = tile_f(vg, bk);
+    let mut sx = tile_h::<F>(fc, bk, l);
+    let mut sy = tile_h::<F>(fc, bk, l);
+    let mut soff = tile_f(fc, bk);
 
     let mut first_row = k0;
     if comptime!(!l.has_h0 && l.span == 0) {
@@ -1795,8 +1973,15 @@ pub fn tiled_dq_kernel<F: Float>(
             let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
             mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
             sync_cube();
-            key_gated_dq::<F>(&sa, &sk, &lamk, &mut sdq, scale, bk, true, true, l);
-            key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, l);
+            if comptime!(factored) {
+                factored_grads::<F>(
+                    &sa, &mut sah, &sq, &sk, &lamk, &mut sx, &mut sy, &mut soff, &mut sdk, bk, l,
+                );
+            }
+            key_gated_dq::<F>(
+                &sa, &sk, &lamk, &soff, &mut sdq, scale, bk, true, true, factored, l,
+            );
+            key_gated_dk::<F>(&sa, &sq, &lamk, &mut sdk, scale, bk, factored, l);
             sync_cube();
             let slot = dk_slot as usize;
             store_tile::<f32>(&sdk, dk_part, slot, bos, len, p0, cl, h, k0, l.k, bk, l);

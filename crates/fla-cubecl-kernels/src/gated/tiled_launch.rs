@@ -13,8 +13,9 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, factored_scores_on, fwd_smem, scores_smem, tiled_dkv_kernel,
-    tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
+    dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem, scores_smem,
+    tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel,
+    TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -450,6 +451,7 @@ fn vector_grads<R: Runtime>(
             p.seq_len as u32,
             p.scale,
             l,
+            factored_grads_on(),
             p.dtype.storage(),
         )
     };
@@ -711,6 +713,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             spans as u32,
             p.scale,
             l,
+            factored_grads_on(),
             p.dtype.storage(),
         )
     };

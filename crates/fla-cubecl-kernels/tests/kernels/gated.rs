@@ -601,10 +601,15 @@ fn chunk_fused_walk_past_one_span() {
 /// set, for kernel settings read from the environment at each call, which would otherwise reach
 /// the tests running beside it; fails unless it ran and passed.
 fn run_in_child(name: &str, var: &str, value: &str) {
+    run_in_child_with(name, &[(var, value)]);
+}
+
+/// [`run_in_child`] with several settings.
+fn run_in_child_with(name: &str, vars: &[(&str, &str)]) {
     let exe = std::env::current_exe().expect("the test binary's path");
     let out = std::process::Command::new(exe)
         .args(["--ignored", "--exact", name])
-        .env(var, value)
+        .envs(vars.iter().copied())
         .output()
         .expect("the test binary runs");
     let log = format!(
@@ -649,6 +654,64 @@ fn fused_walk_cases() {
 #[rstest]
 fn chunk_vector_gates_in_other_chunks(#[values("16", "64")] chunk: &str) {
     run_in_child("gated::other_vector_chunk_cases", "FLA_TILED_VCHUNK", chunk);
+}
+
+/// The in-chunk scores and both in-chunk gradient terms with their off-diagonal 16 × 16 blocks
+/// as tile products, FLA's factoring (`FLA_GLA_SCORES_TC=1`, `FLA_GLA_GRADS_TC=1`: opt-in until
+/// a GPU has timed them), at chunks of 32 (one block boundary) and 64 (three), in processes of
+/// their own ([`factored_cases`]).
+#[rstest]
+fn chunk_factored_in_chunk_terms(#[values("32", "64")] chunk: &str) {
+    run_in_child_with(
+        "gated::factored_cases",
+        &[
+            ("FLA_TILED_VCHUNK", chunk),
+            ("FLA_GLA_SCORES_TC", "1"),
+            ("FLA_GLA_GRADS_TC", "1"),
+        ],
+    );
+}
+
+/// The cases of [`chunk_factored_in_chunk_terms`] (ignored otherwise: they need its settings
+/// for their whole process): chunk boundaries, both directions, `K` not a multiple of 16, in
+/// half precision and narrow heads, so that lavapipe's 32 KB of shared memory holds a chunk of 32
+/// with the factored terms' tiles (checked: a shorter chunk would have no block boundary to
+/// test). Chunks of 64 fit on CUDA only; elsewhere they run at the chunk that fits.
+#[test]
+#[ignore = "run by chunk_factored_in_chunk_terms, in a process of its own"]
+fn factored_cases() {
+    let chunk: usize = std::env::var("FLA_TILED_VCHUNK")
+        .expect("FLA_TILED_VCHUNK is set")
+        .parse()
+        .unwrap();
+    for (t, k, v, reverse) in [
+        (65, 16, 16, false),
+        (130, 32, 16, true),
+        (100, 24, 16, false),
+    ] {
+        let c = make_case(
+            Variant::Gla,
+            2,
+            t,
+            2,
+            k,
+            v,
+            1.0,
+            reverse,
+            None,
+            true,
+            FloatDType::F16,
+        );
+        on_runtime!(compare_factored(&c, chunk));
+    }
+}
+
+fn compare_factored<R: Runtime>(client: &ComputeClient<R>, c: &Case, chunk: usize) {
+    let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, 64).expect("a tiled layout");
+    if chunk == 32 || runtime_name() == "cuda" {
+        assert_eq!(l.chunk, chunk, "the asked chunk fits: {l:?}");
+    }
+    compare_mode(client, c, CHUNK);
 }
 
 /// The cases of [`chunk_vector_gates_in_other_chunks`] (ignored otherwise: they need
