@@ -88,6 +88,7 @@ times)
   go gla-tc && tab gla-scores-tc chunk_gla FLA_GLA_SCORES_TC=1
   go gla-tc && tab gla-scores-tc-kept chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_KEEP_SCORES=1
   go gla-fact && tab gla-factored chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1
+  go gla-fact-all && tab gla-factored-frag-all chunk_gla FLA_GLA_FRAG=7 FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1
   go gla-fact64 && tab gla-factored-c64 chunk_gla FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1 FLA_TILED_VCHUNK=64
   go delta-tiled && tab delta-tiled chunk_delta_rule,chunk_gated_delta_rule FLA_DELTA_FRAG=0
   go delta && tab delta-frag chunk_delta_rule,chunk_gated_delta_rule

@@ -689,21 +689,14 @@ fn factored_cases() {
         (130, 32, 16, true),
         (100, 24, 16, false),
     ] {
-        let c = make_case(
-            Variant::Gla,
-            2,
-            t,
-            2,
-            k,
-            v,
-            1.0,
-            reverse,
-            None,
-            true,
-            FloatDType::F16,
-        );
+        let c = gla_case(t, k, v, reverse, FloatDType::F16);
         on_runtime!(compare_factored(&c, chunk));
     }
+}
+
+/// A GLA case of 2 sequences and 2 heads at FLA's gate strength, with states.
+fn gla_case(t: usize, k: usize, v: usize, reverse: bool, dtype: FloatDType) -> Case {
+    make_case(Variant::Gla, 2, t, 2, k, v, 1.0, reverse, None, true, dtype)
 }
 
 fn compare_factored<R: Runtime>(client: &ComputeClient<R>, c: &Case, chunk: usize) {
@@ -726,19 +719,7 @@ fn other_vector_chunk_cases() {
         (65, 60, 100, false),
         (130, 48, 32, true),
     ] {
-        let c = make_case(
-            Variant::Gla,
-            2,
-            t,
-            2,
-            k,
-            v,
-            1.0,
-            reverse,
-            None,
-            true,
-            FloatDType::F32,
-        );
+        let c = gla_case(t, k, v, reverse, FloatDType::F32);
         on_runtime!(compare_mode(&c, CHUNK));
     }
     let c = varlen_case(Variant::Gla, false, vec![0, 1, 70, 70, 200]);
