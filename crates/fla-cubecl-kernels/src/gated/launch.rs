@@ -65,16 +65,13 @@ pub struct BackwardBuffers<'a> {
 /// The shape `[B·T, H, C]` of the in-chunk scores the chunk form at `chunk` sums on this device
 /// (vector gates on the tiled path: `C` is that path's chunk), which a forward can keep for its
 /// backward ([`ForwardBuffers::scores`]); `None` where it sums none, or where keeping them is
-/// off: `FLA_GLA_KEEP_SCORES=0` turns it off, `=1` on, and on CUDA it is off by default until
-/// its CUDA tests have run (the backward that reads kept scores launches the scores kernel
-/// without its sums, a variant lavapipe alone has run).
+/// off (`FLA_GLA_KEEP_SCORES=0`; on by default, as FLA's `chunk_gla` keeps its `A`).
 pub fn chunk_scores_shape<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     chunk: usize,
 ) -> Option<[usize; 3]> {
-    let default = !R::name(client).contains("cuda");
-    if !tuning("FLA_GLA_KEEP_SCORES").map_or(default, |v| v == 1) {
+    if tuning("FLA_GLA_KEEP_SCORES") == Some(0) {
         return None;
     }
     tiled_layout(client, p, chunk)

@@ -51,6 +51,7 @@ use cubecl::prelude::*;
 
 use super::chunk::chunk_len;
 use super::recurrent_fwd::{seq_length, seq_start, token_at};
+use super::tiled_launch::tuning;
 use crate::tile::{fast_exp, mma, put_tile, regs_for, tile_entry, MmaShape, TileConfig, FRAG};
 
 /// Compile-time shape of a tiled chunk launch.
@@ -187,7 +188,7 @@ pub fn scores_smem(l: &TiledLayout, e: usize) -> usize {
     2 * tile_bytes(l.chunk, l.kp, e)
         + tile_bytes(l.chunk, l.chunk, e)
         + key_gates_bytes(l, l.kp)
-        + 4 * score_scratch_len(l, factored_scores_on())
+        + 4 * score_scratch_len(l, factored_scores_on(l))
         + factored_smem(l)
 }
 
@@ -696,24 +697,25 @@ fn diag_split(l: &TiledLayout) -> usize {
     split
 }
 
-/// Whether the scores kernel takes [`factored_scores`] (`FLA_GLA_SCORES_TC=1`; off by default
-/// until a GPU has run and timed it).
-pub fn factored_scores_on() -> bool {
-    std::env::var("FLA_GLA_SCORES_TC").is_ok_and(|v| v == "1")
+/// Whether the scores kernel takes [`factored_scores`]: where the layout has tensor cores
+/// (CUDA); `FLA_GLA_SCORES_TC=1` or `=0` overrides.
+pub fn factored_scores_on(l: &TiledLayout) -> bool {
+    tuning("FLA_GLA_SCORES_TC").map_or(l.tile.cmma, |v| v == 1)
 }
 
 /// Whether the `dq` walk (and [`vector_grads_kernel`]) take the in-chunk terms of `dq` and `dk`
-/// with their off-diagonal blocks on tensor cores ([`factored_grads`]; `FLA_GLA_GRADS_TC=1`, off
-/// by default until a GPU has run and timed it).
-pub fn factored_grads_on() -> bool {
-    std::env::var("FLA_GLA_GRADS_TC").is_ok_and(|v| v == "1")
+/// with their off-diagonal blocks as tile products ([`factored_grads`]): where the layout has
+/// tensor cores (CUDA), the products' point; `FLA_GLA_GRADS_TC=1` or `=0` overrides (lavapipe's
+/// tests take it on the plain path).
+pub fn factored_grads_on(l: &TiledLayout) -> bool {
+    tuning("FLA_GLA_GRADS_TC").map_or(l.tile.cmma, |v| v == 1)
 }
 
 /// Shared-memory bytes [`factored_grads`] adds to the `dq` walk and [`vector_grads_kernel`]:
 /// the scaled keys and queries (`C × cols`, input dtype) and the `dq` products (`C × cols`,
 /// `f32`; the `dk` ones go to the walk's own `dk` tile).
 fn factored_grads_smem(l: &TiledLayout, cols: usize, e: usize) -> usize {
-    if l.vector_gate && factored_grads_on() {
+    if l.vector_gate && factored_grads_on(l) {
         2 * tile_bytes(l.chunk, cols, e) + tile_bytes(l.chunk, cols, 4)
     } else {
         0
@@ -723,7 +725,7 @@ fn factored_grads_smem(l: &TiledLayout, cols: usize, e: usize) -> usize {
 /// Shared-memory bytes [`factored_scores`] adds to the scores kernel: its `C × C` `f32` tile of
 /// the off-diagonal blocks.
 fn factored_smem(l: &TiledLayout) -> usize {
-    if factored_scores_on() {
+    if factored_scores_on(l) {
         tile_bytes(l.chunk, l.chunk, 4)
     } else {
         0

@@ -388,7 +388,7 @@ fn vector_scores<R: Runtime>(
             p.scale,
             l,
             sum,
-            sum && factored_scores_on(),
+            sum && factored_scores_on(&l),
             p.dtype.storage(),
         )
     };
@@ -451,7 +451,7 @@ fn vector_grads<R: Runtime>(
             p.seq_len as u32,
             p.scale,
             l,
-            factored_grads_on(),
+            factored_grads_on(&l),
             p.dtype.storage(),
         )
     };
@@ -713,7 +713,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             spans as u32,
             p.scale,
             l,
-            factored_grads_on(),
+            factored_grads_on(&l),
             p.dtype.storage(),
         )
     };

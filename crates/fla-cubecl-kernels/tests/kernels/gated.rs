@@ -657,9 +657,10 @@ fn chunk_vector_gates_in_other_chunks(#[values("16", "64")] chunk: &str) {
 }
 
 /// The in-chunk scores and both in-chunk gradient terms with their off-diagonal 16 × 16 blocks
-/// as tile products, FLA's factoring (`FLA_GLA_SCORES_TC=1`, `FLA_GLA_GRADS_TC=1`: opt-in until
-/// a GPU has timed them), at chunks of 32 (one block boundary) and 64 (three), in processes of
-/// their own ([`factored_cases`]).
+/// as tile products, FLA's factoring (the default where the tiled kernels have tensor cores;
+/// forced here with `FLA_GLA_SCORES_TC=1`, `FLA_GLA_GRADS_TC=1`, so lavapipe runs it on the
+/// plain path), at chunks of 32 (one block boundary) and 64 (three), in processes of their own
+/// ([`factored_cases`]).
 #[rstest]
 fn chunk_factored_in_chunk_terms(#[values("32", "64")] chunk: &str) {
     run_in_child_with(
@@ -780,8 +781,8 @@ fn varlen_case(variant: Variant, reverse: bool, cu: Vec<usize>) -> Case {
 /// The backward reading the scores its forward kept gives the gradients it gives summing them
 /// again, bit for bit (the same kernel sums them either way), on sequences that start and end
 /// mid-chunk with an empty one; only vector gates on the tiled path keep any. Keeping them is on
-/// by default except on CUDA, where `FLA_GLA_KEEP_SCORES=1` turns it on until its CUDA tests
-/// have run (this test among them); the choice itself is checked on every runtime.
+/// by default (`FLA_GLA_KEEP_SCORES=0` turns it off); the choice itself is checked on every
+/// runtime.
 #[test]
 fn chunk_kept_scores_match_recomputed() {
     // Lengths 1, 69, 0 (empty), 130, 64.
@@ -792,11 +793,7 @@ fn chunk_kept_scores_match_recomputed() {
 fn kept_matches_recomputed<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
     let shape = chunk_scores_shape(client, &c.p, DEFAULT_CHUNK);
     let asked = std::env::var("FLA_GLA_KEEP_SCORES").ok();
-    let keeps = match asked.as_deref() {
-        Some("1") => true,
-        Some(_) => false,
-        None => runtime_name() != "cuda",
-    };
+    let keeps = asked.as_deref() != Some("0");
     assert_eq!(
         shape.map(|d| [d[0], d[1]]),
         keeps.then(|| [c.p.tokens(), c.p.heads]),
