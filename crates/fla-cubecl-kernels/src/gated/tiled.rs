@@ -677,7 +677,7 @@ fn score_scratch_len(l: &TiledLayout, factored: bool) -> usize {
 }
 
 /// Rows of the sub-chunks of [`factored_scores`]: one tensor-core fragment.
-const SUB: usize = FRAG;
+pub(crate) const SUB: usize = FRAG;
 /// Scores on or below the diagonal of one `SUB × SUB` block.
 const SUB_TRI: usize = SUB * (SUB + 1) / 2;
 
@@ -944,7 +944,11 @@ fn off_diagonal_block<F: Float>(
 /// - `dk`: block `I − 1`'s keys against the queries from `b` on are `offk[I − 1] =
 ///   dA[≥ b, I − 1]ᵀ · (q ∘ exp(Λ − Λ_b))[≥ b]`;
 ///
-/// operands rounded to the input dtype (`dA` into `dah`), as FLA rounds them. The rest, the
+/// operands rounded to the input dtype (`dA` into `dah`). FLA keeps these operands in `f32`
+/// (TF32 products; it rounds only the forward scores' operands, as [`factored_scores`] does), so
+/// in bf16 this rounds more than FLA does here: the CUDA half-precision tests, the bf16 error at
+/// T = 4096 among them, pass with it (2026-12-07). In f16, entries of `dA` past 65504 would
+/// overflow here where the `f32` sums of the entry-by-entry path did not. The rest, the
 /// diagonal blocks entry by entry and the factors `exp(Λ_r − Λ_b)`, `exp(Λ_b − Λ_s)`, is
 /// [`key_gated_dq`]'s and [`key_gated_dk`]'s with `factored`. `q`, `k` are the raw `C × cols`
 /// tiles and `lam` their gates, `da` the unmasked `dO Vᵀ` (`C × C` `f32`); `x`, `y` hold the

@@ -24,6 +24,8 @@ use crate::FloatDType;
 
 /// Largest chunk the tiled kernels take (shared memory grows with its square).
 const MAX_TILED_CHUNK: usize = 64;
+// `factored_scores` and `factored_grads` take at most three block boundaries a chunk.
+const _: () = assert!(MAX_TILED_CHUNK <= 4 * super::tiled::SUB);
 
 /// Positions per chunk under vector gates. Their in-chunk terms are summed entry by entry (`C`
 /// multiply-adds and exponentials per key per position) by `vector_scores_kernel` and the `dq`
