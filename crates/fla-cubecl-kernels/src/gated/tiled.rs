@@ -970,18 +970,8 @@ pub(crate) fn factored_grads<F: Float>(
     #[comptime] l: TiledLayout,
 ) {
     let c = comptime!(l.chunk);
-    let threads = comptime!(l.tile.threads());
-    let (ldf, ldh) = comptime!((l.chunk + PAD_F, l.chunk + l.ph));
-    let unit = UNIT_POS as usize;
     // `dA` in the input dtype, the products' `A` operand (read after the first block's barrier).
-    #[unroll]
-    for r in 0..comptime!((c * c).div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < comptime!(c * c) {
-            let (row, col) = (e / c, e % c);
-            dah[row * ldh + col] = F::cast_from(da[row * ldf + col]);
-        }
-    }
+    round_tile::<F>(da, dah, c, c, l);
     // Chunks of at most 64: boundaries 1 to 3.
     if comptime!(c > SUB) {
         grads_block::<F>(dah, q, k, lam, x, y, offq, offk, 1usize, cols, l);
@@ -1275,17 +1265,30 @@ pub(crate) fn round_state<F: Float>(
     #[comptime] l: TiledLayout,
 ) {
     if comptime!(l.tile.cmma) {
-        let threads = comptime!(l.tile.threads());
-        let entries = comptime!(rows * cols);
-        let (lds, ldh) = comptime!((cols + PAD_F, cols + l.ph));
-        let unit = UNIT_POS as usize;
-        #[unroll]
-        for r in 0..comptime!(entries.div_ceil(threads)) {
-            let e = unit + r * threads;
-            if e < entries {
-                let (row, col) = (e / cols, e % cols);
-                sh[row * ldh + col] = F::cast_from(s[row * lds + col]);
-            }
+        round_tile::<F>(s, sh, rows, cols, l);
+    }
+}
+
+/// A padded `rows × cols` `f32` tile rounded into a padded tile of the input dtype, each unit
+/// its own entries.
+#[cube]
+fn round_tile<F: Float>(
+    s: &SharedMemory<f32>,
+    sh: &mut SharedMemory<F>,
+    #[comptime] rows: usize,
+    #[comptime] cols: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let entries = comptime!(rows * cols);
+    let (lds, ldh) = comptime!((cols + PAD_F, cols + l.ph));
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(entries.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < entries {
+            let (row, col) = (e / cols, e % cols);
+            sh[row * ldh + col] = F::cast_from(s[row * lds + col]);
         }
     }
 }

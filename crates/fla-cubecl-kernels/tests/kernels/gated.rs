@@ -701,7 +701,8 @@ fn gla_case(t: usize, k: usize, v: usize, reverse: bool, dtype: FloatDType) -> C
 }
 
 fn compare_factored<R: Runtime>(client: &ComputeClient<R>, c: &Case, chunk: usize) {
-    let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, 64).expect("a tiled layout");
+    let l = fla_cubecl_kernels::gated::tiled_layout(client, &c.p, DEFAULT_CHUNK)
+        .expect("a tiled layout");
     if chunk == 32 || runtime_name() == "cuda" {
         assert_eq!(l.chunk, chunk, "the asked chunk fits: {l:?}");
     }
