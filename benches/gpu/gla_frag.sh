@@ -60,6 +60,11 @@ tests)
   # too (FLA_GLA_GRADS_TC=1), at the default chunk (32) and at FLA's (64).
   go gla-fact && TS=${TS_KEEP:-150} t gla-fact "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1
   go gla-fact64 && TS=${TS_KEEP:-150} t gla-fact64 "gated::chunk" FLA_GLA_SCORES_TC=1 FLA_GLA_GRADS_TC=1 FLA_GLA_KEEP_SCORES=1 FLA_TILED_VCHUNK=64
+  # The defaults (both factorings and kept scores on CUDA in f16/bf16, since 2026-12-07), the
+  # cases the gla-fact step's limit left (f32 sizes, varlen, without states, the kept-scores and
+  # factored-terms tests), then the Burn op's gated chunk tests.
+  go gla-default && TS=${TS_DEF:-170} t gla-default "gated::chunk --skip chunk_gla_half_sizes --skip chunk_half_precision"
+  go gla-ops && BIN=test-ops TS=${TS_OPS:-150} t gla-ops "gated::chunk"
   go gla-keep-ops && BIN=test-ops TS=${TS_KEEP:-150} t gla-keep-ops "gated::chunk" FLA_GLA_KEEP_SCORES=1
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
@@ -83,6 +88,15 @@ tests)
   ;;
 times)
   go gla-tiled && tab gla-tiled chunk_gla FLA_GLA_FRAG=0
+  # SWEEP="A=1 B=2;C=3;...": chunk_gla under each setting (`;` between settings, an empty one
+  # the defaults), e.g. the planes of the scores kernel, the register walks and the tiled walks
+  # (FLA_GLA_SCORES_PLANES, FLA_GLA_FRAG_PLANES, FLA_TILED_PLANES) and the chunk (FLA_TILED_VCHUNK).
+  if [ -n "${SWEEP:-}" ] && go sweep; then
+    IFS=';' read -ra cfgs <<< "$SWEEP"
+    for c in "${cfgs[@]}"; do [ $SECONDS -lt $D ] && tab sweep ${SWEEP_OPS:-chunk_gla} $c; done
+  fi
+  go gla-default && tab gla-default chunk_gla
+  go simple && tab simple-gla chunk_simple_gla
   go gla && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
   go gla-all && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
   go gla-keep && tab gla-keep-scores chunk_gla FLA_GLA_KEEP_SCORES=1
@@ -103,9 +117,9 @@ times)
     PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site timeout ${REF_S:-200} python3 benches/fla_gated.py --seq 4096,8192 --ops ${REF_OPS:-chunk_gla,chunk_delta_rule,chunk_gated_delta_rule,sdpa,parallel_attn} --out $OUT 2>&1 | grep -v Warning | tail -12
   fi
   if go prof; then
-    # Per-kernel times of one forward+backward at T = 4096 (CubeCL's profiler).
+    # Per-kernel times of one forward+backward at T = 4096 (CubeCL's profiler), PROF_OPS.
     printf '[profiling]\nlogger = { level = "basic", stderr = true }\n' > cubecl.toml
-    timeout 80 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops chunk_delta_rule,parallel_attn,chunk_gla --warmup 2 --iters 1 > $OUT/profile.log 2>&1
+    timeout 80 $R/test-table --backend cuda --dtype bf16 --seq 4096 --ops ${PROF_OPS:-chunk_delta_rule,parallel_attn,chunk_gla} --warmup 2 --iters 1 > $OUT/profile.log 2>&1
     rm -f cubecl.toml
     python3 - $OUT/profile.log <<'PY'
 import re, sys, collections

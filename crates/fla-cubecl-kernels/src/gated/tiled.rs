@@ -188,7 +188,7 @@ pub fn scores_smem(l: &TiledLayout, e: usize) -> usize {
     2 * tile_bytes(l.chunk, l.kp, e)
         + tile_bytes(l.chunk, l.chunk, e)
         + key_gates_bytes(l, l.kp)
-        + 4 * score_scratch_len(l, factored_scores_on(l))
+        + 4 * score_scratch_len(l, factored_scores_on(l), diag_regs_on(l))
         + factored_smem(l)
 }
 
@@ -664,15 +664,23 @@ pub(crate) fn triangle_index(row: usize, col: usize, #[comptime] c: usize) -> us
 pub(crate) fn score_scratch(
     #[comptime] l: TiledLayout,
     #[comptime] factored: bool,
+    #[comptime] regs: bool,
 ) -> SharedMemory<f32> {
-    SharedMemory::<f32>::new(comptime!(score_scratch_len(&l, factored)))
+    SharedMemory::<f32>::new(comptime!(score_scratch_len(&l, factored, regs)))
 }
 
-fn score_scratch_len(l: &TiledLayout, factored: bool) -> usize {
+fn score_scratch_len(l: &TiledLayout, factored: bool, regs: bool) -> usize {
     match (l.vector_gate && !l.states, factored) {
         (false, _) => 1,
         (true, false) => score_split(l) * score_entries(l),
-        (true, true) => diag_split(l) * diag_entries(l),
+        (true, true) => {
+            let split = if regs {
+                diag_reg_split(l)
+            } else {
+                diag_split(l)
+            };
+            split * diag_entries(l)
+        }
     }
 }
 
@@ -695,6 +703,26 @@ fn diag_split(l: &TiledLayout) -> usize {
         split *= 2;
     }
     split
+}
+
+/// Units of [`diag_rows_in_registers`] that share one row pair of a diagonal block, each
+/// summing the keys `j ≡ unit (mod split)`: as many as the cube has units for, in powers of two,
+/// while each still takes at least 8 keys (its rows' queries and gates stay in registers, four
+/// slices of `kp / split`). At most 16, so that it divides `kp` (a multiple of 16).
+fn diag_reg_split(l: &TiledLayout) -> usize {
+    let pairs = l.chunk / SUB * (SUB / 2);
+    let mut split = 1;
+    while 2 * split * pairs <= l.tile.threads() && l.kp >= 16 * split && split < 16 {
+        split *= 2;
+    }
+    split
+}
+
+/// Whether [`factored_scores`] sums its diagonal blocks with each unit's rows in registers
+/// ([`diag_rows_in_registers`]) rather than one entry per unit from shared memory: opt-in
+/// (`FLA_GLA_DIAG_REGS=1`) until a GPU has timed it.
+pub fn diag_regs_on(l: &TiledLayout) -> bool {
+    factored_scores_on(l) && tuning("FLA_GLA_DIAG_REGS") == Some(1)
 }
 
 /// Whether the scores kernel takes [`factored_scores`]: where the layout has tensor cores
@@ -833,26 +861,35 @@ pub(crate) fn factored_scores<F: Float>(
     dst: &mut SharedMemory<F>,
     factor: f32,
     #[comptime] l: TiledLayout,
+    #[comptime] regs: bool,
 ) {
     let c = comptime!(l.chunk);
     let (sub, sub_tri) = comptime!((SUB, SUB_TRI));
     let threads = comptime!(l.tile.threads());
     let diag = comptime!(diag_entries(&l));
-    let split = comptime!(diag_split(&l));
+    let split = comptime!(if regs {
+        diag_reg_split(&l)
+    } else {
+        diag_split(&l)
+    });
     let slice = comptime!(l.kp / split);
     let (ldh, ldl, ldd, ldo) =
         comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph, l.chunk + PAD_F));
     let unit = UNIT_POS as usize;
     // The diagonal blocks, entry by entry, from the raw tiles.
-    #[unroll]
-    for r in 0..comptime!((diag * split).div_ceil(threads)) {
-        let u = unit + r * threads;
-        if u < diag * split {
-            let e = u % diag;
-            let j0 = (u / diag) * slice;
-            let base = (e / sub_tri) * sub;
-            let (rr, cc) = triangle_entry(e % sub_tri, SUB);
-            part[u] = decayed_dot::<F>(q, k, lam, base + rr, base + cc, j0, slice, l);
+    if comptime!(regs) {
+        diag_rows_in_registers::<F>(q, k, lam, part, l);
+    } else {
+        #[unroll]
+        for r in 0..comptime!((diag * split).div_ceil(threads)) {
+            let u = unit + r * threads;
+            if u < diag * split {
+                let e = u % diag;
+                let j0 = (u / diag) * slice;
+                let base = (e / sub_tri) * sub;
+                let (rr, cc) = triangle_entry(e % sub_tri, SUB);
+                part[u] = decayed_dot::<F>(q, k, lam, base + rr, base + cc, j0, slice, l);
+            }
         }
     }
     sync_cube();
@@ -893,6 +930,86 @@ pub(crate) fn factored_scores<F: Float>(
                 }
             }
             dst[row * ldd + col] = F::cast_from(x * factor);
+        }
+    }
+}
+
+/// The lower triangles of the chunk's diagonal `SUB × SUB` blocks for [`factored_scores`], into
+/// `part` as its entry-by-entry loop leaves them (`part[p · diag + t]`, `p` the key slice, `t`
+/// the entry), but with each unit's rows in registers: a unit takes rows `i` and `SUB − 1 − i`
+/// of one block (`i < SUB / 2`: 17 scores between them, every unit the same work) and the keys
+/// `j ≡ p (mod split)`, holds those rows' queries and gates, and walks the block's 16 key
+/// positions once, each key position's key and gate loaded once for both rows. That is two
+/// shared-memory loads per key and position where [`decayed_dot`] takes four per score entry.
+/// Consecutive units take consecutive `p` (consecutive keys: no bank conflicts) of the same rows.
+#[cube(fast_math = fast_exp())]
+fn diag_rows_in_registers<F: Float>(
+    q: &SharedMemory<F>,
+    k: &SharedMemory<F>,
+    lam: &SharedMemory<f32>,
+    part: &mut SharedMemory<f32>,
+    #[comptime] l: TiledLayout,
+) {
+    let threads = comptime!(l.tile.threads());
+    let split = comptime!(diag_reg_split(&l));
+    let slice = comptime!(l.kp / split);
+    let diag = comptime!(diag_entries(&l));
+    let units = comptime!(l.chunk / SUB * (SUB / 2) * split);
+    let (ldh, ldl) = comptime!((l.kp + l.ph, l.kp + PAD_F));
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(units.div_ceil(threads)) {
+        let u = unit + r * threads;
+        if u < units {
+            let p = u % split;
+            let pair = (u / split) % comptime!(SUB / 2);
+            let block = u / comptime!(split * (SUB / 2));
+            let base = block * SUB;
+            // Row `lo` scores positions `..= pair`, row `hi` positions `..= SUB − 1 − pair`.
+            let lo = base + pair;
+            let hi = base + comptime!(SUB - 1) - pair;
+            let mut qlo = Array::<f32>::new(slice);
+            let mut qhi = Array::<f32>::new(slice);
+            let mut llo = Array::<f32>::new(slice);
+            let mut lhi = Array::<f32>::new(slice);
+            #[unroll]
+            for jj in 0..slice {
+                let j = jj * split + p;
+                qlo[jj] = f32::cast_from(q[lo * ldh + j]);
+                qhi[jj] = f32::cast_from(q[hi * ldh + j]);
+                llo[jj] = lam[lo * ldl + j];
+                lhi[jj] = lam[hi * ldl + j];
+            }
+            let at = p * diag + block * comptime!(SUB_TRI);
+            #[unroll]
+            for s in 0..SUB {
+                let col = base + s;
+                // Position `s` against both rows (`s ≤ pair`), or against `hi` alone; past `hi`
+                // nothing (the exponent would be positive there).
+                if s <= pair {
+                    let mut xlo = 0.0f32;
+                    let mut xhi = 0.0f32;
+                    #[unroll]
+                    for jj in 0..slice {
+                        let j = jj * split + p;
+                        let kv = f32::cast_from(k[col * ldh + j]);
+                        let ls = lam[col * ldl + j];
+                        xhi += qhi[jj] * kv * (lhi[jj] - ls).exp();
+                        xlo += qlo[jj] * kv * (llo[jj] - ls).exp();
+                    }
+                    part[at + triangle_index(comptime!(SUB - 1) - pair, s, SUB)] = xhi;
+                    part[at + triangle_index(pair, s, SUB)] = xlo;
+                } else if s <= comptime!(SUB - 1) - pair {
+                    let mut xhi = 0.0f32;
+                    #[unroll]
+                    for jj in 0..slice {
+                        let j = jj * split + p;
+                        let kv = f32::cast_from(k[col * ldh + j]);
+                        xhi += qhi[jj] * kv * (lhi[jj] - lam[col * ldl + j]).exp();
+                    }
+                    part[at + triangle_index(comptime!(SUB - 1) - pair, s, SUB)] = xhi;
+                }
+            }
         }
     }
 }
@@ -1442,6 +1559,7 @@ pub fn vector_scores_kernel<F: Float>(
     #[comptime] l: TiledLayout,
     #[comptime] sum: bool,
     #[comptime] factored: bool,
+    #[comptime] diag_regs: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
@@ -1460,7 +1578,7 @@ pub fn vector_scores_kernel<F: Float>(
     let mut sk = tile_h::<F>(sr, sqc, l);
     let mut sa = tile_h::<F>(sr, sac, l);
     let mut lamk = key_gates_tile(kp, l);
-    let mut spart = score_scratch(l, factored);
+    let mut spart = score_scratch(l, factored, diag_regs);
     let mut soff = tile_f(
         comptime!(if factored { c } else { 1 }),
         comptime!(if factored { c } else { 1 }),
@@ -1496,6 +1614,7 @@ pub fn vector_scores_kernel<F: Float>(
             if comptime!(factored) {
                 factored_scores::<F>(
                     &mut sq, &rq, &mut sk, &rk, &lamk, &mut spart, &mut soff, &mut sa, scale, l,
+                    diag_regs,
                 );
             } else {
                 key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);

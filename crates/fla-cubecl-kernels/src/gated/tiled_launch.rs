@@ -13,7 +13,7 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem, scores_smem,
+    diag_regs_on, dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem, scores_smem,
     tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel,
     TiledLayout,
 };
@@ -367,9 +367,19 @@ fn vector_scores<R: Runtime>(
         Scores::Kept(h) => (h.clone(), false),
     };
     let cum = client.empty(4 * cum_len(p, l));
+    // Every chunk is a cube of its own here, so fewer planes a cube let more cubes share an SM
+    // and hide each other's latency (`FLA_GLA_SCORES_PLANES`, at most the walks' planes: a
+    // measurement aid).
+    let tile = TileConfig {
+        planes: tuning("FLA_GLA_SCORES_PLANES")
+            .filter(|&n| n > 0 && n <= l.tile.planes)
+            .unwrap_or(l.tile.planes),
+        ..l.tile
+    };
     let l = TiledLayout {
         span: 0,
         states: false,
+        tile,
         ..*l
     };
     let (qk, _) = p.lens();
@@ -391,6 +401,7 @@ fn vector_scores<R: Runtime>(
             l,
             sum,
             sum && factored_scores_on(&l),
+            sum && diag_regs_on(&l),
             p.dtype.storage(),
         )
     };

@@ -660,15 +660,20 @@ fn chunk_vector_gates_in_other_chunks(#[values("16", "64")] chunk: &str) {
 /// as tile products, FLA's factoring (the default where the tiled kernels have tensor cores;
 /// forced here with `FLA_GLA_SCORES_TC=1`, `FLA_GLA_GRADS_TC=1`, so lavapipe runs it on the
 /// plain path), at chunks of 32 (one block boundary) and 64 (three), in processes of their own
-/// ([`factored_cases`]).
+/// ([`factored_cases`]); the scores' diagonal blocks summed one entry per unit, and with each
+/// unit's rows in registers (`FLA_GLA_DIAG_REGS=1`).
 #[rstest]
-fn chunk_factored_in_chunk_terms(#[values("32", "64")] chunk: &str) {
+fn chunk_factored_in_chunk_terms(
+    #[values("32", "64")] chunk: &str,
+    #[values("0", "1")] diag_regs: &str,
+) {
     run_in_child_with(
         "gated::factored_cases",
         &[
             ("FLA_TILED_VCHUNK", chunk),
             ("FLA_GLA_SCORES_TC", "1"),
             ("FLA_GLA_GRADS_TC", "1"),
+            ("FLA_GLA_DIAG_REGS", diag_regs),
         ],
     );
 }
