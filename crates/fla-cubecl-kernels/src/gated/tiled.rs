@@ -720,7 +720,10 @@ fn diag_reg_split(l: &TiledLayout) -> usize {
 
 /// Whether [`factored_scores`] sums its diagonal blocks with each unit's rows in registers
 /// ([`diag_rows_in_registers`]) rather than one entry per unit from shared memory: opt-in
-/// (`FLA_GLA_DIAG_REGS=1`) until a GPU has timed it.
+/// (`FLA_GLA_DIAG_REGS=1`) until a GPU has timed it. Its partial sums take more shared memory
+/// (`split` of them per entry: 17 KB at a chunk of 32 and `K = 128`, 35 KB at 64, against 2 KB),
+/// which [`scores_smem`] counts, so on a device with little of it the layout can fall to a
+/// shorter chunk with it on.
 pub fn diag_regs_on(l: &TiledLayout) -> bool {
     factored_scores_on(l) && tuning("FLA_GLA_DIAG_REGS") == Some(1)
 }
@@ -941,7 +944,10 @@ pub(crate) fn factored_scores<F: Float>(
 /// `j ≡ p (mod split)`, holds those rows' queries and gates, and walks the block's 16 key
 /// positions once, each key position's key and gate loaded once for both rows. That is two
 /// shared-memory loads per key and position where [`decayed_dot`] takes four per score entry.
-/// Consecutive units take consecutive `p` (consecutive keys: no bank conflicts) of the same rows.
+/// Consecutive units take consecutive `p` (consecutive keys) of the same rows, so the `split`
+/// units of a row pair load a key position's keys and gates without bank conflicts; a plane
+/// holds `32 / split` row pairs, whose branches (`s ≤ i`, `s ≤ 15 − i`) differ, and whose
+/// preloaded rows can share banks (about two ways at `split = 16`).
 #[cube(fast_math = fast_exp())]
 fn diag_rows_in_registers<F: Float>(
     q: &SharedMemory<F>,
