@@ -173,7 +173,10 @@ for t in [int(s) for s in a.seq.split(",")]:
             print(f"{op}: FLA has no backward", flush=True)
         else:
             try:
-                fb = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")
+                # The leaves' .grad cleared before each run, so the time has no accumulation
+                # into them (ours starts from dO and writes fresh gradients: table.rs).
+                fb = do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median",
+                              grad_to_none=leaves)
             except Exception as e:
                 print(f"{op}: no backward ({type(e).__name__}: {str(e)[:80]})", flush=True)
                 fb = float("nan")

@@ -248,7 +248,7 @@ fn run<B: Ops>(args: &Args, dtype: FloatDType) {
                 let fwd_bwd = (!is_attention || 2 * t <= args.attention_max).then(|| {
                     time::<B, _>(&device, args.warmup, args.iters, || {
                         let o = call(op, &xa, true);
-                        (o * xa.d_o.clone()).sum().backward()
+                        common::backward_with(o, xa.d_o.clone().inner())
                     })
                 });
                 (fwd, fwd_bwd, Some(args.heads), args.dim)

@@ -4,8 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use burn::tensor::FloatDType;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{FloatDType, Tensor, TensorPrimitive};
 
 /// The upper middle of an even count.
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -39,6 +45,45 @@ pub fn time<B: Backend, T>(
         })
         .collect();
     median(runs)
+}
+
+/// A graph node whose backward hands its parent a given gradient, whatever reaches it: the root
+/// of [`backward_with`].
+#[derive(Debug)]
+#[allow(dead_code)] // benches/matmul.rs shares this module and times no backward.
+struct Seed;
+
+impl<B: Backend> Backward<B, 1> for Seed {
+    /// The gradient to hand on.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _c: &mut Checkpointer) {
+        // The ones Burn seeds the root with: taken off the graph, not used.
+        drop(grads.consume::<B>(&ops.node));
+        if let Some(parent) = &ops.parents[0] {
+            grads.register::<B>(parent.id, ops.state);
+        }
+    }
+}
+
+/// The backward of `o` with `d_o` as its output's gradient, as torch's `o.backward(d_o)` (what
+/// FLA's benchmarks and `benches/fla_gated.py` time). Burn's `backward` starts from ones of the
+/// root's shape, so the usual spelling, `(o · d_o).sum().backward()`, adds a product, a sum and
+/// the product's backward to what is timed (about 0.5 ms of an 8 ms `chunk_gla` at T = 4096 on
+/// an H100, CubeCL's profiler, 2026-12-07); here only the ones are added (one fill).
+#[allow(dead_code)] // As `Seed`.
+pub fn backward_with<B: Backend>(o: Tensor<Autodiff<B>, 4>, d_o: Tensor<B, 4>) -> Gradients {
+    let o = o.into_primitive().tensor();
+    let d_o = d_o.into_primitive().tensor();
+    let out = match Seed
+        .prepare::<NoCheckpointing>([o.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(d_o, o.primitive.clone()),
+        OpsKind::UnTracked(prep) => prep.finish(o.primitive.clone()),
+    };
+    Tensor::<Autodiff<B>, 4>::from_primitive(TensorPrimitive::Float(out)).backward()
 }
 
 /// `f32`, `f16` or `bf16`, as the benches' `--dtype` names them.

@@ -7,6 +7,7 @@ mod common;
 
 mod adamw;
 mod attn;
+mod bench_seed;
 mod blas;
 mod cross_entropy;
 mod delta;
