@@ -673,14 +673,17 @@ fn score_scratch_len(l: &TiledLayout, factored: bool, regs: bool) -> usize {
     match (l.vector_gate && !l.states, factored) {
         (false, _) => 1,
         (true, false) => score_split(l) * score_entries(l),
-        (true, true) => {
-            let split = if regs {
-                diag_reg_split(l)
-            } else {
-                diag_split(l)
-            };
-            split * diag_entries(l)
-        }
+        (true, true) => factored_split(l, regs) * diag_entries(l),
+    }
+}
+
+/// Key slices [`factored_scores`] sums each diagonal score in: [`diag_reg_split`] with its rows
+/// in registers, [`diag_split`] otherwise.
+fn factored_split(l: &TiledLayout, regs: bool) -> usize {
+    if regs {
+        diag_reg_split(l)
+    } else {
+        diag_split(l)
     }
 }
 
@@ -870,11 +873,7 @@ pub(crate) fn factored_scores<F: Float>(
     let (sub, sub_tri) = comptime!((SUB, SUB_TRI));
     let threads = comptime!(l.tile.threads());
     let diag = comptime!(diag_entries(&l));
-    let split = comptime!(if regs {
-        diag_reg_split(&l)
-    } else {
-        diag_split(&l)
-    });
+    let split = comptime!(factored_split(&l, regs));
     let slice = comptime!(l.kp / split);
     let (ldh, ldl, ldd, ldo) =
         comptime!((l.kp + l.ph, l.kp + PAD_F, l.chunk + l.ph, l.chunk + PAD_F));
@@ -1402,15 +1401,11 @@ fn round_tile<F: Float>(
     #[comptime] cols: usize,
     #[comptime] l: TiledLayout,
 ) {
-    let threads = comptime!(l.tile.threads());
-    let entries = comptime!(rows * cols);
     let (lds, ldh) = comptime!((cols + PAD_F, cols + l.ph));
-    let unit = UNIT_POS as usize;
     #[unroll]
-    for r in 0..comptime!(entries.div_ceil(threads)) {
-        let e = unit + r * threads;
-        if e < entries {
-            let (row, col) = (e / cols, e % cols);
+    for r in 0..comptime!(regs_for(rows, cols, &l.tile)) {
+        let (row, col) = tile_entry(r, cols, l.tile);
+        if row < rows {
             sh[row * ldh + col] = F::cast_from(s[row * lds + col]);
         }
     }
