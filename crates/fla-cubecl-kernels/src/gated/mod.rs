@@ -29,8 +29,8 @@ pub use launch::{
 };
 pub use tiled::TiledLayout;
 pub use tiled_launch::{
-    gla_dkv_registers, gla_dq_registers, gla_fwd_registers, has_cmma, tiled_layout,
-    DEFAULT_GLA_FRAG, VECTOR_CHUNK,
+    gla_dkv_registers, gla_dq_registers, gla_fwd_registers, has_cmma, simple_scores_layout,
+    tiled_layout, DEFAULT_GLA_FRAG, VECTOR_CHUNK,
 };
 
 use crate::{FloatDType, KernelError};

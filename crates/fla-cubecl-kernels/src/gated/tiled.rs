@@ -1638,6 +1638,119 @@ pub fn vector_scores_kernel<F: Float>(
     }
 }
 
+/// Shared-memory bytes of [`scalar_scores_kernel`] at the layout `l` (the vector-gate layout its
+/// walks take): `q`, `k` (`C × kp`), the scores in `f32` and in the input dtype (`C × C`) and
+/// the chunk's gates, raw and cumulated.
+pub fn scalar_scores_smem(l: &TiledLayout, e: usize) -> usize {
+    2 * tile_bytes(l.chunk, l.kp, e)
+        + tile_bytes(l.chunk, l.chunk, 4)
+        + tile_bytes(l.chunk, l.chunk, e)
+        + 8 * l.chunk
+}
+
+/// The in-chunk scores and cumulated gates of a scalar gate, for every chunk of every sequence,
+/// in the form the vector-gate walks read ([`vector_scores_kernel`]'s outputs), so that simple
+/// GLA can take those walks (on CUDA the forward walk with its state in registers,
+/// [`super::frag::gla_fwd_frag_kernel`]):
+/// - `a[tok, h, s] = scale · (q_r · k_s) · exp(λ_r − λ_s)` for `s ≤ r`, 0 above the diagonal
+///   (input dtype, `[B·T, H, C]`): one tile product `Q Kᵀ`, then the decay entry by entry, every
+///   exponent at most 0, as the scalar walk computes its scores ([`masked_decay`]);
+/// - `gates_cum[tok, h, j] = λ_r` for every key column `j` (`f32`, `[B·T, H, K]`): the scalar
+///   gate cumulated from the chunk's start, repeated across the keys, which is what the vector
+///   walks' `Λ` is for a gate that is the same on every key.
+///
+/// `l` is the scalar layout of the walks' chunk (`scalar_gate` set: [`load_gates`] reads one
+/// gate per position). Cubes `(x, head, sequence)`: cube `x` takes chunks `x, x + X, …`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn scalar_scores_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    g: &Array<F>,
+    cu_seqlens: &Array<u32>,
+    a: &mut Array<F>,
+    gates_cum: &mut Array<f32>,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, kp) = comptime!((l.chunk, l.kp));
+    let (kh, cf, ch) = comptime!((kp + l.ph, c + PAD_F, c + l.ph));
+    let (cc, ck) = comptime!((l.chunk * l.chunk, l.chunk * l.k));
+    let threads = comptime!(l.tile.threads());
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let unit = UNIT_POS as usize;
+
+    let mut sq = tile_h::<F>(c, kp, l);
+    let mut sk = tile_h::<F>(c, kp, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
+    let mut gl = SharedMemory::<f32>::new(c);
+    let mut lam = SharedMemory::<f32>::new(c);
+    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+
+    let x = CUBE_POS_X as usize;
+    let stride = CUBE_COUNT_X as usize;
+    let rounds = chunk_rounds(len.div_ceil(c), x, stride);
+    // Uniform over the cube: its barriers are reached by every unit.
+    for round in 0..rounds {
+        let p0 = (x + round * stride) * c;
+        let cl = chunk_len(len, p0, c);
+        fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
+        stage_tile::<F>(&rq, &mut sq, kp, l);
+        stage_tile::<F>(&rk, &mut sk, kp, l);
+        load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        sync_cube();
+        cumulate_gates(&gl, &mut lam, l);
+        // A = Q Kᵀ
+        mma::<F, F>(
+            &sq,
+            0,
+            &sk,
+            0,
+            &mut sa,
+            0,
+            comptime!(nt(c, c, kp, kh, kh, cf)),
+            l.tile,
+        );
+        sync_cube();
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        // `Λ` for the walks: `λ_r` on every key column (rows in the sequence only: the walks
+        // repeat its last row past its end).
+        #[unroll]
+        for r in 0..comptime!(ck.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < ck {
+                let (row, col) = (e / l.k, e % l.k);
+                if row < cl {
+                    let tok = token_at(bos, len, p0 + row, l.reverse);
+                    gates_cum[(tok * l.heads + h) * l.k + col] = lam[row];
+                }
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for r in 0..comptime!(cc.div_ceil(threads)) {
+            let e = unit + r * threads;
+            if e < cc {
+                let (row, col) = (e / c, e % c);
+                if row < cl {
+                    let tok = token_at(bos, len, p0 + row, l.reverse);
+                    a[(tok * l.heads + h) * c + col] = sah[row * ch + col];
+                }
+            }
+        }
+        // The next round overwrites the tiles.
+        sync_cube();
+    }
+}
+
 /// The in-chunk terms of `dq` and `dk` under vector gates, for every chunk of every sequence:
 /// `dq_r = scale · Σ_{s ≤ r} dA_rs k_s ∘ exp(Λ_r − Λ_s)` and
 /// `dk_s = scale · Σ_{r ≥ s} dA_rs q_r ∘ exp(Λ_r − Λ_s)`, `dA = dO Vᵀ` over every value column

@@ -13,9 +13,9 @@ use super::launch::{
     array, finalize_qk_grads, is_cpu_vulkan, need, BackwardBuffers, ForwardBuffers,
 };
 use super::tiled::{
-    diag_regs_on, dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem, scores_smem,
-    tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel,
-    TiledLayout,
+    diag_regs_on, dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem,
+    scalar_scores_kernel, scalar_scores_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel,
+    tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -76,6 +76,26 @@ pub fn tiled_layout<R: Runtime>(
     if p.value_gate || !chunk.is_multiple_of(FRAG) || chunk == 0 {
         return None;
     }
+    // Vector gates take chunks of `VECTOR_CHUNK`, or of the size asked where it is shorter
+    // (`FLA_TILED_VCHUNK`, a multiple of 16 up to 64, overrides both: a measurement aid).
+    let c = if p.gate == GateKind::Vector {
+        tuning("FLA_TILED_VCHUNK")
+            .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
+            .unwrap_or(VECTOR_CHUNK.min(chunk))
+    } else {
+        chunk.min(MAX_TILED_CHUNK)
+    };
+    layout_from(client, p, c, scores_smem)
+}
+
+/// [`tiled_layout`] from the chunk `c` down: the first multiple of 16 at or below it whose
+/// tiles fit, the scores kernel's under vector gates (`scores_of`) among them.
+fn layout_from<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    mut c: usize,
+    scores_of: fn(&TiledLayout, usize) -> usize,
+) -> Option<TiledLayout> {
     let props = client.properties();
     let max_smem = props.hardware.max_shared_memory_size;
     let max_units = props.hardware.max_units_per_cube as usize;
@@ -96,15 +116,6 @@ pub fn tiled_layout<R: Runtime>(
         p.v_dim.next_multiple_of(FRAG),
     );
     let elem = p.dtype.size();
-    // Vector gates take chunks of `VECTOR_CHUNK`, or of the size asked where it is shorter
-    // (`FLA_TILED_VCHUNK`, a multiple of 16 up to 64, overrides both: a measurement aid).
-    let mut c = if p.gate == GateKind::Vector {
-        tuning("FLA_TILED_VCHUNK")
-            .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
-            .unwrap_or(VECTOR_CHUNK.min(chunk))
-    } else {
-        chunk.min(MAX_TILED_CHUNK)
-    };
     while c >= FRAG {
         let base = TiledLayout {
             heads: p.heads,
@@ -144,7 +155,7 @@ pub fn tiled_layout<R: Runtime>(
         let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
         let bk = widths(kp.min(bk_max))
             .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
-        let scores_fit = !base.vector_gate || scores_smem(&base, elem) <= max_smem;
+        let scores_fit = !base.vector_gate || scores_of(&base, elem) <= max_smem;
         if let (Some(bv), Some(bk), true) = (bv, bk, scores_fit) {
             // Widest dK column block that still fits beside the rest.
             let nb = [kp, 64, 32, 16]
@@ -299,7 +310,7 @@ fn forward_launch<R: Runtime>(
             array(a, scores_len(p, &l)),
             array(&dummy, 1),
             array(&dummy, 1),
-            array(b.g.unwrap_or(&dummy), p.gate_len()),
+            array(b.g.unwrap_or(&dummy), b.g.map_or(1, |_| p.gate_len())),
             array(cum, cum_len(p, &l)),
             array(h0, h0_len),
             array(cu, cu_len),
@@ -480,6 +491,9 @@ pub(crate) fn tiled_forward<R: Runtime>(
     b: &ForwardBuffers<'_>,
     cu: (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
+    if let Some(lv) = simple_scores_route(client, p, &l) {
+        return simple_forward(client, p, lv, b, cu);
+    }
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let nv = p.v_dim.div_ceil(l.bv);
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
@@ -500,6 +514,119 @@ pub(crate) fn tiled_forward<R: Runtime>(
             Some(fl) => gla_frag_forward(client, p, fl, b, scores, h0, cu),
             None => forward_launch(client, p, l, nv, b, scores, h0, (&dummy, 1, 1), cu),
         },
+    }
+    Ok(())
+}
+
+/// The layout of simple GLA's forward through the vector-gate walks, where it is taken (see
+/// [`simple_scores_route`]), for the chunk form at `chunk`; `None` where the forward takes its
+/// own walk.
+pub fn simple_scores_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    chunk: usize,
+) -> Option<TiledLayout> {
+    simple_scores_route(client, p, &tiled_layout(client, p, chunk)?)
+}
+
+/// Simple GLA's forward (a scalar gate) through GLA's: its in-chunk scores and cumulated gates
+/// by a kernel of their own ([`scalar_scores_kernel`], every chunk in parallel: one tile product
+/// `Q Kᵀ` and the decay), then the vector-gate forward walk reading them as it reads
+/// [`vector_scores_kernel`]'s, which on CUDA keeps the state in registers
+/// ([`super::frag::gla_fwd_frag_kernel`]). The scalar walk it replaces
+/// ([`tiled_fwd_kernel`] with `scalar_gate`) sums `Q Kᵀ` again for each value block and keeps
+/// the state in shared memory; on an H100 it took 1.72 ms of `chunk_simple_gla`'s 2.0 ms
+/// forward at B = 8, H = 16, K = V = 128, T = 4096, where FLA's whole forward takes 0.5
+/// (2026-12-07, CubeCL's profiler). The cost: `Λ` repeated over the keys (`[B·T, H, K]` `f32`,
+/// written once and read by each value block's walk).
+///
+/// Opt-in (`FLA_SIMPLE_SCORES=1`) until a GPU has timed it: tested on lavapipe (the tiled
+/// vector walk), not yet run on CUDA. Taken for scalar gates where the forward does not split
+/// ([`split_forward`]: the states pass there reads the raw gates), at the chunk the scalar
+/// walk takes or the largest multiple of 16 below it whose tiles fit (`FLA_SIMPLE_CHUNK`
+/// overrides it, for measuring). The backward is unchanged: it recomputes what it needs from
+/// `q`, `k`, `v` and the gates.
+fn simple_scores_route<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+) -> Option<TiledLayout> {
+    if tuning("FLA_SIMPLE_SCORES") != Some(1)
+        || !l.scalar_gate
+        || l.delta
+        || split_forward(p, l, device_size(client)).is_some()
+    {
+        return None;
+    }
+    let c = tuning("FLA_SIMPLE_CHUNK")
+        .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
+        .unwrap_or(l.chunk);
+    let pv = GatedProblem {
+        gate: GateKind::Vector,
+        ..p.clone()
+    };
+    layout_from(client, &pv, c, scalar_scores_smem)
+}
+
+/// Simple GLA's forward through the vector-gate walks ([`simple_scores_route`]), at their
+/// layout `lv`.
+fn simple_forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    lv: TiledLayout,
+    b: &ForwardBuffers<'_>,
+    (cu, cu_len): (&Handle, usize),
+) -> Result<(), crate::KernelError> {
+    // The walks see a vector gate: `Λ` has a column per key.
+    let pv = GatedProblem {
+        gate: GateKind::Vector,
+        ..p.clone()
+    };
+    let len = p.tokens() * p.heads * lv.chunk;
+    crate::problem::addressable(len, "the in-chunk scores")?;
+    crate::problem::addressable(pv.gate_len(), "the cumulated gates")?;
+    let a = client.empty(len * p.dtype.size());
+    let cum = client.empty(4 * pv.gate_len());
+    let ls = TiledLayout {
+        scalar_gate: true,
+        vector_gate: false,
+        ..lv
+    };
+    let (qk, _) = p.lens();
+    let x = chunk_cubes(client, p, &ls, 1) as u32;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
+    unsafe {
+        scalar_scores_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&ls),
+            array(b.q, qk),
+            array(b.k, qk),
+            array(need(b.g, "the scalar gates")?, p.gate_len()),
+            array(cu, cu_len),
+            array(&a, len),
+            array(&cum, pv.gate_len()),
+            p.seq_len as u32,
+            p.scale,
+            ls,
+            p.dtype.storage(),
+        )
+    };
+    let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
+    let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
+    // The vector walks read `Λ`, not the raw gates.
+    let b = ForwardBuffers {
+        g: None,
+        scores: None,
+        ..*b
+    };
+    match gla_fwd_registers(client, &pv, &lv) {
+        Some(fl) => gla_frag_forward(client, &pv, fl, &b, (&a, &cum), h0, (cu, cu_len)),
+        None => {
+            let nv = p.v_dim.div_ceil(lv.bv);
+            let none = (&dummy, 1, 1);
+            forward_launch(client, &pv, lv, nv, &b, (&a, &cum), h0, none, (cu, cu_len));
+        }
     }
     Ok(())
 }

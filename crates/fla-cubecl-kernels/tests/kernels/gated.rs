@@ -9,8 +9,8 @@ use cubecl::server::Handle;
 use fla_cubecl_kernels::gated::naive;
 use fla_cubecl_kernels::gated::{
     chunk_backward, chunk_forward, chunk_scores_shape, is_cpu_vulkan, recurrent_backward,
-    recurrent_forward, BackwardBuffers, ForwardBuffers, GateKind, CPU_VULKAN_MAX_SEQ,
-    DEFAULT_CHUNK, VECTOR_CHUNK,
+    recurrent_forward, simple_scores_layout, BackwardBuffers, ForwardBuffers, GateKind,
+    CPU_VULKAN_MAX_SEQ, DEFAULT_CHUNK, VECTOR_CHUNK,
 };
 use fla_cubecl_kernels::testing::{decode, encode, problem, rel_rmse, GatedCase};
 use fla_cubecl_kernels::{FloatDType, KernelError};
@@ -698,6 +698,61 @@ fn factored_cases() {
         let c = gla_case(t, k, v, reverse, FloatDType::F16);
         on_runtime!(compare_factored(&c, chunk));
     }
+}
+
+/// Simple GLA's forward through the vector-gate walks (`FLA_SIMPLE_SCORES=1`, opt-in: its scores
+/// and cumulated gates from `scalar_scores_kernel`, then GLA's forward walk; on CUDA in half
+/// precision the walk with its state in registers), in a process of its own
+/// ([`simple_scores_cases`]). `FLA_TILED_SPLIT=0`: these small grids would otherwise split,
+/// which the route leaves to the scalar walk.
+#[test]
+fn chunk_simple_gla_through_scores() {
+    run_in_child_with(
+        "gated::simple_scores_cases",
+        &[("FLA_SIMPLE_SCORES", "1"), ("FLA_TILED_SPLIT", "0")],
+    );
+}
+
+/// The cases of [`chunk_simple_gla_through_scores`] (ignored otherwise: they need its settings
+/// for their whole process): output, final state and every gradient against the reference at
+/// chunk boundaries, `K` and `V` not multiples of 16, both directions, strong gates, half
+/// precision, and a variable-length batch with an empty sequence. Each checks that the route
+/// is taken.
+#[test]
+#[ignore = "run by chunk_simple_gla_through_scores, in a process of its own"]
+fn simple_scores_cases() {
+    assert_eq!(std::env::var("FLA_SIMPLE_SCORES").as_deref(), Ok("1"));
+    for (t, k, v, strength, reverse, dtype) in [
+        (1, 16, 16, 1.0, false, FloatDType::F32),
+        (65, 60, 100, 1.0, false, FloatDType::F32),
+        (130, 48, 32, 1.0, true, FloatDType::F32),
+        (150, 60, 16, 10.0, false, FloatDType::F32),
+        (129, 32, 16, 1.0, false, FloatDType::F16),
+    ] {
+        let c = make_case(
+            Variant::SimpleGla,
+            2,
+            t,
+            2,
+            k,
+            v,
+            strength,
+            reverse,
+            None,
+            true,
+            dtype,
+        );
+        on_runtime!(compare_simple_scores(&c));
+    }
+    // Lengths 1, 69, 0 (empty), 130, 64.
+    let c = varlen_case(Variant::SimpleGla, false, vec![0, 1, 70, 70, 200, 264]);
+    on_runtime!(compare_simple_scores(&c));
+}
+
+fn compare_simple_scores<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    let l = simple_scores_layout(client, &c.p, DEFAULT_CHUNK);
+    assert!(l.is_some(), "the forward takes the scores route: {:?}", c.p);
+    compare_mode(client, c, CHUNK);
 }
 
 /// A GLA case of 2 sequences and 2 heads at FLA's gate strength, with states.
