@@ -66,11 +66,12 @@ tests)
   go gla-default && TS=${TS_DEF:-170} t gla-default "gated::chunk --skip chunk_gla_half_sizes --skip chunk_half_precision"
   go gla-ops && BIN=test-ops TS=${TS_OPS:-150} t gla-ops "gated::chunk"
   go gla-keep-ops && BIN=test-ops TS=${TS_KEEP:-150} t gla-keep-ops "gated::chunk" FLA_GLA_KEEP_SCORES=1
-  # Simple GLA's forward through the vector-gate walks (FLA_SIMPLE_SCORES=1, opt-in since
-  # 2026-12-07, lavapipe-tested only): the kernels' cases (their own process sets the knobs; f16
-  # there takes the forward walk in registers), then the Burn op's gated chunk tests with it on.
+  # Simple GLA through the vector-gate walks (FLA_SIMPLE_SCORES: 1 the forward, 2 the dk/dv
+  # walk; opt-in since 2026-12-07, lavapipe-tested only): the kernels' cases (their own process
+  # sets FLA_SIMPLE_SCORES=3; f16 there takes the register walks), then the Burn op's gated chunk
+  # tests with both on.
   go simple-scores && TS=${TS_SIMPLE:-120} t simple-scores "gated::chunk_simple_gla_through_scores"
-  go simple-scores-ops && BIN=test-ops TS=${TS_SIMPLE:-120} t simple-scores-ops "gated::chunk" FLA_SIMPLE_SCORES=1 FLA_TILED_SPLIT=0
+  go simple-scores-ops && BIN=test-ops TS=${TS_SIMPLE:-120} t simple-scores-ops "gated::chunk" FLA_SIMPLE_SCORES=3 FLA_TILED_SPLIT=0
   go attn && TS=${TS_ATTN:-170} t attn attn:: FLA_TEST_DTYPE=bf16
   # fla-models' parity with FLA's fixtures on CUDA (issue 6; 31 of 51 reached in an earlier call).
   [ -x $R/test-models ] && go models && BIN=test-models TS=${TS_MODELS:-170} t models parity::
@@ -102,8 +103,10 @@ times)
   fi
   go gla-default && tab gla-default chunk_gla
   go simple && tab simple-gla chunk_simple_gla
-  go simple-scores && tab simple-gla-scores chunk_simple_gla FLA_SIMPLE_SCORES=1
-  go simple-scores && tab simple-gla-scores-c32 chunk_simple_gla FLA_SIMPLE_SCORES=1 FLA_SIMPLE_CHUNK=32
+  go simple-scores && tab simple-gla-scores-fwd chunk_simple_gla FLA_SIMPLE_SCORES=1
+  go simple-scores && tab simple-gla-scores-both chunk_simple_gla FLA_SIMPLE_SCORES=3
+  go simple-scores && tab simple-gla-scores-c32 chunk_simple_gla FLA_SIMPLE_SCORES=3 FLA_SIMPLE_CHUNK=32
+  go simple-scores && tab simple-gla-scores-bv32 chunk_simple_gla FLA_SIMPLE_SCORES=3 FLA_GLA_FRAG_BV=32
   go gla && tab gla-frag-fwd-dkv chunk_gla FLA_GLA_FRAG=3
   go gla-all && tab gla-frag-all chunk_gla FLA_GLA_FRAG=7
   go gla-keep && tab gla-keep-scores chunk_gla FLA_GLA_KEEP_SCORES=1

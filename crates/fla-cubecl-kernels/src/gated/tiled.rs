@@ -1751,6 +1751,109 @@ pub fn scalar_scores_kernel<F: Float>(
     }
 }
 
+/// Shared-memory bytes of [`scalar_dk_kernel`] at the layout `l`: `q` (`C × kp`), `v` and `d_o`
+/// (`C × bv`), `dA` in `f32` and, decayed, in the input dtype (`C × C`), `nb` columns of the
+/// result (`f32`) and the chunk's gates, raw and cumulated.
+pub fn scalar_dk_smem(l: &TiledLayout, e: usize) -> usize {
+    tile_bytes(l.chunk, l.kp, e)
+        + 2 * tile_bytes(l.chunk, l.bv, e)
+        + tile_bytes(l.chunk, l.chunk, 4)
+        + tile_bytes(l.chunk, l.chunk, e)
+        + tile_bytes(l.chunk, l.nb, 4)
+        + 8 * l.chunk
+}
+
+/// The in-chunk term of `dk` under a scalar gate, for every chunk of every sequence:
+/// `dk_s = Σ_{r ≥ s} scale · dA_rs · exp(λ_r − λ_s) · q_r`, `dA = dO Vᵀ` (summed over value
+/// blocks of `bv` columns), as `f32` into `dk_part` from `dk_slot` on. It is the term the
+/// vector-gate `dk`/`dv` walk leaves to others ([`vector_grads_kernel`] or the tiled `dq` walk),
+/// so that simple GLA's backward can take that walk (on CUDA with the state's gradient in
+/// registers, [`super::frag::gla_dkv_frag_kernel`]) beside its own `dq` walk, which computes
+/// no term of `dk`. Tile products and the decay entry by entry (exponents at most 0), as the
+/// scalar `dk`/`dv` walk computes it. `l` is a scalar layout (`scalar_gate` set). Cubes
+/// `(x, head, sequence)`: cube `x` takes chunks `x, x + X, …`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn scalar_dk_kernel<F: Float>(
+    q: &Array<F>,
+    v: &Array<F>,
+    d_o: &Array<F>,
+    g: &Array<F>,
+    cu_seqlens: &Array<u32>,
+    dk_part: &mut Array<f32>,
+    dk_slot: u32,
+    seq_len: u32,
+    scale: f32,
+    #[comptime] l: TiledLayout,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (c, kp, bv, nb) = comptime!((l.chunk, l.kp, l.bv, l.nb));
+    let (kh, vh, ch) = comptime!((kp + l.ph, bv + l.ph, c + l.ph));
+    let (cf, nf) = comptime!((c + PAD_F, nb + PAD_F));
+    let h = CUBE_POS_Y as usize;
+    let n = CUBE_POS_Z as usize;
+    let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
+    let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
+    let slot = dk_slot as usize;
+
+    let mut sq = tile_h::<F>(c, kp, l);
+    let mut sv = tile_h::<F>(c, bv, l);
+    let mut sdo = tile_h::<F>(c, bv, l);
+    let mut sa = tile_f(c, c);
+    let mut sah = tile_h::<F>(c, c, l);
+    let mut sdk = tile_f(c, nb);
+    let mut gl = SharedMemory::<f32>::new(c);
+    let mut lam = SharedMemory::<f32>::new(c);
+    let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+    let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
+
+    let x = CUBE_POS_X as usize;
+    let stride = CUBE_COUNT_X as usize;
+    let rounds = chunk_rounds(len.div_ceil(c), x, stride);
+    // Uniform over the cube: its barriers are reached by every unit.
+    for round in 0..rounds {
+        let p0 = (x + round * stride) * c;
+        let cl = chunk_len(len, p0, c);
+        fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        stage_tile::<F>(&rq, &mut sq, kp, l);
+        load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
+        // dA = dO Vᵀ, a value block at a time.
+        #[unroll]
+        for vb in 0..comptime!(l.v.div_ceil(bv)) {
+            let v0 = vb * bv;
+            fetch_tile::<F, F>(v, &mut rv, bos, len, p0, cl, h, v0, l.v, bv, l);
+            fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p0, cl, h, v0, l.v, bv, l);
+            stage_tile::<F>(&rv, &mut sv, bv, l);
+            stage_tile::<F>(&rdo, &mut sdo, bv, l);
+            sync_cube();
+            if comptime!(vb == 0) {
+                let s = comptime!(nt(c, c, bv, vh, vh, cf));
+                mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
+            } else {
+                let s = comptime!(accum(nt(c, c, bv, vh, vh, cf)));
+                mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
+            }
+            // The next block overwrites the value tiles.
+            sync_cube();
+        }
+        cumulate_gates(&gl, &mut lam, l);
+        sync_cube();
+        masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+        sync_cube();
+        // dK = (dA ∘ D ∘ M)ᵀ Q, `nb` key columns at a time.
+        #[unroll]
+        for kb in 0..comptime!(kp / nb) {
+            let col0 = kb * nb;
+            let s = comptime!(tn(c, nb, c, ch, kh, nf));
+            mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
+            sync_cube();
+            store_tile::<f32>(&sdk, dk_part, slot, bos, len, p0, cl, h, col0, l.k, nb, l);
+            sync_cube();
+        }
+    }
+}
+
 /// The in-chunk terms of `dq` and `dk` under vector gates, for every chunk of every sequence:
 /// `dq_r = scale · Σ_{s ≤ r} dA_rs k_s ∘ exp(Λ_r − Λ_s)` and
 /// `dk_s = scale · Σ_{r ≥ s} dA_rs q_r ∘ exp(Λ_r − Λ_s)`, `dA = dO Vᵀ` over every value column

@@ -14,8 +14,9 @@ use super::launch::{
 };
 use super::tiled::{
     diag_regs_on, dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem,
-    scalar_scores_kernel, scalar_scores_smem, scores_smem, tiled_dkv_kernel, tiled_dq_kernel,
-    tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel, TiledLayout,
+    scalar_dk_kernel, scalar_dk_smem, scalar_scores_kernel, scalar_scores_smem, scores_smem,
+    tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel,
+    TiledLayout,
 };
 use super::{GateKind, GatedProblem};
 use crate::frag::{registers_available, widest_vector, Staging};
@@ -491,7 +492,7 @@ pub(crate) fn tiled_forward<R: Runtime>(
     b: &ForwardBuffers<'_>,
     cu: (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
-    if let Some(lv) = simple_scores_route(client, p, &l) {
+    if let Some(lv) = simple_scores_route(client, p, &l, SIMPLE_FORWARD) {
         return simple_forward(client, p, lv, b, cu);
     }
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
@@ -518,40 +519,55 @@ pub(crate) fn tiled_forward<R: Runtime>(
     Ok(())
 }
 
-/// The layout of simple GLA's forward through the vector-gate walks, where it is taken (see
-/// [`simple_scores_route`]), for the chunk form at `chunk`; `None` where the forward takes its
-/// own walk.
+/// The layout of simple GLA's forward (or, with `backward`, its backward) through the
+/// vector-gate walks, where it is taken (see [`simple_scores_route`]), for the chunk form at
+/// `chunk`; `None` where it takes the scalar walks.
 pub fn simple_scores_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     chunk: usize,
+    backward: bool,
 ) -> Option<TiledLayout> {
-    simple_scores_route(client, p, &tiled_layout(client, p, chunk)?)
+    let which = if backward {
+        SIMPLE_BACKWARD
+    } else {
+        SIMPLE_FORWARD
+    };
+    simple_scores_route(client, p, &tiled_layout(client, p, chunk)?, which)
 }
 
-/// Simple GLA's forward (a scalar gate) through GLA's: its in-chunk scores and cumulated gates
-/// by a kernel of their own ([`scalar_scores_kernel`], every chunk in parallel: one tile product
-/// `Q Kᵀ` and the decay), then the vector-gate forward walk reading them as it reads
-/// [`vector_scores_kernel`]'s, which on CUDA keeps the state in registers
-/// ([`super::frag::gla_fwd_frag_kernel`]). The scalar walk it replaces
-/// ([`tiled_fwd_kernel`] with `scalar_gate`) sums `Q Kᵀ` again for each value block and keeps
-/// the state in shared memory; on an H100 it took 1.72 ms of `chunk_simple_gla`'s 2.0 ms
-/// forward at B = 8, H = 16, K = V = 128, T = 4096, where FLA's whole forward takes 0.5
-/// (2026-12-07, CubeCL's profiler). The cost: `Λ` repeated over the keys (`[B·T, H, K]` `f32`,
-/// written once and read by each value block's walk).
+/// The bits of `FLA_SIMPLE_SCORES`: simple GLA's forward ([`simple_forward`]) and backward
+/// (in [`tiled_backward`]) through the vector-gate walks.
+const SIMPLE_FORWARD: usize = 1;
+const SIMPLE_BACKWARD: usize = 2;
+
+/// Simple GLA (a scalar gate) through GLA's walks: its in-chunk scores and cumulated gates by
+/// a kernel of their own ([`scalar_scores_kernel`], every chunk in parallel: one tile product
+/// `Q Kᵀ` and the decay), which the vector-gate walks read as they read
+/// [`vector_scores_kernel`]'s. On CUDA in half precision those walks keep their state in
+/// registers ([`super::frag`]).
+/// - Forward (`FLA_SIMPLE_SCORES` bit 1): the vector forward walk. The scalar walk it replaces
+///   ([`tiled_fwd_kernel`] with `scalar_gate`) sums `Q Kᵀ` again for each value block and keeps
+///   the state in shared memory; on an H100 it took 1.72 ms of `chunk_simple_gla`'s 2.0 ms
+///   forward at B = 8, H = 16, K = V = 128, T = 4096, where FLA's whole forward takes 0.5
+///   (2026-12-07, CubeCL's profiler).
+/// - Backward (bit 2): the vector `dk`/`dv` walk (the scalar one took 2.63 ms of the backward's
+///   6.2 there), `dk`'s in-chunk term, which that walk leaves to others, from
+///   [`scalar_dk_kernel`] (every chunk in parallel), and `dq` from the scalar walk as before.
 ///
-/// Opt-in (`FLA_SIMPLE_SCORES=1`) until a GPU has timed it: tested on lavapipe (the tiled
-/// vector walk), not yet run on CUDA. Taken for scalar gates where the forward does not split
+/// The cost: `Λ` repeated over the keys (`[B·T, H, K]` `f32`, written once and read by each
+/// value block's walk). Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector
+/// walks), not yet run on CUDA. Taken for scalar gates where the forward does not split
 /// ([`split_forward`]: the states pass there reads the raw gates), at the chunk the scalar
 /// walk takes or the largest multiple of 16 below it whose tiles fit (`FLA_SIMPLE_CHUNK`
-/// overrides it, for measuring). The backward is unchanged: it recomputes what it needs from
-/// `q`, `k`, `v` and the gates.
+/// overrides it, for measuring).
 fn simple_scores_route<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     l: &TiledLayout,
+    which: usize,
 ) -> Option<TiledLayout> {
-    if tuning("FLA_SIMPLE_SCORES") != Some(1)
+    if tuning("FLA_SIMPLE_SCORES").unwrap_or(0) & which == 0
         || !l.scalar_gate
         || l.delta
         || split_forward(p, l, device_size(client)).is_some()
@@ -565,7 +581,120 @@ fn simple_scores_route<R: Runtime>(
         gate: GateKind::Vector,
         ..p.clone()
     };
-    layout_from(client, &pv, c, scalar_scores_smem)
+    let lv = layout_from(client, &pv, c, scalar_scores_smem)?;
+    // The backward's in-chunk `dk` kernel must fit too (its own value and key blocks).
+    if which == SIMPLE_BACKWARD {
+        scalar_dk_layout(client, p, &lv)?;
+    }
+    Some(lv)
+}
+
+/// [`scalar_dk_kernel`]'s layout beside the walks' `lv`: the widest value block (64 at most)
+/// and `dK` column block that fit in shared memory.
+fn scalar_dk_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    lv: &TiledLayout,
+) -> Option<TiledLayout> {
+    let smem = client.properties().hardware.max_shared_memory_size;
+    let elem = p.dtype.size();
+    let nbs = [lv.kp, 64, 32, 16];
+    [64, 32, 16]
+        .into_iter()
+        .filter(|&bv| bv <= lv.vp.max(FRAG))
+        .flat_map(|bv| {
+            nbs.into_iter()
+                .filter(|&nb| lv.kp.is_multiple_of(nb))
+                .map(move |nb| TiledLayout {
+                    bv,
+                    nb,
+                    scalar_gate: true,
+                    vector_gate: false,
+                    ..*lv
+                })
+        })
+        .find(|ld| scalar_dk_smem(ld, elem) <= smem)
+}
+
+/// Simple GLA's in-chunk scores and cumulated gates at the vector walks' layout `lv`
+/// ([`scalar_scores_kernel`]): `(a, Λ)` as [`vector_scores`] gives them.
+fn scalar_scores<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    lv: &TiledLayout,
+    (q, k, g): (&Handle, &Handle, Option<&Handle>),
+    (cu, cu_len): (&Handle, usize),
+) -> Result<(Handle, Handle), crate::KernelError> {
+    let len = p.tokens() * p.heads * lv.chunk;
+    let cum_len = p.tokens() * p.heads * p.k_dim;
+    crate::problem::addressable(len, "the in-chunk scores")?;
+    crate::problem::addressable(cum_len, "the cumulated gates")?;
+    let a = client.empty(len * p.dtype.size());
+    let cum = client.empty(4 * cum_len);
+    let ls = TiledLayout {
+        scalar_gate: true,
+        vector_gate: false,
+        ..*lv
+    };
+    let (qk, _) = p.lens();
+    let x = chunk_cubes(client, p, &ls, 1) as u32;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
+    unsafe {
+        scalar_scores_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&ls),
+            array(q, qk),
+            array(k, qk),
+            array(need(g, "the scalar gates")?, p.gate_len()),
+            array(cu, cu_len),
+            array(&a, len),
+            array(&cum, cum_len),
+            p.seq_len as u32,
+            p.scale,
+            ls,
+            p.dtype.storage(),
+        )
+    };
+    Ok((a, cum))
+}
+
+/// The in-chunk term of simple GLA's `dk` ([`scalar_dk_kernel`]) into partial `slot` of
+/// `dk_part`, every chunk in parallel, at the chunk of the walks' layout `lv`.
+fn scalar_dk<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    lv: &TiledLayout,
+    b: &BackwardBuffers<'_>,
+    (dk_part, blocks, slot): (&Handle, usize, usize),
+    (cu, cu_len): (&Handle, usize),
+) -> Result<(), crate::KernelError> {
+    let ld = scalar_dk_layout(client, p, lv).ok_or_else(|| {
+        crate::KernelError::DeviceLimit("no tiling of the in-chunk dk fits".into())
+    })?;
+    let (qk, vo) = p.lens();
+    let x = chunk_cubes(client, p, &ld, 1) as u32;
+    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
+    // or V).
+    unsafe {
+        scalar_dk_kernel::launch_unchecked::<R>(
+            client,
+            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            cube_dim(&ld),
+            array(b.q, qk),
+            array(b.v, vo),
+            array(b.d_o, vo),
+            array(need(b.g, "the scalar gates")?, p.gate_len()),
+            array(cu, cu_len),
+            array(dk_part, blocks * qk),
+            (slot * qk) as u32,
+            p.seq_len as u32,
+            p.scale,
+            ld,
+            p.dtype.storage(),
+        )
+    };
+    Ok(())
 }
 
 /// Simple GLA's forward through the vector-gate walks ([`simple_scores_route`]), at their
@@ -582,36 +711,7 @@ fn simple_forward<R: Runtime>(
         gate: GateKind::Vector,
         ..p.clone()
     };
-    let len = p.tokens() * p.heads * lv.chunk;
-    crate::problem::addressable(len, "the in-chunk scores")?;
-    crate::problem::addressable(pv.gate_len(), "the cumulated gates")?;
-    let a = client.empty(len * p.dtype.size());
-    let cum = client.empty(4 * pv.gate_len());
-    let ls = TiledLayout {
-        scalar_gate: true,
-        vector_gate: false,
-        ..lv
-    };
-    let (qk, _) = p.lens();
-    let x = chunk_cubes(client, p, &ls, 1) as u32;
-    // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
-    unsafe {
-        scalar_scores_kernel::launch_unchecked::<R>(
-            client,
-            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
-            cube_dim(&ls),
-            array(b.q, qk),
-            array(b.k, qk),
-            array(need(b.g, "the scalar gates")?, p.gate_len()),
-            array(cu, cu_len),
-            array(&a, len),
-            array(&cum, pv.gate_len()),
-            p.seq_len as u32,
-            p.scale,
-            ls,
-            p.dtype.storage(),
-        )
-    };
+    let (a, cum) = scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len))?;
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
     // The vector walks read `Λ`, not the raw gates.
@@ -804,9 +904,26 @@ pub(crate) fn tiled_backward<R: Runtime>(
 ) -> Result<Option<Handle>, crate::KernelError> {
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let (qk, vo) = p.lens();
-    let nv = p.v_dim.div_ceil(l.bv);
+    // Simple GLA through the vector-gate `dk`/`dv` walk (`FLA_SIMPLE_SCORES` bit 2, see
+    // [`simple_scores_route`]): that walk at the vector layout `lw` on the scores and `Λ` of
+    // [`scalar_scores_kernel`], `dk`'s in-chunk term (which it leaves to others) from
+    // [`scalar_dk_kernel`], and `dq` from the scalar walk, which needs neither.
+    let route = simple_scores_route(client, p, &l, SIMPLE_BACKWARD);
+    let pv = GatedProblem {
+        gate: GateKind::Vector,
+        ..p.clone()
+    };
+    let (pw, lw) = match route {
+        Some(lv) => (&pv, lv),
+        None => (p, l),
+    };
+    let nv = p.v_dim.div_ceil(lw.bv);
     let nk = p.k_dim.div_ceil(l.bk);
-    let split = split_forward(p, &l, device_size(client));
+    // The route is taken only where the forward does not split.
+    let split = route
+        .is_none()
+        .then(|| split_forward(p, &l, device_size(client)))
+        .flatten();
     // The `dq` walk with the state in registers writes one partial per value block of its own.
     let dq_frag = split
         .is_none()
@@ -816,14 +933,21 @@ pub(crate) fn tiled_backward<R: Runtime>(
     // (the tiled `dq` walk's, or `vector_grads_kernel`'s beside the `dq` register walk, which
     // writes one partial of `dq` per value block of its own and leaves `dq`'s in-chunk term to
     // one more), indexed in 32 bits: the inputs' own check does not cover them.
-    let dk_blocks = nv + usize::from(l.vector_gate);
+    let dk_blocks = nv + usize::from(lw.vector_gate);
     let dq_blocks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv) + 1);
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
-    let kept = b.scores.map_or(Scores::Temporary, Scores::Kept);
-    let (a, cum) = vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?;
+    let (a, cum) = match route {
+        Some(lv) => scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len))?,
+        None => {
+            let kept = b.scores.map_or(Scores::Temporary, Scores::Kept);
+            vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?
+        }
+    };
+    // `Λ`'s length: per key under vector gates (and on the route), a placeholder otherwise.
+    let cum_n = cum_len(pw, &lw);
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?
     } else {
@@ -841,7 +965,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.k, qk),
             array(b.v, vo),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
-            array(&cum, cum_len(p, &l)),
+            array(&cum, cum_n),
             array(h0, h0_len),
             array(cu, cu_len),
             array(b.d_o, vo),
@@ -871,7 +995,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             array(b.v, vo),
             array(&a, scores_len(p, &l)),
             array(b.g.unwrap_or(&dummy), p.gate_len()),
-            array(&cum, cum_len(p, &l)),
+            array(&cum, cum_n),
             array(cu, cu_len),
             array(b.d_o, vo),
             array(d_ht, p.state_len().max(hs_len)),
@@ -954,13 +1078,16 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 }
                 None => dq(l, nk, (h0, p.state_len()), 1),
             }
-            match gla_dkv_registers(client, p, &l) {
+            if let Some(lv) = route {
+                scalar_dk(client, p, &lv, b, (&dk_part, dk_blocks, nv), (cu, cu_len))?;
+            }
+            match gla_dkv_registers(client, pw, &lw) {
                 Some(fl) => {
                     let (a, cum) = (&a, &cum);
                     let d_ht = (d_ht, b.d_ht.is_some());
                     gla_frag_dkv(
                         client,
-                        p,
+                        pw,
                         fl,
                         b,
                         (a, cum),
@@ -970,7 +1097,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
                         (cu, cu_len),
                     );
                 }
-                None => dkv(l, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1),
+                None => dkv(lw, nv, (d_ht, b.d_ht.is_some()), (&dummy, 1), 1),
             }
         }
     }

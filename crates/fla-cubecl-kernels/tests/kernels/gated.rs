@@ -700,16 +700,17 @@ fn factored_cases() {
     }
 }
 
-/// Simple GLA's forward through the vector-gate walks (`FLA_SIMPLE_SCORES=1`, opt-in: its scores
-/// and cumulated gates from `scalar_scores_kernel`, then GLA's forward walk; on CUDA in half
-/// precision the walk with its state in registers), in a process of its own
+/// Simple GLA through the vector-gate walks (`FLA_SIMPLE_SCORES=3`, opt-in: its scores and
+/// cumulated gates from `scalar_scores_kernel`, then GLA's forward walk and `dk`/`dv` walk, on
+/// CUDA in half precision those with their state in registers, `dk`'s in-chunk term from
+/// `scalar_dk_kernel` and `dq` from the scalar walk), in a process of its own
 /// ([`simple_scores_cases`]). `FLA_TILED_SPLIT=0`: these small grids would otherwise split,
-/// which the route leaves to the scalar walk.
+/// which the route leaves to the scalar walks.
 #[test]
 fn chunk_simple_gla_through_scores() {
     run_in_child_with(
         "gated::simple_scores_cases",
-        &[("FLA_SIMPLE_SCORES", "1"), ("FLA_TILED_SPLIT", "0")],
+        &[("FLA_SIMPLE_SCORES", "3"), ("FLA_TILED_SPLIT", "0")],
     );
 }
 
@@ -721,7 +722,7 @@ fn chunk_simple_gla_through_scores() {
 #[test]
 #[ignore = "run by chunk_simple_gla_through_scores, in a process of its own"]
 fn simple_scores_cases() {
-    assert_eq!(std::env::var("FLA_SIMPLE_SCORES").as_deref(), Ok("1"));
+    assert_eq!(std::env::var("FLA_SIMPLE_SCORES").as_deref(), Ok("3"));
     for (t, k, v, strength, reverse, dtype) in [
         (1, 16, 16, 1.0, false, FloatDType::F32),
         (65, 60, 100, 1.0, false, FloatDType::F32),
@@ -750,8 +751,14 @@ fn simple_scores_cases() {
 }
 
 fn compare_simple_scores<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
-    let l = simple_scores_layout(client, &c.p, DEFAULT_CHUNK);
-    assert!(l.is_some(), "the forward takes the scores route: {:?}", c.p);
+    for backward in [false, true] {
+        let l = simple_scores_layout(client, &c.p, DEFAULT_CHUNK, backward);
+        assert!(
+            l.is_some(),
+            "the route is taken (backward: {backward}): {:?}",
+            c.p
+        );
+    }
     compare_mode(client, c, CHUNK);
 }
 
