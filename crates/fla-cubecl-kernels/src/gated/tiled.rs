@@ -32,6 +32,9 @@
 //! `dk`/`dv` walks read as a tile (and which a forward can keep for its backward, as FLA's chunk
 //! GLA keeps its `A`: the backward then only cumulates the gates), and `dk`'s in-chunk term by
 //! the `dq` walk, which holds the whole `dA = dO Vᵀ` and writes it as one more partial of `dk`.
+//! A scalar gate can take the same walks (opt-in: `tiled_launch::simple_scores_route`): its
+//! scores and `Λ` repeated over the keys from [`scalar_scores_kernel`], `dk`'s in-chunk term
+//! from [`scalar_dk_kernel`], both tile products with the decay applied entry by entry.
 //!
 //! Each walk can also be split ([`TiledLayout::span`], [`TiledLayout::states`]; where it is
 //! taken: `tiled_launch::split_forward`): a states pass, the forward walk (or, for `G`, the
@@ -2373,8 +2376,9 @@ pub fn tiled_dq_kernel<F: Float>(
 
 /// Backward, `dv`, the value block's partial of `dk` (`f32`, `[blocks, B·T, H, K]`) and `dh0`.
 /// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`. Under vector
-/// gates the partial is the state's term alone (the `dq` walk writes the in-chunk one) and the
-/// scores come from [`vector_scores_kernel`] (`a`).
+/// gates the partial is the state's term alone (the `dq` walk, [`vector_grads_kernel`] or, for
+/// simple GLA on this walk, [`scalar_dk_kernel`] writes the in-chunk one) and the scores come
+/// from [`vector_scores_kernel`] or [`scalar_scores_kernel`] (`a`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dkv_kernel<F: Float>(

@@ -86,16 +86,18 @@ pub fn tiled_layout<R: Runtime>(
     } else {
         chunk.min(MAX_TILED_CHUNK)
     };
-    layout_from(client, p, c, scores_smem)
+    layout_from(client, p, c, scores_smem, true)
 }
 
 /// [`tiled_layout`] from the chunk `c` down: the first multiple of 16 at or below it whose
-/// tiles fit, the scores kernel's under vector gates (`scores_of`) among them.
+/// tiles fit, the scores kernel's under vector gates (`scores_of`) among them, and the `dq`
+/// walk's where `with_dq` (without it, `bk` is 16: a layout for the other walks only).
 fn layout_from<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     mut c: usize,
     scores_of: fn(&TiledLayout, usize) -> usize,
+    with_dq: bool,
 ) -> Option<TiledLayout> {
     let props = client.properties();
     let max_smem = props.hardware.max_shared_memory_size;
@@ -154,8 +156,11 @@ fn layout_from<R: Runtime>(
             fwd_smem(&l, elem) <= max_smem && dkv_smem(&l, elem) <= max_smem
         });
         let bk_max = tuning("FLA_TILED_BK").unwrap_or(64);
-        let bk = widths(kp.min(bk_max))
-            .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem);
+        let bk = match with_dq {
+            true => widths(kp.min(bk_max))
+                .find(|&bk| dq_smem(&TiledLayout { bk, ..base }, elem) <= max_smem),
+            false => Some(FRAG),
+        };
         let scores_fit = !base.vector_gate || scores_of(&base, elem) <= max_smem;
         if let (Some(bv), Some(bk), true) = (bv, bk, scores_fit) {
             // Widest dK column block that still fits beside the rest.
@@ -559,8 +564,10 @@ const SIMPLE_BACKWARD: usize = 2;
 /// value block's walk). Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector
 /// walks), not yet run on CUDA. Taken for scalar gates where the forward does not split
 /// ([`split_forward`]: the states pass there reads the raw gates), at the chunk the scalar
-/// walk takes or the largest multiple of 16 below it whose tiles fit (`FLA_SIMPLE_CHUNK`
-/// overrides it, for measuring).
+/// walk takes or the largest multiple of 16 below it where the vector forward and `dk`/`dv`
+/// walks' tiles fit with [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start,
+/// for measuring).
+/// The backward is not taken where no tiling of [`scalar_dk_kernel`] fits at that chunk.
 fn simple_scores_route<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -581,7 +588,8 @@ fn simple_scores_route<R: Runtime>(
         gate: GateKind::Vector,
         ..p.clone()
     };
-    let lv = layout_from(client, &pv, c, scalar_scores_smem)?;
+    // The route runs the scalar `dq` walk (at the scalar layout `l`), not the vector one.
+    let lv = layout_from(client, &pv, c, scalar_scores_smem, false)?;
     // The backward's in-chunk `dk` kernel must fit too (its own value and key blocks).
     if which == SIMPLE_BACKWARD {
         scalar_dk_layout(client, p, &lv)?;
@@ -932,7 +940,8 @@ pub(crate) fn tiled_backward<R: Runtime>(
     // One partial `dk` per value block and, under vector gates, one more for the in-chunk term
     // (the tiled `dq` walk's, or `vector_grads_kernel`'s beside the `dq` register walk, which
     // writes one partial of `dq` per value block of its own and leaves `dq`'s in-chunk term to
-    // one more), indexed in 32 bits: the inputs' own check does not cover them.
+    // one more; on the route, `scalar_dk_kernel`'s), indexed in 32 bits: the inputs' own check
+    // does not cover them.
     let dk_blocks = nv + usize::from(lw.vector_gate);
     let dq_blocks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv) + 1);
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
