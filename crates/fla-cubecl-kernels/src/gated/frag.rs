@@ -51,6 +51,9 @@ pub struct GlaFragLayout {
     pub varlen: bool,
     pub has_h0: bool,
     pub has_ht: bool,
+    /// `Λ` holds one value per position and head (`[B·T, H]`: a scalar gate, simple GLA's
+    /// route through these walks), which every key column reads.
+    pub scalar_gate: bool,
     pub staging: Staging,
 }
 
@@ -84,7 +87,7 @@ pub fn gate_entries(l: &GlaFragLayout) -> usize {
 
 /// Fetches this unit's entries of the chunk's cumulated gates `Λ` (rows `p0 ..` of the sequence
 /// at `bos`; rows past its end repeat its last, so row `C − 1` holds the chunk's total decay
-/// whatever its length; columns past `K` read 0).
+/// whatever its length; columns past `K` read 0; under a scalar gate each row's one value).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn fetch_gates(
@@ -108,7 +111,11 @@ fn fetch_gates(
             if at >= cl {
                 at = cl - 1;
             }
-            x = lam[((bos + p0 + at) * l.heads + h) * l.k + col];
+            if comptime!(l.scalar_gate) {
+                x = lam[(bos + p0 + at) * l.heads + h];
+            } else {
+                x = lam[((bos + p0 + at) * l.heads + h) * l.k + col];
+            }
         }
         dst[r] = x;
     }

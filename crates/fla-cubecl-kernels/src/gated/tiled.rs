@@ -1660,7 +1660,8 @@ pub fn scalar_scores_smem(l: &TiledLayout, e: usize) -> usize {
 ///   exponent at most 0, as the scalar walk computes its scores ([`masked_decay`]);
 /// - `gates_cum[tok, h, j] = λ_r` for every key column `j` (`f32`, `[B·T, H, K]`): the scalar
 ///   gate cumulated from the chunk's start, repeated across the keys, which is what the vector
-///   walks' `Λ` is for a gate that is the same on every key.
+///   walks' `Λ` is for a gate that is the same on every key; with `compact`, once per position
+///   (`[B·T, H]`, for the register walks, which read it so: `GlaFragLayout::scalar_gate`).
 ///
 /// `l` is the scalar layout of the walks' chunk (`scalar_gate` set: [`load_gates`] reads one
 /// gate per position). Cubes `(x, head, sequence)`: cube `x` takes chunks `x, x + X, …`.
@@ -1676,11 +1677,14 @@ pub fn scalar_scores_kernel<F: Float>(
     seq_len: u32,
     scale: f32,
     #[comptime] l: TiledLayout,
+    #[comptime] compact: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
     let (kh, cf, ch) = comptime!((kp + l.ph, c + PAD_F, c + l.ph));
-    let (cc, ck) = comptime!((l.chunk * l.chunk, l.chunk * l.k));
+    // `Λ`'s columns: the keys, or one.
+    let lk = comptime!(if compact { 1 } else { l.k });
+    let (cc, ck) = comptime!((l.chunk * l.chunk, l.chunk * lk));
     let threads = comptime!(l.tile.threads());
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -1730,10 +1734,10 @@ pub fn scalar_scores_kernel<F: Float>(
         for r in 0..comptime!(ck.div_ceil(threads)) {
             let e = unit + r * threads;
             if e < ck {
-                let (row, col) = (e / l.k, e % l.k);
+                let (row, col) = (e / lk, e % lk);
                 if row < cl {
                     let tok = token_at(bos, len, p0 + row, l.reverse);
-                    gates_cum[(tok * l.heads + h) * l.k + col] = lam[row];
+                    gates_cum[(tok * l.heads + h) * lk + col] = lam[row];
                 }
             }
         }

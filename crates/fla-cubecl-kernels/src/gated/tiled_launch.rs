@@ -625,16 +625,18 @@ fn scalar_dk_layout<R: Runtime>(
 }
 
 /// Simple GLA's in-chunk scores and cumulated gates at the vector walks' layout `lv`
-/// ([`scalar_scores_kernel`]): `(a, Λ)` as [`vector_scores`] gives them.
+/// ([`scalar_scores_kernel`]): `(a, Λ)` as [`vector_scores`] gives them, or with `compact` `Λ`
+/// once per position, for a register walk to read ([`simple_cum_len`] elements).
 fn scalar_scores<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     lv: &TiledLayout,
     (q, k, g): (&Handle, &Handle, Option<&Handle>),
     (cu, cu_len): (&Handle, usize),
+    compact: bool,
 ) -> Result<(Handle, Handle), crate::KernelError> {
     let len = p.tokens() * p.heads * lv.chunk;
-    let cum_len = p.tokens() * p.heads * p.k_dim;
+    let cum_len = simple_cum_len(p, compact);
     crate::problem::addressable(len, "the in-chunk scores")?;
     crate::problem::addressable(cum_len, "the cumulated gates")?;
     let a = client.empty(len * p.dtype.size());
@@ -661,10 +663,16 @@ fn scalar_scores<R: Runtime>(
             p.seq_len as u32,
             p.scale,
             ls,
+            compact,
             p.dtype.storage(),
         )
     };
     Ok((a, cum))
+}
+
+/// Elements of simple GLA's `Λ` on the route: `[B·T, H, K]`, or `[B·T, H]` when `compact`.
+fn simple_cum_len(p: &GatedProblem, compact: bool) -> usize {
+    p.tokens() * p.heads * if compact { 1 } else { p.k_dim }
 }
 
 /// The in-chunk term of simple GLA's `dk` ([`scalar_dk_kernel`]) into partial `slot` of
@@ -719,7 +727,10 @@ fn simple_forward<R: Runtime>(
         gate: GateKind::Vector,
         ..p.clone()
     };
-    let (a, cum) = scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len))?;
+    // The register walk reads `Λ` once per position (the scalar problem's gate length).
+    let frag = gla_fwd_registers(client, &pv, &lv);
+    let scores = (b.q, b.k, b.g);
+    let (a, cum) = scalar_scores(client, p, &lv, scores, (cu, cu_len), frag.is_some())?;
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let h0 = (b.h0.unwrap_or(&dummy), p.state_len());
     // The vector walks read `Λ`, not the raw gates.
@@ -728,8 +739,14 @@ fn simple_forward<R: Runtime>(
         scores: None,
         ..*b
     };
-    match gla_fwd_registers(client, &pv, &lv) {
-        Some(fl) => gla_frag_forward(client, &pv, fl, &b, (&a, &cum), h0, (cu, cu_len)),
+    match frag {
+        Some(fl) => {
+            let fl = GlaFragLayout {
+                scalar_gate: true,
+                ..fl
+            };
+            gla_frag_forward(client, p, fl, &b, (&a, &cum), h0, (cu, cu_len));
+        }
         None => {
             let nv = p.v_dim.div_ceil(lv.bv);
             let none = (&dummy, 1, 1);
@@ -840,6 +857,7 @@ fn gla_frag_layout<R: Runtime>(
             varlen: l.varlen,
             has_h0: l.has_h0,
             has_ht: l.has_ht,
+            scalar_gate: false,
             staging,
         })
         .find(|fl| {
@@ -948,15 +966,31 @@ pub(crate) fn tiled_backward<R: Runtime>(
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
     let dk_part = client.empty(4 * dk_blocks * qk);
+    // The `dk`/`dv` walk in registers, where it applies; on the route it reads `Λ` once per
+    // position (the only walk here that reads it: the scalar `dq` walk reads the raw gates).
+    let dkv_frag = split
+        .is_none()
+        .then(|| gla_dkv_registers(client, pw, &lw))
+        .flatten()
+        .map(|fl| GlaFragLayout {
+            scalar_gate: route.is_some(),
+            ..fl
+        });
     let (a, cum) = match route {
-        Some(lv) => scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len))?,
+        Some(lv) => {
+            let compact = dkv_frag.is_some();
+            scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len), compact)?
+        }
         None => {
             let kept = b.scores.map_or(Scores::Temporary, Scores::Kept);
             vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?
         }
     };
     // `Λ`'s length: per key under vector gates (and on the route), a placeholder otherwise.
-    let cum_n = cum_len(pw, &lw);
+    let cum_n = match route {
+        Some(_) => simple_cum_len(p, dkv_frag.is_some()),
+        None => cum_len(p, &l),
+    };
     let dh0 = if p.has_initial_state {
         need(b.dh0, "dh0")?
     } else {
@@ -1090,13 +1124,14 @@ pub(crate) fn tiled_backward<R: Runtime>(
             if let Some(lv) = route {
                 scalar_dk(client, p, &lv, b, (&dk_part, dk_blocks, nv), (cu, cu_len))?;
             }
-            match gla_dkv_registers(client, pw, &lw) {
+            match dkv_frag {
                 Some(fl) => {
                     let (a, cum) = (&a, &cum);
                     let d_ht = (d_ht, b.d_ht.is_some());
+                    // On the route the scalar problem: `Λ` has its gate's length.
                     gla_frag_dkv(
                         client,
-                        pw,
+                        p,
                         fl,
                         b,
                         (a, cum),
