@@ -1728,8 +1728,8 @@ pub fn scalar_scores_kernel<F: Float>(
         );
         sync_cube();
         masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
-        // `Λ` for the walks: `λ_r` on every key column (rows in the sequence only: the walks
-        // repeat its last row past its end).
+        // `Λ` for the walks: `λ_r` on every key column, or once (`compact`); rows in the
+        // sequence only: the walks repeat its last row past its end.
         #[unroll]
         for r in 0..comptime!(ck.div_ceil(threads)) {
             let e = unit + r * threads;

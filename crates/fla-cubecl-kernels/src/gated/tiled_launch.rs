@@ -560,8 +560,9 @@ const SIMPLE_BACKWARD: usize = 2;
 ///   6.2 there), `dk`'s in-chunk term, which that walk leaves to others, from
 ///   [`scalar_dk_kernel`] (every chunk in parallel), and `dq` from the scalar walk as before.
 ///
-/// The cost: `Λ` repeated over the keys (`[B·T, H, K]` `f32`, written once and read by each
-/// value block's walk). Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector
+/// The cost for the tiled vector walks (lavapipe; `f32` on CUDA): `Λ` repeated over the keys
+/// (`[B·T, H, K]` `f32`, written once and read by each value block's walk); the register walks
+/// read it once per position (`GlaFragLayout::scalar_gate`). Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector
 /// walks), not yet run on CUDA. Taken for scalar gates where the forward does not split
 /// ([`split_forward`]: the states pass there reads the raw gates), at the chunk the scalar
 /// walk takes or the largest multiple of 16 below it where the vector forward and `dk`/`dv`
@@ -986,7 +987,8 @@ pub(crate) fn tiled_backward<R: Runtime>(
             vector_scores(client, p, &l, (b.q, b.k, b.g), (cu, cu_len), kept)?
         }
     };
-    // `Λ`'s length: per key under vector gates (and on the route), a placeholder otherwise.
+    // `Λ`'s length: per key under vector gates, a placeholder under scalar ones; on the route
+    // per key, or per position where the register walk reads it.
     let cum_n = match route {
         Some(_) => simple_cum_len(p, dkv_frag.is_some()),
         None => cum_len(p, &l),
