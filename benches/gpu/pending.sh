@@ -25,8 +25,8 @@ k() { # name, seconds, filters... (environment before the call)
   echo "$n (t=$SECONDS): $(grep -c '\.\.\. ok' $OUT/t-$n.log) ok, $(grep -c 'FAILED\|panicked' $OUT/t-$n.log) failed"
   grep -E 'test result|panicked|FAILED' $OUT/t-$n.log | head -6
 }
-k simple 60 gated::chunk_simple_gla_through_scores
 k left 90 gated::chunk_sizes gated::chunk_varlen gated::chunk_vector_gates_in_other gated::chunk_without_states gated::chunk_factored gated::chunk_kept
+k simple 60 gated::chunk_simple_gla_through_scores
 FLA_GLA_DIAG_REGS=1 k diag 90 gated::chunk_factored gated::chunk_gla_half_sizes gated::chunk_half_precision gated::chunk_kept
 wait $W
 tail -3 $OUT/warm.txt
