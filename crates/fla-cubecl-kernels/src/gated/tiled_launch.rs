@@ -723,7 +723,7 @@ fn simple_forward<R: Runtime>(
     b: &ForwardBuffers<'_>,
     (cu, cu_len): (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
-    // The walks see a vector gate: `Λ` has a column per key.
+    // The walks' layouts are a vector gate's (the tiled walk reads `Λ` with a column per key).
     let pv = GatedProblem {
         gate: GateKind::Vector,
         ..p.clone()
