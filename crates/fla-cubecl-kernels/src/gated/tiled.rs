@@ -1526,6 +1526,37 @@ pub(crate) fn chunk_range(len: usize, span: usize, #[comptime] l: TiledLayout) -
     (first, end)
 }
 
+/// Writes a chunk's scores, the padded `C × C` tile `sa` (input dtype), to `a` (`[B·T, H, C]`):
+/// row `r` at the token of position `p0 + r` (processing order), rows below `cl` only.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_scores<F: Float>(
+    sa: &SharedMemory<F>,
+    a: &mut Array<F>,
+    bos: usize,
+    len: usize,
+    p0: usize,
+    cl: usize,
+    h: usize,
+    #[comptime] l: TiledLayout,
+) {
+    let (c, ldd) = comptime!((l.chunk, l.chunk + l.ph));
+    let cc = comptime!(l.chunk * l.chunk);
+    let threads = comptime!(l.tile.threads());
+    let unit = UNIT_POS as usize;
+    #[unroll]
+    for r in 0..comptime!(cc.div_ceil(threads)) {
+        let e = unit + r * threads;
+        if e < cc {
+            let (row, col) = (e / c, e % c);
+            if row < cl {
+                let tok = token_at(bos, len, p0 + row, l.reverse);
+                a[(tok * l.heads + h) * c + col] = sa[row * ldd + col];
+            }
+        }
+    }
+}
+
 /// How many of the chunks `x, x + stride, …` below `chunks` a cube of the all-chunks kernels
 /// ([`vector_scores_kernel`], [`vector_grads_kernel`]) takes.
 #[cube]
@@ -1567,13 +1598,10 @@ pub fn vector_scores_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
-    let (cc, ldd) = comptime!((l.chunk * l.chunk, l.chunk + l.ph));
-    let threads = comptime!(l.tile.threads());
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let unit = UNIT_POS as usize;
 
     // Without `sum` the query, key and score tiles go unused: one entry each, so that the
     // gates' cumsum alone does not hold their shared memory.
@@ -1624,17 +1652,7 @@ pub fn vector_scores_kernel<F: Float>(
                 key_gated_scores::<F>(&sq, &sk, &lamk, &mut spart, &mut sa, scale, l);
             }
             sync_cube();
-            #[unroll]
-            for r in 0..comptime!(cc.div_ceil(threads)) {
-                let e = unit + r * threads;
-                if e < cc {
-                    let (row, col) = (e / c, e % c);
-                    if row < cl {
-                        let tok = token_at(bos, len, p0 + row, l.reverse);
-                        a[(tok * l.heads + h) * c + col] = sa[row * ldd + col];
-                    }
-                }
-            }
+            store_scores::<F>(&sa, a, bos, len, p0, cl, h, l);
         }
         // The next round overwrites the tiles.
         sync_cube();
@@ -1681,10 +1699,10 @@ pub fn scalar_scores_kernel<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, kp) = comptime!((l.chunk, l.kp));
-    let (kh, cf, ch) = comptime!((kp + l.ph, c + PAD_F, c + l.ph));
+    let (kh, cf) = comptime!((kp + l.ph, c + PAD_F));
     // `Λ`'s columns: the keys, or one.
     let lk = comptime!(if compact { 1 } else { l.k });
-    let (cc, ck) = comptime!((l.chunk * l.chunk, l.chunk * lk));
+    let ck = comptime!(l.chunk * lk);
     let threads = comptime!(l.tile.threads());
     let h = CUBE_POS_Y as usize;
     let n = CUBE_POS_Z as usize;
@@ -1742,17 +1760,7 @@ pub fn scalar_scores_kernel<F: Float>(
             }
         }
         sync_cube();
-        #[unroll]
-        for r in 0..comptime!(cc.div_ceil(threads)) {
-            let e = unit + r * threads;
-            if e < cc {
-                let (row, col) = (e / c, e % c);
-                if row < cl {
-                    let tok = token_at(bos, len, p0 + row, l.reverse);
-                    a[(tok * l.heads + h) * c + col] = sah[row * ch + col];
-                }
-            }
-        }
+        store_scores::<F>(&sah, a, bos, len, p0, cl, h, l);
         // The next round overwrites the tiles.
         sync_cube();
     }
@@ -1834,13 +1842,13 @@ pub fn scalar_dk_kernel<F: Float>(
             stage_tile::<F>(&rv, &mut sv, bv, l);
             stage_tile::<F>(&rdo, &mut sdo, bv, l);
             sync_cube();
-            if comptime!(vb == 0) {
-                let s = comptime!(nt(c, c, bv, vh, vh, cf));
-                mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
+            // The first block writes `dA`, the others add to it.
+            let s = comptime!(if vb == 0 {
+                nt(c, c, bv, vh, vh, cf)
             } else {
-                let s = comptime!(accum(nt(c, c, bv, vh, vh, cf)));
-                mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
-            }
+                accum(nt(c, c, bv, vh, vh, cf))
+            });
+            mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
             // The next block overwrites the value tiles.
             sync_cube();
         }

@@ -80,9 +80,7 @@ pub fn tiled_layout<R: Runtime>(
     // Vector gates take chunks of `VECTOR_CHUNK`, or of the size asked where it is shorter
     // (`FLA_TILED_VCHUNK`, a multiple of 16 up to 64, overrides both: a measurement aid).
     let c = if p.gate == GateKind::Vector {
-        tuning("FLA_TILED_VCHUNK")
-            .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
-            .unwrap_or(VECTOR_CHUNK.min(chunk))
+        chunk_tuning("FLA_TILED_VCHUNK").unwrap_or(VECTOR_CHUNK.min(chunk))
     } else {
         chunk.min(MAX_TILED_CHUNK)
     };
@@ -174,6 +172,21 @@ fn layout_from<R: Runtime>(
         c -= FRAG;
     }
     None
+}
+
+/// A chunk override for measuring ([`tuning`]): taken where it is a multiple of 16 the tiled
+/// kernels hold (at most [`MAX_TILED_CHUNK`]).
+fn chunk_tuning(name: &str) -> Option<usize> {
+    tuning(name).filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
+}
+
+/// `p` with its gate taken as a vector gate: the problem GLA's walks see when simple GLA takes
+/// them ([`simple_scores_route`]).
+fn vector_gated(p: &GatedProblem) -> GatedProblem {
+    GatedProblem {
+        gate: GateKind::Vector,
+        ..p.clone()
+    }
 }
 
 /// Tile-size overrides for benchmarking (`FLA_TILED_PLANES`, `FLA_TILED_BV`, `FLA_TILED_CMMA=0`):
@@ -562,13 +575,14 @@ const SIMPLE_BACKWARD: usize = 2;
 ///
 /// The cost for the tiled vector walks (lavapipe; `f32` on CUDA): `Λ` repeated over the keys
 /// (`[B·T, H, K]` `f32`, written once and read by each value block's walk); the register walks
-/// read it once per position (`GlaFragLayout::scalar_gate`). Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector
-/// walks), not yet run on CUDA. Taken for scalar gates where the forward does not split
-/// ([`split_forward`]: the states pass there reads the raw gates), at the chunk the scalar
-/// walk takes or the largest multiple of 16 below it where the vector forward and `dk`/`dv`
-/// walks' tiles fit with [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start,
-/// for measuring).
-/// The backward is not taken where no tiling of [`scalar_dk_kernel`] fits at that chunk.
+/// read it once per position (`GlaFragLayout::scalar_gate`).
+///
+/// Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector walks), not yet run on
+/// CUDA. Taken for scalar gates where the forward does not split ([`split_forward`]: the states
+/// pass there reads the raw gates), at the chunk the scalar walk takes or the largest multiple
+/// of 16 below it where the vector forward and `dk`/`dv` walks' tiles fit with
+/// [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start, for measuring). The
+/// backward is not taken where no tiling of [`scalar_dk_kernel`] fits at that chunk.
 fn simple_scores_route<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -582,13 +596,8 @@ fn simple_scores_route<R: Runtime>(
     {
         return None;
     }
-    let c = tuning("FLA_SIMPLE_CHUNK")
-        .filter(|c| c.is_multiple_of(FRAG) && (FRAG..=MAX_TILED_CHUNK).contains(c))
-        .unwrap_or(l.chunk);
-    let pv = GatedProblem {
-        gate: GateKind::Vector,
-        ..p.clone()
-    };
+    let c = chunk_tuning("FLA_SIMPLE_CHUNK").unwrap_or(l.chunk);
+    let pv = vector_gated(p);
     // The route runs the scalar `dq` walk (at the scalar layout `l`), not the vector one.
     let lv = layout_from(client, &pv, c, scalar_scores_smem, false)?;
     // The backward's in-chunk `dk` kernel must fit too (its own value and key blocks).
@@ -724,10 +733,7 @@ fn simple_forward<R: Runtime>(
     (cu, cu_len): (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
     // The walks' layouts are a vector gate's (the tiled walk reads `Λ` with a column per key).
-    let pv = GatedProblem {
-        gate: GateKind::Vector,
-        ..p.clone()
-    };
+    let pv = vector_gated(p);
     // The register walk reads `Λ` once per position (the scalar problem's gate length).
     let frag = gla_fwd_registers(client, &pv, &lv);
     let scores = (b.q, b.k, b.g);
@@ -936,10 +942,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
     // [`scalar_scores_kernel`], `dk`'s in-chunk term (which it leaves to others) from
     // [`scalar_dk_kernel`], and `dq` from the scalar walk, which needs neither.
     let route = simple_scores_route(client, p, &l, SIMPLE_BACKWARD);
-    let pv = GatedProblem {
-        gate: GateKind::Vector,
-        ..p.clone()
-    };
+    let pv = vector_gated(p);
     let (pw, lw) = match route {
         Some(lv) => (&pv, lv),
         None => (p, l),
