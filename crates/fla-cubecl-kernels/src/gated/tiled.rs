@@ -33,8 +33,9 @@
 //! GLA keeps its `A`: the backward then only cumulates the gates), and `dk`'s in-chunk term by
 //! the `dq` walk, which holds the whole `dA = dO Vᵀ` and writes it as one more partial of `dk`.
 //! A scalar gate can take the same walks (opt-in: `tiled_launch::simple_scores_route`): its
-//! scores and `Λ` repeated over the keys from [`scalar_scores_kernel`], `dk`'s in-chunk term
-//! from [`scalar_dk_kernel`], both tile products with the decay applied entry by entry.
+//! scores and `Λ` repeated over the keys from [`scalar_scores_kernel`], the in-chunk terms of
+//! `dq` and `dk` from [`scalar_grads_kernel`], both tile products with the decay applied entry
+//! by entry.
 //!
 //! Each walk can also be split ([`TiledLayout::span`], [`TiledLayout::states`]; where it is
 //! taken: `tiled_launch::split_forward`): a states pass, the forward walk (or, for `G`, the
@@ -1766,11 +1767,11 @@ pub fn scalar_scores_kernel<F: Float>(
     }
 }
 
-/// Shared-memory bytes of [`scalar_dk_kernel`] at the layout `l`: `q` (`C × kp`), `v` and `d_o`
-/// (`C × bv`), `dA` in `f32` and, decayed, in the input dtype (`C × C`), `nb` columns of the
-/// result (`f32`) and the chunk's gates, raw and cumulated.
-pub fn scalar_dk_smem(l: &TiledLayout, e: usize) -> usize {
-    tile_bytes(l.chunk, l.kp, e)
+/// Shared-memory bytes of [`scalar_grads_kernel`] at the layout `l`: `q` and `k` (`C × kp`),
+/// `v` and `d_o` (`C × bv`), `dA` in `f32` and, decayed, in the input dtype (`C × C`), `nb`
+/// columns of a result (`f32`) and the chunk's gates, raw and cumulated.
+pub fn scalar_grads_smem(l: &TiledLayout, e: usize) -> usize {
+    2 * tile_bytes(l.chunk, l.kp, e)
         + 2 * tile_bytes(l.chunk, l.bv, e)
         + tile_bytes(l.chunk, l.chunk, 4)
         + tile_bytes(l.chunk, l.chunk, e)
@@ -1778,24 +1779,30 @@ pub fn scalar_dk_smem(l: &TiledLayout, e: usize) -> usize {
         + 8 * l.chunk
 }
 
-/// The in-chunk term of `dk` under a scalar gate, for every chunk of every sequence:
+/// The in-chunk terms of `dq` and `dk` under a scalar gate, for every chunk of every sequence:
+/// `dq_r = Σ_{s ≤ r} scale · dA_rs · exp(λ_r − λ_s) · k_s` and
 /// `dk_s = Σ_{r ≥ s} scale · dA_rs · exp(λ_r − λ_s) · q_r`, `dA = dO Vᵀ` (summed over value
-/// blocks of `bv` columns), as `f32` into `dk_part` from `dk_slot` on. It is the term the
-/// vector-gate `dk`/`dv` walk leaves to others ([`vector_grads_kernel`] or the tiled `dq` walk),
-/// so that simple GLA's backward can take that walk (on CUDA with the state's gradient in
-/// registers, [`super::frag::gla_dkv_frag_kernel`]) beside its own `dq` walk, which computes
-/// no term of `dk`. Tile products and the decay entry by entry (exponents at most 0), as the
-/// scalar `dk`/`dv` walk computes it. `l` is a scalar layout (`scalar_gate` set). Cubes
-/// `(x, head, sequence)`: cube `x` takes chunks `x, x + X, …`.
+/// blocks of `bv` columns), as `f32` partials into `dq_part` from `dq_slot` on and `dk_part`
+/// from `dk_slot` on. They depend on no state, so that simple GLA's backward on GLA's walks
+/// ([`tiled_launch::simple_scores_route`](super::tiled_launch)) can leave them to this kernel,
+/// every chunk in parallel: the vector-gate `dk`/`dv` walk (on CUDA with the state's gradient
+/// in registers, [`super::frag::gla_dkv_frag_kernel`]) writes only `dk`'s state term, and the
+/// scalar `dq` walk ([`tiled_dq_kernel`] without `in_chunk`) only `dq`'s. Tile products and the
+/// decay entry by entry (exponents at most 0), as the scalar walks compute them. `l` is a
+/// scalar layout (`scalar_gate` set). Cubes `(x, head, sequence)`: cube `x` takes chunks
+/// `x, x + X, …`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn scalar_dk_kernel<F: Float>(
+pub fn scalar_grads_kernel<F: Float>(
     q: &Array<F>,
+    k: &Array<F>,
     v: &Array<F>,
     d_o: &Array<F>,
     g: &Array<F>,
     cu_seqlens: &Array<u32>,
+    dq_part: &mut Array<f32>,
     dk_part: &mut Array<f32>,
+    dq_slot: u32,
     dk_slot: u32,
     seq_len: u32,
     scale: f32,
@@ -1809,17 +1816,19 @@ pub fn scalar_dk_kernel<F: Float>(
     let n = CUBE_POS_Z as usize;
     let bos = seq_start(cu_seqlens, n, seq_len, l.varlen);
     let len = seq_length(cu_seqlens, n, seq_len, l.varlen);
-    let slot = dk_slot as usize;
+    let (q_slot, k_slot) = (dq_slot as usize, dk_slot as usize);
 
     let mut sq = tile_h::<F>(c, kp, l);
+    let mut sk = tile_h::<F>(c, kp, l);
     let mut sv = tile_h::<F>(c, bv, l);
     let mut sdo = tile_h::<F>(c, bv, l);
     let mut sa = tile_f(c, c);
     let mut sah = tile_h::<F>(c, c, l);
-    let mut sdk = tile_f(c, nb);
+    let mut sout = tile_f(c, nb);
     let mut gl = SharedMemory::<f32>::new(c);
     let mut lam = SharedMemory::<f32>::new(c);
     let mut rq = Array::<F>::new(comptime!(tile_regs(&l, kp)));
+    let mut rk = Array::<F>::new(comptime!(tile_regs(&l, kp)));
     let mut rv = Array::<F>::new(comptime!(tile_regs(&l, bv)));
     let mut rdo = Array::<F>::new(comptime!(tile_regs(&l, bv)));
 
@@ -1831,7 +1840,9 @@ pub fn scalar_dk_kernel<F: Float>(
         let p0 = (x + round * stride) * c;
         let cl = chunk_len(len, p0, c);
         fetch_tile::<F, F>(q, &mut rq, bos, len, p0, cl, h, 0, l.k, kp, l);
+        fetch_tile::<F, F>(k, &mut rk, bos, len, p0, cl, h, 0, l.k, kp, l);
         stage_tile::<F>(&rq, &mut sq, kp, l);
+        stage_tile::<F>(&rk, &mut sk, kp, l);
         load_gates::<F>(g, &mut gl, bos, len, p0, cl, h, l);
         // dA = dO Vᵀ, a value block at a time.
         #[unroll]
@@ -1856,14 +1867,23 @@ pub fn scalar_dk_kernel<F: Float>(
         sync_cube();
         masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
         sync_cube();
-        // dK = (dA ∘ D ∘ M)ᵀ Q, `nb` key columns at a time.
+        // dK = (dA ∘ D ∘ M)ᵀ Q and dQ = (dA ∘ D ∘ M) K, `nb` key columns at a time.
         #[unroll]
         for kb in 0..comptime!(kp / nb) {
             let col0 = kb * nb;
             let s = comptime!(tn(c, nb, c, ch, kh, nf));
-            mma::<F, F>(&sah, 0, &sq, col0, &mut sdk, 0, s, l.tile);
+            mma::<F, F>(&sah, 0, &sq, col0, &mut sout, 0, s, l.tile);
             sync_cube();
-            store_tile::<f32>(&sdk, dk_part, slot, bos, len, p0, cl, h, col0, l.k, nb, l);
+            store_tile::<f32>(
+                &sout, dk_part, k_slot, bos, len, p0, cl, h, col0, l.k, nb, l,
+            );
+            sync_cube();
+            let s = comptime!(nn(c, nb, c, ch, kh, nf));
+            mma::<F, F>(&sah, 0, &sk, col0, &mut sout, 0, s, l.tile);
+            sync_cube();
+            store_tile::<f32>(
+                &sout, dq_part, q_slot, bos, len, p0, cl, h, col0, l.k, nb, l,
+            );
             sync_cube();
         }
     }
@@ -2210,7 +2230,10 @@ pub fn tiled_fwd_kernel<F: Float>(
 
 /// Backward, `dq` (as an `f32` buffer `[B·T, H, K]`). Cubes `(key block, head, sequence)`.
 /// Under vector gates also `dk`'s in-chunk term for the block's keys, into `dk_part` from
-/// `dk_slot` on (the partial after the `dk`/`dv` walk's value blocks).
+/// `dk_slot` on (the partial after the `dk`/`dv` walk's value blocks). Under a scalar gate
+/// without `in_chunk`, `dq`'s state term alone: [`scalar_grads_kernel`] writes the in-chunk
+/// one, every chunk in parallel, which takes two of the four tile products per chunk off this
+/// chain of chunks.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn tiled_dq_kernel<F: Float>(
@@ -2230,9 +2253,14 @@ pub fn tiled_dq_kernel<F: Float>(
     scale: f32,
     #[comptime] l: TiledLayout,
     #[comptime] factored: bool,
+    #[comptime] in_chunk: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (c, vp, bk) = comptime!((l.chunk, l.vp, l.bk));
+    // Vector gates sum the in-chunk terms here whatever `in_chunk` says.
+    let in_chunk = comptime!(in_chunk || l.vector_gate);
+    // `dA`'s tiles, one entry each for the state term alone.
+    let ca = comptime!(if in_chunk { c } else { 1 });
     // Under vector gates this walk also writes `dk`'s in-chunk term for its key columns (it
     // holds the whole `dA`), into `dk_part` from `dk_slot` on; one tile entry each otherwise.
     let vg = comptime!(if l.vector_gate { c } else { 1 });
@@ -2256,8 +2284,8 @@ pub fn tiled_dq_kernel<F: Float>(
     let mut sk = tile_h::<F>(c, bk, l);
     let mut sv = tile_h::<F>(c, vp, l);
     let mut sdo = tile_h::<F>(c, vp, l);
-    let mut sa = tile_f(c, c);
-    let mut sah = tile_h::<F>(c, c, l);
+    let mut sa = tile_f(ca, ca);
+    let mut sah = tile_h::<F>(ca, ca, l);
     let mut sdq = tile_f(c, bk);
     let mut ss = tile_f(bk, vp);
     let mut ssh = tile_h::<F>(comptime!(if l.tile.cmma { bk } else { 1 }), vp, l);
@@ -2317,17 +2345,19 @@ pub fn tiled_dq_kernel<F: Float>(
             fetch_tile::<F, F>(v, &mut rv, bos, len, p1, cl1, h, 0, l.v, vp, l);
             fetch_tile::<F, F>(d_o, &mut rdo, bos, len, p1, cl1, h, 0, l.v, vp, l);
         }
-        // dA = dO Vᵀ
-        mma::<F, F>(
-            &sdo,
-            0,
-            &sv,
-            0,
-            &mut sa,
-            0,
-            comptime!(nt(c, c, vp, vh, vh, cf)),
-            l.tile,
-        );
+        if comptime!(in_chunk) {
+            // dA = dO Vᵀ
+            mma::<F, F>(
+                &sdo,
+                0,
+                &sv,
+                0,
+                &mut sa,
+                0,
+                comptime!(nt(c, c, vp, vh, vh, cf)),
+                l.tile,
+            );
+        }
         if comptime!(l.vector_gate) {
             // dO Sᵀ, gated per key below (`Λ` was staged with the chunk's tiles).
             let s = comptime!(nt(c, bk, vp, vh, 0, bkf));
@@ -2348,22 +2378,30 @@ pub fn tiled_dq_kernel<F: Float>(
         } else {
             cumulate_gates(&gl, &mut lam, l);
             sync_cube();
-            masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            if comptime!(in_chunk) {
+                masked_decay::<F>(&sa, &mut sah, &lam, scale, l);
+            }
             scale_rows::<F>(&mut sdo, &lam, scale, vp, false, l);
             sync_cube();
-            // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ
-            mma::<F, F>(
-                &sah,
-                0,
-                &sk,
-                0,
-                &mut sdq,
-                0,
-                comptime!(nn(c, bk, c, ch, bkh, bkf)),
-                l.tile,
-            );
-            sync_cube();
-            let s = comptime!(accum(nt(c, bk, vp, vh, 0, bkf)));
+            // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ, or the second term alone.
+            if comptime!(in_chunk) {
+                mma::<F, F>(
+                    &sah,
+                    0,
+                    &sk,
+                    0,
+                    &mut sdq,
+                    0,
+                    comptime!(nn(c, bk, c, ch, bkh, bkf)),
+                    l.tile,
+                );
+                sync_cube();
+            }
+            let s = comptime!(if in_chunk {
+                accum(nt(c, bk, vp, vh, 0, bkf))
+            } else {
+                nt(c, bk, vp, vh, 0, bkf)
+            });
             mma_state::<F>(&sdo, &ss, &ssh, 0, &mut sdq, 0, s, vp, l);
             sync_cube();
         }
@@ -2389,7 +2427,7 @@ pub fn tiled_dq_kernel<F: Float>(
 /// Backward, `dv`, the value block's partial of `dk` (`f32`, `[blocks, B·T, H, K]`) and `dh0`.
 /// Cubes `(value block, head, sequence)`, walking the chunks backwards from `dhT`. Under vector
 /// gates the partial is the state's term alone (the `dq` walk, [`vector_grads_kernel`] or, for
-/// simple GLA on this walk, [`scalar_dk_kernel`] writes the in-chunk one) and the scores come
+/// simple GLA on this walk, [`scalar_grads_kernel`] writes the in-chunk one) and the scores come
 /// from [`vector_scores_kernel`] or [`scalar_scores_kernel`] (`a`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]

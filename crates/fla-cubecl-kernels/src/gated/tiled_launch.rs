@@ -14,7 +14,7 @@ use super::launch::{
 };
 use super::tiled::{
     diag_regs_on, dkv_smem, dq_smem, factored_grads_on, factored_scores_on, fwd_smem,
-    scalar_dk_kernel, scalar_dk_smem, scalar_scores_kernel, scalar_scores_smem, scores_smem,
+    scalar_grads_kernel, scalar_grads_smem, scalar_scores_kernel, scalar_scores_smem, scores_smem,
     tiled_dkv_kernel, tiled_dq_kernel, tiled_fwd_kernel, vector_grads_kernel, vector_scores_kernel,
     TiledLayout,
 };
@@ -570,8 +570,9 @@ const SIMPLE_BACKWARD: usize = 2;
 ///   forward at B = 8, H = 16, K = V = 128, T = 4096, where FLA's whole forward takes 0.5
 ///   (2026-12-07, CubeCL's profiler).
 /// - Backward (bit 2): the vector `dk`/`dv` walk (the scalar one took 2.63 ms of the backward's
-///   6.2 there), `dk`'s in-chunk term, which that walk leaves to others, from
-///   [`scalar_dk_kernel`] (every chunk in parallel), and `dq` from the scalar walk as before.
+///   6.2 there) for `dk`'s state term and `dv`; the scalar `dq` walk (1.57 ms there) for `dq`'s
+///   state term alone; the in-chunk terms of both from [`scalar_grads_kernel`], every chunk in
+///   parallel.
 ///
 /// The cost for the tiled vector walks (lavapipe; `f32` on CUDA): `Λ` repeated over the keys
 /// (`[B·T, H, K]` `f32`, written once and read by each value block's walk); the register walks
@@ -582,7 +583,8 @@ const SIMPLE_BACKWARD: usize = 2;
 /// pass there reads the raw gates), at the chunk the scalar walk takes or the largest multiple
 /// of 16 below it where the vector forward and `dk`/`dv` walks' tiles fit with
 /// [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start, for measuring). The
-/// backward is not taken where no tiling of [`scalar_dk_kernel`] fits at that chunk.
+/// backward is not taken where no tiling of [`scalar_grads_kernel`], or of the scalar `dq` walk,
+/// fits at that chunk.
 fn simple_scores_route<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -600,16 +602,27 @@ fn simple_scores_route<R: Runtime>(
     let pv = vector_gated(p);
     // The route runs the scalar `dq` walk (at the scalar layout `l`), not the vector one.
     let lv = layout_from(client, &pv, c, scalar_scores_smem, false)?;
-    // The backward's in-chunk `dk` kernel must fit too (its own value and key blocks).
+    // The backward's in-chunk kernel and its `dq` walk must fit too, at the same chunk.
     if which == SIMPLE_BACKWARD {
-        scalar_dk_layout(client, p, &lv)?;
+        scalar_grads_layout(client, p, &lv)?;
+        simple_dq_layout(client, p, &lv)?;
     }
     Some(lv)
 }
 
-/// [`scalar_dk_kernel`]'s layout beside the walks' `lv`: the widest value block (64 at most)
-/// and `dK` column block that fit in shared memory.
-fn scalar_dk_layout<R: Runtime>(
+/// The scalar `dq` walk's layout on the route, at the vector walks' chunk (`lv.chunk`): it
+/// writes `dq`'s state term, and [`scalar_grads_kernel`] the in-chunk one for the same chunks.
+fn simple_dq_layout<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    lv: &TiledLayout,
+) -> Option<TiledLayout> {
+    layout_from(client, p, lv.chunk, scores_smem, true).filter(|l| l.chunk == lv.chunk)
+}
+
+/// [`scalar_grads_kernel`]'s layout beside the walks' `lv`: the widest value block (64 at most)
+/// and key column block that fit in shared memory.
+fn scalar_grads_layout<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     lv: &TiledLayout,
@@ -631,7 +644,7 @@ fn scalar_dk_layout<R: Runtime>(
                     ..*lv
                 })
         })
-        .find(|ld| scalar_dk_smem(ld, elem) <= smem)
+        .find(|ld| scalar_grads_smem(ld, elem) <= smem)
 }
 
 /// Simple GLA's in-chunk scores and cumulated gates at the vector walks' layout `lv`
@@ -685,35 +698,40 @@ fn simple_cum_len(p: &GatedProblem, compact: bool) -> usize {
     p.tokens() * p.heads * if compact { 1 } else { p.k_dim }
 }
 
-/// The in-chunk term of simple GLA's `dk` ([`scalar_dk_kernel`]) into partial `slot` of
-/// `dk_part`, every chunk in parallel, at the chunk of the walks' layout `lv`.
-fn scalar_dk<R: Runtime>(
+/// The in-chunk terms of simple GLA's `dq` and `dk` ([`scalar_grads_kernel`]) into partial
+/// `q_slot` of `dq_part` and `k_slot` of `dk_part`, every chunk in parallel, at the chunk of the
+/// walks' layout `lv`.
+fn scalar_grads<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     lv: &TiledLayout,
     b: &BackwardBuffers<'_>,
-    (dk_part, blocks, slot): (&Handle, usize, usize),
+    (dq_part, q_blocks, q_slot): (&Handle, usize, usize),
+    (dk_part, k_blocks, k_slot): (&Handle, usize, usize),
     (cu, cu_len): (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
-    let ld = scalar_dk_layout(client, p, lv).ok_or_else(|| {
-        crate::KernelError::DeviceLimit("no tiling of the in-chunk dk fits".into())
+    let ld = scalar_grads_layout(client, p, lv).ok_or_else(|| {
+        crate::KernelError::DeviceLimit("no tiling of the in-chunk dq and dk fits".into())
     })?;
     let (qk, vo) = p.lens();
     let x = chunk_cubes(client, p, &ld, 1) as u32;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
     // or V).
     unsafe {
-        scalar_dk_kernel::launch_unchecked::<R>(
+        scalar_grads_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
             cube_dim(&ld),
             array(b.q, qk),
+            array(b.k, qk),
             array(b.v, vo),
             array(b.d_o, vo),
             array(need(b.g, "the scalar gates")?, p.gate_len()),
             array(cu, cu_len),
-            array(dk_part, blocks * qk),
-            (slot * qk) as u32,
+            array(dq_part, q_blocks * qk),
+            array(dk_part, k_blocks * qk),
+            (q_slot * qk) as u32,
+            (k_slot * qk) as u32,
             p.seq_len as u32,
             p.scale,
             ld,
@@ -939,16 +957,25 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let (qk, vo) = p.lens();
     // Simple GLA through the vector-gate `dk`/`dv` walk (`FLA_SIMPLE_SCORES` bit 2, see
     // [`simple_scores_route`]): that walk at the vector layout `lw` on the scores and `Λ` of
-    // [`scalar_scores_kernel`], `dk`'s in-chunk term (which it leaves to others) from
-    // [`scalar_dk_kernel`], and `dq` from the scalar walk, which needs neither.
+    // [`scalar_scores_kernel`], `dq`'s state term from the scalar walk at the same chunk, and
+    // the in-chunk terms of both (which those walks leave to others) from
+    // [`scalar_grads_kernel`].
     let route = simple_scores_route(client, p, &l, SIMPLE_BACKWARD);
+    let route_dq = match route {
+        Some(lv) => Some(simple_dq_layout(client, p, &lv).ok_or_else(|| {
+            crate::KernelError::DeviceLimit("no tiling of simple GLA's dq walk fits".into())
+        })?),
+        None => None,
+    };
     let pv = vector_gated(p);
     let (pw, lw) = match route {
         Some(lv) => (&pv, lv),
         None => (p, l),
     };
     let nv = p.v_dim.div_ceil(lw.bv);
-    let nk = p.k_dim.div_ceil(l.bk);
+    // The `dq` walk's layout (on the route at the vector walks' chunk).
+    let lq = route_dq.unwrap_or(l);
+    let nk = p.k_dim.div_ceil(lq.bk);
     // The route is taken only where the forward does not split.
     let split = route
         .is_none()
@@ -962,10 +989,15 @@ pub(crate) fn tiled_backward<R: Runtime>(
     // One partial `dk` per value block and, under vector gates, one more for the in-chunk term
     // (the tiled `dq` walk's, or `vector_grads_kernel`'s beside the `dq` register walk, which
     // writes one partial of `dq` per value block of its own and leaves `dq`'s in-chunk term to
-    // one more; on the route, `scalar_dk_kernel`'s), indexed in 32 bits: the inputs' own check
-    // does not cover them.
+    // one more; on the route, `scalar_grads_kernel`'s, which also writes `dq`'s in-chunk term
+    // beside the walk's state term), indexed in 32 bits: the inputs' own check does not cover
+    // them.
     let dk_blocks = nv + usize::from(lw.vector_gate);
-    let dq_blocks = dq_frag.map_or(1, |fl| p.v_dim.div_ceil(fl.bv) + 1);
+    let dq_blocks = match (dq_frag, route) {
+        (Some(fl), _) => p.v_dim.div_ceil(fl.bv) + 1,
+        (None, Some(_)) => 2,
+        (None, None) => 1,
+    };
     crate::problem::addressable(dk_blocks * qk, "the tiled backward's partial dk")?;
     crate::problem::addressable(dq_blocks * qk, "the tiled backward's partial dq")?;
     let dq_part = client.empty(4 * dq_blocks * qk);
@@ -1005,7 +1037,12 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let d_ht = b.d_ht.unwrap_or(&dummy);
     // Every access is guarded by the kernels' own conditions (rows in the sequence, columns
     // in K or V); the per-access bounds checks cost a third of the instructions.
-    let dq = |l: TiledLayout, blocks: usize, (h0, h0_len): (&Handle, usize), spans: usize| unsafe {
+    // `in_chunk`: the walk sums `dq`'s in-chunk term too (everywhere but the route).
+    let dq = |l: TiledLayout,
+              blocks: usize,
+              (h0, h0_len): (&Handle, usize),
+              spans: usize,
+              in_chunk: bool| unsafe {
         tiled_dq_kernel::launch_unchecked::<R>(
             client,
             cube_count(p, blocks),
@@ -1026,6 +1063,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
             p.scale,
             l,
             factored_grads_on(&l),
+            in_chunk,
             p.dtype.storage(),
         )
     };
@@ -1097,7 +1135,7 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 states,
                 (cu, cu_len),
             );
-            dq(out, nk * spans, (&hs, hs_len), spans);
+            dq(out, nk * spans, (&hs, hs_len), spans, true);
             // The reverse states pass overwrites `hs` with the gradients: the launches run in
             // order on one stream, so `dq` has read the states by then.
             dkv(walk, nv, (d_ht, b.d_ht.is_some()), (&hs, hs_len), spans);
@@ -1124,10 +1162,12 @@ pub(crate) fn tiled_backward<R: Runtime>(
                     let parts = (&dq_part, dq_blocks, dq_blocks - 1);
                     vector_grads(client, p, &l, b, &cum, parts, (&dk_part, nv), (cu, cu_len));
                 }
-                None => dq(l, nk, (h0, p.state_len()), 1),
+                None => dq(lq, nk, (h0, p.state_len()), 1, route.is_none()),
             }
             if let Some(lv) = route {
-                scalar_dk(client, p, &lv, b, (&dk_part, dk_blocks, nv), (cu, cu_len))?;
+                let dq_parts = (&dq_part, dq_blocks, 1);
+                let dk_parts = (&dk_part, dk_blocks, nv);
+                scalar_grads(client, p, &lv, b, dq_parts, dk_parts, (cu, cu_len))?;
             }
             match dkv_frag {
                 Some(fl) => {
