@@ -578,8 +578,11 @@ const SIMPLE_BACKWARD: usize = 2;
 /// (`[B·T, H, K]` `f32`, written once and read by each value block's walk); the register walks
 /// read it once per position (`GlaFragLayout::scalar_gate`).
 ///
-/// Opt-in until a GPU has timed it: tested on lavapipe (the tiled vector walks), not yet run on
-/// CUDA. Taken for scalar gates where the forward does not split ([`split_forward`]: the states
+/// Opt-in: slower than the scalar walks where it was timed (H100, 2026-12-08, T = 4096, bf16,
+/// B = 8, H = 16, K = V = 128: forward 2.34 ms against 1.93, forward+backward 8.51 against
+/// 6.99; the `dk`/`dv` register walk takes 2.54 ms at chunks of 64 where GLA's takes 1.38 at
+/// its 32; at `FLA_SIMPLE_CHUNK=32` the forward is 1.83, the backward slower still). Tested on
+/// lavapipe and CUDA (`chunk_simple_gla_through_scores`). Taken for scalar gates where the forward does not split ([`split_forward`]: the states
 /// pass there reads the raw gates), at the chunk the scalar walk takes or the largest multiple
 /// of 16 below it where the vector forward and `dk`/`dv` walks' tiles fit with
 /// [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start, for measuring). The
