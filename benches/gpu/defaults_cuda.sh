@@ -10,9 +10,9 @@ bash .gpu/run.sh zzz-extract-only >/dev/null 2>&1
 export CUDA_PATH=/usr/local/cuda LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib
 R=/tmp/gpu-run
 nvidia-smi --query-gpu=name --format=csv,noheader
-for s in 1 0; do
-  echo "FLA_TILED_SPLIT=$s (t=$SECONDS)"
-  FLA_TILED_SPLIT=$s timeout 45 $R/test-table --backend cuda --dtype bf16 --seq 4096,8192 \
+for s in "FLA_TILED_SPLIT=1" "FLA_TILED_SPLIT=1 FLA_TILED_SPAN_PLANES=8" "FLA_TILED_SPLIT=0"; do
+  echo "$s (t=$SECONDS)"
+  env $s timeout 45 $R/test-table --backend cuda --dtype bf16 --seq 4096,8192 \
     --ops chunk_simple_gla,chunk_gla --warmup 2 --iters 5 2>&1 | grep "^| chunk"
 done
 FLA_TEST_RUNTIME=cuda timeout ${LIMIT:-360} $R/test-kernels gated::chunk_sizes gated::chunk_varlen \
