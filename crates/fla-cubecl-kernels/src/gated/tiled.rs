@@ -2347,16 +2347,8 @@ pub fn tiled_dq_kernel<F: Float>(
         }
         if comptime!(in_chunk) {
             // dA = dO Vᵀ
-            mma::<F, F>(
-                &sdo,
-                0,
-                &sv,
-                0,
-                &mut sa,
-                0,
-                comptime!(nt(c, c, vp, vh, vh, cf)),
-                l.tile,
-            );
+            let s = comptime!(nt(c, c, vp, vh, vh, cf));
+            mma::<F, F>(&sdo, 0, &sv, 0, &mut sa, 0, s, l.tile);
         }
         if comptime!(l.vector_gate) {
             // dO Sᵀ, gated per key below (`Λ` was staged with the chunk's tiles).
@@ -2385,16 +2377,8 @@ pub fn tiled_dq_kernel<F: Float>(
             sync_cube();
             // dQ = (dA ∘ D ∘ M) K + (scale · exp(λ) dO) Sᵀ, or the second term alone.
             if comptime!(in_chunk) {
-                mma::<F, F>(
-                    &sah,
-                    0,
-                    &sk,
-                    0,
-                    &mut sdq,
-                    0,
-                    comptime!(nn(c, bk, c, ch, bkh, bkf)),
-                    l.tile,
-                );
+                let s = comptime!(nn(c, bk, c, ch, bkh, bkf));
+                mma::<F, F>(&sah, 0, &sk, 0, &mut sdq, 0, s, l.tile);
                 sync_cube();
             }
             let s = comptime!(if in_chunk {
