@@ -1767,16 +1767,12 @@ pub fn scalar_scores_kernel<F: Float>(
     }
 }
 
-/// Shared-memory bytes of [`scalar_grads_kernel`] at the layout `l`: `q` and `k` (`C × kp`),
-/// `v` and `d_o` (`C × bv`), `dA` in `f32` and, decayed, in the input dtype (`C × C`), `nb`
-/// columns of a result (`f32`) and the chunk's gates, raw and cumulated.
+/// Shared-memory bytes of [`scalar_grads_kernel`] at the layout `l`: [`scalar_scores_kernel`]'s
+/// tiles (`q`, `k`, the chunk's `C × C` tile in `f32` and the input dtype, its gates), holding
+/// `dA` where that kernel holds the scores, plus `v` and `d_o` (`C × bv`) and `nb` columns of a
+/// result (`f32`).
 pub fn scalar_grads_smem(l: &TiledLayout, e: usize) -> usize {
-    2 * tile_bytes(l.chunk, l.kp, e)
-        + 2 * tile_bytes(l.chunk, l.bv, e)
-        + tile_bytes(l.chunk, l.chunk, 4)
-        + tile_bytes(l.chunk, l.chunk, e)
-        + tile_bytes(l.chunk, l.nb, 4)
-        + 8 * l.chunk
+    scalar_scores_smem(l, e) + 2 * tile_bytes(l.chunk, l.bv, e) + tile_bytes(l.chunk, l.nb, 4)
 }
 
 /// The in-chunk terms of `dq` and `dk` under a scalar gate, for every chunk of every sequence:

@@ -415,12 +415,11 @@ fn vector_scores<R: Runtime>(
         ..*l
     };
     let (qk, _) = p.lens();
-    let x = chunk_cubes(client, p, &l, 1) as u32;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
     unsafe {
         vector_scores_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            chunk_grid(client, p, &l, 1),
             cube_dim(&l),
             array(q, qk),
             array(k, qk),
@@ -440,17 +439,18 @@ fn vector_scores<R: Runtime>(
     Ok((a, cum))
 }
 
-/// Cubes along x per block of an all-chunks kernel (`blocks` of them along x too): one per chunk
-/// of the longest sequence, as far as the grid goes; past that, each cube takes every X-th chunk
-/// of its block.
-fn chunk_cubes<R: Runtime>(
+/// The grid of an all-chunks kernel, `(X · blocks, head, sequence)`: X cubes per block along x,
+/// one per chunk of the longest sequence as far as the grid goes; past that, each cube takes
+/// every X-th chunk of its block.
+fn chunk_grid<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
     l: &TiledLayout,
     blocks: usize,
-) -> usize {
+) -> CubeCount {
     let x = p.longest().div_ceil(l.chunk).max(1);
-    x.min(device_size(client).max_x as usize / blocks).max(1)
+    let x = x.min(device_size(client).max_x as usize / blocks).max(1);
+    CubeCount::Static((x * blocks) as u32, p.heads as u32, p.num_seqs() as u32)
 }
 
 /// The in-chunk terms of `dq` and `dk` under vector gates ([`vector_grads_kernel`]), every chunk
@@ -475,13 +475,12 @@ fn vector_grads<R: Runtime>(
     };
     let (qk, vo) = p.lens();
     let nk = p.k_dim.div_ceil(l.bk);
-    let x = chunk_cubes(client, p, &l, nk);
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
     // or V).
     unsafe {
         vector_grads_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static((x * nk) as u32, p.heads as u32, p.num_seqs() as u32),
+            chunk_grid(client, p, &l, nk),
             cube_dim(&l),
             array(b.q, qk),
             array(b.k, qk),
@@ -548,12 +547,12 @@ pub fn simple_scores_layout<R: Runtime>(
     chunk: usize,
     backward: bool,
 ) -> Option<TiledLayout> {
-    let which = if backward {
-        SIMPLE_BACKWARD
+    let l = tiled_layout(client, p, chunk)?;
+    if backward {
+        simple_backward_route(client, p, &l).map(|r| r.walks)
     } else {
-        SIMPLE_FORWARD
-    };
-    simple_scores_route(client, p, &tiled_layout(client, p, chunk)?, which)
+        simple_scores_route(client, p, &l, SIMPLE_FORWARD)
+    }
 }
 
 /// The bits of `FLA_SIMPLE_SCORES`: simple GLA's forward ([`simple_forward`]) and backward
@@ -584,12 +583,12 @@ const SIMPLE_BACKWARD: usize = 2;
 /// B = 8, H = 16, K = V = 128: forward 2.34 ms against 1.93, forward+backward 8.51 against
 /// 6.99; the `dk`/`dv` register walk takes 2.54 ms at chunks of 64 where GLA's takes 1.38 at
 /// its 32; at `FLA_SIMPLE_CHUNK=32` the forward is 1.83, the backward slower still). Tested on
-/// lavapipe and CUDA (`chunk_simple_gla_through_scores`). Taken for scalar gates where the forward does not split ([`split_forward`]: the states
-/// pass there reads the raw gates), at the chunk the scalar walk takes or the largest multiple
-/// of 16 below it where the vector forward and `dk`/`dv` walks' tiles fit with
-/// [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides the start, for measuring). The
-/// backward is not taken where no tiling of [`scalar_grads_kernel`], or of the scalar `dq` walk,
-/// fits at that chunk.
+/// lavapipe and CUDA (`chunk_simple_gla_through_scores`). Taken for scalar gates where the
+/// forward does not split ([`split_forward`]: the states pass there reads the raw gates), at the
+/// chunk the scalar walk takes or the largest multiple of 16 below it where the vector forward
+/// and `dk`/`dv` walks' tiles fit with [`scalar_scores_kernel`]'s (`FLA_SIMPLE_CHUNK` overrides
+/// the start, for measuring). The backward ([`simple_backward_route`]) is not taken where no
+/// tiling of [`scalar_grads_kernel`], or of the scalar `dq` walk, fits at that chunk.
 fn simple_scores_route<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
@@ -604,15 +603,32 @@ fn simple_scores_route<R: Runtime>(
         return None;
     }
     let c = chunk_tuning("FLA_SIMPLE_CHUNK").unwrap_or(l.chunk);
-    let pv = vector_gated(p);
-    // The route runs the scalar `dq` walk (at the scalar layout `l`), not the vector one.
-    let lv = layout_from(client, &pv, c, scalar_scores_smem, false)?;
-    // The backward's in-chunk kernel and its `dq` walk must fit too, at the same chunk.
-    if which == SIMPLE_BACKWARD {
-        scalar_grads_layout(client, p, &lv)?;
-        simple_dq_layout(client, p, &lv)?;
-    }
-    Some(lv)
+    // The route runs the scalar `dq` walk ([`SimpleBackward::dq`]), not the vector one.
+    layout_from(client, &vector_gated(p), c, scalar_scores_smem, false)
+}
+
+/// The layouts of simple GLA's backward on the route: the vector walks' (`walks`, from
+/// [`simple_scores_route`]), the scalar `dq` walk's at their chunk and [`scalar_grads_kernel`]'s.
+#[derive(Clone, Copy)]
+struct SimpleBackward {
+    walks: TiledLayout,
+    dq: TiledLayout,
+    grads: TiledLayout,
+}
+
+/// Simple GLA's backward through the vector-gate walks, where it is taken: the route's
+/// conditions, and the scalar `dq` walk and [`scalar_grads_kernel`] fit at the walks' chunk.
+fn simple_backward_route<R: Runtime>(
+    client: &ComputeClient<R>,
+    p: &GatedProblem,
+    l: &TiledLayout,
+) -> Option<SimpleBackward> {
+    let walks = simple_scores_route(client, p, l, SIMPLE_BACKWARD)?;
+    Some(SimpleBackward {
+        walks,
+        dq: simple_dq_layout(client, p, &walks)?,
+        grads: scalar_grads_layout(client, p, &walks)?,
+    })
 }
 
 /// The scalar `dq` walk's layout on the route, at the vector walks' chunk (`lv.chunk`): it
@@ -675,12 +691,11 @@ fn scalar_scores<R: Runtime>(
         ..*lv
     };
     let (qk, _) = p.lens();
-    let x = chunk_cubes(client, p, &ls, 1) as u32;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K).
     unsafe {
         scalar_scores_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            chunk_grid(client, p, &ls, 1),
             cube_dim(&ls),
             array(q, qk),
             array(k, qk),
@@ -703,29 +718,24 @@ fn simple_cum_len(p: &GatedProblem, compact: bool) -> usize {
     p.tokens() * p.heads * if compact { 1 } else { p.k_dim }
 }
 
-/// The in-chunk terms of simple GLA's `dq` and `dk` ([`scalar_grads_kernel`]) into partial
-/// `q_slot` of `dq_part` and `k_slot` of `dk_part`, every chunk in parallel, at the chunk of the
-/// walks' layout `lv`.
+/// The in-chunk terms of simple GLA's `dq` and `dk` ([`scalar_grads_kernel`] at its layout
+/// `ld`) into partial `q_slot` of `dq_part` and `k_slot` of `dk_part`, every chunk in parallel.
 fn scalar_grads<R: Runtime>(
     client: &ComputeClient<R>,
     p: &GatedProblem,
-    lv: &TiledLayout,
+    ld: TiledLayout,
     b: &BackwardBuffers<'_>,
     (dq_part, q_blocks, q_slot): (&Handle, usize, usize),
     (dk_part, k_blocks, k_slot): (&Handle, usize, usize),
     (cu, cu_len): (&Handle, usize),
 ) -> Result<(), crate::KernelError> {
-    let ld = scalar_grads_layout(client, p, lv).ok_or_else(|| {
-        crate::KernelError::DeviceLimit("no tiling of the in-chunk dq and dk fits".into())
-    })?;
     let (qk, vo) = p.lens();
-    let x = chunk_cubes(client, p, &ld, 1) as u32;
     // Every access is guarded by the kernel's own conditions (rows in the sequence, columns in K
     // or V).
     unsafe {
         scalar_grads_kernel::launch_unchecked::<R>(
             client,
-            CubeCount::Static(x, p.heads as u32, p.num_seqs() as u32),
+            chunk_grid(client, p, &ld, 1),
             cube_dim(&ld),
             array(b.q, qk),
             array(b.k, qk),
@@ -961,25 +971,19 @@ pub(crate) fn tiled_backward<R: Runtime>(
     let dummy = client.create_from_slice(f32::as_bytes(&[0.0]));
     let (qk, vo) = p.lens();
     // Simple GLA through the vector-gate `dk`/`dv` walk (`FLA_SIMPLE_SCORES` bit 2, see
-    // [`simple_scores_route`]): that walk at the vector layout `lw` on the scores and `Λ` of
+    // [`simple_backward_route`]): that walk at the vector layout `lw` on the scores and `Λ` of
     // [`scalar_scores_kernel`], `dq`'s state term from the scalar walk at the same chunk, and
     // the in-chunk terms of both (which those walks leave to others) from
     // [`scalar_grads_kernel`].
-    let route = simple_scores_route(client, p, &l, SIMPLE_BACKWARD);
-    let route_dq = match route {
-        Some(lv) => Some(simple_dq_layout(client, p, &lv).ok_or_else(|| {
-            crate::KernelError::DeviceLimit("no tiling of simple GLA's dq walk fits".into())
-        })?),
-        None => None,
-    };
+    let route = simple_backward_route(client, p, &l);
     let pv = vector_gated(p);
     let (pw, lw) = match route {
-        Some(lv) => (&pv, lv),
+        Some(r) => (&pv, r.walks),
         None => (p, l),
     };
     let nv = p.v_dim.div_ceil(lw.bv);
     // The `dq` walk's layout (on the route at the vector walks' chunk).
-    let lq = route_dq.unwrap_or(l);
+    let lq = route.map_or(l, |r| r.dq);
     let nk = p.k_dim.div_ceil(lq.bk);
     // The route is taken only where the forward does not split.
     let split = route
@@ -1018,9 +1022,9 @@ pub(crate) fn tiled_backward<R: Runtime>(
             ..fl
         });
     let (a, cum) = match route {
-        Some(lv) => {
+        Some(r) => {
             let compact = dkv_frag.is_some();
-            scalar_scores(client, p, &lv, (b.q, b.k, b.g), (cu, cu_len), compact)?
+            scalar_scores(client, p, &r.walks, (b.q, b.k, b.g), (cu, cu_len), compact)?
         }
         None => {
             let kept = b.scores.map_or(Scores::Temporary, Scores::Kept);
@@ -1169,10 +1173,10 @@ pub(crate) fn tiled_backward<R: Runtime>(
                 }
                 None => dq(lq, nk, (h0, p.state_len()), 1, route.is_none()),
             }
-            if let Some(lv) = route {
+            if let Some(r) = route {
                 let dq_parts = (&dq_part, dq_blocks, 1);
                 let dk_parts = (&dk_part, dk_blocks, nv);
-                scalar_grads(client, p, &lv, b, dq_parts, dk_parts, (cu, cu_len))?;
+                scalar_grads(client, p, r.grads, b, dq_parts, dk_parts, (cu, cu_len))?;
             }
             match dkv_frag {
                 Some(fl) => {

@@ -702,8 +702,9 @@ fn factored_cases() {
 
 /// Simple GLA through the vector-gate walks (`FLA_SIMPLE_SCORES=3`, opt-in: its scores and
 /// cumulated gates from `scalar_scores_kernel`, then GLA's forward walk and `dk`/`dv` walk, on
-/// CUDA in half precision those with their state in registers, `dk`'s in-chunk term from
-/// `scalar_dk_kernel` and `dq` from the scalar walk), in a process of its own
+/// CUDA in half precision those with their state in registers, the in-chunk terms of `dq` and
+/// `dk` from `scalar_grads_kernel` and `dq`'s state term from the scalar walk), in a process of
+/// its own
 /// ([`simple_scores_cases`]). `FLA_TILED_SPLIT=0`: these small grids would otherwise split,
 /// which the route leaves to the scalar walks.
 #[test]
